@@ -1,0 +1,240 @@
+"""Pure builders of the objects a ResearchJob owns: worker Jobs and the workers' RBAC.
+
+Every child has a deterministic name (``constants.child_name``) and a controller
+ownerReference to the ResearchJob, so a repeated create is a 409 and deleting the ResearchJob
+garbage-collects everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from research_api.researchjob import GROUP, KIND, VERSION, ResearchJobSpec, SourceType, StoreType
+from research_api.task import (
+    DEFAULT_DSN_ENV,
+    DEFAULT_TAVILY_KEY_ENV,
+    Budget,
+    ConfigMapStoreSettings,
+    DocumentsSource,
+    JobRef,
+    ModelSettings,
+    PostgresStoreSettings,
+    ResearchTask,
+    Step,
+    TavilySource,
+    WikipediaSource,
+)
+from research_operator.constants import (
+    KUEUE_QUEUE_LABEL,
+    LABEL_BATCH,
+    LABEL_JOB,
+    LABEL_MANAGED_BY,
+    LABEL_PLAN,
+    LABEL_STEP,
+    MANAGED_BY,
+    WORKER_UID,
+    child_name,
+)
+from research_operator.settings import Settings
+
+TASK_ENV = "RESEARCH_TASK"
+API_KEY_ENV = "OPENAI_API_KEY"
+DSN_ENV = DEFAULT_DSN_ENV
+TAVILY_ENV = DEFAULT_TAVILY_KEY_ENV
+
+
+@dataclass(frozen=True)
+class Owner:
+    namespace: str
+    name: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def build_task(
+    owner: Owner,
+    spec: ResearchJobSpec,
+    settings: Settings,
+    step: Step,
+    plan: str,
+    analysts: list[int] | None = None,
+) -> ResearchTask:
+    """The typed task a worker Job runs: the spec translated, secrets only named by env var."""
+    sources: list[DocumentsSource | TavilySource | WikipediaSource] = []
+    for s in spec.sources:
+        if s.type == SourceType.documents:
+            sources.append(DocumentsSource(config_map=s.config_map, top_k=s.max_results))
+        elif s.type == SourceType.tavily:
+            sources.append(TavilySource(max_results=s.max_results, api_key_env=TAVILY_ENV))
+        else:
+            sources.append(WikipediaSource(max_docs=min(s.max_results, 10)))
+    store = (
+        PostgresStoreSettings(dsn_env=DSN_ENV) if spec.store.type == StoreType.postgres else ConfigMapStoreSettings()
+    )
+    return ResearchTask(
+        job=JobRef(namespace=owner.namespace, name=owner.name, uid=owner.uid),
+        step=step,
+        topic=spec.topic,
+        max_analysts=spec.analysts.count,
+        feedback=spec.analysts.feedback,
+        plan=plan,
+        analysts=analysts or [],
+        max_turns=spec.interview.max_turns,
+        model=ModelSettings(
+            name=spec.model.name,
+            base_url=spec.model.base_url or settings.default_model_base_url,
+            temperature=spec.model.temperature,
+            max_concurrency=spec.model.max_concurrency,
+            requests_per_second=spec.model.requests_per_second,
+            api_key_env=API_KEY_ENV,
+        ),
+        sources=sources,
+        store=store,
+        budget=Budget(max_tokens=spec.budget.max_tokens),
+    )
+
+
+def labels(owner: Owner, step: str | None = None, plan: str | None = None) -> dict[str, str]:
+    out = {LABEL_JOB: owner.name, LABEL_MANAGED_BY: MANAGED_BY}
+    if step:
+        out[LABEL_STEP] = step
+    if plan:
+        out[LABEL_PLAN] = plan
+    return out
+
+
+def job_name(owner: Owner, plan: str, step: str, batch: int | None = None) -> str:
+    return child_name(owner.name, plan, step if batch is None else f"b{batch}")
+
+
+def worker_service_account(owner: Owner, settings: Settings) -> str:
+    return settings.worker_service_account or child_name(owner.name, "worker")
+
+
+def worker_rbac(owner: Owner) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding for one ResearchJob's worker pods (least privilege):
+    the ConfigMap store and document ConfigMaps in the job's namespace, nothing else."""
+    name = child_name(owner.name, "worker")
+    meta = {"name": name, "namespace": owner.namespace, "labels": labels(owner), "ownerReferences": [owner.reference()]}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta, "automountServiceAccountToken": True},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta,
+            "rules": [
+                {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "create", "update", "patch"]},
+                {"apiGroups": [GROUP], "resources": ["researchjobs"], "verbs": ["get"]},
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
+        },
+    ]
+
+
+RESTRICTED_CONTAINER_SC = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "runAsUser": WORKER_UID,
+    "runAsGroup": WORKER_UID,
+    "readOnlyRootFilesystem": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _secret_env(name: str, ref: Any) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def worker_job(
+    owner: Owner,
+    spec: ResearchJobSpec,
+    settings: Settings,
+    plan: str,
+    step: Step,
+    batch: list[int] | None = None,
+    batch_index: int | None = None,
+    active_deadline_seconds: int | None = None,
+) -> dict[str, Any]:
+    """The batch/v1 Job that runs one worker step (plan, one interview batch, or write)."""
+    task = build_task(owner, spec, settings, step, plan, batch)
+    env: list[dict[str, Any]] = [{"name": TASK_ENV, "value": task.to_json()}]
+    if spec.model.api_key_secret_ref is not None:
+        env.append(_secret_env(API_KEY_ENV, spec.model.api_key_secret_ref))
+    if spec.store.dsn_secret_ref is not None:
+        env.append(_secret_env(DSN_ENV, spec.store.dsn_secret_ref))
+    for source in spec.sources:
+        if source.api_key_secret_ref is not None and source.type.value == "tavily":
+            env.append(_secret_env(TAVILY_ENV, source.api_key_secret_ref))
+    job_labels = labels(owner, step.value, plan)
+    if batch_index is not None:
+        job_labels[LABEL_BATCH] = str(batch_index)
+    suspend = False
+    if settings.kueue_queue and step == Step.INTERVIEW:
+        job_labels[KUEUE_QUEUE_LABEL] = settings.kueue_queue
+        suspend = True  # Kueue admits it by unsuspending
+    resources = spec.worker.resources.wire()
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": worker_service_account(owner, settings),
+        "automountServiceAccountToken": True,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": WORKER_UID,
+            "runAsGroup": WORKER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [
+            {
+                "name": "worker",
+                "image": settings.worker_image,
+                "command": ["research-worker", step.value],
+                "env": env,
+                "resources": resources,
+                "securityContext": RESTRICTED_CONTAINER_SC,
+            }
+        ],
+    }
+    if spec.worker.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.worker.node_selector)
+    if spec.worker.tolerations:
+        pod_spec["tolerations"] = [t.wire() for t in spec.worker.tolerations]
+    if spec.worker.priority_class_name:
+        pod_spec["priorityClassName"] = spec.worker.priority_class_name
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.retries.backoff_limit,
+        "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
+    }
+    pod_spec["volumes"] = [{"name": "tmp", "emptyDir": {}}]  # the root filesystem is read-only
+    pod_spec["containers"][0]["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"}]
+    if suspend:
+        job_spec["suspend"] = True
+    if active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = max(1, active_deadline_seconds)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(owner, plan, step.value, batch_index),
+            "namespace": owner.namespace,
+            "labels": job_labels,
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": job_spec,
+    }

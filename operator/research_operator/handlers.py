@@ -1,0 +1,390 @@
+"""kopf handlers: thin. Watches feed the in-memory world; one reconcile loop (a kopf daemon) per
+ResearchJob parses the spec, calls the pure decision, applies it, and sleeps until a watch wakes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from research_api.researchjob import GROUP, PLURAL, VERSION, Phase, ResearchJobSpec, ResearchJobStatus
+from research_api.task import Step
+from research_operator import metrics
+from research_operator.admission import Demand, PodResources, QuotaUsage, admit, quota_headroom
+from research_operator.builders import Owner, worker_job, worker_rbac
+from research_operator.constants import LABEL_JOB, LABEL_KIND
+from research_operator.reconcile import Observed, batches, condition, decide
+from research_operator.settings import Settings
+from research_operator.world import WORLD, Key, job_view, owner_name, stored_object
+
+log = logging.getLogger(__name__)
+
+SETTINGS_LABEL = f"{GROUP}/operator-settings"
+BASE_SETTINGS = Settings.from_env()
+_api: client.ApiClient | None = None
+
+
+def settings() -> Settings:
+    """Static settings from the environment, overridden by the watched settings ConfigMap."""
+    return BASE_SETTINGS.with_configmap(WORLD.settings_data) if WORLD.settings_data else BASE_SETTINGS
+
+
+def api() -> client.ApiClient:
+    global _api
+    if _api is None:
+        config.load_config()  # type: ignore[no-untyped-call]
+        _api = client.ApiClient()
+    return _api
+
+
+async def call(verb: str, resource: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """One Kubernetes API request, off the event loop, counted in the metrics."""
+    metrics.API_REQUESTS.labels(verb, resource).inc()
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# startup
+# ------------------------------------------------------------------------------------------
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Keep kopf's own bookkeeping out of .status, which belongs to the reconciler.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.posting.level = logging.WARNING  # only our own Events, not kopf's handler chatter
+    settings.watching.server_timeout = 300
+    settings.batching.worker_limit = 200
+    api()
+
+
+# ------------------------------------------------------------------------------------------
+# watches that feed the world
+# ------------------------------------------------------------------------------------------
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_JOB: kopf.PRESENT})
+async def job_event(type: str, body: kopf.Body, namespace: str | None, **_: Any) -> None:
+    rj = owner_name(body)
+    if rj is None or namespace is None:
+        return
+    key: Key = (namespace, rj)
+    view = job_view(body)
+    before = WORLD.jobs[key].get(view.name)
+    if type == "DELETED":
+        WORLD.jobs[key].pop(view.name, None)
+    else:
+        WORLD.jobs[key][view.name] = view
+    WORLD.wake(key)
+    if before is not None and before.active and (type == "DELETED" or not view.active):
+        WORLD.wake_waiting()  # a slot freed up: let waiting ResearchJobs compete for it
+
+
+@kopf.on.event("", "v1", "configmaps", labels={LABEL_KIND: kopf.PRESENT})
+async def stored_event(type: str, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
+    rj = owner_name(body)
+    if rj is None or namespace is None:
+        return
+    key: Key = (namespace, rj)
+    obj = stored_object(body) if type != "DELETED" else None
+    if obj is None:
+        WORLD.stored[key].pop(name, None)
+    else:
+        WORLD.stored[key][name] = obj
+    WORLD.wake(key)
+
+
+@kopf.on.event("", "v1", "resourcequotas")
+async def quota_event(type: str, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
+    if namespace is None:
+        return
+    status = body.get("status") or {}
+    if type == "DELETED":
+        WORLD.quotas[namespace].pop(name, None)
+    else:
+        WORLD.quotas[namespace][name] = QuotaUsage(name, dict(status.get("hard") or {}), dict(status.get("used") or {}))
+    WORLD.wake_waiting(namespace)
+
+
+@kopf.on.event("", "v1", "configmaps", labels={SETTINGS_LABEL: "true"})
+async def settings_event(type: str, body: kopf.Body, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
+    if namespace != BASE_SETTINGS.namespace:
+        return
+    data = {} if type == "DELETED" else dict(body.get("data") or {})
+    try:
+        new = BASE_SETTINGS.with_configmap(data)
+    except ValueError as e:
+        logger.error(f"ignoring invalid operator settings: {e}")
+        return
+    if data != WORLD.settings_data:
+        WORLD.settings_data = data
+        logger.info(
+            f"operator settings: globalMaxActiveJobs={new.global_max_active} "
+            f"namespaceMaxActiveJobs={new.namespace_max_active}"
+        )
+        WORLD.wake_waiting()
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def researchjob_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
+    if namespace is None:
+        return
+    if type == "DELETED":
+        WORLD.forget((namespace, name))
+        WORLD.wake_waiting()
+    else:
+        WORLD.wake((namespace, name))
+
+
+# ------------------------------------------------------------------------------------------
+# the reconcile loop of one ResearchJob
+# ------------------------------------------------------------------------------------------
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
+async def reconcile_loop(
+    stopped: kopf.DaemonStopped, body: kopf.Body, namespace: str | None, name: str, logger: kopf.Logger, **_: Any
+) -> None:
+    if namespace is None:
+        return
+    key: Key = (namespace, name)
+    wake = WORLD.event(key)
+    backoff = 0.0
+    while not stopped:
+        wake.clear()
+        start = time.monotonic()
+        try:
+            blocked = await reconcile_once(key, body, logger)
+        except ApiException as e:
+            logger.warning(f"reconcile of {namespace}/{name} hit an API error {e.status}: {e.reason}")
+            blocked = True
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - start)
+        if blocked:
+            backoff = min(60.0, max(settings().quota_backoff_seconds, backoff * 2))
+        else:
+            backoff = 0.0
+        timeout = backoff or settings().resync_seconds
+        try:
+            await asyncio.wait_for(wake.wait(), timeout=timeout)
+        except TimeoutError:
+            pass
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+async def _create(kind: str, obj: dict[str, Any], logger: kopf.Logger) -> str:
+    """Create one child; 'created', 'exists' (409: a repeat or a race, which is fine) or 'quota'."""
+    ns = obj["metadata"]["namespace"]
+    fns = {
+        "Job": client.BatchV1Api(api()).create_namespaced_job,
+        "ServiceAccount": client.CoreV1Api(api()).create_namespaced_service_account,
+        "Role": client.RbacAuthorizationV1Api(api()).create_namespaced_role,
+        "RoleBinding": client.RbacAuthorizationV1Api(api()).create_namespaced_role_binding,
+    }
+    try:
+        await call("create", kind.lower(), fns[kind], ns, obj)
+    except ApiException as e:
+        if e.status == 409:
+            return "exists"
+        if e.status == 403 and "exceeded quota" in (e.body or ""):
+            return "quota"
+        raise
+    return "created"
+
+
+async def _delete_job(namespace: str, job: str) -> None:
+    try:
+        await call(
+            "delete",
+            "job",
+            client.BatchV1Api(api()).delete_namespaced_job,
+            job,
+            namespace,
+            propagation_policy="Background",
+        )
+    except ApiException as e:
+        if e.status != 404:
+            raise
+
+
+async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool:
+    """One pass. Returns True when blocked (quota or error), so the loop backs off."""
+    namespace, name = key
+    meta = body.get("metadata", {})
+    if meta.get("deletionTimestamp"):
+        return False
+    cfg = settings()
+    prev = ResearchJobStatus.model_validate(body.get("status") or {})
+    try:
+        spec = ResearchJobSpec.model_validate(dict(body.get("spec") or {}))
+    except ValidationError as e:
+        msg = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        await _patch_status(key, _invalid_status(prev, msg, meta))
+        kopf.warn(body, reason="InvalidSpec", message=msg)
+        return False
+    owner = Owner(namespace, name, str(meta.get("uid")))
+    now = _now()
+    created = dt.datetime.fromisoformat(str(meta.get("creationTimestamp")).replace("Z", "+00:00"))
+    obs = Observed(
+        generation=int(meta.get("generation") or 0),
+        created=created,
+        now=now,
+        jobs=list(WORLD.jobs.get(key, {}).values()),
+        store=WORLD.store_view(key),
+        previous=prev,
+    )
+    d = decide(spec, obs)
+    st = d.status
+    remaining: int | None = None
+    if spec.budget.deadline_seconds is not None:
+        remaining = int(spec.budget.deadline_seconds - (now - created).total_seconds())
+
+    if (d.create_plan or d.create_writer or d.waiting_batches) and key not in WORLD.rbac_ready:
+        if not cfg.worker_service_account:
+            for obj in worker_rbac(owner):
+                await _create(obj["kind"], obj, logger)
+        WORLD.rbac_ready.add(key)
+
+    quota_blocked: str | None = None
+    for step, wanted in ((Step.PLAN, d.create_plan), (Step.WRITE, d.create_writer)):
+        if wanted:
+            job = worker_job(owner, spec, cfg, st.plan_id or "", step, active_deadline_seconds=remaining)
+            outcome = await _create("Job", job, logger)
+            if outcome == "created":
+                metrics.JOBS_CREATED.labels(step.value).inc()
+                WORLD.jobs[key][job["metadata"]["name"]] = job_view(job)
+            elif outcome == "quota":
+                quota_blocked = f"the {step.value} Job is waiting for quota"
+
+    for job_name_ in d.delete_jobs:
+        await _delete_job(namespace, job_name_)
+        WORLD.jobs[key].pop(job_name_, None)
+
+    created_now = 0
+    # Every active child Job counts against the caps; waiting batches make this job a contender.
+    active = sum(1 for j in WORLD.jobs.get(key, {}).values() if j.active)
+    WORLD.demands[key] = Demand(namespace, name, active, len(d.waiting_batches))
+    if d.waiting_batches:
+        async with WORLD.admission_lock:
+            me = Demand(namespace, name, active, len(d.waiting_batches))
+            verdict = quota_headroom(
+                WORLD.quotas.get(namespace, {}).values(),
+                PodResources.from_spec(spec.worker.resources.requests.wire(), spec.worker.resources.limits.wire()),
+            )
+            n = admit(me, spec.parallelism.max_active_jobs, WORLD.active_demands(), cfg.caps, verdict)
+            if n == 0 and verdict.blocked:
+                quota_blocked = f"ResourceQuota {verdict.binding}"
+            plan = batches(spec.analysts.count, spec.parallelism.batch_size)
+            for b in d.waiting_batches[:n]:
+                job = worker_job(
+                    owner, spec, cfg, st.plan_id or "", Step.INTERVIEW, plan[b], b, active_deadline_seconds=remaining
+                )
+                outcome = await _create("Job", job, logger)
+                if outcome == "quota":
+                    quota_blocked = "the API server answered 403 exceeded quota"
+                    break
+                if outcome == "created":
+                    metrics.JOBS_CREATED.labels("interview").inc()
+                created_now += 1
+                WORLD.jobs[key][job["metadata"]["name"]] = job_view(job)
+            WORLD.demands[key] = Demand(namespace, name, active + created_now, len(d.waiting_batches) - created_now)
+        st.batches.active += created_now
+        st.batches.queued -= created_now
+        if created_now:
+            st.message = (
+                f"{st.sections_done}/{spec.analysts.count} sections; {st.batches.active} batch Jobs running, "
+                f"{st.batches.queued} waiting"
+            )
+    if st.phase in (Phase.Succeeded, Phase.Failed):
+        WORLD.demands.pop(key, None)
+
+    if quota_blocked:
+        metrics.QUOTA_WAITS.labels(namespace).inc()
+        st.message = f"waiting for quota: {quota_blocked}"
+    quota_cond = condition(
+        prev,
+        "QuotaExceeded",
+        quota_blocked is not None,
+        "ExceededQuota" if quota_blocked else "WithinQuota",
+        quota_blocked or "",
+        obs.generation,
+        now,
+    )
+    st.conditions = [*(st.conditions or []), quota_cond]
+    if quota_blocked and not any(c.type == "QuotaExceeded" and c.status == "True" for c in prev.conditions or []):
+        kopf.event(body, type="Warning", reason="QuotaExceeded", message=f"waiting: {quota_blocked}")
+
+    for etype, reason, message in d.events:
+        kopf.event(body, type=etype, reason=reason, message=message)
+    await _patch_status(key, st, prev)
+    WORLD.phases[key] = st.phase
+    _update_phase_gauges()
+
+    if d.delete_self:
+        kopf.info(body, reason="TTLExpired", message="deleting the finished ResearchJob (ttlSecondsAfterFinished)")
+        await call(
+            "delete",
+            "researchjob",
+            client.CustomObjectsApi(api()).delete_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+        )
+    return quota_blocked is not None
+
+
+def _invalid_status(prev: ResearchJobStatus, msg: str, meta: Any) -> ResearchJobStatus:
+    gen = int(meta.get("generation") or 0)
+    st = prev.model_copy()
+    st.phase = Phase.Failed
+    st.message = f"invalid spec: {msg}"
+    st.conditions = [condition(prev, "Failed", True, "InvalidSpec", msg, gen, _now())]
+    return st
+
+
+async def _patch_status(key: Key, st: ResearchJobStatus, prev: ResearchJobStatus | None = None) -> None:
+    new = st.model_dump(by_alias=True, mode="json")  # None values delete stale keys (merge patch)
+    if prev is not None and new == prev.model_dump(by_alias=True, mode="json"):
+        return
+    namespace, name = key
+    try:
+        await call(
+            "patch",
+            "researchjob/status",
+            client.CustomObjectsApi(api()).patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"status": new},
+        )
+    except ApiException as e:
+        if e.status != 404:
+            raise
+
+
+def _update_phase_gauges() -> None:
+    counts = {p.value: 0 for p in Phase}
+    for phase in WORLD.phases.values():
+        counts[str(phase)] = counts.get(str(phase), 0) + 1
+    for phase, n in counts.items():
+        metrics.JOBS_BY_PHASE.labels(phase).set(n)
+    metrics.BATCHES_ACTIVE.set(
+        sum(1 for jobs in WORLD.jobs.values() for j in jobs.values() if j.step == "interview" and j.active)
+    )
+    metrics.BATCHES_QUEUED.set(sum(d.waiting for d in WORLD.demands.values()))

@@ -1,0 +1,48 @@
+"""``research-operator``: serve metrics, win the leader Lease, then run the kopf handlers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+
+import kopf
+from kubernetes import client, config
+from prometheus_client import start_http_server
+
+from research_operator import handlers  # noqa: F401 - registers the kopf handlers
+from research_operator.leader import LeaderElector
+from research_operator.metrics import REGISTRY
+from research_operator.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="research-operator", description=__doc__)
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = Settings.from_env()
+    start_http_server(settings.metrics_port, registry=REGISTRY)
+    if settings.leader_election:
+        config.load_config()  # type: ignore[no-untyped-call]
+        identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+        elector = LeaderElector(client.ApiClient(), settings.namespace, settings.lease_name, identity)
+        elector.acquire()
+        elector.keep_renewing()
+    asyncio.run(
+        kopf.operator(
+            clusterwide=True,
+            standalone=True,  # no kopf peering: the Lease above decides who acts
+            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

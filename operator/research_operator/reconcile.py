@@ -1,0 +1,241 @@
+"""The reconcile decision: given a ResearchJob, its child Jobs and what the store holds, what
+should exist and what is the status. A pure function; the handlers gather the world and apply
+the decision. Status is rebuilt from the world on every pass, never trusted from a prior write.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from research_api.researchjob import (
+    AnalystStatus,
+    BatchCounts,
+    Condition,
+    Phase,
+    ReportRef,
+    ResearchJobSpec,
+    ResearchJobStatus,
+)
+from research_operator.constants import plan_id
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What the operator needs of one child batch/v1 Job."""
+
+    name: str
+    step: str  # plan | interview | write
+    plan: str
+    batch: int | None = None
+    succeeded: bool = False
+    failed: bool = False
+    suspended: bool = False
+    message: str = ""
+
+    @property
+    def active(self) -> bool:
+        return not (self.succeeded or self.failed or self.suspended)
+
+
+@dataclass(frozen=True)
+class StoreView:
+    """What the store holds for one ResearchJob, by plan id."""
+
+    analysts: dict[str, list[AnalystStatus]] = field(default_factory=dict)
+    sections: dict[str, frozenset[int]] = field(default_factory=dict)
+    reports: dict[str, ReportRef] = field(default_factory=dict)
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Observed:
+    generation: int
+    created: dt.datetime
+    now: dt.datetime
+    jobs: list[JobView]
+    store: StoreView
+    previous: ResearchJobStatus
+
+
+@dataclass
+class Decision:
+    status: ResearchJobStatus
+    create_plan: bool = False
+    waiting_batches: list[int] = field(default_factory=list)
+    create_writer: bool = False
+    delete_jobs: list[str] = field(default_factory=list)
+    delete_self: bool = False
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+
+
+def batches(count: int, batch_size: int) -> list[list[int]]:
+    """Analyst indices of each batch, in order."""
+    return [list(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size)]
+
+
+def rfc3339(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition(
+    prev: ResearchJobStatus, ctype: str, status: bool, reason: str, message: str, generation: int, now: dt.datetime
+) -> Condition:
+    """A condition that keeps its lastTransitionTime while its status does not change."""
+    s = "True" if status else "False"
+    old = next((c for c in prev.conditions or [] if c.type == ctype), None)
+    when = old.last_transition_time if old is not None and old.status == s else rfc3339(now)
+    return Condition(
+        type=ctype, status=s, reason=reason, message=message, last_transition_time=when, observed_generation=generation
+    )
+
+
+def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
+    pid = plan_id(spec.analysts.feedback)
+    prev = obs.previous
+    now = obs.now
+    gen = obs.generation
+    jobs = [j for j in obs.jobs if j.plan == pid]
+    stale = [j.name for j in obs.jobs if j.plan != pid]  # Jobs of a superseded plan
+    plan_job = next((j for j in jobs if j.step == "plan"), None)
+    writer = next((j for j in jobs if j.step == "write"), None)
+    by_batch = {j.batch: j for j in jobs if j.step == "interview"}
+    analysts = obs.store.analysts.get(pid)
+    done = obs.store.sections.get(pid, frozenset())
+    report = obs.store.reports.get(pid)
+    count = spec.analysts.count
+
+    st = ResearchJobStatus(
+        observed_generation=gen,
+        plan_id=pid,
+        analysts=analysts,
+        sections_done=len(done),
+        progress=f"{len(done)}/{count}",
+        tokens_used=obs.store.tokens,
+        start_time=prev.start_time or rfc3339(obs.created),
+    )
+    d = Decision(status=st, delete_jobs=list(stale))
+    plan = batches(count, spec.parallelism.batch_size)
+    counts = BatchCounts(total=len(plan))
+    failure: tuple[str, str] | None = None
+
+    if report is not None:
+        st.phase = Phase.Succeeded
+        st.report = report
+        counts.succeeded = len(plan)
+        st.message = f"report ready: {report.title or report.config_map or report.postgres_id}"
+    elif analysts is None:
+        st.phase = Phase.Planning
+        if plan_job is None:
+            d.create_plan = True
+            st.message = "planning the analyst panel"
+        elif plan_job.failed:
+            failure = ("PlanFailed", f"the planner Job {plan_job.name} failed: {plan_job.message}".strip())
+        else:
+            st.message = f"planner Job {plan_job.name} running"
+    elif spec.analysts.review and not spec.analysts.approved:
+        st.phase = Phase.AwaitingReview
+        st.message = "analysts planned; approve with spec.analysts.approved=true or give spec.analysts.feedback"
+    else:
+        names = {i: a.name for i, a in enumerate(analysts)}
+        failed_analysts: list[str] = []
+        active: list[str] = []
+        for b, members in enumerate(plan):
+            job = by_batch.get(b)
+            if all(i in done for i in members):
+                counts.succeeded += 1
+                if job is not None and not job.active:
+                    d.delete_jobs.append(job.name)  # results are stored; free the quota it holds
+            elif job is None:
+                d.waiting_batches.append(b)
+            elif job.failed:
+                counts.failed += 1
+                failed_analysts += [names.get(i, str(i)) for i in members if i not in done]
+            elif job.suspended:
+                counts.queued += 1
+            elif job.succeeded:
+                counts.failed += 1  # finished without storing every section
+                failed_analysts += [names.get(i, str(i)) for i in members if i not in done]
+            else:
+                counts.active += 1
+                active.append(job.name)
+        counts.queued += len(d.waiting_batches)
+        st.active_jobs = active or None
+        if plan_job is not None and not plan_job.active:
+            d.delete_jobs.append(plan_job.name)
+        if failed_analysts:
+            st.failed_analysts = failed_analysts
+            failure = ("BatchFailed", f"interviews failed beyond retries for: {', '.join(failed_analysts)}")
+        elif counts.succeeded == len(plan):
+            st.phase = Phase.Writing
+            if writer is None:
+                d.create_writer = True
+                st.message = "all sections written; writing the report"
+            elif writer.failed:
+                failure = ("WriteFailed", f"the writer Job {writer.name} failed: {writer.message}".strip())
+            else:
+                st.message = f"writer Job {writer.name} running"
+        else:
+            st.phase = Phase.Interviewing
+            st.message = f"{len(done)}/{count} sections; {counts.active} batch Jobs running, {counts.queued} waiting"
+
+    # Budget and deadline: both only grow, so a job that crossed them stays Failed.
+    if failure is None and st.phase != Phase.Succeeded:
+        if spec.budget.max_tokens is not None and obs.store.tokens > spec.budget.max_tokens:
+            failure = ("BudgetExceeded", f"used {obs.store.tokens} tokens of the {spec.budget.max_tokens} allowed")
+        elif spec.budget.deadline_seconds is not None:
+            deadline = obs.created + dt.timedelta(seconds=spec.budget.deadline_seconds)
+            if now > deadline:
+                failure = ("DeadlineExceeded", f"not finished within {spec.budget.deadline_seconds}s")
+
+    if failure is not None:
+        reason, message = failure
+        st.phase = Phase.Failed
+        st.message = message
+        d.waiting_batches.clear()
+        d.create_plan = d.create_writer = False
+        d.delete_jobs += [j.name for j in jobs if j.active and j.name not in d.delete_jobs]
+        counts.queued = 0
+    st.batches = counts
+
+    terminal = st.phase in (Phase.Succeeded, Phase.Failed)
+    if terminal:
+        st.completion_time = prev.completion_time if prev.phase == st.phase and prev.completion_time else rfc3339(now)
+        if spec.ttl_seconds_after_finished is not None:
+            finished = dt.datetime.fromisoformat(st.completion_time.replace("Z", "+00:00"))
+            d.delete_self = now >= finished + dt.timedelta(seconds=spec.ttl_seconds_after_finished)
+
+    st.conditions = [
+        condition(prev, "Planned", analysts is not None, "AnalystsStored" if analysts else "Planning", "", gen, now),
+        condition(
+            prev,
+            "AwaitingReview",
+            st.phase == Phase.AwaitingReview,
+            "ReviewRequested" if st.phase == Phase.AwaitingReview else "NotWaiting",
+            st.message or "" if st.phase == Phase.AwaitingReview else "",
+            gen,
+            now,
+        ),
+        condition(
+            prev,
+            "Complete",
+            st.phase == Phase.Succeeded,
+            "ReportWritten" if st.phase == Phase.Succeeded else "InProgress",
+            st.message or "" if st.phase == Phase.Succeeded else "",
+            gen,
+            now,
+        ),
+        condition(
+            prev,
+            "Failed",
+            failure is not None,
+            failure[0] if failure else "NoFailure",
+            failure[1] if failure else "",
+            gen,
+            now,
+        ),
+    ]
+    if prev.phase != st.phase:
+        kind = "Warning" if st.phase == Phase.Failed else "Normal"
+        d.events.append((kind, st.phase.value if failure is None else failure[0], st.message or st.phase.value))
+    return d

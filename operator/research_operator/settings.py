@@ -1,0 +1,76 @@
+"""Operator settings: static ones from the environment, admin caps also from a ConfigMap.
+
+The caps (``globalMaxActiveJobs``, ``namespaceMaxActiveJobs``) and the default model endpoint can
+change at run time: the operator watches the settings ConfigMap (rendered by the Helm chart from
+values.yaml) and applies a change on the next reconcile, with no restart.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from research_operator.admission import Caps
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    raw = env.get(key, "")
+    try:
+        return int(raw) if raw.strip() else default
+    except ValueError as e:
+        raise ValueError(f"{key} must be an integer, got {raw!r}") from e
+
+
+@dataclass(frozen=True)
+class Settings:
+    namespace: str = "research-operator"  # where the operator runs (Lease, settings ConfigMap)
+    settings_configmap: str = "research-operator-settings"
+    worker_image: str = "research-operator:0.1.0"
+    worker_service_account: str = ""  # empty: one ServiceAccount per ResearchJob, owned by it
+    default_model_base_url: str = "http://research-operator-modelserver:8080/v1"
+    global_max_active: int = 0  # 0 = unlimited
+    namespace_max_active: int = 0
+    kueue_queue: str = ""  # non-empty: create worker Jobs suspended for this Kueue LocalQueue
+    resync_seconds: float = 30.0
+    quota_backoff_seconds: float = 5.0
+    metrics_port: int = 8080
+    health_port: int = 8081
+    leader_election: bool = True
+    lease_name: str = "research-operator-leader"
+
+    @property
+    def caps(self) -> Caps:
+        return Caps(self.global_max_active, self.namespace_max_active)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        e = os.environ if env is None else env
+        d = cls()
+        return cls(
+            namespace=e.get("OPERATOR_NAMESPACE", d.namespace),
+            settings_configmap=e.get("SETTINGS_CONFIGMAP", d.settings_configmap),
+            worker_image=e.get("WORKER_IMAGE", d.worker_image),
+            worker_service_account=e.get("WORKER_SERVICE_ACCOUNT", d.worker_service_account),
+            default_model_base_url=e.get("DEFAULT_MODEL_BASE_URL", d.default_model_base_url),
+            global_max_active=_int(e, "GLOBAL_MAX_ACTIVE_JOBS", d.global_max_active),
+            namespace_max_active=_int(e, "NAMESPACE_MAX_ACTIVE_JOBS", d.namespace_max_active),
+            kueue_queue=e.get("KUEUE_QUEUE_NAME", d.kueue_queue),
+            resync_seconds=float(e.get("RESYNC_SECONDS", d.resync_seconds)),
+            quota_backoff_seconds=float(e.get("QUOTA_BACKOFF_SECONDS", d.quota_backoff_seconds)),
+            metrics_port=_int(e, "METRICS_PORT", d.metrics_port),
+            health_port=_int(e, "HEALTH_PORT", d.health_port),
+            leader_election=e.get("LEADER_ELECTION", "true").lower() != "false",
+            lease_name=e.get("LEASE_NAME", d.lease_name),
+        )
+
+    def with_configmap(self, data: Mapping[str, str]) -> Settings:
+        """Settings overridden by the runtime ConfigMap's keys (camelCase, as in values.yaml)."""
+        return replace(
+            self,
+            global_max_active=_int(data, "globalMaxActiveJobs", self.global_max_active),
+            namespace_max_active=_int(data, "namespaceMaxActiveJobs", self.namespace_max_active),
+            default_model_base_url=data.get("defaultModelBaseUrl") or self.default_model_base_url,
+            worker_image=data.get("workerImage") or self.worker_image,
+            kueue_queue=data.get("kueueQueueName", self.kueue_queue),
+        )

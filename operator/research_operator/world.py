@@ -1,0 +1,168 @@
+"""The operator's in-memory view of the cluster, fed by watches (kopf event handlers).
+
+Child Jobs, stored results (ConfigMaps of the ConfigMap store) and ResourceQuotas are kept here
+as they change, so a reconcile pass reads them without an API request. Each ResearchJob has an
+asyncio.Event that the watches set, which wakes its reconcile loop within a moment of a change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from research_api.researchjob import AnalystStatus, ReportRef
+from research_operator.admission import Demand, QuotaUsage
+from research_operator.constants import LABEL_ANALYST, LABEL_BATCH, LABEL_KIND, LABEL_PLAN, LABEL_STEP
+from research_operator.reconcile import JobView, StoreView
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, ResearchJob name)
+
+
+def owner_name(body: Mapping[str, Any]) -> str | None:
+    """The ResearchJob that controls this object, from its ownerReferences."""
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == "ResearchJob" and ref.get("controller"):
+            return str(ref.get("name"))
+    return None
+
+
+def job_view(body: Mapping[str, Any]) -> JobView:
+    meta, spec, status = body.get("metadata", {}), body.get("spec", {}), body.get("status") or {}
+    labels = meta.get("labels") or {}
+    conds = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    failed = conds.get("Failed")
+    batch = labels.get(LABEL_BATCH)
+    return JobView(
+        name=str(meta.get("name")),
+        step=str(labels.get(LABEL_STEP, "")),
+        plan=str(labels.get(LABEL_PLAN, "")),
+        batch=int(batch) if batch is not None and str(batch).isdigit() else None,
+        succeeded="Complete" in conds,
+        failed=failed is not None,
+        suspended=bool(spec.get("suspend")) and "Complete" not in conds and failed is None,
+        message=str((failed or {}).get("message") or (failed or {}).get("reason") or ""),
+    )
+
+
+@dataclass
+class StoredObject:
+    kind: str
+    plan: str
+    analyst: int | None
+    name: str
+    analysts: list[AnalystStatus] | None = None
+    title: str | None = None
+    report_key: str | None = None
+    tokens: int = 0
+
+
+def _tokens(data: Mapping[str, str]) -> int:
+    raw = data.get("usage.json") or data.get("usage")
+    if not raw:
+        return 0
+    try:
+        usage = json.loads(raw)
+    except ValueError:
+        return 0
+    if isinstance(usage, dict):
+        if "total_tokens" in usage or "totalTokens" in usage:
+            return int(usage.get("total_tokens") or usage.get("totalTokens") or 0)
+        return sum(int(v.get("total_tokens", 0)) for v in usage.values() if isinstance(v, dict))
+    return 0
+
+
+def stored_object(body: Mapping[str, Any]) -> StoredObject | None:
+    meta = body.get("metadata", {})
+    labels = meta.get("labels") or {}
+    data: Mapping[str, str] = body.get("data") or {}
+    kind = labels.get(LABEL_KIND)
+    if kind not in ("analysts", "section", "report"):
+        return None
+    idx = labels.get(LABEL_ANALYST)
+    obj = StoredObject(
+        kind=kind,
+        plan=str(labels.get(LABEL_PLAN, "")),
+        analyst=int(idx) if idx is not None and str(idx).isdigit() else None,
+        name=str(meta.get("name")),
+        tokens=_tokens(data),
+    )
+    if kind == "analysts":
+        try:
+            raw = json.loads(data.get("analysts.json", "[]"))
+            items = raw.get("analysts", raw) if isinstance(raw, dict) else raw
+            obj.analysts = [AnalystStatus.model_validate(a) for a in items]
+        except (ValueError, ValidationError) as e:
+            log.warning("unreadable analysts in ConfigMap %s: %s", obj.name, e)
+            return None
+    if kind == "report":
+        obj.report_key = next((k for k in ("report.md", "report") if k in data), None)
+        obj.title = (meta.get("annotations") or {}).get("researchops.io/title")
+    return obj
+
+
+@dataclass
+class World:
+    jobs: dict[Key, dict[str, JobView]] = field(default_factory=lambda: defaultdict(dict))
+    stored: dict[Key, dict[str, StoredObject]] = field(default_factory=lambda: defaultdict(dict))
+    quotas: dict[str, dict[str, QuotaUsage]] = field(default_factory=lambda: defaultdict(dict))
+    demands: dict[Key, Demand] = field(default_factory=dict)
+    phases: dict[Key, str] = field(default_factory=dict)
+    wakeups: dict[Key, asyncio.Event] = field(default_factory=dict)
+    settings_data: dict[str, str] = field(default_factory=dict)
+    rbac_ready: set[Key] = field(default_factory=set)
+    admission_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def event(self, key: Key) -> asyncio.Event:
+        if key not in self.wakeups:
+            self.wakeups[key] = asyncio.Event()
+        return self.wakeups[key]
+
+    def wake(self, key: Key) -> None:
+        if key in self.wakeups:
+            self.wakeups[key].set()
+
+    def wake_waiting(self, namespace: str | None = None) -> None:
+        """Wake every ResearchJob with batches waiting for admission (optionally in one namespace)."""
+        for key, demand in self.demands.items():
+            if demand.waiting > 0 and (namespace is None or key[0] == namespace):
+                self.wake(key)
+
+    def forget(self, key: Key) -> None:
+        for d in (self.jobs, self.stored, self.demands, self.phases, self.wakeups):
+            d.pop(key, None)
+        self.rbac_ready.discard(key)
+
+    def store_view(self, key: Key) -> StoreView:
+        analysts: dict[str, list[AnalystStatus]] = {}
+        sections: dict[str, set[int]] = defaultdict(set)
+        reports: dict[str, ReportRef] = {}
+        tokens = 0
+        for obj in self.stored.get(key, {}).values():
+            tokens += obj.tokens
+            if obj.kind == "analysts" and obj.analysts is not None:
+                analysts[obj.plan] = obj.analysts
+            elif obj.kind == "section" and obj.analyst is not None:
+                sections[obj.plan].add(obj.analyst)
+            elif obj.kind == "report":
+                reports[obj.plan] = ReportRef(config_map=obj.name, key=obj.report_key, title=obj.title)
+        return StoreView(
+            analysts=analysts,
+            sections={p: frozenset(s) for p, s in sections.items()},
+            reports=reports,
+            tokens=tokens,
+        )
+
+    def active_demands(self) -> list[Demand]:
+        return list(self.demands.values())
+
+
+WORLD = World()
