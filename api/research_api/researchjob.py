@@ -27,11 +27,14 @@ MAX_BATCH_SIZE = 10
 MAX_ACTIVE_JOBS = 50
 MAX_TURNS = 10
 
+# A Kubernetes quantity: the API server accepts a string ("250m", "1Gi") or a whole number (1),
+# so a number is taken as its string form here; the type stays str.
 Quantity = Annotated[
     str,
     Field(
         pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$",
-        json_schema_extra={"x-kubernetes-int-or-string": True},
+        coerce_numbers_to_str=True,
+        json_schema_extra={"x-kubernetes-int-or-string": True, "minimum": 0},
     ),
 ]
 
@@ -94,6 +97,7 @@ class SourceSpec(ApiModel):
     )
     config_map: str | None = Field(
         None,
+        min_length=1,
         max_length=253,
         description="For type documents: the ConfigMap in the job's namespace whose data keys are documents.",
     )
@@ -245,18 +249,18 @@ class ResearchJobSpec(ApiModel):
                 {
                     "rule": "!self.sources.exists(s, s.type == 'documents' && !has(s.configMap))",
                     "message": "a source of type documents needs configMap: the ConfigMap holding the documents",
+                    "fieldPath": ".sources",
                 },
                 {
                     "rule": "self.store.type != 'postgres' || has(self.store.dsnSecretRef)",
                     "message": "store type postgres needs store.dsnSecretRef: the Secret key holding the DSN",
+                    "fieldPath": ".store.dsnSecretRef",
+                    "reason": "FieldValueRequired",
                 },
                 {
                     "rule": "!self.sources.exists(s, s.type == 'tavily' && !has(s.apiKeySecretRef))",
                     "message": "a source of type tavily needs apiKeySecretRef: the Secret key holding the Tavily key",
-                },
-                {
-                    "rule": "self.parallelism.batchSize <= self.analysts.count",
-                    "message": "parallelism.batchSize must not exceed analysts.count",
+                    "fieldPath": ".sources",
                 },
             ]
         }
