@@ -65,3 +65,8 @@ cluster-status: venv ## Say whether the local cluster runs.
 .PHONY: cluster-down
 cluster-down: venv ## Stop exactly the processes cluster-up started.
 	$(PY) -m localkube.cli down
+
+##@ Code generation
+.PHONY: crds
+crds: venv ## Generate the ResearchJob CRD (crds/) and the field reference in docs/api.md from the pydantic models.
+	$(PY) -m research_api.crd --output crds/researchjobs.researchops.io.yaml --docs docs/api.md

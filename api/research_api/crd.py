@@ -1,0 +1,469 @@
+"""The ResearchJob CustomResourceDefinition, generated from the pydantic models in ``researchjob``.
+
+The models are the one source of truth. This module turns their JSON schema into the structural
+OpenAPI v3 schema the API server wants: every ``$ref`` inlined, ``Optional[X]`` (``anyOf`` with
+``null``) reduced to ``X`` (and left out of ``required``), pydantic's ``title``s dropped, defaults
+that pydantic keeps in a ``default_factory`` written out (so the API server fills them in), JSON
+Schema 2020 ``exclusiveMinimum: x`` rewritten as OpenAPI's ``minimum: x, exclusiveMinimum: true``,
+quantities as ``x-kubernetes-int-or-string``. On top it adds the rules that only make sense on the
+whole object: the fields that cannot change once the job has started, and the length of
+``metadata.name``.
+
+Command line (run from the repository root)::
+
+    python -m research_api.crd                  # write crds/researchjobs.researchops.io.yaml
+    python -m research_api.crd --docs docs/api.md  # ... and the field reference in docs/api.md
+    python -m research_api.crd --check --docs docs/api.md  # exit 1 when a committed file is stale
+    python -m research_api.crd --markdown       # print the field reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema, NoDefault
+from pydantic_core import core_schema
+
+from research_api.researchjob import (
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    VERSION,
+    ResearchJobSpec,
+    ResearchJobStatus,
+)
+
+CRD_NAME = f"{PLURAL}.{GROUP}"
+DEFAULT_OUTPUT = Path("crds") / f"{CRD_NAME}.yaml"
+CATEGORIES = ["research"]
+
+# metadata.name of a ResearchJob is the prefix of the names of the Jobs, ConfigMaps and pods made
+# for it (e.g. "<name>-b12-<hash>"); 40 leaves room for those suffixes within 63 characters.
+MAX_NAME_LENGTH = 40
+
+# The job has started once the operator moved it out of Pending.
+STARTED = "has(oldSelf.status) && has(oldSelf.status.phase) && oldSelf.status.phase != 'Pending'"
+
+# (field path from the root, what the user should do instead) for each field frozen once started.
+IMMUTABLE_AFTER_START: list[tuple[str, str]] = [
+    ("spec.topic", "create a new ResearchJob for another topic"),
+    ("spec.analysts.count", "create a new ResearchJob for another panel size"),
+    ("spec.sources", "create a new ResearchJob with the other sources"),
+    ("spec.store", "create a new ResearchJob to use another store (this one's results are kept in the current store)"),
+]
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Where the job is."},
+    {
+        "name": "Progress",
+        "type": "string",
+        "jsonPath": ".status.progress",
+        "description": "Sections written over analysts planned.",
+    },
+    {"name": "Active", "type": "integer", "jsonPath": ".status.batches.active", "description": "Worker Jobs running."},
+    {
+        "name": "Tokens",
+        "type": "integer",
+        "jsonPath": ".status.tokensUsed",
+        "priority": 1,
+        "description": "LLM tokens used so far.",
+    },
+    {
+        "name": "Message",
+        "type": "string",
+        "jsonPath": ".status.message",
+        "priority": 1,
+        "description": "What is happening now.",
+    },
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+ROOT_DESCRIPTION = (
+    "A ResearchJob researches a topic with a panel of LLM analyst personas: the operator plans the "
+    "analysts, runs their interviews with an expert (who answers from the configured sources) in "
+    "worker Jobs, and writes a report from the interviews."
+)
+
+# Key order in every emitted schema node: what a reader looks for first comes first.
+_KEY_ORDER = [
+    "description",
+    "type",
+    "format",
+    "anyOf",
+    "x-kubernetes-int-or-string",
+    "enum",
+    "default",
+    "minimum",
+    "exclusiveMinimum",
+    "maximum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "required",
+    "properties",
+    "additionalProperties",
+    "items",
+    "x-kubernetes-validations",
+]
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes repeated sub-schemas out in full: no YAML anchors and aliases in a CRD."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+class UnsupportedSchema(ValueError):
+    """The models use a JSON schema construct that has no structural OpenAPI equivalent here."""
+
+
+class _WithFactoryDefaults(GenerateJsonSchema):
+    """Emits the defaults that pydantic keeps in a ``default_factory``, in their wire form.
+
+    A factory's value is a model instance (``ResourcesSpec()``) or a plain value; models are
+    dumped the way the API server stores them: camelCase, without unset optionals.
+    """
+
+    def get_default_value(self, schema: core_schema.WithDefaultSchema) -> Any:
+        factory = schema.get("default_factory")
+        if factory is None or schema.get("default_factory_takes_data"):
+            return super().get_default_value(schema)
+        value = factory()  # type: ignore[call-arg]
+        return _wire(value)
+
+    def encode_default(self, dft: Any) -> Any:
+        return super().encode_default(_wire(dft))
+
+
+def _wire(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(by_alias=True, exclude_none=True, mode="json")
+    return value
+
+
+def _ordered(node: dict[str, Any]) -> dict[str, Any]:
+    rank = {k: i for i, k in enumerate(_KEY_ORDER)}
+    return dict(sorted(node.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+def _structural(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str, Any]:
+    """One pydantic JSON schema node as a structural OpenAPI v3 schema node."""
+    node = dict(node)
+    while "$ref" in node or ("anyOf" in node and not node.get("x-kubernetes-int-or-string")):
+        if "$ref" in node:
+            target = defs[node.pop("$ref").removeprefix("#/$defs/")]
+            node = {**target, **node}  # the property's own default and description win ...
+            if target.get("description") and node.get("description") != target["description"]:
+                # ... and the model's docstring follows, so `kubectl explain` says what the object is.
+                node["description"] = f"{node['description']} {target['description']}"
+            continue
+        options = [o for o in node["anyOf"] if o != {"type": "null"}]
+        if len(options) != 1 or len(options) == len(node["anyOf"]):
+            raise UnsupportedSchema(f"{path}: anyOf other than Optional[...] is not supported: {node['anyOf']}")
+        del node["anyOf"]
+        node = {**options[0], **node}
+    for key in ("oneOf", "allOf", "not", "const", "$defs"):
+        if key in node:
+            raise UnsupportedSchema(f"{path}: {key} has no structural equivalent here")
+
+    node.pop("title", None)
+    if node.get("default", NoDefault) is None:
+        del node["default"]
+    if node.get("additionalProperties") is False:
+        # Structural schemas prune unknown fields (and kubectl rejects them with field validation).
+        del node["additionalProperties"]
+    for bound in ("Minimum", "Maximum"):
+        exclusive = node.get(f"exclusive{bound}")
+        if exclusive is not None and not isinstance(exclusive, bool):
+            node[bound.lower()] = exclusive
+            node[f"exclusive{bound}"] = True
+    if node.pop("x-kubernetes-int-or-string", False):
+        if node.pop("type", "string") != "string":
+            raise UnsupportedSchema(f"{path}: x-kubernetes-int-or-string on a non-string type")
+        node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        node["x-kubernetes-int-or-string"] = True
+
+    if "properties" in node:
+        node["properties"] = {
+            name: _structural(prop, defs, f"{path}.{name}") for name, prop in node["properties"].items()
+        }
+    if isinstance(node.get("additionalProperties"), dict):
+        node["additionalProperties"] = _structural(node["additionalProperties"], defs, f"{path}.*")
+    if "items" in node:
+        node["items"] = _structural(node["items"], defs, f"{path}[*]")
+    if "type" not in node and not node.get("x-kubernetes-int-or-string"):
+        raise UnsupportedSchema(f"{path}: no type")
+    return _ordered(node)
+
+
+def model_schema(model: type[BaseModel], path: str) -> dict[str, Any]:
+    """The structural OpenAPI v3 schema of one pydantic model (as the wire form, camelCase)."""
+    raw = model.model_json_schema(by_alias=True, mode="validation", schema_generator=_WithFactoryDefaults)
+    defs = raw.pop("$defs", {})
+    return _structural(raw, defs, path)
+
+
+def _immutable_rule(field_path: str, advice: str) -> dict[str, str]:
+    expr = "self." + field_path
+    return {
+        "rule": f"!({STARTED}) || {expr} == old{expr[0].upper()}{expr[1:]}",
+        "message": f"{field_path} cannot change once the job has started; {advice}",
+        "fieldPath": "." + field_path,
+        "reason": "FieldValueForbidden",
+    }
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The openAPIV3Schema of the ResearchJob resource."""
+    spec = model_schema(ResearchJobSpec, "spec")
+    status = model_schema(ResearchJobStatus, "status")
+    root_rules = [_immutable_rule(p, advice) for p, advice in IMMUTABLE_AFTER_START]
+    root_rules.append(
+        {
+            "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+            "message": (
+                f"metadata.name must be at most {MAX_NAME_LENGTH} characters, so that the names of the Jobs "
+                "and ConfigMaps made for the ResearchJob fit; choose a shorter name"
+            ),
+            "fieldPath": ".metadata.name",
+            "reason": "FieldValueInvalid",
+        }
+    )
+    return _ordered(
+        {
+            "description": ROOT_DESCRIPTION,
+            "type": "object",
+            "required": ["spec"],
+            "properties": {
+                "apiVersion": {
+                    "description": "Versioned schema of this object: researchops.io/v1alpha1.",
+                    "type": "string",
+                },
+                "kind": {"description": "Kind of this object: ResearchJob.", "type": "string"},
+                # The API server allows no description here, only rules on name and generateName.
+                "metadata": {
+                    "type": "object",
+                    "properties": {
+                        "name": {
+                            "description": f"Name of the ResearchJob (at most {MAX_NAME_LENGTH} characters).",
+                            "type": "string",
+                        }
+                    },
+                },
+                "spec": spec,
+                "status": status,
+            },
+            "x-kubernetes-validations": root_rules,
+        }
+    )
+
+
+def build_crd() -> dict[str, Any]:
+    """The CustomResourceDefinition of ResearchJob (apiextensions.k8s.io/v1)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": CRD_NAME},
+        "spec": {
+            "group": GROUP,
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": list(SHORT_NAMES),
+                "categories": list(CATEGORIES),
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": copy.deepcopy(PRINTER_COLUMNS),
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
+        },
+    }
+
+
+def render_crd() -> str:
+    """The CRD as the YAML committed in crds/."""
+    header = (
+        "# Generated by `python -m research_api.crd` (make crds) from api/research_api/researchjob.py.\n"
+        "# Do not edit by hand: change the pydantic models and regenerate.\n"
+    )
+    return header + yaml.dump(build_crd(), Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------------------------
+# field reference (docs/api.md)
+# --------------------------------------------------------------------------------------------
+
+DOCS_BEGIN = "<!-- BEGIN GENERATED FIELD REFERENCE (python -m research_api.crd --docs docs/api.md) -->"
+DOCS_END = "<!-- END GENERATED FIELD REFERENCE -->"
+
+
+def _type_name(node: dict[str, Any]) -> str:
+    if node.get("x-kubernetes-int-or-string"):
+        return "quantity"
+    kind = str(node.get("type", ""))
+    if kind == "array":
+        return f"[]{_type_name(node['items'])}"
+    if kind == "object" and isinstance(node.get("additionalProperties"), dict):
+        return f"map[string]{_type_name(node['additionalProperties'])}"
+    return kind
+
+
+def _constraints(node: dict[str, Any]) -> str:
+    parts: list[str] = []
+    if "enum" in node:
+        parts.append("one of " + ", ".join(f"`{v}`" for v in node["enum"]))
+    low, high = node.get("minimum"), node.get("maximum")
+    if low is not None:
+        parts.append(f"{'>' if node.get('exclusiveMinimum') else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if node.get('exclusiveMaximum') else '<='} {high:g}")
+    for key, label in (
+        ("minLength", "length >="),
+        ("maxLength", "length <="),
+        ("minItems", "items >="),
+        ("maxItems", "items <="),
+    ):
+        if key in node:
+            parts.append(f"{label} {node[key]}")
+    if "pattern" in node:
+        parts.append(f"matches `{node['pattern']}`")
+    return "; ".join(parts)
+
+
+def _cell(value: str) -> str:
+    return value.replace("|", "\\|").replace("\n", " ")
+
+
+def _walk(node: dict[str, Any], path: str, required: bool) -> Iterator[tuple[str, dict[str, Any], bool]]:
+    yield path, node, required
+    target = node["items"] if node.get("type") == "array" else node
+    sub = "[]" if target is not node else ""
+    needed = set(target.get("required", []))
+    for name, prop in target.get("properties", {}).items():
+        yield from _walk(prop, f"{path}{sub}.{name}", name in needed)
+
+
+def _table(root: dict[str, Any], prefix: str) -> list[str]:
+    lines = ["| Field | Type | Default | Validation | Description |", "|---|---|---|---|---|"]
+    for path, node, required in list(_walk(root, prefix, True))[1:]:
+        default = node.get("default")
+        shown = "" if default is None else f"`{json.dumps(default, separators=(', ', ': '))}`"
+        if required:
+            shown = "required"
+        lines.append(
+            f"| `{path}` | {_type_name(node)} | {_cell(shown)} | {_cell(_constraints(node))} "
+            f"| {_cell(str(node.get('description', '')))} |"
+        )
+    return lines
+
+
+def render_markdown() -> str:
+    """The field reference of spec and status, with the cross-field rules, as Markdown."""
+    schema = openapi_schema()
+    spec, status = schema["properties"]["spec"], schema["properties"]["status"]
+    rules = [*spec.get("x-kubernetes-validations", []), *schema.get("x-kubernetes-validations", [])]
+    lines = [
+        DOCS_BEGIN,
+        "",
+        "### spec",
+        "",
+        *_table(spec, "spec"),
+        "",
+        "### Rules across fields",
+        "",
+        "The API server also checks these rules; the message is what `kubectl` prints when one fails.",
+        "",
+        "| Rule (CEL) | Message |",
+        "|---|---|",
+        *(f"| `{_cell(r['rule'])}` | {_cell(r['message'])} |" for r in rules),
+        "",
+        "### status",
+        "",
+        "Written by the operator only (through the status subresource).",
+        "",
+        *_table(status, "status"),
+        "",
+        DOCS_END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def splice_docs(document: str, reference: str) -> str:
+    """``document`` with the text between the generated-reference markers replaced."""
+    begin, end = document.find(DOCS_BEGIN), document.find(DOCS_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"the document has no {DOCS_BEGIN!r} ... {DOCS_END!r} section")
+    return document[:begin] + reference.rstrip("\n") + document[end + len(DOCS_END) :]
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+def _sync(path: Path, want: Callable[[str], str], check: bool) -> bool:
+    """Write (or with ``check`` compare) one generated file; True when it is up to date."""
+    have = path.read_text() if path.exists() else ""
+    wanted = want(have)
+    if have == wanted:
+        return True
+    if check:
+        diff = difflib.unified_diff(
+            have.splitlines(keepends=True), wanted.splitlines(keepends=True), f"{path} (on disk)", f"{path} (generated)"
+        )
+        sys.stderr.writelines(diff)
+        sys.stderr.write(f"\n{path} is out of date: run `make crds` (python -m research_api.crd) and commit it.\n")
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(wanted)
+    sys.stdout.write(f"wrote {path}\n")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m research_api.crd", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="CRD YAML file (default: %(default)s)")
+    parser.add_argument("--docs", type=Path, help="Markdown file whose generated field reference to update")
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 with a diff when a file differs")
+    parser.add_argument("--markdown", action="store_true", help="print the field reference and exit")
+    args = parser.parse_args(argv)
+
+    if args.markdown:
+        sys.stdout.write(render_markdown())
+        return 0
+    crd_text = render_crd()
+    ok = _sync(args.output, lambda _: crd_text, args.check)
+    if args.docs is not None:
+        reference = render_markdown()
+        if not args.docs.exists():
+            parser.error(f"{args.docs} does not exist (it needs the {DOCS_BEGIN!r} markers)")
+        ok = _sync(args.docs, lambda have: splice_docs(have, reference), args.check) and ok
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
