@@ -1,0 +1,144 @@
+"""A read-only view of a chat request's messages, with the lookups the writers share."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from .documents import Corpus, parse_all
+from .tokens import content_text
+
+_PERSONA_FIELD = re.compile(r"^\s*(Name|Role|Affiliation|Description)\s*:\s*(.+?)\s*$", re.I | re.M)
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    text: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Persona:
+    name: str
+    role: str
+    affiliation: str
+    description: str
+
+
+class Conversation:
+    def __init__(self, messages: Sequence[dict[str, Any]]) -> None:
+        self.messages = [
+            Message(
+                role=str(m.get("role", "user")),
+                text=content_text(m.get("content")),
+                name=str(m.get("name") or ""),
+            )
+            for m in messages
+        ]
+
+    @cached_property
+    def system(self) -> str:
+        return "\n\n".join(m.text for m in self.messages if m.role in ("system", "developer"))
+
+    @cached_property
+    def turns(self) -> list[Message]:
+        return [m for m in self.messages if m.role not in ("system", "developer")]
+
+    @cached_property
+    def all_text(self) -> str:
+        return "\n\n".join(m.text for m in self.messages)
+
+    @cached_property
+    def lower(self) -> str:
+        return self.all_text.lower()
+
+    def last(self, *roles: str) -> Message | None:
+        for m in reversed(self.turns):
+            if m.role in roles:
+                return m
+        return None
+
+    @cached_property
+    def last_user_text(self) -> str:
+        m = self.last("user")
+        return m.text if m else ""
+
+    @cached_property
+    def question(self) -> str:
+        """The question being asked: the last user turn's question (or, in an interview seen from the
+        expert's side, the last turn that is not the expert's own)."""
+        for m in reversed(self.turns):
+            if m.name == "expert" or m.role == "tool":
+                continue
+            return split_question(m.text)[0]
+        return split_question(self.system)[0] if self.system else ""
+
+    @cached_property
+    def corpus(self) -> Corpus:
+        """Every passage of context in the conversation except the question itself."""
+        texts = []
+        question = self.question
+        for m in self.messages:
+            text = m.text
+            if question and question in text:
+                text = text.replace(question, " ")
+            texts.append(text)
+        return parse_all(texts)
+
+    @cached_property
+    def sourced(self) -> Corpus:
+        """The corpus restricted to passages that came from a named source, if there are any."""
+        corpus = self.corpus
+        if any(p.sources for p in corpus.passages):
+            return Corpus([p for p in corpus.passages if p.sources], list(corpus.sources))
+        return corpus
+
+    @cached_property
+    def persona(self) -> Persona | None:
+        found: dict[str, str] = {}
+        for key, value in _PERSONA_FIELD.findall(self.system):
+            found.setdefault(key.lower(), value)
+        if "name" not in found and "description" not in found:
+            return None
+        return Persona(
+            found.get("name", "the analyst"),
+            found.get("role", "analyst"),
+            found.get("affiliation", "an independent research group"),
+            found.get("description", ""),
+        )
+
+    @cached_property
+    def wants_citations(self) -> bool:
+        text = self.lower
+        return bool(
+            "<document" in text
+            or re.search(r"\bcit(e|es|ing|ation|ations)\b", text)
+            or re.search(r"for (?:source|example)[^.\n]{0,30}\[1\]", text)
+            or ("sources" in text and "[1]" in text)
+        )
+
+    def text_after(self, pattern: str, text: str | None = None) -> str:
+        """The text following a phrase (case-insensitive) up to the next blank line, or ''."""
+        source = self.system if text is None else text
+        m = re.search(pattern + r"\s*:?\s*(.+?)(?:\n\s*\n|\Z)", source, re.I | re.S)
+        return m.group(1).strip() if m else ""
+
+
+def split_question(text: str) -> tuple[str, str]:
+    """(question, rest) of a user turn that may carry context and a question together."""
+    m = re.search(r"(?:^|\n)\s*(?:question|query|task)\s*:\s*(.+)$", text, re.I | re.S)
+    if m:
+        return m.group(1).strip(), text[: m.start()]
+    sentences = re.split(r"(?<=[.!?])\s+", text.strip())
+    questions = [s for s in sentences if s.rstrip().endswith("?")]
+    if questions and len(sentences) > 3:
+        return questions[-1], text.replace(questions[-1], " ")
+    paragraphs = [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+    if len(paragraphs) > 1 and len(paragraphs[-1].split()) < 60:
+        return paragraphs[-1].strip(), "\n\n".join(paragraphs[:-1])
+    return text.strip(), ""
+
