@@ -1,0 +1,188 @@
+"""The operator on the real control plane, with the real worker and the offline model server."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import pytest
+from kubernetes import client, watch
+
+from research_api.researchjob import GROUP, PLURAL, VERSION
+from tests.fixtures.cluster import ClusterHandle
+from tests.fixtures.operator import OperatorProcess
+
+pytestmark = pytest.mark.cluster
+
+STEP = f"{GROUP}/step"
+
+
+class JobWatch(threading.Thread):
+    """Watches the namespace's Jobs and records how many ran at once and every Job created."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        super().__init__(daemon=True)
+        self.batch = client.BatchV1Api(api)
+        self.namespace = namespace
+        self.active: dict[str, str] = {}  # name -> step
+        self.max_active_interviews = 0
+        self.max_active_all = 0
+        self.uids: dict[str, set[str]] = defaultdict(set)
+        self.stop_flag = threading.Event()
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        w = watch.Watch()
+        while not self.stop_flag.is_set():
+            self.ready.set()
+            for ev in w.stream(self.batch.list_namespaced_job, self.namespace, timeout_seconds=5):
+                job = ev["object"]
+                name = job.metadata.name
+                self.uids[name].add(job.metadata.uid)
+                conds = {c.type for c in job.status.conditions or [] if c.status == "True"}
+                finished = bool(conds & {"Complete", "Failed"}) or ev["type"] == "DELETED"
+                if finished:
+                    self.active.pop(name, None)
+                else:
+                    self.active[name] = (job.metadata.labels or {}).get(STEP, "")
+                interviews = sum(1 for s in self.active.values() if s == "interview")
+                self.max_active_interviews = max(self.max_active_interviews, interviews)
+                self.max_active_all = max(self.max_active_all, len(self.active))
+                if self.stop_flag.is_set():
+                    break
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.join(timeout=10)
+
+
+def researchjob(name: str, corpus: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "topic": "How Kubernetes runs and limits batch workloads",
+        "analysts": {"count": 6},
+        "interview": {"maxTurns": 1},
+        "sources": [{"type": "documents", "configMap": corpus, "maxResults": 2}],
+        "parallelism": {"batchSize": 2, "maxActiveJobs": 2},
+    }
+    body.update(spec)
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ResearchJob", "metadata": {"name": name}, "spec": body}
+
+
+def wait_phase(
+    api: client.ApiClient, namespace: str, name: str, phases: set[str], timeout: float = 300
+) -> dict[str, Any]:
+    custom = client.CustomObjectsApi(api)
+    deadline = time.monotonic() + timeout
+    obj: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        if (obj.get("status") or {}).get("phase") in phases:
+            return obj
+        time.sleep(0.5)
+    raise AssertionError(f"{name} did not reach {phases} in {timeout}s; status: {obj.get('status')}")
+
+
+def report_text(api: client.ApiClient, namespace: str, obj: dict[str, Any]) -> str:
+    ref = obj["status"]["report"]
+    cm = client.CoreV1Api(api).read_namespaced_config_map(ref["configMap"], namespace)
+    return str(cm.data[ref["key"]])
+
+
+def sections(api: client.ApiClient, namespace: str) -> list[Any]:
+    return client.CoreV1Api(api).list_namespaced_config_map(namespace, label_selector=f"{GROUP}/kind=section").items
+
+
+def create(api: client.ApiClient, namespace: str, body: dict[str, Any]) -> None:
+    client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+
+def test_six_analysts_in_batches_of_two_end_with_a_report(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
+) -> None:
+    api = cluster.api_client()
+    jobs = JobWatch(api, namespace)
+    jobs.start()
+    jobs.ready.wait(5)
+    create(api, namespace, researchjob("panel", corpus_configmap))
+    obj = wait_phase(api, namespace, "panel", {"Succeeded", "Failed"})
+    jobs.stop()
+    status = obj["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["progress"] == "6/6"
+    assert len(sections(api, namespace)) == 6
+    assert jobs.max_active_interviews <= 2
+    assert jobs.max_active_interviews == 2, "two batches should have run side by side"
+    report = report_text(api, namespace, obj)
+    for heading in ("Introduction", "Conclusion", "Sources"):
+        assert heading in report
+    assert "[1]" in report
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Complete"] == "True"
+    events = client.CoreV1Api(api).list_namespaced_event(namespace, field_selector="involvedObject.name=panel").items
+    reasons = {e.reason for e in events}
+    assert {"Planning", "Interviewing", "Writing", "Succeeded"} <= reasons
+    out = cluster.kubectl("get", "rj", "-n", namespace).stdout
+    assert "Succeeded" in out and "6/6" in out
+
+
+def test_job_count_quota_of_one_runs_one_job_at_a_time(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
+) -> None:
+    api = cluster.api_client()
+    core = client.CoreV1Api(api)
+    core.create_namespaced_resource_quota(
+        namespace, {"metadata": {"name": "one-job"}, "spec": {"hard": {"count/jobs.batch": "1"}}}
+    )
+    while not (core.read_namespaced_resource_quota("one-job", namespace).status.used or {}):
+        time.sleep(0.2)
+    jobs = JobWatch(api, namespace)
+    jobs.start()
+    jobs.ready.wait(5)
+    create(api, namespace, researchjob("quota", corpus_configmap, analysts={"count": 4}))
+    seen_quota_wait = False
+    custom = client.CustomObjectsApi(api)
+    deadline = time.monotonic() + 400
+    obj: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "quota")
+        conds = {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+        if conds.get("QuotaExceeded", {}).get("status") == "True":
+            seen_quota_wait = True
+        if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            break
+        time.sleep(0.3)
+    jobs.stop()
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert seen_quota_wait, "QuotaExceeded was never visible while batches waited"
+    assert jobs.max_active_all <= 1
+    assert len(sections(api, namespace)) == 4
+
+
+def test_killing_the_operator_at_random_points_still_succeeds_without_duplicates(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
+) -> None:
+    api = cluster.api_client()
+    jobs = JobWatch(api, namespace)
+    jobs.start()
+    jobs.ready.wait(5)
+    create(api, namespace, researchjob("chaos", corpus_configmap))
+    rng = random.Random(7)
+    custom = client.CustomObjectsApi(api)
+    for _ in range(4):
+        time.sleep(rng.uniform(0.5, 4.0))
+        operator.kill(signal.SIGKILL)
+        time.sleep(rng.uniform(0.0, 1.0))
+        operator.start()
+        phase = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "chaos").get("status") or {}
+        if phase.get("phase") in ("Succeeded", "Failed"):
+            break
+    obj = wait_phase(api, namespace, "chaos", {"Succeeded", "Failed"})
+    jobs.stop()
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert len(sections(api, namespace)) == 6
+    duplicated = {name: uids for name, uids in jobs.uids.items() if len(uids) > 1}
+    assert not duplicated, f"Jobs created more than once: {duplicated}"
+    assert jobs.max_active_interviews <= 2
