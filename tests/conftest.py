@@ -1,3 +1,3 @@
 """Shared pytest configuration: fixtures live in tests/fixtures/, one module per real dependency."""
 
-pytest_plugins: list[str] = ["tests.fixtures.cluster", "tests.fixtures.operator"]
+pytest_plugins: list[str] = ["tests.fixtures.cluster", "tests.fixtures.operator", "tests.fixtures.modelserver"]

@@ -186,3 +186,105 @@ def test_killing_the_operator_at_random_points_still_succeeds_without_duplicates
     duplicated = {name: uids for name, uids in jobs.uids.items() if len(uids) > 1}
     assert not duplicated, f"Jobs created more than once: {duplicated}"
     assert jobs.max_active_interviews <= 2
+
+
+def patch_spec(api: client.ApiClient, namespace: str, name: str, spec: dict[str, Any]) -> None:
+    client.CustomObjectsApi(api).patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": spec})
+
+
+def test_review_waits_for_a_human_and_feedback_plans_again(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
+) -> None:
+    api = cluster.api_client()
+    create(api, namespace, researchjob("review", corpus_configmap, analysts={"count": 2, "review": True}))
+    obj = wait_phase(api, namespace, "review", {"AwaitingReview", "Failed"})
+    status = obj["status"]
+    assert status["phase"] == "AwaitingReview"
+    first_plan = status["planId"]
+    assert len(status["analysts"]) == 2 and all(a["name"] and a["role"] for a in status["analysts"])
+    assert not sections(api, namespace), "no interview may start before approval"
+    described = cluster.kubectl("describe", "rj", "review", "-n", namespace).stdout
+    assert "AwaitingReview" in described
+
+    patch_spec(api, namespace, "review", {"analysts": {"feedback": "Add an analyst focused on cost and quotas"}})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = wait_phase(api, namespace, "review", {"AwaitingReview", "Failed"})["status"]
+        if status.get("planId") != first_plan:
+            break
+        time.sleep(0.5)
+    assert status["phase"] == "AwaitingReview" and status["planId"] != first_plan
+
+    patch_spec(api, namespace, "review", {"analysts": {"approved": True}})
+    obj = wait_phase(api, namespace, "review", {"Succeeded", "Failed"})
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert obj["status"]["planId"] != first_plan
+
+
+def test_deleting_a_researchjob_removes_everything_it_made(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
+) -> None:
+    api = cluster.api_client()
+    core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+    create(api, namespace, researchjob("gone", corpus_configmap, analysts={"count": 2}))
+    wait_phase(api, namespace, "gone", {"Succeeded", "Failed"})
+    owned = f"{GROUP}/job=gone"
+    assert core.list_namespaced_config_map(namespace, label_selector=f"{GROUP}/kind").items
+    client.CustomObjectsApi(api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "gone")
+    deadline = time.monotonic() + 60
+    left: list[str] = []
+    while time.monotonic() < deadline:
+        left = [c.metadata.name for c in core.list_namespaced_config_map(namespace, label_selector=owned).items]
+        left += [j.metadata.name for j in batch.list_namespaced_job(namespace, label_selector=owned).items]
+        left += [
+            s.metadata.name for s in core.list_namespaced_service_account(namespace).items if "gone" in s.metadata.name
+        ]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, f"left behind: {left}"
+    assert core.read_namespaced_config_map(corpus_configmap, namespace), "the user's own ConfigMap stays"
+
+
+def test_metrics_report_phases_reconciles_and_api_requests(operator: OperatorProcess) -> None:
+    text = operator.metrics()
+    for metric in (
+        "research_operator_researchjobs{",
+        "research_operator_batches_active",
+        "research_operator_batches_queued",
+        "research_operator_reconcile_seconds_bucket",
+        "research_operator_api_requests_total{",
+    ):
+        assert metric in text, metric
+
+
+def test_a_second_replica_stands_by_until_the_leader_dies(
+    cluster: ClusterHandle, operator: OperatorProcess, tmp_path: Any
+) -> None:
+    from localkube.controlplane import free_port
+    from tests.fixtures.operator import OperatorProcess as Op
+
+    coord = client.CoordinationV1Api(cluster.api_client())
+    ns = operator.env["OPERATOR_NAMESPACE"]
+    holder = coord.read_namespaced_lease("research-operator-leader", ns).spec.holder_identity
+    port = free_port()
+    standby = Op(
+        cluster,
+        {**operator.env, "METRICS_PORT": str(port), "HEALTH_PORT": str(free_port()), "POD_NAME": "standby"},
+        tmp_path / "standby.log",
+        port,
+    )
+    standby.start()
+    try:
+        time.sleep(3)
+        assert coord.read_namespaced_lease("research-operator-leader", ns).spec.holder_identity == holder
+        assert "acquired leadership" not in standby.log()
+        operator.kill(signal.SIGKILL)
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and "acquired leadership" not in standby.log():
+            time.sleep(0.5)
+        assert "acquired leadership" in standby.log()
+        assert coord.read_namespaced_lease("research-operator-leader", ns).spec.holder_identity == "standby"
+    finally:
+        standby.kill()
+        operator.start()
