@@ -1,0 +1,175 @@
+"""``research-worker <step>``: the entry point worker Jobs run.
+
+Steps: ``plan``, ``interview``, ``write`` (through a store), and ``run`` (everything in this
+process, no cluster, report to a file or stdout). The task is JSON or YAML from ``--task PATH``,
+``--task-configmap NAMESPACE/NAME[:KEY]`` or the ``RESEARCH_TASK`` variable. Errors are one line on
+stderr; exit codes: 0 done, 1 unexpected, 2 bad task/config, 3 model endpoint/key, 4 store,
+5 token budget, 6 search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from research_api.task import ResearchTask, Step
+from research_worker.errors import WorkerConfigError, WorkerError
+
+TASK_ENV = "RESEARCH_TASK"
+log = logging.getLogger("research_worker")
+
+
+def parse_task_text(text: str, origin: str) -> ResearchTask:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise WorkerConfigError(f"task from {origin} is not JSON/YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise WorkerConfigError(f"task from {origin} is not a mapping")
+    try:
+        return ResearchTask.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'task'}: {e['msg']}" for e in exc.errors()[:5])
+        raise WorkerConfigError(f"invalid task from {origin}: {problems}") from None
+
+
+def load_task(args: argparse.Namespace) -> ResearchTask:
+    if args.task:
+        path = Path(args.task)
+        try:
+            return parse_task_text(path.read_text(), str(path))
+        except OSError as exc:
+            raise WorkerConfigError(f"cannot read task file {path}: {exc.strerror}") from None
+    if args.task_configmap:
+        ref, _, key = args.task_configmap.partition(":")
+        ns, _, name = ref.rpartition("/")
+        if not ns or not name:
+            raise WorkerConfigError("--task-configmap wants NAMESPACE/NAME[:KEY]")
+        from research_worker.store import kube_api_client, load_configmap_data
+
+        data = load_configmap_data(kube_api_client(), ns)(name)
+        if not data:
+            raise WorkerConfigError(f"ConfigMap {ns}/{name} holds no task")
+        key = key or next(iter(sorted(data)))
+        if key not in data:
+            raise WorkerConfigError(f"ConfigMap {ns}/{name} has no key {key}")
+        return parse_task_text(data[key], f"ConfigMap {ns}/{name}:{key}")
+    text = os.environ.get(TASK_ENV)
+    if text:
+        return parse_task_text(text, f"${TASK_ENV}")
+    raise WorkerConfigError(f"no task: give --task, --task-configmap or ${TASK_ENV}")
+
+
+def _ask_on_terminal(analysts: list[dict[str, Any]]) -> str:
+    for i, a in enumerate(analysts):
+        print(f"[{i}] {a['name']} — {a['role']} ({a['affiliation']})\n    {a['description']}", file=sys.stderr)
+    print("Feedback on the analysts (empty or 'approve' to continue): ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip()
+
+
+async def _main(args: argparse.Namespace) -> int:
+    from research_worker import steps
+    from research_worker.store import kube_api_client, load_configmap_data, opened, usage_of_results
+
+    task = load_task(args)
+    step = Step(args.step)
+    if task.step is not None and task.step != step:
+        raise WorkerConfigError(f"the task is for step {task.step.value}, not {step.value}")
+    if args.analysts is not None:
+        task = task.model_copy(update={"analysts": [int(x) for x in args.analysts.split(",") if x.strip()]})
+        task = ResearchTask.model_validate(task.model_dump())
+    needs_cluster = any(getattr(s, "config_map", None) for s in task.sources) or (
+        step != Step.RUN and task.store.type == "configmap"
+    )
+    api_client = kube_api_client() if needs_cluster else None
+    loader = load_configmap_data(api_client, task.job.namespace) if api_client is not None else None
+
+    if step == Step.RUN:
+        rt = await steps.prepare(task, load_configmap=loader)
+        report = await steps.run(rt, ask_feedback=_ask_on_terminal if args.review else None)
+        _emit(args.output, report.markdown)
+        _emit_usage(args.usage_file, {"run": report.usage.model_dump()})
+        log.info("report written: %d sources, %d tokens", len(report.sources), report.usage.total_tokens)
+        return 0
+
+    async with opened(task, api_client) as store:
+        used = sum(u.total_tokens for u in (await store.usage()).values())
+        rt = await steps.prepare(task, tokens_used_before=used, load_configmap=loader)
+        if step == Step.PLAN:
+            plan = await steps.plan(rt, store)
+            print(json.dumps({"analysts": [a.model_dump() for a in plan.analysts]}))
+        elif step == Step.INTERVIEW:
+            outcome = await steps.interview(rt, store)
+            print(json.dumps({"written": outcome.written, "skipped": outcome.skipped}))
+        else:
+            report = await steps.write(rt, store)
+            _emit(args.output, report.markdown) if args.output else None
+            print(json.dumps({"sources": len(report.sources), "sections": report.sections}))
+        if args.usage_file:
+            plan_, sections, report_ = (
+                await store.load_analysts(),
+                await store.list_sections(),
+                await store.load_report(),
+            )
+            _emit_usage(
+                args.usage_file, {k: v.model_dump() for k, v in usage_of_results(plan_, sections, report_).items()}
+            )
+    return 0
+
+
+def _emit(output: str | None, text: str) -> None:
+    if output and output != "-":
+        Path(output).write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+def _emit_usage(path: str | None, usage: dict[str, Any]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(usage, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="research-worker", description="Run one step of a ResearchJob.")
+    p.add_argument("step", choices=[s.value for s in Step], help="plan | interview | write | run")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--task", help="task file (JSON or YAML)")
+    src.add_argument("--task-configmap", metavar="NS/NAME[:KEY]", help="read the task from a ConfigMap")
+    p.add_argument("--analysts", help="interview: comma-separated analyst indices (overrides the task's)")
+    p.add_argument("-o", "--output", help="run/write: write the report here ('-' = stdout, the default for run)")
+    p.add_argument("--usage-file", help="write token usage by step/analyst as JSON here")
+    p.add_argument("--review", action="store_true", help="run: show the analysts and ask for feedback on stdin")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "httpx2", "openai", "httpcore", "urllib3", "kubernetes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return asyncio.run(_main(args))
+    except WorkerError as exc:
+        print(f"research-worker {args.step}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"research-worker {args.step}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Worker errors. Each carries the process exit code the CLI uses, so a Job's podFailurePolicy can
+tell a retryable failure (1: unexpected, 4: store, 6: search) from one that retrying cannot fix
+(2: bad task or config, 3: model key/endpoint/model name, 5: token budget)."""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    exit_code = 1
+
+
+class WorkerConfigError(WorkerError):
+    """The task or the environment is wrong (bad task, missing variable, missing input)."""
+
+    exit_code = 2
+
+
+class ModelEndpointError(WorkerError):
+    """The model endpoint answered something that retrying will not change."""
+
+    exit_code = 3
+
+
+class ModelAuthError(ModelEndpointError):
+    pass
+
+
+class ModelEndpointUnreachable(ModelEndpointError):
+    pass
+
+
+class StoreError(WorkerError):
+    exit_code = 4
+
+
+class ObjectTooLarge(StoreError):
+    pass
+
+
+class BudgetExceeded(WorkerError):
+    exit_code = 5
+
+
+class SearchError(WorkerError):
+    exit_code = 6

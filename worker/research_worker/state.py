@@ -1,0 +1,150 @@
+"""Graph state and the structured-output models of the research assistant."""
+
+from __future__ import annotations
+
+import operator
+from typing import Annotated, Any, TypedDict
+
+from langchain_core.messages import AnyMessage
+from langgraph.graph import MessagesState
+from pydantic import BaseModel, Field
+
+# ---------------------------------------------------------------- structured outputs
+
+
+class Analyst(BaseModel):
+    affiliation: str = Field(description="Primary affiliation of the analyst.")
+    name: str = Field(description="Name of the analyst.")
+    role: str = Field(description="Role of the analyst in the context of the topic.")
+    description: str = Field(description="Description of the analyst focus, concerns, and motives.")
+
+    @property
+    def persona(self) -> str:
+        return (
+            f"Name: {self.name}\nRole: {self.role}\nAffiliation: {self.affiliation}\nDescription: {self.description}\n"
+        )
+
+
+class Perspectives(BaseModel):
+    analysts: list[Analyst] = Field(
+        description="Comprehensive list of analysts with their roles and affiliations.",
+    )
+
+
+class SearchQuery(BaseModel):
+    search_query: str = Field(description="Search query for retrieval.")
+
+
+# ---------------------------------------------------------------- usage and documents
+
+
+class TokenUsage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    calls: int = 0
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            total_tokens=self.total_tokens + other.total_tokens,
+            calls=self.calls + other.calls,
+        )
+
+
+def add_usage(left: TokenUsage | None, right: TokenUsage | None) -> TokenUsage:
+    return (left or TokenUsage()) + (right or TokenUsage())
+
+
+class SearchDoc(BaseModel):
+    """One retrieved passage. ``source`` is what a citation names (a file name or a URL)."""
+
+    source: str
+    title: str = ""
+    content: str
+    backend: str
+
+
+def merge_docs(left: list[SearchDoc] | None, right: list[SearchDoc] | None) -> list[SearchDoc]:
+    """Accumulate retrieved passages across turns, once each, in order of first retrieval."""
+    out = list(left or [])
+    seen = {(d.source, d.content) for d in out}
+    for d in right or []:
+        if (d.source, d.content) not in seen:
+            seen.add((d.source, d.content))
+            out.append(d)
+    return out
+
+
+class Section(BaseModel):
+    """A written report section; ``[n]`` in ``content`` cites ``sources[n-1]``."""
+
+    index: int
+    analyst: Analyst
+    title: str
+    content: str  # markdown: "## title", "### Summary", "### Sources"
+    summary: str
+    sources: list[str]
+    found_sources: bool
+    usage: TokenUsage = Field(default_factory=TokenUsage)
+
+
+class Report(BaseModel):
+    topic: str
+    markdown: str
+    sources: list[str]
+    sections: list[int]
+    usage: TokenUsage = Field(default_factory=TokenUsage)
+
+
+# ---------------------------------------------------------------- graph states
+
+
+class GenerateAnalystsState(TypedDict, total=False):
+    topic: str
+    max_analysts: int
+    human_analyst_feedback: str | None
+    analysts: list[Analyst]
+    usage: Annotated[TokenUsage, add_usage]
+
+
+class InterviewState(MessagesState, total=False):
+    max_num_turns: int
+    context: Annotated[list[SearchDoc], merge_docs]
+    search_queries: Annotated[list[str], operator.add]
+    analyst: Analyst
+    analyst_index: int
+    interview: str
+    sections: list[Section]
+    usage: Annotated[TokenUsage, add_usage]
+
+
+class ResearchGraphState(TypedDict, total=False):
+    topic: str
+    max_analysts: int
+    max_num_turns: int
+    human_analyst_feedback: str | None
+    analysts: list[Analyst]
+    sections: Annotated[list[Section], operator.add]
+    introduction: str
+    content: str
+    conclusion: str
+    final_report: str
+    report: Report
+    usage: Annotated[TokenUsage, add_usage]
+
+
+class ReportState(TypedDict, total=False):
+    topic: str
+    sections: list[Section]
+    introduction: str
+    content: str
+    conclusion: str
+    final_report: str
+    report: Report
+    usage: Annotated[TokenUsage, add_usage]
+
+
+def messages_of(state: dict[str, Any]) -> list[AnyMessage]:
+    return list(state.get("messages", []))
