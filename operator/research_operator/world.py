@@ -65,47 +65,46 @@ class StoredObject:
     tokens: int = 0
 
 
-def _tokens(data: Mapping[str, str]) -> int:
-    raw = data.get("usage.json") or data.get("usage")
-    if not raw:
-        return 0
-    try:
-        usage = json.loads(raw)
-    except ValueError:
-        return 0
-    if isinstance(usage, dict):
-        if "total_tokens" in usage or "totalTokens" in usage:
-            return int(usage.get("total_tokens") or usage.get("totalTokens") or 0)
-        return sum(int(v.get("total_tokens", 0)) for v in usage.values() if isinstance(v, dict))
-    return 0
+DATA_KEY = "data.json"  # the ConfigMap store keeps each object as JSON under this key
+REPORT_KEY = "report.md"  # and the report also as Markdown, for people
 
 
 def stored_object(body: Mapping[str, Any]) -> StoredObject | None:
+    """What a ConfigMap of the worker's ConfigMap store holds (see research_worker.store)."""
     meta = body.get("metadata", {})
     labels = meta.get("labels") or {}
     data: Mapping[str, str] = body.get("data") or {}
     kind = labels.get(LABEL_KIND)
     if kind not in ("analysts", "section", "report"):
         return None
+    try:
+        payload = json.loads(data.get(DATA_KEY) or "{}")
+    except ValueError as e:
+        log.warning("unreadable %s in ConfigMap %s: %s", kind, meta.get("name"), e)
+        return None
     idx = labels.get(LABEL_ANALYST)
+    usage = payload.get("usage") or {}
     obj = StoredObject(
         kind=kind,
         plan=str(labels.get(LABEL_PLAN, "")),
         analyst=int(idx) if idx is not None and str(idx).isdigit() else None,
         name=str(meta.get("name")),
-        tokens=_tokens(data),
+        tokens=int(usage.get("total_tokens") or 0) if isinstance(usage, dict) else 0,
     )
     if kind == "analysts":
         try:
-            raw = json.loads(data.get("analysts.json", "[]"))
-            items = raw.get("analysts", raw) if isinstance(raw, dict) else raw
-            obj.analysts = [AnalystStatus.model_validate(a) for a in items]
-        except (ValueError, ValidationError) as e:
+            obj.analysts = [
+                AnalystStatus.model_validate({k: a.get(k, "") for k in ("name", "role", "affiliation", "description")})
+                for a in payload.get("analysts") or []
+            ]
+        except (ValidationError, AttributeError) as e:
             log.warning("unreadable analysts in ConfigMap %s: %s", obj.name, e)
             return None
     if kind == "report":
-        obj.report_key = next((k for k in ("report.md", "report") if k in data), None)
-        obj.title = (meta.get("annotations") or {}).get("researchops.io/title")
+        obj.report_key = REPORT_KEY if REPORT_KEY in data else DATA_KEY
+        markdown = str(payload.get("markdown") or data.get(REPORT_KEY) or "")
+        first = next((line for line in markdown.splitlines() if line.startswith("# ")), "")
+        obj.title = first[2:].strip() or None
     return obj
 
 
