@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -375,27 +377,31 @@ def test_pod_log_path() -> None:
 # -- uid switching checks ------------------------------------------------------------------------
 
 
-def test_usable_by_follows_directory_permissions(tmp_path: Path) -> None:
-    private = tmp_path / "private"
-    private.mkdir(mode=0o700)
-    script = private / "tool"
-    script.write_text("#!/bin/sh\necho hi\n")
-    script.chmod(0o755)
-    tmp_path.chmod(0o755)
-    owner = os.stat(private).st_uid
-    other = 65532 if owner != 65532 else 65533
-    assert usable_by(script, owner, set(), 1) or owner != os.geteuid()
-    assert not usable_by(script, other, set(), 1)
-    private.chmod(0o711)
-    assert usable_by(script, other, set(), 1)
-    # A script whose interpreter the uid cannot reach is not executable by it.
-    hidden = tmp_path / "hidden"
-    hidden.mkdir(mode=0o700)
-    interp = hidden / "interp"
-    interp.write_text("")
-    interp.chmod(0o755)
-    script.write_text(f"#!{interp}\n")
-    assert not executable_by(script, other, set())
+def test_usable_by_follows_directory_permissions() -> None:
+    base = Path(tempfile.mkdtemp(prefix="na-perm-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        private = base / "private"
+        private.mkdir(mode=0o700)
+        script = private / "tool"
+        script.write_text("#!/bin/sh\necho hi\n")
+        script.chmod(0o755)
+        other = 65532 if os.stat(private).st_uid != 65532 else 65533
+        assert not usable_by(script, other, set(), 1)
+        private.chmod(0o711)
+        assert usable_by(script, other, set(), 1)
+        assert executable_by(script, other, set())
+        assert not usable_by(script, other, set(), 2)  # not writable by others
+        # A script whose interpreter the uid cannot reach is not executable by it.
+        hidden = base / "hidden"
+        hidden.mkdir(mode=0o700)
+        interp = hidden / "interp"
+        interp.write_text("")
+        interp.chmod(0o755)
+        script.write_text(f"#!{interp}\n")
+        assert not executable_by(script, other, set())
+    finally:
+        shutil.rmtree(base)
 
 
 # -- a pod worker against a fake API ---------------------------------------------------------------
@@ -543,7 +549,10 @@ def test_worker_waits_on_missing_secret_then_starts(tmp_path: Path) -> None:
 def test_worker_restarts_on_failure_with_backoff(tmp_path: Path) -> None:
     core = FakeCore()
     counter = tmp_path / "runs"
-    code = f"import pathlib,sys; p=pathlib.Path({str(counter)!r}); p.write_text(p.read_text()+'x' if p.exists() else 'x'); sys.exit(0 if len(p.read_text())>=3 else 1)"
+    code = (
+        f"import pathlib, sys; p = pathlib.Path({str(counter)!r}); "
+        "p.write_text(p.read_text() + 'x' if p.exists() else 'x'); sys.exit(0 if len(p.read_text()) >= 3 else 1)"
+    )
     w = PodWorker(runtime(tmp_path, core), worker_pod(["python", "-c", code], restartPolicy="OnFailure"))
     w.start()
     w.join(30)
