@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
-from enum import Enum
+from enum import StrEnum
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
@@ -128,7 +129,7 @@ def test_streaming_tool_call(modelserver: ModelServerProcess) -> None:
     assert "checkpointers" in merged.tool_calls[0]["args"]["query"].lower()  # type: ignore[attr-defined]
 
 
-class Severity(str, Enum):
+class Severity(StrEnum):
     low = "low"
     medium = "medium"
     high = "high"
@@ -154,7 +155,7 @@ def test_with_structured_output_each_method(modelserver: ModelServerProcess, met
     model = llm(modelserver).with_structured_output(Review, method=method)  # type: ignore[arg-type]
     messages = grounded_prompt("Review what the context says about checkpointers and saved state.")
     if method == "json_mode":  # json mode only sees the schema if the prompt carries it
-        messages.append(HumanMessage("Reply in JSON matching this schema: " + Review.schema_json()))
+        messages.append(HumanMessage("Reply in JSON matching this schema: " + json.dumps(Review.model_json_schema())))
     review = model.invoke(messages)
     assert isinstance(review, Review)
     assert 2 <= len(review.findings) <= 5

@@ -72,7 +72,7 @@ class Conversation:
         """The question being asked: the last user turn's question (or, in an interview seen from the
         expert's side, the last turn that is not the expert's own)."""
         for m in reversed(self.turns):
-            if m.name == "expert" or m.role == "tool":
+            if m.name == "expert" or m.role in ("tool", "function") or not m.text.strip():
                 continue
             return split_question(m.text)[0]
         return split_question(self.system)[0] if self.system else ""

@@ -22,6 +22,7 @@ from referencing.jsonschema import DRAFT202012
 
 from . import roles
 from .conversation import Conversation
+from .documents import Passage
 from .extractive import focus_phrase, phrase, rank, title_case
 from .personas import PersonaPlanner, PersonaSpec, requested_count
 from .tokens import key_words, terms
@@ -61,6 +62,7 @@ class SchemaFiller:
         self.planner = PersonaPlanner(conv)
         self._personas: list[PersonaSpec] = []
         self._used: set[str] = set()
+        self._last: Passage | None = None
         registry: Registry[Any] = Registry().with_resource(
             ROOT_URI, Resource.from_contents(root, default_specification=DRAFT202012)
         )
@@ -297,6 +299,8 @@ class SchemaFiller:
                 return title_case(focus_phrase(base, 8)) or "Overview"
             return title_case(pool[(index - 1) % len(pool)])
         if re.search(r"(^|_)(url|link|source|citation|reference)s?$", key):
+            if self._last is not None and self._last.sources:  # where the sentence just written came from
+                return self._last.sources[0]
             sources = self.conv.corpus.sources
             return sources[index % len(sources)] if sources else "conversation"
         if re.search(r"(^|_)(tag|keyword|term|entity|concept)s?$", key):
@@ -312,11 +316,14 @@ class SchemaFiller:
             self.conv.question + " " + self.conv.question, self.conv.corpus.passages, k=12
         )
         fresh = [p for p in candidates if p.text not in self._used]
+        if not fresh and candidates:  # relevant sentences used up: go on with the rest of the context in order
+            fresh = [p for p in self.conv.sourced.passages if p.text not in self._used]
         pick = fresh[0] if fresh else (candidates[index % len(candidates)] if candidates else None)
         if pick is None:
             subject = phrase(self.conv.question, 8)
             return f"{roles.NOTHING_RELEVANT} {subject}." if subject else "No information available."
         self._used.add(pick.text)
+        self._last = pick
         return pick.text
 
     def fit_string(self, value: str, schema: dict[str, Any]) -> str:
