@@ -208,6 +208,9 @@ def worker_job(
                 "env": env,
                 "resources": resources,
                 "securityContext": RESTRICTED_CONTAINER_SC,
+                # The worker's last error line becomes the pod's termination message, which the
+                # operator quotes in the ResearchJob's status when a step fails.
+                "terminationMessagePolicy": "FallbackToLogsOnError",
             }
         ],
     }

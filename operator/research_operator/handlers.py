@@ -5,6 +5,7 @@ ResearchJob parses the spec, calls the pure decision, applies it, and sleeps unt
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -219,6 +220,25 @@ async def _delete_job(namespace: str, job: str) -> None:
             raise
 
 
+async def _failure_detail(namespace: str, job: str) -> str:
+    """The termination message of a failed Job's last pod (its error, for the status message)."""
+    cached = WORLD.failure_details.get((namespace, job))
+    if cached is not None:
+        return cached
+    pods = await call(
+        "list", "pod", client.CoreV1Api(api()).list_namespaced_pod, namespace, label_selector=f"job-name={job}"
+    )
+    detail = ""
+    for pod in sorted(pods.items, key=lambda p: p.metadata.creation_timestamp):
+        for cs in (pod.status and pod.status.container_statuses) or []:
+            term = cs.state and cs.state.terminated
+            if term is not None and term.exit_code != 0 and term.message:
+                lines = [ln for ln in term.message.strip().splitlines() if ln.strip()]
+                detail = lines[-1][:400] if lines else detail
+    WORLD.failure_details[(namespace, job)] = detail
+    return detail
+
+
 async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool:
     """One pass. Returns True when blocked (quota or error), so the loop backs off."""
     namespace, name = key
@@ -237,11 +257,17 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool
     owner = Owner(namespace, name, str(meta.get("uid")))
     now = _now()
     created = dt.datetime.fromisoformat(str(meta.get("creationTimestamp")).replace("Z", "+00:00"))
+    jobs = [
+        dataclasses.replace(j, message=f"{j.message}: {detail}" if detail else j.message)
+        if j.failed and (detail := await _failure_detail(namespace, j.name))
+        else j
+        for j in WORLD.jobs.get(key, {}).values()
+    ]
     obs = Observed(
         generation=int(meta.get("generation") or 0),
         created=created,
         now=now,
-        jobs=list(WORLD.jobs.get(key, {}).values()),
+        jobs=jobs,
         store=WORLD.store_view(key),
         previous=prev,
     )

@@ -118,6 +118,7 @@ class World:
     wakeups: dict[Key, asyncio.Event] = field(default_factory=dict)
     settings_data: dict[str, str] = field(default_factory=dict)
     rbac_ready: set[Key] = field(default_factory=set)
+    failure_details: dict[tuple[str, str], str] = field(default_factory=dict)  # (ns, Job) -> pod's last words
     admission_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def event(self, key: Key) -> asyncio.Event:
