@@ -7,8 +7,10 @@ SIGINT stop the server cleanly (in-flight requests get a few seconds to finish).
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 import uvicorn
 
@@ -39,8 +41,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_graceful_shutdown=3,
         log_config=None,
     )
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal for the previous handler:
+    # make that handler a clean exit, as a container entry point should
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
     uvicorn.Server(config).run()
+    log.info("stopped")
     return 0
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":
