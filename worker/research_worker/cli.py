@@ -95,7 +95,10 @@ async def _main(args: argparse.Namespace) -> int:
 
     if step == Step.RUN:
         rt = await steps.prepare(task, load_configmap=loader)
-        report = await steps.run(rt, ask_feedback=_ask_on_terminal if args.review else None)
+        result = await steps.run(rt, ask_feedback=_ask_on_terminal if args.review else None)
+        report = result.report
+        if args.sections_dir:
+            _write_sections(Path(args.sections_dir), result.sections)
         _emit(args.output, report.markdown)
         _emit_usage(args.usage_file, {"run": report.usage.model_dump()})
         log.info("report written: %d sources, %d tokens", len(report.sources), report.usage.total_tokens)
@@ -112,7 +115,10 @@ async def _main(args: argparse.Namespace) -> int:
             print(json.dumps({"written": outcome.written, "skipped": outcome.skipped}))
         else:
             report = await steps.write(rt, store)
-            _emit(args.output, report.markdown) if args.output else None
+            if args.output:
+                _emit(args.output, report.markdown)
+            if args.sections_dir:
+                _write_sections(Path(args.sections_dir), await store.list_sections())
             print(json.dumps({"sources": len(report.sources), "sections": report.sections}))
         if args.usage_file:
             plan_, sections, report_ = (
@@ -133,6 +139,12 @@ def _emit(output: str | None, text: str) -> None:
         sys.stdout.write(text)
 
 
+def _write_sections(folder: Path, sections: list[Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in sections:
+        (folder / f"section-{s.index:03d}.json").write_text(s.model_dump_json(indent=2))
+
+
 def _emit_usage(path: str | None, usage: dict[str, Any]) -> None:
     if path:
         Path(path).write_text(json.dumps(usage, indent=2))
@@ -146,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--task-configmap", metavar="NS/NAME[:KEY]", help="read the task from a ConfigMap")
     p.add_argument("--analysts", help="interview: comma-separated analyst indices (overrides the task's)")
     p.add_argument("-o", "--output", help="run/write: write the report here ('-' = stdout, the default for run)")
+    p.add_argument("--sections-dir", help="run/write: also write each section as JSON into this folder")
     p.add_argument("--usage-file", help="write token usage by step/analyst as JSON here")
     p.add_argument("--review", action="store_true", help="run: show the analysts and ask for feedback on stdin")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

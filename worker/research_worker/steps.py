@@ -168,7 +168,13 @@ async def write(rt: Runtime, store: Store) -> Report:
     return report
 
 
-async def run(rt: Runtime, *, ask_feedback: Callable[[list[dict[str, Any]]], str] | None = None) -> Report:
+@dataclass
+class RunResult:
+    report: Report
+    sections: list[Section]
+
+
+async def run(rt: Runtime, *, ask_feedback: Callable[[list[dict[str, Any]]], str] | None = None) -> RunResult:
     """The whole research assistant in this process, with no store."""
     from langgraph.checkpoint.memory import InMemorySaver
 
@@ -191,4 +197,4 @@ async def run(rt: Runtime, *, ask_feedback: Callable[[list[dict[str, Any]]], str
     report = state.get("report")
     if not isinstance(report, Report):
         raise WorkerError("the graph finished without a report")
-    return report
+    return RunResult(report, sorted(state.get("sections", []), key=lambda s: s.index))

@@ -374,7 +374,9 @@ async def migrate(pool: Any) -> int:
             current = int(row["v"])
             for version, sql in MIGRATIONS:
                 if version > current:
-                    await conn.execute(sql)
+                    for statement in (x.strip() for x in sql.split(";")):
+                        if statement:
+                            await conn.execute(statement)
                     await conn.execute("INSERT INTO research_schema_version (version) VALUES (%s)", (version,))
                     log.info("applied schema migration %d", version)
     return SCHEMA_VERSION
