@@ -11,7 +11,7 @@ from typing import Any
 from .documents import Corpus, parse_all
 from .tokens import content_text
 
-_PERSONA_FIELD = re.compile(r"^\s*(Name|Role|Affiliation|Description)\s*:\s*(.+?)\s*$", re.I | re.M)
+_PERSONA_FIELD = re.compile(r"(?:^|(?<=: ))\s*(Name|Role|Affiliation|Description)\s*:\s*(.+?)\s*$", re.I | re.M)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ from .documents import Passage
 from .tokens import key_words, terms
 
 
-def rank(query: str, passages: Sequence[Passage], *, k: int, min_overlap: int = 1) -> list[Passage]:
+def rank(
+    query: str, passages: Sequence[Passage], *, k: int, min_overlap: int = 1, must_match: str = ""
+) -> list[Passage]:
     """The ``k`` passages most relevant to ``query``: BM25 score, ties broken by term overlap then order.
 
     Passages sharing fewer than ``min_overlap`` content terms with the query are never returned, so an
@@ -27,10 +29,11 @@ def rank(query: str, passages: Sequence[Passage], *, k: int, min_overlap: int = 
     bm25 = BM25Okapi([d or ["\x00"] for d in docs])
     scores = bm25.get_scores(q)
     qset = set(q)
+    required = set(terms(must_match, drop_filler=True)) if must_match else qset
     ranked = []
     for i, (p, d) in enumerate(zip(passages, docs, strict=True)):
         overlap = len(qset & set(d))
-        if overlap < min_overlap:
+        if overlap < min_overlap or not required & set(d):
             continue
         ranked.append((-float(scores[i]), -overlap, i, p))
     ranked.sort(key=lambda r: (r[0], r[1], r[2]))
