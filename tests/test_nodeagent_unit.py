@@ -657,3 +657,107 @@ def test_worker_unmapped_image_waits(tmp_path: Path) -> None:
     finally:
         w.gone()
         w.join(10)
+
+
+def test_find_pod_logs_matches_the_pod_not_its_prefix(tmp_path: Path) -> None:
+    for d, c in (("ns_web_u1", "main"), ("ns_web_u1", "init"), ("ns_web_extra_u2", "main")):
+        pod_log = tmp_path / "pods" / d / f"{c}.log"
+        pod_log.parent.mkdir(parents=True, exist_ok=True)
+        pod_log.write_text(d)
+    assert [p.name for p in nodeagent.find_pod_logs(tmp_path, "ns", "web")] == ["init.log", "main.log"]
+    assert [p.parent.name for p in nodeagent.find_pod_logs(tmp_path, "ns", "web", "main")] == ["ns_web_u1"]
+    assert nodeagent.find_pod_logs(tmp_path, "ns", "nope") == []
+
+
+# -- the agent's dispatch (a fake API behind a real NodeAgent) ------------------------------------
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Any:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {
+                        "name": "c",
+                        "cluster": {
+                            "server": "https://127.0.0.1:6443",
+                            "certificate-authority-data": "LS0tLS1CRUdJTg==",
+                        },
+                    }
+                ],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    a = nodeagent.NodeAgent(str(kubeconfig), ["node-a"], tmp_path / "state", backoff_base=0.2)
+    fake = FakeCore()
+    a.core = cast(client.CoreV1Api, fake)
+    a.rt.core = cast(client.CoreV1Api, fake)
+    yield a, fake
+    a.shutdown()
+
+
+def test_agent_reads_server_and_ca_from_kubeconfig(agent: Any) -> None:
+    a, _ = agent
+    assert a.rt.server == "https://127.0.0.1:6443" and a.rt.apiserver_port == 6443
+    assert a.rt.ca_pem == b"-----BEGIN"
+    assert a.capacity["cpu"] == "8" and int(a.capacity["ephemeral-storage"]) > 0
+
+
+def test_agent_runs_new_pods_and_kills_those_gone_from_a_relist(agent: Any) -> None:
+    a, fake = agent
+    pod = worker_pod(["sleep", "600"], restartPolicy="Always")
+    a._on_pod("ADDED", pod)
+    wait_for(lambda: "Running" in fake.phases())
+    assert a.running_pods() == ["ns/p1"]
+    pid = int(fake.last_status()["containerStatuses"][0]["containerID"].rsplit("/", 1)[1])
+    a._relisted("node-a", [])  # the pod is no longer in the API
+    wait_for(lambda: not a.running_pods())
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"))
+    assert fake.deleted == []  # a vanished pod is not deleted again
+
+
+def test_agent_never_reruns_finished_pods_and_deletes_them_once(agent: Any) -> None:
+    a, fake = agent
+    pod = worker_pod(["true"])
+    a._on_pod("ADDED", pod)
+    wait_for(lambda: "Succeeded" in fake.phases())
+    wait_for(lambda: not a.running_pods())
+    stale = json.loads(json.dumps(pod))
+    stale["status"] = {"phase": "Running"}  # an event from before the final status patch
+    a._on_pod("MODIFIED", stale)
+    assert not a.running_pods()
+    deleting = json.loads(json.dumps(stale))
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    a._on_pod("MODIFIED", deleting)
+    a._on_pod("MODIFIED", deleting)
+    assert fake.deleted == [("ns", "p1", 0)]
+    a._on_pod("DELETED", deleting)
+    assert pod["metadata"]["uid"] not in a._finished
+
+
+def test_agent_shutdown_kills_every_process(agent: Any) -> None:
+    a, fake = agent
+    for i in range(3):
+        p = worker_pod(["sleep", "600"], restartPolicy="Always")
+        p["metadata"]["name"] = f"p{i}"
+        a._on_pod("ADDED", p)
+    wait_for(lambda: sum(1 for ph in fake.phases() if ph == "Running") >= 3)
+    pids = {
+        int(patch["status"]["containerStatuses"][0]["containerID"].rsplit("/", 1)[1])
+        for patch in fake.patches
+        if patch["status"]["phase"] == "Running"
+    }
+    assert len(pids) == 3
+    a.shutdown()
+    assert not a.running_pods()
+    for pid in pids:
+        wait_for(
+            lambda pid=pid: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        )

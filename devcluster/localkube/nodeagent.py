@@ -44,7 +44,26 @@ WATCH_SECONDS = 300
 AGENT_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
 DEFAULT_CAPACITY = {"cpu": "8", "memory": "16Gi", "pods": "110"}
 
-__all__ = ["NodeAgent", "main", "pod_log_path", "node_manifest", "node_status", "node_conditions"]
+__all__ = [
+    "NodeAgent",
+    "main",
+    "pod_log_path",
+    "find_pod_logs",
+    "node_manifest",
+    "node_status",
+    "node_conditions",
+]
+
+
+def find_pod_logs(state_dir: Path, namespace: str, pod: str, container: str | None = None) -> list[Path]:
+    """Log files of every pod named ``namespace/pod`` (any uid), oldest pod first."""
+    dirs = sorted((state_dir / "pods").glob(f"{namespace}_{pod}_*"), key=lambda d: d.stat().st_mtime)
+    # A pod named "a" must not match "a_b"-style directories of another pod: the uid has no "_".
+    dirs = [d for d in dirs if d.name[len(f"{namespace}_{pod}_") :].count("_") == 0]
+    logs: list[Path] = []
+    for d in dirs:
+        logs += sorted(p for p in d.glob("*.log") if container is None or p.stem == container)
+    return logs
 
 
 # -- Node objects (pure) ----------------------------------------------------------------------
