@@ -1,0 +1,76 @@
+"""The ConfigMap store on the real control plane: plan, interview in two batches, write."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from offline_model.launcher import ModelServerProcess
+from research_api.task import LABEL_ANALYST, LABEL_JOB, LABEL_KIND, plan_id
+from tests.test_worker_e2e import KEY, assert_report_structure, make_task, sections_of
+
+pytestmark = pytest.mark.cluster
+
+
+def worker(step: str, task: Path, kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "KUBECONFIG": str(kubeconfig)}
+    return subprocess.run(
+        [sys.executable, "-m", "research_worker.cli", step, "--task", str(task), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+
+
+def test_steps_through_configmaps_owned_by_the_job(
+    cluster: Any, namespace: str, modelserver: ModelServerProcess, tmp_path: Path
+) -> None:
+    core = client.CoreV1Api(cluster.api_client())
+    owner = core.create_namespaced_config_map(
+        namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="rj"), data={"x": "y"})
+    )
+    job = {"namespace": namespace, "name": "rj", "uid": owner.metadata.uid, "apiVersion": "v1", "kind": "ConfigMap"}
+    task = make_task(tmp_path, modelserver.base_url, job=job, feedback="focus on quotas")
+    kc = cluster.kubeconfig
+
+    r = worker("plan", task, kc)
+    assert r.returncode == 0, r.stderr
+    r = worker("interview", task, kc, "--analysts", "0,1")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"written": [0, 1], "skipped": []}
+    modelserver.reset()
+    r = worker("interview", task, kc, "--analysts", "1,2")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"written": [2], "skipped": [1]}
+    assert modelserver.stats()["by_kind"]["section"] == 1, "analyst 1 was not interviewed again"
+    out, secs = tmp_path / "report.md", tmp_path / "sections"
+    r = worker("write", task, kc, "-o", str(out), "--sections-dir", str(secs))
+    assert r.returncode == 0, r.stderr
+    assert_report_structure(out.read_text(), 3, sections_of(secs))
+
+    pid = plan_id("focus on quotas")
+    cms = core.list_namespaced_config_map(namespace, label_selector=f"{LABEL_JOB}=rj").items
+    by_name = {cm.metadata.name: cm for cm in cms}
+    assert set(by_name) == {
+        f"rj-{pid}-analysts",
+        f"rj-{pid}-section-000",
+        f"rj-{pid}-section-001",
+        f"rj-{pid}-section-002",
+        f"rj-{pid}-report",
+    }
+    for cm in cms:
+        refs = cm.metadata.owner_references
+        assert [(r.kind, r.name, r.uid) for r in refs] == [("ConfigMap", "rj", owner.metadata.uid)]
+    section = by_name[f"rj-{pid}-section-002"]
+    assert section.metadata.labels[LABEL_KIND] == "section" and section.metadata.labels[LABEL_ANALYST] == "2"
+    assert json.loads(section.data["data.json"])["index"] == 2
+    report = json.loads(by_name[f"rj-{pid}-report"].data["data.json"])
+    assert report["markdown"] == out.read_text()
