@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import logging
 import os
 import platform
@@ -22,13 +23,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
 import yaml
-from kubernetes import client, config, watch
+from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
 
 from localkube.podrunner import PodWorker, Runtime, pod_log_path, raw_json
 from localkube.podstatus import TERMINAL_PHASES, rfc3339
@@ -270,7 +272,7 @@ class NodeAgent:
         self._workers: dict[str, PodWorker] = {}
         self._finished: dict[str, tuple[str, str]] = {}  # uid -> (node, phase) of pods no longer run
         self._deleting: set[str] = set()
-        self._watches: list[watch.Watch] = []
+        self._streams: list[Any] = []  # open watch responses
         self._node_uids: dict[str, str] = {}
         self._conditions: dict[str, list[dict[str, Any]]] = {}
         self._threads: list[threading.Thread] = []
@@ -311,8 +313,13 @@ class NodeAgent:
     def shutdown(self) -> None:
         """Stop watching and kill every pod process this agent started."""
         self._stop.set()
-        for w in list(self._watches):
-            w.stop()  # type: ignore[no-untyped-call]
+        with self._lock:
+            streams = list(self._streams)
+        for resp in streams:
+            try:
+                resp.shutdown()  # unblocks the watch thread's read
+            except Exception:  # noqa: BLE001 - best effort; the threads are daemons
+                pass
         with self._lock:
             workers = list(self._workers.values())
         for worker in workers:
@@ -418,40 +425,62 @@ class NodeAgent:
                 last_status = time.monotonic()
 
     # -- pods -----------------------------------------------------------------------------------
+    def _watch_events(self, node: str, rv: str) -> Iterator[dict[str, Any]]:
+        """Pod watch events for ``node`` from ``rv`` until the server ends the watch.
+
+        An ``ERROR`` event (``410 Gone`` when ``rv`` is too old) is raised as ``ApiException``.
+        """
+        resp: Any = self.core.list_pod_for_all_namespaces(
+            field_selector=f"spec.nodeName={node}",
+            resource_version=rv,
+            watch=True,
+            allow_watch_bookmarks=True,
+            timeout_seconds=WATCH_SECONDS,
+            _request_timeout=(10, WATCH_SECONDS + 30),
+            _preload_content=False,
+        )
+        with self._lock:
+            self._streams.append(resp)
+        try:
+            for line in iter_resp_lines(resp):  # type: ignore[no-untyped-call]
+                if not line or not line.strip():
+                    continue
+                event: dict[str, Any] = json.loads(line)
+                if event.get("type") == "ERROR":
+                    status = event.get("object") or {}
+                    raise ApiException(status=int(status.get("code") or 500), reason=str(status.get("message")))
+                yield event
+        finally:
+            with self._lock:
+                if resp in self._streams:
+                    self._streams.remove(resp)
+            resp.close()
+            resp.release_conn()
+
     def _watch_loop(self, node: str) -> None:
-        selector = f"spec.nodeName={node}"
         rv: str | None = None
         while not self._stop.is_set():
             try:
                 if rv is None:
                     listing = _json(
-                        self.core.list_pod_for_all_namespaces(field_selector=selector, _preload_content=False)
+                        self.core.list_pod_for_all_namespaces(
+                            field_selector=f"spec.nodeName={node}", _preload_content=False
+                        )
                     )
                     rv = str(listing["metadata"]["resourceVersion"])
                     self._relisted(node, listing.get("items") or [])
-                w = watch.Watch()  # type: ignore[no-untyped-call]
-                self._watches.append(w)
-                try:
-                    for event in w.stream(  # type: ignore[no-untyped-call]
-                        self.core.list_pod_for_all_namespaces,
-                        field_selector=selector,
-                        resource_version=rv,
-                        allow_watch_bookmarks=True,
-                        timeout_seconds=WATCH_SECONDS,
-                        _request_timeout=(10, WATCH_SECONDS + 30),
-                        deserialize=False,
-                    ):
-                        if self._stop.is_set():
-                            break
-                        obj = event.get("raw_object") or event["object"]
-                        new_rv = (obj.get("metadata") or {}).get("resourceVersion")
-                        if new_rv:
-                            rv = str(new_rv)
-                        if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                            self._on_pod(event["type"], obj)
-                finally:
-                    self._watches.remove(w)
+                for event in self._watch_events(node, rv):
+                    if self._stop.is_set():
+                        return
+                    obj = event["object"]
+                    new_rv = (obj.get("metadata") or {}).get("resourceVersion")
+                    if new_rv:
+                        rv = str(new_rv)
+                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                        self._on_pod(event["type"], obj)
             except ApiException as e:
+                if self._stop.is_set():
+                    return
                 if e.status == 410:
                     log.info("pod watch for %s expired; relisting", node)
                 else:
