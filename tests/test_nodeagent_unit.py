@@ -761,3 +761,16 @@ def test_agent_shutdown_kills_every_process(agent: Any) -> None:
         wait_for(
             lambda pid=pid: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
         )
+
+
+def test_unready_condition_messages_read_like_the_kubelets() -> None:
+    status = pod_status(
+        phase="Running",
+        conditions=Conditions(),
+        start_time="t",
+        init_containers=[],
+        containers=[c_state(running_state("t"), name="a"), c_state(running_state("t"), name="b", ready=True)],
+        initialized=True,
+    )
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["message"] == "containers with unready status: [a]"

@@ -851,6 +851,7 @@ class PodWorker(threading.Thread):
                 capture_output=True,
                 timeout=timeout,
                 user=as_user,
+                extra_groups=[] if as_user is not None else None,
                 start_new_session=True,
             )
         except subprocess.TimeoutExpired:

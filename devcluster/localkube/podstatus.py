@@ -205,7 +205,10 @@ def pod_status(
     if init_containers and not initialized and not terminal:
         pending = [c.name for c in init_containers if c.exit_code != 0]
         conditions.set(
-            "Initialized", False, "ContainersNotInitialized", f"containers with incomplete status: {pending}"
+            "Initialized",
+            False,
+            "ContainersNotInitialized",
+            f"containers with incomplete status: [{' '.join(pending)}]",
         )
     else:
         conditions.set("Initialized", True, "PodCompleted" if terminal and init_containers else None)
@@ -221,7 +224,7 @@ def pod_status(
             conditions.set("Ready", False, "ReadinessGatesNotReady", "the pod's readiness gates are not all True")
     else:
         unready = [c.name for c in containers if not c.ready]
-        msg = f"containers with unready status: {unready}"
+        msg = f"containers with unready status: [{' '.join(unready)}]"
         conditions.set("ContainersReady", False, "ContainersNotReady", msg)
         conditions.set("Ready", False, "ContainersNotReady", msg)
     status: dict[str, Any] = {
