@@ -72,3 +72,21 @@ cluster-down: venv ## Stop exactly the processes cluster-up started.
 .PHONY: crds
 crds: venv ## Generate the ResearchJob CRD (crds/) and the field reference in docs/api.md from the pydantic models.
 	$(PY) -m research_api.crd --output crds/researchjobs.researchops.io.yaml --docs docs/api.md
+
+##@ Helm chart
+HELM_CHART := charts/research-operator
+IMAGE ?= research-operator:0.1.0
+
+.PHONY: chart-crds
+chart-crds: ## Copy the generated CRD (crds/) into the Helm chart's crds/ directory.
+	mkdir -p $(HELM_CHART)/crds
+	cp crds/researchjobs.researchops.io.yaml $(HELM_CHART)/crds/researchjobs.researchops.io.yaml
+
+.PHONY: chart-lint
+chart-lint: tools chart-crds ## helm lint --strict and helm template of the chart with its defaults.
+	HELM=$$(PYTHON=$(PY) hack/install-kube-tools.sh)/helm; \
+	  $$HELM lint --strict $(HELM_CHART) && $$HELM template research-operator $(HELM_CHART) >/dev/null
+
+.PHONY: image
+image: ## Build the container image $(IMAGE) from the Dockerfile (needs a Docker engine).
+	docker build -t $(IMAGE) .

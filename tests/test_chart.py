@@ -1,0 +1,530 @@
+"""The Helm chart (charts/research-operator) and the Dockerfile, checked without a cluster.
+
+helm lint and helm template run the real helm v4 binary (hack/install-kube-tools.sh). What is
+asserted is what a user would notice: the rendered objects, the messages of rejected values, and
+that the environment and command lines the chart renders mean what the programs read.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from localkube.controlplane import kube_tools_dir
+from offline_model.config import settings_from
+from research_operator.builders import Owner, worker_rbac
+from research_operator.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "research-operator"
+CRD = "researchjobs.researchops.io.yaml"
+
+POD_SECURITY_CONTEXT = {
+    "runAsNonRoot": True,
+    "runAsUser": 65532,
+    "runAsGroup": 65532,
+    "fsGroup": 65532,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+# Every value that turns on an optional object or branch, for the "everything rendered" cases.
+ALL_ON = [
+    "--set", "metrics.serviceMonitor.enabled=true",
+    "--set", "postgres.createSecret=true",
+    "--set", "postgres.existingSecret=research-postgres",
+    "--set", "postgres.dsn=postgresql://research:pw@db:5432/research",
+    "--set", "modelServer.apiKeySecret.name=modelserver-key",
+    "--set", "operator.logLevel=debug",
+    "--set", "operator.replicaCount=2",
+    "--set", "kueue.queueName=research",
+    "--set", "workers.serviceAccountName=research-worker",
+    "--set", "operator.priorityClassName=system-cluster-critical",
+    "--set", "imagePullSecrets[0].name=regcred",
+]  # fmt: skip
+
+# The ClusterRole, rule by rule: (apiGroup, resource) -> verbs. See the chart README for why.
+EXPECTED_CLUSTER_RULES = {
+    ("researchops.io", "researchjobs"): {"get", "list", "watch", "patch", "delete"},
+    ("researchops.io", "researchjobs/status"): {"patch"},
+    ("researchops.io", "researchjobs/finalizers"): {"update"},
+    ("batch", "jobs"): {"list", "watch", "create", "delete"},
+    ("", "configmaps"): {"get", "list", "watch", "create", "update", "patch"},
+    ("", "resourcequotas"): {"list", "watch"},
+    ("", "serviceaccounts"): {"create"},
+    ("rbac.authorization.k8s.io", "roles"): {"create"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"create"},
+    ("", "events"): {"create"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+}
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    return kube_tools_dir() / "helm"
+
+
+def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120)
+
+
+def render(
+    helm: Path, *args: str, namespace: str = "research-system", release: str = "research-operator"
+) -> list[dict[str, Any]]:
+    out = run_helm(helm, "template", release, str(CHART), "--namespace", namespace, *args)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(matches) == 1, f"expected one {kind} {name or ''}, found {[d['metadata']['name'] for d in matches]}"
+    return matches[0]
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            yield d["metadata"]["name"], d["spec"]["template"]["spec"]
+        elif d["kind"] == "Pod":
+            yield d["metadata"]["name"], d["spec"]
+
+
+def env_of(container: dict[str, Any], configmap: dict[str, Any], pod_name: str, namespace: str) -> dict[str, str]:
+    """The container's environment as the kubelet would resolve it from the rendered objects."""
+    field_values = {"metadata.name": pod_name, "metadata.namespace": namespace}
+    env: dict[str, str] = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "configMapKeyRef" in e["valueFrom"]:
+            ref = e["valueFrom"]["configMapKeyRef"]
+            assert ref["name"] == configmap["metadata"]["name"], ref
+            env[e["name"]] = configmap["data"][ref["key"]]
+        elif "fieldRef" in e["valueFrom"]:
+            env[e["name"]] = field_values[e["valueFrom"]["fieldRef"]["fieldPath"]]
+    return env
+
+
+# ------------------------------------------------------------------------------------------------
+# lint and render
+# ------------------------------------------------------------------------------------------------
+
+
+def test_helm_lint_strict_is_clean(helm: Path) -> None:
+    out = run_helm(helm, "lint", "--strict", str(CHART))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 chart(s) failed" in out.stdout
+    assert "[WARNING]" not in out.stdout and "[ERROR]" not in out.stdout, out.stdout
+
+
+def test_lint_strict_with_every_option_on(helm: Path) -> None:
+    out = run_helm(helm, "lint", "--strict", str(CHART), *ALL_ON)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: Path) -> None:
+    docs = render(helm)
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
+    assert kinds == sorted(
+        [
+            ("ServiceAccount", "research-operator"),
+            ("ConfigMap", "research-operator-settings"),
+            ("ClusterRole", "research-operator"),
+            ("ClusterRoleBinding", "research-operator"),
+            ("Role", "research-operator-leader-election"),
+            ("RoleBinding", "research-operator-leader-election"),
+            ("Service", "research-operator-metrics"),
+            ("Deployment", "research-operator"),
+            ("Deployment", "research-operator-modelserver"),
+            ("Service", "research-operator-modelserver"),
+        ]
+    )
+    for d in docs:
+        labels = d["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "research-operator"
+        assert labels["app.kubernetes.io/instance"] == "research-operator"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["helm.sh/chart"] == "research-operator-0.1.0"
+        if d["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert d["metadata"]["namespace"] == "research-system"
+
+    op = find(docs, "Deployment", "research-operator")
+    assert op["spec"]["replicas"] == 1
+    container = op["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["research-operator"]
+    assert container["image"] == "research-operator:0.1.0"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 8080, "health": 8081}
+    assert op["spec"]["template"]["spec"]["serviceAccountName"] == "research-operator"
+
+    cm = find(docs, "ConfigMap")
+    assert cm["metadata"]["labels"]["researchops.io/operator-settings"] == "true"
+    assert cm["data"] == {
+        "globalMaxActiveJobs": "0",
+        "namespaceMaxActiveJobs": "0",
+        "defaultModelBaseUrl": "http://research-operator-modelserver.research-system.svc:8000/v1",
+        "workerImage": "research-operator:0.1.0",
+        "kueueQueueName": "",
+    }
+
+
+def test_services_select_only_their_own_pods(helm: Path) -> None:
+    docs = render(helm)
+    metrics = find(docs, "Service", "research-operator-metrics")
+    model = find(docs, "Service", "research-operator-modelserver")
+    op_pod = find(docs, "Deployment", "research-operator")["spec"]["template"]["metadata"]["labels"]
+    ms_pod = find(docs, "Deployment", "research-operator-modelserver")["spec"]["template"]["metadata"]["labels"]
+
+    def selects(svc: dict[str, Any], labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+
+    assert selects(metrics, op_pod) and not selects(metrics, ms_pod)
+    assert selects(model, ms_pod) and not selects(model, op_pod)
+    for name in ("research-operator", "research-operator-modelserver"):
+        selector = find(docs, "Deployment", name)["spec"]["selector"]["matchLabels"]
+        assert set(selector) == {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"}
+    assert metrics["spec"]["ports"][0]["targetPort"] == "metrics"
+
+
+def test_model_server_disabled_needs_an_endpoint(helm: Path) -> None:
+    out = run_helm(helm, "template", "r", str(CHART), "--set", "modelServer.enabled=false")
+    assert out.returncode != 0
+    assert "set settings.defaultModelBaseUrl" in out.stderr
+
+    docs = render(
+        helm, "--set", "modelServer.enabled=false", "--set", "settings.defaultModelBaseUrl=https://api.openai.com/v1"
+    )
+    assert not [d for d in docs if "modelserver" in d["metadata"]["name"]]
+    assert find(docs, "ConfigMap")["data"]["defaultModelBaseUrl"] == "https://api.openai.com/v1"
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"] == ["research-operator"]
+
+
+def test_every_option_on_renders_the_optional_objects(helm: Path) -> None:
+    docs = render(helm, *ALL_ON)
+    monitor = find(docs, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    secret = find(docs, "Secret", "research-postgres")
+    assert set(secret["data"]) == {"dsn"}
+    op = find(docs, "Deployment", "research-operator")
+    assert op["spec"]["replicas"] == 2
+    assert op["spec"]["template"]["spec"]["containers"][0]["args"] == ["--verbose"]
+    assert op["spec"]["template"]["spec"]["priorityClassName"] == "system-cluster-critical"
+    assert find(docs, "ConfigMap")["data"]["kueueQueueName"] == "research"
+    ms = find(docs, "Deployment", "research-operator-modelserver")["spec"]["template"]["spec"]["containers"][0]
+    key_env = next(e for e in ms["env"] if e["name"] == "MODELSERVER_API_KEY")
+    assert key_env["valueFrom"]["secretKeyRef"] == {"name": "modelserver-key", "key": "api-key"}
+    # With a key, /v1/models answers 401 to the kubelet; the probes use the open /healthz.
+    assert ms["readinessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_template_guards_explain_themselves(helm: Path) -> None:
+    cases = {
+        ("operator.replicaCount=2", "operator.leaderElection.enabled=false"): "needs operator.leaderElection.enabled",
+        ("postgres.createSecret=true",): "set postgres.dsn",
+        ("operator.metricsPort=9000", "operator.healthPort=9000"): "must differ",
+        ("metrics.serviceMonitor.enabled=true", "metrics.service.enabled=false"): "needs metrics.service.enabled",
+    }
+    for sets, message in cases.items():
+        args = [a for s in sets for a in ("--set", s)]
+        out = run_helm(helm, "template", "r", str(CHART), *args)
+        assert out.returncode != 0, sets
+        assert message in out.stderr, (sets, out.stderr)
+
+
+# ------------------------------------------------------------------------------------------------
+# the values schema
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("settings.globalMaxActiveJobs=-1", "at '/settings/globalMaxActiveJobs': minimum: got -1, want 0"),
+        ("settings.namespaceMaxActiveJobs=-3", "at '/settings/namespaceMaxActiveJobs': minimum: got -3, want 0"),
+        ("settings.globalMaxActiveJobs=lots", "at '/settings/globalMaxActiveJobs': got string, want integer"),
+        ("operator.metricsPort=70000", "at '/operator/metricsPort': maximum"),
+        ("operator.replicaCount=one", "at '/operator/replicaCount': got string, want integer"),
+        ("image.repository=", "at '/image/repository': minLength: got 0, want 1"),
+        ("image.pullPolicy=Sometimes", "at '/image/pullPolicy': value must be one of"),
+        ("operator.logLevel=loud", "at '/operator/logLevel': value must be one of 'info', 'debug'"),
+        ("modelServer.maxConcurrency=0", "at '/modelServer/maxConcurrency': minimum: got 0, want 1"),
+        ("modelServer.ttftMs=-5", "at '/modelServer/ttftMs': minimum"),
+        ("settings.defaultModelBaseUrl=api.openai.com", "at '/settings/defaultModelBaseUrl'"),
+        ("kueue.queueName=Research_Queue", "at '/kueue/queueName'"),
+        ("settings.globalMaxActivejobs=3", "additional properties 'globalMaxActivejobs' not allowed"),
+        ("postgres.dsnKey=a/b", "at '/postgres/dsnKey'"),
+    ],
+)
+def test_schema_rejects_bad_values(helm: Path, value: str, message: str) -> None:
+    out = run_helm(helm, "template", "r", str(CHART), "--set", value)
+    assert out.returncode != 0, f"{value} was accepted"
+    assert "values don't meet the specifications of the schema" in out.stderr
+    assert message in out.stderr, out.stderr
+
+
+def test_schema_requires_an_image_repository(helm: Path, tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text("image:\n  repository: null\n")
+    out = run_helm(helm, "template", "r", str(CHART), "-f", str(values))
+    assert out.returncode != 0
+    assert "/image" in out.stderr and "repository" in out.stderr, out.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# security
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--set", "modelServer.enabled=false", "--set", "settings.defaultModelBaseUrl=https://api.openai.com/v1"],
+        ALL_ON,
+    ],
+    ids=["defaults", "no-modelserver", "all-on"],
+)
+def test_every_container_is_restricted_and_sets_its_command(helm: Path, args: list[str]) -> None:
+    docs = render(helm, *args)
+    specs = list(pod_specs(docs))
+    assert specs
+    for name, spec in specs:
+        assert spec["securityContext"] == POD_SECURITY_CONTEXT, name
+        tmp_volumes = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            assert c["securityContext"] == CONTAINER_SECURITY_CONTEXT, (name, c["name"])
+            assert c.get("command"), f"{name}/{c['name']} has no explicit command"
+            assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], (name, c["name"])
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert mounts.get("/tmp") in tmp_volumes, f"{name}/{c['name']}: read-only root needs an emptyDir /tmp"
+
+
+def test_cluster_role_is_exactly_what_the_operator_uses(helm: Path) -> None:
+    docs = render(helm)
+    role = find(docs, "ClusterRole")
+    rules: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[field], f"wildcard in {rule}"
+        assert "resourceNames" not in rule and "nonResourceURLs" not in rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                assert (group, resource) not in rules, f"{group}/{resource} appears twice"
+                rules[(group, resource)] = set(rule["verbs"])
+    assert rules == EXPECTED_CLUSTER_RULES
+    # Nothing that reads secrets, execs into pods or escalates.
+    assert not {r for _, r in rules} & {"secrets", "pods/exec", "namespaces", "nodes", "clusterroles"}
+    assert not set().union(*rules.values()) & {"escalate", "bind", "impersonate", "deletecollection"}
+
+
+def test_operator_holds_every_permission_it_grants_to_workers(helm: Path) -> None:
+    """The API server lets the operator create the worker Role only if it holds those rules."""
+    docs = render(helm)
+    rules = {
+        (g, r): set(rule["verbs"])
+        for rule in find(docs, "ClusterRole")["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    }
+    owner = Owner("team-a", "demo", "0d5c6f3c-1111-2222-3333-444455556666")
+    role = next(o for o in worker_rbac(owner) if o["kind"] == "Role")
+    for rule in role["rules"]:
+        for g in rule["apiGroups"]:
+            for r in rule["resources"]:
+                assert set(rule["verbs"]) <= rules.get((g, r), set()), f"worker Role grants {g}/{r} {rule['verbs']}"
+    for obj in worker_rbac(owner):
+        group = obj["apiVersion"].rpartition("/")[0]
+        assert "create" in rules[(group, obj["kind"].lower() + "s")], obj["kind"]
+
+
+def test_leader_election_role_is_limited_to_the_lease(helm: Path) -> None:
+    docs = render(helm)
+    role = find(docs, "Role", "research-operator-leader-election")
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["research-operator-leader"],
+            "verbs": ["get", "update"],
+        },
+    ]
+    binding = find(docs, "RoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "research-operator", "namespace": "research-system"}
+    ]
+    docs = render(helm, "--set", "operator.leaderElection.enabled=false")
+    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+    assert find(docs, "Deployment", "research-operator")["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_model_server_does_not_get_an_api_token(helm: Path) -> None:
+    spec = find(render(helm), "Deployment", "research-operator-modelserver")["spec"]["template"]["spec"]
+    assert spec["automountServiceAccountToken"] is False
+
+
+# ------------------------------------------------------------------------------------------------
+# the rendered environment and command lines mean what the programs read
+# ------------------------------------------------------------------------------------------------
+
+
+def test_operator_environment_is_what_settings_read(helm: Path) -> None:
+    docs = render(
+        helm,
+        "--set", "settings.globalMaxActiveJobs=12",
+        "--set", "settings.namespaceMaxActiveJobs=4",
+        "--set", "settings.workerImage=registry.example.com/ro:1.2",
+        "--set", "kueue.queueName=research",
+        "--set", "workers.serviceAccountName=research-worker",
+        "--set", "operator.metricsPort=18080",
+        "--set", "operator.healthPort=18081",
+        "--set", "operator.resyncSeconds=12.5",
+        "--set", "operator.quotaBackoffSeconds=2",
+        "--set", "modelServer.baseUrl=http://127.0.0.1:18000/v1",
+        namespace="ops",
+        release="ro",
+    )  # fmt: skip
+    op = find(docs, "Deployment", "ro-research-operator")
+    container = op["spec"]["template"]["spec"]["containers"][0]
+    env = env_of(container, find(docs, "ConfigMap"), "ro-research-operator-abc", "ops")
+    s = Settings.from_env(env)
+    assert s == Settings(
+        namespace="ops",
+        settings_configmap="ro-research-operator-settings",
+        worker_image="registry.example.com/ro:1.2",
+        worker_service_account="research-worker",
+        default_model_base_url="http://127.0.0.1:18000/v1",
+        global_max_active=12,
+        namespace_max_active=4,
+        kueue_queue="research",
+        resync_seconds=12.5,
+        quota_backoff_seconds=2.0,
+        metrics_port=18080,
+        health_port=18081,
+        leader_election=True,
+        lease_name="ro-research-operator-leader",
+    )
+    assert env["POD_NAME"] == "ro-research-operator-abc"  # the Lease holder identity
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 18080, "health": 18081}
+    # The watched ConfigMap gives the same settings as the environment.
+    assert Settings.from_env({}).with_configmap(find(docs, "ConfigMap")["data"]).caps == s.caps
+
+
+def test_changing_caps_changes_the_configmap_but_does_not_restart_the_operator(helm: Path) -> None:
+    before = render(helm, "--set", "settings.globalMaxActiveJobs=3")
+    after = render(helm, "--set", "settings.globalMaxActiveJobs=7", "--set", "settings.namespaceMaxActiveJobs=2")
+    assert find(before, "ConfigMap")["data"]["globalMaxActiveJobs"] == "3"
+    assert find(after, "ConfigMap")["data"]["globalMaxActiveJobs"] == "7"
+    assert find(after, "ConfigMap")["data"]["namespaceMaxActiveJobs"] == "2"
+    # An unchanged pod template means `helm upgrade` rolls out nothing: the operator's watch on
+    # the ConfigMap applies the new caps.
+    for name in ("research-operator", "research-operator-modelserver"):
+        assert (
+            find(before, "Deployment", name)["spec"]["template"] == find(after, "Deployment", name)["spec"]["template"]
+        )
+
+
+def test_model_server_command_line_is_what_the_server_parses(helm: Path) -> None:
+    docs = render(
+        helm,
+        "--set", "modelServer.port=18000",
+        "--set", "modelServer.ttftMs=200",
+        "--set", "modelServer.tokenMs=5",
+        "--set", "modelServer.maxConcurrency=8",
+        "--set", "modelServer.retryAfterMs=250",
+    )  # fmt: skip
+    c = find(docs, "Deployment", "research-operator-modelserver")["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["research-modelserver", "--host", "0.0.0.0", "--port", "18000"]
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    s = settings_from(c["command"][1:], env)
+    assert (s.host, s.port, s.ttft_ms, s.token_ms, s.max_concurrency, s.retry_after_ms) == (
+        "0.0.0.0",
+        18000,
+        200.0,
+        5.0,
+        8,
+        250,
+    )
+    assert s.model == "offline-research-1" and "gpt-4o-mini" in s.aliases
+    assert c["ports"][0]["containerPort"] == 18000
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v1/models", "port": "http"}
+    svc = find(docs, "Service", "research-operator-modelserver")
+    assert svc["spec"]["ports"][0]["targetPort"] == "http"
+    assert find(docs, "ConfigMap")["data"]["defaultModelBaseUrl"] == (
+        "http://research-operator-modelserver.research-system.svc:8000/v1"
+    )
+
+
+def test_image_digest_wins_over_the_tag(helm: Path) -> None:
+    digest = "sha256:" + "ab" * 32
+    docs = render(helm, "--set", "image.repository=registry.example.com/ro", "--set", f"image.digest={digest}")
+    images = {c["image"] for _, spec in pod_specs(docs) for c in spec["containers"]}
+    assert images == {f"registry.example.com/ro@{digest}"}
+    assert find(docs, "ConfigMap")["data"]["workerImage"] == f"registry.example.com/ro@{digest}"
+
+
+def test_notes_tell_the_user_what_to_do_next(helm: Path) -> None:
+    out = run_helm(helm, "install", "research-operator", str(CHART), "--dry-run=client", "-n", "research-system")
+    assert out.returncode == 0, out.stderr
+    notes = out.stdout.split("NOTES:", 1)[1]
+    for expected in (
+        "kind: ResearchJob",
+        "kubectl get rj -w",
+        "status.report",
+        "research-system/research-operator-settings",
+        "globalMaxActiveJobs=0",
+        "--set settings.globalMaxActiveJobs=",
+    ):
+        assert expected in notes, expected
+
+
+# ------------------------------------------------------------------------------------------------
+# the CRD and the Dockerfile
+# ------------------------------------------------------------------------------------------------
+
+
+def test_chart_crd_is_the_generated_crd() -> None:
+    chart_crd = CHART / "crds" / CRD
+    assert chart_crd.read_bytes() == (REPO / "crds" / CRD).read_bytes(), (
+        "charts/research-operator/crds/ drifted from crds/: run `make chart-crds`"
+    )
+    assert [p.name for p in (CHART / "crds").iterdir()] == [CRD]
+
+
+def test_dockerfile_builds_what_the_project_declares() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    scripts = project["project"]["scripts"]
+    for command in ("research-operator", "research-worker", "research-modelserver"):
+        assert command in scripts, command
+        assert f"/opt/venv/bin/{command} --help" in dockerfile, f"the build does not check {command}"
+    # Every package directory of the wheel is copied into the build, and allowed by .dockerignore.
+    package_dirs = project["tool"]["setuptools"]["packages"]["find"]["where"]
+    copied = re.findall(r"^COPY (\S+) \./\1$", dockerfile, re.MULTILINE)
+    assert sorted(copied) == sorted(package_dirs)
+    ignore = (REPO / ".dockerignore").read_text().split()
+    assert ignore[ignore.index("*") :].count("*") == 1
+    for d in [*package_dirs, "pyproject.toml"]:
+        assert f"!{d}/" in ignore or f"!{d}" in ignore, f".dockerignore excludes {d}"
+    # Non-root, numeric (so runAsNonRoot can verify it), the same uid the chart and workers run as.
+    assert re.search(r"^USER 65532:65532$", dockerfile, re.MULTILINE)
+    assert re.search(r'^ENTRYPOINT \["research-operator"\]$', dockerfile, re.MULTILINE)
+    # The base image is pinned to a full Python version of the minor version the tests run on.
+    base = re.search(r"^ARG PYTHON_IMAGE=python:(\d+)\.(\d+)\.\d+-slim-bookworm$", dockerfile, re.MULTILINE)
+    assert base, "pin the base image by its full tag"
+    assert (int(base.group(1)), int(base.group(2))) == sys.version_info[:2]
+    # No credentials baked in: no ENV/ARG that looks like a key, token, password or DSN.
+    assert not re.search(r"^(ENV|ARG)\b.*(KEY|TOKEN|PASSWORD|DSN|SECRET)", dockerfile, re.MULTILINE | re.IGNORECASE)
