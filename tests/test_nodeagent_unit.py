@@ -774,3 +774,19 @@ def test_unready_condition_messages_read_like_the_kubelets() -> None:
     )
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["message"] == "containers with unready status: [a]"
+
+
+def test_pod_run_root_leaves_a_private_state_dir() -> None:
+    base = Path(tempfile.mkdtemp(prefix="na-root-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        public = nodeagent.pod_run_root(base / "public")
+        assert public == base / "public" / "pods"
+        private_home = base / "home"
+        private_home.mkdir(mode=0o700)
+        elsewhere = nodeagent.pod_run_root(private_home / "state")
+        assert not str(elsewhere).startswith(str(private_home))
+        assert usable_by(elsewhere, 65534, set(), 1)
+        assert elsewhere == nodeagent.pod_run_root(private_home / "state")  # stable per state dir
+    finally:
+        shutil.rmtree(base)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import platform
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -32,7 +34,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
-from localkube.podrunner import PodWorker, Runtime, pod_log_path, raw_json
+from localkube.podrunner import PodWorker, Runtime, pod_log_path, raw_json, usable_by
 from localkube.podstatus import TERMINAL_PHASES, rfc3339
 
 log = logging.getLogger("localkube.nodeagent")
@@ -169,6 +171,27 @@ def lease_time() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1e6):06d}Z"
 
 
+def pod_run_root(state_dir: Path) -> Path:
+    """Where pods' work dirs and credentials go: ``<state>/pods`` when any uid can reach it.
+
+    A state dir under a private home (``/root`` is mode 0700) cannot be entered by the uid a
+    pod runs as, so its work dir, kubeconfig and token then live in
+    ``$TMPDIR/localkube-<hash of state dir>/pods`` instead; logs stay in the state dir.
+    """
+    pods = state_dir / "pods"
+    pods.mkdir(parents=True, exist_ok=True)
+    pods.chmod(0o711)
+    state_dir.chmod(0o711)
+    if usable_by(pods, 65534, set(), 1):
+        return pods
+    digest = hashlib.sha1(str(state_dir.resolve()).encode()).hexdigest()[:10]
+    base = Path(tempfile.gettempdir()) / f"localkube-{digest}"
+    (base / "pods").mkdir(parents=True, exist_ok=True)
+    base.chmod(0o711)
+    (base / "pods").chmod(0o711)
+    return base / "pods"
+
+
 # -- reading the API as plain dicts --------------------------------------------------------------
 
 
@@ -238,6 +261,7 @@ class NodeAgent:
         python_bin_dir: Path | None = None,
         max_grace: float = 30.0,
         backoff_base: float = 10.0,
+        run_root: Path | None = None,
     ) -> None:
         if not node_names:
             raise ValueError("at least one node name is needed")
@@ -266,6 +290,7 @@ class NodeAgent:
             backoff_base=backoff_base,
             on_done=self._worker_done,
             read_service_account=self.lookup.service_account,
+            run_root=run_root or pod_run_root(self.state_dir),
         )
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -292,9 +317,6 @@ class NodeAgent:
 
     def start(self) -> None:
         """Register nodes and start the heartbeat and pod-watch threads (non-blocking)."""
-        (self.state_dir / "pods").mkdir(parents=True, exist_ok=True)
-        self.state_dir.chmod(0o711)
-        (self.state_dir / "pods").chmod(0o711)
         for name in self.node_names:
             self._register(name)
         threads = [threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)]

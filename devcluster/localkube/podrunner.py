@@ -101,6 +101,12 @@ class Runtime:
     backoff_base: float = 10.0
     on_done: Callable[[str, str | None], None] = lambda uid, phase: None
     read_service_account: Callable[[str, str], dict[str, Any] | None] = lambda namespace, name: None
+    run_root: Path | None = None
+
+    @property
+    def pod_run_root(self) -> Path:
+        """Where pods' work dirs and credentials go: ``<state>/pods`` unless set elsewhere."""
+        return self.run_root or self.state_dir / "pods"
 
     @property
     def apiserver_port(self) -> int:
@@ -334,6 +340,8 @@ class PodWorker(threading.Thread):
         self._gone = False
         self._shutdown = False
         self.dir = rt.state_dir / "pods" / pod_dir_name(self.namespace, self.pod_name, self.uid)
+        # work dir, kubeconfig and token: where the pod's uid can reach them (see Runtime.run_root)
+        self.run_dir = rt.pod_run_root / pod_dir_name(self.namespace, self.pod_name, self.uid)
         spec = pod["spec"]
         self.restart_policy = str(spec.get("restartPolicy") or "Always")
         status = pod.get("status") or {}
@@ -473,8 +481,10 @@ class PodWorker(threading.Thread):
 
     # -- starting -------------------------------------------------------------------------------
     def _prepare_dirs(self) -> None:
-        (self.dir / "work").mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o711)
+        (self.run_dir / "work").mkdir(parents=True, exist_ok=True)
+        self.run_dir.chmod(0o711)
 
     def _start(self, pod: dict[str, Any], c: Container) -> None:
         spec = c.spec
@@ -493,7 +503,7 @@ class PodWorker(threading.Thread):
         proc_env = {
             "PATH": f"{self.rt.python_bin_dir}:{os.environ.get('PATH') or '/usr/local/bin:/usr/bin:/bin'}",
             "HOSTNAME": self.pod_name,
-            "HOME": str(self.dir / "work"),
+            "HOME": str(self.run_dir / "work"),
             "LANG": "C.UTF-8",
         }
         proc_env.update(env)
@@ -502,7 +512,7 @@ class PodWorker(threading.Thread):
         identity = self._identity(pod, c, argv, proc_env)
         if identity is None:
             return
-        cwd = spec.get("workingDir") or str(self.dir / "work")
+        cwd = spec.get("workingDir") or str(self.run_dir / "work")
         exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=proc_env["PATH"])
         now = rfc3339()
         if not Path(cwd).is_dir():
@@ -585,8 +595,8 @@ class PodWorker(threading.Thread):
         reasons = []
         if exe is not None and not executable_by(Path(exe), uid, all_gids):
             reasons.append(f"{exe} is not executable by uid {uid}")
-        if not usable_by(self.dir, uid, all_gids, 1):
-            reasons.append(f"the pod directory {self.dir} is not reachable by uid {uid}")
+        if not usable_by(self.run_dir, uid, all_gids, 1):
+            reasons.append(f"the pod directory {self.run_dir} is not reachable by uid {uid}")
         if reasons:
             if c.name not in self._identity_warned:
                 self._identity_warned.add(c.name)
@@ -599,11 +609,11 @@ class PodWorker(threading.Thread):
 
     def _chown_for(self, uid: int, gid: int, groups: list[int]) -> None:
         fs_group = ((self.pod.get("spec") or {}).get("securityContext") or {}).get("fsGroup")
-        work = self.dir / "work"
+        work = self.run_dir / "work"
         os.chown(work, uid, int(fs_group) if fs_group is not None else gid)
         work.chmod(0o2775 if fs_group is not None else 0o755)
-        sa = self.dir / "serviceaccount"
-        for f in [sa, *sa.glob("*"), self.dir / "kubeconfig"]:
+        sa = self.run_dir / "serviceaccount"
+        for f in [sa, *sa.glob("*"), self.run_dir / "kubeconfig"]:
             if f.exists():
                 os.chown(f, uid, gid)
 
@@ -648,7 +658,7 @@ class PodWorker(threading.Thread):
         if self._sa_env or not self._automount(pod):
             return self._sa_env
         self._write_token(pod)
-        self._sa_env = {"KUBECONFIG": str(self.dir / "kubeconfig")}
+        self._sa_env = {"KUBECONFIG": str(self.run_dir / "kubeconfig")}
         return self._sa_env
 
     def _refresh_token_if_due(self, pod: dict[str, Any]) -> None:
@@ -683,7 +693,7 @@ class PodWorker(threading.Thread):
             ) from e
         # Refresh at 80% of the lifetime, like the kubelet's token manager.
         self._token_refresh_at = time.monotonic() + TOKEN_SECONDS * 0.8
-        sa_dir = self.dir / "serviceaccount"
+        sa_dir = self.run_dir / "serviceaccount"
         sa_dir.mkdir(exist_ok=True)
         _atomic_write(sa_dir / "token", token.encode(), 0o600)
         _atomic_write(sa_dir / "ca.crt", self.rt.ca_pem, 0o644)
@@ -713,11 +723,11 @@ class PodWorker(threading.Thread):
             ],
             "current-context": "pod",
         }
-        _atomic_write(self.dir / "kubeconfig", yaml.safe_dump(kubeconfig).encode(), 0o600)
+        _atomic_write(self.run_dir / "kubeconfig", yaml.safe_dump(kubeconfig).encode(), 0o600)
         # Keep ownership for a pod running under another uid (set at its first start).
-        work_owner = (self.dir / "work").stat()
+        work_owner = (self.run_dir / "work").stat()
         if work_owner.st_uid != os.geteuid():
-            for f in [sa_dir, *sa_dir.glob("*"), self.dir / "kubeconfig"]:
+            for f in [sa_dir, *sa_dir.glob("*"), self.run_dir / "kubeconfig"]:
                 os.chown(f, work_owner.st_uid, -1)
 
     # -- running ------------------------------------------------------------------------------------
@@ -842,11 +852,11 @@ class PodWorker(threading.Thread):
             return False, str(e)
         env = {"PATH": f"{self.rt.python_bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}", **env}
         try:
-            st = (self.dir / "work").stat()
+            st = (self.run_dir / "work").stat()
             as_user = st.st_uid if os.geteuid() == 0 and st.st_uid != 0 else None
             done = subprocess.run(
                 argv,
-                cwd=c.spec.get("workingDir") or str(self.dir / "work"),
+                cwd=c.spec.get("workingDir") or str(self.run_dir / "work"),
                 env=env,
                 capture_output=True,
                 timeout=timeout,
