@@ -1,0 +1,211 @@
+"""The Helm chart against the real API server of the local cluster.
+
+Every rendered manifest is accepted by ``kubectl apply --dry-run=server`` in a namespace that
+enforces the restricted Pod Security level, and so is a Pod made from each Deployment's template
+(Pod Security is enforced on Pods; for Deployments it would only warn). The chart's RBAC, applied
+for real, lets the operator's ServiceAccount create what the operator creates (the worker Role
+passes the API server's escalation check) and nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from research_api.researchjob import ResearchJobSpec
+from research_api.task import Step
+from research_operator.builders import Owner, worker_job, worker_rbac
+from research_operator.settings import Settings
+from tests.fixtures.cluster import ClusterHandle
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "research-operator"
+
+ALL_ON = [
+    "--set", "postgres.createSecret=true",
+    "--set", "postgres.existingSecret=research-postgres",
+    "--set", "postgres.dsn=postgresql://research:pw@db:5432/research",
+    "--set", "modelServer.apiKeySecret.name=modelserver-key",
+    "--set", "operator.logLevel=debug",
+    "--set", "operator.replicaCount=2",
+    "--set", "kueue.queueName=research",
+    "--set", "settings.globalMaxActiveJobs=10",
+    "--set", "settings.namespaceMaxActiveJobs=3",
+]  # fmt: skip
+LOCAL_MODE = [
+    "--set", "operator.metricsPort=18080",
+    "--set", "operator.healthPort=18081",
+    "--set", "modelServer.port=18000",
+    "--set", "modelServer.baseUrl=http://127.0.0.1:18000/v1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def chart_crd(cluster: ClusterHandle) -> None:
+    """The chart's CRD, applied server-side as `helm install` would create it."""
+    crds = CHART / "crds"
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crds))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/researchjobs.researchops.io")
+
+
+def render(cluster: ClusterHandle, release: str, namespace: str, *args: str) -> str:
+    out = subprocess.run(
+        [str(cluster.tools / "helm"), "template", release, str(CHART), "--namespace", namespace, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def docs_of(manifest: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(manifest) if d]
+
+
+def dry_run(cluster: ClusterHandle, manifest: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return cluster.kubectl("apply", "--dry-run=server", "-o", "name", "-f", "-", *extra, input=manifest, check=False)
+
+
+@pytest.mark.parametrize(
+    "args", [[], ["--set", "modelServer.enabled=false", "--set", "settings.defaultModelBaseUrl=https://example.com/v1"],
+             ALL_ON, LOCAL_MODE],
+    ids=["defaults", "no-modelserver", "all-on", "local-mode"],
+)  # fmt: skip
+def test_every_rendered_manifest_is_accepted_by_the_api_server(
+    cluster: ClusterHandle, chart_crd: None, namespace: str, args: list[str]
+) -> None:
+    release = f"ro-{uuid.uuid4().hex[:6]}"
+    manifest = render(cluster, release, namespace, *args)
+    docs = docs_of(manifest)
+    out = dry_run(cluster, manifest)
+    assert out.returncode == 0, out.stderr
+    accepted = set(out.stdout.split())
+    for d in docs:
+        group = d["apiVersion"].rpartition("/")[0]
+        kind = d["kind"].lower() + (f".{group}" if group else "")
+        assert f"{kind}/{d['metadata']['name']}" in accepted, (kind, d["metadata"]["name"], accepted)
+    assert "Warning" not in out.stderr, out.stderr
+
+
+def test_pods_of_every_deployment_pass_restricted_pod_security(
+    cluster: ClusterHandle, chart_crd: None, namespace: str
+) -> None:
+    release = f"ro-{uuid.uuid4().hex[:6]}"
+    docs = docs_of(render(cluster, release, namespace, *ALL_ON))
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert len(deployments) == 2
+    # A Pod is admitted only with an existing ServiceAccount (the namespace goes after the test).
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(next(d for d in docs if d["kind"] == "ServiceAccount")))
+    for d in deployments:
+        template = d["spec"]["template"]
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": d["metadata"]["name"],
+                "namespace": namespace,
+                "labels": template["metadata"]["labels"],
+            },
+            "spec": template["spec"],
+        }
+        out = dry_run(cluster, json.dumps(pod))
+        assert out.returncode == 0, f"{d['metadata']['name']}: {out.stderr}"
+    # The check has teeth: the same Pod with a privileged container is refused.
+    bad = json.loads(json.dumps(pod))
+    bad["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = True
+    out = dry_run(cluster, json.dumps(bad))
+    assert out.returncode != 0 and "violates PodSecurity" in out.stderr, out.stderr
+
+
+@pytest.fixture
+def operator_rbac(cluster: ClusterHandle, chart_crd: None, namespace: str) -> Iterator[str]:
+    """The chart's ServiceAccount and RBAC applied for real; yields the ServiceAccount's user name."""
+    release = f"ro-{uuid.uuid4().hex[:6]}"
+    docs = [
+        d
+        for d in docs_of(render(cluster, release, namespace))
+        if d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+    ]
+    manifest = yaml.safe_dump_all(docs)
+    cluster.kubectl("apply", "-f", "-", input=manifest)
+    sa = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"]
+    try:
+        yield f"system:serviceaccount:{namespace}:{sa}"
+    finally:
+        cluster.kubectl("delete", "--ignore-not-found", "-f", "-", input=manifest, check=False)
+
+
+def test_operator_rbac_lets_it_create_worker_rbac_and_jobs(
+    cluster: ClusterHandle, namespace: str, operator_rbac: str
+) -> None:
+    owner = Owner(namespace, "demo", str(uuid.uuid4()))
+    # For real, in the test namespace: the RoleBinding's escalation check looks the Role up. The
+    # Role grants ConfigMap writes and ResearchJob reads, and the API server lets the operator
+    # create it only because it holds those permissions itself. (Without their owner, which does
+    # not exist here, the garbage collector would delete them at once: drop the ownerReference.)
+    for obj in worker_rbac(owner):
+        obj["metadata"] = {k: v for k, v in obj["metadata"].items() if k != "ownerReferences"}
+        out = create_as(cluster, operator_rbac, obj)
+        assert out.returncode == 0, f"{obj['kind']}: {out.stderr}"
+    spec = ResearchJobSpec.model_validate({"topic": "Kubernetes operators", "sources": [{"type": "wikipedia"}]})
+    job = worker_job(owner, spec, Settings(), "p1", Step.PLAN)
+    out = create_as(cluster, operator_rbac, job, dry_run=True)
+    assert out.returncode == 0, out.stderr
+    # Without the chart's RBAC the same requests are refused: the check has teeth.
+    out = create_as(cluster, f"system:serviceaccount:{namespace}:default", job, dry_run=True)
+    assert out.returncode != 0 and "forbidden" in out.stderr, out.stderr
+
+
+def create_as(
+    cluster: ClusterHandle, user: str, obj: dict[str, Any], dry_run: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """A POST as `user`, like the operator's creates (kubectl apply would GET first)."""
+    flags = ["--dry-run=server"] if dry_run else []
+    return cluster.kubectl("create", *flags, f"--as={user}", "-f", "-", input=json.dumps(obj), check=False)
+
+
+def can_i(cluster: ClusterHandle, user: str, *args: str) -> bool:
+    out = cluster.kubectl("auth", "can-i", f"--as={user}", *args, check=False)
+    return out.stdout.strip() == "yes"
+
+
+def test_operator_rbac_allows_its_watches_and_nothing_more(
+    cluster: ClusterHandle, namespace: str, operator_rbac: str
+) -> None:
+    allowed = [
+        ("watch", "researchjobs.researchops.io", "-A"),
+        ("patch", "researchjobs.researchops.io/status", "-n", "team-a"),
+        ("delete", "researchjobs.researchops.io", "-n", "team-a"),
+        ("watch", "jobs.batch", "-A"),
+        ("watch", "configmaps", "-A"),
+        ("watch", "resourcequotas", "-A"),
+        ("watch", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("create", "events", "-n", "team-a"),
+        ("create", "leases.coordination.k8s.io", "-n", namespace),
+    ]
+    denied = [
+        ("get", "secrets", "-n", "team-a"),
+        ("list", "secrets", "-A"),
+        ("create", "pods", "-n", "team-a"),
+        ("create", "pods/exec", "-n", "team-a"),
+        ("delete", "configmaps", "-n", "team-a"),
+        ("update", "researchjobs.researchops.io", "-n", "team-a"),
+        ("create", "clusterroles.rbac.authorization.k8s.io"),
+        ("delete", "namespaces"),
+        ("create", "leases.coordination.k8s.io", "-n", "kube-system"),
+        ("update", "leases.coordination.k8s.io/someone-else", "-n", namespace),
+    ]
+    for args in allowed:
+        assert can_i(cluster, operator_rbac, *args), f"operator cannot {args}"
+    for args in denied:
+        assert not can_i(cluster, operator_rbac, *args), f"operator can {args}"
