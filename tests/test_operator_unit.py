@@ -270,3 +270,63 @@ def test_settings_configmap_changes_caps_and_rejects_garbage() -> None:
         assert "globalMaxActiveJobs" in str(e)
     else:
         raise AssertionError("a non-integer cap must be rejected")
+
+
+# -- the store contract: what the worker writes, the operator reads -------------------------------
+
+
+class _RecordingCore:
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+
+    def create_namespaced_config_map(self, namespace: str, body: dict[str, Any]) -> None:
+        self.bodies.append(body)
+
+
+async def test_operator_reads_what_the_worker_configmap_store_writes() -> None:
+    from research_operator.world import World, stored_object
+    from research_worker.state import Analyst, Report, Section, TokenUsage
+    from research_worker.store import AnalystPlan, ConfigMapStore
+
+    owner = Owner("ns", "rj", "uid-1")
+    task = ResearchTask.model_validate(
+        json.loads(
+            worker_job(owner, spec(), Settings(), PID, Step.INTERVIEW, [0, 1], 0)["spec"]["template"]["spec"][
+                "containers"
+            ][0]["env"][0]["value"]
+        )
+    )
+    store = ConfigMapStore(task, api_client=None)
+    store.core = _RecordingCore()
+    people = [Analyst(name=f"A{i}", role="r", affiliation="a", description="d") for i in range(2)]
+    await store.save_analysts(AnalystPlan(topic="t", analysts=people, usage=TokenUsage(total_tokens=100)))
+    for i in range(2):
+        await store.save_section(
+            Section(
+                index=i,
+                analyst=people[i],
+                title="T",
+                content="## T",
+                summary="s",
+                sources=["a.md"],
+                found_sources=True,
+                usage=TokenUsage(total_tokens=1000),
+            )
+        )
+    await store.save_report(
+        Report(
+            topic="t", markdown="# The Title\n\nbody", sources=[], sections=[0, 1], usage=TokenUsage(total_tokens=50)
+        )
+    )
+    world = World()
+    for body in store.core.bodies:
+        obj = stored_object(body)
+        assert obj is not None, body["metadata"]["name"]
+        world.stored[("ns", "rj")][obj.name] = obj
+    view = world.store_view(("ns", "rj"))
+    assert [a.name for a in view.analysts[PID]] == ["A0", "A1"]
+    assert view.sections[PID] == frozenset({0, 1})
+    assert view.tokens == 2150
+    report = view.reports[PID]
+    assert report.title == "The Title" and report.key == "report.md"
+    assert all(b["metadata"]["ownerReferences"][0]["uid"] == "uid-1" for b in store.core.bodies)

@@ -261,3 +261,15 @@ def test_cli_refuses_a_task_for_another_step(tmp_path: Path) -> None:
     f.write_text(json.dumps({**BASE, "step": "plan"}))
     r = _cli("write", "--task", str(f))
     assert r.returncode == 2 and "the task is for step plan, not write" in r.stderr
+
+
+def test_api_key_is_optional_only_for_a_self_hosted_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from research_worker.errors import WorkerConfigError
+    from research_worker.llm import NO_KEY, api_key_from_env
+
+    monkeypatch.delenv("SOME_KEY_VAR", raising=False)
+    assert api_key_from_env("SOME_KEY_VAR", "http://127.0.0.1:8080/v1").get_secret_value() == NO_KEY
+    with pytest.raises(WorkerConfigError, match="SOME_KEY_VAR is not set"):
+        api_key_from_env("SOME_KEY_VAR", None)
+    monkeypatch.setenv("SOME_KEY_VAR", "sk-real")
+    assert api_key_from_env("SOME_KEY_VAR", "http://127.0.0.1:8080/v1").get_secret_value() == "sk-real"

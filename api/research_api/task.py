@@ -29,6 +29,8 @@ ANNOTATION_JOB_UID = f"{GROUP}/job-uid"
 MAX_NAME = 253  # DNS subdomain (ConfigMap names)
 MAX_LABEL_VALUE = 63
 CONFIGMAP_DATA_LIMIT = 1024 * 1024  # bytes of data a ConfigMap may hold
+CONFIGMAP_DATA_KEY = "data.json"  # each stored object, as JSON
+CONFIGMAP_REPORT_KEY = "report.md"  # the report also as Markdown, for people
 
 # Defaults, in one place (the worker's configuration reads them from here).
 DEFAULT_MODEL = "gpt-4o-mini"

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from research_api.researchjob import AnalystStatus, ReportRef
+from research_api.task import CONFIGMAP_DATA_KEY, CONFIGMAP_REPORT_KEY
 from research_operator.admission import Demand, QuotaUsage
 from research_operator.constants import LABEL_ANALYST, LABEL_BATCH, LABEL_KIND, LABEL_PLAN, LABEL_STEP
 from research_operator.reconcile import JobView, StoreView
@@ -65,8 +66,8 @@ class StoredObject:
     tokens: int = 0
 
 
-DATA_KEY = "data.json"  # the ConfigMap store keeps each object as JSON under this key
-REPORT_KEY = "report.md"  # and the report also as Markdown, for people
+DATA_KEY = CONFIGMAP_DATA_KEY
+REPORT_KEY = CONFIGMAP_REPORT_KEY
 
 
 def stored_object(body: Mapping[str, Any]) -> StoredObject | None:

@@ -49,11 +49,21 @@ def usage_of(message: BaseMessage | None) -> TokenUsage:
     )
 
 
-def api_key_from_env(var: str) -> SecretStr:
+# Sent when no key is configured for a self-hosted endpoint (the offline model server, vLLM, Ollama):
+# the OpenAI client needs some bearer value; an endpoint that does check keys answers 401 to it.
+NO_KEY = "no-key-configured"
+
+
+def api_key_from_env(var: str, base_url: str | None = None) -> SecretStr:
+    """The model API key from ``var``. Without one, a self-hosted ``base_url`` is called with no
+    real key (it may not need one); OpenAI's own endpoint always needs one."""
     value = os.environ.get(var)
-    if not value:
-        raise WorkerConfigError(f"the model API key variable {var} is not set (feed it from a Secret)")
-    return SecretStr(value)
+    if value:
+        return SecretStr(value)
+    if base_url:
+        log.info("no API key in $%s; calling %s without one", var, base_url)
+        return SecretStr(NO_KEY)
+    raise WorkerConfigError(f"the model API key variable {var} is not set (feed it from a Secret)")
 
 
 def _retry_after(resp: httpx.Response, attempt: int) -> float:
@@ -83,6 +93,11 @@ async def preflight(settings: ModelSettings, api_key: SecretStr) -> list[str]:
                 ) from None
             except httpx.HTTPError as exc:
                 raise ModelEndpointUnreachable(f"model endpoint {base} is unreachable: {exc}") from None
+            if resp.status_code in (401, 403) and api_key.get_secret_value() == NO_KEY:
+                raise ModelAuthError(
+                    f"model endpoint {base} requires an API key (HTTP {resp.status_code}): "
+                    f"set ${settings.api_key_env} from a Secret (spec.model.apiKeySecretRef)"
+                )
             if resp.status_code in (401, 403):
                 raise ModelAuthError(
                     f"model endpoint {base} rejected the API key from ${settings.api_key_env} (HTTP {resp.status_code})"

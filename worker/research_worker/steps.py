@@ -47,7 +47,7 @@ async def prepare(
 ) -> Runtime:
     """Check the model endpoint (fast failure on a bad key or address), then build the process's
     one model client and the task's search backends."""
-    key = api_key_from_env(task.model.api_key_env)
+    key = api_key_from_env(task.model.api_key_env, task.model.base_url)
     await preflight(task.model, key)
     llm = LLMClient(task.model, key, max_tokens_budget=task.budget.max_tokens, tokens_used_before=tokens_used_before)
     return Runtime(task, llm, build_backends(task.sources, load_configmap))

@@ -20,7 +20,9 @@ from pydantic import BaseModel
 
 from research_api.task import (
     ANNOTATION_JOB_UID,
+    CONFIGMAP_DATA_KEY,
     CONFIGMAP_DATA_LIMIT,
+    CONFIGMAP_REPORT_KEY,
     LABEL_ANALYST,
     LABEL_JOB,
     LABEL_KIND,
@@ -74,7 +76,8 @@ def usage_of_results(plan: AnalystPlan | None, sections: list[Section], report: 
 # ---------------------------------------------------------------- ConfigMaps
 
 
-DATA_KEY = "data.json"
+DATA_KEY = CONFIGMAP_DATA_KEY
+REPORT_KEY = CONFIGMAP_REPORT_KEY
 
 
 def configmap_body(
@@ -116,14 +119,17 @@ class ConfigMapStore:
     def _name(self, kind: str, index: int | None = None) -> str:
         return configmap_name(self.job, self.plan, kind, index)
 
-    async def _create(self, kind: str, obj: BaseModel, index: int | None = None) -> bool:
+    async def _create(
+        self, kind: str, obj: BaseModel, index: int | None = None, extra: Mapping[str, str] | None = None
+    ) -> bool:
         from kubernetes.client.exceptions import ApiException
 
         labels = {**self.base_labels, LABEL_KIND: kind}
         if index is not None:
             labels[LABEL_ANALYST] = str(index)
         name = self._name(kind, index)
-        body = configmap_body(name, self.ns, {DATA_KEY: obj.model_dump_json()}, labels, self.owner, self.uid)
+        data = {DATA_KEY: obj.model_dump_json(), **(extra or {})}
+        body = configmap_body(name, self.ns, data, labels, self.owner, self.uid)
         try:
             await asyncio.to_thread(self.core.create_namespaced_config_map, self.ns, body)
             return True
@@ -180,7 +186,8 @@ class ConfigMapStore:
         return {int(cm.metadata.labels[LABEL_ANALYST]) for cm in await self._list("section")}
 
     async def save_report(self, report: Report) -> bool:
-        return await self._create("report", report)
+        # The Markdown also under its own key, so people can read it with kubectl.
+        return await self._create("report", report, extra={REPORT_KEY: report.markdown})
 
     async def load_report(self) -> Report | None:
         return await self._read("report", Report)
