@@ -17,6 +17,7 @@ from typing import Any, cast
 import pytest
 import yaml
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from localkube import nodeagent
 from localkube.images import ImageNotMapped, container_argv, image_repository
@@ -467,6 +468,7 @@ def runtime(tmp_path: Path, core: FakeCore, lookup: FakeLookup | None = None) ->
         ca_pem=b"-----BEGIN CERTIFICATE-----\n",
         allocatable={"cpu": "8", "memory": "16Gi"},
         backoff_base=0.3,
+        config_retry=0.3,
     )
 
 
@@ -790,3 +792,52 @@ def test_pod_run_root_leaves_a_private_state_dir() -> None:
         assert elsewhere == nodeagent.pod_run_root(private_home / "state")  # stable per state dir
     finally:
         shutil.rmtree(base)
+
+
+class FlakyCore(FakeCore):
+    """Fails the first status patches with a server error."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def patch_namespaced_pod_status(self, name: str, namespace: str, body: dict[str, Any], **kw: Any) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise ApiException(status=500, reason="etcd hiccup")
+        super().patch_namespaced_pod_status(name, namespace, body, **kw)
+
+
+class BrokenLookup(FakeLookup):
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = True
+
+    def secret(self, namespace: str, name: str) -> Mapping[str, str] | None:
+        if self.broken:
+            raise ApiException(status=503, reason="unavailable")
+        return {"pw": "x"}
+
+
+def test_terminal_status_is_retried_until_it_lands(tmp_path: Path) -> None:
+    core = FlakyCore(failures=3)
+    w = PodWorker(runtime(tmp_path, cast(FakeCore, core)), worker_pod(["true"]))
+    w.start()
+    w.join(30)
+    assert core.failures == 0
+    assert core.phases()[-1] == "Succeeded"
+
+
+def test_api_errors_while_configuring_are_retried_not_fatal(tmp_path: Path) -> None:
+    core = FakeCore()
+    lookup = BrokenLookup()
+    pod = worker_pod(["true"])
+    pod["spec"]["containers"][0]["env"] = [{"name": "PW", "valueFrom": {"secretKeyRef": {"name": "db", "key": "pw"}}}]
+    w = PodWorker(runtime(tmp_path, core, lookup), pod)
+    w.start()
+    wait_for(lambda: core.patches)
+    waiting = core.last_status()["containerStatuses"][0]["state"]["waiting"]
+    assert waiting["reason"] == "CreateContainerConfigError" and "503" in waiting["message"]
+    lookup.broken = False
+    w.join(20)
+    assert core.phases()[-1] == "Succeeded"

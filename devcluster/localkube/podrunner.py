@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import urllib3
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -102,6 +103,7 @@ class Runtime:
     on_done: Callable[[str, str | None], None] = lambda uid, phase: None
     read_service_account: Callable[[str, str], dict[str, Any] | None] = lambda namespace, name: None
     run_root: Path | None = None
+    config_retry: float = CONFIG_RETRY
 
     @property
     def pod_run_root(self) -> Path:
@@ -353,6 +355,7 @@ class PodWorker(threading.Thread):
         self.initialized = not self.init_containers
         self.init_failed = False
         self._last_status: dict[str, Any] | None = None
+        self._publish_retry_at = 0.0
         self._token_refresh_at = 0.0
         self._sa_env: dict[str, str] = {}
         self._identity_warned: set[str] = set()
@@ -495,10 +498,17 @@ class PodWorker(threading.Thread):
             )
             argv = expand_argv(container_argv(spec), env)
         except ContainerConfigError as e:
-            self._waiting(pod, c, "CreateContainerConfigError", str(e), CONFIG_RETRY)
+            self._waiting(pod, c, "CreateContainerConfigError", str(e), self.rt.config_retry)
             return
         except ImageNotMapped as e:
             self._waiting(pod, c, "ImageNotMapped", str(e), 10.0)
+            return
+        except (ApiException, OSError, urllib3.exceptions.HTTPError) as e:
+            # The API could not be read (not a missing object): retry like any configuration error.
+            reason = f"{e.status} {e.reason}" if isinstance(e, ApiException) else str(e)
+            self._waiting(
+                pod, c, "CreateContainerConfigError", f"reading the pod's configuration: {reason}", self.rt.config_retry
+            )
             return
         proc_env = {
             "PATH": f"{self.rt.python_bin_dir}:{os.environ.get('PATH') or '/usr/local/bin:/usr/bin:/bin'}",
@@ -576,13 +586,17 @@ class PodWorker(threading.Thread):
                     c,
                     "CreateContainerConfigError",
                     "container has runAsNonRoot and image will run as root (set runAsUser)",
-                    CONFIG_RETRY,
+                    self.rt.config_retry,
                 )
                 return None
             return Identity()
         if uid == 0 and run_as_non_root(pod, c.spec):
             self._waiting(
-                pod, c, "CreateContainerConfigError", "container's runAsUser breaks non-root policy", CONFIG_RETRY
+                pod,
+                c,
+                "CreateContainerConfigError",
+                "container's runAsUser breaks non-root policy",
+                self.rt.config_retry,
             )
             return None
         if gid is None:
@@ -899,7 +913,7 @@ class PodWorker(threading.Thread):
         if phase not in TERMINAL_PHASES:
             self._unknown_for_unstarted()
             phase = final_phase([c.status for c in self.containers])
-        self._publish(pod, phase)
+        self._publish_final(pod, phase)
         self._final_delete()
         return phase
 
@@ -925,7 +939,7 @@ class PodWorker(threading.Thread):
         )
         self._kill_all(grace)
         self._unknown_for_unstarted()
-        self._publish(
+        self._publish_final(
             pod,
             "Failed",
             reason="DeadlineExceeded",
@@ -937,7 +951,7 @@ class PodWorker(threading.Thread):
         self._kill_all(0)
         if phase == "Failed":
             self._unknown_for_unstarted()
-        self._publish(pod, phase)
+        self._publish_final(pod, phase)
         return phase
 
     def _final_delete(self) -> None:
@@ -950,7 +964,10 @@ class PodWorker(threading.Thread):
                 log.warning("final delete of %s/%s failed: %s %s", self.namespace, self.pod_name, e.status, e.reason)
 
     # -- status -------------------------------------------------------------------------------------
-    def _publish(self, pod: dict[str, Any], phase: str, reason: str | None = None, message: str | None = None) -> None:
+    def _publish(self, pod: dict[str, Any], phase: str, reason: str | None = None, message: str | None = None) -> bool:
+        """Patch the status if it changed; returns False when the patch failed (and may be retried)."""
+        if time.monotonic() < self._publish_retry_at and phase not in TERMINAL_PHASES:
+            return False
         gates = [str(g["conditionType"]) for g in pod["spec"].get("readinessGates") or []]
         current = {c["type"]: c.get("status") for c in (pod.get("status") or {}).get("conditions") or []}
         status = pod_status(
@@ -965,7 +982,7 @@ class PodWorker(threading.Thread):
             message=message,
         )
         if status == self._last_status:
-            return
+            return True
         body = {"metadata": {"uid": self.uid}, "status": status}
         try:
             self.rt.core.patch_namespaced_pod_status(
@@ -976,13 +993,29 @@ class PodWorker(threading.Thread):
                 _preload_content=False,
             )
             self._last_status = status
+            return True
         except ApiException as e:
             if e.status in (404, 409):
                 self._gone = True
-                return
+                return True  # nothing left to report to
             log.warning(
                 "status patch of %s/%s failed: %s %s %s", self.namespace, self.pod_name, e.status, e.reason, e.body
             )
+        except (OSError, urllib3.exceptions.HTTPError) as e:
+            log.warning("status patch of %s/%s failed: %s", self.namespace, self.pod_name, e)
+        self._publish_retry_at = time.monotonic() + 1.0
+        return False
+
+    def _publish_final(
+        self, pod: dict[str, Any], phase: str, reason: str | None = None, message: str | None = None
+    ) -> None:
+        """A terminal status must reach the API: the Job controller waits for it. Retry for a while."""
+        deadline = time.monotonic() + 120
+        while not self._publish(pod, phase, reason, message):
+            if self._shutdown or time.monotonic() > deadline:
+                log.error("giving up reporting %s/%s as %s", self.namespace, self.pod_name, phase)
+                return
+            time.sleep(1.0)
 
 
 def _age(timestamp: str) -> float:
