@@ -841,3 +841,24 @@ def test_api_errors_while_configuring_are_retried_not_fatal(tmp_path: Path) -> N
     lookup.broken = False
     w.join(20)
     assert core.phases()[-1] == "Succeeded"
+
+
+def test_failed_liveness_probe_restarts_the_container(tmp_path: Path) -> None:
+    core = FakeCore()
+    pod = worker_pod(["sleep", "600"], restartPolicy="Always", terminationGracePeriodSeconds=2)
+    pod["spec"]["containers"][0]["livenessProbe"] = {
+        "exec": {"command": ["false"]},
+        "periodSeconds": 1,
+        "failureThreshold": 1,
+    }
+    w = PodWorker(runtime(tmp_path, core), pod)
+    w.start()
+    try:
+        wait_for(lambda: core.last_status()["containerStatuses"][0]["restartCount"] >= 1 if core.patches else False)
+        cs = core.last_status()["containerStatuses"][0]
+        assert cs["lastState"]["terminated"]["exitCode"] == 143  # SIGTERM from the kill
+        assert any(reason == "Killing" for reason, _ in core.events)
+        assert any(reason == "Unhealthy" for reason, _ in core.events)
+    finally:
+        w.gone()
+        w.join(10)
