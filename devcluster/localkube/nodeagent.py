@@ -181,7 +181,6 @@ def pod_run_root(state_dir: Path) -> Path:
     pods = state_dir / "pods"
     pods.mkdir(parents=True, exist_ok=True)
     pods.chmod(0o711)
-    state_dir.chmod(0o711)
     if usable_by(pods, 65534, set(), 1):
         return pods
     digest = hashlib.sha1(str(state_dir.resolve()).encode()).hexdigest()[:10]
