@@ -697,7 +697,9 @@ def agent(tmp_path: Path) -> Any:
             }
         )
     )
-    a = nodeagent.NodeAgent(str(kubeconfig), ["node-a"], tmp_path / "state", backoff_base=0.2)
+    a = nodeagent.NodeAgent(
+        str(kubeconfig), ["node-a"], tmp_path / "state", backoff_base=0.2, run_root=tmp_path / "run"
+    )
     fake = FakeCore()
     a.core = cast(client.CoreV1Api, fake)
     a.rt.core = cast(client.CoreV1Api, fake)
@@ -790,6 +792,7 @@ def test_pod_run_root_leaves_a_private_state_dir() -> None:
         assert not str(elsewhere).startswith(str(private_home))
         assert usable_by(elsewhere, 65534, set(), 1)
         assert elsewhere == nodeagent.pod_run_root(private_home / "state")  # stable per state dir
+        shutil.rmtree(elsewhere.parent)
     finally:
         shutil.rmtree(base)
 
