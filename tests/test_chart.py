@@ -62,6 +62,7 @@ EXPECTED_CLUSTER_RULES = {
     ("batch", "jobs"): {"list", "watch", "create", "delete"},
     ("", "configmaps"): {"get", "list", "watch", "create", "update", "patch"},
     ("", "resourcequotas"): {"list", "watch"},
+    ("", "pods"): {"list"},
     ("", "serviceaccounts"): {"create"},
     ("rbac.authorization.k8s.io", "roles"): {"create"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"create"},
@@ -165,8 +166,8 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
     container = op["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["research-operator"]
     assert container["image"] == "research-operator:0.1.0"
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 8080, "health": 8081}
     assert op["spec"]["template"]["spec"]["serviceAccountName"] == "research-operator"
 

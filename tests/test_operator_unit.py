@@ -330,3 +330,13 @@ async def test_operator_reads_what_the_worker_configmap_store_writes() -> None:
     report = view.reports[PID]
     assert report.title == "The Title" and report.key == "report.md"
     assert all(b["metadata"]["ownerReferences"][0]["uid"] == "uid-1" for b in store.core.bodies)
+
+
+def test_the_writer_job_is_removed_once_the_report_is_stored() -> None:
+    store = StoreView(
+        analysts={PID: analysts(2)},
+        sections={PID: frozenset({0, 1})},
+        reports={PID: ReportRef(config_map="r", key="report.md")},
+    )
+    d = decide(spec(analysts={"count": 2}), observe(jobs=[JobView("w", "write", PID, succeeded=True)], store=store))
+    assert d.status.phase == Phase.Succeeded and d.delete_jobs == ["w"]

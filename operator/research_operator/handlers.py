@@ -1,5 +1,8 @@
-"""kopf handlers: thin. Watches feed the in-memory world; one reconcile loop (a kopf daemon) per
+"""kopf handlers: thin. Watches feed the in-memory world; one reconcile loop (an asyncio task) per
 ResearchJob parses the spec, calls the pure decision, applies it, and sleeps until a watch wakes it.
+
+Only watch-style handlers (``kopf.on.event``) are used: they add no finalizer, so a ResearchJob
+(or its namespace) can always be deleted, even while the operator is not running.
 """
 
 from __future__ import annotations
@@ -136,14 +139,23 @@ async def settings_event(type: str, body: kopf.Body, namespace: str | None, logg
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def researchjob_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
+async def researchjob_event(
+    type: str, body: kopf.Body, namespace: str | None, name: str, logger: kopf.Logger, **_: Any
+) -> None:
     if namespace is None:
         return
+    key: Key = (namespace, name)
     if type == "DELETED":
-        WORLD.forget((namespace, name))
+        task = LOOPS.pop(key, None)
+        if task is not None:
+            task.cancel()
+        WORLD.forget(key)
         WORLD.wake_waiting()
-    else:
-        WORLD.wake((namespace, name))
+        return
+    WORLD.bodies[key] = body
+    if key not in LOOPS or LOOPS[key].done():
+        LOOPS[key] = asyncio.create_task(reconcile_loop(key, logger), name=f"reconcile {namespace}/{name}")
+    WORLD.wake(key)
 
 
 # ------------------------------------------------------------------------------------------
@@ -151,22 +163,26 @@ async def researchjob_event(type: str, namespace: str | None, name: str, **_: An
 # ------------------------------------------------------------------------------------------
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
-async def reconcile_loop(
-    stopped: kopf.DaemonStopped, body: kopf.Body, namespace: str | None, name: str, logger: kopf.Logger, **_: Any
-) -> None:
-    if namespace is None:
-        return
-    key: Key = (namespace, name)
+LOOPS: dict[Key, asyncio.Task[None]] = {}
+
+
+async def reconcile_loop(key: Key, logger: kopf.Logger) -> None:
+    """Reconcile one ResearchJob until it is deleted: a pass, then sleep until woken or resync."""
+    namespace, name = key
     wake = WORLD.event(key)
     backoff = 0.0
-    while not stopped:
+    while key in WORLD.bodies:
         wake.clear()
         start = time.monotonic()
         try:
-            blocked = await reconcile_once(key, body, logger)
+            blocked = await reconcile_once(key, WORLD.bodies[key], logger)
         except ApiException as e:
             logger.warning(f"reconcile of {namespace}/{name} hit an API error {e.status}: {e.reason}")
+            blocked = True
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - keep reconciling; the error is logged with its traceback
+            logger.exception(f"reconcile of {namespace}/{name} failed")
             blocked = True
         finally:
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - start)
@@ -273,6 +289,10 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool
     )
     d = decide(spec, obs)
     st = d.status
+    logger.debug(
+        f"pass: phase={st.phase} plan={d.create_plan} waiting={d.waiting_batches} writer={d.create_writer} "
+        f"delete={d.delete_jobs} jobs={[j.name for j in jobs]}"
+    )
     remaining: int | None = None
     if spec.budget.deadline_seconds is not None:
         remaining = int(spec.budget.deadline_seconds - (now - created).total_seconds())
@@ -352,8 +372,11 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool
     if quota_blocked and not any(c.type == "QuotaExceeded" and c.status == "True" for c in prev.conditions or []):
         kopf.event(body, type="Warning", reason="QuotaExceeded", message=f"waiting: {quota_blocked}")
 
-    for etype, reason, message in d.events:
-        kopf.event(body, type=etype, reason=reason, message=message)
+    if WORLD.phases.get(key) != st.phase:  # a pass may run before our last status write is seen
+        for etype, reason, message in d.events:
+            kopf.event(
+                body, type=etype, reason=reason, message=(st.message or message) if reason == st.phase else message
+            )
     await _patch_status(key, st, prev)
     WORLD.phases[key] = st.phase
     _update_phase_gauges()

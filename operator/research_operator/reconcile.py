@@ -124,6 +124,7 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
         st.report = report
         counts.succeeded = len(plan)
         st.message = f"report ready: {report.title or report.config_map or report.postgres_id}"
+        d.delete_jobs += [j.name for j in jobs if not j.active]  # the writer's work is stored
     elif analysts is None:
         st.phase = Phase.Planning
         if plan_job is None:

@@ -30,10 +30,9 @@ Key = tuple[str, str]  # (namespace, ResearchJob name)
 
 def owner_name(body: Mapping[str, Any]) -> str | None:
     """The ResearchJob that controls this object, from its ownerReferences."""
-    for ref in body.get("metadata", {}).get("ownerReferences") or []:
-        if ref.get("kind") == "ResearchJob" and ref.get("controller"):
-            return str(ref.get("name"))
-    return None
+    refs = [r for r in body.get("metadata", {}).get("ownerReferences") or [] if r.get("kind") == "ResearchJob"]
+    refs.sort(key=lambda r: not r.get("controller"))  # the controller first, if several
+    return str(refs[0].get("name")) if refs else None
 
 
 def job_view(body: Mapping[str, Any]) -> JobView:
@@ -117,6 +116,7 @@ class World:
     demands: dict[Key, Demand] = field(default_factory=dict)
     phases: dict[Key, str] = field(default_factory=dict)
     wakeups: dict[Key, asyncio.Event] = field(default_factory=dict)
+    bodies: dict[Key, Any] = field(default_factory=dict)  # the latest ResearchJob (kopf.Body) seen by the watch
     settings_data: dict[str, str] = field(default_factory=dict)
     rbac_ready: set[Key] = field(default_factory=set)
     failure_details: dict[tuple[str, str], str] = field(default_factory=dict)  # (ns, Job) -> pod's last words
@@ -138,7 +138,7 @@ class World:
                 self.wake(key)
 
     def forget(self, key: Key) -> None:
-        for d in (self.jobs, self.stored, self.demands, self.phases, self.wakeups):
+        for d in (self.jobs, self.stored, self.demands, self.phases, self.wakeups, self.bodies):
             d.pop(key, None)
         self.rbac_ready.discard(key)
 
