@@ -318,12 +318,9 @@ async def test_operator_reads_what_the_worker_configmap_store_writes() -> None:
             topic="t", markdown="# The Title\n\nbody", sources=[], sections=[0, 1], usage=TokenUsage(total_tokens=50)
         )
     )
-    world = World()
-    for body in store.core.bodies:
-        obj = stored_object(body)
-        assert obj is not None, body["metadata"]["name"]
-        world.stored[("ns", "rj")][obj.name] = obj
-    view = world.store_view(("ns", "rj"))
+    objs = [stored_object(body) for body in store.core.bodies]
+    assert all(obj is not None for obj in objs)
+    view = World(stored_index={("ns", "rj"): objs}).store_view(("ns", "rj"))
     assert [a.name for a in view.analysts[PID]] == ["A0", "A1"]
     assert view.sections[PID] == frozenset({0, 1})
     assert view.tokens == 2150

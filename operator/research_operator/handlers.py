@@ -25,9 +25,9 @@ from research_operator import metrics
 from research_operator.admission import Demand, PodResources, QuotaUsage, admit, quota_headroom
 from research_operator.builders import Owner, worker_job, worker_rbac
 from research_operator.constants import LABEL_JOB, LABEL_KIND
-from research_operator.reconcile import Observed, batches, condition, decide
+from research_operator.reconcile import JobView, Observed, batches, condition, decide
 from research_operator.settings import Settings
-from research_operator.world import WORLD, Key, job_view, owner_name, stored_object
+from research_operator.world import WORLD, Key, StoredObject, job_view, owner_name, stored_object
 
 log = logging.getLogger(__name__)
 
@@ -76,47 +76,50 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 # ------------------------------------------------------------------------------------------
 
 
+@kopf.index("batch", "v1", "jobs", labels={LABEL_JOB: kopf.PRESENT})
+def rj_jobs(body: kopf.Body, namespace: str | None, **_: Any) -> dict[Key, JobView] | None:
+    rj = owner_name(body)
+    return {(namespace, rj): job_view(body)} if rj and namespace else None
+
+
+@kopf.index("", "v1", "configmaps", labels={LABEL_KIND: kopf.PRESENT})
+def rj_stored(body: kopf.Body, namespace: str | None, **_: Any) -> dict[Key, StoredObject] | None:
+    rj = owner_name(body)
+    obj = stored_object(body) if rj and namespace else None
+    return {(namespace, rj): obj} if obj is not None and rj and namespace else None
+
+
+@kopf.index("", "v1", "resourcequotas")
+def ns_quotas(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[str, QuotaUsage] | None:
+    status = body.get("status") or {}
+    usage = QuotaUsage(name, dict(status.get("hard") or {}), dict(status.get("used") or {}))
+    return {namespace: usage} if namespace else None
+
+
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_JOB: kopf.PRESENT})
-async def job_event(type: str, body: kopf.Body, namespace: str | None, **_: Any) -> None:
+async def job_event(type: str, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
     rj = owner_name(body)
     if rj is None or namespace is None:
         return
-    key: Key = (namespace, rj)
+    WORLD.wake((namespace, rj))
     view = job_view(body)
-    before = WORLD.jobs[key].get(view.name)
     if type == "DELETED":
-        WORLD.jobs[key].pop(view.name, None)
-    else:
-        WORLD.jobs[key][view.name] = view
-    WORLD.wake(key)
-    if before is not None and before.active and (type == "DELETED" or not view.active):
-        WORLD.wake_waiting()  # a slot freed up: let waiting ResearchJobs compete for it
+        WORLD.deleted.discard(name)
+    if type == "DELETED" or not view.active:
+        WORLD.wake_waiting()  # a slot may have freed up: let waiting ResearchJobs compete for it
 
 
 @kopf.on.event("", "v1", "configmaps", labels={LABEL_KIND: kopf.PRESENT})
-async def stored_event(type: str, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
+async def stored_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
     rj = owner_name(body)
-    if rj is None or namespace is None:
-        return
-    key: Key = (namespace, rj)
-    obj = stored_object(body) if type != "DELETED" else None
-    if obj is None:
-        WORLD.stored[key].pop(name, None)
-    else:
-        WORLD.stored[key][name] = obj
-    WORLD.wake(key)
+    if rj is not None and namespace is not None:
+        WORLD.wake((namespace, rj))
 
 
 @kopf.on.event("", "v1", "resourcequotas")
-async def quota_event(type: str, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
-    if namespace is None:
-        return
-    status = body.get("status") or {}
-    if type == "DELETED":
-        WORLD.quotas[namespace].pop(name, None)
-    else:
-        WORLD.quotas[namespace][name] = QuotaUsage(name, dict(status.get("hard") or {}), dict(status.get("used") or {}))
-    WORLD.wake_waiting(namespace)
+async def quota_event(namespace: str | None, **_: Any) -> None:
+    if namespace is not None:
+        WORLD.wake_waiting(namespace)
 
 
 @kopf.on.event("", "v1", "configmaps", labels={SETTINGS_LABEL: "true"})
@@ -140,10 +143,17 @@ async def settings_event(type: str, body: kopf.Body, namespace: str | None, logg
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def researchjob_event(
-    type: str, body: kopf.Body, namespace: str | None, name: str, logger: kopf.Logger, **_: Any
+    type: str,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str,
+    logger: kopf.Logger,
+    **kwargs: Any,
 ) -> None:
     if namespace is None:
         return
+    # kopf passes each index by its function's name; they are complete before this first runs.
+    WORLD.attach(kwargs["rj_jobs"], kwargs["rj_stored"], kwargs["ns_quotas"])
     key: Key = (namespace, name)
     if type == "DELETED":
         task = LOOPS.pop(key, None)
@@ -277,7 +287,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool
         dataclasses.replace(j, message=f"{j.message}: {detail}" if detail else j.message)
         if j.failed and (detail := await _failure_detail(namespace, j.name))
         else j
-        for j in WORLD.jobs.get(key, {}).values()
+        for j in WORLD.jobs_of(key).values()
     ]
     obs = Observed(
         generation=int(meta.get("generation") or 0),
@@ -310,23 +320,23 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool
             outcome = await _create("Job", job, logger)
             if outcome == "created":
                 metrics.JOBS_CREATED.labels(step.value).inc()
-                WORLD.jobs[key][job["metadata"]["name"]] = job_view(job)
+                WORLD.created[key][job["metadata"]["name"]] = job_view(job)
             elif outcome == "quota":
                 quota_blocked = f"the {step.value} Job is waiting for quota"
 
     for job_name_ in d.delete_jobs:
         await _delete_job(namespace, job_name_)
-        WORLD.jobs[key].pop(job_name_, None)
+        WORLD.deleted.add(job_name_)
 
     created_now = 0
     # Every active child Job counts against the caps; waiting batches make this job a contender.
-    active = sum(1 for j in WORLD.jobs.get(key, {}).values() if j.active)
+    active = sum(1 for j in WORLD.jobs_of(key).values() if j.active)
     WORLD.demands[key] = Demand(namespace, name, active, len(d.waiting_batches))
     if d.waiting_batches:
         async with WORLD.admission_lock:
             me = Demand(namespace, name, active, len(d.waiting_batches))
             verdict = quota_headroom(
-                WORLD.quotas.get(namespace, {}).values(),
+                WORLD.quotas_of(namespace),
                 PodResources.from_spec(spec.worker.resources.requests.wire(), spec.worker.resources.limits.wire()),
             )
             n = admit(me, spec.parallelism.max_active_jobs, WORLD.active_demands(), cfg.caps, verdict)
@@ -344,7 +354,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool
                 if outcome == "created":
                     metrics.JOBS_CREATED.labels("interview").inc()
                 created_now += 1
-                WORLD.jobs[key][job["metadata"]["name"]] = job_view(job)
+                WORLD.created[key][job["metadata"]["name"]] = job_view(job)
             WORLD.demands[key] = Demand(namespace, name, active + created_now, len(d.waiting_batches) - created_now)
         st.batches.active += created_now
         st.batches.queued -= created_now
@@ -433,7 +443,5 @@ def _update_phase_gauges() -> None:
         counts[str(phase)] = counts.get(str(phase), 0) + 1
     for phase, n in counts.items():
         metrics.JOBS_BY_PHASE.labels(phase).set(n)
-    metrics.BATCHES_ACTIVE.set(
-        sum(1 for jobs in WORLD.jobs.values() for j in jobs.values() if j.step == "interview" and j.active)
-    )
+    metrics.BATCHES_ACTIVE.set(WORLD.active_interviews())
     metrics.BATCHES_QUEUED.set(sum(d.waiting for d in WORLD.demands.values()))

@@ -110,9 +110,15 @@ def stored_object(body: Mapping[str, Any]) -> StoredObject | None:
 
 @dataclass
 class World:
-    jobs: dict[Key, dict[str, JobView]] = field(default_factory=lambda: defaultdict(dict))
-    stored: dict[Key, dict[str, StoredObject]] = field(default_factory=lambda: defaultdict(dict))
-    quotas: dict[str, dict[str, QuotaUsage]] = field(default_factory=lambda: defaultdict(dict))
+    """Indices (kopf.index, filled by watches and complete before any handler runs, so a restarted
+    operator never acts on a half-listed cluster), plus what this process created but the watch has
+    not delivered yet, the per-ResearchJob wake-up events and the admission bookkeeping."""
+
+    job_index: Mapping[Key, Any] | None = None  # Key -> collection of JobView
+    stored_index: Mapping[Key, Any] | None = None  # Key -> collection of StoredObject
+    quota_index: Mapping[str, Any] | None = None  # namespace -> collection of QuotaUsage
+    created: dict[Key, dict[str, JobView]] = field(default_factory=lambda: defaultdict(dict))
+    deleted: set[str] = field(default_factory=set)  # Jobs this process deleted (until the watch agrees)
     demands: dict[Key, Demand] = field(default_factory=dict)
     phases: dict[Key, str] = field(default_factory=dict)
     wakeups: dict[Key, asyncio.Event] = field(default_factory=dict)
@@ -121,6 +127,20 @@ class World:
     rbac_ready: set[Key] = field(default_factory=set)
     failure_details: dict[tuple[str, str], str] = field(default_factory=dict)  # (ns, Job) -> pod's last words
     admission_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def attach(self, jobs: Mapping[Key, Any], stored: Mapping[Key, Any], quotas: Mapping[str, Any]) -> None:
+        self.job_index, self.stored_index, self.quota_index = jobs, stored, quotas
+
+    def jobs_of(self, key: Key) -> dict[str, JobView]:
+        seen = {j.name: j for j in (self.job_index or {}).get(key, [])}
+        pending = self.created.get(key, {})
+        for name in [n for n in pending if n in seen]:
+            del pending[name]  # the watch has it now
+        out = {**pending, **seen}
+        return {n: j for n, j in out.items() if n not in self.deleted}
+
+    def quotas_of(self, namespace: str) -> list[QuotaUsage]:
+        return list((self.quota_index or {}).get(namespace, []))
 
     def event(self, key: Key) -> asyncio.Event:
         if key not in self.wakeups:
@@ -138,7 +158,7 @@ class World:
                 self.wake(key)
 
     def forget(self, key: Key) -> None:
-        for d in (self.jobs, self.stored, self.demands, self.phases, self.wakeups, self.bodies):
+        for d in (self.created, self.demands, self.phases, self.wakeups, self.bodies):
             d.pop(key, None)
         self.rbac_ready.discard(key)
 
@@ -147,7 +167,7 @@ class World:
         sections: dict[str, set[int]] = defaultdict(set)
         reports: dict[str, ReportRef] = {}
         tokens = 0
-        for obj in self.stored.get(key, {}).values():
+        for obj in (self.stored_index or {}).get(key, []):
             tokens += obj.tokens
             if obj.kind == "analysts" and obj.analysts is not None:
                 analysts[obj.plan] = obj.analysts
@@ -164,6 +184,9 @@ class World:
 
     def active_demands(self) -> list[Demand]:
         return list(self.demands.values())
+
+    def active_interviews(self) -> int:
+        return sum(1 for jobs in (self.job_index or {}).values() for j in jobs if j.step == "interview" and j.active)
 
 
 WORLD = World()
