@@ -288,3 +288,81 @@ def test_a_second_replica_stands_by_until_the_leader_dies(
     finally:
         standby.kill()
         operator.start()
+
+
+def test_budget_exhausted_ends_failed_with_the_reason(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
+) -> None:
+    api = cluster.api_client()
+    create(api, namespace, researchjob("thrifty", corpus_configmap, analysts={"count": 4}, budget={"maxTokens": 1000}))
+    obj = wait_phase(api, namespace, "thrifty", {"Succeeded", "Failed"})
+    status = obj["status"]
+    assert status["phase"] == "Failed", status
+    assert "token" in status["message"], status["message"]
+    assert status["tokensUsed"] > 0
+    events = client.CoreV1Api(api).list_namespaced_event(namespace, field_selector="involvedObject.name=thrifty").items
+    assert any(e.type == "Warning" for e in events)
+
+
+def test_an_endpoint_that_rejects_the_key_fails_fast_with_the_workers_message(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str, modelserver_factory: Any
+) -> None:
+    locked = modelserver_factory(api_key="the-right-key")
+    api = cluster.api_client()
+    client.CoreV1Api(api).create_namespaced_secret(
+        namespace, {"metadata": {"name": "llm"}, "stringData": {"api-key": "a-wrong-key"}}
+    )
+    model = {"baseUrl": locked.base_url, "apiKeySecretRef": {"name": "llm", "key": "api-key"}}
+    create(api, namespace, researchjob("locked", corpus_configmap, analysts={"count": 2}, model=model))
+    start = time.monotonic()
+    obj = wait_phase(api, namespace, "locked", {"Succeeded", "Failed"}, timeout=120)
+    elapsed = time.monotonic() - start
+    status = obj["status"]
+    assert status["phase"] == "Failed"
+    assert "rejected the API key" in status["message"], status["message"]
+    assert "a-wrong-key" not in str(obj)
+    # FailJob on the worker's exit code 3: one pod, no retries spent on a key that cannot work.
+    pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector="job-name=locked-e3b0c4-plan").items
+    assert len(pods) == 1, [p.metadata.name for p in pods]
+    assert elapsed < 90
+
+
+def test_a_big_researchjob_does_not_starve_a_small_one_under_a_global_cap(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
+) -> None:
+    api = cluster.api_client()
+    core = client.CoreV1Api(api)
+    settings = {
+        "metadata": {"name": "fairness-caps", "labels": {f"{GROUP}/operator-settings": "true"}},
+        "data": {"globalMaxActiveJobs": "2"},
+    }
+    op_ns = operator.env["OPERATOR_NAMESPACE"]
+    core.create_namespaced_config_map(op_ns, settings)
+    try:
+        deadline = time.monotonic() + 30
+        while "globalMaxActiveJobs=2" not in operator.log():
+            assert time.monotonic() < deadline, "the operator never applied the new cap"
+            time.sleep(0.3)
+        jobs = JobWatch(api, namespace)
+        jobs.start()
+        jobs.ready.wait(5)
+        big = researchjob(
+            "big", corpus_configmap, analysts={"count": 12}, parallelism={"batchSize": 1, "maxActiveJobs": 4}
+        )
+        create(api, namespace, big)
+        wait_phase(api, namespace, "big", {"Interviewing"}, timeout=120)
+        small = researchjob(
+            "small", corpus_configmap, analysts={"count": 1}, parallelism={"batchSize": 1, "maxActiveJobs": 4}
+        )
+        create(api, namespace, small)
+        small_done = wait_phase(api, namespace, "small", {"Succeeded", "Failed"})
+        big_now = client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "big")
+        big_done = wait_phase(api, namespace, "big", {"Succeeded", "Failed"})
+        jobs.stop()
+    finally:
+        core.delete_namespaced_config_map("fairness-caps", op_ns)
+    assert small_done["status"]["phase"] == "Succeeded" and big_done["status"]["phase"] == "Succeeded"
+    # The small job finished while the big one still had work: it was not made to wait behind it.
+    assert big_now["status"]["phase"] == "Interviewing", big_now["status"]
+    assert big_now["status"]["sectionsDone"] < 12
+    assert jobs.max_active_interviews <= 2

@@ -39,6 +39,7 @@ from research_operator.constants import (
 from research_operator.settings import Settings
 
 TASK_ENV = "RESEARCH_TASK"
+NON_RETRYABLE_EXIT_CODES = (2, 3, 5)  # research-worker's exit codes for errors a retry cannot fix
 API_KEY_ENV = "OPENAI_API_KEY"
 DSN_ENV = DEFAULT_DSN_ENV
 TAVILY_ENV = DEFAULT_TAVILY_KEY_ENV
@@ -222,6 +223,20 @@ def worker_job(
         pod_spec["priorityClassName"] = spec.worker.priority_class_name
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.retries.backoff_limit,
+        # Retrying cannot fix a bad task (2), a rejected key or unknown model (3) or an exhausted
+        # token budget (5): fail the Job at once instead of spending the backoff on it.
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": "worker",
+                        "operator": "In",
+                        "values": list(NON_RETRYABLE_EXIT_CODES),
+                    },
+                }
+            ]
+        },
         "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
     }
     pod_spec["volumes"] = [{"name": "tmp", "emptyDir": {}}]  # the root filesystem is read-only
