@@ -30,7 +30,7 @@ test: venv cluster-build tools lint typecheck ## Run every check and test (the C
 .PHONY: venv
 venv: $(STAMP) ## Create .venv and install the project with its dev dependencies.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
