@@ -179,7 +179,7 @@ def test_failed_batch_fails_the_job_naming_the_analysts() -> None:
     d = decide(spec(), observe(jobs=jobs, store=store))
     assert d.status.phase == Phase.Failed
     assert d.status.failed_analysts == ["A1"]
-    assert "A1" in (d.status.message or "")
+    assert "A1" in (d.status.message or "") and "BackoffLimitExceeded" in (d.status.message or "")
     assert "b1" in d.delete_jobs  # stop spending on a job that failed
     assert not d.waiting_batches
     assert d.events[-1][0] == "Warning"

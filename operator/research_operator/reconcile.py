@@ -140,6 +140,7 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
     else:
         names = {i: a.name for i, a in enumerate(analysts)}
         failed_analysts: list[str] = []
+        failure_messages: list[str] = []
         active: list[str] = []
         for b, members in enumerate(plan):
             job = by_batch.get(b)
@@ -152,6 +153,7 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
             elif job.failed:
                 counts.failed += 1
                 failed_analysts += [names.get(i, str(i)) for i in members if i not in done]
+                failure_messages.append(job.message)
             elif job.suspended:
                 counts.queued += 1
             elif job.succeeded:
@@ -166,7 +168,11 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
             d.delete_jobs.append(plan_job.name)
         if failed_analysts:
             st.failed_analysts = failed_analysts
-            failure = ("BatchFailed", f"interviews failed beyond retries for: {', '.join(failed_analysts)}")
+            why = next((m for m in failure_messages if m), "")
+            failure = (
+                "BatchFailed",
+                f"interviews failed beyond retries for: {', '.join(failed_analysts)}" + (f" ({why})" if why else ""),
+            )
         elif counts.succeeded == len(plan):
             st.phase = Phase.Writing
             if writer is None:
