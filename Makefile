@@ -19,8 +19,12 @@ help: ## List every target with a one-line description.
 
 ##@ Main commands
 .PHONY: demo
-demo: venv cluster-build ## The main job: run what exists end to end on the local control plane.
-	$(PY) -m localkube.demo
+demo: venv cluster-build tools ## The main job: the chart on the local cluster, a ResearchJob from examples/, its report.
+	$(PY) -m localkube.demo up
+
+.PHONY: demo-down
+demo-down: venv tools ## Undo the demo: helm uninstall, delete namespace research-demo, stop the local cluster.
+	$(PY) -m localkube.demo down
 
 .PHONY: test
 test: venv cluster-build tools lint typecheck ## Run every check and test (the CI command).
