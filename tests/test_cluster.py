@@ -179,3 +179,25 @@ def test_pod_service_account_is_bound_by_rbac(cluster: ClusterHandle, namespace:
     # The pod's own token worked (it may list configmaps) and RBAC refused what it was not granted.
     assert "configmaps 1" in log  # kube-root-ca.crt is published into every namespace
     assert "secrets: 403" in log
+
+
+def test_down_stops_exactly_what_up_started(tmp_path: Any, cluster: ClusterHandle) -> None:
+    """A second cluster in its own state dir: `down` leaves none of its processes behind and does
+    not touch the session's cluster."""
+    import os
+
+    from localkube.controlplane import Cluster
+
+    other = Cluster(tmp_path / "state")
+    other.up()
+    pids = {name: int(p.read_text().split()[0]) for name, p in ((p.stem, p) for p in other.pids_dir.glob("*.pid"))}
+    assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "node-agent"}
+    assert set(other.down()) == set(pids)
+    for name, pid in pids.items():
+        try:
+            os.kill(pid, 0)
+            stat = open(f"/proc/{pid}/stat").read()
+            assert stat.rsplit(")", 1)[1].split()[0] == "Z", f"{name} (pid {pid}) still runs"
+        except ProcessLookupError:
+            pass
+    assert cluster.cluster.healthy(), "stopping another cluster must not touch this one"
