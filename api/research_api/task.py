@@ -25,6 +25,11 @@ LABEL_PLAN = f"{GROUP}/plan"  # the plan id
 LABEL_KIND = f"{GROUP}/kind"  # analysts | section | report
 LABEL_ANALYST = f"{GROUP}/analyst"  # the analyst index of a section
 ANNOTATION_JOB_UID = f"{GROUP}/job-uid"
+# On the marker ConfigMaps the PostgreSQL store writes for the operator (the rows themselves live
+# in PostgreSQL): ANNOTATION_STORE says which store holds the full object, and the report marker
+# carries the report's id in that store.
+ANNOTATION_STORE = f"{GROUP}/store"
+ANNOTATION_POSTGRES_REPORT = f"{GROUP}/postgres-report"
 
 MAX_NAME = 253  # DNS subdomain (ConfigMap names)
 MAX_LABEL_VALUE = 63
@@ -53,6 +58,7 @@ class Step(StrEnum):
     INTERVIEW = "interview"
     WRITE = "write"
     RUN = "run"
+    CLEANUP = "cleanup"  # delete every PostgreSQL row and checkpoint of a job uid
 
 
 class JobRef(_Model):
@@ -123,6 +129,10 @@ class ConfigMapStoreSettings(_Model):
 class PostgresStoreSettings(_Model):
     type: Literal["postgres"] = "postgres"
     dsn_env: str = DEFAULT_DSN_ENV
+    # Also write small marker ConfigMaps (names, labels and ownerReference of the ConfigMap store)
+    # after each PostgreSQL commit, so the operator sees progress without reading the database.
+    # The operator always sets it; off for a worker run by hand outside a cluster.
+    markers: bool = False
 
 
 StoreSettings = Annotated[ConfigMapStoreSettings | PostgresStoreSettings, Field(discriminator="type")]
@@ -170,6 +180,24 @@ class ResearchTask(_Model):
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+def postgres_report_id(job_uid: str, plan: str) -> str:
+    """The id of a report in the PostgreSQL store: ``<job uid>/<plan id>`` (the table's key)."""
+    return f"{job_uid}/{plan}"
+
+
+def parse_postgres_report_id(report_id: str) -> tuple[str, str]:
+    uid, sep, plan = report_id.rpartition("/")
+    if not sep or not uid or not plan:
+        raise ValueError(f"a PostgreSQL report id is <job uid>/<plan id>, not {report_id!r}")
+    return uid, plan
+
+
+def markdown_title(markdown: str) -> str | None:
+    """The text of the first level-1 heading (``# Title``), if any."""
+    first = next((line for line in markdown.splitlines() if line.startswith("# ")), "")
+    return first[2:].strip() or None
 
 
 def label_value(value: str) -> str:

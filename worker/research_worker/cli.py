@@ -5,6 +5,10 @@ process, no cluster, report to a file or stdout). The task is JSON or YAML from 
 ``--task-configmap NAMESPACE/NAME[:KEY]`` or the ``RESEARCH_TASK`` variable. Errors are one line on
 stderr; exit codes: 0 done, 1 unexpected, 2 bad task/config, 3 model endpoint/key, 4 store,
 5 token budget, 6 search.
+
+Two more commands need no model: ``cleanup`` deletes every PostgreSQL row and checkpoint of a
+ResearchJob (``--job-uid`` or the task's), and ``show-report`` prints a stored report from either
+store (``--job NAMESPACE/NAME``, ``--postgres-id UID/PLAN`` or the task).
 """
 
 from __future__ import annotations
@@ -21,10 +25,17 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from research_api.task import ResearchTask, Step
+from research_api.task import (
+    DEFAULT_DSN_ENV,
+    PostgresStoreSettings,
+    ResearchTask,
+    Step,
+    parse_postgres_report_id,
+)
 from research_worker.errors import WorkerConfigError, WorkerError
 
 TASK_ENV = "RESEARCH_TASK"
+SHOW_REPORT = "show-report"
 log = logging.getLogger("research_worker")
 
 
@@ -76,10 +87,109 @@ def _ask_on_terminal(analysts: list[dict[str, Any]]) -> str:
     return sys.stdin.readline().strip()
 
 
+def _dsn(env: str) -> str:
+    dsn = os.environ.get(env)
+    if not dsn:
+        raise WorkerConfigError(f"the PostgreSQL DSN variable {env} is not set (feed it from a Secret)")
+    return dsn
+
+
+async def _cleanup(args: argparse.Namespace) -> int:
+    from research_worker.store import delete_job_rows
+
+    if args.job_uid:
+        uid, dsn_env = args.job_uid, args.dsn_env or DEFAULT_DSN_ENV
+    else:
+        task = load_task(args)
+        if not isinstance(task.store, PostgresStoreSettings):
+            raise WorkerConfigError("cleanup is for the postgres store (ConfigMaps are garbage-collected)")
+        uid, dsn_env = task.job.uid, args.dsn_env or task.store.dsn_env
+    deleted = await delete_job_rows(_dsn(dsn_env), uid)
+    log.info("deleted the PostgreSQL rows of job uid %s: %s", uid, deleted)
+    print(json.dumps({"jobUid": uid, "deleted": deleted}))
+    return 0
+
+
+async def _show_report(args: argparse.Namespace) -> int:
+    """Print a stored report: from a ResearchJob's status.report, a PostgreSQL report id, or a task."""
+    from research_worker.store import ConfigMapStore, kube_api_client, read_postgres_report
+
+    dsn_env = args.dsn_env or DEFAULT_DSN_ENV
+    if args.job:
+        ns, _, name = args.job.rpartition("/")
+        if not ns or not name:
+            raise WorkerConfigError("--job wants NAMESPACE/NAME")
+        api_client = kube_api_client()
+        ref = await asyncio.to_thread(_report_ref, api_client, ns, name)
+        if ref.get("postgresId"):
+            uid, plan = parse_postgres_report_id(str(ref["postgresId"]))
+            report = await read_postgres_report(_dsn(dsn_env), uid, plan)
+            if report is None:
+                raise WorkerConfigError(f"report {ref['postgresId']} of {ns}/{name} is not in PostgreSQL")
+            text = report.markdown
+        else:
+            text = await asyncio.to_thread(_configmap_report, api_client, ns, name, ref)
+    elif args.postgres_id:
+        try:
+            uid, plan = parse_postgres_report_id(args.postgres_id)
+        except ValueError as exc:
+            raise WorkerConfigError(str(exc)) from None
+        report = await read_postgres_report(_dsn(dsn_env), uid, plan)
+        if report is None:
+            raise WorkerConfigError(f"no report {args.postgres_id} in PostgreSQL")
+        text = report.markdown
+    else:
+        task = load_task(args)
+        if isinstance(task.store, PostgresStoreSettings):
+            report = await read_postgres_report(_dsn(args.dsn_env or task.store.dsn_env), task.job.uid, task.plan_id)
+        else:
+            report = await ConfigMapStore(task, kube_api_client()).load_report()
+        if report is None:
+            job = f"{task.job.namespace}/{task.job.name}"
+            raise WorkerConfigError(f"no report is stored for plan {task.plan_id} of {job}")
+        text = report.markdown
+    _emit(args.output, text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def _report_ref(api_client: Any, namespace: str, name: str) -> dict[str, Any]:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from research_api.researchjob import GROUP, PLURAL, VERSION
+
+    try:
+        rj = client.CustomObjectsApi(api_client).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        raise WorkerConfigError(f"cannot read ResearchJob {namespace}/{name}: HTTP {exc.status} {exc.reason}") from None
+    status: dict[str, Any] = dict(rj.get("status") or {}) if isinstance(rj, dict) else {}
+    ref = status.get("report")
+    if not ref:
+        raise WorkerConfigError(
+            f"ResearchJob {namespace}/{name} has no report yet (phase {status.get('phase', 'Pending')})"
+        )
+    return dict(ref)
+
+
+def _configmap_report(api_client: Any, namespace: str, name: str, ref: dict[str, Any]) -> str:
+    from research_worker.store import load_configmap_data
+
+    if not ref.get("configMap") or not ref.get("key"):
+        raise WorkerConfigError(f"ResearchJob {namespace}/{name} names no report: {ref}")
+    data = load_configmap_data(api_client, namespace)(str(ref["configMap"]))
+    if ref["key"] not in data:
+        raise WorkerConfigError(f"ConfigMap {namespace}/{ref['configMap']} has no key {ref['key']}")
+    return data[str(ref["key"])]
+
+
 async def _main(args: argparse.Namespace) -> int:
     from research_worker import steps
     from research_worker.store import kube_api_client, load_configmap_data, opened, usage_of_results
 
+    if args.step == SHOW_REPORT:
+        return await _show_report(args)
+    if args.step == Step.CLEANUP.value:
+        return await _cleanup(args)
     task = load_task(args)
     step = Step(args.step)
     if task.step is not None and task.step != step:
@@ -88,7 +198,8 @@ async def _main(args: argparse.Namespace) -> int:
         task = task.model_copy(update={"analysts": [int(x) for x in args.analysts.split(",") if x.strip()]})
         task = ResearchTask.model_validate(task.model_dump())
     needs_cluster = any(getattr(s, "config_map", None) for s in task.sources) or (
-        step != Step.RUN and task.store.type == "configmap"
+        step != Step.RUN
+        and (task.store.type == "configmap" or (isinstance(task.store, PostgresStoreSettings) and task.store.markers))
     )
     api_client = kube_api_client() if needs_cluster else None
     loader = load_configmap_data(api_client, task.job.namespace) if api_client is not None else None
@@ -152,12 +263,22 @@ def _emit_usage(path: str | None, usage: dict[str, Any]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="research-worker", description="Run one step of a ResearchJob.")
-    p.add_argument("step", choices=[s.value for s in Step], help="plan | interview | write | run")
+    p.add_argument(
+        "step",
+        choices=[*(s.value for s in Step), SHOW_REPORT],
+        help="plan | interview | write | run | cleanup | show-report",
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", help="task file (JSON or YAML)")
     src.add_argument("--task-configmap", metavar="NS/NAME[:KEY]", help="read the task from a ConfigMap")
+    src.add_argument("--job-uid", help="cleanup: the ResearchJob uid whose PostgreSQL rows to delete (no task needed)")
+    src.add_argument("--job", metavar="NS/NAME", help="show-report: the report a ResearchJob's status names")
+    src.add_argument("--postgres-id", metavar="UID/PLAN", help="show-report: a report in the PostgreSQL store")
+    p.add_argument("--dsn-env", help=f"cleanup/show-report: the variable holding the DSN (default {DEFAULT_DSN_ENV})")
     p.add_argument("--analysts", help="interview: comma-separated analyst indices (overrides the task's)")
-    p.add_argument("-o", "--output", help="run/write: write the report here ('-' = stdout, the default for run)")
+    p.add_argument(
+        "-o", "--output", help="run/write/show-report: write the report here ('-' = stdout, the default for run)"
+    )
     p.add_argument("--sections-dir", help="run/write: also write each section as JSON into this folder")
     p.add_argument("--usage-file", help="write token usage by step/analyst as JSON here")
     p.add_argument("--review", action="store_true", help="run: show the analysts and ask for feedback on stdin")

@@ -4,6 +4,10 @@
 deterministic names (``research_api.task.configmap_name``); a create answered 409 means the object
 is already stored. ``PostgresStore``: tables created and migrated by the worker (``schema_version``),
 plus LangGraph's Postgres checkpointer so an interview resumes mid-way after its pod is killed.
+``IndexedStore``: a ``PostgresStore`` that, after each commit, also writes a small marker ConfigMap
+(same name, labels and owner as the ConfigMap store's object) so the operator, which watches
+ConfigMaps and never reads the database, sees the progress. ``delete_job_rows`` removes every row
+and checkpoint of a job uid (``research-worker cleanup``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pydantic import BaseModel
 
 from research_api.task import (
     ANNOTATION_JOB_UID,
+    ANNOTATION_POSTGRES_REPORT,
+    ANNOTATION_STORE,
     CONFIGMAP_DATA_KEY,
     CONFIGMAP_DATA_LIMIT,
     CONFIGMAP_REPORT_KEY,
@@ -31,6 +37,8 @@ from research_api.task import (
     ResearchTask,
     configmap_name,
     label_value,
+    markdown_title,
+    postgres_report_id,
 )
 from research_worker.errors import ObjectTooLarge, StoreError, WorkerConfigError
 from research_worker.state import Analyst, Report, Section, TokenUsage
@@ -81,7 +89,13 @@ REPORT_KEY = CONFIGMAP_REPORT_KEY
 
 
 def configmap_body(
-    name: str, namespace: str, data: Mapping[str, str], labels: dict[str, str], owner: dict[str, Any], uid: str
+    name: str,
+    namespace: str,
+    data: Mapping[str, str],
+    labels: dict[str, str],
+    owner: dict[str, Any],
+    uid: str,
+    annotations: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The ConfigMap manifest, refused (never truncated) if its data would exceed 1 MiB."""
     size = sum(len(k.encode()) + len(v.encode()) for k, v in data.items())
@@ -97,14 +111,16 @@ def configmap_body(
             "name": name,
             "namespace": namespace,
             "labels": labels,
-            "annotations": {ANNOTATION_JOB_UID: uid},
+            "annotations": {ANNOTATION_JOB_UID: uid, **(annotations or {})},
             "ownerReferences": [owner],
         },
         "data": dict(data),
     }
 
 
-class ConfigMapStore:
+class _ConfigMaps:
+    """The ConfigMaps of one ResearchJob's plan: deterministic names, labels, ownerReference."""
+
     def __init__(self, task: ResearchTask, api_client: Any) -> None:
         from kubernetes import client
 
@@ -120,7 +136,12 @@ class ConfigMapStore:
         return configmap_name(self.job, self.plan, kind, index)
 
     async def _create(
-        self, kind: str, obj: BaseModel, index: int | None = None, extra: Mapping[str, str] | None = None
+        self,
+        kind: str,
+        obj: BaseModel,
+        index: int | None = None,
+        extra: Mapping[str, str] | None = None,
+        annotations: Mapping[str, str] | None = None,
     ) -> bool:
         from kubernetes.client.exceptions import ApiException
 
@@ -129,7 +150,7 @@ class ConfigMapStore:
             labels[LABEL_ANALYST] = str(index)
         name = self._name(kind, index)
         data = {DATA_KEY: obj.model_dump_json(), **(extra or {})}
-        body = configmap_body(name, self.ns, data, labels, self.owner, self.uid)
+        body = configmap_body(name, self.ns, data, labels, self.owner, self.uid, annotations)
         try:
             await asyncio.to_thread(self.core.create_namespaced_config_map, self.ns, body)
             return True
@@ -155,9 +176,12 @@ class ConfigMapStore:
             raise StoreError(f"cannot read ConfigMap {self.ns}/{name}: HTTP {exc.status} {exc.reason}") from None
         return model.model_validate_json((cm.data or {})[DATA_KEY])
 
-    async def _list(self, kind: str) -> list[Any]:
-        selector = ",".join(f"{k}={v}" for k, v in {**self.base_labels, LABEL_KIND: kind}.items())
+    async def _list(self, kind: str | None) -> list[Any]:
+        """This plan's ConfigMaps of one kind (None: of every kind), of this job uid only."""
         from kubernetes.client.exceptions import ApiException
+
+        selector = ",".join(f"{k}={v}" for k, v in self.base_labels.items())
+        selector += f",{LABEL_KIND}" + (f"={kind}" if kind is not None else "")
 
         try:
             resp = await asyncio.to_thread(self.core.list_namespaced_config_map, self.ns, label_selector=selector)
@@ -169,6 +193,8 @@ class ConfigMapStore:
             if ((cm.metadata and cm.metadata.annotations) or {}).get(ANNOTATION_JOB_UID) == self.uid
         ]
 
+
+class ConfigMapStore(_ConfigMaps):
     async def save_analysts(self, plan: AnalystPlan) -> bool:
         return await self._create("analysts", plan)
 
@@ -273,13 +299,21 @@ class PostgresStore:
             raise StoreError(f"cannot prepare the PostgreSQL schema: {exc}") from None
         return cls(task, pool, saver)
 
-    async def _insert(self, sql: str, params: tuple[Any, ...]) -> bool:
+    async def _insert(self, sql: str, params: tuple[Any, ...], step: str, usage: TokenUsage) -> bool:
+        """Insert a result row and, in the same transaction, its usage row; False if already stored."""
         import psycopg
 
         try:
-            async with self.pool.connection() as conn:
+            async with self.pool.connection() as conn, conn.transaction():
                 cur = await conn.execute(sql, params)
-                return bool(cur.rowcount)
+                if not cur.rowcount:
+                    return False
+                u = usage
+                await conn.execute(
+                    "INSERT INTO research_usage VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                    (self.uid, self.plan, step, u.input_tokens, u.output_tokens, u.total_tokens, u.calls),
+                )
+                return True
         except psycopg.Error as exc:
             raise StoreError(f"PostgreSQL write failed: {exc}") from None
 
@@ -293,20 +327,13 @@ class PostgresStore:
         except psycopg.Error as exc:
             raise StoreError(f"PostgreSQL read failed: {exc}") from None
 
-    async def _save_usage(self, step: str, u: TokenUsage) -> None:
-        await self._insert(
-            "INSERT INTO research_usage VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
-            (self.uid, self.plan, step, u.input_tokens, u.output_tokens, u.total_tokens, u.calls),
-        )
-
     async def save_analysts(self, plan: AnalystPlan) -> bool:
-        ok = await self._insert(
+        return await self._insert(
             "INSERT INTO research_analysts VALUES (%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
             (self.uid, self.plan, self.ns, self.job, plan.model_dump_json()),
+            "plan",
+            plan.usage,
         )
-        if ok:
-            await self._save_usage("plan", plan.usage)
-        return ok
 
     async def load_analysts(self) -> AnalystPlan | None:
         rows = await self._fetch(
@@ -315,13 +342,12 @@ class PostgresStore:
         return AnalystPlan.model_validate(rows[0]["record"]) if rows else None
 
     async def save_section(self, section: Section) -> bool:
-        ok = await self._insert(
+        return await self._insert(
             "INSERT INTO research_sections VALUES (%s,%s,%s,%s) ON CONFLICT DO NOTHING",
             (self.uid, self.plan, section.index, section.model_dump_json()),
+            f"interview/{section.index}",
+            section.usage,
         )
-        if ok:
-            await self._save_usage(f"interview/{section.index}", section.usage)
-        return ok
 
     async def list_sections(self) -> list[Section]:
         rows = await self._fetch(
@@ -337,13 +363,12 @@ class PostgresStore:
         return {int(r["analyst_index"]) for r in rows}
 
     async def save_report(self, report: Report) -> bool:
-        ok = await self._insert(
+        return await self._insert(
             "INSERT INTO research_reports VALUES (%s,%s,%s) ON CONFLICT DO NOTHING",
             (self.uid, self.plan, report.model_dump_json()),
+            "write",
+            report.usage,
         )
-        if ok:
-            await self._save_usage("write", report.usage)
-        return ok
 
     async def load_report(self) -> Report | None:
         rows = await self._fetch(
@@ -389,6 +414,226 @@ async def migrate(pool: Any) -> int:
     return SCHEMA_VERSION
 
 
+# ---------------------------------------------------------------- markers for the operator
+
+
+class SectionMarker(BaseModel):
+    """What a section marker holds: enough for progress and token accounting, not the content."""
+
+    index: int
+    analyst: str
+    title: str
+    found_sources: bool
+    sources: int
+    usage: TokenUsage
+
+
+class ReportMarker(BaseModel):
+    """What the report marker holds; the report itself is read from PostgreSQL by ``postgres_id``."""
+
+    title: str | None
+    postgres_id: str
+    sections: list[int]
+    sources: int
+    usage: TokenUsage
+
+
+class MarkerWriter(_ConfigMaps):
+    """Writes the marker ConfigMaps of the PostgreSQL store. A marker is written only after its row
+    is committed, so a marker always means the row exists; writing one twice is a 409, fine."""
+
+    STORE = "postgres"
+
+    def _annotations(self, **extra: str) -> dict[str, str]:
+        return {ANNOTATION_STORE: self.STORE, **extra}
+
+    async def analysts(self, plan: AnalystPlan) -> bool:
+        # The whole plan (a few kB even for 50 analysts): the operator shows it in status for review.
+        return await self._create("analysts", plan, annotations=self._annotations())
+
+    async def section(self, section: Section) -> bool:
+        marker = SectionMarker(
+            index=section.index,
+            analyst=section.analyst.name,
+            title=section.title,
+            found_sources=section.found_sources,
+            sources=len(section.sources),
+            usage=section.usage,
+        )
+        return await self._create("section", marker, section.index, annotations=self._annotations())
+
+    async def report(self, report: Report) -> bool:
+        report_id = postgres_report_id(self.uid, self.plan)
+        marker = ReportMarker(
+            title=markdown_title(report.markdown),
+            postgres_id=report_id,
+            sections=report.sections,
+            sources=len(report.sources),
+            usage=report.usage,
+        )
+        annotations = self._annotations(**{ANNOTATION_POSTGRES_REPORT: report_id})
+        return await self._create("report", marker, annotations=annotations)
+
+    async def existing(self) -> set[tuple[str, int | None]]:
+        """(kind, analyst index) of every marker of this plan and job uid."""
+        out: set[tuple[str, int | None]] = set()
+        for cm in await self._list(None):
+            labels = (cm.metadata and cm.metadata.labels) or {}
+            idx = labels.get(LABEL_ANALYST)
+            out.add((str(labels.get(LABEL_KIND)), int(idx) if idx is not None and idx.isdigit() else None))
+        return out
+
+
+class IndexedStore:
+    """The PostgreSQL store plus marker ConfigMaps for the operator (see ``MarkerWriter``).
+
+    Reads go to PostgreSQL. Each save writes its marker after the commit, also when the row was
+    already there (a pod retried between commit and marker). ``open`` first writes the markers of
+    rows that have none, since a step that finds its work already stored does not save again."""
+
+    def __init__(self, inner: PostgresStore, markers: MarkerWriter) -> None:
+        self.inner = inner
+        self.markers = markers
+
+    @classmethod
+    async def open(cls, task: ResearchTask, dsn: str, api_client: Any) -> IndexedStore:
+        store = cls(await PostgresStore.open(task, dsn), MarkerWriter(task, api_client))
+        try:
+            await store.sync_markers()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def sync_markers(self) -> int:
+        """Write the missing markers of this plan's stored rows; returns how many were written."""
+        have = await self.markers.existing()
+        written = 0
+        plan = await self.inner.load_analysts()
+        if plan is not None and ("analysts", None) not in have:
+            written += await self.markers.analysts(plan)
+        indices = await self.inner.section_indices()
+        if any(("section", i) not in have for i in indices):
+            for section in await self.inner.list_sections():
+                if ("section", section.index) not in have:
+                    written += await self.markers.section(section)
+        if ("report", None) not in have:
+            report = await self.inner.load_report()
+            if report is not None:
+                written += await self.markers.report(report)
+        if written:
+            log.info("wrote %d missing marker ConfigMaps for rows already in PostgreSQL", written)
+        return written
+
+    async def save_analysts(self, plan: AnalystPlan) -> bool:
+        ok = await self.inner.save_analysts(plan)
+        stored = plan if ok else await self.inner.load_analysts()
+        if stored is not None:
+            await self.markers.analysts(stored)  # the stored plan, which may be another pod's
+        return ok
+
+    async def load_analysts(self) -> AnalystPlan | None:
+        return await self.inner.load_analysts()
+
+    async def save_section(self, section: Section) -> bool:
+        ok = await self.inner.save_section(section)
+        if ok:
+            stored: Section | None = section
+        else:
+            stored = next((s for s in await self.inner.list_sections() if s.index == section.index), None)
+        if stored is not None:
+            await self.markers.section(stored)
+        return ok
+
+    async def list_sections(self) -> list[Section]:
+        return await self.inner.list_sections()
+
+    async def section_indices(self) -> set[int]:
+        return await self.inner.section_indices()
+
+    async def save_report(self, report: Report) -> bool:
+        ok = await self.inner.save_report(report)
+        stored = report if ok else await self.inner.load_report()
+        if stored is not None:
+            await self.markers.report(stored)
+        return ok
+
+    async def load_report(self) -> Report | None:
+        return await self.inner.load_report()
+
+    async def usage(self) -> dict[str, TokenUsage]:
+        return await self.inner.usage()
+
+    def checkpointer(self) -> Any:
+        return self.inner.checkpointer()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+# ---------------------------------------------------------------- cleanup
+
+RESULT_TABLES = ("research_analysts", "research_sections", "research_reports", "research_usage")
+CHECKPOINT_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
+
+
+async def delete_job_rows(dsn: str, job_uid: str) -> dict[str, int]:
+    """Delete every row of one ResearchJob (all plans) and the LangGraph checkpoints of its
+    interview threads (``<job uid>:<plan>:<analyst>``). Idempotent: a second run deletes nothing.
+    Returns the rows deleted by table, plus ``threads``."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    if not job_uid.strip():
+        raise WorkerConfigError("cleanup needs the ResearchJob's uid")
+    deleted: dict[str, int] = {}
+    try:
+        async with await psycopg.AsyncConnection.connect(dsn, connect_timeout=10, row_factory=dict_row) as conn:
+            async with conn.transaction():
+                cur = await conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+                tables = {str(r["tablename"]) for r in await cur.fetchall()}
+                threads: set[str] = set()
+                for table in (t for t in CHECKPOINT_TABLES if t in tables):
+                    cur = await conn.execute(
+                        f"SELECT DISTINCT thread_id FROM {table} WHERE starts_with(thread_id, %s)",  # noqa: S608
+                        (f"{job_uid}:",),
+                    )
+                    threads |= {str(r["thread_id"]) for r in await cur.fetchall()}
+                for table in (t for t in CHECKPOINT_TABLES if t in tables):
+                    cur = await conn.execute(
+                        f"DELETE FROM {table} WHERE thread_id = ANY(%s)",  # noqa: S608 - a fixed table name
+                        (sorted(threads),),
+                    )
+                    deleted[table] = cur.rowcount
+                for table in (t for t in RESULT_TABLES if t in tables):
+                    cur = await conn.execute(f"DELETE FROM {table} WHERE job_uid = %s", (job_uid,))  # noqa: S608
+                    deleted[table] = cur.rowcount
+                deleted["threads"] = len(threads)
+    except psycopg.OperationalError as exc:
+        raise StoreError(f"cannot connect to PostgreSQL: {exc}") from None
+    except psycopg.Error as exc:
+        raise StoreError(f"PostgreSQL cleanup failed: {exc}") from None
+    return deleted
+
+
+async def read_postgres_report(dsn: str, job_uid: str, plan: str) -> Report | None:
+    """The stored report of one plan of a ResearchJob, read without touching the schema."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    try:
+        async with await psycopg.AsyncConnection.connect(dsn, connect_timeout=10, row_factory=dict_row) as conn:
+            cur = await conn.execute(
+                "SELECT record FROM research_reports WHERE job_uid=%s AND plan=%s", (job_uid, plan)
+            )
+            row = await cur.fetchone()
+    except psycopg.errors.UndefinedTable:
+        return None
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot read the report from PostgreSQL: {exc}") from None
+    return Report.model_validate(row["record"]) if row else None
+
+
 # ---------------------------------------------------------------- opening
 
 
@@ -424,12 +669,15 @@ def load_configmap_data(api_client: Any, namespace: str) -> Callable[[str], dict
 
 
 async def open_store(task: ResearchTask, api_client: Any = None) -> Store:
+    """The task's store: ConfigMaps, PostgreSQL, or PostgreSQL with markers (``store.markers``)."""
     if isinstance(task.store, PostgresStoreSettings):
         dsn = os.environ.get(task.store.dsn_env)
         if not dsn:
             raise WorkerConfigError(
                 f"the PostgreSQL DSN variable {task.store.dsn_env} is not set (feed it from a Secret)"
             )
+        if task.store.markers:
+            return await IndexedStore.open(task, dsn, api_client if api_client is not None else kube_api_client())
         return await PostgresStore.open(task, dsn)
     return ConfigMapStore(task, api_client if api_client is not None else kube_api_client())
 
