@@ -10,7 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from research_api.researchjob import GROUP, KIND, VERSION, ResearchJobSpec, SourceType, StoreType
+from research_api.researchjob import (
+    GROUP,
+    KIND,
+    VERSION,
+    ResearchJobSpec,
+    SecretKeyRef,
+    SourceType,
+    StoreType,
+    WorkerSpec,
+)
 from research_api.task import (
     DEFAULT_DSN_ENV,
     DEFAULT_TAVILY_KEY_ENV,
@@ -26,6 +35,7 @@ from research_api.task import (
     WikipediaSource,
 )
 from research_operator.constants import (
+    ANNOTATION_CLEANUP_OF,
     KUEUE_QUEUE_LABEL,
     LABEL_BATCH,
     LABEL_JOB,
@@ -80,7 +90,10 @@ def build_task(
         else:
             sources.append(WikipediaSource(max_docs=min(s.max_results, 10)))
     store = (
-        PostgresStoreSettings(dsn_env=DSN_ENV) if spec.store.type == StoreType.postgres else ConfigMapStoreSettings()
+        # markers: the worker also writes small ConfigMaps after each commit, the operator's view of progress
+        PostgresStoreSettings(dsn_env=DSN_ENV, markers=True)
+        if spec.store.type == StoreType.postgres
+        else ConfigMapStoreSettings()
     )
     return ResearchTask(
         job=JobRef(namespace=owner.namespace, name=owner.name, uid=owner.uid),
@@ -255,4 +268,80 @@ def worker_job(
             "ownerReferences": [owner.reference()],
         },
         "spec": job_spec,
+    }
+
+
+CLEANUP_BACKOFF_LIMIT = 3
+CLEANUP_DEADLINE_SECONDS = 600  # also ends a pod that cannot start (a missing DSN Secret)
+
+
+def cleanup_job_name(owner: Owner) -> str:
+    return child_name(owner.name, "cleanup")
+
+
+def cleanup_job(
+    owner: Owner, dsn: SecretKeyRef, settings: Settings, worker: WorkerSpec | None = None, owned: bool = True
+) -> dict[str, Any]:
+    """The Job that deletes a deleted ResearchJob's PostgreSQL rows (``research-worker cleanup``).
+
+    It needs only the DSN (from the job's Secret, like every worker Job), not the Kubernetes API:
+    the namespace's default ServiceAccount with no token mounted. Owned by the ResearchJob, so it
+    is garbage-collected with it; ``owned=False`` during a foreground deletion, which would delete
+    an owned Job at once (the operator deletes it itself, and finds it by its annotation)."""
+    worker = worker or WorkerSpec()
+    job_labels = labels(owner, Step.CLEANUP.value)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": WORKER_UID,
+            "runAsGroup": WORKER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [
+            {
+                "name": "worker",
+                "image": settings.worker_image,
+                "command": ["research-worker", Step.CLEANUP.value, "--job-uid", owner.uid],
+                "env": [_secret_env(DSN_ENV, dsn)],
+                "resources": worker.resources.wire(),
+                "securityContext": RESTRICTED_CONTAINER_SC,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+            }
+        ],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+    if worker.node_selector:
+        pod_spec["nodeSelector"] = dict(worker.node_selector)
+    if worker.tolerations:
+        pod_spec["tolerations"] = [t.wire() for t in worker.tolerations]
+    if worker.priority_class_name:
+        pod_spec["priorityClassName"] = worker.priority_class_name
+    metadata: dict[str, Any] = {
+        "name": cleanup_job_name(owner),
+        "namespace": owner.namespace,
+        "labels": job_labels,
+        "annotations": {ANNOTATION_CLEANUP_OF: owner.name},
+    }
+    if owned:
+        metadata["ownerReferences"] = [owner.reference()]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {
+            "backoffLimit": CLEANUP_BACKOFF_LIMIT,
+            "activeDeadlineSeconds": CLEANUP_DEADLINE_SECONDS,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {"containerName": "worker", "operator": "In", "values": [2]},
+                    }
+                ]
+            },
+            "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
+        },
     }

@@ -15,7 +15,8 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "research-operator"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
-FINALIZER = f"{GROUP}/external-store"
+FINALIZER = f"{GROUP}/external-store"  # on postgres-store ResearchJobs until their rows are deleted
+ANNOTATION_CLEANUP_OF = f"{GROUP}/cleanup-of"  # the ResearchJob an unowned cleanup Job cleans up
 WORKER_UID = 65532  # non-root uid of the worker image
 
 MAX_NAME = 63

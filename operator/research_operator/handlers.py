@@ -19,12 +19,23 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from research_api.researchjob import GROUP, PLURAL, VERSION, Phase, ResearchJobSpec, ResearchJobStatus
+from research_api.researchjob import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    Phase,
+    ResearchJobSpec,
+    ResearchJobStatus,
+    SecretKeyRef,
+    StoreType,
+    WorkerSpec,
+)
 from research_api.task import Step
 from research_operator import metrics
 from research_operator.admission import Demand, PodResources, QuotaUsage, admit, quota_headroom
-from research_operator.builders import Owner, worker_job, worker_rbac
-from research_operator.constants import LABEL_JOB, LABEL_KIND
+from research_operator.builders import Owner, cleanup_job, worker_job, worker_rbac
+from research_operator.constants import FINALIZER, LABEL_JOB, LABEL_KIND
+from research_operator.finalizer import CLEANUP_STEP, CleanupState, decide_cleanup
 from research_operator.reconcile import JobView, Observed, batches, condition, decide
 from research_operator.settings import Settings
 from research_operator.world import WORLD, Key, StoredObject, job_view, owner_name, stored_object
@@ -231,7 +242,7 @@ async def _create(kind: str, obj: dict[str, Any], logger: kopf.Logger) -> str:
     return "created"
 
 
-async def _delete_job(namespace: str, job: str) -> None:
+async def _delete_job(namespace: str, job: str, propagation: str = "Background") -> None:
     try:
         await call(
             "delete",
@@ -239,7 +250,7 @@ async def _delete_job(namespace: str, job: str) -> None:
             client.BatchV1Api(api()).delete_namespaced_job,
             job,
             namespace,
-            propagation_policy="Background",
+            propagation_policy=propagation,
         )
     except ApiException as e:
         if e.status != 404:
@@ -270,7 +281,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool
     namespace, name = key
     meta = body.get("metadata", {})
     if meta.get("deletionTimestamp"):
-        return False
+        return await finalize_once(key, body, logger)
     cfg = settings()
     prev = ResearchJobStatus.model_validate(body.get("status") or {})
     try:
@@ -281,6 +292,10 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool
         kopf.warn(body, reason="InvalidSpec", message=msg)
         return False
     owner = Owner(namespace, name, str(meta.get("uid")))
+    # The external-store finalizer goes on before the first worker Job can write a row.
+    add = decide_cleanup(_cleanup_state(body, [], None)).add_finalizer
+    if add and not await _set_finalizer(key, str(meta.get("uid")), present=True):
+        return False  # the ResearchJob is gone or was replaced
     now = _now()
     created = dt.datetime.fromisoformat(str(meta.get("creationTimestamp")).replace("Z", "+00:00"))
     jobs = [
@@ -404,6 +419,160 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool
             name,
         )
     return quota_blocked is not None
+
+
+# ------------------------------------------------------------------------------------------
+# deletion of external rows (the external-store finalizer)
+# ------------------------------------------------------------------------------------------
+
+
+def _dsn_ref(body: kopf.Body) -> SecretKeyRef | None:
+    """The DSN Secret key of a postgres-store ResearchJob (read from the raw spec, so a spec that no
+    longer validates can still be cleaned up), else None."""
+    store = (body.get("spec") or {}).get("store") or {}
+    if store.get("type") != StoreType.postgres.value:
+        return None
+    try:
+        return SecretKeyRef.model_validate(store.get("dsnSecretRef") or {})
+    except ValidationError:
+        return None
+
+
+def _cleanup_state(body: kopf.Body, workers: list[str], cleanup: JobView | None) -> CleanupState:
+    meta = body.get("metadata", {})
+    return CleanupState(
+        postgres=_dsn_ref(body) is not None,
+        has_finalizer=FINALIZER in (meta.get("finalizers") or []),
+        deleting=bool(meta.get("deletionTimestamp")),
+        workers=workers,
+        cleanup=cleanup,
+        now=_now(),
+    )
+
+
+async def _set_finalizer(key: Key, uid: str, *, present: bool) -> bool:
+    """Add or remove our finalizer with an optimistic-concurrency merge patch (resourceVersion), so
+    finalizers others add at the same time are kept. False if the ResearchJob (this uid) is gone."""
+    namespace, name = key
+    custom = client.CustomObjectsApi(api())
+    for _ in range(5):
+        try:
+            obj = await call(
+                "get", "researchjob", custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        meta = obj.get("metadata", {})
+        if meta.get("uid") != uid:
+            return False
+        current = list(meta.get("finalizers") or [])
+        if (FINALIZER in current) == present:
+            return True
+        wanted = [*current, FINALIZER] if present else [f for f in current if f != FINALIZER]
+        patch = {"metadata": {"finalizers": wanted, "resourceVersion": meta.get("resourceVersion")}}
+        try:
+            await call(
+                "patch",
+                "researchjob",
+                custom.patch_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                patch,
+            )
+            return True
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            if e.status != 409:
+                raise
+    raise ApiException(status=409, reason=f"the finalizers of {namespace}/{name} kept changing")
+
+
+async def finalize_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool:
+    """A pass over a ResearchJob being deleted: stop its workers, delete its PostgreSQL rows with a
+    cleanup Job, then let it go. Returns True when it should back off."""
+    namespace, name = key
+    meta = body.get("metadata", {})
+    uid = str(meta.get("uid"))
+    if FINALIZER not in (meta.get("finalizers") or []):
+        return False
+    owner = Owner(namespace, name, uid)
+    all_jobs = list((WORLD.job_index or {}).get(key, []))
+    cleanup = next((j for j in all_jobs if j.step == CLEANUP_STEP), None)
+    if cleanup is not None and cleanup.failed and (detail := await _failure_detail(namespace, cleanup.name)):
+        cleanup = dataclasses.replace(cleanup, message=f"{cleanup.message}: {detail}")
+    workers = sorted(j.name for j in all_jobs if j.step != CLEANUP_STEP)
+    d = decide_cleanup(_cleanup_state(body, workers, cleanup))
+    for worker_name in d.delete_workers:  # foreground: the Job stays until its pods are gone
+        await _delete_job(namespace, worker_name, propagation="Foreground")
+    if d.create_cleanup:
+        ref = _dsn_ref(body)
+        assert ref is not None
+        try:
+            worker: WorkerSpec | None = WorkerSpec.model_validate((body.get("spec") or {}).get("worker") or {})
+        except ValidationError:
+            worker = None
+        foreground = "foregroundDeletion" in (meta.get("finalizers") or [])
+        job = cleanup_job(owner, ref, settings(), worker, owned=not foreground)
+        try:
+            outcome = await _create("Job", job, logger)
+        except ApiException as e:
+            if e.status == 403 and "being terminated" in (e.body or ""):
+                d.skipped = (
+                    f"namespace {namespace} is being deleted, so no cleanup Job can start there; the PostgreSQL "
+                    f"rows of job uid {uid} are left: delete them with `research-worker cleanup --job-uid {uid}`"
+                )
+                d.remove_finalizer = True
+            else:
+                raise
+        else:
+            if outcome == "created":
+                metrics.JOBS_CREATED.labels(CLEANUP_STEP).inc()
+                kopf.info(body, reason="CleanupStarted", message=f"cleanup Job {job['metadata']['name']} started")
+            elif outcome == "quota":
+                d.message = "deleting: the cleanup Job is waiting for quota"
+    if d.delete_cleanup and cleanup is not None:
+        await _delete_job(namespace, cleanup.name)
+        WORLD.failure_details.pop((namespace, cleanup.name), None)  # the next Job of that name fails anew
+        if not d.remove_finalizer:
+            kopf.info(body, reason="CleanupRetry", message=f"replacing the failed cleanup Job {cleanup.name}")
+    if d.skipped:
+        logger.warning(f"{namespace}/{name}: {d.skipped}")
+        kopf.warn(body, reason="CleanupSkipped", message=d.skipped)
+    prev = ResearchJobStatus.model_validate(body.get("status") or {})
+    failed_before = any(c.type == "CleanupFailed" and c.status == "True" for c in prev.conditions or [])
+    if d.failure and not failed_before:
+        kopf.warn(
+            body,
+            reason="CleanupFailed",
+            message=f"{d.failure}; it is retried. To let the ResearchJob go without deleting its rows, remove "
+            f"the finalizer {FINALIZER}",
+        )
+    if d.message or d.failure or failed_before:
+        st = prev.model_copy()
+        st.message = d.message or st.message
+        gen = int(meta.get("generation") or 0)
+        cond = condition(
+            prev,
+            "CleanupFailed",
+            d.failure is not None,
+            "CleanupJobFailed" if d.failure else "CleaningUp",
+            d.failure or "",
+            gen,
+            _now(),
+        )
+        st.conditions = [*(c for c in prev.conditions or [] if c.type != "CleanupFailed"), cond]
+        await _patch_status(key, st, prev)
+    if d.remove_finalizer:
+        await _set_finalizer(key, uid, present=False)
+        if not d.skipped:
+            logger.info(f"{namespace}/{name}: PostgreSQL rows deleted; finalizer removed")
+    return d.failure is not None
 
 
 def _invalid_status(prev: ResearchJobStatus, msg: str, meta: Any) -> ResearchJobStatus:

@@ -32,6 +32,7 @@ class JobView:
     failed: bool = False
     suspended: bool = False
     message: str = ""
+    finished: dt.datetime | None = None  # when it completed or failed
 
     @property
     def active(self) -> bool:
@@ -124,6 +125,11 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
         st.report = report
         counts.succeeded = len(plan)
         st.message = f"report ready: {report.title or report.config_map or report.postgres_id}"
+        if report.postgres_id is not None:
+            st.message += (
+                f" (in PostgreSQL as {report.postgres_id}; print it with "
+                f"`research-worker show-report --postgres-id {report.postgres_id}` and the DSN in $RESEARCH_PG_DSN)"
+            )
         d.delete_jobs += [j.name for j in jobs if not j.active]  # the writer's work is stored
     elif analysts is None:
         st.phase = Phase.Planning

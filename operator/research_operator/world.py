@@ -8,6 +8,7 @@ asyncio.Event that the watches set, which wakes its reconcile loop within a mome
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
 from collections import defaultdict
@@ -18,9 +19,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from research_api.researchjob import AnalystStatus, ReportRef
-from research_api.task import CONFIGMAP_DATA_KEY, CONFIGMAP_REPORT_KEY
+from research_api.task import ANNOTATION_POSTGRES_REPORT, CONFIGMAP_DATA_KEY, CONFIGMAP_REPORT_KEY, markdown_title
 from research_operator.admission import Demand, QuotaUsage
-from research_operator.constants import LABEL_ANALYST, LABEL_BATCH, LABEL_KIND, LABEL_PLAN, LABEL_STEP
+from research_operator.constants import (
+    ANNOTATION_CLEANUP_OF,
+    LABEL_ANALYST,
+    LABEL_BATCH,
+    LABEL_KIND,
+    LABEL_PLAN,
+    LABEL_STEP,
+)
 from research_operator.reconcile import JobView, StoreView
 
 log = logging.getLogger(__name__)
@@ -29,10 +37,22 @@ Key = tuple[str, str]  # (namespace, ResearchJob name)
 
 
 def owner_name(body: Mapping[str, Any]) -> str | None:
-    """The ResearchJob that controls this object, from its ownerReferences."""
-    refs = [r for r in body.get("metadata", {}).get("ownerReferences") or [] if r.get("kind") == "ResearchJob"]
+    """The ResearchJob that controls this object, from its ownerReferences (or, for a cleanup Job
+    made during a foreground deletion, which has none, from its annotation)."""
+    meta = body.get("metadata", {})
+    refs = [r for r in meta.get("ownerReferences") or [] if r.get("kind") == "ResearchJob"]
     refs.sort(key=lambda r: not r.get("controller"))  # the controller first, if several
-    return str(refs[0].get("name")) if refs else None
+    if refs:
+        return str(refs[0].get("name"))
+    cleanup_of = (meta.get("annotations") or {}).get(ANNOTATION_CLEANUP_OF)
+    return str(cleanup_of) if cleanup_of else None
+
+
+def _time(value: Any) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")) if value else None
+    except ValueError:
+        return None
 
 
 def job_view(body: Mapping[str, Any]) -> JobView:
@@ -40,6 +60,7 @@ def job_view(body: Mapping[str, Any]) -> JobView:
     labels = meta.get("labels") or {}
     conds = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
     failed = conds.get("Failed")
+    finished = failed or conds.get("Complete")
     batch = labels.get(LABEL_BATCH)
     return JobView(
         name=str(meta.get("name")),
@@ -50,6 +71,7 @@ def job_view(body: Mapping[str, Any]) -> JobView:
         failed=failed is not None,
         suspended=bool(spec.get("suspend")) and "Complete" not in conds and failed is None,
         message=str((failed or {}).get("message") or (failed or {}).get("reason") or ""),
+        finished=_time((finished or {}).get("lastTransitionTime")),
     )
 
 
@@ -62,6 +84,7 @@ class StoredObject:
     analysts: list[AnalystStatus] | None = None
     title: str | None = None
     report_key: str | None = None
+    postgres_id: str | None = None  # a report marker of the PostgreSQL store
     tokens: int = 0
 
 
@@ -70,7 +93,9 @@ REPORT_KEY = CONFIGMAP_REPORT_KEY
 
 
 def stored_object(body: Mapping[str, Any]) -> StoredObject | None:
-    """What a ConfigMap of the worker's ConfigMap store holds (see research_worker.store)."""
+    """What a ConfigMap of the worker's ConfigMap store holds, or a marker of its PostgreSQL store
+    (the same names, labels and ``data.json`` fields; a report marker carries the report's id in
+    PostgreSQL instead of the report, see research_worker.store)."""
     meta = body.get("metadata", {})
     labels = meta.get("labels") or {}
     data: Mapping[str, str] = body.get("data") or {}
@@ -101,10 +126,13 @@ def stored_object(body: Mapping[str, Any]) -> StoredObject | None:
             log.warning("unreadable analysts in ConfigMap %s: %s", obj.name, e)
             return None
     if kind == "report":
-        obj.report_key = REPORT_KEY if REPORT_KEY in data else DATA_KEY
-        markdown = str(payload.get("markdown") or data.get(REPORT_KEY) or "")
-        first = next((line for line in markdown.splitlines() if line.startswith("# ")), "")
-        obj.title = first[2:].strip() or None
+        postgres_id = (meta.get("annotations") or {}).get(ANNOTATION_POSTGRES_REPORT) or payload.get("postgres_id")
+        if postgres_id:
+            obj.postgres_id = str(postgres_id)
+            obj.title = str(payload.get("title") or "") or None
+        else:
+            obj.report_key = REPORT_KEY if REPORT_KEY in data else DATA_KEY
+            obj.title = markdown_title(str(payload.get("markdown") or data.get(REPORT_KEY) or ""))
     return obj
 
 
@@ -173,6 +201,9 @@ class World:
                 analysts[obj.plan] = obj.analysts
             elif obj.kind == "section" and obj.analyst is not None:
                 sections[obj.plan].add(obj.analyst)
+            elif obj.kind == "report" and obj.postgres_id is not None:
+                # The marker holds no report: status names the row (research-worker show-report reads it).
+                reports[obj.plan] = ReportRef(postgres_id=obj.postgres_id, title=obj.title)
             elif obj.kind == "report":
                 reports[obj.plan] = ReportRef(config_map=obj.name, key=obj.report_key, title=obj.title)
         return StoreView(
