@@ -425,7 +425,7 @@ def up(timeout: float = DEFAULT_TIMEOUT, emit: Emit = _say) -> int:
     step(f"Succeeded: {status.get('progress')} sections, {status.get('tokensUsed', 0)} tokens")
     emit(f"    the report is in configmap/{ref['configMap']} key {ref.get('key')}; read it with")
     emit(f"    {report_command(DEMO_NAMESPACE, ref)}")
-    emit(f"    (first: eval \"$({sys.executable} -m localkube.cli env)\")")
+    emit(f'    (first: eval "$({sys.executable} -m localkube.cli env)")')
     report = read_report(kube, DEMO_NAMESPACE, obj)
     emit("\n" + "-" * 100 + "\n" + report.rstrip() + "\n" + "-" * 100)
 
@@ -437,7 +437,7 @@ def up(timeout: float = DEFAULT_TIMEOUT, emit: Emit = _say) -> int:
         "    sentences picked from the documents (no LLM, no network, no API key), so the prose is stilted\n"
         "    but every citation points at a real document. To use a real OpenAI-compatible endpoint (OpenAI,\n"
         "    vLLM, Ollama) set spec.model in the ResearchJob or settings.defaultModelBaseUrl in the chart;\n"
-        "    see \"Use a real model\" in README.md.\n"
+        '    see "Use a real model" in README.md.\n'
         f"    Took {time.monotonic() - started:.0f}s. Stop everything with: make demo-down"
     )
     return 0
