@@ -26,7 +26,7 @@ from typing import Any, cast
 
 import yaml
 
-from localkube.controlplane import REPO_ROOT, Cluster, free_port, kube_tools_dir
+from localkube.controlplane import REPO_ROOT, Cluster, cache_dir, free_port, kube_tools_dir
 
 RELEASE = "research-operator"
 RELEASE_NAMESPACE = "research-operator-system"
@@ -353,7 +353,8 @@ def _failure(kube: Kube, namespace: str, name: str, status: dict[str, Any]) -> s
     for pod in failed or pods.get("items", []):
         pod_name = pod["metadata"]["name"]
         lines.append(f"  pod {pod_name} ({pod.get('status', {}).get('phase')}):")
-        lines.append(f"    {sys.executable} -m localkube.cli logs {namespace}/{pod_name}")
+        state = "" if kube.state_dir == cache_dir() / "cluster" else f" --state-dir {kube.state_dir}"
+        lines.append(f"    {sys.executable} -m localkube.cli{state} logs {namespace}/{pod_name}")
         lines += [f"    log file: {p}" for p in kube.pod_log_paths(namespace, pod_name)]
     lines.append(f"  kubectl describe rj {name} -n {namespace}")
     return "\n".join(lines)
