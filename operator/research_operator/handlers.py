@@ -167,6 +167,7 @@ async def researchjob_event(
     WORLD.attach(kwargs["rj_jobs"], kwargs["rj_stored"], kwargs["ns_quotas"])
     key: Key = (namespace, name)
     if type == "DELETED":
+        FINALIZED.discard(str(body.get("metadata", {}).get("uid")))
         task = LOOPS.pop(key, None)
         if task is not None:
             task.cancel()
@@ -493,14 +494,17 @@ async def _set_finalizer(key: Key, uid: str, *, present: bool) -> bool:
     raise ApiException(status=409, reason=f"the finalizers of {namespace}/{name} kept changing")
 
 
+FINALIZED: set[str] = set()  # uids of ResearchJobs whose finalizer this process removed (until DELETED)
+
+
 async def finalize_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool:
     """A pass over a ResearchJob being deleted: stop its workers, delete its PostgreSQL rows with a
     cleanup Job, then let it go. Returns True when it should back off."""
     namespace, name = key
     meta = body.get("metadata", {})
     uid = str(meta.get("uid"))
-    if FINALIZER not in (meta.get("finalizers") or []):
-        return False
+    if FINALIZER not in (meta.get("finalizers") or []) or uid in FINALIZED:
+        return False  # FINALIZED: the body may predate our removing the finalizer; starting again would leak a Job
     owner = Owner(namespace, name, uid)
     all_jobs = list((WORLD.job_index or {}).get(key, []))
     cleanup = next((j for j in all_jobs if j.step == CLEANUP_STEP), None)
@@ -533,14 +537,21 @@ async def finalize_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool:
         else:
             if outcome == "created":
                 metrics.JOBS_CREATED.labels(CLEANUP_STEP).inc()
-                kopf.info(body, reason="CleanupStarted", message=f"cleanup Job {job['metadata']['name']} started")
+                kopf.event(
+                    body,
+                    type="Normal",
+                    reason="CleanupStarted",
+                    message=f"cleanup Job {job['metadata']['name']} started",
+                )
             elif outcome == "quota":
                 d.message = "deleting: the cleanup Job is waiting for quota"
     if d.delete_cleanup and cleanup is not None:
         await _delete_job(namespace, cleanup.name)
         WORLD.failure_details.pop((namespace, cleanup.name), None)  # the next Job of that name fails anew
         if not d.remove_finalizer:
-            kopf.info(body, reason="CleanupRetry", message=f"replacing the failed cleanup Job {cleanup.name}")
+            kopf.event(
+                body, type="Normal", reason="CleanupRetry", message=f"replacing the failed cleanup Job {cleanup.name}"
+            )
     if d.skipped:
         logger.warning(f"{namespace}/{name}: {d.skipped}")
         kopf.warn(body, reason="CleanupSkipped", message=d.skipped)
@@ -570,6 +581,7 @@ async def finalize_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool:
         await _patch_status(key, st, prev)
     if d.remove_finalizer:
         await _set_finalizer(key, uid, present=False)
+        FINALIZED.add(uid)
         if not d.skipped:
             logger.info(f"{namespace}/{name}: PostgreSQL rows deleted; finalizer removed")
     return d.failure is not None
