@@ -144,6 +144,7 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
             ("ConfigMap", "research-operator-settings"),
             ("ClusterRole", "research-operator"),
             ("ClusterRoleBinding", "research-operator"),
+            ("Lease", "research-operator-leader"),
             ("Role", "research-operator-leader-election"),
             ("RoleBinding", "research-operator-leader-election"),
             ("Service", "research-operator-metrics"),
@@ -167,7 +168,7 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
     assert container["command"] == ["research-operator"]
     assert container["image"] == "research-operator:0.1.0"
     assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 8080, "health": 8081}
     assert op["spec"]["template"]["spec"]["serviceAccountName"] == "research-operator"
 
@@ -355,7 +356,6 @@ def test_leader_election_role_is_limited_to_the_lease(helm: Path) -> None:
     docs = render(helm)
     role = find(docs, "Role", "research-operator-leader-election")
     assert role["rules"] == [
-        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
         {
             "apiGroups": ["coordination.k8s.io"],
             "resources": ["leases"],

@@ -39,9 +39,6 @@ def release(cluster: ClusterHandle) -> Iterator[Kube]:
     demo.wait_available(kube)
     yield kube
     demo.uninstall(kube)
-    # The operator's leader Lease carries no owner (see test_helm_uninstall_leaves_no_leader_lease);
-    # remove it so that later tests' operators do not wait for it to expire.
-    kube.kubectl("delete", "lease", LEASE, "-n", RELEASE_NAMESPACE, "--ignore-not-found", check=False)
 
 
 @pytest.fixture(scope="module")
@@ -212,11 +209,6 @@ def test_helm_uninstall_removes_the_release_and_keeps_the_crd_and_researchjobs(
     assert kube.get("configmap", demo.CORPUS_CONFIGMAP, "-n", ns) is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the operator creates its leader Lease at run time with no owner, so helm uninstall "
-    "cannot remove it; fix in the chart (render the Lease so the release owns it) or the operator",
-)
 def test_helm_uninstall_leaves_no_leader_lease(uninstalled: Uninstalled) -> None:
     lease = uninstalled.kube.get("lease", LEASE, "-n", RELEASE_NAMESPACE)
     holder = (lease or {}).get("spec", {}).get("holderIdentity")

@@ -366,3 +366,37 @@ def test_a_big_researchjob_does_not_starve_a_small_one_under_a_global_cap(
     assert big_now["status"]["phase"] == "Interviewing", big_now["status"]
     assert big_now["status"]["sectionsDone"] < 12
     assert jobs.max_active_interviews <= 2
+
+
+def test_a_leader_stopped_gracefully_hands_over_at_once(
+    cluster: ClusterHandle, operator: OperatorProcess, tmp_path: Any
+) -> None:
+    from localkube.controlplane import free_port
+    from tests.fixtures.operator import OperatorProcess as Op
+
+    coord = client.CoordinationV1Api(cluster.api_client())
+    ns = operator.env["OPERATOR_NAMESPACE"]
+    deadline = time.monotonic() + 30  # an earlier test's dead leader may still hold it until it expires
+    while coord.read_namespaced_lease("research-operator-leader", ns).spec.holder_identity != operator.env["POD_NAME"]:
+        assert time.monotonic() < deadline, "the fixture's operator never became the leader"
+        time.sleep(0.3)
+    port = free_port()
+    standby = Op(
+        cluster,
+        {**operator.env, "METRICS_PORT": str(port), "HEALTH_PORT": str(free_port()), "POD_NAME": "standby-2"},
+        tmp_path / "standby.log",
+        port,
+    )
+    standby.start()
+    try:
+        time.sleep(2)
+        assert "acquired leadership" not in standby.log()
+        operator.kill(signal.SIGTERM)  # what the kubelet sends on a rolling update
+        assert "released leadership" in operator.log()
+        deadline = time.monotonic() + 8  # well under the 15 s the Lease would take to expire
+        while time.monotonic() < deadline and "acquired leadership" not in standby.log():
+            time.sleep(0.2)
+        assert coord.read_namespaced_lease("research-operator-leader", ns).spec.holder_identity == "standby-2"
+    finally:
+        standby.kill(signal.SIGTERM)
+        operator.start()

@@ -31,19 +31,24 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` dumps every thread's stack to stderr
     settings = Settings.from_env()
     start_http_server(settings.metrics_port, registry=REGISTRY)
+    elector: LeaderElector | None = None
     if settings.leader_election:
         config.load_config()  # type: ignore[no-untyped-call]
         identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
         elector = LeaderElector(client.ApiClient(), settings.namespace, settings.lease_name, identity)
         elector.acquire()
         elector.keep_renewing()
-    asyncio.run(
-        kopf.operator(
-            clusterwide=True,
-            standalone=True,  # no kopf peering: the Lease above decides who acts
-            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
+    try:
+        asyncio.run(
+            kopf.operator(
+                clusterwide=True,
+                standalone=True,  # no kopf peering: the Lease above decides who acts
+                liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
+            )
         )
-    )
+    finally:
+        if elector is not None:
+            elector.release()  # kopf has stopped (SIGTERM): let a standby take over at once
     return 0
 
 
