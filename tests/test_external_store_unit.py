@@ -424,3 +424,33 @@ async def test_indexed_store_and_cleanup_on_a_real_postgres(
     assert await read_postgres_report(postgres_dsn, uid, PID) is None
     rc = await asyncio.to_thread(cli.main, ["show-report", "--postgres-id", f"{uid}/{PID}"])
     assert rc == 2, "a clear error once the report is gone"
+
+
+def test_show_report_of_a_configmap_store_researchjob(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from research_worker import cli, store
+
+    rjs = {
+        "done": {"status": {"phase": "Succeeded", "report": {"configMap": "done-r", "key": "report.md"}}},
+        "busy": {"status": {"phase": "Interviewing"}},
+    }
+
+    class FakeCustom:
+        def __init__(self, api_client: Any = None) -> None: ...
+
+        def get_namespaced_custom_object(self, group: str, version: str, ns: str, plural: str, name: str) -> Any:
+            if name not in rjs:
+                raise ApiException(status=404, reason="Not Found")
+            return rjs[name]
+
+    monkeypatch.setattr("kubernetes.client.CustomObjectsApi", FakeCustom)
+    monkeypatch.setattr(store, "kube_api_client", lambda: object())
+    monkeypatch.setattr(store, "load_configmap_data", lambda api, ns: lambda name: {"report.md": "# R\n\nbody"})
+    out = tmp_path / "r.md"
+    assert cli.main(["show-report", "--job", "ns/done", "-o", str(out)]) == 0
+    assert out.read_text() == "# R\n\nbody\n"
+    assert cli.main(["show-report", "--job", "ns/busy"]) == 2
+    assert "no report yet (phase Interviewing)" in capsys.readouterr().err
+    assert cli.main(["show-report", "--job", "ns/missing"]) == 2
+    assert "HTTP 404" in capsys.readouterr().err
