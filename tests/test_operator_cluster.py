@@ -400,3 +400,24 @@ def test_a_leader_stopped_gracefully_hands_over_at_once(
     finally:
         standby.kill(signal.SIGTERM)
         operator.start()
+
+
+def test_a_worker_pod_killed_mid_run_is_replaced_and_the_job_still_succeeds(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
+) -> None:
+    api = cluster.api_client()
+    core = client.CoreV1Api(api)
+    create(api, namespace, researchjob("phoenix", corpus_configmap, analysts={"count": 4}, interview={"maxTurns": 2}))
+    deadline = time.monotonic() + 120
+    victim = None
+    while victim is None:
+        assert time.monotonic() < deadline, "no interview pod ever ran"
+        for pod in core.list_namespaced_pod(namespace, label_selector=f"{STEP}=interview").items:
+            if pod.status.phase == "Running":
+                victim = pod
+                break
+        time.sleep(0.2)
+    core.delete_namespaced_pod(victim.metadata.name, namespace, grace_period_seconds=0)
+    obj = wait_phase(api, namespace, "phoenix", {"Succeeded", "Failed"})
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert len(sections(api, namespace)) == 4

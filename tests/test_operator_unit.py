@@ -238,8 +238,9 @@ def test_worker_job_is_owned_restricted_and_carries_a_valid_task() -> None:
     assert task.model.base_url == Settings().default_model_base_url
     assert "api-key" not in env["RESEARCH_TASK"]["value"]
     assert c["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
-    rule = job["spec"]["podFailurePolicy"]["rules"][0]
-    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2, 3, 5]
+    ignore, fail = job["spec"]["podFailurePolicy"]["rules"]
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert fail["action"] == "FailJob" and fail["onExitCodes"]["values"] == [2, 3, 5]
 
 
 def test_child_names_fit_in_63_characters() -> None:

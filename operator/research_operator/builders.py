@@ -240,6 +240,8 @@ def worker_job(
         # token budget (5): fail the Job at once instead of spending the backoff on it.
         "podFailurePolicy": {
             "rules": [
+                # A pod evicted or preempted (drain, priority) did nothing wrong: retry it for free.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
                 {
                     "action": "FailJob",
                     "onExitCodes": {
@@ -247,7 +249,7 @@ def worker_job(
                         "operator": "In",
                         "values": list(NON_RETRYABLE_EXIT_CODES),
                     },
-                }
+                },
             ]
         },
         "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
