@@ -408,7 +408,12 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool
     _update_phase_gauges()
 
     if d.delete_self:
-        kopf.info(body, reason="TTLExpired", message="deleting the finished ResearchJob (ttlSecondsAfterFinished)")
+        kopf.event(
+            body,
+            type="Normal",
+            reason="TTLExpired",
+            message="deleting the finished ResearchJob (ttlSecondsAfterFinished)",
+        )
         await call(
             "delete",
             "researchjob",
