@@ -421,3 +421,26 @@ def test_a_worker_pod_killed_mid_run_is_replaced_and_the_job_still_succeeds(
     obj = wait_phase(api, namespace, "phoenix", {"Succeeded", "Failed"})
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
     assert len(sections(api, namespace)) == 4
+
+
+def test_ttl_after_finished_deletes_the_researchjob_and_what_it_made(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
+) -> None:
+    api = cluster.api_client()
+    custom = client.CustomObjectsApi(api)
+    create(api, namespace, researchjob("brief", corpus_configmap, analysts={"count": 1}, ttlSecondsAfterFinished=2))
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "brief")
+        except client.ApiException as e:
+            assert e.status == 404
+            break
+        assert time.monotonic() < deadline, "the finished ResearchJob was never deleted"
+        time.sleep(0.5)
+    events = client.CoreV1Api(api).list_namespaced_event(namespace, field_selector="involvedObject.name=brief").items
+    assert {"Succeeded", "TTLExpired"} <= {e.reason for e in events}
+    deadline = time.monotonic() + 60
+    while sections(api, namespace):
+        assert time.monotonic() < deadline, "the deleted ResearchJob's sections were not garbage-collected"
+        time.sleep(0.5)
