@@ -191,7 +191,8 @@ def test_operator_rbac_allows_its_watches_and_nothing_more(
         ("watch", "resourcequotas", "-A"),
         ("watch", "customresourcedefinitions.apiextensions.k8s.io"),
         ("create", "events", "-n", "team-a"),
-        ("create", "leases.coordination.k8s.io", "-n", namespace),
+        # the Lease is named after the release's fullname, which is also the ServiceAccount's name
+        ("update", f"leases.coordination.k8s.io/{operator_rbac.rsplit(':', 1)[1]}-leader", "-n", namespace),
     ]
     denied = [
         ("get", "secrets", "-n", "team-a"),
@@ -202,6 +203,7 @@ def test_operator_rbac_allows_its_watches_and_nothing_more(
         ("update", "researchjobs.researchops.io", "-n", "team-a"),
         ("create", "clusterroles.rbac.authorization.k8s.io"),
         ("delete", "namespaces"),
+        ("create", "leases.coordination.k8s.io", "-n", namespace),  # the chart creates the one Lease
         ("create", "leases.coordination.k8s.io", "-n", "kube-system"),
         ("update", "leases.coordination.k8s.io/someone-else", "-n", namespace),
     ]
