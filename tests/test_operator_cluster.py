@@ -261,19 +261,10 @@ def test_metrics_report_phases_reconciles_and_api_requests(operator: OperatorPro
 def test_a_second_replica_stands_by_until_the_leader_dies(
     cluster: ClusterHandle, operator: OperatorProcess, tmp_path: Any
 ) -> None:
-    from localkube.controlplane import free_port
-    from tests.fixtures.operator import OperatorProcess as Op
-
     coord = client.CoordinationV1Api(cluster.api_client())
     ns = operator.env["OPERATOR_NAMESPACE"]
     holder = coord.read_namespaced_lease("research-operator-leader", ns).spec.holder_identity
-    port = free_port()
-    standby = Op(
-        cluster,
-        {**operator.env, "METRICS_PORT": str(port), "HEALTH_PORT": str(free_port()), "POD_NAME": "standby"},
-        tmp_path / "standby.log",
-        port,
-    )
+    standby = operator.replica("standby", tmp_path / "standby.log")
     standby.start()
     try:
         time.sleep(3)
@@ -371,22 +362,13 @@ def test_a_big_researchjob_does_not_starve_a_small_one_under_a_global_cap(
 def test_a_leader_stopped_gracefully_hands_over_at_once(
     cluster: ClusterHandle, operator: OperatorProcess, tmp_path: Any
 ) -> None:
-    from localkube.controlplane import free_port
-    from tests.fixtures.operator import OperatorProcess as Op
-
     coord = client.CoordinationV1Api(cluster.api_client())
     ns = operator.env["OPERATOR_NAMESPACE"]
     deadline = time.monotonic() + 30  # an earlier test's dead leader may still hold it until it expires
     while coord.read_namespaced_lease("research-operator-leader", ns).spec.holder_identity != operator.env["POD_NAME"]:
         assert time.monotonic() < deadline, "the fixture's operator never became the leader"
         time.sleep(0.3)
-    port = free_port()
-    standby = Op(
-        cluster,
-        {**operator.env, "METRICS_PORT": str(port), "HEALTH_PORT": str(free_port()), "POD_NAME": "standby-2"},
-        tmp_path / "standby.log",
-        port,
-    )
+    standby = operator.replica("standby-2", tmp_path / "standby.log")
     standby.start()
     try:
         time.sleep(2)

@@ -161,6 +161,12 @@ def worker_rbac(owner: Owner) -> list[dict[str, Any]]:
     ]
 
 
+RESTRICTED_POD_SC = {
+    "runAsNonRoot": True,
+    "runAsUser": WORKER_UID,
+    "runAsGroup": WORKER_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
 RESTRICTED_CONTAINER_SC = {
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
@@ -208,12 +214,7 @@ def worker_job(
         "restartPolicy": "Never",
         "serviceAccountName": worker_service_account(owner, settings),
         "automountServiceAccountToken": True,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": WORKER_UID,
-            "runAsGroup": WORKER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": RESTRICTED_POD_SC,
         "containers": [
             {
                 "name": "worker",
@@ -295,12 +296,7 @@ def cleanup_job(
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": WORKER_UID,
-            "runAsGroup": WORKER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": RESTRICTED_POD_SC,
         "containers": [
             {
                 "name": "worker",
