@@ -80,15 +80,41 @@ def clean_sentence(text: str) -> str:
     return text
 
 
+_HEADING_END_WORDS = frozenset(
+    "a an and as at by for from in into of on or over than that the to via with without".split()
+)
+
+
+def is_heading_line(line: str, following: str) -> bool:
+    """A title written as a plain line ("Compute quotas" above its paragraph, as search results often carry
+    one): short, no sentence punctuation, not ending on a function word, and followed by a line that
+    starts a new sentence. A hard-wrapped line of prose continues in lower case, so it is not one."""
+    s = line.strip()
+    words = s.split()
+    if not words or len(words) > 10 or len(s) > 80 or not following.strip():
+        return False
+    if s.endswith(":") and len(words) <= 4:  # a label such as "Context:" above its text
+        return True
+    if re.search(r"[.!?;:,]$|[.!?]\s", s) or words[-1].lower() in _HEADING_END_WORDS:
+        return False
+    return bool(re.match(r"[\"'(`]?[A-Z0-9]", following.strip()))
+
+
 def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text`` with their citation markers kept; headings and source lists dropped."""
+    """Sentences of ``text`` with their citation markers kept; headings (Markdown or plain title lines),
+    rules, tables and source lists dropped, list markers removed. Headings and blank lines end a
+    paragraph, so a heading is never glued to the sentence after it."""
     out: list[str] = []
-    for paragraph in re.split(r"\n\s*\n|\n(?=\s*(?:[-*+]|\d+[.)])\s)|\n(?=#)", text):
+    for paragraph in re.split(r"\n\s*\n|\n(?=\s*(?:[-*+]|\d+[.)])\s)|\n(?=\s*#)", text):
         lines = [ln for ln in paragraph.splitlines() if ln.strip()]
         kept = []
-        for ln in lines:
+        for i, ln in enumerate(lines):
             s = ln.strip()
             if s.startswith("#") or s.startswith("---") or s.startswith("|") or s.startswith("```"):
+                continue
+            if re.fullmatch(r"[-*+>=_~\s]+|\d+[.)]?", s):  # bare list markers and decorations
+                continue
+            if i + 1 < len(lines) and is_heading_line(s, lines[i + 1]):
                 continue
             kept.append(_BULLET.sub("", s))
         if not kept:
@@ -158,7 +184,7 @@ def _numbered_documents(text: str) -> list[tuple[str, str]] | None:
     return docs
 
 
-def parse(text: str) -> Corpus:
+def parse(text: str, *, numbered_documents: bool = True) -> Corpus:
     """Passages of one piece of text (a message's content)."""
     corpus = Corpus()
     text = unescape_repr(text)
@@ -169,7 +195,8 @@ def parse(text: str) -> Corpus:
             label = document_label(m.group(1), i)
             corpus.add_source(label)
             corpus.passages.extend(_passages(m.group(2), i, (label,), {}))
-        rest = parse(outside) if re.search(r"[A-Za-z]{3}", outside) else Corpus()
+        # around retrieved documents is instruction text: a "[1] example.md" in it names no document
+        rest = parse(outside, numbered_documents=False) if re.search(r"[A-Za-z]{3}", outside) else Corpus()
         corpus.extend(rest)
         return corpus
     body, numbered = _split_sources_list(text)
@@ -178,7 +205,7 @@ def parse(text: str) -> Corpus:
             corpus.add_source(label)
         corpus.passages.extend(_passages(body, 0, (), numbered))
         return corpus
-    numbered_docs = _numbered_documents(text)
+    numbered_docs = _numbered_documents(text) if numbered_documents else None
     if numbered_docs:
         for i, (label, body) in enumerate(numbered_docs):
             corpus.add_source(label)

@@ -38,16 +38,52 @@ def rank(
         ranked.append((-float(scores[i]), -overlap, i, p))
     ranked.sort(key=lambda r: (r[0], r[1], r[2]))
     out: list[Passage] = []
-    seen: list[set[str]] = []
+    seen = Seen()
     for _, _, _, p in ranked:
-        t = set(terms(p.text))
-        if any(len(t & s) / max(1, len(t | s)) > 0.7 for s in seen):
+        if not seen.add(p.text):
             continue  # near-duplicate of a passage already chosen
-        seen.append(t)
         out.append(p)
         if len(out) >= k:
             break
     return out
+
+
+def _fingerprint(text: str) -> frozenset[str]:
+    return frozenset(terms(text)) or frozenset(text.lower().split())
+
+
+def near_duplicate(a: str, b: str, threshold: float = 0.8) -> bool:
+    """Whether two sentences say the same thing: more than ``threshold`` of the shorter one's content terms
+    are in the other (so a sentence and the same sentence with a heading glued on are duplicates)."""
+    fa, fb = _fingerprint(a), _fingerprint(b)
+    return len(fa & fb) / max(1, min(len(fa), len(fb))) > threshold
+
+
+class Seen:
+    """Sentences already written in one answer; ``add`` refuses an exact or near duplicate."""
+
+    def __init__(self, threshold: float = 0.8) -> None:
+        self.threshold = threshold
+        self._prints: list[frozenset[str]] = []
+
+    def __contains__(self, text: object) -> bool:
+        if not isinstance(text, str):
+            return False
+        f = _fingerprint(text)
+        return any(len(f & g) / max(1, min(len(f), len(g))) > self.threshold for g in self._prints)
+
+    def add(self, text: str) -> bool:
+        """Record ``text``; False (and nothing recorded) if it repeats a sentence already seen."""
+        if text in self:
+            return False
+        self._prints.append(_fingerprint(text))
+        return True
+
+
+def distinct(passages: Iterable[Passage], seen: Seen | None = None) -> list[Passage]:
+    """``passages`` without exact or near repeats (of each other, or of what ``seen`` holds already)."""
+    seen = seen if seen is not None else Seen()
+    return [p for p in passages if seen.add(p.text)]
 
 
 def in_document_order(passages: Iterable[Passage], order: Sequence[Passage]) -> list[Passage]:
