@@ -212,14 +212,13 @@ def test_latency_headers_shape_timing(modelserver: ModelServerProcess) -> None:
     headers = {"X-Offline-Latency-TTFT-Ms": "300", "X-Offline-Latency-Token-Ms": "10"}
     arrivals = []
     started = time.perf_counter()
-    with httpx.stream("POST", f"{modelserver.base_url}/chat/completions", json=body, headers=headers,
-                      timeout=10) as r:
+    with httpx.stream("POST", f"{modelserver.base_url}/chat/completions", json=body, headers=headers, timeout=10) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 delta = json.loads(line.removeprefix("data: "))["choices"][0]["delta"]
                 if delta.get("content"):
                     arrivals.append(time.perf_counter() - started)
-    assert len(arrivals) > 10
+    assert len(arrivals) >= 8  # one sentence (the "Context:" label is not part of it)
     assert 0.28 <= arrivals[0] <= 0.6
     per_token = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
     assert 0.008 <= per_token <= 0.02

@@ -9,12 +9,24 @@ rearranges sentences of the conversation and cites where they came from.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from .conversation import Conversation
-from .documents import Corpus, Passage, parse, split_sections
-from .extractive import Citations, focus_phrase, limit_words, paragraphs, phrase, rank, title_case
-from .tokens import key_words
+from .documents import Corpus, Passage, parse, parse_all, split_sections
+from .extractive import (
+    Citations,
+    Seen,
+    distinct,
+    focus_phrase,
+    limit_words,
+    paragraphs,
+    phrase,
+    rank,
+    title_case,
+)
+from .personas import embed
+from .tokens import STOPWORDS, key_words
 
 KINDS = ("analysts", "question", "search_query", "answer", "section", "report", "intro", "conclusion", "other")
 END_OF_INTERVIEW = "Thank you so much for your help!"
@@ -46,25 +58,42 @@ def is_persona_schema(schema: dict[str, Any] | None) -> bool:
     return "name" in props and len(props & {"role", "affiliation", "description"}) >= 2
 
 
+def instructions(system: str) -> str:
+    """The instruction part of a system prompt: retrieved documents, ``<context>`` blocks and a payload of
+    Markdown sections (memos, report sections) removed, so words in the data never decide the kind."""
+    text = re.sub(r"<context>.*?(?:</context>|\Z)", " ", system, flags=re.S | re.I)
+    text = re.sub(r"<Document\b[^>]*?/?>.*?(?:</Document>|\Z)", " ", text, flags=re.S | re.I)
+    heads = list(re.finditer(r"(?:^|:[ \t]*)(#{2,3})[ \t]+\S", text, re.M))
+    if len(heads) >= 2 and len(text[: heads[0].start()].split()) >= 20:
+        text = text[: heads[0].start()]  # pasted sections (memos, a report's sections) are data
+    return text
+
+
 def classify(conv: Conversation, schema: dict[str, Any] | None = None) -> str:
-    s = conv.system.lower()
+    s = instructions(conv.system).lower()
     last = conv.last_user_text.lower()
     props = _schema_props(schema)
-    if is_persona_schema(schema) or ("analyst personas" in s or ("persona" in s and "create" in s)):
+
+    def has(pattern: str) -> bool:
+        return re.search(pattern, s) is not None
+
+    if is_persona_schema(schema) or has(r"\banalyst personas\b") or (has(r"\bpersonas?\b") and has(r"\bcreat\w*")):
         return "analysts"
-    if "search_query" in props or ("search query" in s and ("retrieval" in s or "web" in s)):
+    if "search_query" in props or (has(r"\bsearch query\b") and has(r"\bretrieval\b|\bweb\b")):
         return "search_query"
-    if "introduction or conclusion" in s or ("introduction" in s and "conclusion" in s and "sections" in s):
-        return "conclusion" if "conclusion" in last else "intro"
-    if "being interviewed" in s:
+    if has(r"\bintroduction or conclusion\b") or (
+        has(r"\bintroduction\b") and has(r"\bconclusion\b") and has(r"\bsections\b")
+    ):
+        return "conclusion" if re.search(r"\bconclusion\b", last) else "intro"
+    if has(r"\bbeing interviewed\b"):
         return "answer"
-    if re.search(r"\bmemos?\b", s) and re.search(r"\breport\b|## insights", s):
+    if has(r"\bmemos?\b") and has(r"\breport\b|## insights"):
         return "report"
-    if "section of a report" in s or ("technical writer" in s and re.search(r"\bsection\b", s)):
+    if has(r"\bsection of a report\b") or (has(r"\btechnical writer\b") and has(r"\bsection\b")):
         return "section"
-    if "you are an expert" in s:
+    if has(r"\byou are an expert\b"):
         return "answer"
-    if "interview" in s and ("you are an analyst" in s or END_OF_INTERVIEW.lower() in s):
+    if has(r"\binterview\w*") and (has(r"\byou are an analyst\b") or END_OF_INTERVIEW.lower() in s):
         return "question"
     return "other"
 
@@ -73,11 +102,109 @@ def classify(conv: Conversation, schema: dict[str, Any] | None = None) -> str:
 # writers
 
 
-def answer(conv: Conversation, *, focus: str = "", sources_heading: str | None = None, k: int = 5) -> str:
+def parse_focus(description: str) -> tuple[str, str, list[str]]:
+    """(theme, setting, concerns) of an analyst's focus: "Focuses on cost and quotas in how X works. Wants to
+    know A; B; and C." -> ("cost and quotas", "how X works", [A, B, C]). Other wordings give their first
+    phrase as the theme and their further sentences as concerns."""
+    text = re.sub(r"\s+", " ", description.strip())
+    first = focus_phrase(text, 40)
+    theme, setting = first, ""
+    m = re.match(r"(.{3,80}?)\s+(?:in|for|within|across)\s+(.+)$", first)
+    if m and len(m.group(1).split()) <= 8:
+        theme, setting = m.group(1), m.group(2)
+    theme = natural_cut(theme, 8)
+    rest = re.split(r"(?<=[.!?])\s+", text, maxsplit=1)[1:] if text else []
+    concerns: list[str] = []
+    if rest:
+        lead = r"(?i)^(?:wants to know|cares about|asks|is interested in|looks for|wants to learn)\s+"
+        body = re.sub(lead, "", rest[0])
+        body = body.rstrip(".!? ")
+        parts = re.split(r";\s*(?:and\s+)?", body) if ";" in body else [body]
+        concerns = [c.strip() for c in parts if len(c.split()) >= 3][:3]
+    return theme, setting, concerns
+
+
+_CUT_BEFORE = frozenset("in for of on with to by and or when while that which how where as at from".split())
+
+
+def natural_cut(text: str, max_words: int) -> str:
+    """At most ``max_words`` words of ``text``, cut where a phrase ends (at punctuation or before a
+    preposition or conjunction), never in the middle of one, and never ending on a function word."""
+    words = text.split()
+    if len(words) <= max_words:
+        return text.strip().rstrip(",;:")
+    best = 0
+    for i in range(2, max_words + 1):
+        if words[i - 1].endswith((",", ";", ":")) or (i < len(words) and words[i].lower() in _CUT_BEFORE):
+            best = i
+    kept = words[: best or max_words]
+    while len(kept) > 1 and kept[-1].lower().strip(",;:") in _CUT_BEFORE | {"a", "an", "the"}:
+        kept.pop()
+    return " ".join(kept).rstrip(",;:")
+
+
+_ANAPHORS = frozenset("it its this these those they them their that such both he she here".split())
+
+
+def leans_back(text: str) -> bool:
+    """Whether a sentence needs the one before it ("It works in two phases", "Kubernetes lets a Job tell
+    these apart"), so it should not stand alone or open a paragraph."""
+    first = text.split()[0].lower().strip(",;:") if text.split() else ""
+    if re.match(r"(?i)(?:\S+\s+){0,3}also\b|(?:however|but|and|moreover|instead|otherwise|then|still)\b", text):
+        return True
+    pointing = r"\b(?:these|those)\s+(?:apart|are|were|two|three|both|all|cases?|ones?)\b|\b(?:these|those)[.,;]"
+    return first in _ANAPHORS or bool(re.search(pointing, text))
+
+
+def units(passages: list[Passage]) -> list[list[Passage]]:
+    """Sentences grouped so that one leaning back on its predecessor stays with it."""
+    out: list[list[Passage]] = []
+    for p in passages:
+        if out and leans_back(p.text):
+            out[-1].append(p)
+        else:
+            out.append([p])
+    return out
+
+
+def _context_corpus(conv: Conversation) -> Corpus:
+    """Passages the expert may use: the retrieved context, not the expert's own earlier answers."""
     question = conv.question
-    corpus = conv.sourced
+    texts = []
+    for m in conv.messages:
+        if m.name == "expert":
+            continue
+        texts.append(m.text.replace(question, " ") if question and question in m.text else m.text)
+    corpus = parse_all(texts)
+    if any(p.sources for p in corpus.passages):
+        return Corpus([p for p in corpus.passages if p.sources], list(corpus.sources))
+    return corpus
+
+
+def _asked(text: str) -> str:
+    """The question sentences of a turn (its last sentence if none ends in '?')."""
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+    asked = [s for s in sentences if s.endswith("?")]
+    return " ".join(asked) if asked else (sentences[-1] if sentences else text)
+
+
+def answer(conv: Conversation, *, focus: str = "", sources_heading: str | None = None, k: int = 4) -> str:
+    """2-4 distinct context sentences most relevant to the question (BM25), each with its citation; the
+    expert does not repeat what it said in earlier turns unless nothing new is relevant."""
+    question = _asked(conv.question)
+    corpus = _context_corpus(conv)
+    said = Seen()
+    for text in _expert_turns(conv):
+        for p in parse(text).passages:
+            said.add(p.text)
+    fresh = [p for p in corpus.passages if p.text not in said]
     query = f"{question} {question} {focus}"
-    chosen = rank(query, corpus.passages, k=k, must_match=question)
+    chosen = rank(query, fresh, k=k, must_match=question) or rank(query, corpus.passages, k=k, must_match=question)
+    if not chosen and focus:  # nothing on the question's own words: what the context says about the analyst's area
+        chosen = rank(f"{question} {focus}", fresh, k=2, must_match=focus) or rank(
+            f"{question} {focus}", corpus.passages, k=2, must_match=focus
+        )
+    chosen = limit_words(chosen, 120)
     if not chosen:
         subject = phrase(question) or "this question"
         return f"{NOTHING_RELEVANT} {subject}."
@@ -98,13 +225,46 @@ def _expert_turns(conv: Conversation) -> list[str]:
     return [m.text for m in conv.turns[1:] if m.role == "user"]
 
 
+def _had_nothing(answer_text: str) -> bool:
+    return answer_text.startswith(NOTHING_RELEVANT) or bool(
+        re.match(r"(?i)i (?:could not|couldn't|cannot|can't) find\b", answer_text.strip())
+    )
+
+
+_OPENERS = (
+    "When it comes to {theme}, can you walk me through {concern}, with a concrete example?",
+    "Could you explain {concern}, and why it matters for {theme}?",
+    "Turning to {concern}: what evidence is there, and what are the trade-offs?",
+)
+_FOLLOW_UPS = (
+    "That's helpful. You said that {point}.",
+    "Interesting: {point}.",
+    "You also noted that {point}.",
+)
+_PLAIN = (
+    "What are the most specific, non-obvious findings about {theme}, and which concrete examples show them?",
+    "Can you give a specific example of how that plays out for {theme}?",
+    "What evidence supports that, and what are the trade-offs for {theme}?",
+    "What surprised you most about {theme}?",
+)
+
+
+def _ask(theme: str, concerns: list[str], turn: int) -> str:
+    if concerns:
+        concern = concerns[turn % len(concerns)]
+        return _OPENERS[turn % len(_OPENERS)].format(theme=theme, concern=concern)
+    return _PLAIN[min(turn, len(_PLAIN) - 1)].format(theme=theme)
+
+
 def question(conv: Conversation) -> str:
+    """The analyst's next question: an introduction and the first concern of its persona, then follow-ups
+    that pick up a point of the expert's last answer and move on to the next concern."""
     persona = conv.persona
     focus = persona.description if persona and persona.description else conv.text_after(r"topic of focus[^:]*")
-    focus_short = focus_phrase(focus or conv.last_user_text, 12)
+    theme, _, concerns = parse_focus(focus or conv.last_user_text)
     asked = [m.text for m in conv.turns if m.role == "assistant" and m.name != "expert"]
     answers = _expert_turns(conv)
-    if len(asked) >= 3 or (answers and answers[-1].startswith(NOTHING_RELEVANT) and len(asked) >= 1):
+    if len(asked) >= 3 or (answers and _had_nothing(answers[-1]) and len(asked) >= 1):
         return END_OF_INTERVIEW
     topic = ""
     first = conv.turns[0].text if conv.turns else ""
@@ -115,30 +275,22 @@ def question(conv: Conversation) -> str:
         intro = ""
         if persona:
             intro = f"Hello, I'm {persona.name}, {persona.role} at {persona.affiliation}. "
-        about = f" for an article on {topic}" if topic and topic.lower() not in focus_short.lower() else ""
-        return (
-            f"{intro}I'm researching {focus_short}{about}. What are the most specific, non-obvious "
-            f"findings about {focus_short}, and which concrete examples show them?"
-        )
-    # follow up on the most distinctive terms of the last answer that have not been asked about yet
+        about = f" for an article on {topic}" if topic and topic.lower() not in theme.lower() else ""
+        return f"{intro}I'm researching {theme}{about}. {_ask(theme, concerns, 0)}"
+    # pick up the point of the last answer that bears most on the next concern and was not quoted yet
+    turn = len(asked)
     last_answer = re.split(r"\n#+\s*Sources|\nSources:", answers[-1] if answers else "")[0]
-    # follow up on the first point of the last answer that no earlier question picked up
     asked_text = " ".join(asked).lower()
-    points = [p.text for p in parse(last_answer).passages]
-    fresh = [p for p in points if p.rstrip(".").lower() not in asked_text]
-    if not fresh:
+    points = [p for p in parse(last_answer).passages if p.text.rstrip(".").lower() not in asked_text]
+    if not points:
         return END_OF_INTERVIEW
-    point = fresh[0].rstrip(".")
+    next_concern = concerns[turn % len(concerns)] if concerns else theme
+    point = (rank(next_concern, points, k=1) or points)[0].text.rstrip(".")
     first_word = point.split()[0]
-    if first_word[1:].islower():  # "Fair admission ..." -> "fair admission ...", but "LangGraph" stays
+    if first_word.lower() in STOPWORDS and (first_word[1:].islower() or len(first_word) == 1):  # "A Job" -> "a Job"
         point = point[0].lower() + point[1:]
-    templates = (
-        "That's helpful. You said that {point}. Can you give a specific example of how that plays out for {focus}?",
-        "Interesting: {point}. What evidence supports that, and what are the trade-offs for {focus}?",
-        "You also noted that {point}. What surprised you most about it?",
-    )
-    template = templates[(len(asked) - 1) % len(templates)]
-    return template.format(point=point, focus=focus_short)
+    lead = _FOLLOW_UPS[(turn - 1) % len(_FOLLOW_UPS)].format(point=point)
+    return f"{lead} {_ask(theme, concerns, turn)}"
 
 
 def search_query(conv: Conversation) -> str:
@@ -163,21 +315,26 @@ def _focus_of_section(conv: Conversation) -> str:
 
 
 def section(conv: Conversation) -> str:
+    """``## <the analyst's theme>``, ``### Summary`` of the distinct source sentences that bear most on the
+    analyst's focus (cited), ``### Sources``."""
     focus = _focus_of_section(conv)
+    theme, _, concerns = parse_focus(focus)
     corpus = Corpus()
     for m in conv.turns:
         corpus.extend(parse(m.text))
     if not corpus.passages:
         corpus = conv.sourced
     sourced = [p for p in corpus.passages if p.sources] or corpus.passages
-    title = title_case(focus_phrase(focus, 10)) or "Findings"
-    chosen = rank(focus, sourced, k=10)
+    title = title_case(theme) or "Findings"
+    query = f"{theme} {theme} {' '.join(concerns)}" if concerns else focus
+    seen = Seen()
+    chosen = distinct(rank(query, sourced, k=8), seen)
     if len(chosen) < 3:  # the sources were retrieved for this focus: fall back to their opening sentences
         firsts: dict[int, Passage] = {}
         for p in sourced:
             firsts.setdefault(p.block, p)
-        chosen += [p for p in firsts.values() if p not in chosen]
-    chosen = limit_words(chosen, 380)
+        chosen += distinct([p for p in firsts.values() if p not in chosen], seen)
+    chosen = _readable_order(limit_words(chosen, 300), sourced, seen)
     if not chosen:
         return f"## {title}\n\n### Summary\n\nThe source documents for this section contain no usable text."
     cites = Citations()
@@ -185,6 +342,25 @@ def section(conv: Conversation) -> str:
     out = f"## {title}\n\n### Summary\n\n{body}"
     listing = cites.listing("### Sources")
     return f"{out}\n\n{listing}" if listing else out
+
+
+def _readable_order(chosen: list[Passage], everything: list[Passage], seen: Seen) -> list[Passage]:
+    """The chosen sentences grouped by document (documents in order of their most relevant sentence), in
+    each document's own order; a sentence that leans back on the one before it brings that one along."""
+    picked = {id(p) for p in chosen}
+    for p in chosen:
+        if leans_back(p.text):
+            i = next((j for j, q in enumerate(everything) if q is p), -1)
+            before = everything[i - 1] if i > 0 else None
+            if before is not None and before.block == p.block and id(before) not in picked and seen.add(before.text):
+                picked.add(id(before))
+    rank_of_block: dict[int, int] = {}
+    for i, p in enumerate(chosen):
+        rank_of_block.setdefault(p.block, i)
+    index = {id(p): i for i, p in enumerate(everything)}
+    kept = [p for p in everything if id(p) in picked]
+    kept.sort(key=lambda p: (rank_of_block.get(p.block, len(chosen)), index[id(p)]))
+    return kept
 
 
 def _topic(conv: Conversation) -> str:
@@ -195,27 +371,83 @@ def _topic(conv: Conversation) -> str:
     return phrase(conv.system, 8)
 
 
+@dataclass
+class MemoPlan:
+    """Which sentences of each memo go where. The report body, introduction and conclusion are separate
+    requests over the same memos; splitting each memo's sentences the same way every time keeps any
+    sentence from appearing twice in the assembled report."""
+
+    titles: list[str]
+    intro: list[Passage]
+    body: list[list[Passage]]
+    closing: list[Passage]
+    numbering: dict[str, int] | None  # the memos' shared citation numbers, if they agree
+
+
+def plan_memos(text: str) -> MemoPlan:
+    memos = [(t, b) for t, b in split_sections(text) if t.lower() not in ("introduction", "conclusion", "insights")]
+    seen = Seen()
+    plan = MemoPlan([], [], [], [], _shared_numbering([b for _, b in memos]))
+    for title, body in memos:
+        groups = units(distinct(parse(body).passages, seen))  # in the memo's own order: its lead comes first
+        plan.titles.append(title)
+        singles = [i for i, g in enumerate(groups) if len(g) == 1 and not leans_back(g[0].text)]
+        lead = singles[0] if len(groups) >= 2 and singles else None
+        if lead is not None:
+            plan.intro.append(groups[lead][0])
+        rest = [g for i, g in enumerate(groups) if i != lead]
+        closing = None
+        if len(rest) >= 2:  # the conclusion recaps with a sentence that the body does not use
+            later = [i for i in range(1, len(rest)) if len(rest[i]) == 1 and not leans_back(rest[i][0].text)]
+            closing = min(later, key=lambda i: (abs(i - 3), i)) if later else None
+        if closing is not None:
+            plan.closing.append(rest[closing][0])
+        chosen: list[Passage] = []
+        for i, g in enumerate(rest):
+            if i != closing and (not chosen or len(chosen) + len(g) <= 4):
+                chosen.extend(g)
+        plan.body.append(chosen)
+    return plan
+
+
+def _shared_numbering(bodies: list[str]) -> dict[str, int] | None:
+    """label -> number when every memo numbers its sources the same way (one numbering for the report)."""
+    by_label: dict[str, int] = {}
+    by_number: dict[int, str] = {}
+    for body in bodies:
+        for n, label in _listed_sources(body).items():
+            if by_label.setdefault(label, n) != n or by_number.setdefault(n, label) != label:
+                return None
+    return by_label or None
+
+
+def _listed_sources(body: str) -> dict[int, str]:
+    m = re.search(r"^\s*#{0,6}\s*\**(?:sources|references)\**\s*:?\s*$", body, re.I | re.M)
+    if not m:
+        return {}
+    out: dict[int, str] = {}
+    for n, label in re.findall(r"^\s*(?:[-*]\s*)?\[(\d+)\]\s*(.+?)\s*$", body[m.end() :], re.M):
+        out.setdefault(int(n), label.strip())
+    return out
+
+
+def _cite_as(p: Passage, numbering: dict[str, int] | None) -> str:
+    if not numbering or not p.sources:
+        return p.text
+    marks = "".join(f"[{numbering[s]}]" for s in p.sources if s in numbering)
+    if not marks:
+        return p.text
+    return f"{p.text[:-1]} {marks}{p.text[-1]}" if p.text[-1] in ".!?" else f"{p.text} {marks}"
+
+
 def report(conv: Conversation) -> str:
-    topic = _topic(conv)
     m = re.search(r"memos from your analysts[^:]*:\s*(.+)$", conv.system, re.I | re.S)
-    memos = split_sections(m.group(1) if m else conv.system)
-    if not memos:
+    plan = plan_memos(m.group(1) if m else conv.system)
+    if not plan.titles:
         return answer(conv, sources_heading="## Sources")
     cites = Citations()
-    paras = []
-    used: set[str] = set()
-    for title, body in memos:
-        corpus = parse(body)
-        fresh = [p for p in corpus.passages if p.text not in used]
-        chosen = rank(f"{title} {topic}", fresh, k=3) or fresh[:3]
-        used.update(p.text for p in chosen)
-        order = {id(p): i for i, p in enumerate(corpus.passages)}
-        chosen = sorted(chosen, key=lambda p: order[id(p)])
-        if chosen:
-            paras.append(" ".join(cites.cite(p) for p in chosen))
-    titles = [t for t, _ in memos]
-    lead = f"This report brings together findings on {topic}, covering {_join(titles)}."
-    out = "## Insights\n\n" + "\n\n".join([lead, *paras])
+    paras = [" ".join(cites.cite(p) for p in chosen) for chosen in plan.body if chosen]
+    out = "## Insights\n\n" + "\n\n".join(paras)
     listing = cites.listing("## Sources")
     return f"{out}\n\n{listing}" if listing else out
 
@@ -226,43 +458,41 @@ def _join(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _sections_for_summary(conv: Conversation) -> list[tuple[str, str]]:
-    m = re.search(r"sections to reflect on\s*:?\s*(.+)$", conv.system, re.I | re.S)
-    text = m.group(1) if m else conv.all_text
-    return [(t, b) for t, b in split_sections(text) if t.lower() not in ("introduction", "conclusion")]
+def _sections_text(conv: Conversation) -> str:
+    m = re.search(r"sections to reflect on[^:]*:\s*(.+)$", conv.system, re.I | re.S)
+    return m.group(1) if m else conv.all_text
 
 
-def _key_sentence(title: str, body: str, topic: str) -> str:
-    corpus = parse(body)
-    chosen = rank(f"{title} {topic}", corpus.passages, k=1) or corpus.passages[:1]
-    return chosen[0].text if chosen else ""
+_COUNT_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def _lenses_sentence(topic: str, titles: list[str]) -> str:
+    n = len(titles)
+    count = _COUNT_WORDS[n] if n < len(_COUNT_WORDS) else str(n)
+    noun = "perspective" if n == 1 else "perspectives"
+    return f"This report examines {embed(topic)} from {count} {noun}: {_join([f'*{t}*' for t in titles])}."
 
 
 def intro(conv: Conversation) -> str:
     topic = _topic(conv)
-    sections = _sections_for_summary(conv)
-    title = title_case(focus_phrase(topic, 12))
-    parts = [f"This report examines {topic}."]
-    if sections:
-        parts.append(f"It is organised around {len(sections)} themes: {_join([t for t, _ in sections])}.")
-        for t, b in sections[:4]:
-            s = _key_sentence(t, b, topic)
-            if s:
-                parts.append(s)
-    return f"# {title}\n\n## Introduction\n\n" + _cap_words(parts, 120)
+    plan = plan_memos(_sections_text(conv))
+    title = title_case(natural_cut(topic, 14))
+    parts = [_lenses_sentence(topic, plan.titles) if plan.titles else f"This report examines {embed(topic)}."]
+    parts += [_cite_as(p, plan.numbering) for p in plan.intro]
+    return f"# {title}\n\n## Introduction\n\n" + _cap_words(parts, 130)
 
 
 def conclusion(conv: Conversation) -> str:
     topic = _topic(conv)
-    sections = _sections_for_summary(conv)
-    parts = [f"This report set out to examine {topic}."]
-    for t, b in sections[:5]:
-        s = _key_sentence(t, b, topic)
-        if s:
-            parts.append(s)
-    if sections:
-        parts.append(f"Taken together, {_join([t for t, _ in sections])} show how the pieces of {topic} fit.")
-    return "## Conclusion\n\n" + _cap_words(parts, 120)
+    plan = plan_memos(_sections_text(conv))
+    parts = [_cite_as(p, plan.numbering) for p in plan.closing]
+    if len(parts) < 2:
+        parts.insert(0, f"This report set out to examine {embed(topic)}.")
+    closing = ""
+    if plan.titles:
+        closing = f"Taken together, {_join([f'*{t}*' for t in plan.titles])} explain {embed(topic)}."
+    text = _cap_words(parts, 120 - len(closing.split()))
+    return "## Conclusion\n\n" + (f"{text} {closing}" if closing else text)
 
 
 def _cap_words(sentences: list[str], limit: int) -> str:
@@ -270,7 +500,7 @@ def _cap_words(sentences: list[str], limit: int) -> str:
     total = 0
     for s in sentences:
         n = len(s.split())
-        if out and total + n > limit:
+        if len(out) >= 2 and total + n > limit:
             break
         out.append(s)
         total += n

@@ -293,7 +293,7 @@ class SchemaFiller:
         if re.search(r"(^|_)(name|title|heading|topic|subject|label|theme)s?$", key):
             if key.endswith("name") and self.kind == "analysts":
                 return self._persona_for(index).name
-            pool = self.planner.themes or key_words(question) or ["Overview"]
+            pool = [t.phrase for t in self.planner.themes] or key_words(question) or ["Overview"]
             base = self.planner.topic if self.kind == "analysts" else (question or self.planner.topic)
             if index == 0:
                 return title_case(focus_phrase(base, 8)) or "Overview"

@@ -33,7 +33,8 @@ FILLER = frozenset(
     know think thoughts specific specifically example examples interesting insight insights detail details
     thank thanks hello hi name i'm im article writing write wrote topic focus area role affiliation
     description expert analyst interviewer interview mentioned talk elaborate kind sort way ways thing things
-    something anything lot lots well new good great important key main drill understand understanding""".split()
+    something anything lot lots well new good great important key main drill understand understanding
+    walk concrete show shows matter matters trade-offs tradeoffs turning comes researching""".split()
 )
 
 
