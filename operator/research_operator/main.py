@@ -31,10 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` dumps every thread's stack to stderr
     settings = Settings.from_env()
     start_http_server(settings.metrics_port, registry=REGISTRY)
+    # Our own identity, also for kopf: its default asks the passwd database for the user name, which
+    # fails for a numeric uid without an entry (65532 in the image and on the local node agent).
+    identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
     elector: LeaderElector | None = None
     if settings.leader_election:
         config.load_config()  # type: ignore[no-untyped-call]
-        identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
         elector = LeaderElector(client.ApiClient(), settings.namespace, settings.lease_name, identity)
         elector.acquire()
         elector.keep_renewing()
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             kopf.operator(
                 clusterwide=True,
                 standalone=True,  # no kopf peering: the Lease above decides who acts
+                identity=identity,  # type: ignore[arg-type]  # kopf.Identity: an unexported NewType of str
                 liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
             )
         )
