@@ -201,7 +201,7 @@ def _why_not_ready(kube: Kube) -> str:
     if lease is not None:
         holder = lease.get("spec", {}).get("holderIdentity")
         lines.append(
-            f"  Lease {RELEASE_NAMESPACE}/{LEASE} is held by {holder!r}; only the operator holding it is Ready"
+            f"  Lease {RELEASE_NAMESPACE}/{LEASE} is held by {holder!r}; only its holder reconciles"
             " (is another research-operator running against this cluster?)"
         )
     return "\n".join(lines) or "  no pods of the release exist"
