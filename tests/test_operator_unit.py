@@ -137,6 +137,8 @@ def test_review_waits_for_approval_and_feedback_replans() -> None:
     store = StoreView(analysts={PID: analysts(6)})
     d = decide(spec(analysts={"count": 6, "review": True}), observe(store=store))
     assert d.status.phase == Phase.AwaitingReview and not d.waiting_batches
+    waiting = {c.type: c for c in d.status.conditions or []}["AwaitingReview"]
+    assert waiting.status == "True" and "approved=true" in waiting.message
     assert d.status.analysts and d.status.analysts[0].name == "A0"
     d = decide(spec(analysts={"count": 6, "review": True, "approved": True}), observe(store=store))
     assert d.status.phase == Phase.Interviewing

@@ -218,26 +218,15 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
             finished = dt.datetime.fromisoformat(st.completion_time.replace("Z", "+00:00"))
             d.delete_self = now >= finished + dt.timedelta(seconds=spec.ttl_seconds_after_finished)
 
+    def while_in(ctype: str, phase: Phase, reason: str, otherwise: str) -> Condition:
+        """A condition that is True, with the status message, exactly while the job is in ``phase``."""
+        on = st.phase == phase
+        return condition(prev, ctype, on, reason if on else otherwise, (st.message or "") if on else "", gen, now)
+
     st.conditions = [
         condition(prev, "Planned", analysts is not None, "AnalystsStored" if analysts else "Planning", "", gen, now),
-        condition(
-            prev,
-            "AwaitingReview",
-            st.phase == Phase.AwaitingReview,
-            "ReviewRequested" if st.phase == Phase.AwaitingReview else "NotWaiting",
-            st.message or "" if st.phase == Phase.AwaitingReview else "",
-            gen,
-            now,
-        ),
-        condition(
-            prev,
-            "Complete",
-            st.phase == Phase.Succeeded,
-            "ReportWritten" if st.phase == Phase.Succeeded else "InProgress",
-            st.message or "" if st.phase == Phase.Succeeded else "",
-            gen,
-            now,
-        ),
+        while_in("AwaitingReview", Phase.AwaitingReview, "ReviewRequested", "NotWaiting"),
+        while_in("Complete", Phase.Succeeded, "ReportWritten", "InProgress"),
         condition(
             prev,
             "Failed",
