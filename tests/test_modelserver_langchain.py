@@ -13,6 +13,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
 from offline_model.launcher import ModelServerProcess
+from research_worker.state import Perspectives  # the schemas the real worker asks for
 
 CONTEXT = """<Document source="docs/checkpointing.md" page=""/>
 LangGraph persists the state of a graph with checkpointers. A checkpointer saves a snapshot of the state after
@@ -165,17 +166,6 @@ def test_with_structured_output_each_method(modelserver: ModelServerProcess, met
     assert all(f.source in ("docs/checkpointing.md", "docs/kubernetes.md, page 3") for f in review.findings)
     assert all(1 <= len(f.tags) <= 4 for f in review.findings)
     assert 0 <= review.confidence <= 1
-
-
-class Analyst(BaseModel):
-    affiliation: str = Field(description="Primary affiliation of the analyst.")
-    name: str = Field(description="Name of the analyst.")
-    role: str = Field(description="Role of the analyst in the context of the topic.")
-    description: str = Field(description="Description of the analyst focus, concerns, and motives.")
-
-
-class Perspectives(BaseModel):
-    analysts: list[Analyst] = Field(description="Comprehensive list of analysts with their roles and affiliations.")
 
 
 ANALYST_PROMPT = """You are tasked with creating a set of AI analyst personas. Follow these instructions carefully:

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI
-from pydantic import BaseModel, Field
 
 from offline_model.launcher import ModelServerProcess
 from research_worker import prompts
+from research_worker.state import Analyst, Perspectives  # the schemas the real worker asks for
 
 CORPUS = Path(__file__).parent / "corpus"
 TOPIC = "How Kubernetes runs and limits batch workloads"
@@ -27,17 +27,6 @@ BOILERPLATE = ("determine", "based", "documents", "feedback", "analyst personas"
 HEADINGS = sorted(
     {m.group(1).strip() for p in CORPUS.glob("*.md") for m in re.finditer(r"^#{1,3}\s+(.+)$", p.read_text(), re.M)}
 )
-
-
-class Analyst(BaseModel):
-    affiliation: str = Field(description="Primary affiliation of the analyst.")
-    name: str = Field(description="Name of the analyst.")
-    role: str = Field(description="Role of the analyst in the context of the topic.")
-    description: str = Field(description="Description of the analyst focus, concerns, and motives.")
-
-
-class Perspectives(BaseModel):
-    analysts: list[Analyst] = Field(description="Comprehensive list of analysts with their roles and affiliations.")
 
 
 def llm(server: ModelServerProcess) -> ChatOpenAI:

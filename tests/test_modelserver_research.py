@@ -14,6 +14,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
 from offline_model.launcher import ModelServerProcess
+from research_worker.state import Analyst, Perspectives  # the schemas the real worker asks for
 
 TOPIC = "Running LangGraph research agents on Kubernetes"
 
@@ -152,22 +153,6 @@ Use ## Introduction as the section header.
 For your conclusion, use ## Conclusion as the section header.
 
 Here are the sections to reflect on: {sections}"""
-
-
-class Analyst(BaseModel):
-    affiliation: str = Field(description="Primary affiliation of the analyst.")
-    name: str = Field(description="Name of the analyst.")
-    role: str = Field(description="Role of the analyst in the context of the topic.")
-    description: str = Field(description="Description of the analyst focus, concerns, and motives.")
-
-    @property
-    def persona(self) -> str:
-        return (f"Name: {self.name}\nRole: {self.role}\nAffiliation: {self.affiliation}\n"
-                f"Description: {self.description}\n")
-
-
-class Perspectives(BaseModel):
-    analysts: list[Analyst]
 
 
 class SearchQuery(BaseModel):
