@@ -324,7 +324,7 @@ def test_a_big_researchjob_does_not_starve_a_small_one_under_a_global_cap(
     api = cluster.api_client()
     core = client.CoreV1Api(api)
     settings = {
-        "metadata": {"name": "fairness-caps", "labels": {f"{GROUP}/operator-settings": "true"}},
+        "metadata": {"name": "fairness-caps", "labels": {f"{GROUP}/kind": "operator-settings"}},
         "data": {"globalMaxActiveJobs": "2"},
     }
     op_ns = operator.env["OPERATOR_NAMESPACE"]

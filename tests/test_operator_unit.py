@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+from decimal import Decimal
 from typing import Any
 
 from research_api.researchjob import AnalystStatus, Phase, ReportRef, ResearchJobSpec, ResearchJobStatus
@@ -14,12 +16,15 @@ from research_operator.admission import (
     PodResources,
     QuotaUsage,
     QuotaVerdict,
+    WaitReason,
     admit,
+    decide_admission,
+    never_fits,
     quota_headroom,
 )
 from research_operator.builders import Owner, worker_job, worker_rbac
 from research_operator.constants import plan_id
-from research_operator.reconcile import JobView, Observed, StoreView, decide
+from research_operator.reconcile import JobView, Observed, StoreView, Waiting, apply_waiting, decide
 from research_operator.settings import Settings
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
@@ -342,3 +347,167 @@ def test_the_writer_job_is_removed_once_the_report_is_stored() -> None:
     )
     d = decide(spec(analysts={"count": 2}), observe(jobs=[JobView("w", "write", PID, succeeded=True)], store=store))
     assert d.status.phase == Phase.Succeeded and d.delete_jobs == ["w"]
+
+
+# -- admission outcome, waiting status, identity ---------------------------------------------------
+
+CASES = [
+    # (what the case is, me, own limit, peers, caps, quota verdict, too small) -> (admitted, reason, words)
+    ("nothing limits", Demand("ns", "a", 0, 3), 5, [], Caps(), QuotaVerdict(None), None, (3, None, "")),
+    (
+        "own maxActiveJobs",
+        Demand("ns", "a", 2, 3),
+        3,
+        [],
+        Caps(),
+        QuotaVerdict(None),
+        None,
+        (1, WaitReason.MAX_ACTIVE_JOBS, "maxActiveJobs=3"),
+    ),
+    (
+        "global cap full",
+        Demand("ns", "a", 0, 1),
+        1,
+        [Demand("other", "b", 2, 0)],
+        Caps(global_max_active=2),
+        QuotaVerdict(None),
+        None,
+        (0, WaitReason.GLOBAL_CAP, "globalMaxActiveJobs=2: 2 worker Jobs running"),
+    ),
+    (
+        "namespace cap binds before global",
+        Demand("ns", "a", 0, 4),
+        4,
+        [Demand("ns", "b", 3, 0)],
+        Caps(global_max_active=10, namespace_max_active=4),
+        QuotaVerdict(None),
+        None,
+        (1, WaitReason.NAMESPACE_CAP, "namespaceMaxActiveJobs=4"),
+    ),
+    (
+        "fair share owed to a small job",
+        Demand("ns", "big", 3, 20),
+        10,
+        [Demand("ns", "small", 0, 1)],
+        Caps(global_max_active=4),
+        QuotaVerdict(None),
+        None,
+        (0, WaitReason.FAIR_SHARE, "fair share of 2"),
+    ),
+    (
+        "quota headroom",
+        Demand("ns", "a", 0, 3),
+        3,
+        [],
+        Caps(),
+        QuotaVerdict(1, "q: pods 1/2"),
+        None,
+        (1, WaitReason.EXCEEDED_QUOTA, "ResourceQuota q: pods 1/2"),
+    ),
+    (
+        "quota too small beats everything",
+        Demand("ns", "a", 0, 1),
+        1,
+        [],
+        Caps(global_max_active=5),
+        QuotaVerdict(0, "q: requests.cpu 0/50m"),
+        "ResourceQuota q allows requests.cpu 50m",
+        (0, WaitReason.QUOTA_TOO_SMALL, "allows requests.cpu 50m"),
+    ),
+]
+
+
+def test_admission_names_the_limit_that_holds_jobs_back() -> None:
+    for what, me, own, peers, caps, quota, small, (n, reason, words) in CASES:
+        a = decide_admission(me, own, [me, *peers], caps, quota, small)
+        assert (a.admitted, a.reason) == (n, reason), what
+        assert words in a.message, (what, a.message)
+
+
+def test_a_quota_below_one_worker_pod_is_named_with_resource_request_and_limit() -> None:
+    pod = PodResources.from_spec({"cpu": "100m", "memory": "256Mi"}, {"memory": "1Gi"})
+    assert never_fits([QuotaUsage("roomy", {"requests.cpu": "1"}, {})], pod) is None
+    why = never_fits([QuotaUsage("tiny", {"requests.cpu": "50m", "pods": "5"}, {"requests.cpu": "0"})], pod)
+    assert why is not None and "tiny" in why and "requests.cpu 50m" in why and "100m" in why
+    why = never_fits([QuotaUsage("mem", {"limits.memory": "512Mi"}, {})], pod)
+    assert why is not None and "limits.memory 512Mi" in why and "1024Mi" in why
+    assert "count/jobs.batch 0" in (never_fits([QuotaUsage("none", {"count/jobs.batch": "0"}, {})], pod) or "")
+
+
+def test_reserved_consumption_keeps_two_passes_from_sharing_headroom() -> None:
+    q = QuotaUsage("q", {"pods": "2", "requests.cpu": "1"}, {"pods": "0", "requests.cpu": "0"})
+    assert quota_headroom([q], POD).jobs == 2
+    reserved = {"pods": Decimal(1), "requests.cpu": Decimal("0.1")}
+    assert quota_headroom([q], POD, reserved).jobs == 1
+
+
+def _waiting_status(w: Waiting, prev: ResearchJobStatus | None = None) -> tuple[ResearchJobStatus, list[Any]]:
+    st = ResearchJobStatus(phase=Phase.Planning, message="planning the analyst panel")
+    events = apply_waiting(st, prev or ResearchJobStatus(), w, 1, T0)
+    return st, events
+
+
+def test_waiting_for_quota_sets_the_condition_the_message_and_one_warning() -> None:
+    w = Waiting("the planner Job", WaitReason.EXCEEDED_QUOTA, "ResourceQuota q: count/jobs.batch 2/2")
+    st, events = _waiting_status(w)
+    conds = {c.type: c for c in st.conditions or []}
+    assert conds["QuotaExceeded"].status == "True" and conds["QuotaExceeded"].reason == "ExceededQuota"
+    assert "count/jobs.batch 2/2" in conds["QuotaExceeded"].message
+    assert conds["Throttled"].status == "False" and conds["WorkerPodsBlocked"].status == "False"
+    assert st.message == "waiting for quota: the planner Job: ResourceQuota q: count/jobs.batch 2/2"
+    assert [(e[0], e[1]) for e in events] == [("Warning", "QuotaExceeded")]
+    # The same wait on the next pass posts nothing new.
+    st2, again = _waiting_status(w, prev=st)
+    assert again == [] and st2.conditions == st.conditions
+
+
+def test_a_quota_too_small_never_reads_as_running() -> None:
+    w = Waiting("the planner Job", WaitReason.QUOTA_TOO_SMALL, "ResourceQuota tiny allows requests.cpu 50m, ...")
+    st, events = _waiting_status(w)
+    assert st.message is not None and st.message.startswith("cannot start the planner Job")
+    assert "running" not in st.message
+    assert [(e[0], e[1]) for e in events] == [("Warning", "QuotaTooSmall")]
+    cond = next(c for c in st.conditions or [] if c.type == "QuotaExceeded")
+    assert (cond.status, cond.reason) == ("True", "QuotaTooSmall")
+
+
+def test_a_cap_sets_throttled_and_failed_pod_creation_is_reported() -> None:
+    st, events = _waiting_status(Waiting("2 interview batches", WaitReason.GLOBAL_CAP, "globalMaxActiveJobs=1: 1 ..."))
+    cond = next(c for c in st.conditions or [] if c.type == "Throttled")
+    assert (cond.status, cond.reason) == ("True", "GlobalCap")
+    assert st.message is not None and "waiting for a slot" in st.message
+    assert events[0][:2] == ("Normal", "Throttled")
+    blocked = "planner Job rj-x-plan cannot create its pod: forbidden: exceeded quota"
+    st, events = _waiting_status(Waiting(pods_blocked=blocked))
+    assert st.message == blocked and ("Warning", "FailedCreate", blocked) in events
+    # Nothing waits: every waiting condition is False.
+    st, events = _waiting_status(Waiting())
+    assert all(c.status == "False" for c in st.conditions or []) and events == []
+
+
+def test_plan_ids_and_child_names_belong_to_one_researchjob_uid() -> None:
+    assert plan_id(None, "uid-1") != plan_id(None, "uid-2")
+    assert plan_id("more economists", "uid-1") != plan_id(None, "uid-1")
+    s = spec()
+    a = decide(s, dataclasses.replace(observe(), uid="uid-1")).status.plan_id
+    b = decide(s, dataclasses.replace(observe(), uid="uid-2")).status.plan_id
+    assert a != b
+
+
+def test_world_keys_jobs_by_researchjob_uid_and_deletes_by_job_uid() -> None:
+    from research_operator.world import World
+
+    w = World()
+    old = JobView(name="rj-p-b0", step="interview", plan="p", batch=0, uid="job-old")
+    w.attach({("ns", "uid-old"): [old]}, {}, {})
+    assert w.jobs_of(("ns", "uid-new")) == {}  # a new ResearchJob of the same name has no Jobs yet
+    w.deleted[("ns", "uid-old")].add("job-old")
+    assert w.jobs_of(("ns", "uid-old")) == {}
+    w.attach({}, {}, {})  # the watch saw it go
+    w.job_deleted(("ns", "uid-old"), "job-old")
+    assert not w.deleted[("ns", "uid-old")]
+    # What this process created counts before the watch shows it, against caps and quota alike.
+    w.created[("ns", "uid-new")]["rj-q-plan"] = JobView(name="rj-q-plan", step="plan", plan="q", pod=POD)
+    assert [(d.name, d.active) for d in w.demands()] == [("uid-new", 1)]
+    assert w.reserved("ns")["count/jobs.batch"] == 1 and w.reserved("ns")["pods"] == 1
+    assert w.reserved("other") == {}

@@ -142,9 +142,11 @@ class Budget(_Model):
     max_tokens: int | None = Field(default=None, ge=1)
 
 
-def plan_id(feedback: str | None) -> str:
-    """Identifies a plan: the same review feedback always gives the same plan id."""
-    return hashlib.sha256((feedback or "").encode()).hexdigest()[:6]
+def plan_id(feedback: str | None, job_uid: str = "") -> str:
+    """Identifies a plan of one ResearchJob: the same review feedback always gives the same plan id,
+    and another ResearchJob (another uid, even under the same name) another one, so the names of its
+    Jobs and stored objects are its own."""
+    return hashlib.sha256(f"{job_uid}\0{feedback or ''}".encode()).hexdigest()[:6]
 
 
 class ResearchTask(_Model):
@@ -176,7 +178,7 @@ class ResearchTask(_Model):
 
     @property
     def plan_id(self) -> str:
-        return self.plan or plan_id(self.feedback)
+        return self.plan or plan_id(self.feedback, self.job.uid)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))

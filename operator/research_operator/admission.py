@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from enum import StrEnum
 
 from kubernetes.utils import parse_quantity
 
@@ -76,8 +77,21 @@ class QuotaVerdict:
         return self.jobs is not None and self.jobs <= 0
 
 
-def quota_headroom(quotas: Iterable[QuotaUsage], pod: PodResources) -> QuotaVerdict:
-    """The number of worker Jobs that still fit in every quota of the namespace."""
+POD_RESOURCES = frozenset(
+    ("count/pods", "pods", "requests.cpu", "cpu", "requests.memory", "memory", "limits.cpu", "limits.memory")
+)
+
+
+def quota_headroom(
+    quotas: Iterable[QuotaUsage],
+    pod: PodResources,
+    reserved: Mapping[str, Decimal] | None = None,
+) -> QuotaVerdict:
+    """The number of worker Jobs that still fit in every quota of the namespace.
+
+    ``reserved`` is what this operator's own Jobs will consume but the quotas' ``status.used`` does
+    not show yet (Jobs it just created, Jobs whose next pod the Job controller has not created), so
+    two passes in a row never hand out the same headroom."""
     need = pod.consumption()
     best: int | None = None
     binding: str | None = None
@@ -87,11 +101,37 @@ def quota_headroom(quotas: Iterable[QuotaUsage], pod: PodResources) -> QuotaVerd
             if not per_job:
                 continue
             hard = quantity(hard_s)
-            used = quantity(quota.used.get(resource, "0"))
+            used = quantity(quota.used.get(resource, "0")) + (reserved or {}).get(resource, Decimal(0))
             fits = max(0, math.floor((hard - used) / per_job))
             if best is None or fits < best:
                 best, binding = fits, f"{quota.name}: {resource} {quota.used.get(resource, '0')}/{hard_s}"
     return QuotaVerdict(best, binding)
+
+
+def never_fits(quotas: Iterable[QuotaUsage], pod: PodResources) -> str | None:
+    """Why one worker pod can never fit a quota of the namespace (its hard limit is below what a
+    single worker Job consumes), naming the quota, the resource, the request and the limit; None if
+    every quota could hold at least one."""
+    need = pod.consumption()
+    for quota in sorted(quotas, key=lambda q: q.name):
+        for resource, hard_s in sorted(quota.hard.items()):
+            per_job = need.get(resource)
+            if per_job and quantity(hard_s) < per_job:
+                what = "one worker Job" if resource == "count/jobs.batch" else "one worker pod"
+                return (
+                    f"ResourceQuota {quota.name} allows {resource} {hard_s}, less than {what} needs "
+                    f"({_show(per_job, resource)}); lower spec.worker.resources or raise the quota"
+                )
+    return None
+
+
+def _show(value: Decimal, resource: str) -> str:
+    if resource.endswith("cpu"):
+        return f"{int(value * 1000)}m" if value < 1 else f"{value.normalize():f}"
+    if resource.endswith("memory"):
+        mib = value / (1024 * 1024)
+        return f"{mib.normalize():f}Mi" if mib == mib.to_integral_value() else f"{value.normalize():f}"
+    return f"{value.normalize():f}"
 
 
 @dataclass(frozen=True)
@@ -117,19 +157,103 @@ def fair_share(cap: int, contenders: int) -> int:
     return max(1, cap // max(1, contenders))
 
 
-def _share_allowance(cap: int, me: Demand, peers: list[Demand]) -> int:
+@dataclass(frozen=True)
+class _Allowance:
+    slots: int
+    free: int  # slots free under the cap, before fairness
+    share: int
+    owed_to: int  # waiting peers below their share
+
+
+def _share_allowance(cap: int, me: Demand, peers: list[Demand]) -> _Allowance:
     """Slots ``me`` may take under ``cap`` without taking what waiting peers below their share are owed."""
     others = [d for d in peers if (d.namespace, d.name) != (me.namespace, me.name)]
     free = cap - me.active - sum(d.active for d in others)
-    if free <= 0:
-        return 0
     contenders = 1 + sum(1 for d in others if d.waiting > 0 or d.active > 0)
     share = fair_share(cap, contenders)
-    owed = sum(min(share - d.active, d.waiting) for d in others if d.waiting > 0 and d.active < share)
+    below = [d for d in others if d.waiting > 0 and d.active < share]
+    if free <= 0:
+        return _Allowance(0, free, share, len(below))
+    owed = sum(min(share - d.active, d.waiting) for d in below)
     beyond_owed = max(0, free - owed)
     if me.active < share:
-        return min(free, max(share - me.active, beyond_owed))
-    return beyond_owed
+        return _Allowance(min(free, max(share - me.active, beyond_owed)), free, share, len(below))
+    return _Allowance(beyond_owed, free, share, len(below))
+
+
+class WaitReason(StrEnum):
+    """Why a ResearchJob's next worker Jobs wait (a condition's reason)."""
+
+    QUOTA_TOO_SMALL = "QuotaTooSmall"
+    EXCEEDED_QUOTA = "ExceededQuota"
+    NAMESPACE_CAP = "NamespaceCap"
+    GLOBAL_CAP = "GlobalCap"
+    FAIR_SHARE = "FairShare"
+    MAX_ACTIVE_JOBS = "MaxActiveJobs"
+
+    @property
+    def is_quota(self) -> bool:
+        return self in (WaitReason.QUOTA_TOO_SMALL, WaitReason.EXCEEDED_QUOTA)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """How many of a ResearchJob's waiting worker Jobs may start now, and, if some must wait, why."""
+
+    admitted: int
+    reason: WaitReason | None = None
+    message: str = ""
+
+
+def decide_admission(
+    me: Demand,
+    own_limit: int,
+    all_demands: list[Demand],
+    caps: Caps,
+    quota: QuotaVerdict,
+    too_small: str | None = None,
+) -> Admission:
+    """Admit what fits every limit at once; name the limit that holds the rest back.
+
+    ``me.waiting`` Jobs want to start; ``own_limit`` is the ResearchJob's own bound on its running
+    Jobs (``maxActiveJobs`` for interview batches, 1 for the planner, writer and cleanup Job).
+    ``too_small`` is set when a quota can never hold one worker pod (see ``never_fits``)."""
+    if me.waiting <= 0:
+        return Admission(0)
+    if too_small is not None:
+        return Admission(0, WaitReason.QUOTA_TOO_SMALL, too_small)
+    limits: list[tuple[int, WaitReason, str]] = []
+    if quota.jobs is not None:
+        limits.append((quota.jobs, WaitReason.EXCEEDED_QUOTA, f"ResourceQuota {quota.binding}"))
+    for cap, peers, reason, what in (
+        (
+            caps.namespace_max_active,
+            [d for d in all_demands if d.namespace == me.namespace],
+            WaitReason.NAMESPACE_CAP,
+            "namespaceMaxActiveJobs",
+        ),
+        (caps.global_max_active, all_demands, WaitReason.GLOBAL_CAP, "globalMaxActiveJobs"),
+    ):
+        if cap <= 0:
+            continue
+        a = _share_allowance(cap, me, peers)
+        if a.slots < max(0, a.free):
+            why = f"the free slots are owed to {a.owed_to} waiting ResearchJobs below their fair share of {a.share}"
+            limits.append((a.slots, WaitReason.FAIR_SHARE, f"{what}={cap}: {why}"))
+        else:
+            limits.append((a.slots, reason, f"{what}={cap}: {cap - a.free} worker Jobs running"))
+    limits.append(
+        (
+            max(0, own_limit - me.active),
+            WaitReason.MAX_ACTIVE_JOBS,
+            f"maxActiveJobs={own_limit}: {me.active} worker Jobs of this ResearchJob running",
+        )
+    )
+    admitted = max(0, min(me.waiting, *(n for n, _, _ in limits)))
+    if admitted >= me.waiting:
+        return Admission(admitted)
+    _, reason, message = next(lim for lim in limits if lim[0] <= admitted)
+    return Admission(admitted, reason, message)
 
 
 def admit(
@@ -140,12 +264,4 @@ def admit(
     quota: QuotaVerdict,
 ) -> int:
     """How many of ``me``'s waiting batches may get a Job now."""
-    n = min(me.waiting, rj_max_active - me.active)
-    if caps.global_max_active > 0:
-        n = min(n, _share_allowance(caps.global_max_active, me, all_demands))
-    if caps.namespace_max_active > 0:
-        same_ns = [d for d in all_demands if d.namespace == me.namespace]
-        n = min(n, _share_allowance(caps.namespace_max_active, me, same_ns))
-    if quota.jobs is not None:
-        n = min(n, quota.jobs)
-    return max(0, n)
+    return decide_admission(me, rj_max_active, all_demands, caps, quota).admitted

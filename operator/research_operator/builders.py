@@ -36,6 +36,7 @@ from research_api.task import (
 )
 from research_operator.constants import (
     ANNOTATION_CLEANUP_OF,
+    ANNOTATION_CLEANUP_OF_UID,
     KUEUE_QUEUE_LABEL,
     LABEL_BATCH,
     LABEL_JOB,
@@ -321,7 +322,7 @@ def cleanup_job(
         "name": cleanup_job_name(owner),
         "namespace": owner.namespace,
         "labels": job_labels,
-        "annotations": {ANNOTATION_CLEANUP_OF: owner.name},
+        "annotations": {ANNOTATION_CLEANUP_OF: owner.name, ANNOTATION_CLEANUP_OF_UID: owner.uid},
     }
     if owned:
         metadata["ownerReferences"] = [owner.reference()]

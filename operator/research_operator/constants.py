@@ -11,12 +11,14 @@ __all__ = ["LABEL_ANALYST", "LABEL_JOB", "LABEL_KIND", "LABEL_PLAN", "label_valu
 
 LABEL_STEP = f"{GROUP}/step"  # plan | interview | write
 LABEL_BATCH = f"{GROUP}/batch"  # batch index of an interview Job
+SETTINGS_KIND = "operator-settings"  # the LABEL_KIND of the operator's settings ConfigMap
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "research-operator"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 FINALIZER = f"{GROUP}/external-store"  # on postgres-store ResearchJobs until their rows are deleted
 ANNOTATION_CLEANUP_OF = f"{GROUP}/cleanup-of"  # the ResearchJob an unowned cleanup Job cleans up
+ANNOTATION_CLEANUP_OF_UID = f"{GROUP}/cleanup-of-uid"  # and its uid
 WORKER_UID = 65532  # non-root uid of the worker image
 
 MAX_NAME = 63

@@ -17,6 +17,7 @@ from research_api.researchjob import (
     ResearchJobSpec,
     ResearchJobStatus,
 )
+from research_operator.admission import PodResources, WaitReason
 from research_operator.constants import plan_id
 
 
@@ -25,9 +26,12 @@ class JobView:
     """What the operator needs of one child batch/v1 Job."""
 
     name: str
-    step: str  # plan | interview | write
+    step: str  # plan | interview | write | cleanup
     plan: str
     batch: int | None = None
+    uid: str = ""  # empty while only this process knows it (created, not yet seen by the watch)
+    pods: int = 0  # status.active: pods created and not finished
+    pod: PodResources = PodResources()  # what its pod requests
     succeeded: bool = False
     failed: bool = False
     suspended: bool = False
@@ -57,6 +61,7 @@ class Observed:
     jobs: list[JobView]
     store: StoreView
     previous: ResearchJobStatus
+    uid: str = ""  # the ResearchJob's uid (part of its plan ids)
 
 
 @dataclass
@@ -67,6 +72,7 @@ class Decision:
     create_writer: bool = False
     delete_jobs: list[str] = field(default_factory=list)
     delete_self: bool = False
+    wake_at: dt.datetime | None = None  # a deadline or TTL that needs a pass then, with no watch event
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
 
 
@@ -92,7 +98,7 @@ def condition(
 
 
 def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
-    pid = plan_id(spec.analysts.feedback)
+    pid = plan_id(spec.analysts.feedback, obs.uid)
     prev = obs.previous
     now = obs.now
     gen = obs.generation
@@ -200,6 +206,8 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
             deadline = obs.created + dt.timedelta(seconds=spec.budget.deadline_seconds)
             if now > deadline:
                 failure = ("DeadlineExceeded", f"not finished within {spec.budget.deadline_seconds}s")
+            else:
+                d.wake_at = deadline + dt.timedelta(seconds=1)
 
     if failure is not None:
         reason, message = failure
@@ -216,7 +224,11 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
         st.completion_time = prev.completion_time if prev.phase == st.phase and prev.completion_time else rfc3339(now)
         if spec.ttl_seconds_after_finished is not None:
             finished = dt.datetime.fromisoformat(st.completion_time.replace("Z", "+00:00"))
-            d.delete_self = now >= finished + dt.timedelta(seconds=spec.ttl_seconds_after_finished)
+            expires = finished + dt.timedelta(seconds=spec.ttl_seconds_after_finished)
+            d.delete_self = now >= expires
+            d.wake_at = None if d.delete_self else expires
+        else:
+            d.wake_at = None
 
     def while_in(ctype: str, phase: Phase, reason: str, otherwise: str) -> Condition:
         """A condition that is True, with the status message, exactly while the job is in ``phase``."""
@@ -241,3 +253,89 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
         kind = "Warning" if st.phase == Phase.Failed else "Normal"
         d.events.append((kind, st.phase.value if failure is None else failure[0], st.message or st.phase.value))
     return d
+
+
+# ------------------------------------------------------------------------------------------
+# waiting: what admission, the API server or the Job controller held back, as status
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """What holds back a ResearchJob's worker Jobs after a pass: admission's reason for the ones it
+    did not start (caps, fair share, a quota, a 403 from the API server), and a created Job whose pod
+    the Job controller cannot create (its FailedCreate Event)."""
+
+    what: str = ""  # "the planner Job", "3 interview batches", ...
+    reason: WaitReason | None = None
+    message: str = ""
+    pods_blocked: str | None = None
+    refused: bool = False  # a 403 from the API server that the computed headroom did not foresee
+
+
+def step_noun(step: str, count: int) -> str:
+    if step == "interview":
+        return f"{count} interview batch{'es' if count != 1 else ''}"
+    return {"plan": "the planner Job", "write": "the writer Job", "cleanup": "the cleanup Job"}.get(step, step)
+
+
+def apply_waiting(
+    st: ResearchJobStatus, prev: ResearchJobStatus, w: Waiting, generation: int, now: dt.datetime
+) -> list[tuple[str, str, str]]:
+    """Set the message and the QuotaExceeded, Throttled and WorkerPodsBlocked conditions of ``st``
+    from ``w``; return the Events to post (one per condition that turns True or changes reason)."""
+    quota = w.reason is not None and w.reason.is_quota
+    throttled = w.reason is not None and not quota
+    if w.reason == WaitReason.QUOTA_TOO_SMALL:
+        st.message = f"cannot start {w.what}: {w.message}"
+    elif quota:
+        st.message = f"waiting for quota: {w.what}: {w.message}"
+    elif throttled and w.reason != WaitReason.MAX_ACTIVE_JOBS:
+        st.message = f"{st.message}; " if st.message and st.phase == Phase.Interviewing else ""
+        st.message += f"{w.what} waiting for a slot: {w.message}"
+    if w.pods_blocked:
+        st.message = w.pods_blocked
+    conds = [
+        condition(
+            prev,
+            "QuotaExceeded",
+            quota,
+            w.reason.value if quota and w.reason else "WithinQuota",
+            w.message if quota else "",
+            generation,
+            now,
+        ),
+        condition(
+            prev,
+            "Throttled",
+            throttled,
+            w.reason.value if throttled and w.reason else "NotThrottled",
+            w.message if throttled else "",
+            generation,
+            now,
+        ),
+        condition(
+            prev,
+            "WorkerPodsBlocked",
+            w.pods_blocked is not None,
+            "FailedCreate" if w.pods_blocked else "PodsCreated",
+            w.pods_blocked or "",
+            generation,
+            now,
+        ),
+    ]
+    events: list[tuple[str, str, str]] = []
+    before = {c.type: c for c in prev.conditions or []}
+    for c in conds:
+        old = before.get(c.type)
+        if c.status != "True" or (old is not None and old.status == "True" and old.reason == c.reason):
+            continue
+        if c.type == "QuotaExceeded":
+            reason = "QuotaTooSmall" if w.reason == WaitReason.QUOTA_TOO_SMALL else "QuotaExceeded"
+            events.append(("Warning", reason, st.message or c.message))
+        elif c.type == "WorkerPodsBlocked":
+            events.append(("Warning", "FailedCreate", c.message))
+        elif c.reason != WaitReason.MAX_ACTIVE_JOBS:
+            events.append(("Normal", "Throttled", f"{w.what} waiting for a slot: {c.message}"))
+    st.conditions = [*(x for x in st.conditions or [] if x.type not in {c.type for c in conds}), *conds]
+    return events

@@ -14,15 +14,17 @@ import logging
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from pydantic import ValidationError
 
 from research_api.researchjob import AnalystStatus, ReportRef
 from research_api.task import ANNOTATION_POSTGRES_REPORT, CONFIGMAP_DATA_KEY, CONFIGMAP_REPORT_KEY, markdown_title
-from research_operator.admission import Demand, QuotaUsage
+from research_operator.admission import POD_RESOURCES, Demand, PodResources, QuotaUsage
 from research_operator.constants import (
     ANNOTATION_CLEANUP_OF,
+    ANNOTATION_CLEANUP_OF_UID,
     LABEL_ANALYST,
     LABEL_BATCH,
     LABEL_KIND,
@@ -33,7 +35,7 @@ from research_operator.reconcile import JobView, StoreView
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, str]  # (namespace, ResearchJob name)
+Key = tuple[str, str]  # (namespace, ResearchJob uid)
 
 
 def owner_name(body: Mapping[str, Any]) -> str | None:
@@ -46,6 +48,19 @@ def owner_name(body: Mapping[str, Any]) -> str | None:
         return str(refs[0].get("name"))
     cleanup_of = (meta.get("annotations") or {}).get(ANNOTATION_CLEANUP_OF)
     return str(cleanup_of) if cleanup_of else None
+
+
+def owner_uid(body: Mapping[str, Any]) -> str | None:
+    """The uid of the ResearchJob that controls this object (an unowned cleanup Job names it in an
+    annotation). Bookkeeping is keyed by it: a ResearchJob deleted and created again under the same
+    name, or one of the same name in another namespace, is another ResearchJob."""
+    meta = body.get("metadata", {})
+    refs = [r for r in meta.get("ownerReferences") or [] if r.get("kind") == "ResearchJob"]
+    refs.sort(key=lambda r: not r.get("controller"))
+    if refs:
+        return str(refs[0].get("uid")) if refs[0].get("uid") else None
+    uid = (meta.get("annotations") or {}).get(ANNOTATION_CLEANUP_OF_UID)
+    return str(uid) if uid else None
 
 
 def _time(value: Any) -> dt.datetime | None:
@@ -62,8 +77,13 @@ def job_view(body: Mapping[str, Any]) -> JobView:
     failed = conds.get("Failed")
     finished = failed or conds.get("Complete")
     batch = labels.get(LABEL_BATCH)
+    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or [{}]
+    resources = containers[0].get("resources") or {}
     return JobView(
         name=str(meta.get("name")),
+        uid=str(meta.get("uid") or ""),
+        pods=int(status.get("active") or 0),
+        pod=PodResources.from_spec(resources.get("requests") or {}, resources.get("limits") or {}),
         step=str(labels.get(LABEL_STEP, "")),
         plan=str(labels.get(LABEL_PLAN, "")),
         batch=int(batch) if batch is not None and str(batch).isdigit() else None,
@@ -139,36 +159,70 @@ def stored_object(body: Mapping[str, Any]) -> StoredObject | None:
 @dataclass
 class World:
     """Indices (kopf.index, filled by watches and complete before any handler runs, so a restarted
-    operator never acts on a half-listed cluster), plus what this process created but the watch has
-    not delivered yet, the per-ResearchJob wake-up events and the admission bookkeeping."""
+    operator never acts on a half-listed cluster), plus what this process created or deleted but the
+    watch has not delivered yet, the per-ResearchJob wake-up events and the admission bookkeeping.
+
+    Everything is keyed by identity: (namespace, ResearchJob uid) and, for Jobs, their uid. Intents
+    (a create, a delete) are recorded before the request is sent, so a watch event that arrives
+    before the request returns finds them."""
 
     job_index: Mapping[Key, Any] | None = None  # Key -> collection of JobView
     stored_index: Mapping[Key, Any] | None = None  # Key -> collection of StoredObject
     quota_index: Mapping[str, Any] | None = None  # namespace -> collection of QuotaUsage
     created: dict[Key, dict[str, JobView]] = field(default_factory=lambda: defaultdict(dict))
-    deleted: set[str] = field(default_factory=set)  # Jobs this process deleted (until the watch agrees)
-    demands: dict[Key, Demand] = field(default_factory=dict)
+    deleted: dict[Key, set[str]] = field(default_factory=lambda: defaultdict(set))  # Job uids being deleted
+    waiting: dict[Key, int] = field(default_factory=dict)  # worker Jobs each ResearchJob waits to start
     phases: dict[Key, str] = field(default_factory=dict)
     wakeups: dict[Key, asyncio.Event] = field(default_factory=dict)
     bodies: dict[Key, Any] = field(default_factory=dict)  # the latest ResearchJob (kopf.Body) seen by the watch
     settings_data: dict[str, str] = field(default_factory=dict)
     rbac_ready: set[Key] = field(default_factory=set)
-    failure_details: dict[tuple[str, str], str] = field(default_factory=dict)  # (ns, Job) -> pod's last words
+    failure_details: dict[tuple[str, str], str] = field(default_factory=dict)  # (ns, Job uid) -> pod's last words
+    create_failures: dict[str, str] = field(default_factory=dict)  # Job uid -> the Job controller's FailedCreate
     admission_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def attach(self, jobs: Mapping[Key, Any], stored: Mapping[Key, Any], quotas: Mapping[str, Any]) -> None:
         self.job_index, self.stored_index, self.quota_index = jobs, stored, quotas
 
     def jobs_of(self, key: Key) -> dict[str, JobView]:
+        """The ResearchJob's Jobs by name: what the watch has, plus what this process created and the
+        watch has not shown yet, less what it is deleting."""
         seen = {j.name: j for j in (self.job_index or {}).get(key, [])}
-        pending = self.created.get(key, {})
-        for name in [n for n in pending if n in seen]:
-            del pending[name]  # the watch has it now
-        out = {**pending, **seen}
-        return {n: j for n, j in out.items() if n not in self.deleted}
+        pending = self.created.get(key)
+        if pending:
+            for name in [n for n in pending if n in seen]:
+                del pending[name]  # the watch has it now
+        out = {**(pending or {}), **seen}
+        gone = self.deleted.get(key)
+        return {n: j for n, j in out.items() if not (gone and j.uid in gone)}
+
+    def job_deleted(self, key: Key, job_uid: str) -> None:
+        """The watch saw a Job go: forget the intent to delete it and what was cached about it."""
+        gone = self.deleted.get(key)
+        if gone is not None:
+            gone.discard(job_uid)
+        self.create_failures.pop(job_uid, None)
+        self.failure_details.pop((key[0], job_uid), None)
 
     def quotas_of(self, namespace: str) -> list[QuotaUsage]:
         return list((self.quota_index or {}).get(namespace, []))
+
+    def reserved(self, namespace: str) -> dict[str, Decimal]:
+        """What this operator's Jobs in ``namespace`` are about to consume that the quotas' usage does
+        not show yet: created Jobs the watch has not delivered, and active Jobs with no pod (the Job
+        controller has yet to create it). Counting them twice for a moment only delays admission."""
+        out: dict[str, Decimal] = defaultdict(Decimal)
+        keys = {k for k in (*(self.job_index or {}).keys(), *self.created.keys()) if k[0] == namespace}
+        for key in keys:
+            pending = self.created.get(key) or {}
+            for job in self.jobs_of(key).values():
+                if job.name in pending:
+                    out["count/jobs.batch"] += 1
+                if job.active and job.pods == 0:
+                    for resource, amount in job.pod.consumption().items():
+                        if resource in POD_RESOURCES:
+                            out[resource] += amount
+        return out
 
     def event(self, key: Key) -> asyncio.Event:
         if key not in self.wakeups:
@@ -180,13 +234,13 @@ class World:
             self.wakeups[key].set()
 
     def wake_waiting(self, namespace: str | None = None) -> None:
-        """Wake every ResearchJob with batches waiting for admission (optionally in one namespace)."""
-        for key, demand in self.demands.items():
-            if demand.waiting > 0 and (namespace is None or key[0] == namespace):
+        """Wake every ResearchJob with worker Jobs waiting for admission (optionally in one namespace)."""
+        for key, n in self.waiting.items():
+            if n > 0 and (namespace is None or key[0] == namespace):
                 self.wake(key)
 
     def forget(self, key: Key) -> None:
-        for d in (self.created, self.demands, self.phases, self.wakeups, self.bodies):
+        for d in (self.created, self.deleted, self.waiting, self.phases, self.wakeups, self.bodies):
             d.pop(key, None)
         self.rbac_ready.discard(key)
 
@@ -213,8 +267,17 @@ class World:
             tokens=tokens,
         )
 
-    def active_demands(self) -> list[Demand]:
-        return list(self.demands.values())
+    def demands(self) -> list[Demand]:
+        """Every ResearchJob that runs or waits for worker Jobs: active ones counted from the Jobs
+        themselves (complete after a restart, before any pass), waiting ones as each last reported."""
+        keys = {*(self.job_index or {}).keys(), *self.created.keys(), *(k for k, n in self.waiting.items() if n)}
+        out = []
+        for key in keys:
+            active = sum(1 for j in self.jobs_of(key).values() if j.active)
+            waiting = self.waiting.get(key, 0)
+            if active or waiting:
+                out.append(Demand(key[0], key[1], active, waiting))
+        return out
 
     def active_interviews(self) -> int:
         return sum(1 for jobs in (self.job_index or {}).values() for j in jobs if j.step == "interview" and j.active)

@@ -1,0 +1,199 @@
+"""The Kubernetes API calls the operator makes (watches apart, which kopf runs): each one off the
+event loop, counted in the metrics, with the answers that are not errors to us turned into values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from enum import StrEnum
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from research_api.researchjob import GROUP, PLURAL, VERSION, ResearchJobStatus
+from research_operator import metrics
+from research_operator.constants import FINALIZER
+
+API_THREADS = 16  # concurrent API requests (the kubernetes client is synchronous)
+_api: client.ApiClient | None = None
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def api() -> client.ApiClient:
+    global _api
+    if _api is None:
+        cfg = client.Configuration()
+        config.load_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        cfg.connection_pool_maxsize = API_THREADS  # one connection per thread, none thrown away
+        _api = client.ApiClient(cfg)
+    return _api
+
+
+async def call(verb: str, resource: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """One Kubernetes API request, off the event loop, counted in the metrics."""
+    global _pool
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube-api")
+    metrics.API_REQUESTS.labels(verb, resource).inc()
+    return await asyncio.get_running_loop().run_in_executor(_pool, lambda: fn(*args, **kwargs))
+
+
+class Created(StrEnum):
+    CREATED = "created"
+    EXISTS = "exists"  # 409: a repeat or a race, which is fine
+    QUOTA = "quota"  # 403 exceeded quota: another client took the room first
+    TERMINATING = "terminating"  # 403: the namespace is being deleted
+
+
+def quota_message(e: ApiException) -> str:
+    """The API server's own words for a 403 exceeded quota (which quota, which resource)."""
+    import json
+
+    try:
+        message = str(json.loads(e.body or "{}").get("message") or "")
+    except ValueError:
+        message = ""
+    return message or "the API server answered 403 exceeded quota"
+
+
+async def create(obj: dict[str, Any]) -> tuple[Created, str]:
+    """Create one child object; the outcome and, for a quota refusal, the server's message."""
+    ns = obj["metadata"]["namespace"]
+    kind = obj["kind"]
+    fns = {
+        "Job": client.BatchV1Api(api()).create_namespaced_job,
+        "ServiceAccount": client.CoreV1Api(api()).create_namespaced_service_account,
+        "Role": client.RbacAuthorizationV1Api(api()).create_namespaced_role,
+        "RoleBinding": client.RbacAuthorizationV1Api(api()).create_namespaced_role_binding,
+    }
+    try:
+        await call("create", kind.lower(), fns[kind], ns, obj)
+    except ApiException as e:
+        if e.status == 409:
+            return Created.EXISTS, ""
+        if e.status == 403 and "exceeded quota" in (e.body or ""):
+            return Created.QUOTA, quota_message(e)
+        if e.status == 403 and "being terminated" in (e.body or ""):
+            return Created.TERMINATING, ""
+        raise
+    return Created.CREATED, ""
+
+
+async def delete_job(namespace: str, job: str, uid: str = "", propagation: str = "Background") -> None:
+    """Delete a Job; with ``uid``, only that Job (a precondition), never a newer one of the same name."""
+    body = client.V1DeleteOptions(
+        propagation_policy=propagation, preconditions=client.V1Preconditions(uid=uid) if uid else None
+    )
+    try:
+        await call("delete", "job", client.BatchV1Api(api()).delete_namespaced_job, job, namespace, body=body)
+    except ApiException as e:
+        if e.status not in (404, 409):  # gone already, or another Job has the name now
+            raise
+
+
+async def delete_researchjob(namespace: str, name: str, uid: str) -> None:
+    body = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid))
+    try:
+        await call(
+            "delete",
+            "researchjob",
+            client.CustomObjectsApi(api()).delete_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            body=body,
+        )
+    except ApiException as e:
+        if e.status not in (404, 409):
+            raise
+
+
+async def pod_failure_detail(namespace: str, job: str) -> str:
+    """The termination message of a failed Job's last pod (its error, for the status message)."""
+    pods = await call(
+        "list", "pod", client.CoreV1Api(api()).list_namespaced_pod, namespace, label_selector=f"job-name={job}"
+    )
+    detail = ""
+    for pod in sorted(pods.items, key=lambda p: p.metadata.creation_timestamp):
+        for cs in (pod.status and pod.status.container_statuses) or []:
+            term = cs.state and cs.state.terminated
+            if term is not None and term.exit_code != 0 and term.message:
+                lines = [ln for ln in term.message.strip().splitlines() if ln.strip()]
+                detail = lines[-1][:400] if lines else detail
+    return detail
+
+
+async def patch_status(
+    namespace: str, name: str, uid: str, st: ResearchJobStatus, prev: ResearchJobStatus | None = None
+) -> None:
+    """Write status (a JSON patch that first tests the uid, so a pass of a deleted ResearchJob never
+    writes onto a new one of the same name). Nothing is sent when nothing changed."""
+    new = st.model_dump(by_alias=True, mode="json")  # None values delete stale keys
+    if prev is not None and new == prev.model_dump(by_alias=True, mode="json"):
+        return
+    patch = [
+        {"op": "test", "path": "/metadata/uid", "value": uid},
+        {"op": "add", "path": "/status", "value": new},  # add replaces a status that exists
+    ]
+    try:
+        await call(
+            "patch",
+            "researchjob/status",
+            client.CustomObjectsApi(api()).patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            patch,
+            _content_type="application/json-patch+json",
+        )
+    except ApiException as e:
+        if e.status not in (404, 409, 422):  # gone, or another ResearchJob of that name (the test failed)
+            raise
+
+
+async def set_finalizer(namespace: str, name: str, uid: str, *, present: bool) -> bool:
+    """Add or remove our finalizer with an optimistic-concurrency merge patch (resourceVersion), so
+    finalizers others add at the same time are kept. False if the ResearchJob (this uid) is gone."""
+    custom = client.CustomObjectsApi(api())
+    for _ in range(5):
+        try:
+            obj = await call(
+                "get", "researchjob", custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        meta = obj.get("metadata", {})
+        if meta.get("uid") != uid:
+            return False
+        current = list(meta.get("finalizers") or [])
+        if (FINALIZER in current) == present:
+            return True
+        wanted = [*current, FINALIZER] if present else [f for f in current if f != FINALIZER]
+        patch = {"metadata": {"finalizers": wanted, "resourceVersion": meta.get("resourceVersion")}}
+        try:
+            await call(
+                "patch",
+                "researchjob",
+                custom.patch_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                patch,
+            )
+            return True
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            if e.status != 409:
+                raise
+    raise ApiException(status=409, reason=f"the finalizers of {namespace}/{name} kept changing")
