@@ -313,7 +313,8 @@ def test_an_endpoint_that_rejects_the_key_fails_fast_with_the_workers_message(
     assert "rejected the API key" in status["message"], status["message"]
     assert "a-wrong-key" not in str(obj)
     # FailJob on the worker's exit code 3: one pod, no retries spent on a key that cannot work.
-    pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector="job-name=locked-e3b0c4-plan").items
+    planner = f"locked-{status['planId']}-plan"
+    pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=f"job-name={planner}").items
     assert len(pods) == 1, [p.metadata.name for p in pods]
     assert elapsed < 90
 

@@ -32,7 +32,7 @@ class Settings:
     global_max_active: int = 0  # 0 = unlimited
     namespace_max_active: int = 0
     kueue_queue: str = ""  # non-empty: create worker Jobs suspended for this Kueue LocalQueue
-    resync_seconds: float = 30.0
+    resync_seconds: float = 300.0  # a safety net: watches, deadlines and TTLs wake a ResearchJob
     quota_backoff_seconds: float = 5.0
     metrics_port: int = 8080
     health_port: int = 8081
