@@ -66,7 +66,7 @@ EXPECTED_CLUSTER_RULES = {
     ("", "serviceaccounts"): {"create"},
     ("rbac.authorization.k8s.io", "roles"): {"create"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"create"},
-    ("", "events"): {"create"},
+    ("", "events"): {"create", "list", "watch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
 }
 
@@ -173,7 +173,7 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
     assert op["spec"]["template"]["spec"]["serviceAccountName"] == "research-operator"
 
     cm = find(docs, "ConfigMap")
-    assert cm["metadata"]["labels"]["researchops.io/operator-settings"] == "true"
+    assert cm["metadata"]["labels"]["researchops.io/kind"] == "operator-settings"
     assert cm["data"] == {
         "globalMaxActiveJobs": "0",
         "namespaceMaxActiveJobs": "0",

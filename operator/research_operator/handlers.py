@@ -80,6 +80,7 @@ async def job_event(type: str, body: kopf.Body, namespace: str | None, **_: Any)
         return
     key = (namespace, uid)
     view = job_view(body)
+    WORLD.bump()
     if type == "DELETED":
         WORLD.job_deleted(key, view.uid)
     elif view.pods or not view.active:

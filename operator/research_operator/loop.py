@@ -55,7 +55,7 @@ from research_operator.reconcile import (
     step_noun,
 )
 from research_operator.settings import Settings
-from research_operator.world import WORLD, Key, job_view
+from research_operator.world import WORLD, Blocked, Key, job_view
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ LOOPS: dict[Key, asyncio.Task[None]] = {}
 
 
 def ensure_loop(key: Key, logger: kopf.Logger) -> None:
+    WORLD.event(key)
     if key not in LOOPS or LOOPS[key].done():
         namespace = key[0]
         name = WORLD.bodies[key].get("metadata", {}).get("name")
@@ -99,8 +100,13 @@ async def reconcile_loop(key: Key, logger: kopf.Logger) -> None:
     """Reconcile one ResearchJob until it is deleted: a pass, then sleep until woken."""
     wake = WORLD.event(key)
     backoff = 0.0
+    woken = True
     while key in WORLD.bodies:
         wake.clear()
+        if woken and key not in WORLD.dirty and still_blocked(key):
+            woken = await _sleep(wake, settings().resync_seconds)  # a freed slot that is not ours to take
+            continue
+        WORLD.dirty.discard(key)
         body = WORLD.bodies[key]
         ref = f"{key[0]}/{body.get('metadata', {}).get('name')}"
         start = time.monotonic()
@@ -121,10 +127,31 @@ async def reconcile_loop(key: Key, logger: kopf.Logger) -> None:
         timeout = backoff or cfg.resync_seconds
         if out.wake_at is not None:
             timeout = min(timeout, max(0.05, (out.wake_at - _now()).total_seconds()))
-        try:
-            await asyncio.wait_for(wake.wait(), timeout=timeout)
-        except TimeoutError:
-            pass
+        woken = await _sleep(wake, timeout)
+
+
+async def _sleep(wake: asyncio.Event, timeout: float) -> bool:
+    """Sleep until woken (True) or the timeout (False)."""
+    try:
+        await asyncio.wait_for(wake.wait(), timeout=timeout)
+        return True
+    except TimeoutError:
+        return False
+
+
+def still_blocked(key: Key) -> bool:
+    """Whether a ResearchJob woken only because a slot may have freed up (not by a change of its own)
+    would still be admitted nothing: then its pass is skipped, so one finished Job among many waiting
+    ResearchJobs costs a quick re-check each, not a full pass each."""
+    b = WORLD.blocked.get(key)
+    if b is None or not WORLD.waiting.get(key):
+        return False
+    namespace = key[0]
+    demands = WORLD.demands(cached=True)
+    me = next((d for d in demands if (d.namespace, d.name) == key), Demand(namespace, key[1], 0, b.count))
+    quotas = WORLD.quotas_of(namespace)
+    verdict = quota_headroom(quotas, b.pod, WORLD.reserved(namespace))
+    return decide_admission(me, b.own_limit, demands, settings().caps, verdict, never_fits(quotas, b.pod)).admitted == 0
 
 
 def _now() -> dt.datetime:
@@ -177,6 +204,7 @@ async def admit_and_create(
         for job in admitted:
             pending[job["metadata"]["name"]] = job_view(job)
         WORLD.waiting[key] = len(want.jobs) - len(admitted)
+        WORLD.bump()
     if adm.reason is not None and adm.reason.is_quota:
         metrics.QUOTA_WAITS.labels(namespace).inc()
     if admitted and key not in WORLD.rbac_ready and want.step != CLEANUP_STEP:
@@ -205,6 +233,10 @@ async def admit_and_create(
             metrics.JOBS_CREATED.labels(want.step).inc()
             created += 1
     still = WORLD.waiting.get(key, 0)
+    if still and refused is None:
+        WORLD.blocked[key] = Blocked(still, want.own_limit, pod)
+    else:
+        WORLD.blocked.pop(key, None)
     if refused is not None:
         return Waiting(step_noun(want.step, still), refused[0], refused[1], refused=True), created
     if still and adm.reason is not None:
@@ -293,8 +325,9 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
                     f"{st.sections_done}/{spec.analysts.count} sections; {st.batches.active} batch Jobs running, "
                     f"{st.batches.queued} waiting"
                 )
-    else:
-        WORLD.waiting.pop(key, None)
+    elif WORLD.waiting.pop(key, None) is not None:
+        WORLD.blocked.pop(key, None)
+        WORLD.bump()
     live = [j for j in WORLD.jobs_of(key).values() if j.active]
     waiting = dataclasses.replace(waiting, pods_blocked=_pods_blocked(live))
     events = apply_waiting(st, prev, waiting, obs.generation, now)
@@ -400,8 +433,9 @@ async def finalize_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outco
                 reason="CleanupStarted",
                 message=f"cleanup Job {cleaner['metadata']['name']} started",
             )
-    else:
-        WORLD.waiting.pop(key, None)
+    elif WORLD.waiting.pop(key, None) is not None:
+        WORLD.blocked.pop(key, None)
+        WORLD.bump()
     if d.delete_cleanup and cleanup is not None:
         WORLD.deleted[key].add(cleanup.uid)
         await kube.delete_job(namespace, cleanup.name, cleanup.uid)

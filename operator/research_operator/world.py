@@ -156,6 +156,15 @@ def stored_object(body: Mapping[str, Any]) -> StoredObject | None:
     return obj
 
 
+@dataclass(frozen=True)
+class Blocked:
+    """What a waiting ResearchJob's last pass asked admission for, to re-ask without a full pass."""
+
+    count: int
+    own_limit: int
+    pod: PodResources
+
+
 @dataclass
 class World:
     """Indices (kopf.index, filled by watches and complete before any handler runs, so a restarted
@@ -180,6 +189,10 @@ class World:
     failure_details: dict[tuple[str, str], str] = field(default_factory=dict)  # (ns, Job uid) -> pod's last words
     create_failures: dict[str, str] = field(default_factory=dict)  # Job uid -> the Job controller's FailedCreate
     admission_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    dirty: set[Key] = field(default_factory=set)  # woken by a change of their own (not only a freed slot)
+    blocked: dict[Key, Blocked] = field(default_factory=dict)  # what each waiting ResearchJob last waited for
+    version: int = 0  # bumped whenever running or waiting counts may have changed
+    _demands: tuple[int, list[Demand]] = (-1, [])
 
     def attach(self, jobs: Mapping[Key, Any], stored: Mapping[Key, Any], quotas: Mapping[str, Any]) -> None:
         self.job_index, self.stored_index, self.quota_index = jobs, stored, quotas
@@ -230,8 +243,13 @@ class World:
         return self.wakeups[key]
 
     def wake(self, key: Key) -> None:
+        """Wake a ResearchJob for a change of its own: its next pass is a full one."""
         if key in self.wakeups:
+            self.dirty.add(key)
             self.wakeups[key].set()
+
+    def bump(self) -> None:
+        self.version += 1
 
     def wake_waiting(self, namespace: str | None = None) -> None:
         """Wake every ResearchJob with worker Jobs waiting for admission (optionally in one namespace)."""
@@ -240,9 +258,11 @@ class World:
                 self.wake(key)
 
     def forget(self, key: Key) -> None:
-        for d in (self.created, self.deleted, self.waiting, self.phases, self.wakeups, self.bodies):
+        for d in (self.created, self.deleted, self.waiting, self.phases, self.wakeups, self.bodies, self.blocked):
             d.pop(key, None)
         self.rbac_ready.discard(key)
+        self.dirty.discard(key)
+        self.bump()
 
     def store_view(self, key: Key) -> StoreView:
         analysts: dict[str, list[AnalystStatus]] = {}
@@ -267,9 +287,13 @@ class World:
             tokens=tokens,
         )
 
-    def demands(self) -> list[Demand]:
+    def demands(self, cached: bool = False) -> list[Demand]:
         """Every ResearchJob that runs or waits for worker Jobs: active ones counted from the Jobs
-        themselves (complete after a restart, before any pass), waiting ones as each last reported."""
+        themselves (complete after a restart, before any pass), waiting ones as each last reported.
+        ``cached``: as of the last change this process saw (a Job event, an admission), which is
+        what a quick re-check of many waiting ResearchJobs after one freed slot needs."""
+        if cached and self._demands[0] == self.version:
+            return self._demands[1]
         keys = {*(self.job_index or {}).keys(), *self.created.keys(), *(k for k, n in self.waiting.items() if n)}
         out = []
         for key in keys:
@@ -277,6 +301,7 @@ class World:
             waiting = self.waiting.get(key, 0)
             if active or waiting:
                 out.append(Demand(key[0], key[1], active, waiting))
+        self._demands = (self.version, out)
         return out
 
     def active_interviews(self) -> int:
