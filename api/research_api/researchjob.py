@@ -308,7 +308,10 @@ TERMINAL_PHASES = frozenset({Phase.Succeeded, Phase.Failed})
 class Condition(ApiModel):
     """A condition per the Kubernetes API conventions."""
 
-    type: str = Field(description="Condition type, e.g. Planned, QuotaExceeded, Complete.")
+    type: str = Field(
+        description="Condition type: Planned, AwaitingReview, QuotaExceeded, Throttled, WorkerPodsBlocked, "
+        "Complete, Failed, CleanupFailed."
+    )
     status: str = Field(description="True, False or Unknown.", pattern=r"^(True|False|Unknown)$")
     reason: str = Field(description="CamelCase reason for the last transition.")
     message: str = Field("", description="Human-readable details.")
