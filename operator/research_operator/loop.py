@@ -101,10 +101,12 @@ async def reconcile_loop(key: Key, logger: kopf.Logger) -> None:
     wake = WORLD.event(key)
     backoff = 0.0
     woken = True
+    until = 0.0  # when the pass after the last one falls due with no wake-up (resync, back-off, deadline)
     while key in WORLD.bodies:
         wake.clear()
         if woken and key not in WORLD.dirty and still_blocked(key):
-            woken = await _sleep(wake, settings().resync_seconds)  # a freed slot that is not ours to take
+            # A freed slot that is not ours to take: sleep on, to the same time as before.
+            woken = await _sleep(wake, max(0.05, until - time.monotonic()))
             continue
         WORLD.dirty.discard(key)
         body = WORLD.bodies[key]
@@ -127,6 +129,7 @@ async def reconcile_loop(key: Key, logger: kopf.Logger) -> None:
         timeout = backoff or cfg.resync_seconds
         if out.wake_at is not None:
             timeout = min(timeout, max(0.05, (out.wake_at - _now()).total_seconds()))
+        until = time.monotonic() + timeout
         woken = await _sleep(wake, timeout)
 
 
