@@ -25,6 +25,13 @@ fi
 
 command -v go >/dev/null || { log "go is required (Go >= 1.26)"; exit 1; }
 mkdir -p "$OUT/bin" "$OUT/src/k8s" "$OUT/src/etcd"
+# One build at a time per cache: a second caller (another checkout, a parallel test run) waits for
+# the first and then finds the binaries built.
+exec 9>"$OUT/.build.lock"
+if ! flock -n 9; then
+  log "another build of $OUT is running; waiting for it"
+  flock 9
+fi
 start=$(date +%s)
 
 # --- etcd ------------------------------------------------------------------------------------
