@@ -511,3 +511,19 @@ def test_world_keys_jobs_by_researchjob_uid_and_deletes_by_job_uid() -> None:
     assert [(d.name, d.active) for d in w.demands()] == [("uid-new", 1)]
     assert w.reserved("ns")["count/jobs.batch"] == 1 and w.reserved("ns")["pods"] == 1
     assert w.reserved("other") == {}
+
+
+def test_scoped_quotas_count_only_the_pods_they_select() -> None:
+    full = {"pods": "0"}
+    terminating = QuotaUsage("t", full, {}, scopes=("Terminating",))
+    best_effort = QuotaUsage("be", full, {}, scopes=("BestEffort",))
+    not_best_effort = QuotaUsage("nbe", full, {}, scopes=("NotBestEffort", "NotTerminating"))
+    high = QuotaUsage("high", full, {}, selector=(("PriorityClass", "In", ("high",)),))
+    no_class = QuotaUsage("plain", full, {}, selector=(("PriorityClass", "DoesNotExist", ()),))
+    # Worker pods have requests and no pod-level deadline: NotBestEffort, NotTerminating.
+    assert quota_headroom([terminating, best_effort], POD).jobs is None
+    assert quota_headroom([not_best_effort], POD).jobs == 0
+    assert quota_headroom([high], POD).jobs is None
+    assert quota_headroom([high], POD, priority_class="high").jobs == 0
+    assert quota_headroom([no_class], POD).jobs == 0 and quota_headroom([no_class], POD, None, "low").jobs is None
+    assert never_fits([high], POD) is None and never_fits([high], POD, "high") is not None

@@ -58,11 +58,46 @@ class PodResources:
 
 @dataclass(frozen=True)
 class QuotaUsage:
-    """One ResourceQuota's ``status.hard`` and ``status.used``."""
+    """One ResourceQuota's hard limits and ``status.used``, and the scopes that say which pods it
+    counts (``spec.scopes`` and ``spec.scopeSelector``, as (scope, operator, values))."""
 
     name: str
     hard: Mapping[str, str]
     used: Mapping[str, str]
+    scopes: tuple[str, ...] = ()
+    selector: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+
+    def counts(self, pod: PodResources, priority_class: str = "") -> bool:
+        """Whether a worker pod of this shape falls under this quota. Worker pods are never
+        Terminating (their deadline is on the Job, not the pod) and BestEffort only without any
+        request or limit."""
+        best_effort = not any((pod.requests_cpu, pod.requests_memory, pod.limits_cpu, pod.limits_memory))
+        facts = {
+            "Terminating": False,
+            "NotTerminating": True,
+            "BestEffort": best_effort,
+            "NotBestEffort": not best_effort,
+            "CrossNamespacePodAffinity": False,
+        }
+        for scope in self.scopes:
+            if not facts.get(scope, False):
+                return False
+        for scope, operator, values in self.selector:
+            if scope == "PriorityClass":
+                has = bool(priority_class)
+                ok = {
+                    "In": priority_class in values,
+                    "NotIn": priority_class not in values,
+                    "Exists": has,
+                    "DoesNotExist": not has,
+                }.get(operator, False)
+            elif operator in ("Exists", "DoesNotExist"):
+                ok = facts.get(scope, False) == (operator == "Exists")
+            else:
+                ok = False
+            if not ok:
+                return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -86,6 +121,7 @@ def quota_headroom(
     quotas: Iterable[QuotaUsage],
     pod: PodResources,
     reserved: Mapping[str, Decimal] | None = None,
+    priority_class: str = "",
 ) -> QuotaVerdict:
     """The number of worker Jobs that still fit in every quota of the namespace.
 
@@ -96,6 +132,8 @@ def quota_headroom(
     best: int | None = None
     binding: str | None = None
     for quota in quotas:
+        if not quota.counts(pod, priority_class):
+            continue
         for resource, hard_s in quota.hard.items():
             per_job = need.get(resource)
             if not per_job:
@@ -108,12 +146,14 @@ def quota_headroom(
     return QuotaVerdict(best, binding)
 
 
-def never_fits(quotas: Iterable[QuotaUsage], pod: PodResources) -> str | None:
+def never_fits(quotas: Iterable[QuotaUsage], pod: PodResources, priority_class: str = "") -> str | None:
     """Why one worker pod can never fit a quota of the namespace (its hard limit is below what a
     single worker Job consumes), naming the quota, the resource, the request and the limit; None if
     every quota could hold at least one."""
     need = pod.consumption()
     for quota in sorted(quotas, key=lambda q: q.name):
+        if not quota.counts(pod, priority_class):
+            continue
         for resource, hard_s in sorted(quota.hard.items()):
             per_job = need.get(resource)
             if per_job and quantity(hard_s) < per_job:

@@ -68,8 +68,15 @@ def rj_stored(body: kopf.Body, namespace: str | None, **_: Any) -> dict[Key, Sto
 
 @kopf.index("", "v1", "resourcequotas")
 def ns_quotas(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[str, QuotaUsage] | None:
-    status = body.get("status") or {}
-    usage = QuotaUsage(name, dict(status.get("hard") or {}), dict(status.get("used") or {}))
+    # spec.hard is the limit in force from the moment the quota exists; status.hard follows only once
+    # the quota controller has synced it (a ResearchJob created right after the quota must see it).
+    status, spec = body.get("status") or {}, body.get("spec") or {}
+    hard = dict(spec.get("hard") or status.get("hard") or {})
+    selector = tuple(
+        (str(e.get("scopeName")), str(e.get("operator")), tuple(str(v) for v in e.get("values") or []))
+        for e in (spec.get("scopeSelector") or {}).get("matchExpressions") or []
+    )
+    usage = QuotaUsage(name, hard, dict(status.get("used") or {}), tuple(spec.get("scopes") or []), selector)
     return {namespace: usage} if namespace else None
 
 

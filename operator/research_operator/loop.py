@@ -25,7 +25,6 @@ from research_api.researchjob import (
     Phase,
     ResearchJobSpec,
     ResearchJobStatus,
-    ResourcesSpec,
     SecretKeyRef,
     StoreType,
     WorkerSpec,
@@ -153,8 +152,9 @@ def still_blocked(key: Key) -> bool:
     demands = WORLD.demands(cached=True)
     me = next((d for d in demands if (d.namespace, d.name) == key), Demand(namespace, key[1], 0, b.count))
     quotas = WORLD.quotas_of(namespace)
-    verdict = quota_headroom(quotas, b.pod, WORLD.reserved(namespace))
-    return decide_admission(me, b.own_limit, demands, settings().caps, verdict, never_fits(quotas, b.pod)).admitted == 0
+    verdict = quota_headroom(quotas, b.pod, WORLD.reserved(namespace), b.priority_class)
+    too_small = never_fits(quotas, b.pod, b.priority_class)
+    return decide_admission(me, b.own_limit, demands, settings().caps, verdict, too_small).admitted == 0
 
 
 def _now() -> dt.datetime:
@@ -189,19 +189,21 @@ class Want:
 
 
 async def admit_and_create(
-    key: Key, owner: Owner, want: Want, resources: ResourcesSpec, cfg: Settings
+    key: Key, owner: Owner, want: Want, worker: WorkerSpec, cfg: Settings
 ) -> tuple[Waiting, int]:
     """Admit what fits (caps, fair share, ResourceQuota headroom), record the admitted Jobs as ours
     before creating them, create them; the number created, and what still waits and why."""
     namespace = key[0]
-    pod = PodResources.from_spec(resources.requests.wire(), resources.limits.wire())
+    pod = PodResources.from_spec(worker.resources.requests.wire(), worker.resources.limits.wire())
+    priority_class = worker.priority_class_name or ""
     async with WORLD.admission_lock:
         WORLD.waiting[key] = len(want.jobs)
         demands = WORLD.demands()
         me = next((d for d in demands if (d.namespace, d.name) == key), Demand(namespace, key[1], 0, len(want.jobs)))
         quotas = WORLD.quotas_of(namespace)
-        verdict = quota_headroom(quotas, pod, WORLD.reserved(namespace))
-        adm: Admission = decide_admission(me, want.own_limit, demands, cfg.caps, verdict, never_fits(quotas, pod))
+        verdict = quota_headroom(quotas, pod, WORLD.reserved(namespace), priority_class)
+        too_small = never_fits(quotas, pod, priority_class)
+        adm: Admission = decide_admission(me, want.own_limit, demands, cfg.caps, verdict, too_small)
         admitted = want.jobs[: adm.admitted]
         pending = WORLD.created[key]
         for job in admitted:
@@ -237,7 +239,7 @@ async def admit_and_create(
             created += 1
     still = WORLD.waiting.get(key, 0)
     if still and refused is None:
-        WORLD.blocked[key] = Blocked(still, want.own_limit, pod)
+        WORLD.blocked[key] = Blocked(still, want.own_limit, pod, priority_class)
     else:
         WORLD.blocked.pop(key, None)
     if refused is not None:
@@ -318,7 +320,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         want = Want(Step.INTERVIEW.value, built, own_limit=spec.parallelism.max_active_jobs)
     waiting = Waiting()
     if want is not None:
-        waiting, _ = await admit_and_create(key, owner, want, spec.worker.resources, cfg)
+        waiting, _ = await admit_and_create(key, owner, want, spec.worker, cfg)
         if want.step == Step.INTERVIEW.value:
             started = len(want.jobs) - WORLD.waiting.get(key, 0)
             st.batches.active += started
@@ -418,7 +420,7 @@ async def finalize_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outco
         foreground = "foregroundDeletion" in (meta.get("finalizers") or [])
         cleaner = cleanup_job(owner, ref, settings(), worker, owned=not foreground)
         waiting, started = await admit_and_create(
-            key, owner, Want(CLEANUP_STEP, [cleaner], 1), (worker or WorkerSpec()).resources, settings()
+            key, owner, Want(CLEANUP_STEP, [cleaner], 1), worker or WorkerSpec(), settings()
         )
         if waiting.message.startswith(f"namespace {namespace} is being deleted"):
             d.skipped = (

@@ -163,6 +163,7 @@ class Blocked:
     count: int
     own_limit: int
     pod: PodResources
+    priority_class: str = ""
 
 
 @dataclass
