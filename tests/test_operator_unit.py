@@ -527,3 +527,26 @@ def test_scoped_quotas_count_only_the_pods_they_select() -> None:
     assert quota_headroom([high], POD, priority_class="high").jobs == 0
     assert quota_headroom([no_class], POD).jobs == 0 and quota_headroom([no_class], POD, None, "low").jobs is None
     assert never_fits([high], POD) is None and never_fits([high], POD, "high") is not None
+
+
+def test_only_our_jobs_configmaps_and_failedcreate_events_are_watched() -> None:
+    """The API server filters what reaches the operator: our labels on Jobs and ConfigMaps (the
+    settings ConfigMap included), FailedCreate of Jobs on Events; ResearchJobs are ours whole."""
+    import kopf
+    from kopf._cogs.structs.references import Resource
+
+    from research_operator import handlers
+
+    settings = kopf.OperatorSettings()
+    handlers.configure_watching(settings)
+    watching = settings.watching
+
+    def selectors(group: str, plural: str, kind: str) -> tuple[list[str], list[str]]:
+        r = Resource(group, "v1", plural, kind=kind, namespaced=True)
+        return watching.label_selectors.collect(r), watching.field_selectors.collect(r)
+
+    assert selectors("batch", "jobs", "Job") == (["researchops.io/job"], [])
+    assert selectors("", "configmaps", "ConfigMap") == (["researchops.io/kind"], [])
+    assert selectors("", "events", "Event") == ([], ["involvedObject.kind=Job,reason=FailedCreate"])
+    assert selectors("researchops.io", "researchjobs", "ResearchJob") == ([], [])
+    assert selectors("", "pods", "Pod") == ([], [])

@@ -34,18 +34,22 @@ FAILED_CREATE = "involvedObject.kind=Job,reason=FailedCreate"
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    configure_watching(settings)
+    kube.api()
+
+
+def configure_watching(settings: kopf.OperatorSettings) -> None:
     # Keep kopf's own bookkeeping out of .status, which belongs to the reconciler.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.posting.level = logging.WARNING  # only our own Events, not kopf's handler chatter
     settings.watching.server_timeout = 300
-    settings.batching.worker_limit = 200
+    settings.queueing.worker_limit = 200
     # Server-side filters: the API server sends only our objects (the handlers' labels= filters
     # below would otherwise be applied here, after every foreign object was listed and parsed).
     settings.watching.label_selectors[JOBS] = LABEL_JOB
     settings.watching.label_selectors[CONFIGMAPS] = LABEL_KIND
     settings.watching.field_selectors[EVENTS] = FAILED_CREATE
-    kube.api()
 
 
 # ------------------------------------------------------------------------------------------
