@@ -11,6 +11,11 @@ from typing import Any
 from .documents import Corpus, parse_all
 from .tokens import content_text
 
+_INSTRUCTING = re.compile(
+    r"\byou are (?:an?|the)\b|\byour (?:task|job|goal|role)\b|\byou(?:r)? (?:job|goal|will be given)\b"
+    r"|\bfollow (?:these|the) instructions\b",
+    re.I,
+)
 _PERSONA_FIELD = re.compile(r"(?:^|(?<=: ))\s*(Name|Role|Affiliation|Description)\s*:\s*(.+?)\s*$", re.I | re.M)
 
 
@@ -41,12 +46,27 @@ class Conversation:
         ]
 
     @cached_property
+    def _instructions_in_user_turn(self) -> bool:
+        """Whether the instructions came as the first user message (no system message): LangChain turns a
+        bare string in ``llm.invoke([instructions, HumanMessage(...)])`` into a user message, as the
+        LangChain Academy research assistant does for its introduction and conclusion."""
+        if any(m.role in ("system", "developer") for m in self.messages) or not self.messages:
+            return False
+        first = self.messages[0]
+        return first.role == "user" and len(first.text.split()) >= 25 and bool(_INSTRUCTING.search(first.text))
+
+    @cached_property
     def system(self) -> str:
+        if self._instructions_in_user_turn:
+            return self.messages[0].text
         return "\n\n".join(m.text for m in self.messages if m.role in ("system", "developer"))
 
     @cached_property
     def turns(self) -> list[Message]:
-        return [m for m in self.messages if m.role not in ("system", "developer")]
+        turns = [m for m in self.messages if m.role not in ("system", "developer")]
+        if self._instructions_in_user_turn and len(turns) > 1:
+            return turns[1:]
+        return turns
 
     @cached_property
     def all_text(self) -> str:

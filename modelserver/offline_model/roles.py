@@ -26,7 +26,7 @@ from .extractive import (
     title_case,
 )
 from .personas import embed
-from .tokens import STOPWORDS, key_words
+from .tokens import STOPWORDS, key_words, stem
 
 KINDS = ("analysts", "question", "search_query", "answer", "section", "report", "intro", "conclusion", "other")
 END_OF_INTERVIEW = "Thank you so much for your help!"
@@ -293,16 +293,44 @@ def question(conv: Conversation) -> str:
     return f"{lead} {_ask(theme, concerns, turn)}"
 
 
+_ABOUT = re.compile(
+    r"(?:article|report|piece|story|essay|paper|book|writing)\s+(?:on|about)\s+([^?!\n]+?)(?:[?.!](?:\s|$)|$)", re.I
+)
+
+
+def interview_topic(conv: Conversation) -> str:
+    """The subject of an interview: the opening "...writing an article on <topic>?", else the setting of the
+    analyst's focus ("Focuses on <theme> in <topic>")."""
+    for m in conv.turns[:3]:
+        found = _ABOUT.search(m.text.strip())
+        if found:
+            return found.group(1).strip()
+    persona = conv.persona
+    if persona and persona.description:
+        return parse_focus(persona.description)[1]
+    return ""
+
+
 def search_query(conv: Conversation) -> str:
-    """Key terms of the last question asked in the conversation."""
+    """Key terms of the last question asked in the conversation, with the interview topic's key terms that
+    the question leaves out (a follow-up such as "where is the field heading?" still searches the topic).
+    The closing thank-you asks nothing: the question before it is used."""
+    asked_words: list[str] = []
     for m in reversed(conv.turns):
-        if m.name == "expert":
+        if m.name == "expert" or END_OF_INTERVIEW.lower().rstrip("!") in m.text.lower():
+            continue
+        if m is conv.turns[0] and _ABOUT.search(m.text):  # the opening "you were writing an article on ...?"
             continue
         sentences = re.split(r"(?<=[.!?])\s+", m.text.strip())
         asked = [s for s in sentences if s.endswith("?")] or sentences
-        words = [w for w in key_words(" ".join(asked)) if not re.fullmatch(r"(?i)i'?m|hello|hi|thank\w*", w)]
-        if words:
-            return " ".join(words[:12])
+        asked_words = [w for w in key_words(" ".join(asked)) if not re.fullmatch(r"(?i)i'?m|hello|hi|thank\w*", w)]
+        if asked_words:
+            break
+    have = {stem(w.lower()) for w in asked_words}
+    topic_words = [w for w in key_words(interview_topic(conv)) if stem(w.lower()) not in have]
+    words = asked_words[:10] + topic_words[:6]
+    if words:
+        return " ".join(words)
     return phrase(conv.last_user_text or conv.system, 12)
 
 
