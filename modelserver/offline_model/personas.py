@@ -69,10 +69,27 @@ _GENERIC_CONCERNS = ("what is specific about {t}", "concrete examples of {t} in 
 
 
 def embed(text: str) -> str:
-    """``text`` for use mid-sentence: "The benefits of X" -> "the benefits of X"."""
+    """``text`` for use mid-sentence: "The benefits of X" -> "the benefits of X"; a question stays a
+    question: "Can X be done?" -> 'the question "Can X be done?"'."""
+    text = text.strip()
+    if is_question(text):
+        return f'the question "{text[0].upper() + text[1:].rstrip(".")}{"" if text.endswith("?") else "?"}"'
     if len(text) > 1 and text[0].isupper() and text[1].islower():
         return text[0].lower() + text[1:]
     return text
+
+
+_QUESTION_START = re.compile(
+    r"(?i)^(?:can|could|do|does|did|is|are|was|were|will|would|should|has|have|had|what|why|which|who|whom|whose"
+    r"|when|where|how\s+(?:do|does|did|can|could|is|are|was|were|will|would|should|much|many|far|long|often))\b"
+)
+
+
+def is_question(text: str) -> bool:
+    """A topic asked as a question ("Can eruptions be forecast?", "Why do leaves turn red"), which cannot be
+    used as a noun phrase ("how X works" can)."""
+    t = text.strip()
+    return t.endswith("?") or bool(_QUESTION_START.match(t))
 
 
 def requested_count(text: str) -> int | None:
@@ -133,8 +150,18 @@ def _theme_for(phrase: str) -> Theme:
 
 
 def _singular(phrase: str) -> str:
-    """"cost and quotas" -> "cost and quota" (for a role title)."""
-    return " ".join(w[:-1] if len(w) > 4 and w.endswith("s") and not w.endswith("ss") else w for w in phrase.split())
+    """"cost and quotas" -> "cost and quota", "gases" -> "gas", "colonies" -> "colony" (for a role title)."""
+
+    def one(w: str) -> str:
+        if len(w) <= 4 or not w.endswith("s") or w.endswith(("ss", "us", "is")):
+            return w
+        if w.endswith("ies"):
+            return w[:-3] + "y"
+        if w.endswith(("ses", "xes", "ches", "shes", "zes")):
+            return w[:-2]
+        return w[:-1]
+
+    return " ".join(one(w) for w in phrase.split())
 
 
 # words that say nothing about what a document is about, however often it uses them
@@ -154,6 +181,7 @@ def _is_theme_word(word: str) -> bool:
     return len(lw) >= 4 and lw.isalpha() and _is_content(lw) and lw not in _WEAK
 
 
+_VERB_BEFORE = frozenset("to can could may might must will would should cannot".split())
 _DETERMINERS = frozenset("the a an this that these those its their his her each every no our your".split())
 
 
@@ -163,8 +191,8 @@ def _surface(forms: Counter[str]) -> str:
     return word if all(f[:1].isupper() for f in forms) else word.lower()
 
 
-def _scan(text: str) -> list[tuple[str, bool, bool]]:
-    """(word, follows a determiner, starts a sentence) for each word of ``text``."""
+def _scan(text: str) -> list[tuple[str, int, bool]]:
+    """(word, 1 after a determiner / -1 after "to" or a modal / 0, starts a sentence) for each word."""
     out = []
     prev = ""
     for m in re.finditer(r"[A-Za-z][A-Za-z'-]*|[.!?;:\n]", text):
@@ -172,7 +200,8 @@ def _scan(text: str) -> list[tuple[str, bool, bool]]:
         if not w[0].isalpha():
             prev = "."
             continue
-        out.append((w, prev.lower() in _DETERMINERS, prev in ("", ".")))
+        p = prev.lower()
+        out.append((w, 1 if p in _DETERMINERS else (-1 if p in _VERB_BEFORE else 0), prev in ("", ".")))
         prev = w
     return out
 
@@ -188,12 +217,13 @@ def document_themes(passages: list[tuple[str, str]], avoid: set[str]) -> list[Th
     stems: dict[str, list[str]] = {}
     forms: dict[str, Counter[str]] = {}
     nounish: Counter[str] = Counter()  # how often a term follows a determiner: things, not actions
+    verbish: Counter[str] = Counter()  # ... follows "to" or a modal: actions
     pairs: dict[str, Counter[tuple[str, str]]] = {}
     for source, parts in texts.items():
         out: list[str] = []
         pairs[source] = Counter()
         last = ""
-        for w, after_det, sentence_start in _scan(" ".join(parts)):
+        for w, before, sentence_start in _scan(" ".join(parts)):
             if not _is_theme_word(w):
                 last = ""
                 continue
@@ -203,7 +233,8 @@ def document_themes(passages: list[tuple[str, str]], avoid: set[str]) -> list[Th
                 continue
             out.append(s)
             forms.setdefault(s, Counter())[w if not sentence_start else w.lower()] += 1
-            nounish[s] += after_det
+            nounish[s] += before > 0
+            verbish[s] += before < 0
             if last:
                 pairs[source][(last, s)] += 1
             last = s
@@ -218,7 +249,7 @@ def document_themes(passages: list[tuple[str, str]], avoid: set[str]) -> list[Th
 
         weight = {
             s: n * (1.0 + math.log((n_docs + 1) / df[s]))
-            * (1.5 if nounish[s] else (0.5 if re.search(r"(?:ed|ly|ing)$", s) else 1.0))
+            * (1.5 if nounish[s] else (0.4 if verbish[s] or re.search(r"(?:ed|ly|ing)$", s) else 1.0))
             for s, n in tf.items()
         }
         ranked = sorted(tf, key=lambda s: (-weight[s], first[s]))
@@ -237,11 +268,17 @@ def document_themes(passages: list[tuple[str, str]], avoid: set[str]) -> list[Th
             b = next(s for s in fresh[1:])
             phrase = f"{_surface(forms[a])} and {_surface(forms[b])}"
         heads.update((a, b))
-        shown = [_surface(forms[s]) for s in ranked if s not in (a, b)][:3]
         wa = _surface(forms[a])
-        while len(shown) < 3:
-            shown.append(_surface(forms[b]))
-        concerns = (f"what {shown[0]} has to do with {wa}", f"what part {shown[1]} plays", f"why {shown[2]} matters")
+        taken = {w.lower() for w in phrase.split()}
+        shown: list[str] = []
+        for s in ranked:
+            w = _surface(forms[s])
+            if s not in (a, b) and w.lower() not in taken:
+                taken.add(w.lower())
+                shown.append(w)
+        templates = (f"what {{}} has to do with {wa}", "what part {} plays", "why {} matters")
+        concerns = tuple(t.format(w) for t, w in zip(templates, shown, strict=False))
+        concerns += tuple(c.format(t=phrase) for c in _GENERIC_CONCERNS)[: 3 - len(concerns)]
         themes.append(Theme(phrase, f"{title_case(_singular(phrase))} Specialist", concerns, frozenset((a, b))))
     return themes
 

@@ -25,7 +25,7 @@ from .extractive import (
     rank,
     title_case,
 )
-from .personas import embed
+from .personas import embed, is_question
 from .tokens import STOPWORDS, key_words, stem
 
 KINDS = ("analysts", "question", "search_query", "answer", "section", "report", "intro", "conclusion", "other")
@@ -518,7 +518,8 @@ def conclusion(conv: Conversation) -> str:
         parts.insert(0, f"This report set out to examine {embed(topic)}.")
     closing = ""
     if plan.titles:
-        closing = f"Taken together, {_join([f'*{t}*' for t in plan.titles])} explain {embed(topic)}."
+        verb = "bear on" if is_question(topic) else "explain"
+        closing = f"Taken together, {_join([f'*{t}*' for t in plan.titles])} {verb} {embed(topic)}."
     text = _cap_words(parts, 120 - len(closing.split()))
     return "## Conclusion\n\n" + (f"{text} {closing}" if closing else text)
 

@@ -225,7 +225,7 @@ def theme_of(analyst: Analyst) -> str:
     ("Focuses on queen rearing in how bees swarm." -> "Queen rearing"), else the role. Never a person."""
     first = re.split(r"(?<=[.!?;:])\s", analyst.description.strip(), maxsplit=1)[0].rstrip(".!?;:")
     focus = _FOCUS_VERBS.sub("", first).strip()
-    focus = re.split(r"\s+(?:in|within|across|for)\s+(?:how|what|why|the|a|an)\b", focus, maxsplit=1)[0]
+    focus = re.split(r"\s+(?:in|within|across|for)\s+(?:how|what|why|the|a|an)\b|,", focus, maxsplit=1)[0]
     focus = focus.removeprefix("the ").removeprefix("The ")
     words = focus.split()
     if not words or len(words) > 10 or analyst.name.lower() in focus.lower():
