@@ -345,3 +345,14 @@ def test_langchain_academy_prompts_give_a_full_report(model: ChatOpenAI, modelse
     docs = {p.name for p in (CORPORA / corpus / "docs").iterdir()}
     assert listed and all(src in docs for _, src in listed), sources
     assert {int(n) for n in re.findall(r"\[(\d+)\]", body)} <= {int(n) for n, _ in listed}
+
+
+def test_search_query_keeps_the_topic_and_skips_the_thank_you(model: ChatOpenAI) -> None:
+    opening = HumanMessage("So you said you were writing an article on how honeybee colonies reproduce by swarming?")
+    asked = AIMessage("Hello, I'm Ada. Where is the field heading in the future?")
+    answer = AIMessage("Scouts dance [1].\n\nSources:\n[1] scouts.md", name="expert")
+    for messages in ([opening, asked], [opening, asked, answer, AIMessage("Thank you so much for your help!")]):
+        q = model.with_structured_output(SearchQuery).invoke([SystemMessage(SEARCH_PROMPT), *messages])
+        assert isinstance(q, SearchQuery) and q.search_query
+        words = set(q.search_query.split())
+        assert {"honeybee", "colonies", "swarming", "future"} <= words and "help" not in words, q.search_query
