@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from .conversation import Conversation
+from .documents import document_titles
 from .extractive import title_case
 from .tokens import FILLER, STOPWORDS, stem, terms, words
 
@@ -188,6 +189,8 @@ _DETERMINERS = frozenset("the a an this that these those its their his her each 
 def _surface(forms: Counter[str]) -> str:
     """The spelling to show for a term: its most common form, lower-cased unless always capitalised."""
     word, _ = forms.most_common(1)[0]
+    if any(c.isupper() for c in word[1:]):  # an identifier or acronym: backoffLimit, InSAR
+        return word
     return word if all(f[:1].isupper() for f in forms) else word.lower()
 
 
@@ -206,11 +209,14 @@ def _scan(text: str) -> list[tuple[str, int, bool]]:
     return out
 
 
-def document_themes(passages: list[tuple[str, str]], avoid: set[str]) -> list[Theme]:
+def document_themes(
+    passages: list[tuple[str, str]], avoid: set[str], titles: dict[str, str] | None = None
+) -> list[Theme]:
     """One theme per document (in the order given): the terms that set it apart from the other documents
     (frequent in it, rare in the rest; tf-idf), two for the theme and three more for the concerns, so each
     analyst's questions lead the search to a different part of the material. ``avoid``: stemmed words
-    shared by every theme (the topic's), which would make all themes alike."""
+    shared by every theme (the topic's), which would make all themes alike. ``titles``: words a document
+    names itself by (headings, file name), which weigh three times as much."""
     texts: dict[str, list[str]] = {}
     for source, text in passages:
         texts.setdefault(source, []).append(text)
@@ -246,14 +252,16 @@ def document_themes(passages: list[tuple[str, str]], avoid: set[str]) -> list[Th
     for source, ts in stems.items():
         tf = Counter(ts)
         first = {s: i for i, s in reversed(list(enumerate(ts)))}
+        named = {stem(w) for w in words((titles or {}).get(source, ""))}
 
         weight = {
             s: n * (1.0 + math.log((n_docs + 1) / df[s]))
             * (1.5 if nounish[s] else (0.4 if verbish[s] or re.search(r"(?:ed|ly|ing)$", s) else 1.0))
+            * (3.0 if s in named else 1.0)
             for s, n in tf.items()
         }
         ranked = sorted(tf, key=lambda s: (-weight[s], first[s]))
-        ranked = [s for s in ranked if tf[s] >= 2 or n_docs == 1] or ranked
+        ranked = [s for s in ranked if tf[s] >= 2 or s in named or n_docs == 1] or ranked
         fresh = [s for s in ranked if s not in heads]
         if len(fresh) < 2:
             continue
@@ -265,7 +273,7 @@ def document_themes(passages: list[tuple[str, str]], avoid: set[str]) -> list[Th
             b = pair[1] if pair[0] == a else pair[0]
             phrase = f"{_surface(forms[pair[0]])} {_surface(forms[pair[1]])}"
         else:
-            b = next(s for s in fresh[1:])
+            b = next((s for s in fresh[1:4] if nounish[s] and not verbish[s]), fresh[1])
             phrase = f"{_surface(forms[a])} and {_surface(forms[b])}"
         heads.update((a, b))
         wa = _surface(forms[a])
@@ -379,7 +387,7 @@ class PersonaPlanner:
             take(_theme_for(phrase))
         passages = [(p.sources[0], p.text) for p in self.conv.sourced.passages if p.sources]
         avoid = {stem(w) for w in words(self.topic)}
-        for theme in document_themes(passages, avoid):
+        for theme in document_themes(passages, avoid, document_titles(self.conv.all_text)):
             take(theme)
         for theme in topic_themes(self.topic):
             take(theme)

@@ -357,11 +357,16 @@ def section(conv: Conversation) -> str:
     query = f"{theme} {theme} {' '.join(concerns)}" if concerns else focus
     seen = Seen()
     chosen = distinct(rank(query, sourced, k=8), seen)
-    if len(chosen) < 3:  # the sources were retrieved for this focus: fall back to their opening sentences
+    if len(chosen) < 6:  # the sources were retrieved for this focus: their opening sentences, then the rest
         firsts: dict[int, Passage] = {}
         for p in sourced:
             firsts.setdefault(p.block, p)
-        chosen += distinct([p for p in firsts.values() if p not in chosen], seen)
+        rest = [p for p in firsts.values() if p not in chosen] + [p for p in sourced if p not in firsts.values()]
+        for p in rest:
+            if len(chosen) >= 6:
+                break
+            if p not in chosen and seen.add(p.text):
+                chosen.append(p)
     chosen = _readable_order(limit_words(chosen, 300), sourced, seen)
     if not chosen:
         return f"## {title}\n\n### Summary\n\nThe source documents for this section contain no usable text."
