@@ -356,3 +356,43 @@ def test_search_query_keeps_the_topic_and_skips_the_thank_you(model: ChatOpenAI)
         assert isinstance(q, SearchQuery) and q.search_query
         words = set(q.search_query.split())
         assert {"honeybee", "colonies", "swarming", "future"} <= words and "help" not in words, q.search_query
+
+
+SECTIONS_MD = """## Queen Rearing
+
+### Summary
+Before a swarm can leave, the workers must rear replacement queens [1]. A queen develops faster than any other
+member of the colony [1]. Swarm cells hang vertically from the bottom edges of the comb [1].
+
+### Sources
+[1] rearing-new-queens.md
+
+## Scout Bees
+
+### Summary
+While the swarm hangs in its cluster, a few hundred of the oldest foragers act as scouts [2]. A scout that has
+found a promising site returns to the cluster and performs a waggle dance [2]. The swarm does not wait for every
+bee to agree [2].
+
+### Sources
+[2] scout-bees.md
+"""
+
+
+@pytest.mark.parametrize("shape", ["system-is-generic", "one-user-message"])
+def test_instructions_in_a_user_message_are_recognised(
+    model: ChatOpenAI, modelserver: ModelServerProcess, shape: str
+) -> None:
+    instructions = worker_prompts.intro_conclusion_instructions.format(
+        topic="How honeybee colonies reproduce by swarming", formatted_str_sections=SECTIONS_MD
+    )
+    modelserver.reset()
+    if shape == "system-is-generic":
+        messages: list[BaseMessage] = [SystemMessage("You are a helpful assistant."), HumanMessage(instructions),
+                                       HumanMessage("Write the report conclusion")]
+    else:
+        messages = [HumanMessage(f"{instructions}\n\nWrite the report conclusion")]
+    text = str(model.invoke(messages).content)
+    assert modelserver.stats()["by_kind"]["conclusion"] == 1
+    assert text.startswith("## Conclusion\n") and "does not contain information" not in text
+    assert "Queen Rearing" in text and "Scout Bees" in text

@@ -51,16 +51,27 @@ class Conversation:
         """Whether the instructions came as the first user message (no system message): LangChain turns a
         bare string in ``llm.invoke([instructions, HumanMessage(...)])`` into a user message, as the
         LangChain Academy research assistant does for its introduction and conclusion."""
-        if any(m.role in ("system", "developer") for m in self.messages) or not self.messages:
+        system = [m for m in self.messages if m.role in ("system", "developer")]
+        if sum(len(m.text.split()) for m in system) >= 25:  # the system message instructs
             return False
-        first = self.messages[0]
-        return first.role == "user" and len(first.text.split()) >= 25 and bool(_INSTRUCTING.search(first.text))
+        first = next((m for m in self.messages if m.role not in ("system", "developer")), None)
+        return (
+            first is not None
+            and first.role == "user"
+            and len(first.text.split()) >= 25
+            and bool(_INSTRUCTING.search(first.text))
+        )
+
+    @cached_property
+    def _first_turn(self) -> Message | None:
+        return next((m for m in self.messages if m.role not in ("system", "developer")), None)
 
     @cached_property
     def system(self) -> str:
-        if self._instructions_in_user_turn:
-            return self.messages[0].text
-        return "\n\n".join(m.text for m in self.messages if m.role in ("system", "developer"))
+        text = "\n\n".join(m.text for m in self.messages if m.role in ("system", "developer"))
+        if self._instructions_in_user_turn and self._first_turn is not None:
+            return f"{text}\n\n{self._first_turn.text}".strip()
+        return text
 
     @cached_property
     def turns(self) -> list[Message]:
@@ -120,9 +131,10 @@ class Conversation:
 
     @cached_property
     def instruction_messages(self) -> list[Message]:
-        if self._instructions_in_user_turn:
-            return [self.messages[0]]
-        return [m for m in self.messages if m.role in ("system", "developer")]
+        system = [m for m in self.messages if m.role in ("system", "developer")]
+        if self._instructions_in_user_turn and self._first_turn is not None:
+            return [*system, self._first_turn]
+        return system
 
     @cached_property
     def content(self) -> Corpus:

@@ -72,6 +72,8 @@ def instructions(system: str) -> str:
 def classify(conv: Conversation, schema: dict[str, Any] | None = None) -> str:
     s = instructions(conv.system).lower()
     last = conv.last_user_text.lower()
+    if len(conv.turns) == 1 and last and last in conv.system.lower():  # instructions and request in one message
+        last = re.split(r"\n\s*\n", last.strip())[-1]
     props = _schema_props(schema)
 
     def has(pattern: str) -> bool:
