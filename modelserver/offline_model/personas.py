@@ -80,9 +80,9 @@ def embed(text: str) -> str:
     return text
 
 
+_AUX = r"(?:can|could|do|does|did|is|are|was|were|will|would|should|has|have|had|may|might|must)"
 _QUESTION_START = re.compile(
-    r"(?i)^(?:can|could|do|does|did|is|are|was|were|will|would|should|has|have|had|what|why|which|who|whom|whose"
-    r"|when|where|how\s+(?:do|does|did|can|could|is|are|was|were|will|would|should|much|many|far|long|often))\b"
+    rf"(?i)^(?:{_AUX}|(?:what|why|which|who|whom|whose|when|where|how(?:\s+(?:much|many|far|long|often))?)\s+{_AUX})\b"
 )
 
 
