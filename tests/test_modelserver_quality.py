@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI
+from pydantic import BaseModel, Field
 
 from offline_model.launcher import ModelServerProcess
 from research_worker import prompts
@@ -150,7 +151,7 @@ def test_personas_come_from_the_topic_not_the_prompt(modelserver: ModelServerPro
     assert len({a.role for a in analysts}) == 4
     text = " ".join(f"{a.role} {a.description}" for a in analysts).lower()
     assert not any(re.search(rf"\b{w}\b", text) for w in BOILERPLATE)
-    assert "schedul" in text and "quota" in text  # "runs" and "limits" in the topic
+    assert "runs" in text and "limits" in text  # the topic's own words, not a table of computing lenses
     assert analysts == analysts_for(modelserver, "", 4), "same request, same analysts"
 
 
@@ -219,3 +220,41 @@ def test_context_words_do_not_change_the_kind(modelserver: ModelServerProcess) -
     modelserver.reset()
     llm(modelserver).invoke([SystemMessage(system), HumanMessage("What does the memo say about memory limits?")])
     assert modelserver.stats()["by_kind"]["answer"] == 1
+
+
+class Claim(BaseModel):
+    claim: str = Field(description="A claim the text makes.")
+    quote: str = Field(description="The sentence of the text that supports the claim, quoted exactly.")
+    source: str = Field(description="Where the quote comes from.")
+
+
+class Review(BaseModel):
+    summary: str = Field(description="A one-sentence summary of the text.")
+    claims: list[Claim] = Field(description="The main claims, each with its supporting quote and source.")
+
+
+REVIEW_INSTRUCTIONS = (
+    "You are a careful reviewer. Read the text the user gives you and extract its main claims. For each claim, "
+    "quote exactly the sentence that supports it and say which source it comes from. Be precise, do not invent "
+    "anything, and keep the summary to one sentence."
+)
+
+
+@pytest.mark.parametrize("as_document", [True, False])
+def test_structured_fields_come_from_the_content_not_the_instructions(
+    modelserver: ModelServerProcess, as_document: bool
+) -> None:
+    folder = Path(__file__).parent / "corpora" / "honeybee-swarming" / "docs"
+    text = (folder / "scout-bees-and-the-new-home.md").read_text()
+    given = f'<Document source="scouts.md"/>\n{text}\n</Document>' if as_document else text
+    review = (
+        llm(modelserver)
+        .with_structured_output(Review, method="json_schema")
+        .invoke([SystemMessage(REVIEW_INSTRUCTIONS), HumanMessage(given)])
+    )
+    assert isinstance(review, Review) and review.claims
+    flat = re.sub(r"\s+", " ", text)
+    for value in [review.summary] + [c.claim for c in review.claims] + [c.quote for c in review.claims]:
+        assert value.rstrip(".") in flat, f"not from the text: {value!r}"
+    for c in review.claims:
+        assert c.source == ("scouts.md" if as_document else "Scout bees and the new home"), c.source

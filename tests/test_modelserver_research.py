@@ -7,6 +7,7 @@ context in the messages, keep citations, and end interviews on its own.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
@@ -14,6 +15,8 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
 from offline_model.launcher import ModelServerProcess
+from research_worker import prompts as worker_prompts
+from research_worker.search import DocumentsBackend
 from research_worker.state import Analyst, Perspectives  # the schemas the real worker asks for
 
 TOPIC = "Running LangGraph research agents on Kubernetes"
@@ -258,3 +261,138 @@ def test_search_query_is_the_last_question_terms(model: ChatOpenAI) -> None:
     assert isinstance(q, SearchQuery) and q.search_query
     words = q.search_query.split()
     assert {"fair", "admission", "ResourceQuota"} <= set(words) and "Ada" not in words
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The LangChain Academy research assistant (module 4, research_assistant.py) as published, message shapes
+# included: its intro/conclusion instructions are a bare string in ``llm.invoke([instructions, HumanMessage])``,
+# which LangChain sends as a *user* message; its contexts are Python lists pasted into prompts with str().
+# The worker's prompts are the same text where the worker did not change them, so they are imported; the
+# expert's prompt differs (the worker adds an untrusted-data rule), so the original (ANSWER_PROMPT) is used.
+
+CORPORA = Path(__file__).parent / "corpora"
+
+
+def academy_report(model: ChatOpenAI, topic: str, docs_folder: Path, n_analysts: int = 3) -> str:
+    backend = DocumentsBackend.from_folder(docs_folder, top_k=2)
+
+    def search_wikipedia_style(query: str) -> str:
+        found = [p for _, p in backend.rank(query)]
+        return "\n\n---\n\n".join(f'<Document source="{p.source}" page=""/>\n{p.content}\n</Document>' for p in found)
+
+    system = worker_prompts.analyst_instructions.format(topic=topic, human_analyst_feedback="",
+                                                        max_analysts=n_analysts)
+    plan = model.with_structured_output(Perspectives).invoke([SystemMessage(system),
+                                                               HumanMessage("Generate the set of analysts.")])
+    assert isinstance(plan, Perspectives) and len(plan.analysts) == n_analysts
+    sections: list[str] = []
+    for analyst in plan.analysts:
+        messages: list[BaseMessage] = [HumanMessage(f"So you said you were writing an article on {topic}?")]
+        context: list[str] = []
+        for _ in range(2):  # max_num_turns as in the Academy graph
+            question = model.invoke([SystemMessage(worker_prompts.question_instructions.format(goals=analyst.persona)),
+                                     *messages])
+            messages.append(question)
+            query = model.with_structured_output(SearchQuery).invoke(
+                [SystemMessage(worker_prompts.search_instructions), *messages])
+            assert isinstance(query, SearchQuery) and query.search_query
+            context.append(search_wikipedia_style(query.search_query))
+            answer = model.invoke([SystemMessage(ANSWER_PROMPT.format(goals=analyst.persona, context=context)),
+                                   *messages])
+            answer.name = "expert"
+            messages.append(answer)
+            if "Thank you so much for your help" in str(question.content):
+                break
+        section = model.invoke([SystemMessage(worker_prompts.section_writer_instructions.format(
+            focus=analyst.description)), HumanMessage(f"Use this source to write your section: {context}")])
+        sections.append(str(section.content))
+    joined = "\n\n".join(sections)
+    report = str(model.invoke([SystemMessage(worker_prompts.report_writer_instructions.format(topic=topic,
+                                                                                            context=joined)),
+                               HumanMessage("Write a report based upon these memos.")]).content)
+    instructions = worker_prompts.intro_conclusion_instructions.format(topic=topic, formatted_str_sections=joined)
+    intro = str(model.invoke([instructions, HumanMessage("Write the report introduction")]).content)
+    conclusion = str(model.invoke([instructions, HumanMessage("Write the report conclusion")]).content)
+    # finalize_report, as the Academy graph does it
+    content = report.removeprefix("## Insights")
+    content, _, sources = content.partition("\n## Sources\n")
+    return f"{intro}\n\n---\n\n{content}\n\n---\n\n{conclusion}" + (f"\n\n## Sources\n{sources}" if sources else "")
+
+
+def prose(markdown: str) -> list[str]:
+    lines = [ln for ln in markdown.splitlines() if ln.strip() and not ln.startswith(("#", "---", "["))]
+    return [s for s in re.split(r"(?<=[.!?])\s+", " ".join(lines)) if len(s.split()) >= 4]
+
+
+@pytest.mark.parametrize("corpus", sorted(p.name for p in CORPORA.iterdir() if (p / "topic.txt").is_file()))
+def test_langchain_academy_prompts_give_a_full_report(model: ChatOpenAI, modelserver: ModelServerProcess,
+                                                      corpus: str) -> None:
+    topic = (CORPORA / corpus / "topic.txt").read_text().strip()
+    modelserver.reset()
+    md = academy_report(model, topic, CORPORA / corpus / "docs")
+    kinds = modelserver.stats()["by_kind"]
+    assert kinds["intro"] == 1 and kinds["conclusion"] == 1 and kinds["report"] == 1 and kinds["section"] == 3
+    assert md.startswith("# ") and len(md.splitlines()[0].split()) >= 3, "a title"
+    intro = md.split("## Introduction", 1)[1].split("---", 1)[0]
+    body = md.split("---", 2)[1]
+    conclusion = md.split("## Conclusion", 1)[1].split("## Sources", 1)[0]
+    sources = md.split("\n## Sources\n", 1)[1]
+    for name, text in (("introduction", intro), ("body", body), ("conclusion", conclusion)):
+        said = prose(text)
+        assert len(said) >= 2, f"the {name} says almost nothing: {text!r}"
+        assert not any(s.startswith("The provided context does not contain") for s in said), (name, text)
+    listed = re.findall(r"^\[(\d+)\] (\S.*?)\s*$", sources, re.M)
+    docs = {p.name for p in (CORPORA / corpus / "docs").iterdir()}
+    assert listed and all(src in docs for _, src in listed), sources
+    assert {int(n) for n in re.findall(r"\[(\d+)\]", body)} <= {int(n) for n, _ in listed}
+
+
+def test_search_query_keeps_the_topic_and_skips_the_thank_you(model: ChatOpenAI) -> None:
+    opening = HumanMessage("So you said you were writing an article on how honeybee colonies reproduce by swarming?")
+    asked = AIMessage("Hello, I'm Ada. Where is the field heading in the future?")
+    answer = AIMessage("Scouts dance [1].\n\nSources:\n[1] scouts.md", name="expert")
+    for messages in ([opening, asked], [opening, asked, answer, AIMessage("Thank you so much for your help!")]):
+        q = model.with_structured_output(SearchQuery).invoke([SystemMessage(SEARCH_PROMPT), *messages])
+        assert isinstance(q, SearchQuery) and q.search_query
+        words = set(q.search_query.split())
+        assert {"honeybee", "colonies", "swarming", "future"} <= words and "help" not in words, q.search_query
+
+
+SECTIONS_MD = """## Queen Rearing
+
+### Summary
+Before a swarm can leave, the workers must rear replacement queens [1]. A queen develops faster than any other
+member of the colony [1]. Swarm cells hang vertically from the bottom edges of the comb [1].
+
+### Sources
+[1] rearing-new-queens.md
+
+## Scout Bees
+
+### Summary
+While the swarm hangs in its cluster, a few hundred of the oldest foragers act as scouts [2]. A scout that has
+found a promising site returns to the cluster and performs a waggle dance [2]. The swarm does not wait for every
+bee to agree [2].
+
+### Sources
+[2] scout-bees.md
+"""
+
+
+@pytest.mark.parametrize("shape", ["system-is-generic", "one-user-message"])
+def test_instructions_in_a_user_message_are_recognised(
+    model: ChatOpenAI, modelserver: ModelServerProcess, shape: str
+) -> None:
+    instructions = worker_prompts.intro_conclusion_instructions.format(
+        topic="How honeybee colonies reproduce by swarming", formatted_str_sections=SECTIONS_MD
+    )
+    modelserver.reset()
+    if shape == "system-is-generic":
+        messages: list[BaseMessage] = [SystemMessage("You are a helpful assistant."), HumanMessage(instructions),
+                                       HumanMessage("Write the report conclusion")]
+    else:
+        messages = [HumanMessage(f"{instructions}\n\nWrite the report conclusion")]
+    text = str(model.invoke(messages).content)
+    assert modelserver.stats()["by_kind"]["conclusion"] == 1
+    assert text.startswith("## Conclusion\n") and "does not contain information" not in text
+    assert "Queen Rearing" in text and "Scout Bees" in text

@@ -97,22 +97,31 @@ def test_run_writes_a_cited_report_from_the_corpus(modelserver: ModelServerProce
     assert KEY not in r.stderr + r.stdout
 
 
-def test_empty_search_results_give_a_section_that_says_so_and_cites_nothing(
+def test_an_empty_documents_source_is_reported_once_and_costs_no_interview_calls(
     modelserver: ModelServerProcess, tmp_path: Path
 ) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     task = make_task(tmp_path, modelserver.base_url, maxAnalysts=2, sources=[{"type": "documents", "path": str(empty)}])
     out, secs = tmp_path / "report.md", tmp_path / "sections"
+    modelserver.reset()
     r = worker("run", task, "-o", str(out), "--sections-dir", str(secs))
     assert r.returncode == 0, r.stderr
-    for s in sections_of(secs):
+    assert modelserver.stats()["by_kind"].get("analysts") == 1 and modelserver.stats()["total"] == 1, (
+        "planning is the only model call: no interview, no report writing over nothing"
+    )
+    assert r.stderr.count("holds no .md, .markdown or .txt documents") == 1, r.stderr
+    sections = sections_of(secs)
+    assert len(sections) == 2
+    for s in sections:
         assert s["found_sources"] is False and s["sources"] == []
-        assert "Nothing was found" in s["summary"] and not re.search(r"\[\d+\]", s["content"])
-        assert "No sources were found." in s["content"]
+        assert "holds no .md, .markdown or .txt documents" in s["summary"]
+        assert "Sources" not in s["content"] and not re.search(r"\[\d+\]", s["content"])
+        assert s["analyst"]["name"] not in s["title"], "a section is titled by its theme, never by a person"
     md = out.read_text()
-    assert md.split("## Sources", 1)[1].strip() == "No sources were found."
-    assert not re.search(r"\[\d+\]", md)
+    assert "## Sources" not in md and not re.search(r"\[\d+\]", md)
+    assert md.count("holds no .md, .markdown or .txt documents") == 1, md
+    assert all(s["title"] in md for s in sections) and not any(s["analyst"]["name"] in md for s in sections)
 
 
 @pytest.mark.postgres

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from research_api.task import ResearchTask, configmap_name, label_value
 from research_worker.citations import cite, dedupe, memos, parse_section, report_sources
 from research_worker.errors import ObjectTooLarge, SearchError
-from research_worker.graph import finalize_report
+from research_worker.graph import finalize_report, theme_of
 from research_worker.search import DocumentsBackend, TavilyBackend, WikipediaBackend, format_context
 from research_worker.state import Analyst, SearchDoc, Section
 from research_worker.store import configmap_body
@@ -273,3 +273,20 @@ def test_api_key_is_optional_only_for_a_self_hosted_endpoint(monkeypatch: pytest
         api_key_from_env("SOME_KEY_VAR", None)
     monkeypatch.setenv("SOME_KEY_VAR", "sk-real")
     assert api_key_from_env("SOME_KEY_VAR", "http://127.0.0.1:8080/v1").get_secret_value() == "sk-real"
+
+
+def test_a_section_that_found_nothing_is_named_once_by_its_theme_and_lists_no_sources() -> None:
+    found = _section(0, "Queens are reared on royal jelly [1].", ["queens.md"])
+    a = Analyst(name="Mei Chen", role="Scout Specialist", affiliation="Lab",
+                description="Focuses on scouts and cavities in how honeybees swarm. Wants to know how scouts vote.")
+    assert theme_of(a) == "Scouts and cavities"
+    nothing = Section(index=1, analyst=a, title=theme_of(a), content="", summary="Nothing was found.", sources=[],
+                      found_sources=False)
+    state: Any = {"topic": "Swarming", "sections": [found, nothing], "content": "## Insights\nQueens [1].",
+                  "introduction": "# Swarming\n\n## Introduction\nQueens [1].", "conclusion": "## Conclusion\nDone."}
+    md = finalize_report(state)["final_report"]
+    assert md.count("Scouts and cavities") == 1 and "Mei Chen" not in md
+    assert md.split("## Sources\n")[1].strip() == "[1] queens.md"
+    alone = finalize_report({**state, "sections": [nothing]})["final_report"]
+    assert "## Sources" not in alone and alone.count("Nothing was found.") == 1 and "Scouts and cavities" in alone
+    assert theme_of(a.model_copy(update={"description": "Mei Chen looks at everything."})) == "Scout Specialist"

@@ -8,9 +8,15 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from .documents import Corpus, parse_all
+from .documents import Corpus, parse_all, unescape_repr
 from .tokens import content_text
 
+_DOCUMENT_BLOCK = re.compile(r"<Document\b[^>]*?/?>(?:(?!<Document\b).)*?</Document>", re.S)
+_INSTRUCTING = re.compile(
+    r"\byou are (?:an?|the)\b|\byour (?:task|job|goal|role)\b|\byou(?:r)? (?:job|goal|will be given)\b"
+    r"|\bfollow (?:these|the) instructions\b",
+    re.I,
+)
 _PERSONA_FIELD = re.compile(r"(?:^|(?<=: ))\s*(Name|Role|Affiliation|Description)\s*:\s*(.+?)\s*$", re.I | re.M)
 
 
@@ -41,12 +47,38 @@ class Conversation:
         ]
 
     @cached_property
+    def _instructions_in_user_turn(self) -> bool:
+        """Whether the instructions came as the first user message (no system message): LangChain turns a
+        bare string in ``llm.invoke([instructions, HumanMessage(...)])`` into a user message, as the
+        LangChain Academy research assistant does for its introduction and conclusion."""
+        system = [m for m in self.messages if m.role in ("system", "developer")]
+        if sum(len(m.text.split()) for m in system) >= 25:  # the system message instructs
+            return False
+        first = next((m for m in self.messages if m.role not in ("system", "developer")), None)
+        return (
+            first is not None
+            and first.role == "user"
+            and len(first.text.split()) >= 25
+            and bool(_INSTRUCTING.search(first.text))
+        )
+
+    @cached_property
+    def _first_turn(self) -> Message | None:
+        return next((m for m in self.messages if m.role not in ("system", "developer")), None)
+
+    @cached_property
     def system(self) -> str:
-        return "\n\n".join(m.text for m in self.messages if m.role in ("system", "developer"))
+        text = "\n\n".join(m.text for m in self.messages if m.role in ("system", "developer"))
+        if self._instructions_in_user_turn and self._first_turn is not None:
+            return f"{text}\n\n{self._first_turn.text}".strip()
+        return text
 
     @cached_property
     def turns(self) -> list[Message]:
-        return [m for m in self.messages if m.role not in ("system", "developer")]
+        turns = [m for m in self.messages if m.role not in ("system", "developer")]
+        if self._instructions_in_user_turn and len(turns) > 1:
+            return turns[1:]
+        return turns
 
     @cached_property
     def all_text(self) -> str:
@@ -98,6 +130,31 @@ class Conversation:
         return corpus
 
     @cached_property
+    def instruction_messages(self) -> list[Message]:
+        system = [m for m in self.messages if m.role in ("system", "developer")]
+        if self._instructions_in_user_turn and self._first_turn is not None:
+            return [*system, self._first_turn]
+        return system
+
+    @cached_property
+    def content(self) -> Corpus:
+        """The material a structured answer is built from: every document (also one pasted into the
+        instructions) and the conversation's turns, but never the instructions' own sentences nor the
+        question; passages from named sources only, if there are any."""
+        question = self.question if len(self.question.split()) <= 40 else ""  # a long "question" is the material
+        texts = []
+        instructions = [id(m) for m in self.instruction_messages]
+        for m in self.messages:
+            if id(m) in instructions:
+                texts += [d.group(0) for d in _DOCUMENT_BLOCK.finditer(unescape_repr(m.text))]
+                continue
+            texts.append(m.text.replace(question, " ") if question and question in m.text else m.text)
+        corpus = parse_all(texts)
+        if any(p.sources for p in corpus.passages):
+            return Corpus([p for p in corpus.passages if p.sources], list(corpus.sources))
+        return corpus
+
+    @cached_property
     def persona(self) -> Persona | None:
         found: dict[str, str] = {}
         for key, value in _PERSONA_FIELD.findall(self.system):
@@ -129,7 +186,14 @@ class Conversation:
 
 
 def split_question(text: str) -> tuple[str, str]:
-    """(question, rest) of a user turn that may carry context and a question together."""
+    """(question, rest) of a user turn that may carry context and a question together. Documents in the
+    turn are context, never the question."""
+    if "</Document>" in text:
+        outside = _DOCUMENT_BLOCK.sub("\n\n", unescape_repr(text)).strip()
+        if not re.search(r"[A-Za-z]{3}", outside):
+            return "", text
+        question, _ = split_question(outside)
+        return question, text.replace(question, " ") if question else text
     m = re.search(r"(?:^|\n)\s*(?:question|query|task)\s*:\s*(.+)$", text, re.I | re.S)
     if m:
         return m.group(1).strip(), text[: m.start()]

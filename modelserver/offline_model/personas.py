@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 
 from .conversation import Conversation
+from .documents import document_titles
 from .extractive import title_case
-from .tokens import FILLER, STOPWORDS
+from .tokens import FILLER, STOPWORDS, stem, terms, words
 
 _NUMBER_WORDS = {
     "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
@@ -33,84 +35,6 @@ _COUNT_PATTERNS = [
     re.compile(r"\b" + _NUM + r"\s+(?:distinct\s+|different\s+|unique\s+|ai\s+)?" + _NOUNS + r"\b", re.I),
 ]
 
-@dataclass(frozen=True)
-class Lens:
-    """A research angle: the words that call for it, the theme it covers, who covers it and what they ask."""
-
-    key: str
-    words: str  # regex over lower-case words (whole words)
-    theme: str
-    role: str
-    concerns: tuple[str, str, str]
-
-
-# generic research angles; a topic, feedback or document word that matches ``words`` calls for the lens
-LENSES = (
-    Lens("scheduling", r"runs?|running|ran|execut\w*|schedul\w*|orchestrat\w*|dispatch\w*|placement|plac(?:e|es|ed|ing)"
-         r"|queue\w*|queuing|priorit\w*|preempt\w*|admission|admit\w*",
-         "scheduling and placement", "Scheduler Engineer",
-         ("how work is queued, placed and started", "which work runs first when capacity is short and what gets "
-          "preempted", "why work stays pending and what unblocks it")),
-    Lens("quota", r"limits?|limiting|limited|quotas?|caps?|capp\w*|throttl\w*|fair\w*|shar(?:e|es|ed|ing)|constrain\w*"
-         r"|restrict\w*|allocat\w*|reserv\w*|requests?",
-         "resource quotas and fair sharing", "Quota and Fairness Analyst",
-         ("how quotas and limits cap what each tenant may consume", "what happens to work that exceeds its limits "
-          "or does not fit the quota", "how capacity is shared fairly between teams")),
-    Lens("cost", r"costs?|costly|pric\w*|econom\w*|spend\w*|billing|budgets?|financ\w*|savings?|cheap\w*|expens\w*"
-         r"|money|roi|tokens?",
-         "cost and efficiency", "Cost Economist",
-         ("what drives the cost", "where capacity or money is wasted on idle or failed work",
-          "which settings trade cost against speed")),
-    Lens("reliability", r"fail\w*|retr(?:y|ies|ied|ying)|reliab\w*|resilien\w*|recover\w*|outages?|crash\w*|faults?"
-         r"|errors?|backoff|disrupt\w*|evict\w*|robust\w*",
-         "failures and retries", "Reliability Engineer",
-         ("how failures are detected and retried", "which failures should stop the work instead of being retried",
-          "how disruptions are told apart from genuine errors")),
-    Lens("performance", r"perform\w*|scal(?:e|es|ing|able|ability)|latency|throughput|speed\w*|fast\w*|slow\w*"
-         r"|bottleneck\w*|benchmark\w*",
-         "performance and scalability", "Performance Engineer",
-         ("what limits throughput and latency", "how the system behaves as the load grows",
-          "which tuning choices matter most")),
-    Lens("security", r"secur\w*|attack\w*|threats?|privacy|vulnerab\w*|isolat\w*|trust\w*|permissions?|access"
-         r"|authori[sz]\w*|authenticat\w*|tenan\w*",
-         "security and isolation", "Security Researcher",
-         ("how workloads are isolated from each other", "which permissions and boundaries matter",
-          "what can go wrong when isolation fails")),
-    Lens("data", r"data|datasets?|storage|stor(?:e|es|ed)|databases?|persist\w*|checkpoint\w*|state|stateful|cache\w*",
-         "data and state", "Data Engineer",
-         ("where state and data live while work runs", "how progress survives restarts",
-          "what it costs to move and keep the data")),
-    Lens("operations", r"operat\w*|adopt\w*|practi\w*|workflows?|teams?|users?|usab\w*|deploy\w*|monitor\w*"
-         r"|observ\w*|debug\w*|maintain\w*|cleanup|clean",
-         "day-to-day operations", "Platform Operations Lead",
-         ("what operators have to configure and watch", "which mistakes are common in practice",
-          "how problems are diagnosed and cleaned up")),
-    Lens("architecture", r"architect\w*|design\w*|mechanisms?|internals?|components?|controllers?|models?|api|apis",
-         "architecture and mechanisms", "Systems Architect",
-         ("which components are involved and how they interact", "what the key design decisions are",
-          "where the design reaches its limits")),
-    Lens("policy", r"polic(?:y|ies)|regulat\w*|govern\w*|laws?|legal\w*|complian\w*|standards?|rules?",
-         "governance and policy", "Policy Analyst",
-         ("which rules and policies apply", "who sets them and how they are enforced", "where the rules fall short")),
-    Lens("future", r"future|trends?|roadmaps?|strateg\w*|innovat\w*|evol\w*|emerging|next",
-         "future directions", "Technology Strategist",
-         ("where the field is heading", "which open problems remain", "what would change the picture")),
-    Lens("ethics", r"ethic\w*|bias\w*|equit\w*|justice|harms?|social|societ\w*",
-         "ethics and social impact", "Ethics Researcher",
-         ("who benefits and who is harmed", "which biases or inequities appear", "what safeguards exist")),
-    Lens("environment", r"energy|carbon|climate|environment\w*|emissions?|power|sustainab\w*|green",
-         "environmental footprint", "Sustainability Analyst",
-         ("how much energy and hardware the work consumes", "how the footprint can be reduced",
-          "what the trade-offs with speed and cost are")),
-    Lens("education", r"learn\w*|educat\w*|skills?|teach\w*|training|students?|curricul\w*",
-         "skills and learning", "Learning Scientist",
-         ("which skills people need", "how people learn it in practice", "where newcomers struggle")),
-)  # fmt: skip
-_LENS_RE = [(lens, re.compile(rf"^(?:{lens.words})$")) for lens in LENSES]
-# when the prompt calls for fewer lenses than analysts: the broadly useful ones first
-_FALLBACK_ORDER = ("reliability", "cost", "performance", "operations", "architecture", "security", "data",
-                   "policy", "future", "ethics", "environment", "education", "scheduling", "quota")  # fmt: skip
-
 # words of the analyst-planning prompt itself, never a theme ("Determine the most interesting themes based
 # upon documents and / or feedback above")
 BOILERPLATE = frozenset(
@@ -120,9 +44,9 @@ BOILERPLATE = frozenset(
     topic topics set task tasked above below first step steps list lists provide optional ai""".split()
 )
 _AFFILIATIONS = (
-    "University Research Lab", "Independent Think Tank", "Industry Consortium", "Open-Source Foundation",
-    "Government Standards Agency", "Venture-Backed Startup", "Global Consulting Firm", "Non-Profit Institute",
-    "National Laboratory", "Trade Publication", "Enterprise Platform Team", "Regulatory Advisory Board",
+    "University Research Lab", "Independent Think Tank", "Industry Consortium", "Public Museum",
+    "Government Standards Agency", "Field Research Station", "Global Consulting Firm", "Non-Profit Institute",
+    "National Laboratory", "Trade Publication", "Independent Practitioners Guild", "Regulatory Advisory Board",
 )  # fmt: skip
 _FIRST = (
     "Ada", "Rahul", "Mei", "Tomas", "Amara", "Lena", "Kofi", "Sofia", "Hiroshi", "Priya",
@@ -146,10 +70,27 @@ _GENERIC_CONCERNS = ("what is specific about {t}", "concrete examples of {t} in 
 
 
 def embed(text: str) -> str:
-    """``text`` for use mid-sentence: "The benefits of X" -> "the benefits of X"."""
+    """``text`` for use mid-sentence: "The benefits of X" -> "the benefits of X"; a question stays a
+    question: "Can X be done?" -> 'the question "Can X be done?"'."""
+    text = text.strip()
+    if is_question(text):
+        return f'the question "{text[0].upper() + text[1:].rstrip(".")}{"" if text.endswith("?") else "?"}"'
     if len(text) > 1 and text[0].isupper() and text[1].islower():
         return text[0].lower() + text[1:]
     return text
+
+
+_AUX = r"(?:can|could|do|does|did|is|are|was|were|will|would|should|has|have|had|may|might|must)"
+_QUESTION_START = re.compile(
+    rf"(?i)^(?:{_AUX}|(?:what|why|which|who|whom|whose|when|where|how(?:\s+(?:much|many|far|long|often))?)\s+{_AUX})\b"
+)
+
+
+def is_question(text: str) -> bool:
+    """A topic asked as a question ("Can eruptions be forecast?", "Why do leaves turn red"), which cannot be
+    used as a noun phrase ("how X works" can)."""
+    t = text.strip()
+    return t.endswith("?") or bool(_QUESTION_START.match(t))
 
 
 def requested_count(text: str) -> int | None:
@@ -165,10 +106,10 @@ def requested_count(text: str) -> int | None:
 
 @dataclass(frozen=True)
 class Theme:
-    phrase: str  # "resource quotas and fair sharing", or the feedback's own words ("cost and quotas")
+    phrase: str  # "royal jelly and larvae", or the feedback's own words ("cost and quotas")
     role: str
     concerns: tuple[str, ...]
-    lenses: frozenset[str]
+    words: frozenset[str]  # stemmed content words, so two themes on the same words are not both taken
 
 
 @dataclass(frozen=True)
@@ -182,17 +123,6 @@ class PersonaSpec:
 
 def _digest(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
-
-
-def lenses_in(text: str) -> list[Lens]:
-    """The lenses ``text`` calls for, in order of first mention."""
-    out: list[Lens] = []
-    for w in re.findall(r"[a-z][a-z\-']*", text.lower()):
-        for lens, pattern in _LENS_RE:
-            if lens not in out and pattern.match(w):
-                out.append(lens)
-                break
-    return out
 
 
 def _is_content(word: str) -> bool:
@@ -216,24 +146,192 @@ def feedback_phrases(feedback: str) -> list[str]:
 
 
 def _theme_for(phrase: str) -> Theme:
-    found = lenses_in(phrase)
-    keys = frozenset(lens.key for lens in found)
-    if len(found) == 1:
-        return Theme(phrase, found[0].role, found[0].concerns, keys)
-    if found:  # one concern of each lens the phrase names, then the rest
-        concerns = [c for i in range(3) for lens in found for c in lens.concerns[i : i + 1]]
-        return Theme(phrase, f"{title_case(_singular(phrase))} Analyst", tuple(concerns[:3]), keys)
     generic = tuple(c.format(t=phrase) for c in _GENERIC_CONCERNS)
-    return Theme(phrase, f"{title_case(phrase)} Specialist", generic, keys)
+    return Theme(phrase, f"{title_case(_singular(phrase))} Specialist", generic, frozenset(terms(phrase)))
 
 
 def _singular(phrase: str) -> str:
-    """"cost and quotas" -> "cost and quota" (for a role title)."""
-    return " ".join(w[:-1] if len(w) > 4 and w.endswith("s") and not w.endswith("ss") else w for w in phrase.split())
+    """"cost and quotas" -> "cost and quota", "gases" -> "gas", "colonies" -> "colony" (for a role title)."""
+
+    def one(w: str) -> str:
+        if len(w) <= 4 or not w.endswith("s") or w.endswith(("ss", "us", "is")):
+            return w
+        if w.endswith("ies"):
+            return w[:-3] + "y"
+        if w.endswith(("ses", "xes", "ches", "shes", "zes")):
+            return w[:-2]
+        return w[:-1]
+
+    return " ".join(one(w) for w in phrase.split())
 
 
-def _lens_theme(lens: Lens) -> Theme:
-    return Theme(lens.theme, lens.role, lens.concerns, frozenset({lens.key}))
+# words that say nothing about what a document is about, however often it uses them
+_WEAK = frozenset(
+    """often usually sometimes later early earlier still even become became becomes found find finds take takes
+    took taken give gives gave given called known made makes making several another whole part parts kind
+    kinds much many more most less least first second third last next each every other others same different
+    long short small large great little good best better high higher low lower half full around within without
+    whose while where there here they them then than that this these those what which when would could should
+    about after before under over into onto upon only also just very well back ever never always along soon
+    away again enough together though although across because instead perhaps rather almost already""".split()
+)
+
+
+def _is_theme_word(word: str) -> bool:
+    lw = word.lower()
+    return len(lw) >= 4 and lw.isalpha() and _is_content(lw) and lw not in _WEAK
+
+
+_VERB_BEFORE = frozenset("to can could may might must will would should cannot".split())
+_DETERMINERS = frozenset("the a an this that these those its their his her each every no our your".split())
+
+
+def _surface(forms: Counter[str]) -> str:
+    """The spelling to show for a term: its most common form, lower-cased unless always capitalised."""
+    word, _ = forms.most_common(1)[0]
+    if any(c.isupper() for c in word[1:]):  # an identifier or acronym: backoffLimit, InSAR
+        return word
+    return word if all(f[:1].isupper() for f in forms) else word.lower()
+
+
+def _scan(text: str) -> list[tuple[str, int, bool]]:
+    """(word, 1 after a determiner / -1 after "to" or a modal / 0, starts a sentence) for each word."""
+    out = []
+    prev = ""
+    for m in re.finditer(r"[A-Za-z][A-Za-z'-]*|[.!?;:\n]", text):
+        w = m.group(0)
+        if not w[0].isalpha():
+            prev = "."
+            continue
+        p = prev.lower()
+        out.append((w, 1 if p in _DETERMINERS else (-1 if p in _VERB_BEFORE else 0), prev in ("", ".")))
+        prev = w
+    return out
+
+
+def document_themes(
+    passages: list[tuple[str, str]], avoid: set[str], titles: dict[str, str] | None = None
+) -> list[Theme]:
+    """One theme per document (in the order given): the terms that set it apart from the other documents
+    (frequent in it, rare in the rest; tf-idf), two for the theme and three more for the concerns, so each
+    analyst's questions lead the search to a different part of the material. ``avoid``: stemmed words
+    shared by every theme (the topic's), which would make all themes alike. ``titles``: words a document
+    names itself by (headings, file name), which weigh three times as much."""
+    texts: dict[str, list[str]] = {}
+    for source, text in passages:
+        texts.setdefault(source, []).append(text)
+    stems: dict[str, list[str]] = {}
+    forms: dict[str, Counter[str]] = {}
+    nounish: Counter[str] = Counter()  # how often a term follows a determiner: things, not actions
+    verbish: Counter[str] = Counter()  # ... follows "to" or a modal: actions
+    pairs: dict[str, Counter[tuple[str, str]]] = {}
+    for source, parts in texts.items():
+        out: list[str] = []
+        pairs[source] = Counter()
+        last = ""
+        for w, before, sentence_start in _scan(" ".join(parts)):
+            if not _is_theme_word(w):
+                last = ""
+                continue
+            s = stem(w)
+            if s in avoid:
+                last = ""
+                continue
+            out.append(s)
+            forms.setdefault(s, Counter())[w if not sentence_start else w.lower()] += 1
+            nounish[s] += before > 0
+            verbish[s] += before < 0
+            if last:
+                pairs[source][(last, s)] += 1
+            last = s
+        stems[source] = out
+    df = Counter(s for ts in stems.values() for s in set(ts))
+    n_docs = len(stems)
+    themes: list[Theme] = []
+    heads: set[str] = set()
+    for source, ts in stems.items():
+        tf = Counter(ts)
+        first = {s: i for i, s in reversed(list(enumerate(ts)))}
+        named = {stem(w) for w in words((titles or {}).get(source, ""))}
+
+        weight = {
+            s: n * (1.0 + math.log((n_docs + 1) / df[s]))
+            * (1.5 if nounish[s] else (0.4 if verbish[s] or re.search(r"(?:ed|ly|ing)$", s) else 1.0))
+            * (3.0 if s in named else 1.0)
+            for s, n in tf.items()
+        }
+        ranked = sorted(tf, key=lambda s: (-weight[s], first[s]))
+        ranked = [s for s in ranked if tf[s] >= 2 or s in named or n_docs == 1] or ranked
+        fresh = [s for s in ranked if s not in heads]
+        if len(fresh) < 2:
+            continue
+        a = fresh[0]
+        # the head term's most frequent neighbour forms a phrase when they recur together ("royal jelly")
+        together = [(n, pair) for pair, n in pairs[source].items() if a in pair and n >= 2 and pair[0] != pair[1]]
+        if together:
+            pair = max(together)[1]
+            b = pair[1] if pair[0] == a else pair[0]
+            phrase = f"{_surface(forms[pair[0]])} {_surface(forms[pair[1]])}"
+        else:
+            b = next((s for s in fresh[1:4] if nounish[s] and not verbish[s]), fresh[1])
+            phrase = f"{_surface(forms[a])} and {_surface(forms[b])}"
+        heads.update((a, b))
+        wa = _surface(forms[a])
+        taken = {w.lower() for w in phrase.split()}
+        shown: list[str] = []
+        for s in ranked:
+            w = _surface(forms[s])
+            if s not in (a, b) and w.lower() not in taken:
+                taken.add(w.lower())
+                shown.append(w)
+        templates = (f"what {{}} has to do with {wa}", "what part {} plays", "why {} matters")
+        concerns = tuple(t.format(w) for t, w in zip(templates, shown, strict=False))
+        concerns += tuple(c.format(t=phrase) for c in _GENERIC_CONCERNS)[: 3 - len(concerns)]
+        themes.append(Theme(phrase, f"{title_case(_singular(phrase))} Specialist", concerns, frozenset((a, b))))
+    return themes
+
+
+# domain-neutral angles on a subject, for when the prompt carries no documents: each names the subject's
+# own words, so the questions (and the searches they lead to) stay on the topic
+_ANGLES = (
+    ("how {k} works", "{K} Specialist",
+     ("which steps {k} involves", "what {k} depends on", "where {k} most often goes wrong")),
+    ("the history of {k}", "{K} Historian",
+     ("how {k} began", "how {k} changed over time", "which earlier practices still shape {k}")),
+    ("the people and practice of {k}", "{K} Practitioner",
+     ("who takes part in {k}", "which skills {k} demands", "what practitioners of {k} disagree about")),
+    ("variation in {k}", "Comparative {K} Analyst",
+     ("which kinds of {k} exist", "how the kinds of {k} differ", "what explains those differences")),
+    ("problems and open questions in {k}", "{K} Critic",
+     ("which problems {k} faces", "what is still unknown about {k}", "what would change our view of {k}")),
+)  # fmt: skip
+
+
+def topic_themes(topic: str) -> list[Theme]:
+    """Themes from the topic's own words: each content word of the topic (in order) seen from a different
+    angle, so analysts stay distinct even for a topic of two words."""
+    keys: list[str] = []
+    for run in re.split(r"[^A-Za-z0-9'\- ]+", topic):
+        ws: list[str] = []
+        for w in run.split() + [""]:
+            if w and _is_content(w) and len(w) > 2 and w.lower() not in _WEAK:
+                ws.append(w)
+                continue
+            if ws:
+                keys.append(" ".join(ws[-3:]))
+            ws = []
+    keys = list(dict.fromkeys(keys))
+    if not keys:
+        keys = [topic]
+    out: list[Theme] = []
+    for i, (phrase, role, concerns) in enumerate(_ANGLES):
+        k = keys[i % len(keys)]
+        k = " ".join(w if w.isupper() or (w[:1].isupper() and not topic.startswith(w)) else w.lower()
+                     for w in k.split())
+        fill = {"k": k, "K": title_case(k)}
+        out.append(Theme(phrase.format(**fill), role.format(**fill), tuple(c.format(**fill) for c in concerns),
+                         frozenset({f"angle{i}"})))
+    return out
 
 
 def clean_topic(text: str) -> str:
@@ -274,43 +372,25 @@ class PersonaPlanner:
 
     @cached_property
     def themes(self) -> list[Theme]:
-        """Distinct themes, most specific first: what the feedback asks for, the angles the topic's own words
-        call for ("runs" -> scheduling, "limits" -> quotas), angles the documents dwell on, then broad lenses."""
+        """Distinct themes, most specific first: what the feedback asks for, what sets each document in the
+        prompt apart from the others, then the topic's own words seen from different angles."""
         out: list[Theme] = []
-        covered: set[str] = set()
 
         def take(theme: Theme) -> None:
-            if theme.lenses and theme.lenses <= covered:
-                return
             if any(t.phrase.lower() == theme.phrase.lower() or t.role == theme.role for t in out):
                 return
+            if theme.words and any(theme.words <= t.words for t in out):
+                return
             out.append(theme)
-            covered.update(theme.lenses)
 
         for phrase in feedback_phrases(self.feedback):
             take(_theme_for(phrase))
-        topic_lenses = lenses_in(self.topic)
-        for lens in topic_lenses:
-            take(_lens_theme(lens))
-        documents = " ".join(p.text for p in self.conv.sourced.passages if p.sources)
-        counts: Counter[str] = Counter()
-        for w in re.findall(r"[a-z][a-z\-']*", documents.lower()):
-            for lens, pattern in _LENS_RE:
-                if pattern.match(w):
-                    counts[lens.key] += 1
-                    break
-        by_key = {lens.key: lens for lens in LENSES}
-        for key, n in sorted(counts.items(), key=lambda kv: (-kv[1], _FALLBACK_ORDER.index(kv[0]))):
-            if n >= 2:
-                take(_lens_theme(by_key[key]))
-        technical = {"scheduling", "quota", "reliability", "performance", "security", "data", "architecture"}
-        if covered & technical or counts.keys() & technical:
-            order = list(_FALLBACK_ORDER)
-        else:  # a non-technical topic: the broad social and economic lenses first
-            order = ["cost", "policy", "future", "ethics", "operations", "environment", "education"]
-            order += [k for k in _FALLBACK_ORDER if k not in order]
-        for key in order:
-            take(_lens_theme(by_key[key]))
+        passages = [(p.sources[0], p.text) for p in self.conv.sourced.passages if p.sources]
+        avoid = {stem(w) for w in words(self.topic)}
+        for theme in document_themes(passages, avoid, document_titles(self.conv.all_text)):
+            take(theme)
+        for theme in topic_themes(self.topic):
+            take(theme)
         return out
 
     def plan(self, n: int) -> list[PersonaSpec]:
@@ -320,7 +400,7 @@ class PersonaPlanner:
         for i in range(n):
             theme = themes[i % len(themes)]
             role, phrase = theme.role, theme.phrase
-            if i >= len(themes):  # more analysts than lenses: a second pass with a different angle
+            if i >= len(themes):  # more analysts than themes: a second pass with a different angle
                 role, phrase = f"Senior {role}", f"{phrase} (second perspective)"
             concerns = theme.concerns[(i // len(themes)) % len(theme.concerns) :] + theme.concerns
             concerns = tuple(dict.fromkeys(concerns))[:3]

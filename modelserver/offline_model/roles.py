@@ -25,8 +25,8 @@ from .extractive import (
     rank,
     title_case,
 )
-from .personas import embed
-from .tokens import STOPWORDS, key_words
+from .personas import embed, is_question
+from .tokens import STOPWORDS, key_words, stem
 
 KINDS = ("analysts", "question", "search_query", "answer", "section", "report", "intro", "conclusion", "other")
 END_OF_INTERVIEW = "Thank you so much for your help!"
@@ -72,6 +72,8 @@ def instructions(system: str) -> str:
 def classify(conv: Conversation, schema: dict[str, Any] | None = None) -> str:
     s = instructions(conv.system).lower()
     last = conv.last_user_text.lower()
+    if len(conv.turns) == 1 and last and last in conv.system.lower():  # instructions and request in one message
+        last = re.split(r"\n\s*\n", last.strip())[-1]
     props = _schema_props(schema)
 
     def has(pattern: str) -> bool:
@@ -293,16 +295,44 @@ def question(conv: Conversation) -> str:
     return f"{lead} {_ask(theme, concerns, turn)}"
 
 
+_ABOUT = re.compile(
+    r"(?:article|report|piece|story|essay|paper|book|writing)\s+(?:on|about)\s+([^?!\n]+?)(?:[?.!](?:\s|$)|$)", re.I
+)
+
+
+def interview_topic(conv: Conversation) -> str:
+    """The subject of an interview: the opening "...writing an article on <topic>?", else the setting of the
+    analyst's focus ("Focuses on <theme> in <topic>")."""
+    for m in conv.turns[:3]:
+        found = _ABOUT.search(m.text.strip())
+        if found:
+            return found.group(1).strip()
+    persona = conv.persona
+    if persona and persona.description:
+        return parse_focus(persona.description)[1]
+    return ""
+
+
 def search_query(conv: Conversation) -> str:
-    """Key terms of the last question asked in the conversation."""
+    """Key terms of the last question asked in the conversation, with the interview topic's key terms that
+    the question leaves out (a follow-up such as "where is the field heading?" still searches the topic).
+    The closing thank-you asks nothing: the question before it is used."""
+    asked_words: list[str] = []
     for m in reversed(conv.turns):
-        if m.name == "expert":
+        if m.name == "expert" or END_OF_INTERVIEW.lower().rstrip("!") in m.text.lower():
+            continue
+        if m is conv.turns[0] and _ABOUT.search(m.text):  # the opening "you were writing an article on ...?"
             continue
         sentences = re.split(r"(?<=[.!?])\s+", m.text.strip())
         asked = [s for s in sentences if s.endswith("?")] or sentences
-        words = [w for w in key_words(" ".join(asked)) if not re.fullmatch(r"(?i)i'?m|hello|hi|thank\w*", w)]
-        if words:
-            return " ".join(words[:12])
+        asked_words = [w for w in key_words(" ".join(asked)) if not re.fullmatch(r"(?i)i'?m|hello|hi|thank\w*", w)]
+        if asked_words:
+            break
+    have = {stem(w.lower()) for w in asked_words}
+    topic_words = [w for w in key_words(interview_topic(conv)) if stem(w.lower()) not in have]
+    words = asked_words[:10] + topic_words[:6]
+    if words:
+        return " ".join(words)
     return phrase(conv.last_user_text or conv.system, 12)
 
 
@@ -329,11 +359,16 @@ def section(conv: Conversation) -> str:
     query = f"{theme} {theme} {' '.join(concerns)}" if concerns else focus
     seen = Seen()
     chosen = distinct(rank(query, sourced, k=8), seen)
-    if len(chosen) < 3:  # the sources were retrieved for this focus: fall back to their opening sentences
+    if len(chosen) < 6:  # the sources were retrieved for this focus: their opening sentences, then the rest
         firsts: dict[int, Passage] = {}
         for p in sourced:
             firsts.setdefault(p.block, p)
-        chosen += distinct([p for p in firsts.values() if p not in chosen], seen)
+        rest = [p for p in firsts.values() if p not in chosen] + [p for p in sourced if p not in firsts.values()]
+        for p in rest:
+            if len(chosen) >= 6:
+                break
+            if p not in chosen and seen.add(p.text):
+                chosen.append(p)
     chosen = _readable_order(limit_words(chosen, 300), sourced, seen)
     if not chosen:
         return f"## {title}\n\n### Summary\n\nThe source documents for this section contain no usable text."
@@ -490,7 +525,8 @@ def conclusion(conv: Conversation) -> str:
         parts.insert(0, f"This report set out to examine {embed(topic)}.")
     closing = ""
     if plan.titles:
-        closing = f"Taken together, {_join([f'*{t}*' for t in plan.titles])} explain {embed(topic)}."
+        verb = "bear on" if is_question(topic) else "explain"
+        closing = f"Taken together, {_join([f'*{t}*' for t in plan.titles])} {verb} {embed(topic)}."
     text = _cap_words(parts, 120 - len(closing.split()))
     return "## Conclusion\n\n" + (f"{text} {closing}" if closing else text)
 

@@ -256,7 +256,7 @@ class SchemaFiller:
         return values[ranked[index % len(ranked)]]
 
     def keyword_pool(self) -> list[str]:
-        text = self.conv.question + " " + " ".join(p.text for p in self.conv.sourced.passages[:100])
+        text = self.conv.question + " " + " ".join(p.text for p in self.conv.content.passages[:100])
         return key_words(text) or ["item"]
 
     def string(self, name: str, schema: dict[str, Any], index: int, *, minimal: bool) -> str:
@@ -301,8 +301,10 @@ class SchemaFiller:
         if re.search(r"(^|_)(url|link|source|citation|reference)s?$", key):
             if self._last is not None and self._last.sources:  # where the sentence just written came from
                 return self._last.sources[0]
-            sources = self.conv.corpus.sources
-            return sources[index % len(sources)] if sources else "conversation"
+            sources = self.conv.content.sources
+            if sources:
+                return sources[index % len(sources)]
+            return self._title_of_material() or "the text provided in the request"
         if re.search(r"(^|_)(tag|keyword|term|entity|concept)s?$", key):
             pool = self.keyword_pool()
             return pool[index % len(pool)]
@@ -310,14 +312,28 @@ class SchemaFiller:
             return phrase(question, 6) or "unknown"
         return self.sentence_for(described, index)
 
+    def _title_of_material(self) -> str:
+        """A title the material gives itself: a heading or a short first line of a turn that is not the
+        question."""
+        for m in self.conv.turns:
+            if m.text.strip() == self.conv.question.strip():
+                continue
+            head = re.search(r"^\s*#{1,6}\s+(.+?)\s*$", m.text, re.M)
+            if head:
+                return head.group(1)
+            first = m.text.strip().splitlines()[0] if m.text.strip() else ""
+            if 0 < len(first.split()) <= 10 and not re.search(r"[.!?:]$", first):
+                return first
+        return ""
+
     def sentence_for(self, described: str, index: int) -> str:
         query = f"{described} {self.conv.question}"
-        candidates = rank(query, self.conv.sourced.passages, k=12) or rank(
-            self.conv.question + " " + self.conv.question, self.conv.corpus.passages, k=12
-        )
+        material = self.conv.content.passages
+        candidates = rank(query, material, k=12) or rank(self.conv.question + " " + self.conv.question, material, k=12)
         fresh = [p for p in candidates if p.text not in self._used]
-        if not fresh and candidates:  # relevant sentences used up: go on with the rest of the context in order
-            fresh = [p for p in self.conv.sourced.passages if p.text not in self._used]
+        if not fresh and (candidates or not self.conv.question.strip()):
+            # relevant sentences used up, or no question but the material itself: the material in order
+            fresh = [p for p in material if p.text not in self._used]
         pick = fresh[0] if fresh else (candidates[index % len(candidates)] if candidates else None)
         if pick is None:
             subject = phrase(self.conv.question, 8)
@@ -333,7 +349,7 @@ class SchemaFiller:
             cut = value[: int(hi)]
             value = cut.rsplit(" ", 1)[0] if " " in cut and len(cut.rsplit(" ", 1)[0]) >= lo else cut
         if len(value) < lo:
-            filler = " ".join(p.text for p in self.conv.sourced.passages) or value or "x"
+            filler = " ".join(p.text for p in self.conv.content.passages) or value or "x"
             while len(value) < lo:
                 value = (value + " " + filler).strip() if value else filler
             if hi is not None:

@@ -34,7 +34,8 @@ FILLER = frozenset(
     thank thanks hello hi name i'm im article writing write wrote topic focus area role affiliation
     description expert analyst interviewer interview mentioned talk elaborate kind sort way ways thing things
     something anything lot lots well new good great important key main drill understand understanding
-    walk concrete show shows matter matters trade-offs tradeoffs turning comes researching""".split()
+    walk concrete show shows matter matters trade-offs tradeoffs turning comes researching evidence
+    surprised surprising helpful noted plays part help""".split()
 )
 
 

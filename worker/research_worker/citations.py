@@ -101,8 +101,9 @@ def cite(text: str, known: Sequence[str]) -> tuple[str, list[str]]:
 
 
 def sources_block(sources: Sequence[str], heading: str = "### Sources") -> str:
+    """A Sources list, or nothing at all when there are no sources (never a heading over no sources)."""
     if not sources:
-        return f"{heading}\nNo sources were found."
+        return ""
     return heading + "\n" + "\n".join(f"[{i}] {s}  " for i, s in enumerate(sources, start=1))
 
 
@@ -122,7 +123,8 @@ def parse_section(markdown: str, context_sources: Sequence[str], fallback_title:
 
 
 def section_markdown(title: str, summary: str, sources: Sequence[str]) -> str:
-    return f"## {title}\n\n### Summary\n{summary.strip()}\n\n{sources_block(sources)}\n"
+    listing = sources_block(sources)
+    return f"## {title}\n\n### Summary\n{summary.strip()}\n" + (f"\n{listing}\n" if listing else "")
 
 
 def report_sources(sections: Sequence[Section]) -> list[str]:
@@ -145,6 +147,6 @@ def memos(sections: Sequence[Section]) -> list[str]:
         local = {n: keys.index(_key(src)) + 1 for n, src in enumerate(s.sources, start=1)}
         summary = _renumber(s.summary, local)
         listed = "\n".join(f"[{local[n]}] {src}  " for n, src in enumerate(s.sources, start=1))
-        body = f"## {s.title}\n\n### Summary\n{summary.strip()}\n\n### Sources\n"
-        out.append(body + (listed or "No sources were found.") + "\n")
+        body = f"## {s.title}\n\n### Summary\n{summary.strip()}\n"
+        out.append(body + (f"\n### Sources\n{listed}\n" if listed else ""))
     return out

@@ -34,7 +34,7 @@ from research_worker.citations import (
 )
 from research_worker.configuration import Configuration
 from research_worker.errors import ModelEndpointError
-from research_worker.search import format_context, number_sources
+from research_worker.search import format_context, number_sources, searchable
 from research_worker.state import (
     Analyst,
     GenerateAnalystsState,
@@ -43,6 +43,7 @@ from research_worker.state import (
     Report,
     ReportState,
     ResearchGraphState,
+    SearchDoc,
     SearchQuery,
     Section,
     TokenUsage,
@@ -65,6 +66,9 @@ async def create_analysts(state: GenerateAnalystsState, runtime: Runtime[Configu
         human_analyst_feedback=state.get("human_analyst_feedback") or "",
         max_analysts=max_analysts,
     )
+    overview = _documents_overview(runtime.context, state["topic"], max_analysts)
+    if overview:  # the prompt's "themes based upon documents": what the documents at hand are about
+        system += prompts.analyst_documents.format(context=format_context(overview))
     perspectives, usage = await runtime.context.llm.structured(
         Perspectives, [SystemMessage(content=system), HumanMessage(content=prompts.analyst_request)]
     )
@@ -72,6 +76,17 @@ async def create_analysts(state: GenerateAnalystsState, runtime: Runtime[Configu
     if not analysts:
         raise ModelEndpointError("the model proposed no analysts")
     return {"analysts": analysts, "usage": usage}
+
+
+def _documents_overview(config: Configuration, topic: str, max_analysts: int) -> list[SearchDoc]:
+    """A look at the local documents for planning (those most relevant to the topic first). Only local
+    sources take part: a web search here would cost a call before any analyst exists."""
+    docs: list[SearchDoc] = []
+    for b in config.backends:
+        overview = getattr(b, "overview", None)
+        if overview is not None:
+            docs += overview(topic, max(2 * max_analysts, 6))
+    return docs
 
 
 def human_feedback(state: GenerateAnalystsState, runtime: Runtime[Configuration]) -> dict[str, Any]:
@@ -170,10 +185,11 @@ async def write_section(state: InterviewState, runtime: Runtime[Configuration]) 
     analyst: Analyst = state["analyst"]
     context = state.get("context", [])
     sources = number_sources(context)
-    fallback_title = f"{analyst.role}: {analyst.name}"
+    fallback_title = theme_of(analyst)
     usage = TokenUsage()
     if not context:
-        title, summary, cited = fallback_title, prompts.no_sources_summary, list[str]()
+        summary = prompts.no_sources_summary if searchable(runtime.context.backends) else prompts.no_documents_summary
+        title, cited = fallback_title, list[str]()
     else:
         system = prompts.section_writer_instructions.format(focus=analyst.description)
         msg, usage = await runtime.context.llm.chat(
@@ -197,6 +213,32 @@ async def write_section(state: InterviewState, runtime: Runtime[Configuration]) 
     return {"sections": [section], "usage": usage}
 
 
+_FOCUS_VERBS = re.compile(
+    r"^(?:focus(?:es|ing)? on|examin(?:es|ing)|explor(?:es|ing)|stud(?:ies|ying)|investigat(?:es|ing)|"
+    r"analy[sz](?:es|ing)|look(?:s|ing) at|research(?:es|ing)?|specializ(?:es|ing) in|cover(?:s|ing))\s+",
+    re.IGNORECASE,
+)
+
+
+def theme_of(analyst: Analyst) -> str:
+    """What an analyst looks at, as a section title: the object of the description's first sentence
+    ("Focuses on queen rearing in how bees swarm." -> "Queen rearing"), else the role. Never a person."""
+    first = re.split(r"(?<=[.!?;:])\s", analyst.description.strip(), maxsplit=1)[0].rstrip(".!?;:")
+    focus = _FOCUS_VERBS.sub("", first).strip()
+    focus = re.split(r"\s+(?:in|within|across|for)\s+(?:how|what|why|the|a|an)\b|,", focus, maxsplit=1)[0]
+    focus = focus.removeprefix("the ").removeprefix("The ")
+    words = focus.split()
+    if not words or len(words) > 10 or analyst.name.lower() in focus.lower():
+        return analyst.role.strip() or "Findings"
+    return focus[0].upper() + focus[1:]
+
+
+def route_start(state: InterviewState, runtime: Runtime[Configuration]) -> Literal["ask_question", "write_section"]:
+    """No interview when nothing can be searched (a documents source without documents): the section
+    says so and no model call is spent."""
+    return "ask_question" if searchable(runtime.context.backends) else "write_section"
+
+
 def interview_input(analyst: Analyst, index: int, topic: str, max_num_turns: int) -> dict[str, Any]:
     return {
         "analyst": analyst,
@@ -209,12 +251,18 @@ def interview_input(analyst: Analyst, index: int, topic: str, max_num_turns: int
 # ---------------------------------------------------------------- report
 
 
+def _found(state: ReportState) -> list[Section]:
+    return [s for s in state.get("sections", []) if s.found_sources]
+
+
 def _memos(state: ReportState) -> str:
-    return "\n\n".join(memos(state.get("sections", [])))
+    return "\n\n".join(memos(_found(state)))
 
 
 async def write_report(state: ReportState, runtime: Runtime[Configuration]) -> dict[str, Any]:
-    """The report body from all sections, keeping their (renumbered) citations."""
+    """The report body from the sections that found something, keeping their (renumbered) citations."""
+    if not _found(state):
+        return {"content": ""}
     system = prompts.report_writer_instructions.format(topic=state["topic"], context=_memos(state))
     msg, usage = await runtime.context.llm.chat(
         [SystemMessage(content=system), HumanMessage(content=prompts.report_request)]
@@ -225,6 +273,8 @@ async def write_report(state: ReportState, runtime: Runtime[Configuration]) -> d
 async def _intro_or_conclusion(
     state: ReportState, runtime: Runtime[Configuration], request: str
 ) -> tuple[str, TokenUsage]:
+    if not _found(state):
+        return "", TokenUsage()
     system = prompts.intro_conclusion_instructions.format(topic=state["topic"], formatted_str_sections=_memos(state))
     msg, usage = await runtime.context.llm.chat([SystemMessage(content=system), HumanMessage(content=request)])
     return str(msg.content), usage
@@ -253,24 +303,38 @@ def _ensure_heading(text: str, heading: str) -> str:
 
 def finalize_report(state: ReportState) -> dict[str, Any]:
     """Introduction, body, conclusion, and one de-duplicated Sources list: every source of every
-    section once, numbered in order of first citation in the report."""
-    known = report_sources(state.get("sections", []))
+    section once, numbered in order of first citation in the report. Sections that found nothing are
+    named once, by their themes; a report with no sources has no Sources section."""
+    sections = state.get("sections", [])
+    known = report_sources(sections)
+    empty = [s for s in sorted(sections, key=lambda s: s.index) if not s.found_sources]
+    if sections and len(empty) == len(sections):
+        reasons = list(dict.fromkeys(s.summary.strip() for s in empty))
+        final = f"# {state['topic']}\n\n## No findings\n\n" + "\n\n".join(reasons) + "\n"
+        if len(empty) > 1 or empty[0].title:
+            final += "\nThemes that were planned: " + ", ".join(f"*{s.title}*" for s in empty) + ".\n"
+        report = Report(topic=state["topic"], markdown=final, sources=[], sections=sorted(s.index for s in sections),
+                        usage=state.get("usage") or TokenUsage())
+        return {"final_report": final, "report": report}
     content = re.sub(r"^\s*##\s*Insights\s*\n", "", state.get("content", ""), flags=re.IGNORECASE).strip()
     intro = _ensure_heading(state.get("introduction", ""), "Introduction")
     if not intro.startswith("# "):
         intro = f"# {state['topic']}\n\n{intro}"
     conclusion = _ensure_heading(state.get("conclusion", ""), "Conclusion")
+    if empty:
+        conclusion += "\n\nNothing was found in the sources for " + ", ".join(f"*{s.title}*" for s in empty) + "."
     # intro/conclusion cite by the memos' numbering; the body by its own Sources list, if it wrote one
     parts = [to_marks(intro, known), to_marks(content, known), to_marks(conclusion, known)]
     (intro, body, conclusion), cited = number_marks(parts, known)
     sources = cited + [s for s in known if s not in cited]
-    listed = "\n".join(f"[{i}] {s}  " for i, s in enumerate(sources, start=1)) or "No sources were found."
-    final = f"{intro}\n\n---\n\n## Insights\n{body}\n\n---\n\n{conclusion}\n\n## Sources\n{listed}\n"
+    final = f"{intro}\n\n---\n\n## Insights\n{body}\n\n---\n\n{conclusion}\n"
+    if sources:
+        final += "\n## Sources\n" + "\n".join(f"[{i}] {s}  " for i, s in enumerate(sources, start=1)) + "\n"
     report = Report(
         topic=state["topic"],
         markdown=final,
         sources=sources,
-        sections=sorted(s.index for s in state.get("sections", [])),
+        sections=sorted(s.index for s in sections),
         usage=state.get("usage") or TokenUsage(),
     )
     return {"final_report": final, "report": report}
@@ -298,7 +362,7 @@ def build_interview_graph(
     b.add_node("answer_question", generate_answer)
     b.add_node("save_interview", save_interview)
     b.add_node("write_section", write_section)
-    b.add_edge(START, "ask_question")
+    b.add_conditional_edges(START, route_start, ["ask_question", "write_section"])
     b.add_edge("ask_question", "search_query")
     for name in backends:
         b.add_edge("search_query", f"search_{name}")

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 DOC_SUFFIXES = (".md", ".markdown", ".txt")
 MAX_PASSAGE_CHARS = 4000
+OVERVIEW_CHARS = 1500
 
 _STOPWORDS = frozenset(
     "a an and are as at be by can do does for from how i in is it its of on or that the their this to "
@@ -116,6 +117,29 @@ class DocumentsBackend:
             SearchDoc(source=p.source, title=p.title, content=p.content, backend=self.name) for _, p in self.rank(query)
         ]
 
+    @property
+    def empty(self) -> bool:
+        """Nothing to search: the source holds no documents (or no text in them)."""
+        return self._bm25 is None
+
+    def overview(self, query: str, limit: int, chars: int = OVERVIEW_CHARS) -> list[SearchDoc]:
+        """What the documents are about, for planning: up to ``limit`` documents, those most relevant to
+        ``query`` first (BM25 over their passages), each as the start of its text."""
+        if self._bm25 is None:
+            return []
+        terms = tokenize(query)
+        scores = self._bm25.get_scores(terms) if terms else [0.0] * len(self.passages)
+        best: dict[str, float] = {}
+        for score, p in zip(scores, self.passages, strict=True):
+            best[p.source] = max(best.get(p.source, 0.0), float(score))
+        order = sorted(best, key=lambda src: -best[src])  # stable: ties keep the documents' order
+        out = []
+        for src in order[:limit]:
+            text = "\n\n".join(f"{p.title}\n{p.content}" if p.title else p.content
+                                for p in self.passages if p.source == src)
+            out.append(SearchDoc(source=src, title="", content=text[:chars], backend=self.name))
+        return out
+
 
 class TavilyBackend:
     name = "tavily"
@@ -205,9 +229,17 @@ def build_backends(
             backends.append(WikipediaBackend(s))
     if top_k:
         if not docs:
-            log.warning("the documents source holds no .md/.txt documents")
+            log.warning("%s: interviews are skipped unless another source can be searched", NO_DOCUMENTS)
         backends.insert(0, DocumentsBackend(docs, top_k))
     return backends
+
+
+NO_DOCUMENTS = "the documents source holds no .md, .markdown or .txt documents"
+
+
+def searchable(backends: Sequence[SearchBackend]) -> bool:
+    """Whether any backend can find anything (a documents source without documents cannot)."""
+    return any(not getattr(b, "empty", False) for b in backends)
 
 
 def _escape(text: str) -> str:
