@@ -169,5 +169,5 @@ async def researchjob_event(
         loop.FINALIZED.discard(str(uid))
         loop.stop_loop(key)
         return
-    WORLD.bodies[key] = body
+    WORLD.bodies[key] = loop.slim(body)
     loop.ensure_loop(key, logger)

@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,30 @@ class Outcome:
 
 
 LOOPS: dict[Key, asyncio.Task[None]] = {}
+KEPT_METADATA = (
+    "name",
+    "namespace",
+    "uid",
+    "generation",
+    "resourceVersion",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "finalizers",
+)
+
+
+def slim(body: Mapping[str, Any]) -> kopf.Body:
+    """What the loop needs of a ResearchJob: identity, spec, status. Not managedFields, annotations
+    or labels, which can be most of an object; the loop holds one per ResearchJob between passes."""
+    meta = body.get("metadata") or {}
+    raw: dict[str, Any] = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {k: meta[k] for k in KEPT_METADATA if k in meta},
+        "spec": body.get("spec") or {},
+        "status": body.get("status") or {},
+    }
+    return kopf.Body(raw)  # type: ignore[arg-type]  # kopf.RawBody is a TypedDict of the same keys
 
 
 def ensure_loop(key: Key, logger: kopf.Logger) -> None:
