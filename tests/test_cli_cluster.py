@@ -245,7 +245,7 @@ def test_top_follows_a_quota_and_a_cap_change_and_caps_refuse_bad_values(
 
     out = research(
         cluster, "submit", "capped", "-n", namespace, "--topic", "How Kubernetes limits batch workloads",
-        "--documents", str(corpus_dir), "--analysts", "4", "--batch-size", "1", "--max-active-jobs", "4",
+        "--documents", str(corpus_dir), "--analysts", "5", "--batch-size", "1", "--max-active-jobs", "5",
         "--max-turns", "1",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

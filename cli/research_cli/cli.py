@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -253,7 +254,8 @@ def follow(kube: Kube, ns: str, name: str, interval: float, timeout: float) -> i
         obj = kube.get_researchjob(ns, name)
         snap = progress.snapshot(obj, dt.datetime.now(dt.UTC))
         if tty:
-            lines = progress.panel(ns, name, snap)
+            width = max(20, shutil.get_terminal_size().columns - 1)  # a wrapped line would break the redraw
+            lines = [ln[:width] for ln in progress.panel(ns, name, snap)]
             _write((f"\x1b[{drawn}F\x1b[J" if drawn else "") + "\n".join(lines) + "\n")
             drawn = len(lines)
         elif snap.change_key() != last_key:

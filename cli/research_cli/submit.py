@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from research_api.researchjob import GROUP, KIND, PLURAL, VERSION, ResearchJobSpec
 from research_api.task import CONFIGMAP_DATA_LIMIT, LABEL_JOB, label_value
 from research_cli.errors import CliError, UsageError
-from research_cli.kube import Kube, server_message
+from research_cli.kube import CRD, Kube, is_missing_api, server_message
 
 KEY_RE = re.compile(r"^[-._a-zA-Z0-9]+$")  # a valid ConfigMap data key
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubectl-research"}
@@ -160,6 +160,8 @@ def apply(kube: Kube, rj: dict[str, Any], cm: dict[str, Any] | None, dry_run: st
         kube.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, _request_timeout=(5, 30))
         raise CliError(f'researchjob "{name}" already exists in namespace "{ns}"')
     except ApiException as exc:
+        if exc.status == 404 and is_missing_api(exc):
+            raise CliError(f"the ResearchJob API ({CRD}) is not installed in this cluster") from None
         if exc.status != 404:
             raise CliError(f"cannot get researchjob {ns}/{name}: {server_message(exc)}") from None
     except CliError:
