@@ -140,7 +140,7 @@ def test_batches_queued_behind_the_jobs_own_limit_say_so() -> None:
 
 
 def settings(**data: str) -> admin.SettingsRef:
-    return admin.SettingsRef("research-operator-system", "research-operator-settings", data, "1", True)
+    return admin.SettingsRef("research-operator-system", "research-operator-settings", data, "1", "research-operator")
 
 
 def job(ns: str, *, done: bool = False) -> dict[str, Any]:

@@ -47,7 +47,7 @@ class SettingsRef:
     name: str
     data: dict[str, str]
     resource_version: str
-    helm: bool  # rendered by the Helm chart: a later `helm upgrade` writes its values again
+    helm_release: str | None  # rendered by this Helm release: its next `helm upgrade` writes its values again
 
 
 def find_settings(kube: Kube, namespace: str | None, name: str | None) -> SettingsRef:
@@ -94,7 +94,9 @@ def _ref(cm: dict[str, Any]) -> SettingsRef:
         meta["name"],
         dict(cm.get("data") or {}),
         str(meta.get("resourceVersion")),
-        (meta.get("labels") or {}).get("app.kubernetes.io/managed-by") == "Helm",
+        (meta.get("annotations") or {}).get("meta.helm.sh/release-name")
+        if (meta.get("labels") or {}).get("app.kubernetes.io/managed-by") == "Helm"
+        else None,
     )
 
 
@@ -225,8 +227,9 @@ def build_top(
     settings: SettingsRef | None,
     settings_problem: str | None = None,
 ) -> TopView:
-    """The view ``top`` prints. ``jobs`` are the worker Jobs (label researchops.io/job) of the whole
-    cluster when it could list them (the global cap counts them all), else of ``scope``."""
+    """The view ``top`` prints. ``researchjobs`` and ``jobs`` (worker Jobs, label researchops.io/job)
+    are those of the whole cluster when the caller may list them (the global cap counts them all),
+    else of ``scope``; the namespace, quota and waiting rows are those of ``scope`` (None: all)."""
     data = settings.data if settings else {}
     gcap = cap_value(data, "globalMaxActiveJobs") if settings else None
     ncap = cap_value(data, "namespaceMaxActiveJobs") if settings else None
@@ -316,9 +319,15 @@ def gather_top(kube: Kube, namespace: str | None, operator_namespace: str | None
         settings = find_settings(kube, operator_namespace, settings_name)
     except CliError as exc:
         settings, problem = None, f"unknown ({exc})"
+    try:
+        researchjobs = kube.list_researchjobs(None)  # the cluster row counts every namespace
+    except CliError:
+        if namespace is None:
+            raise
+        researchjobs = kube.list_researchjobs(namespace)
     return build_top(
         namespace,
-        kube.list_researchjobs(namespace),
+        researchjobs,
         jobs,
         quotas,
         settings,
@@ -330,5 +339,5 @@ def cap_text(cap: int | None, running: int | None = None) -> str:
     if cap is None:
         return "unknown"
     if cap == 0:
-        return "unlimited"
+        return "0 (unlimited)"
     return f"{cap}" + (f" ({max(0, cap - running)} free)" if running is not None else "")

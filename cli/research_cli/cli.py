@@ -417,16 +417,19 @@ def cmd_top(kube: Kube, args: argparse.Namespace) -> int:
     )
     wide = args.output == "wide"
     _write("\n")
-    _write(
-        table(
-            ["NAMESPACE", "RUNNING", "QUEUED", "NAMESPACE CAP", *(["RESEARCHJOBS"] if wide else [])],
-            [
-                [n.namespace, n.running, n.queued, admin.cap_text(n.cap, n.running)]
-                + ([n.researchjobs] if wide else [])
-                for n in view.namespaces
-            ],
+    if not view.namespaces:
+        _write(f"no worker Jobs, queued batches or ResourceQuotas in {view.scope}\n")
+    else:
+        _write(
+            table(
+                ["NAMESPACE", "RUNNING", "QUEUED", "NAMESPACE CAP", *(["RESEARCHJOBS"] if wide else [])],
+                [
+                    [n.namespace, n.running, n.queued, admin.cap_text(n.cap, n.running)]
+                    + ([n.researchjobs] if wide else [])
+                    for n in view.namespaces
+                ],
+            )
         )
-    )
     if view.quotas:
         _write("\n")
         _write(
@@ -461,11 +464,12 @@ def cmd_caps(kube: Kube, args: argparse.Namespace) -> int:
         for key, (old, new) in changes.items():
             _write(f"{key}: {old or '0'} -> {new}\n")
         _write(f"configmap {ref.namespace}/{ref.name} updated; the operator applies it on its next reconcile\n")
-        if ref.helm:
+        if ref.helm_release:
             keys = " ".join(f"--set settings.{k}={v}" for k, v in values.items())
             sys.stderr.write(
-                "note: Helm manages this ConfigMap, and the next `helm upgrade` writes its values back; to keep this, "
-                f"also run: helm upgrade RELEASE charts/research-operator -n {ref.namespace} --reuse-values {keys}\n"
+                f"note: Helm release {ref.helm_release} manages this ConfigMap and its next upgrade writes the chart's "
+                f"values back; to keep this, also run: helm upgrade {ref.helm_release} charts/research-operator "
+                f"-n {ref.namespace} --reuse-values {keys}\n"
             )
         return EXIT_OK
     caps = {k: ref.data.get(k, "0") for k in admin.CAPS}

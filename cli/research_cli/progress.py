@@ -46,7 +46,10 @@ def waiting_for(obj: dict[str, Any], caps_note: str | None = None) -> str | None
     max_active = int(((obj.get("spec") or {}).get("parallelism") or {}).get("maxActiveJobs") or 2)
     if active >= max_active:
         return f"a running slot: its own maxActiveJobs ({max_active}) are running"
-    return caps_note or "a running slot under the admins' caps (globalMaxActiveJobs, namespaceMaxActiveJobs)"
+    return (
+        caps_note
+        or "a running slot (the admins' caps, the fair share or the operator's next pass: kubectl research top)"
+    )
 
 
 @dataclass(frozen=True)
