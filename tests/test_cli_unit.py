@@ -215,3 +215,30 @@ def test_every_command_has_help() -> None:
     for command in ("submit", "watch", "analysts", "approve", "feedback", "report", "logs", "top", "caps"):
         out = run(command, "--help")
         assert out.returncode == 0 and "--namespace" in out.stdout and out.stdout.startswith("usage: kubectl research")
+
+
+# ------------------------------------------------------------------------------------------------ logs
+
+
+def test_finished_worker_pods_are_found_in_the_local_clusters_log_files_of_this_job_only(tmp_path: Path) -> None:
+    from research_cli import logs
+
+    obj = rj("gpu")
+    obj["spec"]["parallelism"]["batchSize"] = 2
+    for pod_dir in (
+        "team-a_gpu-e3b0c4-plan-abcde_uid1",
+        "team-a_gpu-e3b0c4-b1-fghij_uid2",
+        "team-a_gpu-e3b0c4-write-klmno_uid3",
+        "team-a_gpu-x-e3b0c4-b0-pqrst_uid4",  # another ResearchJob, "gpu-x"
+        "team-b_gpu-e3b0c4-b0-uvwxy_uid5",  # another namespace
+    ):
+        (tmp_path / pod_dir).mkdir()
+        (tmp_path / pod_dir / "worker.log").write_text(f"log of {pod_dir}\n")
+    pods = logs.local_finished_pods(tmp_path, obj)
+    assert sorted((p.name, p.step, p.analysts) for p in pods) == [
+        ("gpu-e3b0c4-b1-fghij", "interview", (2, 3)),
+        ("gpu-e3b0c4-plan-abcde", "plan", None),
+        ("gpu-e3b0c4-write-klmno", "write", None),
+    ]
+    assert [p.name for p in logs.select(pods, 3, None)] == ["gpu-e3b0c4-b1-fghij"]
+    assert logs.select(pods, 0, None) == []
