@@ -136,6 +136,17 @@ def test_batches_queued_behind_the_jobs_own_limit_say_so() -> None:
     assert "its own maxActiveJobs (4)" in (progress.waiting_for(obj) or "")
 
 
+def test_only_waiting_conditions_are_reasons_to_wait() -> None:
+    review = {"type": "AwaitingReview", "status": "True", "message": "approve with ..."}
+    other = {"type": "CleanupFailed", "status": "True", "message": "cleanup Job failed"}
+    planned = {"type": "Planned", "status": "True", "message": ""}
+    assert progress.waiting_for(rj("gpu", phase="AwaitingReview", conditions=[planned, review])) == (
+        "AwaitingReview: approve with ..."
+    )
+    assert progress.waiting_for(rj("gpu", phase="Interviewing", conditions=[planned, other])) is None
+    assert progress.waiting_for(rj("gpu", phase="Succeeded", conditions=[review])) is None
+
+
 # ------------------------------------------------------------------------------------------------ top, caps
 
 

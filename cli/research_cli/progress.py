@@ -13,8 +13,14 @@ from typing import Any
 
 from research_api.researchjob import TERMINAL_PHASES, Phase
 
-# Conditions that describe progress, not a wait: every other True condition says why the job waits.
-PROGRESS_CONDITIONS = frozenset({"Planned", "Complete", "Failed"})
+# Conditions that, while True, say why the job waits: the operator's own words for it.
+WAIT_CONDITIONS = frozenset({"QuotaExceeded", "AwaitingReview"})
+WAIT_PREFIXES = ("Waiting",)
+WAIT_SUFFIXES = ("Exceeded", "Blocked", "Queued", "Pending")
+
+
+def is_wait_condition(ctype: str) -> bool:
+    return ctype in WAIT_CONDITIONS or ctype.startswith(WAIT_PREFIXES) or ctype.endswith(WAIT_SUFFIXES)
 
 
 def parse_time(value: Any) -> dt.datetime | None:
@@ -27,8 +33,8 @@ def parse_time(value: Any) -> dt.datetime | None:
 def waiting_for(obj: dict[str, Any], caps_note: str | None = None) -> str | None:
     """Why this ResearchJob waits, or None when nothing of it waits.
 
-    A True condition other than Planned/Complete/Failed (QuotaExceeded, AwaitingReview, ...) says
-    it with the operator's own words. Batches queued without such a condition wait for a running
+    A True waiting condition (QuotaExceeded, AwaitingReview, Waiting*, *Exceeded, ...) says it in
+    the operator's own words. Batches queued without such a condition wait for a running
     slot: the job's own ``maxActiveJobs`` when it has that many running, else the admins' caps
     (``caps_note``, when the caller knows them) or the fair share of them."""
     status = obj.get("status") or {}
@@ -36,7 +42,7 @@ def waiting_for(obj: dict[str, Any], caps_note: str | None = None) -> str | None
     if phase in TERMINAL_PHASES:
         return None
     for c in status.get("conditions") or []:
-        if c.get("status") == "True" and c.get("type") not in PROGRESS_CONDITIONS:
+        if c.get("status") == "True" and is_wait_condition(str(c.get("type") or "")):
             return f"{c.get('type')}: {c.get('message') or c.get('reason') or ''}".rstrip(": ")
     batches = status.get("batches") or {}
     queued = int(batches.get("queued") or 0)
