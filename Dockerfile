@@ -29,11 +29,13 @@ COPY operator ./operator
 COPY worker ./worker
 COPY modelserver ./modelserver
 COPY devcluster ./devcluster
+COPY cli ./cli
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && /opt/venv/bin/pip install /wheels/research_operator-*.whl \
  && /opt/venv/bin/research-operator --help >/dev/null \
  && /opt/venv/bin/research-worker --help >/dev/null \
- && /opt/venv/bin/research-modelserver --help >/dev/null
+ && /opt/venv/bin/research-modelserver --help >/dev/null \
+ && /opt/venv/bin/kubectl-research --help >/dev/null
 
 # ---- final: the interpreter of the same base image plus the venv; no compilers, no sources ----
 FROM ${PYTHON_IMAGE}
