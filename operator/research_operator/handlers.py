@@ -18,11 +18,20 @@ from typing import Any
 import kopf
 
 from research_api.researchjob import GROUP, PLURAL, VERSION
-from research_operator import kube, loop
+from research_operator import deletion, kube, loop
 from research_operator.admission import QuotaUsage
 from research_operator.constants import LABEL_JOB, LABEL_KIND, SETTINGS_KIND
 from research_operator.reconcile import JobView
-from research_operator.world import WORLD, Key, StoredObject, job_view, owner_uid, stored_object
+from research_operator.world import (
+    BASE_SETTINGS,
+    WORLD,
+    Key,
+    StoredObject,
+    job_view,
+    owner_uid,
+    settings,
+    stored_object,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +108,7 @@ async def job_event(type: str, body: kopf.Body, namespace: str | None, **_: Any)
     WORLD.wake(key)
     if type == "DELETED" or not view.active:
         # A slot may have freed up: let the ResearchJobs waiting in its scope compete for it.
-        WORLD.wake_waiting(None if loop.settings().global_max_active else namespace)
+        WORLD.wake_waiting(None if settings().global_max_active else namespace)
 
 
 @kopf.on.event(*CONFIGMAPS, labels={LABEL_KIND: kopf.PRESENT})
@@ -117,11 +126,11 @@ async def configmap_event(
 def settings_changed(type: str, body: kopf.Body, namespace: str | None, name: str, logger: kopf.Logger) -> None:
     """The operator's settings ConfigMap (labelled ``researchops.io/kind: operator-settings`` in the
     operator's namespace): apply the caps and the default endpoint at once, or refuse it whole."""
-    if namespace != loop.BASE_SETTINGS.namespace:
+    if namespace != BASE_SETTINGS.namespace:
         return
     data = {} if type == "DELETED" else dict(body.get("data") or {})
     try:
-        new = loop.BASE_SETTINGS.with_configmap(data)
+        new = BASE_SETTINGS.with_configmap(data)
     except ValueError as e:
         logger.error(f"ignoring invalid operator settings in ConfigMap {name}: {e}")
         return
@@ -166,7 +175,7 @@ async def researchjob_event(
     WORLD.attach(kwargs["rj_jobs"], kwargs["rj_stored"], kwargs["ns_quotas"])
     key: Key = (namespace, str(uid))
     if type == "DELETED":
-        loop.FINALIZED.discard(str(uid))
+        deletion.FINALIZED.discard(str(uid))
         loop.stop_loop(key)
         return
     WORLD.bodies[key] = loop.slim(body)

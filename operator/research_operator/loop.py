@@ -15,7 +15,6 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -26,57 +25,33 @@ from research_api.researchjob import (
     Phase,
     ResearchJobSpec,
     ResearchJobStatus,
-    SecretKeyRef,
-    StoreType,
-    WorkerSpec,
 )
 from research_api.task import Step
 from research_operator import kube, metrics
-from research_operator.admission import (
-    Admission,
-    Demand,
-    PodResources,
-    WaitReason,
-    decide_admission,
-    never_fits,
-    quota_headroom,
-)
-from research_operator.builders import Owner, cleanup_job, worker_job, worker_rbac
-from research_operator.constants import FINALIZER
-from research_operator.finalizer import CLEANUP_STEP, CleanupState, decide_cleanup
+from research_operator.admit import Outcome, Want, admit_and_create, pods_blocked, still_blocked, with_detail
+from research_operator.admit import now as _now
+from research_operator.builders import Owner, worker_job
+from research_operator.deletion import cleanup_state, finalize_once
+from research_operator.finalizer import decide_cleanup
 from research_operator.reconcile import (
-    JobView,
     Observed,
     Waiting,
     apply_waiting,
     batches,
     condition,
     decide,
-    step_noun,
 )
-from research_operator.settings import Settings
-from research_operator.world import WORLD, Blocked, Key, job_view
+from research_operator.world import WORLD, Key, settings
 
 log = logging.getLogger(__name__)
 
-BASE_SETTINGS = Settings.from_env()
+
 MAX_BACKOFF = 60.0
 
 
-def settings() -> Settings:
-    """Static settings from the environment, overridden by the watched settings ConfigMap."""
-    return BASE_SETTINGS.with_configmap(WORLD.settings_data) if WORLD.settings_data else BASE_SETTINGS
-
-
-@dataclass
-class Outcome:
-    """What a pass tells the loop: back off (an error, an unforeseen 403) or sleep until ``wake_at``."""
-
-    retry: bool = False
-    wake_at: dt.datetime | None = None
-
-
 LOOPS: dict[Key, asyncio.Task[None]] = {}
+
+
 KEPT_METADATA = (
     "name",
     "namespace",
@@ -166,127 +141,6 @@ async def _sleep(wake: asyncio.Event, timeout: float) -> bool:
         return False
 
 
-def still_blocked(key: Key) -> bool:
-    """Whether a ResearchJob woken only because a slot may have freed up (not by a change of its own)
-    would still be admitted nothing: then its pass is skipped, so one finished Job among many waiting
-    ResearchJobs costs a quick re-check each, not a full pass each."""
-    b = WORLD.blocked.get(key)
-    if b is None or not WORLD.waiting.get(key):
-        return False
-    namespace = key[0]
-    demands = WORLD.demands(cached=True)
-    me = next((d for d in demands if (d.namespace, d.name) == key), Demand(namespace, key[1], 0, b.count))
-    quotas = WORLD.quotas_of(namespace)
-    verdict = quota_headroom(quotas, b.pod, WORLD.reserved(namespace), b.priority_class)
-    too_small = never_fits(quotas, b.pod, b.priority_class)
-    return decide_admission(me, b.own_limit, demands, settings().caps, verdict, too_small).admitted == 0
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-async def _failure_detail(namespace: str, job: JobView) -> str:
-    cache_key = (namespace, job.uid)
-    if cache_key not in WORLD.failure_details:
-        WORLD.failure_details[cache_key] = await kube.pod_failure_detail(namespace, job.name)
-    return WORLD.failure_details[cache_key]
-
-
-async def _with_detail(namespace: str, job: JobView) -> JobView:
-    if job.failed and (detail := await _failure_detail(namespace, job)):
-        return dataclasses.replace(job, message=f"{job.message}: {detail}")
-    return job
-
-
-# ------------------------------------------------------------------------------------------
-# admission: the one path every worker Job takes
-# ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Want:
-    """Worker Jobs a pass wants to start, all of one step."""
-
-    step: str
-    jobs: list[dict[str, Any]]
-    own_limit: int  # the ResearchJob's own bound on its running Jobs
-
-
-async def admit_and_create(
-    key: Key, owner: Owner, want: Want, worker: WorkerSpec, cfg: Settings
-) -> tuple[Waiting, int]:
-    """Admit what fits (caps, fair share, ResourceQuota headroom), record the admitted Jobs as ours
-    before creating them, create them; the number created, and what still waits and why."""
-    namespace = key[0]
-    pod = PodResources.from_spec(worker.resources.requests.wire(), worker.resources.limits.wire())
-    priority_class = worker.priority_class_name or ""
-    async with WORLD.admission_lock:
-        WORLD.waiting[key] = len(want.jobs)
-        demands = WORLD.demands()
-        me = next((d for d in demands if (d.namespace, d.name) == key), Demand(namespace, key[1], 0, len(want.jobs)))
-        quotas = WORLD.quotas_of(namespace)
-        verdict = quota_headroom(quotas, pod, WORLD.reserved(namespace), priority_class)
-        too_small = never_fits(quotas, pod, priority_class)
-        adm: Admission = decide_admission(me, want.own_limit, demands, cfg.caps, verdict, too_small)
-        admitted = want.jobs[: adm.admitted]
-        pending = WORLD.created[key]
-        for job in admitted:
-            pending[job["metadata"]["name"]] = job_view(job)
-        WORLD.waiting[key] = len(want.jobs) - len(admitted)
-        WORLD.bump()
-    if adm.reason is not None and adm.reason.is_quota:
-        metrics.QUOTA_WAITS.labels(namespace).inc()
-    if admitted and key not in WORLD.rbac_ready and want.step != CLEANUP_STEP:
-        if not cfg.worker_service_account:
-            for obj in worker_rbac(owner):
-                await kube.create(obj)
-        WORLD.rbac_ready.add(key)
-    refused: tuple[WaitReason, str] | None = None
-    created = 0
-    for i, job in enumerate(admitted):
-        try:
-            outcome, message = await kube.create(job)
-        except BaseException:
-            for rest in admitted[i:]:
-                pending.pop(rest["metadata"]["name"], None)
-            raise
-        if outcome in (kube.Created.QUOTA, kube.Created.TERMINATING):
-            for rest in admitted[i:]:
-                pending.pop(rest["metadata"]["name"], None)
-            WORLD.waiting[key] = WORLD.waiting.get(key, 0) + len(admitted) - i
-            why = message if outcome == kube.Created.QUOTA else f"namespace {namespace} is being deleted"
-            refused = (WaitReason.EXCEEDED_QUOTA, why)
-            metrics.QUOTA_WAITS.labels(namespace).inc()
-            break
-        if outcome == kube.Created.CREATED:
-            metrics.JOBS_CREATED.labels(want.step).inc()
-            created += 1
-    still = WORLD.waiting.get(key, 0)
-    if still and refused is None:
-        WORLD.blocked[key] = Blocked(still, want.own_limit, pod, priority_class)
-    else:
-        WORLD.blocked.pop(key, None)
-    if refused is not None:
-        return Waiting(step_noun(want.step, still), refused[0], refused[1], refused=True), created
-    if still and adm.reason is not None:
-        return Waiting(step_noun(want.step, still), adm.reason, adm.message), created
-    return Waiting(), created
-
-
-def _pods_blocked(jobs: list[JobView]) -> str | None:
-    for job in jobs:
-        failure = WORLD.create_failures.get(job.uid) if job.uid else None
-        if failure and job.active and job.pods == 0:
-            return f"{step_noun(job.step, 1).removeprefix('the ')} {job.name} cannot create its pod: {failure}"
-    return None
-
-
-# ------------------------------------------------------------------------------------------
-# one pass
-# ------------------------------------------------------------------------------------------
-
-
 async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outcome:
     namespace, uid = key
     meta = body.get("metadata", {})
@@ -304,12 +158,12 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         return Outcome()
     owner = Owner(namespace, name, uid)
     # The external-store finalizer goes on before the first worker Job can write a row.
-    add = decide_cleanup(_cleanup_state(body, [], None)).add_finalizer
+    add = decide_cleanup(cleanup_state(body, [], None)).add_finalizer
     if add and not await kube.set_finalizer(namespace, name, uid, present=True):
         return Outcome()  # the ResearchJob is gone or was replaced
     now = _now()
     created = dt.datetime.fromisoformat(str(meta.get("creationTimestamp")).replace("Z", "+00:00"))
-    jobs = [await _with_detail(namespace, j) for j in WORLD.jobs_of(key).values()]
+    jobs = [await with_detail(namespace, j) for j in WORLD.jobs_of(key).values()]
     obs = Observed(
         generation=int(meta.get("generation") or 0),
         created=created,
@@ -359,7 +213,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         WORLD.blocked.pop(key, None)
         WORLD.bump()
     live = [j for j in WORLD.jobs_of(key).values() if j.active]
-    waiting = dataclasses.replace(waiting, pods_blocked=_pods_blocked(live))
+    waiting = dataclasses.replace(waiting, pods_blocked=pods_blocked(live))
     events = apply_waiting(st, prev, waiting, obs.generation, now)
 
     if WORLD.phases.get(key) != st.phase:  # a pass may run before our last status write is seen
@@ -382,130 +236,6 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         )
         await kube.delete_researchjob(namespace, name, uid)
     return Outcome(retry=waiting.refused, wake_at=d.wake_at)
-
-
-# ------------------------------------------------------------------------------------------
-# deletion of external rows (the external-store finalizer)
-# ------------------------------------------------------------------------------------------
-
-
-def _dsn_ref(body: kopf.Body) -> SecretKeyRef | None:
-    """The DSN Secret key of a postgres-store ResearchJob (read from the raw spec, so a spec that no
-    longer validates can still be cleaned up), else None."""
-    store = (body.get("spec") or {}).get("store") or {}
-    if store.get("type") != StoreType.postgres.value:
-        return None
-    try:
-        return SecretKeyRef.model_validate(store.get("dsnSecretRef") or {})
-    except ValidationError:
-        return None
-
-
-def _cleanup_state(body: kopf.Body, workers: list[str], cleanup: JobView | None) -> CleanupState:
-    meta = body.get("metadata", {})
-    return CleanupState(
-        postgres=_dsn_ref(body) is not None,
-        has_finalizer=FINALIZER in (meta.get("finalizers") or []),
-        deleting=bool(meta.get("deletionTimestamp")),
-        workers=workers,
-        cleanup=cleanup,
-        now=_now(),
-    )
-
-
-FINALIZED: set[str] = set()  # uids of ResearchJobs whose finalizer this process removed (until DELETED)
-
-
-async def finalize_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outcome:
-    """A pass over a ResearchJob being deleted: stop its workers, delete its PostgreSQL rows with a
-    cleanup Job (admitted like every worker Job), then let it go."""
-    namespace, uid = key
-    meta = body.get("metadata", {})
-    name = str(meta.get("name"))
-    if FINALIZER not in (meta.get("finalizers") or []) or uid in FINALIZED:
-        return Outcome()  # FINALIZED: the body may predate our removing the finalizer; starting again would leak a Job
-    owner = Owner(namespace, name, uid)
-    all_jobs = list(WORLD.jobs_of(key).values())
-    cleanup = next((j for j in all_jobs if j.step == CLEANUP_STEP), None)
-    if cleanup is not None:
-        cleanup = await _with_detail(namespace, cleanup)
-    workers = [j for j in all_jobs if j.step != CLEANUP_STEP]
-    d = decide_cleanup(_cleanup_state(body, sorted(j.name for j in workers), cleanup))
-    for job in workers:  # foreground: the Job stays until its pods are gone
-        if job.name in d.delete_workers and job.uid:
-            await kube.delete_job(namespace, job.name, job.uid, propagation="Foreground")
-    waiting = Waiting()
-    if d.create_cleanup:
-        ref = _dsn_ref(body)
-        assert ref is not None
-        try:
-            worker: WorkerSpec | None = WorkerSpec.model_validate((body.get("spec") or {}).get("worker") or {})
-        except ValidationError:
-            worker = None
-        foreground = "foregroundDeletion" in (meta.get("finalizers") or [])
-        cleaner = cleanup_job(owner, ref, settings(), worker, owned=not foreground)
-        waiting, started = await admit_and_create(
-            key, owner, Want(CLEANUP_STEP, [cleaner], 1), worker or WorkerSpec(), settings()
-        )
-        if waiting.message.startswith(f"namespace {namespace} is being deleted"):
-            d.skipped = (
-                f"namespace {namespace} is being deleted, so no cleanup Job can start there; the PostgreSQL "
-                f"rows of job uid {uid} are left: delete them with `research-worker cleanup --job-uid {uid}`"
-            )
-            d.remove_finalizer = True
-            waiting = Waiting()
-        elif waiting.reason is not None:
-            d.message = f"deleting: {step_noun(CLEANUP_STEP, 1)} waits: {waiting.message}"
-        elif started:
-            kopf.event(
-                body,
-                type="Normal",
-                reason="CleanupStarted",
-                message=f"cleanup Job {cleaner['metadata']['name']} started",
-            )
-    elif WORLD.waiting.pop(key, None) is not None:
-        WORLD.blocked.pop(key, None)
-        WORLD.bump()
-    if d.delete_cleanup and cleanup is not None:
-        WORLD.deleted[key].add(cleanup.uid)
-        await kube.delete_job(namespace, cleanup.name, cleanup.uid)
-        if not d.remove_finalizer:
-            kopf.event(
-                body, type="Normal", reason="CleanupRetry", message=f"replacing the failed cleanup Job {cleanup.name}"
-            )
-    if d.skipped:
-        logger.warning(f"{namespace}/{name}: {d.skipped}")
-        kopf.warn(body, reason="CleanupSkipped", message=d.skipped)
-    prev = ResearchJobStatus.model_validate(body.get("status") or {})
-    failed_before = any(c.type == "CleanupFailed" and c.status == "True" for c in prev.conditions or [])
-    if d.failure and not failed_before:
-        kopf.warn(
-            body,
-            reason="CleanupFailed",
-            message=f"{d.failure}; it is retried. To let the ResearchJob go without deleting its rows, remove "
-            f"the finalizer {FINALIZER}",
-        )
-    if d.message or d.failure or failed_before:
-        st = prev.model_copy()
-        st.message = d.message or st.message
-        gen = int(meta.get("generation") or 0)
-        cond = condition(
-            prev,
-            "CleanupFailed",
-            d.failure is not None,
-            "CleanupJobFailed" if d.failure else "CleaningUp",
-            d.failure or "",
-            gen,
-            _now(),
-        )
-        st.conditions = [*(c for c in prev.conditions or [] if c.type != "CleanupFailed"), cond]
-        await kube.patch_status(namespace, name, uid, st, prev)
-    if d.remove_finalizer:
-        await kube.set_finalizer(namespace, name, uid, present=False)
-        FINALIZED.add(uid)
-        if not d.skipped:
-            logger.info(f"{namespace}/{name}: PostgreSQL rows deleted; finalizer removed")
-    return Outcome(retry=d.failure is not None or waiting.refused)
 
 
 def _invalid_status(prev: ResearchJobStatus, msg: str, meta: kopf.Meta | dict[str, object]) -> ResearchJobStatus:

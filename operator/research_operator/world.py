@@ -32,6 +32,7 @@ from research_operator.constants import (
     LABEL_STEP,
 )
 from research_operator.reconcile import JobView, StoreView
+from research_operator.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -310,3 +311,9 @@ class World:
 
 
 WORLD = World()
+BASE_SETTINGS = Settings.from_env()
+
+
+def settings() -> Settings:
+    """Static settings from the environment, overridden by the watched settings ConfigMap."""
+    return BASE_SETTINGS.with_configmap(WORLD.settings_data) if WORLD.settings_data else BASE_SETTINGS
