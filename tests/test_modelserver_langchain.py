@@ -99,8 +99,9 @@ def test_bind_tools_calls_the_relevant_tool_then_answers_from_its_result(modelse
     call = reply.tool_calls[0]
     assert call["name"] == "search_docs"
     assert "checkpointers" in call["args"]["query"].lower()
-    result = ToolMessage("Checkpointers save the graph state after every step so runs can resume.",
-                         tool_call_id=call["id"])
+    result = ToolMessage(
+        "Checkpointers save the graph state after every step so runs can resume.", tool_call_id=call["id"]
+    )
     final = model.invoke([question, reply, result])
     assert not final.tool_calls
     assert "save the graph state" in str(final.content)

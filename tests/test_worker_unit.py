@@ -277,13 +277,23 @@ def test_api_key_is_optional_only_for_a_self_hosted_endpoint(monkeypatch: pytest
 
 def test_a_section_that_found_nothing_is_named_once_by_its_theme_and_lists_no_sources() -> None:
     found = _section(0, "Queens are reared on royal jelly [1].", ["queens.md"])
-    a = Analyst(name="Mei Chen", role="Scout Specialist", affiliation="Lab",
-                description="Focuses on scouts and cavities in how honeybees swarm. Wants to know how scouts vote.")
+    a = Analyst(
+        name="Mei Chen",
+        role="Scout Specialist",
+        affiliation="Lab",
+        description="Focuses on scouts and cavities in how honeybees swarm. Wants to know how scouts vote.",
+    )
     assert theme_of(a) == "Scouts and cavities"
-    nothing = Section(index=1, analyst=a, title=theme_of(a), content="", summary="Nothing was found.", sources=[],
-                      found_sources=False)
-    state: Any = {"topic": "Swarming", "sections": [found, nothing], "content": "## Insights\nQueens [1].",
-                  "introduction": "# Swarming\n\n## Introduction\nQueens [1].", "conclusion": "## Conclusion\nDone."}
+    nothing = Section(
+        index=1, analyst=a, title=theme_of(a), content="", summary="Nothing was found.", sources=[], found_sources=False
+    )
+    state: Any = {
+        "topic": "Swarming",
+        "sections": [found, nothing],
+        "content": "## Insights\nQueens [1].",
+        "introduction": "# Swarming\n\n## Introduction\nQueens [1].",
+        "conclusion": "## Conclusion\nDone.",
+    }
     md = finalize_report(state)["final_report"]
     assert md.count("Scouts and cavities") == 1 and "Mei Chen" not in md
     assert md.split("## Sources\n")[1].strip() == "[1] queens.md"

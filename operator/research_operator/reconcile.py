@@ -295,34 +295,14 @@ def apply_waiting(
         st.message += f"{w.what} waiting for a slot: {w.message}"
     if w.pods_blocked:
         st.message = w.pods_blocked
+    reason = w.reason.value if w.reason else ""
     conds = [
-        condition(
-            prev,
-            "QuotaExceeded",
-            quota,
-            w.reason.value if quota and w.reason else "WithinQuota",
-            w.message if quota else "",
-            generation,
-            now,
-        ),
-        condition(
-            prev,
-            "Throttled",
-            throttled,
-            w.reason.value if throttled and w.reason else "NotThrottled",
-            w.message if throttled else "",
-            generation,
-            now,
-        ),
-        condition(
-            prev,
-            "WorkerPodsBlocked",
-            w.pods_blocked is not None,
-            "FailedCreate" if w.pods_blocked else "PodsCreated",
-            w.pods_blocked or "",
-            generation,
-            now,
-        ),
+        condition(prev, ctype, on, on_reason if on else off_reason, message if on else "", generation, now)
+        for ctype, on, on_reason, off_reason, message in (
+            ("QuotaExceeded", quota, reason, "WithinQuota", w.message),
+            ("Throttled", throttled, reason, "NotThrottled", w.message),
+            ("WorkerPodsBlocked", w.pods_blocked is not None, "FailedCreate", "PodsCreated", w.pods_blocked or ""),
+        )
     ]
     events: list[tuple[str, str, str]] = []
     before = {c.type: c for c in prev.conditions or []}
