@@ -74,8 +74,9 @@ async def admit_and_create(
     priority_class = worker.priority_class_name or ""
     async with WORLD.admission_lock:
         WORLD.waiting[key] = len(want.jobs)
-        demands = WORLD.demands()
-        me = next((d for d in demands if (d.namespace, d.name) == key), Demand(namespace, key[1], 0, len(want.jobs)))
+        me = Demand(namespace, key[1], WORLD.active_of(key), len(want.jobs))
+        # Only the caps look at other ResearchJobs: without them, admission needs none of theirs.
+        demands = WORLD.demands() if cfg.caps.global_max_active or cfg.caps.namespace_max_active else [me]
         quotas = WORLD.quotas_of(namespace)
         verdict = quota_headroom(quotas, pod, WORLD.reserved(namespace), priority_class)
         too_small = never_fits(quotas, pod, priority_class)
@@ -141,9 +142,10 @@ def still_blocked(key: Key) -> bool:
     if b is None or not WORLD.waiting.get(key):
         return False
     namespace = key[0]
-    demands = WORLD.demands(cached=True)
-    me = next((d for d in demands if (d.namespace, d.name) == key), Demand(namespace, key[1], 0, b.count))
+    caps = settings().caps
+    me = Demand(namespace, key[1], WORLD.active_of(key), b.count)
+    demands = WORLD.demands(cached=True) if caps.global_max_active or caps.namespace_max_active else [me]
     quotas = WORLD.quotas_of(namespace)
     verdict = quota_headroom(quotas, b.pod, WORLD.reserved(namespace), b.priority_class)
     too_small = never_fits(quotas, b.pod, b.priority_class)
-    return decide_admission(me, b.own_limit, demands, settings().caps, verdict, too_small).admitted == 0
+    return decide_admission(me, b.own_limit, demands, caps, verdict, too_small).admitted == 0

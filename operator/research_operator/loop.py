@@ -14,7 +14,7 @@ import dataclasses
 import datetime as dt
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
@@ -88,6 +88,7 @@ def ensure_loop(key: Key, logger: kopf.Logger) -> None:
 
 
 def stop_loop(key: Key) -> None:
+    _set_phase(key, None)
     task = LOOPS.pop(key, None)
     if task is not None:
         task.cancel()
@@ -224,8 +225,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     for etype, reason, message in events:
         kopf.event(body, type=etype, reason=reason, message=message)
     await kube.patch_status(namespace, name, uid, st, prev)
-    WORLD.phases[key] = st.phase
-    _update_phase_gauges()
+    _set_phase(key, st.phase)
 
     if d.delete_self:
         kopf.event(
@@ -247,11 +247,35 @@ def _invalid_status(prev: ResearchJobStatus, msg: str, meta: kopf.Meta | dict[st
     return st
 
 
-def _update_phase_gauges() -> None:
-    counts = {p.value: 0 for p in Phase}
-    for phase in WORLD.phases.values():
-        counts[str(phase)] = counts.get(str(phase), 0) + 1
-    for phase, n in counts.items():
-        metrics.JOBS_BY_PHASE.labels(phase).set(n)
-    metrics.BATCHES_ACTIVE.set(WORLD.active_interviews())
-    metrics.BATCHES_QUEUED.set(sum(WORLD.waiting.values()))
+def _set_phase(key: Key, phase: str | None) -> None:
+    """Record a ResearchJob's phase (None: it is gone) and keep the per-phase gauge in step, one
+    change at a time (a pass never walks every ResearchJob)."""
+    old = WORLD.phases.get(key)
+    if old == phase:
+        return
+    if old is not None:
+        metrics.JOBS_BY_PHASE.labels(str(old)).dec()
+    if phase is not None:
+        metrics.JOBS_BY_PHASE.labels(str(phase)).inc()
+        WORLD.phases[key] = phase
+
+
+def _snapshot(fn: Callable[[], float]) -> Callable[[], float]:
+    """A gauge computed at scrape time (from the metrics thread, while the loop may change the
+    world: a collection changed mid-iteration is read again)."""
+
+    def read() -> float:
+        for _ in range(5):
+            try:
+                return fn()
+            except RuntimeError:
+                continue
+        return float("nan")
+
+    return read
+
+
+for _phase in Phase:
+    metrics.JOBS_BY_PHASE.labels(_phase.value).set(0)
+metrics.BATCHES_ACTIVE.set_function(_snapshot(lambda: float(WORLD.active_interviews())))
+metrics.BATCHES_QUEUED.set_function(_snapshot(lambda: float(sum(list(WORLD.waiting.values())))))

@@ -296,15 +296,25 @@ class World:
         what a quick re-check of many waiting ResearchJobs after one freed slot needs."""
         if cached and self._demands[0] == self.version:
             return self._demands[1]
-        keys = {*(self.job_index or {}).keys(), *self.created.keys(), *(k for k, n in self.waiting.items() if n)}
-        out = []
-        for key in keys:
-            active = sum(1 for j in self.jobs_of(key).values() if j.active)
-            waiting = self.waiting.get(key, 0)
-            if active or waiting:
-                out.append(Demand(key[0], key[1], active, waiting))
+        active: dict[Key, int] = {}
+        for key, jobs in (self.job_index or {}).items():
+            if key in self.created or self.deleted.get(key):
+                continue  # counted below, with what only this process knows
+            n = sum(1 for j in jobs if j.active)
+            if n:
+                active[key] = n
+        for key in {*self.created.keys(), *(k for k, gone in self.deleted.items() if gone)}:
+            n = self.active_of(key)
+            if n:
+                active[key] = n
+        out = [Demand(k[0], k[1], n, self.waiting.get(k, 0)) for k, n in active.items()]
+        out += [Demand(k[0], k[1], 0, n) for k, n in self.waiting.items() if n and k not in active]
         self._demands = (self.version, out)
         return out
+
+    def active_of(self, key: Key) -> int:
+        """Running (not finished, not suspended) worker Jobs of one ResearchJob."""
+        return sum(1 for j in self.jobs_of(key).values() if j.active)
 
     def active_interviews(self) -> int:
         return sum(1 for jobs in (self.job_index or {}).values() for j in jobs if j.step == "interview" and j.active)
