@@ -13,7 +13,8 @@ import pytest
 from kubernetes import client
 
 from offline_model.launcher import ModelServerProcess
-from research_api.task import LABEL_ANALYST, LABEL_JOB, LABEL_KIND, plan_id
+from research_api.names import LABEL_ANALYST, LABEL_JOB, LABEL_KIND
+from research_api.task import plan_id
 from tests.test_worker_e2e import KEY, assert_report_structure, make_task, sections_of
 
 pytestmark = pytest.mark.cluster

@@ -18,8 +18,8 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from research_api.names import LABEL_JOB
 from research_api.researchjob import GROUP, TERMINAL_PHASES, ResourcesSpec
-from research_api.task import LABEL_JOB
 from research_cli.errors import CliError, UsageError
 from research_cli.kube import Kube
 from research_cli.progress import waiting_for
