@@ -18,10 +18,11 @@ from research_api.names import child_name, configmap_name, label_value
 from research_api.task import ResearchTask
 from research_worker.citations import cite, dedupe, memos, parse_section, report_sources
 from research_worker.errors import ObjectTooLarge, SearchError
-from research_worker.graph import finalize_report, theme_of
+from research_worker.graph import theme_of
 from research_worker.search import DocumentsBackend, TavilyBackend, WikipediaBackend, format_context
 from research_worker.state import Analyst, SearchDoc, Section
 from research_worker.store import configmap_body
+from research_worker.writing import finalize_report
 
 CORPUS = Path(__file__).parent / "corpus"
 BASE = {
