@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from research_api.environment import API_KEY_ENV, DSN_ENV, TAVILY_KEY_ENV
+from research_api.researchjob import GROUP, KIND, VERSION
 
 # Defaults, in one place (the worker's configuration reads them from here).
 DEFAULT_MODEL = "gpt-4o-mini"
@@ -51,8 +52,8 @@ class JobRef(_Model):
     namespace: str = Field(min_length=1, max_length=63)
     name: str = Field(min_length=1, max_length=253)
     uid: str = Field(min_length=1)
-    api_version: str = "researchops.io/v1alpha1"
-    kind: str = "ResearchJob"
+    api_version: str = f"{GROUP}/{VERSION}"
+    kind: str = KIND
 
     def owner_reference(self) -> dict[str, Any]:
         return {"apiVersion": self.api_version, "kind": self.kind, "name": self.name, "uid": self.uid}
