@@ -57,7 +57,7 @@ def test_steps_through_configmaps_owned_by_the_job(
     assert r.returncode == 0, r.stderr
     assert_report_structure(out.read_text(), 3, sections_of(secs))
 
-    pid = plan_id("focus on quotas")
+    pid = plan_id("focus on quotas", owner.metadata.uid)  # the task's plan id: its feedback and job uid
     cms = core.list_namespaced_config_map(namespace, label_selector=f"{LABEL_JOB}=rj").items
     by_name = {cm.metadata.name: cm for cm in cms}
     assert set(by_name) == {
