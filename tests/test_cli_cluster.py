@@ -28,7 +28,7 @@ pytestmark = pytest.mark.cluster
 
 BIN = Path(sys.executable).parent
 PLUGIN = BIN / "kubectl-research"
-SETTINGS_LABEL = f"{GROUP}/operator-settings"
+SETTINGS_LABELS = {f"{GROUP}/kind": "operator-settings"}  # as the chart labels it
 
 
 def plugin_env(cluster: ClusterHandle) -> dict[str, str]:
@@ -187,7 +187,7 @@ def settings_configmap(cluster: ClusterHandle, operator: OperatorProcess) -> Ite
     core = client.CoreV1Api(cluster.api_client())
     op_ns = operator.env["OPERATOR_NAMESPACE"]
     body = {
-        "metadata": {"name": "research-operator-settings", "labels": {SETTINGS_LABEL: "true"}},
+        "metadata": {"name": "research-operator-settings", "labels": SETTINGS_LABELS},
         "data": {"globalMaxActiveJobs": "0", "namespaceMaxActiveJobs": "0"},
     }
     core.create_namespaced_config_map(op_ns, body)

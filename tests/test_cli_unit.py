@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from research_api.task import CONFIGMAP_DATA_LIMIT
+from research_api.names import CONFIGMAP_DATA_LIMIT
 from research_cli import admin, progress, submit
 from research_cli.errors import CliError, UsageError
 

@@ -1,7 +1,10 @@
 """The research assistant's roles (analyst, expert, writers) recognised by prompt wording, end to end.
 
-The prompts below follow the LangGraph research assistant; the model server must play every role from the
-context in the messages, keep citations, and end interviews on its own.
+The prompts below are the LangChain Academy research assistant's own (module 4), as a user who brings the
+standard prompts sends them; they are deliberately not the worker's (research_worker.prompts, which adds rules
+for untrusted data), and the Academy section further down imports the worker's where the text is the same.
+The model server must play every role from the context in the messages, keep citations, and end interviews on
+its own.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ worker Jobs running and queued, the caps in force, each quota's headroom counted
 ResearchJob waits.
 
 ``caps`` shows and sets ``globalMaxActiveJobs`` and ``namespaceMaxActiveJobs`` in the settings
-ConfigMap the operator watches (label ``researchops.io/operator-settings=true`` in its namespace);
+ConfigMap the operator watches (label ``researchops.io/kind=operator-settings`` in its namespace);
 the operator applies a change on its next reconcile. Every value is checked first, so an invalid
 one changes nothing.
 """
@@ -18,14 +18,13 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from research_api.researchjob import GROUP, TERMINAL_PHASES, ResourcesSpec
-from research_api.task import LABEL_JOB
+from research_api.names import LABEL_JOB, LABEL_KIND, SETTINGS_KIND
+from research_api.researchjob import TERMINAL_PHASES, ResourcesSpec
 from research_cli.errors import CliError, UsageError
 from research_cli.kube import Kube
 from research_cli.progress import waiting_for
 from research_operator.admission import PodResources, QuotaUsage, quota_headroom
 
-SETTINGS_LABEL = f"{GROUP}/operator-settings"
 DEFAULT_OPERATOR_NAMESPACE = "research-operator-system"
 DEFAULT_SETTINGS_CONFIGMAP = "research-operator-settings"
 CAPS = {
@@ -56,7 +55,7 @@ def find_settings(kube: Kube, namespace: str | None, name: str | None) -> Settin
     if namespace and name:
         cm = kube.call(f"get configmap {namespace}/{name}", kube.core.read_namespaced_config_map, name, namespace)
         return _ref(kube.plain(cm))
-    selector = f"{SETTINGS_LABEL}=true"
+    selector = f"{LABEL_KIND}={SETTINGS_KIND}"  # as the chart and the operator label it
     if namespace:
         items = kube.items(
             f"list configmaps in {namespace}", kube.core.list_namespaced_config_map, namespace, label_selector=selector

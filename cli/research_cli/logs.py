@@ -17,15 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from research_api.researchjob import GROUP
-from research_api.task import LABEL_JOB
+from research_api.environment import TASK_ENV
+from research_api.names import LABEL_JOB, LABEL_STEP
 from research_cli.errors import CliError
 from research_cli.kube import Kube
 from research_cli.progress import parse_time
-
-LABEL_STEP = f"{GROUP}/step"
-LABEL_BATCH = f"{GROUP}/batch"
-TASK_ENV = "RESEARCH_TASK"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import html
 import os
 from typing import Any
 
-from research_api.task import parse_postgres_report_id
+from research_api.names import parse_postgres_report_id
 from research_cli.errors import CliError
 from research_cli.kube import Kube
 

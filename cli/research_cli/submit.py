@@ -16,8 +16,8 @@ from typing import Any, cast
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from research_api.names import CONFIGMAP_DATA_LIMIT, LABEL_JOB, label_value
 from research_api.researchjob import GROUP, KIND, PLURAL, VERSION, ResearchJobSpec
-from research_api.task import CONFIGMAP_DATA_LIMIT, LABEL_JOB, label_value
 from research_cli.errors import CliError, UsageError
 from research_cli.kube import CRD, Kube, is_missing_api, server_message
 

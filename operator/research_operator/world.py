@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Mapping
@@ -19,8 +18,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from research_api.names import ANNOTATION_POSTGRES_REPORT, ANNOTATION_STORE, CONFIGMAP_DATA_KEY, CONFIGMAP_REPORT_KEY
+from research_api.records import (
+    MARKER_STORE,
+    AnalystPlan,
+    Report,
+    ReportMarker,
+    StoredKind,
+    markdown_title,
+    stored_record,
+)
 from research_api.researchjob import AnalystStatus, ReportRef
-from research_api.task import ANNOTATION_POSTGRES_REPORT, CONFIGMAP_DATA_KEY, CONFIGMAP_REPORT_KEY, markdown_title
 from research_operator.admission import POD_RESOURCES, Demand, PodResources, QuotaUsage
 from research_operator.constants import (
     ANNOTATION_CLEANUP_OF,
@@ -109,51 +117,41 @@ class StoredObject:
     tokens: int = 0
 
 
-DATA_KEY = CONFIGMAP_DATA_KEY
-REPORT_KEY = CONFIGMAP_REPORT_KEY
-
-
 def stored_object(body: Mapping[str, Any]) -> StoredObject | None:
     """What a ConfigMap of the worker's ConfigMap store holds, or a marker of its PostgreSQL store
-    (the same names, labels and ``data.json`` fields; a report marker carries the report's id in
-    PostgreSQL instead of the report, see research_worker.store)."""
+    (the same names and labels; a marker holds the record of research_api.records for it, and a
+    report marker the report's id in PostgreSQL instead of the report)."""
     meta = body.get("metadata", {})
     labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
     data: Mapping[str, str] = body.get("data") or {}
     kind = labels.get(LABEL_KIND)
-    if kind not in ("analysts", "section", "report"):
+    if kind not in {k.value for k in StoredKind}:
         return None
     try:
-        payload = json.loads(data.get(DATA_KEY) or "{}")
-    except ValueError as e:
+        record = stored_record(StoredKind(kind), data, marker=annotations.get(ANNOTATION_STORE) == MARKER_STORE)
+    except ValidationError as e:
         log.warning("unreadable %s in ConfigMap %s: %s", kind, meta.get("name"), e)
         return None
     idx = labels.get(LABEL_ANALYST)
-    usage = payload.get("usage") or {}
     obj = StoredObject(
         kind=kind,
         plan=str(labels.get(LABEL_PLAN, "")),
         analyst=int(idx) if idx is not None and str(idx).isdigit() else None,
         name=str(meta.get("name")),
-        tokens=int(usage.get("total_tokens") or 0) if isinstance(usage, dict) else 0,
+        tokens=record.usage.total_tokens,
     )
-    if kind == "analysts":
-        try:
-            obj.analysts = [
-                AnalystStatus.model_validate({k: a.get(k, "") for k in ("name", "role", "affiliation", "description")})
-                for a in payload.get("analysts") or []
-            ]
-        except (ValidationError, AttributeError) as e:
-            log.warning("unreadable analysts in ConfigMap %s: %s", obj.name, e)
-            return None
-    if kind == "report":
-        postgres_id = (meta.get("annotations") or {}).get(ANNOTATION_POSTGRES_REPORT) or payload.get("postgres_id")
-        if postgres_id:
-            obj.postgres_id = str(postgres_id)
-            obj.title = str(payload.get("title") or "") or None
-        else:
-            obj.report_key = REPORT_KEY if REPORT_KEY in data else DATA_KEY
-            obj.title = markdown_title(str(payload.get("markdown") or data.get(REPORT_KEY) or ""))
+    if isinstance(record, AnalystPlan):
+        obj.analysts = [
+            AnalystStatus(name=a.name, role=a.role, affiliation=a.affiliation, description=a.description)
+            for a in record.analysts
+        ]
+    elif isinstance(record, ReportMarker):
+        obj.postgres_id = str(annotations.get(ANNOTATION_POSTGRES_REPORT) or record.postgres_id)
+        obj.title = record.title or None
+    elif isinstance(record, Report):
+        obj.report_key = CONFIGMAP_REPORT_KEY if CONFIGMAP_REPORT_KEY in data else CONFIGMAP_DATA_KEY
+        obj.title = markdown_title(record.markdown or data.get(CONFIGMAP_REPORT_KEY) or "")
     return obj
 
 
