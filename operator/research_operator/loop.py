@@ -92,8 +92,13 @@ def stop_loop(key: Key) -> None:
     task = LOOPS.pop(key, None)
     if task is not None:
         task.cancel()
+    contended = bool(WORLD.waiting.get(key))
     WORLD.forget(key)
-    WORLD.wake_waiting()  # what it held or waited for is free
+    caps = settings().caps
+    # What it held comes back through its Jobs' deletion events; a waiting one leaves the fair share
+    # of a cap to the others, which may now take slots it was owed.
+    if contended and (caps.global_max_active or caps.namespace_max_active):
+        WORLD.wake_waiting(None if caps.global_max_active else key[0])
 
 
 async def reconcile_loop(key: Key, logger: kopf.Logger) -> None:

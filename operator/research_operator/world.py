@@ -45,6 +45,7 @@ from research_operator.settings import Settings
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, ResearchJob uid)
+WAKE_COALESCE = 0.05  # seconds: wake-ups of waiting ResearchJobs within this are served by one sweep
 
 
 def owner_name(body: Mapping[str, Any]) -> str | None:
@@ -193,6 +194,7 @@ class World:
     blocked: dict[Key, Blocked] = field(default_factory=dict)  # what each waiting ResearchJob last waited for
     version: int = 0  # bumped whenever running or waiting counts may have changed
     _demands: tuple[int, list[Demand]] = (-1, [])
+    _wake_scopes: set[str | None] = field(default_factory=set)  # namespaces (None: all) to sweep soon
 
     def attach(self, jobs: Mapping[Key, Any], stored: Mapping[Key, Any], quotas: Mapping[str, Any]) -> None:
         self.job_index, self.stored_index, self.quota_index = jobs, stored, quotas
@@ -252,10 +254,27 @@ class World:
         self.version += 1
 
     def wake_waiting(self, namespace: str | None = None) -> None:
-        """Wake every ResearchJob with worker Jobs waiting for admission (optionally in one namespace)."""
+        """Wake every ResearchJob with worker Jobs waiting for admission (optionally in one namespace)
+        to re-check admission (cheaply: they are not marked dirty). Calls within ``WAKE_COALESCE``
+        seconds are served by one sweep, so a burst of events (a namespace of Jobs deleted at once)
+        costs one sweep, not one per event."""
+        if not self._wake_scopes:
+            try:
+                asyncio.get_running_loop().call_later(WAKE_COALESCE, self._sweep)
+            except RuntimeError:  # no event loop (a unit test): sweep at once
+                self._wake_scopes.add(namespace)
+                self._sweep()
+                return
+        self._wake_scopes.add(namespace)
+
+    def _sweep(self) -> None:
+        scopes, self._wake_scopes = self._wake_scopes, set()
+        everyone = None in scopes
         for key, n in self.waiting.items():
-            if n > 0 and (namespace is None or key[0] == namespace):
-                self.wake(key)
+            if n > 0 and (everyone or key[0] in scopes):
+                event = self.wakeups.get(key)
+                if event is not None:
+                    event.set()
 
     def forget(self, key: Key) -> None:
         for d in (self.created, self.deleted, self.waiting, self.phases, self.wakeups, self.bodies, self.blocked):
