@@ -104,6 +104,17 @@ class Operator:
             "api_req_per_s": round((self.api_requests() - req0) / dt, 3),
         }
 
+    def settle(self, quiet: float = 10, limit: float = 600) -> float:
+        """Seconds until the operator's own API requests fall below one per ``quiet`` seconds (its
+        first passes over a burst of new objects are done), at most ``limit``."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < limit:
+            before = self.api_requests()
+            time.sleep(quiet)
+            if self.api_requests() - before < 1:
+                break
+        return time.monotonic() - t0
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -217,7 +228,7 @@ def waiting_researchjobs(api: client.ApiClient, op: Operator, m: int) -> dict[st
     all_status = max(status_at.values(), default=t0) - t0
     lags = sorted(status_at[n] - created_at[n] for n in status_at if n in created_at)
     with_status = len(status_at)
-    time.sleep(10)  # let the first wave settle
+    settled = op.settle()
     waiting = op.sample(60)
     return {
         "M": m,
@@ -227,6 +238,7 @@ def waiting_researchjobs(api: client.ApiClient, op: Operator, m: int) -> dict[st
         "status_lag_p50_s": round(lags[len(lags) // 2], 2) if lags else None,
         "status_lag_p99_s": round(lags[min(len(lags) - 1, int(0.99 * len(lags)))], 2) if lags else None,
         "with_status": with_status,
+        "settled_after_s": round(settled, 1),
         **{f"waiting_{k}": v for k, v in waiting.items()},
         "namespace": ns,
     }
