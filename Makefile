@@ -64,6 +64,14 @@ cluster-build: venv ## Build etcd and the Kubernetes control plane from the Go m
 cluster-up: cluster-build tools ## Start the control plane and node agent on loopback; prints KUBECONFIG.
 	$(PY) -m localkube.cli up
 
+.PHONY: kueue-build
+kueue-build: venv ## Build Kueue's manager from the Go module proxy and copy its manifests (cached).
+	$(PY) -m localkube.cli build --with-kueue
+
+.PHONY: cluster-up-kueue
+cluster-up-kueue: cluster-build kueue-build tools ## cluster-up plus Kueue (CRDs, manager, webhooks on loopback); cluster-down stops it.
+	$(PY) -m localkube.cli up --with-kueue
+
 .PHONY: cluster-status
 cluster-status: venv ## Say whether the local cluster runs.
 	$(PY) -m localkube.cli status
