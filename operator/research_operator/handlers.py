@@ -31,7 +31,7 @@ from research_api.researchjob import (
     WorkerSpec,
 )
 from research_api.task import Step
-from research_operator import metrics
+from research_operator import kueue, metrics
 from research_operator.admission import Demand, PodResources, QuotaUsage, admit, quota_headroom
 from research_operator.builders import Owner, cleanup_job, worker_job, worker_rbac
 from research_operator.constants import FINALIZER, LABEL_JOB, LABEL_KIND
@@ -133,6 +133,36 @@ async def quota_event(namespace: str | None, **_: Any) -> None:
         WORLD.wake_waiting(namespace)
 
 
+# Kueue mode: Kueue's Workloads (one per worker Job, owned by it) and LocalQueues, for the status.
+# Only with KUEUE_WATCH (fixed at start): watching needs Kueue's CRDs and the RBAC the chart adds.
+KUEUE_INDEXES: dict[str, Any] = {}  # index name -> kopf index, once the first ResearchJob event came
+
+if BASE_SETTINGS.kueue_watch:
+
+    @kopf.index(kueue.GROUP, kueue.VERSION, "workloads")
+    def kueue_workloads(body: kopf.Body, namespace: str | None, **_: Any) -> dict[Key, kueue.WorkloadView] | None:
+        wl = kueue.workload_view(body)
+        return {(namespace, wl.job): wl} if wl is not None and namespace else None
+
+    @kopf.index(kueue.GROUP, kueue.VERSION, "localqueues")
+    def kueue_localqueues(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Key, Any] | None:
+        return {(namespace, name): kueue.localqueue_view(body)} if namespace else None
+
+    @kopf.on.event(kueue.GROUP, kueue.VERSION, "workloads")
+    async def workload_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+        wl = kueue.workload_view(body)
+        if wl is not None and namespace is not None:
+            for key, views in list((WORLD.job_index or {}).items()):
+                if key[0] == namespace and any(j.name == wl.job for j in views):
+                    WORLD.wake(key)
+
+    @kopf.on.event(kueue.GROUP, kueue.VERSION, "localqueues")
+    async def localqueue_event(namespace: str | None, **_: Any) -> None:
+        for key in list(WORLD.bodies):
+            if key[0] == namespace:
+                WORLD.wake(key)
+
+
 @kopf.on.event("", "v1", "configmaps", labels={SETTINGS_LABEL: "true"})
 async def settings_event(type: str, body: kopf.Body, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
     if namespace != BASE_SETTINGS.namespace:
@@ -165,6 +195,7 @@ async def researchjob_event(
         return
     # kopf passes each index by its function's name; they are complete before this first runs.
     WORLD.attach(kwargs["rj_jobs"], kwargs["rj_stored"], kwargs["ns_quotas"])
+    KUEUE_INDEXES.update({k: kwargs[k] for k in ("kueue_workloads", "kueue_localqueues") if k in kwargs})
     key: Key = (namespace, name)
     if type == "DELETED":
         FINALIZED.discard(str(body.get("metadata", {}).get("uid")))
@@ -345,8 +376,9 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool
         WORLD.deleted.add(job_name_)
 
     created_now = 0
-    # Every active child Job counts against the caps; waiting batches make this job a contender.
-    active = sum(1 for j in WORLD.jobs_of(key).values() if j.active)
+    # Every unfinished child Job counts against the caps (in Kueue mode also one still suspended in
+    # its LocalQueue: the caps bound what is handed to Kueue); waiting batches make it a contender.
+    active = sum(1 for j in WORLD.jobs_of(key).values() if j.unfinished)
     WORLD.demands[key] = Demand(namespace, name, active, len(d.waiting_batches))
     if d.waiting_batches:
         async with WORLD.admission_lock:
@@ -385,6 +417,12 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool
     if quota_blocked:
         metrics.QUOTA_WAITS.labels(namespace).inc()
         st.message = f"waiting for quota: {quota_blocked}"
+    mine = list(WORLD.jobs_of(key).values())
+    workloads, queues = kueue.gather(
+        namespace, mine, KUEUE_INDEXES.get("kueue_workloads"), KUEUE_INDEXES.get("kueue_localqueues")
+    )
+    wait = kueue.wait_status(mine, workloads, queues, cfg.kueue_queue, cfg.kueue_watch)
+    kueue.annotate(st, wait, prev, obs.generation, now, kueue_mode=bool(cfg.kueue_queue))
     quota_cond = condition(
         prev,
         "QuotaExceeded",
