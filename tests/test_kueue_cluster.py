@@ -8,6 +8,7 @@ duration. Every test gets its own ResourceFlavor and ClusterQueue, selecting onl
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import threading
@@ -131,6 +132,41 @@ def one_pod_queue(cluster: ClusterHandle, kueue: Path, namespace: str) -> Iterat
         except client.ApiException as e:
             if e.status != 404:
                 raise
+
+
+def test_kueue_webhooks_are_served_on_loopback_and_jobs_without_a_queue_run_at_once(
+    cluster: ClusterHandle, kueue: Path, namespace: str
+) -> None:
+    api = cluster.api_client()
+    admission = client.AdmissionregistrationV1Api(api)
+    ca = base64.b64encode((cluster.state_dir / "pki" / "ca.crt").read_bytes()).decode()
+    hooks = [
+        *admission.read_mutating_webhook_configuration("kueue-mutating-webhook-configuration").webhooks,
+        *admission.read_validating_webhook_configuration("kueue-validating-webhook-configuration").webhooks,
+    ]
+    assert {"mjob.kb.io", "vjob.kb.io", "mworkload.kb.io", "vclusterqueue.kb.io"} <= {h.name for h in hooks}
+    for hook in hooks:
+        assert hook.client_config.service is None and hook.client_config.url.startswith("https://127.0.0.1:")
+        assert hook.client_config.ca_bundle == ca, hook.name
+        groups = {g for rule in hook.rules for g in rule.api_groups}
+        assert groups <= {"kueue.x-k8s.io", "batch"}, (hook.name, groups)  # nothing blocks Pods or Deployments
+
+    # A Job without kueue.x-k8s.io/queue-name passes Kueue's webhooks untouched and runs at once.
+    batch = client.BatchV1Api(api)
+    sc = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
+    pod = {
+        "restartPolicy": "Never",
+        "securityContext": {"runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [
+            {"name": "main", "image": "python", "command": ["python", "-c", "print(1)"], "securityContext": sc}
+        ],
+    }
+    batch.create_namespaced_job(namespace, {"metadata": {"name": "plain"}, "spec": {"template": {"spec": pod}}})
+    assert not batch.read_namespaced_job("plain", namespace).spec.suspend
+    deadline = time.monotonic() + 60
+    while not any(c.type == "Complete" for c in batch.read_namespaced_job("plain", namespace).status.conditions or []):
+        assert time.monotonic() < deadline, "a Job without a queue name did not run"
+        time.sleep(0.2)
 
 
 class Recorder(threading.Thread):
@@ -371,3 +407,34 @@ def test_higher_priority_preempts_a_running_batch_and_both_finish(
         assert 1 <= counts[b] <= 1 + rec.preemptions[job_name], (counts, rec.preemptions)
     extra = sum(counts.values()) - len(counts)
     assert slow.stats()["by_kind"]["section"] <= 3 + extra
+
+
+def test_a_missing_workload_priority_class_is_named_in_the_status_and_nothing_is_lost(
+    cluster: ClusterHandle,
+    kueue_operator: OperatorProcess,
+    namespace: str,
+    corpus_configmap: str,
+    one_pod_queue: Queue,
+) -> None:
+    api = cluster.api_client()
+    custom = client.CustomObjectsApi(api)
+    wpc = f"missing-{namespace}"  # spec.priority not in the mapping: the class of that name
+    create(api, namespace, researchjob("urgent", corpus_configmap, analysts={"count": 1}, priority=wpc))
+    deadline = time.monotonic() + 60
+    while True:
+        st = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "urgent").get("status") or {}
+        cond = {c["type"]: c for c in st.get("conditions") or []}.get("WaitingForKueue", {})
+        if cond.get("reason") == "NoWorkload":
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(0.5)
+    assert f"WorkloadPriorityClass {wpc} exists" in cond["message"] and st["phase"] == "Planning"
+    assert f"WorkloadPriorityClass {wpc} exists" in st["message"]
+    # The admin creates the class: Kueue makes the Workload, the job runs to the end.
+    body = {"apiVersion": "/".join(KUEUE), "kind": "WorkloadPriorityClass", "metadata": {"name": wpc}, "value": 10}
+    custom.create_cluster_custom_object(*KUEUE, "workloadpriorityclasses", body)
+    try:
+        obj = wait_phase(api, namespace, "urgent", {"Succeeded", "Failed"}, timeout=300)
+        assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    finally:
+        custom.delete_cluster_custom_object(*KUEUE, "workloadpriorityclasses", wpc)

@@ -178,17 +178,36 @@ def test_running_jobs_do_not_wait_and_several_waiting_ones_are_counted() -> None
 
 
 def test_no_workload_and_an_inactive_local_queue_are_explained() -> None:
-    none = kueue.wait_status([job("rj-plan", "plan", None, suspended=True)], {}, LQ, "research", True)
-    assert (
-        none.reason == "NoWorkload"
-        and "planner Job rj-plan" in none.message
-        and "WorkloadPriorityClass" in none.message
+    none = kueue.wait_status([job("rj-plan", "plan", None, suspended=True)], {}, LQ, "research", True, "urgent")
+    assert none.reason == "NoWorkload"
+    assert none.message == (
+        "planner Job rj-plan waits in LocalQueue research (ClusterQueue team) for Kueue to create its Workload; "
+        "if that lasts, check that Kueue runs and WorkloadPriorityClass urgent exists (spec.priority)"
     )
-    inactive = {
-        "research": kueue.LocalQueueView("research", "gone", active=False, message="Can't submit new workloads")
-    }
-    w = kueue.wait_status([job("rj-b0", suspended=True)], views(workload("rj-b0", PENDING)), inactive, "research", True)
-    assert w.reason == "LocalQueueInactive" and "Can't submit new workloads" in w.message
+    lq = kueue.localqueue_view(
+        {
+            "metadata": {"name": "research"},
+            "spec": {"clusterQueue": "gone"},
+            "status": {
+                "conditions": [
+                    {
+                        "type": "Active",
+                        "status": "False",
+                        "reason": "ClusterQueueDoesNotExist",
+                        "message": "Can't submit new workloads to clusterQueue",
+                    }
+                ]
+            },
+        }
+    )
+    w = kueue.wait_status(
+        [job("rj-b0", suspended=True)], views(workload("rj-b0", PENDING)), {"research": lq}, "research", True
+    )
+    assert w.reason == "LocalQueueInactive"
+    assert w.message == (
+        "batch Job rj-b0 waits in LocalQueue research (ClusterQueue gone), which is not active: "
+        "ClusterQueueDoesNotExist: Can't submit new workloads to clusterQueue"
+    )
     blind = kueue.wait_status([job("rj-b0", suspended=True)], {}, {}, "research", False)
     assert blind.reason == "Pending" and "LocalQueue research" in blind.message  # no Workload watch: no guess
 
@@ -221,6 +240,7 @@ def test_gather_picks_this_namespaces_workloads_and_queues() -> None:
     got_wls, got_lqs = kueue.gather(
         "ns",
         [job("rj-b0"), job("rj-b1", batch=1)],
+        "research",
         {("ns", "rj-b0"): [wl], ("other", "rj-b1"): [wl]},
         {("ns", "research"): [LQ["research"]], ("other", "research"): [other]},
     )

@@ -404,9 +404,10 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool
                 created_now += 1
                 WORLD.created[key][job["metadata"]["name"]] = job_view(job)
             WORLD.demands[key] = Demand(namespace, name, active + created_now, len(d.waiting_batches) - created_now)
-        st.batches.active += created_now
-        st.batches.queued -= created_now
-        if created_now:
+        started = 0 if cfg.kueue_queue else created_now  # in Kueue mode a new Job waits, suspended
+        st.batches.active += started
+        st.batches.queued -= started
+        if started:
             st.message = (
                 f"{st.sections_done}/{spec.analysts.count} sections; {st.batches.active} batch Jobs running, "
                 f"{st.batches.queued} waiting"
@@ -419,9 +420,10 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> bool
         st.message = f"waiting for quota: {quota_blocked}"
     mine = list(WORLD.jobs_of(key).values())
     workloads, queues = kueue.gather(
-        namespace, mine, KUEUE_INDEXES.get("kueue_workloads"), KUEUE_INDEXES.get("kueue_localqueues")
+        namespace, mine, cfg.kueue_queue, KUEUE_INDEXES.get("kueue_workloads"), KUEUE_INDEXES.get("kueue_localqueues")
     )
-    wait = kueue.wait_status(mine, workloads, queues, cfg.kueue_queue, cfg.kueue_watch)
+    wpc = kueue.priority_class(spec.priority, cfg)
+    wait = kueue.wait_status(mine, workloads, queues, cfg.kueue_queue, cfg.kueue_watch, wpc)
     kueue.annotate(st, wait, prev, obs.generation, now, kueue_mode=bool(cfg.kueue_queue))
     quota_cond = condition(
         prev,

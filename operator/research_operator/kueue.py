@@ -119,7 +119,7 @@ def localqueue_view(body: Mapping[str, Any]) -> LocalQueueView:
         name=str(meta.get("name")),
         cluster_queue=str(spec.get("clusterQueue") or ""),
         active=active is None or str(active.get("status")) == "True",
-        message=str((active or {}).get("message") or ""),
+        message=f"{active.get('reason')}: {active.get('message')}" if active is not None else "",
     )
 
 
@@ -130,7 +130,7 @@ def localqueue_view(body: Mapping[str, Any]) -> LocalQueueView:
 
 @dataclass(frozen=True)
 class KueueWait:
-    """The KueueAdmission condition and the sentence for status.message."""
+    """The WaitingForKueue condition (status, reason, message); the message also goes into status.message."""
 
     waiting: bool
     reason: str
@@ -143,7 +143,7 @@ def _queue_phrase(queue: str, lq: LocalQueueView | None, wl: WorkloadView | None
 
 
 def _job_wait(
-    job: JobView, wl: WorkloadView | None, queue: str, lq: LocalQueueView | None, watching: bool
+    job: JobView, wl: WorkloadView | None, queue: str, lq: LocalQueueView | None, watching: bool, wpc: str | None
 ) -> tuple[str, str]:
     """(reason, sentence) for one suspended Job."""
     what = f"{STEP_NAMES.get(job.step, job.step)} Job {job.name}"
@@ -153,10 +153,12 @@ def _job_wait(
     if wl is None:
         if not watching:
             return "Pending", f"{what} waits for admission by Kueue in {where}"
+        # Normal for a moment after the Job is created. If it lasts, Kueue does not run or cannot
+        # make the Workload; Kueue only logs why (a missing WorkloadPriorityClass, say), so say it here.
+        check = "Kueue runs" + (f" and WorkloadPriorityClass {wpc} exists (spec.priority)" if wpc else "")
         return (
             "NoWorkload",
-            f"{what} waits in {where} but Kueue has made no Workload for it yet (is Kueue running, and do the "
-            f"LocalQueue and the Job's WorkloadPriorityClass exist? see `kubectl describe job {job.name}`)",
+            f"{what} waits in {where} for Kueue to create its Workload; if that lasts, check that {check}",
         )
     if wl.evicted and not wl.quota_reserved:
         return "Evicted", f"{what} was evicted by Kueue ({wl.evicted}) and waits in {where} to resume"
@@ -171,19 +173,21 @@ def wait_status(
     localqueues: Mapping[str, LocalQueueView],
     queue: str,
     watching: bool,
+    priority_class: str | None = None,
 ) -> KueueWait:
     """Why the ResearchJob's suspended worker Jobs wait for Kueue, or that none does.
 
     ``workloads`` maps Job name -> its Workload, ``localqueues`` LocalQueue name -> view (both of
     the ResearchJob's namespace), ``queue`` is the LocalQueue new Jobs go to, ``watching`` whether
-    the operator watches Workloads at all (without, it cannot tell a missing Workload)."""
+    the operator watches Workloads at all (without, it cannot tell a missing Workload), and
+    ``priority_class`` the WorkloadPriorityClass its Jobs carry, if any."""
     waits: list[tuple[str, str]] = []
     for job in sorted(jobs, key=lambda j: j.name):
         if not job.suspended:
             continue
         wl = workloads.get(job.name)
         q = (wl.queue if wl is not None else "") or queue
-        waits.append(_job_wait(job, wl, q, localqueues.get(q), watching))
+        waits.append(_job_wait(job, wl, q, localqueues.get(q), watching, priority_class))
     if not waits:
         return KueueWait(False, "NotWaiting", "")
     order = ("LocalQueueInactive", "NoWorkload", "Evicted", "Pending", "Admitting")
@@ -196,21 +200,23 @@ def wait_status(
 def gather(
     namespace: str,
     jobs: Iterable[JobView],
+    queue: str,
     workload_index: Mapping[tuple[str, str], Iterable[WorkloadView]] | None,
     localqueue_index: Mapping[tuple[str, str], Iterable[LocalQueueView]] | None,
 ) -> tuple[dict[str, WorkloadView], dict[str, LocalQueueView]]:
-    """The Workloads of ``jobs`` (by Job name) and the LocalQueues of ``namespace`` (by name), from
-    the watches' indices (keyed by (namespace, Job name) and (namespace, LocalQueue name))."""
+    """The Workloads of ``jobs`` (by Job name) and the LocalQueues they or new Jobs (``queue``) wait
+    in (by name), from the watches' indices, keyed by (namespace, Job name) and (namespace,
+    LocalQueue name)."""
     workloads: dict[str, WorkloadView] = {}
     for job in jobs:
         found = sorted((workload_index or {}).get((namespace, job.name), []), key=lambda w: w.finished)
         if found:
             workloads[job.name] = found[0]  # an unfinished one first, should Kueue ever have two
-    queues = {
-        name: next(iter(views))
-        for (ns, name), views in (localqueue_index or {}).items()
-        if ns == namespace and list(views)
-    }
+    queues: dict[str, LocalQueueView] = {}
+    for name in {queue, *(w.queue for w in workloads.values())} - {""}:
+        views = list((localqueue_index or {}).get((namespace, name), []))
+        if views:
+            queues[name] = views[0]
     return workloads, queues
 
 
