@@ -184,6 +184,8 @@ class Recorder(threading.Thread):
         self.created: dict[str, Any] = {}  # Job name -> its first observed object
         self.ran: set[str] = set()  # Jobs seen unsuspended
         self.preemptions: Counter[str] = Counter()  # Job -> times suspended again after running
+        self.unfinished: dict[str, set[str]] = defaultdict(set)  # ResearchJob -> its unfinished batch Jobs
+        self.max_unfinished: Counter[str] = Counter()
         self.running_now: set[str] = set()
         self.stop_flag = threading.Event()
         self.threads = [
@@ -223,6 +225,15 @@ class Recorder(threading.Thread):
                 name = job.metadata.name
                 with self.lock:
                     self.created.setdefault(name, job)
+                    labels = job.metadata.labels or {}
+                    if labels.get(f"{GROUP}/step") == "interview":
+                        rj, done = labels.get(f"{GROUP}/job", ""), ev["type"] == "DELETED"
+                        conds = {c.type for c in job.status.conditions or [] if c.status == "True"}
+                        if done or conds & {"Complete", "Failed"}:
+                            self.unfinished[rj].discard(name)
+                        else:
+                            self.unfinished[rj].add(name)
+                        self.max_unfinished[rj] = max(self.max_unfinished[rj], len(self.unfinished[rj]))
                     if not job.spec.suspend:
                         self.ran.add(name)
                         self.running_now.add(name)
@@ -294,9 +305,10 @@ def test_one_pod_quota_runs_every_step_through_kueue_one_pod_at_a_time(
     rec.start()
     stop = threading.Event()
     logs = follow(api, namespace, ["queued"], stop)
-    # maxActiveJobs 3: the operator hands all three batch Jobs to Kueue at once; the quota runs one.
+    # Four batches, maxActiveJobs 2: the operator hands two batch Jobs at a time to Kueue (the caps
+    # apply on top of Kueue), and the ClusterQueue's quota runs one of them.
     body = researchjob(
-        "queued", corpus_configmap, analysts={"count": 3}, parallelism={"batchSize": 1, "maxActiveJobs": 3}
+        "queued", corpus_configmap, analysts={"count": 4}, parallelism={"batchSize": 1, "maxActiveJobs": 2}
     )
     create(api, namespace, body)
     obj = wait_phase(api, namespace, "queued", {"Succeeded", "Failed"}, timeout=400)
@@ -304,17 +316,19 @@ def test_one_pod_quota_runs_every_step_through_kueue_one_pod_at_a_time(
     rec.stop()
     status = obj["status"]
     assert status["phase"] == "Succeeded", status
-    assert status["progress"] == "3/3" and len(sections(api, namespace)) == 3
+    assert status["progress"] == "4/4" and len(sections(api, namespace)) == 4
 
-    # Every worker Job (planner, 3 batches, writer) was created suspended in the LocalQueue.
-    assert len(rec.created) == 5, sorted(rec.created)
+    # Every worker Job (planner, 4 batches, writer) was created suspended in the LocalQueue.
+    assert len(rec.created) == 6, sorted(rec.created)
     for name, job in rec.created.items():
         assert job.spec.suspend is True, name
         assert job.metadata.labels["kueue.x-k8s.io/queue-name"] == QUEUE, name
         assert "kueue.x-k8s.io/priority-class" not in job.metadata.labels  # no spec.priority
     assert rec.ran == set(rec.created)  # Kueue admitted each
-    # Never more than one worker pod at a time, though three batch Jobs waited side by side.
+    # Never more than one worker pod at a time, and never more than maxActiveJobs batch Jobs handed
+    # to Kueue, though that many were (one running, one waiting in the queue).
     assert rec.max_live == 1, rec.max_live_at
+    assert rec.max_unfinished["queued"] == 2, rec.max_unfinished
     seen = logs["queued"].seen
     assert max(e["queued"] for e in seen) >= 2, seen
     # While Jobs waited, the status said so, naming the LocalQueue and the ClusterQueue.

@@ -5,10 +5,12 @@ runs the same against the real Kueue)."""
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from localkube import kueue as localkueue
 from research_api.researchjob import Phase, ResearchJobSpec, ResearchJobStatus
 from research_api.task import Step
 from research_operator import kueue
@@ -281,3 +283,83 @@ def test_failure_also_deletes_jobs_still_waiting_in_kueue() -> None:
 def test_suspended_jobs_hold_a_slot_under_the_caps() -> None:
     assert job("x", suspended=True).unfinished and not job("x", suspended=True).active
     assert not job("x", succeeded=True).unfinished and not job("x", failed=True).unfinished
+
+
+# -- localkube.kueue: Kueue's manifests made fit for a cluster without a Service network ---------
+
+
+def fake_kueue_home(tmp: Path) -> Path:
+    """The layout hack/build-kueue.sh copies from Kueue's module source, with a few objects."""
+    import yaml
+
+    crd, hooks, rbac = tmp / "config" / "crd", tmp / "config" / "webhook", tmp / "config" / "rbac"
+    for d in (crd / "bases", crd / "patches", hooks, rbac):
+        d.mkdir(parents=True)
+    for name in ("workloads", "resourceflavors"):
+        (crd / "bases" / f"kueue.x-k8s.io_{name}.yaml").write_text(
+            yaml.safe_dump(
+                {"kind": "CustomResourceDefinition", "metadata": {"name": f"{name}.kueue.x-k8s.io"}, "spec": {}}
+            )
+        )
+    patch = {"metadata": {"name": "workloads.kueue.x-k8s.io"}, "spec": {"conversion": {"strategy": "Webhook"}}}
+    (crd / "patches" / "webhook_in_workloads.yaml").write_text(yaml.safe_dump(patch))
+    (crd / "kustomization.yaml").write_text(
+        yaml.safe_dump({"patches": [{"path": "patches/webhook_in_workloads.yaml"}]})
+    )
+
+    def hook(name: str, group: str, resource: str) -> dict[str, Any]:
+        path = f"/mutate-{group}-{resource}"
+        return {
+            "name": name,
+            "clientConfig": {"service": {"name": "webhook-service", "namespace": "system", "path": path}},
+            "rules": [{"apiGroups": [group], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": [resource]}],
+            "failurePolicy": "Fail",
+        }
+
+    mutating = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "mutating-webhook-configuration"},
+        "webhooks": [
+            hook("mjob.kb.io", "batch", "jobs"),
+            hook("mpod.kb.io", "", "pods"),
+            hook("mworkload.kb.io", "kueue.x-k8s.io", "workloads"),
+            hook("mrayjob.kb.io", "ray.io", "rayjobs"),
+        ],
+    }
+    (hooks / "manifests.yaml").write_text(yaml.safe_dump(mutating))
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "manager-role"}}
+    (rbac / "role.yaml").write_text(yaml.safe_dump(role))
+    (rbac / "metrics_auth_role.yaml").write_text(yaml.safe_dump({**role, "metadata": {"name": "metrics-auth-role"}}))
+    return tmp
+
+
+def test_only_served_webhooks_are_registered_and_they_call_loopback(tmp_path: Path) -> None:
+    home = fake_kueue_home(tmp_path)
+    (mutating,) = localkueue.webhook_configurations(home, "https://127.0.0.1:9443", "Q0E=")
+    assert mutating["metadata"]["name"] == "kueue-mutating-webhook-configuration"
+    # Only the batch/job integration runs: a pod or RayJob webhook nobody serves would block creates.
+    assert [h["name"] for h in mutating["webhooks"]] == ["mjob.kb.io", "mworkload.kb.io"]
+    assert mutating["webhooks"][0]["clientConfig"] == {
+        "url": "https://127.0.0.1:9443/mutate-batch-jobs",
+        "caBundle": "Q0E=",
+    }
+
+
+def test_patched_crds_convert_through_loopback_and_the_manager_gets_kueues_roles(tmp_path: Path) -> None:
+    home = fake_kueue_home(tmp_path)
+    by_name = {c["metadata"]["name"]: c for c in localkueue.crds(home, "https://127.0.0.1:9443", "Q0E=")}
+    conv = by_name["workloads.kueue.x-k8s.io"]["spec"]["conversion"]
+    assert conv["webhook"]["clientConfig"] == {"url": "https://127.0.0.1:9443/convert", "caBundle": "Q0E="}
+    assert "conversion" not in by_name["resourceflavors.kueue.x-k8s.io"]["spec"]
+    objs = localkueue.rbac(home)
+    bindings = [o for o in objs if o["kind"] == "ClusterRoleBinding"]
+    assert {b["roleRef"]["name"] for b in bindings} == {"kueue-manager-role", "kueue-metrics-auth-role"}
+    assert all(
+        b["subjects"] == [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "kueue-manager"}]
+        for b in bindings
+    )
+    cfg = localkueue.configuration(9443, 8081, 8443, tmp_path / "certs")
+    assert cfg["internalCertManagement"] == {"enable": False}
+    assert cfg["webhook"] == {"host": "127.0.0.1", "port": 9443, "certDir": str(tmp_path / "certs")}
+    assert cfg["integrations"]["frameworks"] == ["batch/job"]
