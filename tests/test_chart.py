@@ -71,6 +71,11 @@ EXPECTED_CLUSTER_RULES = {
     ("", "events"): {"create", "list", "watch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
 }
+# In Kueue mode (kueue.queueName set) also: the Workloads and LocalQueues it reads for status.
+KUEUE_CLUSTER_RULES = {
+    ("kueue.x-k8s.io", "workloads"): {"list", "watch"},
+    ("kueue.x-k8s.io", "localqueues"): {"list", "watch"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +187,8 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
         "defaultModelBaseUrl": "http://research-operator-modelserver.research-system.svc:8000/v1",
         "workerImage": "research-operator:0.1.0",
         "kueueQueueName": "",
+        "kueuePriorityClasses": "{}",
+        "kueueDefaultPriorityClass": "",
     }
 
 
@@ -268,6 +275,9 @@ def test_template_guards_explain_themselves(helm: Path) -> None:
         ("modelServer.ttftMs=-5", "at '/modelServer/ttftMs': minimum"),
         ("settings.defaultModelBaseUrl=api.openai.com", "at '/settings/defaultModelBaseUrl'"),
         ("kueue.queueName=Research_Queue", "at '/kueue/queueName'"),
+        ("kueue.priorityClasses.high=Research_High", "at '/kueue/priorityClasses/high'"),
+        ("kueue.priorityClasses.High=research-high", "invalid propertyName 'High'"),
+        ("kueue.defaultPriorityClass=-x", "at '/kueue/defaultPriorityClass'"),
         ("settings.globalMaxActivejobs=3", "additional properties 'globalMaxActivejobs' not allowed"),
         ("postgres.dsnKey=a/b", "at '/postgres/dsnKey'"),
     ],
@@ -316,8 +326,18 @@ def test_every_container_is_restricted_and_sets_its_command(helm: Path, args: li
             assert mounts.get("/tmp") in tmp_volumes, f"{name}/{c['name']}: read-only root needs an emptyDir /tmp"
 
 
-def test_cluster_role_is_exactly_what_the_operator_uses(helm: Path) -> None:
-    docs = render(helm)
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], EXPECTED_CLUSTER_RULES),
+        (["--set", "kueue.queueName=research"], EXPECTED_CLUSTER_RULES | KUEUE_CLUSTER_RULES),
+    ],
+    ids=["defaults", "kueue"],
+)
+def test_cluster_role_is_exactly_what_the_operator_uses(
+    helm: Path, args: list[str], expected: dict[tuple[str, str], set[str]]
+) -> None:
+    docs = render(helm, *args)
     role = find(docs, "ClusterRole")
     rules: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
@@ -328,7 +348,7 @@ def test_cluster_role_is_exactly_what_the_operator_uses(helm: Path) -> None:
             for resource in rule["resources"]:
                 assert (group, resource) not in rules, f"{group}/{resource} appears twice"
                 rules[(group, resource)] = set(rule["verbs"])
-    assert rules == EXPECTED_CLUSTER_RULES
+    assert rules == expected
     # Nothing that reads secrets, execs into pods or escalates.
     assert not {r for _, r in rules} & {"secrets", "pods/exec", "namespaces", "nodes", "clusterroles"}
     assert not set().union(*rules.values()) & {"escalate", "bind", "impersonate", "deletecollection"}
@@ -391,6 +411,8 @@ def test_operator_environment_is_what_settings_read(helm: Path) -> None:
         "--set", "settings.namespaceMaxActiveJobs=4",
         "--set", "settings.workerImage=registry.example.com/ro:1.2",
         "--set", "kueue.queueName=research",
+        "--set", "kueue.priorityClasses.high=research-high",
+        "--set", "kueue.defaultPriorityClass=research-normal",
         "--set", "workers.serviceAccountName=research-worker",
         "--set", "operator.metricsPort=18080",
         "--set", "operator.healthPort=18081",
@@ -413,6 +435,9 @@ def test_operator_environment_is_what_settings_read(helm: Path) -> None:
         global_max_active=12,
         namespace_max_active=4,
         kueue_queue="research",
+        kueue_priority_classes=(("high", "research-high"),),
+        kueue_default_priority_class="research-normal",
+        kueue_watch=True,
         resync_seconds=12.5,
         quota_backoff_seconds=2.0,
         metrics_port=18080,
@@ -423,7 +448,13 @@ def test_operator_environment_is_what_settings_read(helm: Path) -> None:
     assert env["POD_NAME"] == "ro-research-operator-abc"  # the Lease holder identity
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 18080, "health": 18081}
     # The watched ConfigMap gives the same settings as the environment.
-    assert Settings.from_env({}).with_configmap(find(docs, "ConfigMap")["data"]).caps == s.caps
+    from_cm = Settings.from_env({}).with_configmap(find(docs, "ConfigMap")["data"])
+    assert from_cm.caps == s.caps
+    assert (from_cm.kueue_queue, from_cm.kueue_priority_classes, from_cm.kueue_default_priority_class) == (
+        s.kueue_queue,
+        s.kueue_priority_classes,
+        s.kueue_default_priority_class,
+    )
 
 
 def test_changing_caps_changes_the_configmap_but_does_not_restart_the_operator(helm: Path) -> None:
@@ -438,6 +469,20 @@ def test_changing_caps_changes_the_configmap_but_does_not_restart_the_operator(h
         assert (
             find(before, "Deployment", name)["spec"]["template"] == find(after, "Deployment", name)["spec"]["template"]
         )
+
+
+def test_turning_kueue_mode_on_restarts_the_operator_but_changing_its_mapping_does_not(helm: Path) -> None:
+    off = render(helm)
+    on = render(helm, "--set", "kueue.queueName=research")
+    remapped = render(helm, "--set", "kueue.queueName=research", "--set", "kueue.priorityClasses.high=research-high")
+    template = {
+        name: find(docs, "Deployment", "research-operator")["spec"]["template"]
+        for name, docs in (("off", off), ("on", on), ("remapped", remapped))
+    }
+    # The Workload watch and its RBAC come and go with Kueue mode: a new pod template rolls out.
+    assert template["off"] != template["on"]
+    assert template["on"] == template["remapped"]  # the mapping arrives through the ConfigMap watch
+    assert find(remapped, "ConfigMap")["data"]["kueuePriorityClasses"] == '{"high":"research-high"}'
 
 
 def test_model_server_command_line_is_what_the_server_parses(helm: Path) -> None:

@@ -280,6 +280,19 @@ class ResearchJobSpec(ApiModel):
     budget: BudgetSpec = Field(default_factory=BudgetSpec, description="Token and time budget.")
     store: StoreSpec = Field(default_factory=StoreSpec, description="Where results are stored.")
     retries: RetriesSpec = Field(default_factory=RetriesSpec, description="Retry policy.")
+    priority: str | None = Field(
+        None,
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description=(
+            "Priority of the worker Jobs when the operator runs in Kueue mode: a name the operator maps "
+            "to a Kueue WorkloadPriorityClass (chart value kueue.priorityClasses; a name not in that "
+            "map is taken as the WorkloadPriorityClass name itself). A higher priority may preempt "
+            "running worker Jobs of lower ones, which resume later. Without Kueue it has no effect; "
+            "use worker.priorityClassName for pod priority."
+        ),
+    )
     ttl_seconds_after_finished: int | None = Field(
         None,
         ge=0,

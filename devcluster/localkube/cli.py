@@ -1,10 +1,11 @@
 """``localkube``: build, start, inspect and stop the local Kubernetes control plane.
 
-localkube build            build (or find cached) etcd and the Kubernetes control plane
-localkube up [--nodes N]   start etcd, apiserver, controller-manager, scheduler, node agent
+localkube build [--with-kueue]            build (or find cached) etcd and the control plane (and Kueue)
+localkube up [--nodes N] [--with-kueue]   start etcd, apiserver, controller-manager, scheduler, node
+                                          agent (and Kueue: its manager, CRDs and webhooks)
 localkube status           say what runs and print the kubeconfig path
 localkube env              print `export KUBECONFIG=...` and PATH for kubectl/helm/kubectl-research
-localkube down             stop exactly the processes `up` started
+localkube down             stop exactly the processes `up` started (Kueue too)
 localkube logs NS/POD      print a pod's log (pods run as local processes, see docs/node-agent.md)
 localkube agent ...        run the node agent in the foreground (used by `up`)
 """
@@ -17,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from localkube import kueue
 from localkube.controlplane import Cluster, build_binaries, default_state_dir, kube_tools_dir
 
 
@@ -26,9 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--state-dir", type=Path, default=default_state_dir(), help="cluster state directory")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("build", help="build or find the cached control-plane binaries")
+    build = sub.add_parser("build", help="build or find the cached control-plane binaries")
+    build.add_argument("--with-kueue", action="store_true", help="also build Kueue's manager")
     up = sub.add_parser("up", help="start the cluster (reuses a healthy running one)")
     up.add_argument("--nodes", type=int, default=1, help="number of Nodes the agent registers")
+    up.add_argument(
+        "--with-kueue",
+        action="store_true",
+        help="also run Kueue (its CRDs, its manager, its webhooks on loopback); also on a running cluster",
+    )
     sub.add_parser("status", help="show whether the cluster runs")
     sub.add_parser("env", help="print shell exports for KUBECONFIG and kubectl/helm")
     sub.add_parser("down", help="stop the cluster")
@@ -43,18 +51,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "build":
         start = time.monotonic()
         print(build_binaries())
+        if args.with_kueue:
+            print(kueue.build())
         print(f"took {time.monotonic() - start:.1f}s", file=sys.stderr)
         return 0
     if args.cmd == "up":
         start = time.monotonic()
         nodes = tuple(f"localnode-{i + 1}" for i in range(args.nodes))
-        cluster.up(nodes=nodes)
+        cluster.up(nodes=nodes, with_kueue=args.with_kueue)
         print(f"cluster ready in {time.monotonic() - start:.1f}s", file=sys.stderr)
         _print_env(cluster)
         return 0
     if args.cmd == "status":
         if cluster.healthy():
             print(f"running: {cluster.server}  KUBECONFIG={cluster.kubeconfig}")
+            if kueue.running(cluster):
+                print(f"Kueue {kueue.KUEUE_VERSION} running (log {cluster.logs_dir / 'kueue.log'})")
             return 0
         print("not running")
         return 1

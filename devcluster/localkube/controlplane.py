@@ -129,18 +129,34 @@ class Cluster:
         return ctx
 
     def _get(self, url: str, timeout: float = 2.0) -> tuple[int, str]:
+        return self.request("GET", url, timeout=timeout)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        body: str | None = None,
+        content_type: str = "application/json",
+        timeout: float = 2.0,
+    ) -> tuple[int, str]:
+        """One HTTP request as the cluster admin (``url`` may be a path on the API server)."""
+        if url.startswith("/"):
+            url = self.server + url
         ctx = self._ssl_context()
         if not url.startswith(self.server):
             # controller-manager and scheduler serve self-signed certificates on loopback.
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
+        req = urllib.request.Request(url, method=method, data=body.encode() if body is not None else None)
+        if body is not None:
+            req.add_header("Content-Type", content_type)
         try:
-            with urllib.request.urlopen(url, context=ctx, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, context=ctx, timeout=timeout) as resp:
                 return int(resp.status), resp.read().decode()
         except urllib.error.HTTPError as e:
             return int(e.code), e.read().decode(errors="replace")
 
-    def _http_ok(self, url: str) -> bool:
+    def http_ok(self, url: str) -> bool:
         try:
             return self._get(url)[0] == 200
         except (OSError, ssl.SSLError):
@@ -150,7 +166,7 @@ class Cluster:
         """True when the API server is ready and every recorded process is alive."""
         if not (self.state_dir / "cluster.json").exists():
             return False
-        if any(not _alive(p) for p in self._recorded_pids().values()):
+        if any(not _alive(p) for p in self.recorded_pids().values()):
             return False
         try:
             status, _ = self._get(self.server + "/readyz")
@@ -175,7 +191,7 @@ class Cluster:
         return True
 
     # -- processes -------------------------------------------------------------------------
-    def _recorded_pids(self) -> dict[str, int]:
+    def recorded_pids(self) -> dict[str, int]:
         """name -> pid of each process we started, skipping pids since reused by another process."""
         pids: dict[str, int] = {}
         if self.pids_dir.is_dir():
@@ -189,7 +205,7 @@ class Cluster:
                     pids[f.stem] = pid
         return pids
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.pids_dir.mkdir(parents=True, exist_ok=True)
         logf = open(self.logs_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
@@ -206,9 +222,9 @@ class Cluster:
         log.info("started %s (pid %d), log %s", name, proc.pid, self.logs_dir / f"{name}.log")
         return proc.pid
 
-    def _wait(self, what: str, check: Callable[[], bool], timeout: float, proc_name: str) -> None:
+    def wait_for(self, what: str, check: Callable[[], bool], timeout: float, proc_name: str) -> None:
         deadline = time.monotonic() + timeout
-        pid = self._recorded_pids().get(proc_name)
+        pid = self.recorded_pids().get(proc_name)
         while time.monotonic() < deadline:
             if check():
                 return
@@ -219,20 +235,29 @@ class Cluster:
         tail = _tail(self.logs_dir / f"{proc_name}.log")
         raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}:\n{tail}")
 
-    def up(self, nodes: tuple[str, ...] = DEFAULT_NODES, bin_dir: Path | None = None) -> None:
-        """Start etcd, the control plane and the node agent, unless a healthy cluster runs."""
+    def up(self, nodes: tuple[str, ...] = DEFAULT_NODES, bin_dir: Path | None = None, with_kueue: bool = False) -> None:
+        """Start etcd, the control plane and the node agent, unless a healthy cluster runs; with
+        ``with_kueue`` also Kueue (``localkube.kueue``), into a running cluster too."""
         if self.healthy():
             log.info("reusing the running cluster at %s", self.state_dir)
-            return
-        self.down()
-        bin_dir = bin_dir or build_binaries()
-        try:
-            self._start(nodes, bin_dir)
-        except BaseException:
-            # A half-started cluster is worse than none: stop whatever did start.
+        else:
             self.down()
-            raise
-        log.info("cluster ready: KUBECONFIG=%s", self.kubeconfig)
+            bin_dir = bin_dir or build_binaries()
+            try:
+                self._start(nodes, bin_dir)
+            except BaseException:
+                # A half-started cluster is worse than none: stop whatever did start.
+                self.down()
+                raise
+            log.info("cluster ready: KUBECONFIG=%s", self.kubeconfig)
+        if with_kueue:
+            from localkube import kueue
+
+            try:
+                kueue.start(self)
+            except BaseException:
+                kueue.stop(self)
+                raise
 
     def _start(self, nodes: tuple[str, ...], bin_dir: Path) -> None:
         if self.state_dir.exists():
@@ -245,10 +270,10 @@ class Cluster:
             json.dumps({"server": server, "ports": ports.__dict__, "version": K8S_VERSION, "nodes": nodes})
         )
         for stem in ("admin", "controller-manager", "scheduler"):
-            self._write_kubeconfig(self.state_dir / f"{stem}.kubeconfig", server, stem)
+            self.write_kubeconfig(self.state_dir / f"{stem}.kubeconfig", server, stem)
         p = self.pki_dir
 
-        self._spawn(
+        self.spawn(
             "etcd",
             [
                 str(bin_dir / "etcd"),
@@ -263,7 +288,7 @@ class Cluster:
                 "--log-level=warn",
             ],
         )
-        self._spawn(
+        self.spawn(
             "kube-apiserver",
             [
                 str(bin_dir / "kube-apiserver"),
@@ -292,10 +317,10 @@ class Cluster:
                 "--v=1",
             ],
         )
-        self._wait("etcd", lambda: _port_open(ports.etcd_client), 60, "etcd")
-        self._wait(
+        self.wait_for("etcd", lambda: _port_open(ports.etcd_client), 60, "etcd")
+        self.wait_for(
             "kube-apiserver /readyz",
-            lambda: self._http_ok(server + "/readyz"),
+            lambda: self.http_ok(server + "/readyz"),
             120,
             "kube-apiserver",
         )
@@ -320,7 +345,7 @@ class Cluster:
             ("kube-scheduler", "scheduler", ports.scheduler, []),
         ):
             kc = str(self.state_dir / f"{stem}.kubeconfig")
-            self._spawn(
+            self.spawn(
                 name,
                 [
                     str(bin_dir / name),
@@ -339,9 +364,9 @@ class Cluster:
             ("kube-scheduler", ports.scheduler),
         ):
             url = f"https://127.0.0.1:{port}/healthz"
-            self._wait(f"{name} /healthz", lambda u=url: self._http_ok(u), 90, name)  # type: ignore[misc]
+            self.wait_for(f"{name} /healthz", lambda u=url: self.http_ok(u), 90, name)  # type: ignore[misc]
 
-        self._spawn(
+        self.spawn(
             "node-agent",
             [
                 sys.executable,
@@ -352,13 +377,22 @@ class Cluster:
                 f"--state-dir={self.state_dir / 'nodes'}",
             ],
         )
-        self._wait("Nodes Ready", self.nodes_ready, 90, "node-agent")
+        self.wait_for("Nodes Ready", self.nodes_ready, 90, "node-agent")
+
+    def stop_process(self, name: str) -> bool:
+        """Stop one recorded process (and its process group). True if it was running."""
+        pid = self.recorded_pids().get(name)
+        alive = pid is not None and _alive(pid)
+        if pid is not None and alive:
+            _terminate(pid)
+        (self.pids_dir / f"{name}.pid").unlink(missing_ok=True)
+        return alive
 
     def down(self) -> list[str]:
-        """Stop every process this cluster recorded (node agent first). Returns their names."""
+        """Stop every process this cluster recorded (add-ons and node agent first). Returns their names."""
         stopped: list[str] = []
-        order = ["node-agent", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]
-        pids = self._recorded_pids()
+        order = ["kueue", "node-agent", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]
+        pids = self.recorded_pids()
         for name in sorted(pids, key=lambda n: order.index(n) if n in order else -1):
             pid = pids[name]
             if _alive(pid):
@@ -367,7 +401,7 @@ class Cluster:
             (self.pids_dir / f"{name}.pid").unlink(missing_ok=True)
         return stopped
 
-    def _write_kubeconfig(self, path: Path, server: str, stem: str) -> None:
+    def write_kubeconfig(self, path: Path, server: str, stem: str) -> None:
         p = self.pki_dir
         cfg = {
             "apiVersion": "v1",

@@ -2,6 +2,8 @@
 
 One cluster CA signs the API server's serving certificate and a client certificate per identity
 (admin, controller-manager, scheduler). A separate RSA key pair signs service-account tokens.
+Add-ons (Kueue) get their certificates later from the same CA with ``issue_client`` and
+``issue_serving``, so the API server trusts the webhooks they serve on loopback.
 """
 
 from __future__ import annotations
@@ -135,3 +137,44 @@ def generate(pki_dir: Path) -> None:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
+
+
+def _load_ca(pki_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert = x509.load_pem_x509_certificate((pki_dir / "ca.crt").read_bytes())
+    key = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{pki_dir / 'ca.key'} is not the EC key localkube generates")
+    return cert, key
+
+
+def issue_client(pki_dir: Path, client: ClientIdentity) -> None:
+    """Write <stem>.{crt,key}: a client certificate of the cluster CA for one more identity."""
+    ca_cert, ca_key = _load_ca(pki_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in client.groups]
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, client.user))
+    cert = (
+        _builder(x509.Name(attrs), ca_cert.subject, key.public_key())
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_key(pki_dir / f"{client.file_stem}.key", key)
+    _write_cert(pki_dir / f"{client.file_stem}.crt", cert)
+
+
+def issue_serving(out_dir: Path, pki_dir: Path, common_name: str, ips: tuple[str, ...] = ("127.0.0.1",)) -> None:
+    """Write out_dir/tls.{crt,key} (the names controller-runtime's webhook server reads): a serving
+    certificate of the cluster CA for ``ips``, so the API server trusts a webhook served there."""
+    ca_cert, ca_key = _load_ca(pki_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    sans.append(x509.DNSName("localhost"))
+    cert = (
+        _builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]), ca_cert.subject, key.public_key())
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_key(out_dir / "tls.key", key)
+    _write_cert(out_dir / "tls.crt", cert)

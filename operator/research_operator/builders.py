@@ -34,10 +34,10 @@ from research_api.task import (
     TavilySource,
     WikipediaSource,
 )
+from research_operator import kueue
 from research_operator.constants import (
     ANNOTATION_CLEANUP_OF,
     ANNOTATION_CLEANUP_OF_UID,
-    KUEUE_QUEUE_LABEL,
     LABEL_BATCH,
     LABEL_JOB,
     LABEL_MANAGED_BY,
@@ -200,10 +200,10 @@ def worker_job(
     job_labels = labels(owner, step.value, plan)
     if batch_index is not None:
         job_labels[LABEL_BATCH] = str(batch_index)
-    suspend = False
-    if settings.kueue_queue and step == Step.INTERVIEW:
-        job_labels[KUEUE_QUEUE_LABEL] = settings.kueue_queue
-        suspend = True  # Kueue admits it by unsuspending
+    # Kueue mode: every step's Job waits suspended in the LocalQueue until Kueue admits it. The
+    # Kueue labels go on the Job only (Kueue reads them there), not on its pods.
+    kueue_labels = kueue.job_labels(settings, spec.priority)
+    suspend = bool(kueue_labels)
     resources = spec.worker.resources.wire()
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -262,7 +262,7 @@ def worker_job(
         "metadata": {
             "name": job_name(owner, plan, step.value, batch_index),
             "namespace": owner.namespace,
-            "labels": job_labels,
+            "labels": {**job_labels, **kueue_labels},
             "ownerReferences": [owner.reference()],
         },
         "spec": job_spec,

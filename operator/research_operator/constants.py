@@ -33,6 +33,7 @@ __all__ = [
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "research-operator"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"  # names a Kueue WorkloadPriorityClass
 
 FINALIZER = f"{GROUP}/external-store"  # on postgres-store ResearchJobs until their rows are deleted
 ANNOTATION_CLEANUP_OF = f"{GROUP}/cleanup-of"  # the ResearchJob an unowned cleanup Job cleans up

@@ -18,7 +18,7 @@ from typing import Any
 import kopf
 
 from research_api.researchjob import GROUP, PLURAL, VERSION
-from research_operator import deletion, kube, loop
+from research_operator import deletion, kube, kueue, loop
 from research_operator.admission import QuotaUsage
 from research_operator.constants import LABEL_JOB, LABEL_KIND, SETTINGS_KIND
 from research_operator.reconcile import JobView
@@ -149,6 +149,38 @@ async def quota_event(namespace: str | None, **_: Any) -> None:
         WORLD.wake_waiting(namespace)
 
 
+# Kueue mode: Kueue's Workloads (one per worker Job, owned by it) and LocalQueues, for the status.
+# Only with KUEUE_WATCH (fixed at start): watching needs Kueue's CRDs and the RBAC the chart adds.
+# Workloads carry no label of ours, so in Kueue mode every Workload of the cluster is indexed (as a
+# small view); without Kueue mode none is watched.
+if BASE_SETTINGS.kueue_watch:
+
+    @kopf.index(kueue.GROUP, kueue.VERSION, "workloads")
+    def kueue_workloads(body: kopf.Body, namespace: str | None, **_: Any) -> dict[tuple[str, str], Any] | None:
+        wl = kueue.workload_view(body)
+        return {(namespace, wl.job): wl} if wl is not None and namespace else None
+
+    @kopf.index(kueue.GROUP, kueue.VERSION, "localqueues")
+    def kueue_localqueues(
+        body: kopf.Body, namespace: str | None, name: str, **_: Any
+    ) -> dict[tuple[str, str], Any] | None:
+        return {(namespace, name): kueue.localqueue_view(body)} if namespace else None
+
+    @kopf.on.event(kueue.GROUP, kueue.VERSION, "workloads")
+    async def workload_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+        wl = kueue.workload_view(body)
+        if wl is not None and namespace is not None:
+            for key, views in list((WORLD.job_index or {}).items()):
+                if key[0] == namespace and any(j.name == wl.job for j in views):
+                    WORLD.wake(key)
+
+    @kopf.on.event(kueue.GROUP, kueue.VERSION, "localqueues")
+    async def localqueue_event(namespace: str | None, **_: Any) -> None:
+        for key in list(WORLD.bodies):
+            if key[0] == namespace:
+                WORLD.wake(key)
+
+
 @kopf.on.event(*EVENTS)
 async def failed_create_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
     """The Job controller could not create a pod of one of our Jobs (a quota it cannot fit, a
@@ -173,6 +205,7 @@ async def researchjob_event(
         return
     # kopf passes each index by its function's name; they are complete before this first runs.
     WORLD.attach(kwargs["rj_jobs"], kwargs["rj_stored"], kwargs["ns_quotas"])
+    WORLD.kueue_indexes.update({k: kwargs[k] for k in ("kueue_workloads", "kueue_localqueues") if k in kwargs})
     key: Key = (namespace, str(uid))
     if type == "DELETED":
         deletion.FINALIZED.discard(str(uid))

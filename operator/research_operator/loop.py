@@ -27,7 +27,7 @@ from research_api.researchjob import (
     ResearchJobStatus,
 )
 from research_api.task import Step
-from research_operator import kube, metrics
+from research_operator import kube, kueue, metrics
 from research_operator.admit import Outcome, Want, admit_and_create, pods_blocked, still_blocked, with_detail
 from research_operator.admit import now as _now
 from research_operator.builders import Owner, worker_job
@@ -207,7 +207,8 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     if want is not None:
         waiting, _ = await admit_and_create(key, owner, want, spec.worker, cfg)
         if want.step == Step.INTERVIEW.value:
-            started = len(want.jobs) - WORLD.waiting.get(key, 0)
+            # In Kueue mode a new Job waits, suspended, until Kueue admits it.
+            started = 0 if cfg.kueue_queue else len(want.jobs) - WORLD.waiting.get(key, 0)
             st.batches.active += started
             st.batches.queued -= started
             if started:
@@ -221,6 +222,18 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     live = [j for j in WORLD.jobs_of(key).values() if j.active]
     waiting = dataclasses.replace(waiting, pods_blocked=pods_blocked(live))
     events = apply_waiting(st, prev, waiting, obs.generation, now)
+    mine = list(WORLD.jobs_of(key).values())
+    workloads, queues = kueue.gather(
+        namespace,
+        mine,
+        cfg.kueue_queue,
+        WORLD.kueue_indexes.get("kueue_workloads"),
+        WORLD.kueue_indexes.get("kueue_localqueues"),
+    )
+    wait = kueue.wait_status(
+        mine, workloads, queues, cfg.kueue_queue, cfg.kueue_watch, kueue.priority_class(spec.priority, cfg)
+    )
+    kueue.annotate(st, wait, prev, obs.generation, now, kueue_mode=bool(cfg.kueue_queue))
 
     if WORLD.phases.get(key) != st.phase:  # a pass may run before our last status write is seen
         for etype, reason, message in d.events:

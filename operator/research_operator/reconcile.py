@@ -42,6 +42,11 @@ class JobView:
     def active(self) -> bool:
         return not (self.succeeded or self.failed or self.suspended)
 
+    @property
+    def unfinished(self) -> bool:
+        """Running or suspended (waiting for Kueue): it holds a slot under the caps and may still run."""
+        return not (self.succeeded or self.failed)
+
 
 @dataclass(frozen=True)
 class StoreView:
@@ -215,7 +220,8 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
         st.message = message
         d.waiting_batches.clear()
         d.create_plan = d.create_writer = False
-        d.delete_jobs += [j.name for j in jobs if j.active and j.name not in d.delete_jobs]
+        # Suspended Jobs too: in Kueue mode they would otherwise be admitted and run later.
+        d.delete_jobs += [j.name for j in jobs if j.unfinished and j.name not in d.delete_jobs]
         counts.queued = 0
     st.batches = counts
 

@@ -1,13 +1,17 @@
 """Operator settings: static ones from the environment, admin caps also from a ConfigMap.
 
-The caps (``globalMaxActiveJobs``, ``namespaceMaxActiveJobs``) and the default model endpoint can
-change at run time: the operator watches the settings ConfigMap (rendered by the Helm chart from
-values.yaml) and applies a change on the next reconcile, with no restart.
+The caps (``globalMaxActiveJobs``, ``namespaceMaxActiveJobs``), the default model endpoint and the
+Kueue queue and priority mapping can change at run time: the operator watches the settings
+ConfigMap (rendered by the Helm chart from values.yaml) and applies a change on the next reconcile,
+with no restart. Whether it watches Kueue's Workloads and LocalQueues (``KUEUE_WATCH``) is fixed at
+start, as that needs their CRDs and RBAC.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -22,6 +26,37 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
         raise ValueError(f"{key} must be an integer, got {raw!r}") from e
 
 
+# A Kueue WorkloadPriorityClass name as a label value, and a ResearchJob's spec.priority.
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+PriorityClasses = tuple[tuple[str, str], ...]
+
+
+def _priority_classes(env: Mapping[str, str], key: str, default: PriorityClasses) -> PriorityClasses:
+    """A JSON object {spec.priority: WorkloadPriorityClass name}, e.g. {"high": "research-high"}."""
+    raw = env.get(key, "")
+    if not raw.strip():
+        return default
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{key} must be a JSON object of priority -> WorkloadPriorityClass, got {raw!r}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{key} must be a JSON object of priority -> WorkloadPriorityClass, got {raw!r}")
+    for k, v in data.items():
+        if not (isinstance(v, str) and _NAME.match(k) and _NAME.match(v) and len(k) <= 63 and len(v) <= 63):
+            raise ValueError(f"{key}: {k!r}: {v!r} is not a priority name and a WorkloadPriorityClass name")
+    return tuple(sorted(data.items()))
+
+
+def _class_name(env: Mapping[str, str], key: str, default: str) -> str:
+    raw = env.get(key, default).strip()
+    if raw and not (_NAME.match(raw) and len(raw) <= 63):
+        raise ValueError(f"{key} must be a WorkloadPriorityClass name, got {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     namespace: str = "research-operator"  # where the operator runs (Lease, settings ConfigMap)
@@ -32,6 +67,11 @@ class Settings:
     global_max_active: int = 0  # 0 = unlimited
     namespace_max_active: int = 0
     kueue_queue: str = ""  # non-empty: create worker Jobs suspended for this Kueue LocalQueue
+    # spec.priority -> Kueue WorkloadPriorityClass (an unmapped priority names the class itself)
+    kueue_priority_classes: PriorityClasses = ()
+    kueue_default_priority_class: str = ""  # for ResearchJobs without spec.priority; "" = none
+    # Watch Kueue Workloads and LocalQueues for status (needs their CRDs and RBAC; fixed at start).
+    kueue_watch: bool = False
     resync_seconds: float = 300.0  # a safety net: watches, deadlines and TTLs wake a ResearchJob
     quota_backoff_seconds: float = 5.0
     metrics_port: int = 8080
@@ -56,6 +96,9 @@ class Settings:
             global_max_active=_int(e, "GLOBAL_MAX_ACTIVE_JOBS", d.global_max_active),
             namespace_max_active=_int(e, "NAMESPACE_MAX_ACTIVE_JOBS", d.namespace_max_active),
             kueue_queue=e.get("KUEUE_QUEUE_NAME", d.kueue_queue),
+            kueue_priority_classes=_priority_classes(e, "KUEUE_PRIORITY_CLASSES", d.kueue_priority_classes),
+            kueue_default_priority_class=_class_name(e, "KUEUE_DEFAULT_PRIORITY_CLASS", d.kueue_default_priority_class),
+            kueue_watch=e.get("KUEUE_WATCH", "true" if e.get("KUEUE_QUEUE_NAME") else "false").lower() == "true",
             resync_seconds=float(e.get("RESYNC_SECONDS", d.resync_seconds)),
             quota_backoff_seconds=float(e.get("QUOTA_BACKOFF_SECONDS", d.quota_backoff_seconds)),
             metrics_port=_int(e, "METRICS_PORT", d.metrics_port),
@@ -73,4 +116,8 @@ class Settings:
             default_model_base_url=data.get("defaultModelBaseUrl") or self.default_model_base_url,
             worker_image=data.get("workerImage") or self.worker_image,
             kueue_queue=data.get("kueueQueueName", self.kueue_queue),
+            kueue_priority_classes=_priority_classes(data, "kueuePriorityClasses", self.kueue_priority_classes),
+            kueue_default_priority_class=_class_name(
+                data, "kueueDefaultPriorityClass", self.kueue_default_priority_class
+            ),
         )

@@ -190,6 +190,7 @@ class World:
     failure_details: dict[tuple[str, str], str] = field(default_factory=dict)  # (ns, Job uid) -> pod's last words
     create_failures: dict[str, str] = field(default_factory=dict)  # Job uid -> the Job controller's FailedCreate
     admission_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    kueue_indexes: dict[str, Any] = field(default_factory=dict)  # Kueue mode: Workloads, LocalQueues (kopf indices)
     dirty: set[Key] = field(default_factory=set)  # woken by a change of their own (not only a freed slot)
     blocked: dict[Key, Blocked] = field(default_factory=dict)  # what each waiting ResearchJob last waited for
     version: int = 0  # bumped whenever running or waiting counts may have changed
@@ -233,7 +234,7 @@ class World:
             for job in self.jobs_of(key).values():
                 if job.name in pending:
                     out["count/jobs.batch"] += 1
-                if job.active and job.pods == 0:
+                if job.unfinished and job.pods == 0:
                     for resource, amount in job.pod.consumption().items():
                         if resource in POD_RESOURCES:
                             out[resource] += amount
@@ -317,7 +318,7 @@ class World:
         for key, jobs in (self.job_index or {}).items():
             if key in self.created or self.deleted.get(key):
                 continue  # counted below, with what only this process knows
-            n = sum(1 for j in jobs if j.active)
+            n = sum(1 for j in jobs if j.unfinished)
             if n:
                 active[key] = n
         for key in {*self.created.keys(), *(k for k, gone in self.deleted.items() if gone)}:
@@ -330,8 +331,9 @@ class World:
         return out
 
     def active_of(self, key: Key) -> int:
-        """Running (not finished, not suspended) worker Jobs of one ResearchJob."""
-        return sum(1 for j in self.jobs_of(key).values() if j.active)
+        """Unfinished worker Jobs of one ResearchJob: what counts against the caps (in Kueue mode
+        also one still suspended in its LocalQueue: the caps bound what is handed to Kueue)."""
+        return sum(1 for j in self.jobs_of(key).values() if j.unfinished)
 
     def active_interviews(self) -> int:
         return sum(1 for jobs in (self.job_index or {}).values() for j in jobs if j.step == "interview" and j.active)
