@@ -17,10 +17,12 @@ from typing import Any
 
 import kopf
 
+from research_api.modelendpoint import ENDPOINT_PLURAL
 from research_api.researchjob import GROUP, PLURAL, VERSION
-from research_operator import kube, loop
+from research_operator import kube, loop, metrics
 from research_operator.admission import QuotaUsage
 from research_operator.constants import LABEL_JOB, LABEL_KIND, SETTINGS_KIND
+from research_operator.endpoints import endpoint_from, match
 from research_operator.reconcile import JobView
 from research_operator.world import WORLD, Key, StoredObject, job_view, owner_uid, stored_object
 
@@ -100,6 +102,11 @@ async def job_event(type: str, body: kopf.Body, namespace: str | None, **_: Any)
     if type == "DELETED" or not view.active:
         # A slot may have freed up: let the ResearchJobs waiting in its scope compete for it.
         WORLD.wake_waiting(None if loop.settings().global_max_active else namespace)
+        if view.endpoint:
+            # Its share of the endpoint is free: the waiting ResearchJobs anywhere may take it, and the
+            # running pods get their new shares.
+            WORLD.wake_endpoint_waiters(view.endpoint)
+            loop.request_share_sync(view.endpoint)
 
 
 @kopf.on.event(*CONFIGMAPS, labels={LABEL_KIND: kopf.PRESENT})
@@ -112,6 +119,21 @@ async def configmap_event(
     uid = owner_uid(body)
     if uid is not None and namespace is not None:
         WORLD.wake((namespace, uid))
+        if type == "ADDED":
+            _count_rate_limited((namespace, uid), body)
+
+
+def _count_rate_limited(key: Key, body: kopf.Body) -> None:
+    """429s a worker reports with a stored result, counted against the endpoint its ResearchJob calls."""
+    obj = stored_object(body)
+    rj = WORLD.bodies.get(key)
+    if obj is None or not obj.rate_limited or rj is None:
+        return
+    model = (rj.get("spec") or {}).get("model") or {}
+    cfg = loop.settings()
+    base_url = str(model.get("baseUrl") or cfg.default_model_base_url)
+    endpoint = match(WORLD.endpoints.values(), base_url, str(model.get("name") or "offline-research-1"))
+    metrics.ENDPOINT_429.labels(endpoint.name if endpoint is not None else "").inc(obj.rate_limited)
 
 
 def settings_changed(type: str, body: kopf.Body, namespace: str | None, name: str, logger: kopf.Logger) -> None:
@@ -132,6 +154,25 @@ def settings_changed(type: str, body: kopf.Body, namespace: str | None, name: st
             f"namespaceMaxActiveJobs={new.namespace_max_active}"
         )
         WORLD.wake_waiting()
+
+
+@kopf.on.event(GROUP, VERSION, ENDPOINT_PLURAL)
+async def endpoint_event(type: str, body: kopf.Body, name: str, logger: kopf.Logger, **_: Any) -> None:
+    """A ModelEndpoint (ours, cluster-scoped, few): admission and the running pods' shares follow a
+    change of its capacity at once."""
+    old = WORLD.endpoints.get(name)
+    new = None if type == "DELETED" else endpoint_from(body)
+    if type != "DELETED" and new is None:
+        logger.error(f"ignoring ModelEndpoint {name}: its spec is not usable")
+    if new == old and name in WORLD.endpoint_status:
+        return  # a status write of ours, or nothing that matters
+    if new is None:
+        WORLD.endpoints.pop(name, None)
+    else:
+        WORLD.endpoints[name] = new
+    WORLD.endpoint_status.pop(name, None)
+    WORLD.wake_waiting()  # ResearchJobs may now match another endpoint, or none
+    loop.request_share_sync(name)
 
 
 @kopf.on.event("", "v1", "resourcequotas")

@@ -22,6 +22,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from research_api.researchjob import (
+    ModelSpec,
     Phase,
     ResearchJobSpec,
     ResearchJobStatus,
@@ -30,10 +31,13 @@ from research_api.researchjob import (
     WorkerSpec,
 )
 from research_api.task import Step
+from research_operator import endpoints as ep
 from research_operator import kube, metrics
 from research_operator.admission import (
     Admission,
+    BudgetVerdict,
     Demand,
+    EndpointVerdict,
     PodResources,
     WaitReason,
     decide_admission,
@@ -51,6 +55,7 @@ from research_operator.reconcile import (
     batches,
     condition,
     decide,
+    rfc3339,
     step_noun,
 )
 from research_operator.settings import Settings
@@ -154,7 +159,33 @@ def still_blocked(key: Key) -> bool:
     quotas = WORLD.quotas_of(namespace)
     verdict = quota_headroom(quotas, b.pod, WORLD.reserved(namespace), b.priority_class)
     too_small = never_fits(quotas, b.pod, b.priority_class)
-    return decide_admission(me, b.own_limit, demands, settings().caps, verdict, too_small).admitted == 0
+    cfg = settings()
+    endpoint = WORLD.endpoints.get(b.endpoint) if b.endpoint else None
+    capacity = _endpoint_verdict(endpoint, b.demand) if endpoint is not None else None
+    budget = _budget_verdict(namespace, cfg, _now()) if b.step != CLEANUP_STEP else None
+    adm = decide_admission(me, b.own_limit, demands, cfg.caps, verdict, too_small, capacity, budget)
+    return adm.admitted == 0
+
+
+def _endpoint_verdict(endpoint: ep.Endpoint, demand: int) -> EndpointVerdict:
+    in_use = sum(p.demand for _, p in WORLD.endpoint_pods(endpoint.name))
+    return EndpointVerdict(endpoint.name, endpoint.max_concurrent, in_use, demand)
+
+
+def _budget_verdict(namespace: str, cfg: Settings, now: dt.datetime) -> BudgetVerdict | None:
+    budget = cfg.token_budgets.get(namespace)
+    if budget is None:
+        return None
+    start, end = ep.window(now, budget.seconds)
+    used = ep.spent(WORLD.usage_since(namespace), start)
+    metrics.NAMESPACE_TOKENS.labels(namespace).set(used)
+    return BudgetVerdict(namespace, budget.tokens, used, budget.period, rfc3339(end))
+
+
+def _endpoint_of(model: ModelSpec | None, cfg: Settings) -> ep.Endpoint | None:
+    if model is None:
+        return None
+    return ep.match(WORLD.endpoints.values(), model.base_url or cfg.default_model_base_url, model.name)
 
 
 def _now() -> dt.datetime:
@@ -186,16 +217,25 @@ class Want:
     step: str
     jobs: list[dict[str, Any]]
     own_limit: int  # the ResearchJob's own bound on its running Jobs
+    analysts: list[int] | None = None  # analysts of each Job (interview batches)
 
 
 async def admit_and_create(
-    key: Key, owner: Owner, want: Want, worker: WorkerSpec, cfg: Settings
+    key: Key, owner: Owner, want: Want, worker: WorkerSpec, cfg: Settings, model: ModelSpec | None = None
 ) -> tuple[Waiting, int]:
-    """Admit what fits (caps, fair share, ResourceQuota headroom), record the admitted Jobs as ours
-    before creating them, create them; the number created, and what still waits and why."""
+    """Admit what fits (caps, fair share, ResourceQuota headroom, the model endpoint's capacity, the
+    namespace's token budget), record the admitted Jobs as ours before creating them, create them;
+    the number created, and what still waits and why. ``model``: the ResearchJob's model (None for
+    the cleanup Job, which calls no model)."""
     namespace = key[0]
     pod = PodResources.from_spec(worker.resources.requests.wire(), worker.resources.limits.wire())
     priority_class = worker.priority_class_name or ""
+    endpoint = _endpoint_of(model, cfg)
+    needs = [
+        ep.demand(want.step, (want.analysts or [1] * len(want.jobs))[i], model.max_concurrency, endpoint)
+        for i in range(len(want.jobs))
+    ] if endpoint is not None and model is not None else []
+    budget = _budget_verdict(namespace, cfg, _now()) if model is not None else None
     async with WORLD.admission_lock:
         WORLD.waiting[key] = len(want.jobs)
         demands = WORLD.demands()
@@ -203,13 +243,22 @@ async def admit_and_create(
         quotas = WORLD.quotas_of(namespace)
         verdict = quota_headroom(quotas, pod, WORLD.reserved(namespace), priority_class)
         too_small = never_fits(quotas, pod, priority_class)
-        adm: Admission = decide_admission(me, want.own_limit, demands, cfg.caps, verdict, too_small)
+        capacity = _endpoint_verdict(endpoint, max(needs)) if endpoint is not None else None
+        adm: Admission = decide_admission(
+            me, want.own_limit, demands, cfg.caps, verdict, too_small, capacity, budget
+        )
         admitted = want.jobs[: adm.admitted]
+        if endpoint is not None:
+            cm = ep.share_configmap_name(owner.name)
+            for job, need in zip(admitted, needs, strict=False):
+                ep.stamp(job, endpoint, need, ep.Share(need), cm)
         pending = WORLD.created[key]
         for job in admitted:
             pending[job["metadata"]["name"]] = job_view(job)
         WORLD.waiting[key] = len(want.jobs) - len(admitted)
         WORLD.bump()
+    if endpoint is not None and admitted:
+        await sync_endpoint(endpoint.name)  # the shares ConfigMap exists before the pods read it
     if adm.reason is not None and adm.reason.is_quota:
         metrics.QUOTA_WAITS.labels(namespace).inc()
     if admitted and key not in WORLD.rbac_ready and want.step != CLEANUP_STEP:
@@ -238,15 +287,128 @@ async def admit_and_create(
             metrics.JOBS_CREATED.labels(want.step).inc()
             created += 1
     still = WORLD.waiting.get(key, 0)
+    if endpoint is not None and len(admitted) > created:
+        request_share_sync(endpoint.name)  # some were not created after all
     if still and refused is None:
-        WORLD.blocked[key] = Blocked(still, want.own_limit, pod, priority_class)
+        WORLD.blocked[key] = Blocked(
+            still,
+            want.own_limit,
+            pod,
+            priority_class,
+            endpoint.name if endpoint is not None else "",
+            max(needs) if needs else 0,
+            want.step,
+        )
     else:
         WORLD.blocked.pop(key, None)
     if refused is not None:
         return Waiting(step_noun(want.step, still), refused[0], refused[1], refused=True), created
     if still and adm.reason is not None:
-        return Waiting(step_noun(want.step, still), adm.reason, adm.message), created
+        until = None
+        if adm.reason == WaitReason.TOKEN_BUDGET and budget is not None:
+            until = dt.datetime.fromisoformat(budget.resets.replace("Z", "+00:00"))
+        return Waiting(step_noun(want.step, still), adm.reason, adm.message, until=until), created
     return Waiting(), created
+
+
+# ------------------------------------------------------------------------------------------
+# endpoint shares: written for the running pods whenever what is admitted against an endpoint changes
+# ------------------------------------------------------------------------------------------
+
+_SYNC_WANTED: set[str] = set()
+_SYNC_EVENT: asyncio.Event | None = None
+_SYNC_TASK: asyncio.Task[None] | None = None
+
+
+def request_share_sync(endpoint: str) -> None:
+    """Rewrite the shares of ``endpoint``'s pods soon (coalesced, in one background task)."""
+    global _SYNC_EVENT, _SYNC_TASK
+    _SYNC_WANTED.add(endpoint)
+    if _SYNC_EVENT is None:
+        _SYNC_EVENT = asyncio.Event()
+    if _SYNC_TASK is None or _SYNC_TASK.done():
+        _SYNC_TASK = asyncio.create_task(_share_syncer(_SYNC_EVENT), name="endpoint shares")
+    _SYNC_EVENT.set()
+
+
+async def _share_syncer(event: asyncio.Event) -> None:
+    while True:
+        await event.wait()
+        event.clear()
+        await asyncio.sleep(0.05)  # one rewrite for a burst of changes
+        for name in sorted(_SYNC_WANTED):
+            _SYNC_WANTED.discard(name)
+            try:
+                await sync_endpoint(name)
+            except ApiException as e:
+                log.warning(f"writing the shares of ModelEndpoint {name} hit an API error {e.status}: {e.reason}")
+                _SYNC_WANTED.add(name)
+                await asyncio.sleep(1.0)
+                event.set()
+            except Exception:  # noqa: BLE001 - keep syncing the other endpoints; logged with its traceback
+                log.exception(f"writing the shares of ModelEndpoint {name} failed")
+
+
+async def sync_endpoint(name: str) -> None:
+    """Give every running pod admitted against ``name`` its current share (one ConfigMap per
+    ResearchJob, written only when it changed), and show the use in the ModelEndpoint's status and
+    metrics. A deleted ModelEndpoint leaves its pods their full demand, with no per-minute limits."""
+    endpoint = WORLD.endpoints.get(name)
+    pods = WORLD.endpoint_pods(name)
+    if endpoint is not None:
+        table = ep.shares(endpoint, [p for _, p in pods])
+    else:
+        table = {p.job: ep.Share(p.demand) for _, p in pods}
+    by_key: dict[Key, dict[str, ep.Share]] = {}
+    for key, p in pods:
+        by_key.setdefault(key, {})[p.job] = table[p.job]
+    for key, mine in by_key.items():
+        body = WORLD.bodies.get(key)
+        if body is None:
+            continue
+        rj = str(body.get("metadata", {}).get("name"))
+        owner = Owner(key[0], rj, key[1])
+        cm = ep.shares_configmap(key[0], rj, owner.reference(), name, mine)
+        data = cm["data"][ep.SHARES_KEY]
+        if WORLD.shares_written.get(key) != data:
+            await kube.put_configmap(cm)
+            WORLD.shares_written[key] = data
+    in_flight = sum(s.concurrency for s in table.values())
+    waiting = WORLD.endpoint_waiters(name)
+    minute_ago = _now() - dt.timedelta(minutes=1)
+    recent = sum(
+        obj.tokens
+        for key in by_key
+        for obj in (WORLD.stored_index or {}).get(key, [])
+        if obj.created is not None and obj.created >= minute_ago
+    )
+    metrics.ENDPOINT_TOKENS_PER_MINUTE.labels(name).set(recent)
+    metrics.ENDPOINT_IN_FLIGHT.labels(name).set(in_flight)
+    metrics.ENDPOINT_PODS.labels(name).set(len(pods))
+    metrics.ENDPOINT_WAITING.labels(name).set(waiting)
+    if endpoint is not None:
+        metrics.ENDPOINT_CAPACITY.labels(name).set(endpoint.max_concurrent)
+        n = max(1, len(table))
+        metrics.ENDPOINT_SHARE.labels(name, "concurrency").set(in_flight / n if table else 0)
+        for resource, total in (
+            ("requests_per_minute", endpoint.requests_per_minute),
+            ("tokens_per_minute", endpoint.tokens_per_minute),
+        ):
+            metrics.ENDPOINT_SHARE.labels(name, resource).set((total or 0) / n if table else 0)
+        status = {
+            "observedGeneration": endpoint.generation,
+            "requestsInFlightLimit": in_flight,
+            "pods": len(pods),
+            "waitingResearchJobs": waiting,
+            "shares": [
+                {"namespace": p.namespace, "researchJob": p.research_job, "job": p.job, **table[p.job].wire()}
+                for _, p in sorted(pods, key=lambda kp: (kp[1].namespace, kp[1].job))
+            ]
+            or None,
+        }
+        if WORLD.endpoint_status.get(name) != status:
+            await kube.patch_endpoint_status(name, status)
+            WORLD.endpoint_status[name] = status
 
 
 def _pods_blocked(jobs: list[JobView]) -> str | None:
@@ -317,10 +479,15 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
             worker_job(owner, spec, cfg, plan_id, Step.INTERVIEW, plan[b], b, active_deadline_seconds=remaining)
             for b in d.waiting_batches
         ]
-        want = Want(Step.INTERVIEW.value, built, own_limit=spec.parallelism.max_active_jobs)
+        want = Want(
+            Step.INTERVIEW.value,
+            built,
+            own_limit=spec.parallelism.max_active_jobs,
+            analysts=[len(plan[b]) for b in d.waiting_batches],
+        )
     waiting = Waiting()
     if want is not None:
-        waiting, _ = await admit_and_create(key, owner, want, spec.worker, cfg)
+        waiting, _ = await admit_and_create(key, owner, want, spec.worker, cfg, spec.model)
         if want.step == Step.INTERVIEW.value:
             started = len(want.jobs) - WORLD.waiting.get(key, 0)
             st.batches.active += started
@@ -356,7 +523,10 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
             message="deleting the finished ResearchJob (ttlSecondsAfterFinished)",
         )
         await kube.delete_researchjob(namespace, name, uid)
-    return Outcome(retry=waiting.refused, wake_at=d.wake_at)
+    wake_at = d.wake_at
+    if waiting.until is not None:  # the token budget's period rolls over then
+        wake_at = min(wake_at, waiting.until) if wake_at is not None else waiting.until
+    return Outcome(retry=waiting.refused, wake_at=wake_at)
 
 
 # ------------------------------------------------------------------------------------------

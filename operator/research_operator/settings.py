@@ -1,6 +1,7 @@
 """Operator settings: static ones from the environment, admin caps also from a ConfigMap.
 
-The caps (``globalMaxActiveJobs``, ``namespaceMaxActiveJobs``) and the default model endpoint can
+The caps (``globalMaxActiveJobs``, ``namespaceMaxActiveJobs``), the namespace token budgets
+(``namespaceTokenBudgets``) and the default model endpoint can
 change at run time: the operator watches the settings ConfigMap (rendered by the Helm chart from
 values.yaml) and applies a change on the next reconcile, with no restart.
 """
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from research_operator.admission import Caps
+from research_operator.endpoints import TokenBudget, parse_budgets
 
 
 def _int(env: Mapping[str, str], key: str, default: int) -> int:
@@ -38,6 +40,8 @@ class Settings:
     health_port: int = 8081
     leader_election: bool = True
     lease_name: str = "research-operator-leader"
+    # namespace -> tokens per period its ResearchJobs may spend (namespaceTokenBudgets, JSON)
+    token_budgets: dict[str, TokenBudget] = field(default_factory=dict)
 
     @property
     def caps(self) -> Caps:
@@ -62,6 +66,7 @@ class Settings:
             health_port=_int(e, "HEALTH_PORT", d.health_port),
             leader_election=e.get("LEADER_ELECTION", "true").lower() != "false",
             lease_name=e.get("LEASE_NAME", d.lease_name),
+            token_budgets=parse_budgets(e.get("NAMESPACE_TOKEN_BUDGETS", "")),
         )
 
     def with_configmap(self, data: Mapping[str, str]) -> Settings:
@@ -73,4 +78,7 @@ class Settings:
             default_model_base_url=data.get("defaultModelBaseUrl") or self.default_model_base_url,
             worker_image=data.get("workerImage") or self.worker_image,
             kueue_queue=data.get("kueueQueueName", self.kueue_queue),
+            token_budgets=(
+                parse_budgets(data["namespaceTokenBudgets"]) if "namespaceTokenBudgets" in data else self.token_budgets
+            ),
         )

@@ -31,6 +31,7 @@ from research_operator.constants import (
     LABEL_PLAN,
     LABEL_STEP,
 )
+from research_operator.endpoints import ANNOTATION_CONCURRENCY, ANNOTATION_ENDPOINT, Endpoint, PodUse
 from research_operator.reconcile import JobView, StoreView
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ def job_view(body: Mapping[str, Any]) -> JobView:
     batch = labels.get(LABEL_BATCH)
     containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or [{}]
     resources = containers[0].get("resources") or {}
+    annotations = meta.get("annotations") or {}
+    concurrency = str(annotations.get(ANNOTATION_CONCURRENCY) or "")
     return JobView(
         name=str(meta.get("name")),
         uid=str(meta.get("uid") or ""),
@@ -92,6 +95,8 @@ def job_view(body: Mapping[str, Any]) -> JobView:
         suspended=bool(spec.get("suspend")) and "Complete" not in conds and failed is None,
         message=str((failed or {}).get("message") or (failed or {}).get("reason") or ""),
         finished=_time((finished or {}).get("lastTransitionTime")),
+        endpoint=str(annotations.get(ANNOTATION_ENDPOINT) or ""),
+        concurrency=int(concurrency) if concurrency.isdigit() else 0,
     )
 
 
@@ -106,6 +111,8 @@ class StoredObject:
     report_key: str | None = None
     postgres_id: str | None = None  # a report marker of the PostgreSQL store
     tokens: int = 0
+    created: dt.datetime | None = None  # when the worker stored it (token budgets count by it)
+    rate_limited: int = 0  # 429 answers the worker saw while making it
 
 
 DATA_KEY = CONFIGMAP_DATA_KEY
@@ -135,6 +142,8 @@ def stored_object(body: Mapping[str, Any]) -> StoredObject | None:
         analyst=int(idx) if idx is not None and str(idx).isdigit() else None,
         name=str(meta.get("name")),
         tokens=int(usage.get("total_tokens") or 0) if isinstance(usage, dict) else 0,
+        created=_time(meta.get("creationTimestamp")),
+        rate_limited=int(usage.get("rate_limited") or 0) if isinstance(usage, dict) else 0,
     )
     if kind == "analysts":
         try:
@@ -164,6 +173,9 @@ class Blocked:
     own_limit: int
     pod: PodResources
     priority_class: str = ""
+    endpoint: str = ""  # the ModelEndpoint its Jobs would be admitted against
+    demand: int = 0  # requests in flight one of its pods needs there
+    step: str = ""
 
 
 @dataclass
@@ -179,6 +191,9 @@ class World:
     job_index: Mapping[Key, Any] | None = None  # Key -> collection of JobView
     stored_index: Mapping[Key, Any] | None = None  # Key -> collection of StoredObject
     quota_index: Mapping[str, Any] | None = None  # namespace -> collection of QuotaUsage
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)  # ModelEndpoints by name
+    shares_written: dict[Key, str] = field(default_factory=dict)  # the shares ConfigMap data last written
+    endpoint_status: dict[str, dict[str, Any]] = field(default_factory=dict)  # status last written, by endpoint
     created: dict[Key, dict[str, JobView]] = field(default_factory=lambda: defaultdict(dict))
     deleted: dict[Key, set[str]] = field(default_factory=lambda: defaultdict(set))  # Job uids being deleted
     waiting: dict[Key, int] = field(default_factory=dict)  # worker Jobs each ResearchJob waits to start
@@ -258,8 +273,23 @@ class World:
             if n > 0 and (namespace is None or key[0] == namespace):
                 self.wake(key)
 
+    def wake_endpoint_waiters(self, endpoint: str) -> None:
+        """Wake every ResearchJob whose worker Jobs wait for ``endpoint``'s capacity."""
+        for key, b in self.blocked.items():
+            if b.endpoint == endpoint and self.waiting.get(key):
+                self.wake(key)
+
     def forget(self, key: Key) -> None:
-        for d in (self.created, self.deleted, self.waiting, self.phases, self.wakeups, self.bodies, self.blocked):
+        for d in (
+            self.created,
+            self.deleted,
+            self.waiting,
+            self.phases,
+            self.wakeups,
+            self.bodies,
+            self.blocked,
+            self.shares_written,
+        ):
             d.pop(key, None)
         self.rbac_ready.discard(key)
         self.dirty.discard(key)
@@ -304,6 +334,31 @@ class World:
                 out.append(Demand(key[0], key[1], active, waiting))
         self._demands = (self.version, out)
         return out
+
+    def endpoint_pods(self, endpoint: str) -> list[tuple[Key, PodUse]]:
+        """The running worker Jobs admitted against ``endpoint`` (from the Jobs' annotations, plus
+        what this process just created), with their ResearchJob."""
+        keys = {*(self.job_index or {}).keys(), *self.created.keys()}
+        out = []
+        for key in keys:
+            body = self.bodies.get(key)
+            rj = str(((body or {}).get("metadata") or {}).get("name") or "")
+            for job in self.jobs_of(key).values():
+                if job.active and job.endpoint == endpoint:
+                    out.append((key, PodUse(key[0], rj, job.name, max(1, job.concurrency))))
+        return out
+
+    def usage_since(self, namespace: str) -> list[tuple[dt.datetime | None, int]]:
+        """(when stored, tokens) of every stored result in ``namespace``."""
+        return [
+            (obj.created, obj.tokens)
+            for key, objs in (self.stored_index or {}).items()
+            if key[0] == namespace
+            for obj in objs
+        ]
+
+    def endpoint_waiters(self, endpoint: str) -> int:
+        return sum(1 for key, b in self.blocked.items() if b.endpoint == endpoint and self.waiting.get(key))
 
     def active_interviews(self) -> int:
         return sum(1 for jobs in (self.job_index or {}).values() for j in jobs if j.step == "interview" and j.active)
