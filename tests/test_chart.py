@@ -59,6 +59,8 @@ EXPECTED_CLUSTER_RULES = {
     ("researchops.io", "researchjobs"): {"get", "list", "watch", "patch", "delete"},
     ("researchops.io", "researchjobs/status"): {"patch"},
     ("researchops.io", "researchjobs/finalizers"): {"update"},
+    ("researchops.io", "modelendpoints"): {"list", "watch"},
+    ("researchops.io", "modelendpoints/status"): {"patch"},
     ("batch", "jobs"): {"list", "watch", "create", "delete"},
     ("", "configmaps"): {"get", "list", "watch", "create", "update", "patch"},
     ("", "resourcequotas"): {"list", "watch"},
@@ -180,6 +182,7 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
         "defaultModelBaseUrl": "http://research-operator-modelserver.research-system.svc:8000/v1",
         "workerImage": "research-operator:0.1.0",
         "kueueQueueName": "",
+        "namespaceTokenBudgets": "{}",
     }
 
 
