@@ -149,9 +149,11 @@ def settings_changed(type: str, body: kopf.Body, namespace: str | None, name: st
         return
     if data != WORLD.settings_data:
         WORLD.settings_data = data
+        budgets = ",".join(f"{ns}:{b.tokens}/{b.period}" for ns, b in sorted(new.token_budgets.items()))
         logger.info(
             f"operator settings: globalMaxActiveJobs={new.global_max_active} "
-            f"namespaceMaxActiveJobs={new.namespace_max_active}"
+            f"namespaceMaxActiveJobs={new.namespace_max_active} "
+            f"namespaceTokenBudgets={budgets}"
         )
         WORLD.wake_waiting()
 
