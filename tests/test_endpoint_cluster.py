@@ -85,9 +85,13 @@ def test_two_researchjobs_sharing_an_endpoint_never_exceed_its_capacity(
     # Both fanned out (2 batches of 2 analysts each, 4 requests wanted): the capacity made them wait.
     events = client.CoreV1Api(api).list_namespaced_event(namespace).items
     assert any(e.reason == "WaitingForEndpoint" for e in events), [e.reason for e in events]
-    me = client.CustomObjectsApi(api).get_cluster_custom_object(GROUP, VERSION, ENDPOINTS, name)
-    assert me["status"]["observedGeneration"] == me["metadata"]["generation"]
-    assert me["status"]["pods"] == 0 and not me["status"].get("shares")  # everything finished
+
+    def endpoint_status() -> dict[str, Any]:
+        me = client.CustomObjectsApi(api).get_cluster_custom_object(GROUP, VERSION, ENDPOINTS, name)
+        return dict(me.get("status") or {})
+
+    until("the endpoint's status shows every pod gone", lambda: endpoint_status().get("pods") == 0, 60)
+    assert endpoint_status()["observedGeneration"] == 1 and not endpoint_status().get("shares")
     assert f'research_operator_endpoint_max_concurrent_requests{{endpoint="{name}"}} 3.0' in operator.metrics()
 
 
