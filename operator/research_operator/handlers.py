@@ -22,7 +22,7 @@ from research_api.researchjob import GROUP, PLURAL, VERSION
 from research_operator import kube, loop, metrics
 from research_operator.admission import QuotaUsage
 from research_operator.constants import LABEL_JOB, LABEL_KIND, SETTINGS_KIND
-from research_operator.endpoints import endpoint_from, match
+from research_operator.endpoints import Endpoint, endpoint_from, match
 from research_operator.reconcile import JobView
 from research_operator.world import WORLD, Key, StoredObject, job_view, owner_uid, stored_object
 
@@ -158,20 +158,27 @@ def settings_changed(type: str, body: kopf.Body, namespace: str | None, name: st
         WORLD.wake_waiting()
 
 
+@kopf.index(GROUP, VERSION, ENDPOINT_PLURAL)
+def model_endpoints(body: kopf.Body, name: str, **_: Any) -> dict[str, Endpoint] | None:
+    endpoint = endpoint_from(body)
+    return {name: endpoint} if endpoint is not None else None
+
+
 @kopf.on.event(GROUP, VERSION, ENDPOINT_PLURAL)
-async def endpoint_event(type: str, body: kopf.Body, name: str, logger: kopf.Logger, **_: Any) -> None:
+async def endpoint_event(type: str, body: kopf.Body, name: str, logger: kopf.Logger, **kwargs: Any) -> None:
     """A ModelEndpoint (ours, cluster-scoped, few): admission and the running pods' shares follow a
     change of its capacity at once."""
-    old = WORLD.endpoints.get(name)
+    WORLD.endpoint_index = kwargs["model_endpoints"]
+    old = WORLD.endpoints_seen.get(name)
     new = None if type == "DELETED" else endpoint_from(body)
     if type != "DELETED" and new is None:
         logger.error(f"ignoring ModelEndpoint {name}: its spec is not usable")
     if new == old and name in WORLD.endpoint_status:
         return  # a status write of ours, or nothing that matters
     if new is None:
-        WORLD.endpoints.pop(name, None)
+        WORLD.endpoints_seen.pop(name, None)
     else:
-        WORLD.endpoints[name] = new
+        WORLD.endpoints_seen[name] = new
     WORLD.endpoint_status.pop(name, None)
     WORLD.wake_waiting()  # ResearchJobs may now match another endpoint, or none
     loop.request_share_sync(name)
@@ -206,7 +213,7 @@ async def researchjob_event(
     if namespace is None or not uid:
         return
     # kopf passes each index by its function's name; they are complete before this first runs.
-    WORLD.attach(kwargs["rj_jobs"], kwargs["rj_stored"], kwargs["ns_quotas"])
+    WORLD.attach(kwargs["rj_jobs"], kwargs["rj_stored"], kwargs["ns_quotas"], kwargs["model_endpoints"])
     key: Key = (namespace, str(uid))
     if type == "DELETED":
         loop.FINALIZED.discard(str(uid))

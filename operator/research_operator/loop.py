@@ -316,6 +316,7 @@ async def admit_and_create(
 # ------------------------------------------------------------------------------------------
 
 _SYNC_WANTED: set[str] = set()
+_SYNC_LOCK: asyncio.Lock | None = None
 _SYNC_EVENT: asyncio.Event | None = None
 _SYNC_TASK: asyncio.Task[None] | None = None
 
@@ -352,7 +353,16 @@ async def _share_syncer(event: asyncio.Event) -> None:
 async def sync_endpoint(name: str) -> None:
     """Give every running pod admitted against ``name`` its current share (one ConfigMap per
     ResearchJob, written only when it changed), and show the use in the ModelEndpoint's status and
-    metrics. A deleted ModelEndpoint leaves its pods their full demand, with no per-minute limits."""
+    metrics. A deleted ModelEndpoint leaves its pods their full demand, with no per-minute limits.
+    One at a time, so a slower write never replaces a newer one."""
+    global _SYNC_LOCK
+    if _SYNC_LOCK is None:
+        _SYNC_LOCK = asyncio.Lock()
+    async with _SYNC_LOCK:
+        await _sync_endpoint(name)
+
+
+async def _sync_endpoint(name: str) -> None:
     endpoint = WORLD.endpoints.get(name)
     pods = WORLD.endpoint_pods(name)
     if endpoint is not None:

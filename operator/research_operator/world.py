@@ -191,7 +191,8 @@ class World:
     job_index: Mapping[Key, Any] | None = None  # Key -> collection of JobView
     stored_index: Mapping[Key, Any] | None = None  # Key -> collection of StoredObject
     quota_index: Mapping[str, Any] | None = None  # namespace -> collection of QuotaUsage
-    endpoints: dict[str, Endpoint] = field(default_factory=dict)  # ModelEndpoints by name
+    endpoint_index: Mapping[str, Any] | None = None  # ModelEndpoint name -> collection of Endpoint
+    endpoints_seen: dict[str, Endpoint] = field(default_factory=dict)  # as the last watch event showed them
     shares_written: dict[Key, str] = field(default_factory=dict)  # the shares ConfigMap data last written
     endpoint_status: dict[str, dict[str, Any]] = field(default_factory=dict)  # status last written, by endpoint
     created: dict[Key, dict[str, JobView]] = field(default_factory=lambda: defaultdict(dict))
@@ -210,8 +211,21 @@ class World:
     version: int = 0  # bumped whenever running or waiting counts may have changed
     _demands: tuple[int, list[Demand]] = (-1, [])
 
-    def attach(self, jobs: Mapping[Key, Any], stored: Mapping[Key, Any], quotas: Mapping[str, Any]) -> None:
+    def attach(
+        self,
+        jobs: Mapping[Key, Any],
+        stored: Mapping[Key, Any],
+        quotas: Mapping[str, Any],
+        endpoints: Mapping[str, Any] | None = None,
+    ) -> None:
         self.job_index, self.stored_index, self.quota_index = jobs, stored, quotas
+        if endpoints is not None:
+            self.endpoint_index = endpoints
+
+    @property
+    def endpoints(self) -> dict[str, Endpoint]:
+        """Every usable ModelEndpoint by name (an index: complete before any ResearchJob is admitted)."""
+        return {name: e for name, found in (self.endpoint_index or {}).items() for e in list(found)[:1]}
 
     def jobs_of(self, key: Key) -> dict[str, JobView]:
         """The ResearchJob's Jobs by name: what the watch has, plus what this process created and the
