@@ -1,7 +1,7 @@
 """Ten ResearchJobs at once against one model endpoint that takes 8 requests at a time (429 beyond),
 with and without its capacity declared as a ModelEndpoint.
 
-    .venv/bin/python bench/endpoint_bench.py [--researchjobs 10] [--analysts 4] [--ttft-ms 2000]
+    .venv/bin/python bench/endpoint_bench.py [--researchjobs 10] [--analysts 4] [--ttft-ms 2000] [--modes with without]
 
 For each mode it starts the offline model server (``--max-concurrency 8``: a 9th concurrent request is
 answered 429 with Retry-After; ``--ttft-ms``: the model time of every request; a request log) and the
@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--researchjobs", type=int, default=10)
     parser.add_argument("--analysts", type=int, default=4)
     parser.add_argument("--ttft-ms", type=int, default=2000)
+    parser.add_argument("--modes", nargs="+", choices=["with", "without"], default=["with", "without"])
     args = parser.parse_args()
     cluster = Cluster()
     cluster.up()
@@ -166,7 +167,10 @@ def main() -> None:
             check=True,
         )
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [run_mode(api, cluster.kubeconfig, args, declared, Path(tmp)) for declared in (True, False)]
+        rows = [
+            run_mode(api, cluster.kubeconfig, args, declared, Path(tmp))
+            for declared in [m == "with" for m in args.modes]
+        ]
     print(
         "| capacity declared | 429s | most in flight | makespan | total model time | ideal (/8) | makespan / ideal "
         "| Succeeded |"

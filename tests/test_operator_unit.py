@@ -579,6 +579,21 @@ def test_an_endpoint_admits_pods_while_their_requests_in_flight_fit() -> None:
             assert f"{in_use}/8 requests in flight" in adm.message
 
 
+def test_pods_beyond_the_capacity_stand_by_paused_and_take_freed_shares_in_admission_order() -> None:
+    v = EndpointVerdict("shared", 8, 8, 2, standby=8)  # full, room for 4 more pods standing by
+    me = Demand("a", "rj", 0, 6)
+    adm = decide_admission(me, 50, [me], Caps(), QuotaVerdict(None), endpoint=v)
+    assert (adm.admitted, adm.reason) == (4, WaitReason.ENDPOINT_CAPACITY)
+    assert "8/8 requests in flight admitted" in EndpointVerdict("shared", 8, 12, 2, 8).message
+    assert "4 more standing by" in EndpointVerdict("shared", 8, 12, 2, 8).message
+    pods = [ep.PodUse("a", "rj", f"j{i}", 3, admitted=f"{100 + i}") for i in range(4)]
+    table = ep.shares(EP, pods)
+    assert [table[f"j{i}"].concurrency for i in range(4)] == [3, 3, 2, 0]  # the last one waits paused
+    assert table["j3"].tokens_per_minute == 0
+    after = ep.shares(EP, pods[1:])  # the first ends: the paused one gets its share
+    assert [after[f"j{i}"].concurrency for i in range(1, 4)] == [3, 3, 2]
+
+
 def test_the_tightest_limit_names_the_wait_endpoint_or_quota() -> None:
     me = Demand("a", "rj", 0, 4)
     v = EndpointVerdict("shared", 8, 4, 2)  # room for 2

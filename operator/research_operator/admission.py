@@ -259,15 +259,18 @@ class EndpointVerdict:
     max_concurrent: int
     in_use: int
     demand: int
+    standby: int = 0  # demand admitted beyond the capacity: pods that start paused (share 0)
 
     @property
     def jobs(self) -> int:
-        return max(0, (self.max_concurrent - self.in_use) // max(1, self.demand))
+        return max(0, (self.max_concurrent + self.standby - self.in_use) // max(1, self.demand))
 
     @property
     def message(self) -> str:
+        running = min(self.in_use, self.max_concurrent)
+        paused = f", {self.in_use - running} more standing by" if self.in_use > running else ""
         return (
-            f"ModelEndpoint {self.name}: {self.in_use}/{self.max_concurrent} requests in flight admitted, "
+            f"ModelEndpoint {self.name}: {running}/{self.max_concurrent} requests in flight admitted{paused}, "
             f"a worker pod needs {self.demand}"
         )
 

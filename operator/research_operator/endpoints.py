@@ -29,6 +29,7 @@ from research_operator.constants import child_name
 
 ANNOTATION_ENDPOINT = f"{GROUP}/model-endpoint"  # the ModelEndpoint a worker Job is admitted against
 ANNOTATION_CONCURRENCY = f"{GROUP}/endpoint-concurrency"  # requests in flight its pod may need
+ANNOTATION_ADMITTED = f"{GROUP}/endpoint-admitted"  # when (order of admission: earlier pods go first)
 LABEL_SHARES = f"{GROUP}/endpoint-shares"  # on the shares ConfigMap (not researchops.io/kind: unwatched)
 SHARES_KEY = "shares.json"
 SHARE_POLL_SECONDS = 2.0
@@ -97,6 +98,7 @@ class PodUse:
     research_job: str
     job: str
     demand: int
+    admitted: str = ""  # sortable admission time
 
 
 @dataclass(frozen=True)
@@ -127,23 +129,25 @@ def _split(total: int, weights: list[int]) -> list[int]:
     return out
 
 
+def standby(endpoint: Endpoint) -> int:
+    """Demand admitted beyond the capacity: pods that start (image, interpreter, model preflight)
+    while the endpoint is full and wait paused for their share, so a freed share is used at once
+    instead of after a pod start-up. As much again as the capacity."""
+    return endpoint.max_concurrent
+
+
 def shares(endpoint: Endpoint, pods: list[PodUse]) -> dict[str, Share]:
-    """Each admitted pod's share, by Job name. Concurrency: its demand while they all fit (admission
-    keeps it so); when the capacity was lowered under what runs, the capacity water-filled (every pod
-    its fair part, at most its demand; beyond one slot per pod, pods in name order get none and pause
-    until others end). Requests and tokens per minute: split in proportion to the concurrency."""
-    ordered = sorted(pods, key=lambda p: (p.namespace, p.job))
-    want = [p.demand for p in ordered]
-    if sum(want) <= endpoint.max_concurrent:
-        conc = want
-    else:
-        conc = [0] * len(want)
-        left = endpoint.max_concurrent
-        while left > 0 and any(c < w for c, w in zip(conc, want, strict=True)):
-            for i, w in enumerate(want):
-                if left > 0 and conc[i] < w:
-                    conc[i] += 1
-                    left -= 1
+    """Each admitted pod's share, by Job name. Concurrency: in order of admission, each pod its
+    demand while the capacity lasts, the next one what is left, the rest 0 (paused: standing by, or
+    beyond a capacity an admin lowered) until pods before them end. Requests and tokens per minute:
+    split in proportion to the concurrency."""
+    ordered = sorted(pods, key=lambda p: (p.admitted, p.namespace, p.job))
+    left = endpoint.max_concurrent
+    conc = []
+    for p in ordered:
+        grant = max(0, min(p.demand, left))
+        conc.append(grant)
+        left -= grant
     rpm = _split(endpoint.requests_per_minute, conc) if endpoint.requests_per_minute else None
     tpm = _split(endpoint.tokens_per_minute, conc) if endpoint.tokens_per_minute else None
     return {
@@ -173,14 +177,17 @@ def shares_configmap(
     }
 
 
-def stamp(job: dict[str, Any], endpoint: Endpoint, need: int, share: Share, configmap: str) -> dict[str, Any]:
-    """The worker Job admitted against ``endpoint``: annotated with the endpoint and its pod's demand,
-    and its task told its first share and where to poll for the next ones."""
+def stamp(
+    job: dict[str, Any], endpoint: Endpoint, need: int, share: Share, configmap: str, admitted: str = ""
+) -> dict[str, Any]:
+    """The worker Job admitted against ``endpoint``: annotated with the endpoint, its pod's demand
+    and when it was admitted, and its task told its first share and where to poll for the next ones."""
     meta = job["metadata"]
     meta["annotations"] = {
         **(meta.get("annotations") or {}),
         ANNOTATION_ENDPOINT: endpoint.name,
         ANNOTATION_CONCURRENCY: str(need),
+        ANNOTATION_ADMITTED: admitted,
     }
     container = job["spec"]["template"]["spec"]["containers"][0]
     for env in container["env"]:

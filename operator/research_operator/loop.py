@@ -169,7 +169,7 @@ def still_blocked(key: Key) -> bool:
 
 def _endpoint_verdict(endpoint: ep.Endpoint, demand: int) -> EndpointVerdict:
     in_use = sum(p.demand for _, p in WORLD.endpoint_pods(endpoint.name))
-    return EndpointVerdict(endpoint.name, endpoint.max_concurrent, in_use, demand)
+    return EndpointVerdict(endpoint.name, endpoint.max_concurrent, in_use, demand, ep.standby(endpoint))
 
 
 def _budget_verdict(namespace: str, cfg: Settings, now: dt.datetime) -> BudgetVerdict | None:
@@ -248,10 +248,13 @@ async def admit_and_create(
             me, want.own_limit, demands, cfg.caps, verdict, too_small, capacity, budget
         )
         admitted = want.jobs[: adm.admitted]
-        if endpoint is not None:
+        if endpoint is not None and capacity is not None:
             cm = ep.share_configmap_name(owner.name)
+            left = endpoint.max_concurrent - capacity.in_use  # pods admitted before come first
             for job, need in zip(admitted, needs, strict=False):
-                ep.stamp(job, endpoint, need, ep.Share(need), cm)
+                first = max(0, min(need, left))  # 0: it starts paused and waits for its share
+                left -= need
+                ep.stamp(job, endpoint, need, ep.Share(first), cm, f"{time.time():.6f}")
         pending = WORLD.created[key]
         for job in admitted:
             pending[job["metadata"]["name"]] = job_view(job)

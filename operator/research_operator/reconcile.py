@@ -39,6 +39,7 @@ class JobView:
     finished: dt.datetime | None = None  # when it completed or failed
     endpoint: str = ""  # the ModelEndpoint it was admitted against
     concurrency: int = 0  # requests in flight its pod may need there
+    admitted: str = ""  # when it was admitted there (sortable)
 
     @property
     def active(self) -> bool:

@@ -31,7 +31,13 @@ from research_operator.constants import (
     LABEL_PLAN,
     LABEL_STEP,
 )
-from research_operator.endpoints import ANNOTATION_CONCURRENCY, ANNOTATION_ENDPOINT, Endpoint, PodUse
+from research_operator.endpoints import (
+    ANNOTATION_ADMITTED,
+    ANNOTATION_CONCURRENCY,
+    ANNOTATION_ENDPOINT,
+    Endpoint,
+    PodUse,
+)
 from research_operator.reconcile import JobView, StoreView
 
 log = logging.getLogger(__name__)
@@ -97,6 +103,7 @@ def job_view(body: Mapping[str, Any]) -> JobView:
         finished=_time((finished or {}).get("lastTransitionTime")),
         endpoint=str(annotations.get(ANNOTATION_ENDPOINT) or ""),
         concurrency=int(concurrency) if concurrency.isdigit() else 0,
+        admitted=str(annotations.get(ANNOTATION_ADMITTED) or ""),
     )
 
 
@@ -359,7 +366,7 @@ class World:
             rj = str(((body or {}).get("metadata") or {}).get("name") or "")
             for job in self.jobs_of(key).values():
                 if job.active and job.endpoint == endpoint:
-                    out.append((key, PodUse(key[0], rj, job.name, max(1, job.concurrency))))
+                    out.append((key, PodUse(key[0], rj, job.name, max(1, job.concurrency), job.admitted)))
         return out
 
     def usage_since(self, namespace: str) -> list[tuple[dt.datetime | None, int]]:

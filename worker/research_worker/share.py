@@ -136,10 +136,17 @@ def parse_share(data: Mapping[str, str], key: str) -> tuple[int, int | None, int
     )
 
 
+PAUSED_POLL_SECONDS = 0.5  # a paused pod (share 0) looks more often: its share is idle until it sees it
+
+
 async def follow(limiter: ShareLimiter, ref: EndpointShareRef, load: Callable[[str], Mapping[str, str]]) -> None:
     """Poll the shares ConfigMap and apply this pod's current share, until cancelled."""
+    first = True
     while True:
-        await asyncio.sleep(ref.poll_seconds)
+        if not first:
+            paused = limiter.concurrency <= 0
+            await asyncio.sleep(min(PAUSED_POLL_SECONDS, ref.poll_seconds) if paused else ref.poll_seconds)
+        first = False
         try:
             data = await asyncio.to_thread(load, ref.config_map)
         except WorkerError as exc:
