@@ -240,9 +240,13 @@ def parse_budgets(raw: str) -> dict[str, TokenBudget]:
         raise ValueError("namespaceTokenBudgets must map each namespace to {tokens, period}")
     out: dict[str, TokenBudget] = {}
     for ns, b in data.items():
-        if not isinstance(b, dict) or not isinstance(b.get("tokens"), int) or b["tokens"] < 1:
+        tokens = b.get("tokens") if isinstance(b, dict) else None
+        if isinstance(tokens, float) and tokens.is_integer():
+            tokens = int(tokens)  # 2e+06 from a templating tool
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
             raise ValueError(f"namespaceTokenBudgets[{ns}] needs tokens: a whole number >= 1")
-        budget = TokenBudget(int(b["tokens"]), str(b.get("period", "24h")))
+        assert isinstance(b, dict)
+        budget = TokenBudget(tokens, str(b.get("period", "24h")))
         budget.seconds  # noqa: B018 - validates the period
         out[str(ns)] = budget
     return out
