@@ -217,6 +217,7 @@ class World:
     blocked: dict[Key, Blocked] = field(default_factory=dict)  # what each waiting ResearchJob last waited for
     version: int = 0  # bumped whenever running or waiting counts may have changed
     _demands: tuple[int, list[Demand]] = (-1, [])
+    _endpoint_pods: tuple[int, dict[str, list[tuple[Key, PodUse]]]] = (-1, {})
 
     def attach(
         self,
@@ -358,16 +359,20 @@ class World:
 
     def endpoint_pods(self, endpoint: str) -> list[tuple[Key, PodUse]]:
         """The running worker Jobs admitted against ``endpoint`` (from the Jobs' annotations, plus
-        what this process just created), with their ResearchJob."""
-        keys = {*(self.job_index or {}).keys(), *self.created.keys()}
-        out = []
-        for key in keys:
-            body = self.bodies.get(key)
-            rj = str(((body or {}).get("metadata") or {}).get("name") or "")
-            for job in self.jobs_of(key).values():
-                if job.active and job.endpoint == endpoint:
-                    out.append((key, PodUse(key[0], rj, job.name, max(1, job.concurrency), job.admitted)))
-        return out
+        what this process just created), with their ResearchJob. Computed for every endpoint at
+        once and kept until running counts change (``version``), so the re-checks of many waiting
+        ResearchJobs after one freed slot cost one pass over the Jobs, not one each."""
+        if self._endpoint_pods[0] != self.version:
+            table: dict[str, list[tuple[Key, PodUse]]] = defaultdict(list)
+            for key in {*(self.job_index or {}).keys(), *self.created.keys()}:
+                body = self.bodies.get(key)
+                rj = str(((body or {}).get("metadata") or {}).get("name") or "")
+                for job in self.jobs_of(key).values():
+                    if job.active and job.endpoint:
+                        use = PodUse(key[0], rj, job.name, max(1, job.concurrency), job.admitted)
+                        table[job.endpoint].append((key, use))
+            self._endpoint_pods = (self.version, dict(table))
+        return list(self._endpoint_pods[1].get(endpoint, []))
 
     def usage_since(self, namespace: str) -> list[tuple[dt.datetime | None, int]]:
         """(when stored, tokens) of every stored result in ``namespace``."""
