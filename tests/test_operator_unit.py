@@ -692,3 +692,23 @@ def test_waiting_for_the_endpoint_or_the_budget_has_its_own_condition_and_column
     assert st.waiting_for == "TokenBudget" and [e[:2] for e in events] == [("Warning", "TokenBudgetExhausted")]
     st, _ = _waiting_status(Waiting())
     assert st.waiting_for is None
+
+
+def test_the_world_counts_running_jobs_per_endpoint_and_follows_changes() -> None:
+    from research_operator.world import World
+
+    def job(name: str, endpoint: str, need: int, done: bool = False) -> JobView:
+        return JobView(name, "interview", "p", uid=name, endpoint=endpoint, concurrency=need, succeeded=done)
+
+    index: dict[tuple[str, str], list[JobView]] = {
+        ("a", "u1"): [job("x-b0", "shared", 2), job("x-b1", "shared", 2, done=True)],
+        ("b", "u2"): [job("y-b0", "shared", 3), job("y-b1", "other", 1), job("y-plan", "", 0)],
+    }
+    world = World()
+    world.attach(index, {}, {})
+    assert sorted(p.job for _, p in world.endpoint_pods("shared")) == ["x-b0", "y-b0"]
+    assert sum(p.demand for _, p in world.endpoint_pods("shared")) == 5
+    index[("a", "u1")][0] = job("x-b0", "shared", 2, done=True)
+    world.bump()  # a Job event
+    assert [p.job for _, p in world.endpoint_pods("shared")] == ["y-b0"]
+    assert [p.job for _, p in world.endpoint_pods("other")] == ["y-b1"]
