@@ -1,10 +1,14 @@
 # syntax=docker/dockerfile:1
 #
-# One image for the three programs of research-operator, all on PATH:
+# One image for the programs of research-operator, all on PATH:
 #   research-operator     the kopf operator (the image's ENTRYPOINT)
 #   research-worker       a worker step (plan, interview, write); the operator sets it as the
 #                         command of every worker Job
 #   research-modelserver  the offline OpenAI-compatible model server
+#   kubectl-research      the kubectl plugin (kubectl research ...)
+# Only the product: the packages of pyproject.toml (api, operator, worker, modelserver, cli). The
+# local control plane, node agent and demo (devcluster/) are a development distribution of their
+# own and are neither copied nor installed here.
 # The Helm chart always sets `command` explicitly, so the ENTRYPOINT only matters for `docker run`.
 #
 #   docker build -t research-operator:0.1.0 .      (or: make image)
@@ -28,17 +32,18 @@ COPY api ./api
 COPY operator ./operator
 COPY worker ./worker
 COPY modelserver ./modelserver
-COPY devcluster ./devcluster
+COPY cli ./cli
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && /opt/venv/bin/pip install /wheels/research_operator-*.whl \
  && /opt/venv/bin/research-operator --help >/dev/null \
  && /opt/venv/bin/research-worker --help >/dev/null \
- && /opt/venv/bin/research-modelserver --help >/dev/null
+ && /opt/venv/bin/research-modelserver --help >/dev/null \
+ && /opt/venv/bin/kubectl-research --help >/dev/null
 
 # ---- final: the interpreter of the same base image plus the venv; no compilers, no sources ----
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="research-operator" \
-      org.opencontainers.image.description="Multi-agent LLM research as a Kubernetes operator: operator, worker and offline model server" \
+      org.opencontainers.image.description="Multi-agent LLM research as a Kubernetes operator: operator, worker, offline model server and kubectl plugin" \
       org.opencontainers.image.version="0.1.0" \
       org.opencontainers.image.licenses="Apache-2.0"
 ENV PATH=/opt/venv/bin:$PATH \

@@ -7,7 +7,7 @@ SHELL := /bin/bash
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml devcluster/pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 ##@ General
@@ -32,11 +32,12 @@ test: venv cluster-build tools lint typecheck ## Run every check and test (the C
 
 ##@ Development
 .PHONY: venv
-venv: $(STAMP) ## Create .venv and install the project with its dev dependencies.
-$(STAMP): pyproject.toml
+venv: $(STAMP) ## Create .venv: the product with its dev extra, and the local cluster (devcluster/).
+$(STAMP): pyproject.toml devcluster/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e ./devcluster  # second: reinstalling the product must not take bin/localkube
 	rm -f $(VENV)/.installed-* && touch $@
 
 .PHONY: lint

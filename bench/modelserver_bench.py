@@ -26,21 +26,36 @@ from offline_model.launcher import ModelServerProcess
 DOCS = "\n\n---\n\n".join(
     f'<Document source="docs/{name}.md" page=""/>\n{text}\n</Document>'
     for name, text in (
-        ("checkpointing", "LangGraph persists graph state with checkpointers. A PostgreSQL checkpointer lets an "
-         "interview resume on another pod after a crash. Each thread id keys one conversation's checkpoints."),
-        ("quotas", "A ResourceQuota caps the CPU, memory and number of Jobs in a namespace. When the quota is "
-         "exhausted, the operator keeps interview Jobs pending instead of failing them."),
-        ("cost", "Model calls dominate the cost of a research job. Caching answers and limiting interview turns "
-         "cut token usage by half in the reported experiment."),
+        (
+            "checkpointing",
+            "LangGraph persists graph state with checkpointers. A PostgreSQL checkpointer lets an "
+            "interview resume on another pod after a crash. Each thread id keys one conversation's checkpoints.",
+        ),
+        (
+            "quotas",
+            "A ResourceQuota caps the CPU, memory and number of Jobs in a namespace. When the quota is "
+            "exhausted, the operator keeps interview Jobs pending instead of failing them.",
+        ),
+        (
+            "cost",
+            "Model calls dominate the cost of a research job. Caching answers and limiting interview turns "
+            "cut token usage by half in the reported experiment.",
+        ),
     )
 )
 BODY = {
     "model": "offline-research-1",
     "messages": [
-        {"role": "system", "content": "You are an expert being interviewed by an analyst. Use this context and "
-         "cite sources as [1]:\n\n" + DOCS},
-        {"role": "user", "content": "How do checkpointers let an interview survive a pod crash, and what does "
-         "the quota do to pending Jobs?"},
+        {
+            "role": "system",
+            "content": "You are an expert being interviewed by an analyst. Use this context and "
+            "cite sources as [1]:\n\n" + DOCS,
+        },
+        {
+            "role": "user",
+            "content": "How do checkpointers let an interview survive a pod crash, and what does "
+            "the quota do to pending Jobs?",
+        },
     ],
 }
 
@@ -61,8 +76,11 @@ async def stream_once(client: httpx.AsyncClient, headers: dict[str, str]) -> tup
 
 
 async def latency_model(base_url: str, settings: list[tuple[int, int]], repeats: int) -> list[str]:
-    rows = ["| configured TTFT ms | measured TTFT ms (median) | configured ms/token | measured ms/token (median gap) "
-            "| tokens/stream |", "| --- | --- | --- | --- | --- |"]
+    rows = [
+        "| configured TTFT ms | measured TTFT ms (median) | configured ms/token | measured ms/token (median gap) "
+        "| tokens/stream |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
         for ttft, per_token in settings:
             headers = {"X-Offline-Latency-TTFT-Ms": str(ttft), "X-Offline-Latency-Token-Ms": str(per_token)}
@@ -72,8 +90,10 @@ async def latency_model(base_url: str, settings: list[tuple[int, int]], repeats:
                 firsts.append(first * 1000)
                 gaps.extend(x * 1000 for x in g)
                 n_tokens = len(g) + 1
-            rows.append(f"| {ttft} | {statistics.median(firsts):.1f} | {per_token} | {statistics.median(gaps):.2f} "
-                        f"| {n_tokens} |")
+            rows.append(
+                f"| {ttft} | {statistics.median(firsts):.1f} | {per_token} | {statistics.median(gaps):.2f} "
+                f"| {n_tokens} |"
+            )
     return rows
 
 
@@ -122,8 +142,7 @@ def main() -> int:
         out += ["", "**Latency model** (streamed, per-request headers):", ""]
         out += asyncio.run(latency_model(server.base_url, settings, args.repeats))
         out += ["", "**Throughput** (no artificial latency, cited answer over 3 documents):", ""]
-        out += asyncio.run(throughput(server.base_url, args.requests, args.concurrency,
-                                      time.monotonic() + args.budget))
+        out += asyncio.run(throughput(server.base_url, args.requests, args.concurrency, time.monotonic() + args.budget))
     print("\n".join(out))
     return 0
 

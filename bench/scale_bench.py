@@ -184,26 +184,48 @@ def waiting_researchjobs(api: client.ApiClient, op: Operator, m: int) -> dict[st
     core.create_namespaced_resource_quota(
         ns, {"metadata": {"name": "none"}, "spec": {"hard": {"count/jobs.batch": "0"}}}
     )
+    created_at: dict[str, float] = {}
+    status_at: dict[str, float] = {}
+    stop = threading.Event()
+
+    def watch_status() -> None:
+        w = watch.Watch()
+        while not stop.is_set():
+            for ev in w.stream(custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, timeout_seconds=5):
+                obj = ev["object"]
+                name = obj["metadata"]["name"]
+                if (obj.get("status") or {}).get("phase") and name not in status_at:
+                    status_at[name] = time.monotonic()
+                if stop.is_set():
+                    break
+
+    watcher = threading.Thread(target=watch_status, daemon=True)
+    watcher.start()
+    time.sleep(1)
+
+    def make(i: int) -> None:
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, researchjob(f"rj-{i}"))
+        created_at[f"rj-{i}"] = time.monotonic()
+
     t0 = time.monotonic()
-    parallel(
-        lambda i: custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, researchjob(f"rj-{i}")), range(m)
-    )
+    parallel(make, range(m))
     created = time.monotonic() - t0
-    deadline = t0 + 600
-    with_status = 0
-    while time.monotonic() < deadline:
-        items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
-        with_status = sum(1 for o in items if (o.get("status") or {}).get("phase"))
-        if with_status >= m:
-            break
-        time.sleep(1)
-    all_status = time.monotonic() - t0
+    deadline = t0 + 900
+    while time.monotonic() < deadline and len(status_at) < m:
+        time.sleep(0.5)
+    stop.set()
+    all_status = max(status_at.values(), default=t0) - t0
+    lags = sorted(status_at[n] - created_at[n] for n in status_at if n in created_at)
+    with_status = len(status_at)
     time.sleep(10)  # let the first wave settle
     waiting = op.sample(60)
     return {
         "M": m,
         "create_s": round(created, 1),
         "until_all_have_status_s": round(all_status, 1),
+        "after_last_create_s": round(all_status - created, 1),
+        "status_lag_p50_s": round(lags[len(lags) // 2], 2) if lags else None,
+        "status_lag_p99_s": round(lags[min(len(lags) - 1, int(0.99 * len(lags)))], 2) if lags else None,
         "with_status": with_status,
         **{f"waiting_{k}": v for k, v in waiting.items()},
         "namespace": ns,

@@ -8,9 +8,11 @@ that the environment and command lines the chart renders mean what the programs 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -512,7 +514,7 @@ def test_dockerfile_builds_what_the_project_declares() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     scripts = project["project"]["scripts"]
-    for command in ("research-operator", "research-worker", "research-modelserver"):
+    for command in ("research-operator", "research-worker", "research-modelserver", "kubectl-research"):
         assert command in scripts, command
         assert f"/opt/venv/bin/{command} --help" in dockerfile, f"the build does not check {command}"
     # Every package directory of the wheel is copied into the build, and allowed by .dockerignore.
@@ -523,6 +525,10 @@ def test_dockerfile_builds_what_the_project_declares() -> None:
     assert ignore[ignore.index("*") :].count("*") == 1
     for d in [*package_dirs, "pyproject.toml"]:
         assert f"!{d}/" in ignore or f"!{d}" in ignore, f".dockerignore excludes {d}"
+    # The product only: the local control plane (devcluster/) is neither in the build context nor copied.
+    assert "devcluster" not in package_dirs and "localkube" not in scripts
+    assert not re.search(r"^(COPY|ADD)\b.*devcluster", dockerfile, re.MULTILINE)
+    assert "!devcluster/" not in ignore and "!devcluster" not in ignore
     # Non-root, numeric (so runAsNonRoot can verify it), the same uid the chart and workers run as.
     assert re.search(r"^USER 65532:65532$", dockerfile, re.MULTILINE)
     assert re.search(r'^ENTRYPOINT \["research-operator"\]$', dockerfile, re.MULTILINE)
@@ -532,3 +538,56 @@ def test_dockerfile_builds_what_the_project_declares() -> None:
     assert (int(base.group(1)), int(base.group(2))) == sys.version_info[:2]
     # No credentials baked in: no ENV/ARG that looks like a key, token, password or DSN.
     assert not re.search(r"^(ENV|ARG)\b.*(KEY|TOKEN|PASSWORD|DSN|SECRET)", dockerfile, re.MULTILINE | re.IGNORECASE)
+
+
+PRODUCT_PACKAGES = {"research_api", "research_operator", "research_worker", "research_cli", "offline_model"}
+IMAGE_COMMANDS = {"research-operator", "research-worker", "research-modelserver", "kubectl-research"}
+
+
+def test_the_image_wheel_holds_the_product_and_not_the_local_cluster(tmp_path: Path) -> None:
+    """Build the wheel as the Dockerfile's builder stage does, from only what it copies: it must hold
+    the product's packages and commands, and nothing of the local control plane (localkube)."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    context = tmp_path / "src"
+    context.mkdir()
+    for source in re.findall(r"^COPY (\S+) \./\S*$", dockerfile, re.MULTILINE):
+        src = REPO / source
+        if src.is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+            shutil.copytree(src, context / source, ignore=ignore)
+        else:
+            shutil.copy(src, context / source)
+    wheels = tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(wheels),
+         str(context)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout + build.stderr
+    (wheel,) = wheels.glob("research_operator-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+        entry_points = zf.read(f"{info}/entry_points.txt").decode()
+        metadata = zf.read(f"{info}/METADATA").decode()
+    packages = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert packages == PRODUCT_PACKAGES
+    assert not any("localkube" in n for n in names)
+    commands = set(re.findall(r"^(\S+) = ", entry_points.split("[console_scripts]")[1], re.MULTILINE))
+    assert commands == IMAGE_COMMANDS
+    # Every command the image checks with --help is one the wheel installs.
+    assert set(re.findall(r"/opt/venv/bin/(\S+) --help", dockerfile)) == IMAGE_COMMANDS
+    # The certificates library of the local cluster is not a dependency of the product.
+    required = re.findall(r"^Requires-Dist: ([A-Za-z0-9_.-]+)(?!.*extra ==)", metadata, re.MULTILINE)
+    assert "cryptography" not in required and "kopf" in required
+
+
+def test_no_product_module_imports_the_local_cluster() -> None:
+    product = [REPO / d for d in ("api", "operator", "worker", "modelserver", "cli")]
+    offenders = [
+        str(path.relative_to(REPO))
+        for root in product
+        for path in root.rglob("*.py")
+        if re.search(r"^\s*(from|import) localkube\b", path.read_text(), re.MULTILINE)
+    ]
+    assert offenders == []

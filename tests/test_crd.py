@@ -13,7 +13,7 @@ import pytest
 import yaml
 from pydantic import BaseModel, Field
 
-from research_api import crd
+from research_api import crd, crd_docs
 from research_api.researchjob import (
     GROUP,
     KIND,
@@ -106,7 +106,7 @@ def test_endpoint_crd_is_cluster_scoped_structural_described_and_shows_use() -> 
 
 def test_docs_field_reference_is_the_generated_one() -> None:
     text = DOCS_FILE.read_text()
-    assert crd.splice_docs(text, crd.render_markdown()) == text, "docs/api.md is stale: run `make crds`"
+    assert crd_docs.splice_docs(text, crd.render_markdown()) == text, "docs/api.md is stale: run `make crds`"
 
 
 def test_check_mode_reports_a_stale_file_and_leaves_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,7 +126,7 @@ def test_check_mode_reports_a_stale_file_and_leaves_it(tmp_path: Path, capsys: p
 def test_check_mode_reports_stale_docs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, docs = tmp_path / "crd.yaml", tmp_path / "api.md"
     out.write_text(crd.render_crd())
-    docs.write_text(f"# intro\n\n{crd.DOCS_BEGIN}\nold table\n{crd.DOCS_END}\n\nafter\n")
+    docs.write_text(f"# intro\n\n{crd_docs.DOCS_BEGIN}\nold table\n{crd_docs.DOCS_END}\n\nafter\n")
     assert crd.main(["--check", "--output", str(out), "--docs", str(docs)]) == 1
     assert "api.md is out of date" in capsys.readouterr().err
     assert crd.main(["--output", str(out), "--docs", str(docs)]) == 0

@@ -14,15 +14,9 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
+from research_api.names import ANNOTATION_POSTGRES_REPORT, parse_postgres_report_id, postgres_report_id
 from research_api.researchjob import Phase, ResearchJobSpec, SecretKeyRef
-from research_api.task import (
-    ANNOTATION_POSTGRES_REPORT,
-    PostgresStoreSettings,
-    ResearchTask,
-    Step,
-    parse_postgres_report_id,
-    postgres_report_id,
-)
+from research_api.task import PostgresStoreSettings, ResearchTask, Step
 from research_operator.builders import Owner, cleanup_job, worker_job
 from research_operator.constants import ANNOTATION_CLEANUP_OF, plan_id
 from research_operator.finalizer import CLEANUP_RETRY_AFTER, CleanupState, decide_cleanup

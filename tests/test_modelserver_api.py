@@ -17,8 +17,11 @@ import pytest
 from offline_model.launcher import ModelServerProcess, free_port
 
 MESSAGES = [
-    {"role": "system", "content": "Context:\nThe operator admits interview Jobs under the namespace quota. "
-     "Each interview Job runs one analyst's conversation with the expert."},
+    {
+        "role": "system",
+        "content": "Context:\nThe operator admits interview Jobs under the namespace quota. "
+        "Each interview Job runs one analyst's conversation with the expert.",
+    },
     {"role": "user", "content": "What does the operator admit under the quota?"},
 ]
 
@@ -44,8 +47,12 @@ def test_non_streaming_shape_and_usage(modelserver: ModelServerProcess) -> None:
 
 
 def test_stream_usage_only_in_last_chunk_and_done(modelserver: ModelServerProcess) -> None:
-    body = {"model": "offline-research-1", "messages": MESSAGES, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": "offline-research-1",
+        "messages": MESSAGES,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", f"{modelserver.base_url}/chat/completions", json=body, timeout=10) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [ln for ln in r.iter_lines() if ln]
@@ -56,14 +63,17 @@ def test_stream_usage_only_in_last_chunk_and_done(modelserver: ModelServerProces
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 3
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
-    plain = httpx.post(f"{modelserver.base_url}/chat/completions", json={**body, "stream": False,
-                                                                       "stream_options": None}, timeout=10)
+    plain = httpx.post(
+        f"{modelserver.base_url}/chat/completions", json={**body, "stream": False, "stream_options": None}, timeout=10
+    )
     assert text == plain.json()["choices"][0]["message"]["content"]
 
 
 def test_max_tokens_truncates_with_finish_reason_length(modelserver: ModelServerProcess) -> None:
     r = client(modelserver).chat.completions.create(
-        model="gpt-4o", messages=MESSAGES, max_tokens=5  # type: ignore[arg-type]
+        model="gpt-4o",
+        messages=MESSAGES,
+        max_tokens=5,  # type: ignore[arg-type]
     )
     assert r.choices[0].finish_reason == "length"
     assert r.usage is not None and r.usage.completion_tokens == 5
@@ -94,9 +104,17 @@ def test_bad_input_gets_openai_errors(modelserver: ModelServerProcess) -> None:
     role = httpx.post(url, json={"model": "gpt-4o", "messages": [{"role": "wizard", "content": "hi"}]})
     assert role.status_code == 400 and error_of(role)["param"] == "messages[0].role"
 
-    impossible = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
-        "type": "object", "properties": {"tags": {"type": "array", "minItems": 3, "maxItems": 1}},
-        "required": ["tags"]}}}
+    impossible = {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "x",
+            "schema": {
+                "type": "object",
+                "properties": {"tags": {"type": "array", "minItems": 3, "maxItems": 1}},
+                "required": ["tags"],
+            },
+        },
+    }
     unsat = httpx.post(url, json={"model": "gpt-4o", "messages": MESSAGES, "response_format": impossible})
     assert unsat.status_code == 400 and error_of(unsat)["param"] == "response_format"
 
@@ -104,8 +122,14 @@ def test_bad_input_gets_openai_errors(modelserver: ModelServerProcess) -> None:
     bad_schema = httpx.post(url, json={"model": "gpt-4o", "messages": MESSAGES, "response_format": invalid_schema})
     assert bad_schema.status_code == 400 and "Invalid schema" in str(error_of(bad_schema)["message"])
 
-    no_json_word = httpx.post(url, json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
-                                         "response_format": {"type": "json_object"}})
+    no_json_word = httpx.post(
+        url,
+        json={
+            "model": "gpt-4o",
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_object"},
+        },
+    )
     assert no_json_word.status_code == 400
 
     # the SDK maps these onto its exception classes
@@ -119,18 +143,27 @@ def test_structured_output_validates_hard_schemas(modelserver: ModelServerProces
     schema = {
         "type": "object",
         "$defs": {
-            "Step": {"type": "object", "additionalProperties": False, "required": ["order", "action", "kind"],
-                     "properties": {"order": {"type": "integer", "minimum": 1},
-                                    "action": {"type": "string", "minLength": 10},
-                                    "kind": {"enum": ["admit", "reject", "defer"]}}},
+            "Step": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["order", "action", "kind"],
+                "properties": {
+                    "order": {"type": "integer", "minimum": 1},
+                    "action": {"type": "string", "minLength": 10},
+                    "kind": {"enum": ["admit", "reject", "defer"]},
+                },
+            },
         },
         "additionalProperties": False,
         "required": ["ticket", "steps", "matrix", "owner", "note"],
         "properties": {
             "ticket": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
             "steps": {"type": "array", "items": {"$ref": "#/$defs/Step"}, "minItems": 2, "maxItems": 2},
-            "matrix": {"type": "array", "items": {"type": "array", "items": {"type": "number"}, "minItems": 2},
-                       "minItems": 1},
+            "matrix": {
+                "type": "array",
+                "items": {"type": "array", "items": {"type": "number"}, "minItems": 2},
+                "minItems": 1,
+            },
             "owner": {"oneOf": [{"type": "null"}, {"type": "string", "format": "email"}]},
             "note": {"anyOf": [{"$ref": "#/$defs/Step"}, {"type": "null"}]},
         },
@@ -138,7 +171,8 @@ def test_structured_output_validates_hard_schemas(modelserver: ModelServerProces
     import jsonschema
 
     r = client(modelserver).chat.completions.create(
-        model="gpt-4o", messages=MESSAGES,  # type: ignore[arg-type]
+        model="gpt-4o",
+        messages=MESSAGES,  # type: ignore[arg-type]
         response_format={"type": "json_schema", "json_schema": {"name": "plan", "schema": schema, "strict": True}},
     )
     value = json.loads(r.choices[0].message.content or "")
@@ -154,7 +188,8 @@ def test_api_key_required_and_wrong_key_fails_fast(modelserver_factory) -> None:
     started = time.monotonic()
     with pytest.raises(openai.AuthenticationError) as info:
         openai.OpenAI(base_url=server.base_url, api_key="wrong-key-000000").chat.completions.create(
-            model="gpt-4o", messages=MESSAGES  # type: ignore[arg-type]
+            model="gpt-4o",
+            messages=MESSAGES,  # type: ignore[arg-type]
         )
     assert time.monotonic() - started < 2  # 401 is not retried
     assert info.value.code == "invalid_api_key"
@@ -175,8 +210,11 @@ def test_sdk_retries_survive_injected_429s(modelserver_factory) -> None:  # type
     stats = server.stats()
     assert stats["faults"].get("429", 0) >= 3  # the retries really happened
     assert stats["by_status"]["200"] == 8
-    raw = httpx.post(f"{server.base_url}/chat/completions", json={"model": "gpt-4o", "messages": MESSAGES},
-                     headers={"X-Offline-Fault": "429"})
+    raw = httpx.post(
+        f"{server.base_url}/chat/completions",
+        json={"model": "gpt-4o", "messages": MESSAGES},
+        headers={"X-Offline-Fault": "429"},
+    )
     assert raw.status_code == 429 and raw.headers["retry-after"] == "1" and raw.headers["retry-after-ms"] == "20"
     assert error_of(raw)["code"] == "rate_limit_exceeded"
 
@@ -198,8 +236,11 @@ def test_hung_response_trips_client_timeout(modelserver: ModelServerProcess) -> 
     sdk = client(modelserver, timeout=0.5, max_retries=0)
     started = time.monotonic()
     with pytest.raises(openai.APITimeoutError):
-        sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES,  # type: ignore[arg-type]
-                                    extra_headers={"X-Offline-Fault": "hang"})
+        sdk.chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            extra_headers={"X-Offline-Fault": "hang"},
+        )
     assert time.monotonic() - started < 3
     deadline = time.monotonic() + 3  # the server notices the client left and frees the slot
     while modelserver.stats()["running"] and time.monotonic() < deadline:
@@ -249,9 +290,13 @@ def test_stats_reset_metrics_and_request_log(modelserver_factory, tmp_path: Path
     server = modelserver_factory(request_log=log)
     sdk = client(server)
     sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
-    sdk.chat.completions.create(model="gpt-4o", messages=[  # type: ignore[arg-type]
-        {"role": "system", "content": "You are tasked with creating a set of AI analyst personas."},
-        {"role": "user", "content": "Create 2 analysts about quotas."}])
+    sdk.chat.completions.create(
+        model="gpt-4o",
+        messages=[  # type: ignore[arg-type]
+            {"role": "system", "content": "You are tasked with creating a set of AI analyst personas."},
+            {"role": "user", "content": "Create 2 analysts about quotas."},
+        ],
+    )
     stats = server.stats()
     assert stats["by_kind"] == {"analysts": 1, "other": 1}
     assert stats["tokens"]["prompt"] > 0 and stats["tokens"]["completion"] > 0
@@ -267,8 +312,9 @@ def test_stats_reset_metrics_and_request_log(modelserver_factory, tmp_path: Path
 def test_cli_env_and_sigterm(tmp_path: Path) -> None:
     port = free_port()
     env = {"MODELSERVER_PORT": str(port), "MODELSERVER_ALIASES": "my-model", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.Popen([sys.executable, "-m", "offline_model", "--host", "127.0.0.1"], env=env,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "offline_model", "--host", "127.0.0.1"], env=env, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -287,6 +333,7 @@ def test_cli_env_and_sigterm(tmp_path: Path) -> None:
 
 
 def test_bad_flag_value_exits_nonzero() -> None:
-    done = subprocess.run([sys.executable, "-m", "offline_model", "--fault-429-rate", "2"], capture_output=True,
-                          text=True, timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-m", "offline_model", "--fault-429-rate", "2"], capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 2 and "fault_429_rate" in done.stderr

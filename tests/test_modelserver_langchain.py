@@ -13,6 +13,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
 from offline_model.launcher import ModelServerProcess
+from research_worker import prompts as worker_prompts
 from research_worker.state import Perspectives  # the schemas the real worker asks for
 
 CONTEXT = """<Document source="docs/checkpointing.md" page=""/>
@@ -99,8 +100,9 @@ def test_bind_tools_calls_the_relevant_tool_then_answers_from_its_result(modelse
     call = reply.tool_calls[0]
     assert call["name"] == "search_docs"
     assert "checkpointers" in call["args"]["query"].lower()
-    result = ToolMessage("Checkpointers save the graph state after every step so runs can resume.",
-                         tool_call_id=call["id"])
+    result = ToolMessage(
+        "Checkpointers save the graph state after every step so runs can resume.", tool_call_id=call["id"]
+    )
     final = model.invoke([question, reply, result])
     assert not final.tool_calls
     assert "save the graph state" in str(final.content)
@@ -168,32 +170,18 @@ def test_with_structured_output_each_method(modelserver: ModelServerProcess, met
     assert 0 <= review.confidence <= 1
 
 
-ANALYST_PROMPT = """You are tasked with creating a set of AI analyst personas. Follow these instructions carefully:
-
-1. First, review the research topic:
-{topic}
-
-2. Examine any editorial feedback that has been optionally provided to guide creation of the analysts:
-
-{feedback}
-
-3. Determine the most interesting themes based upon documents and / or feedback above.
-
-4. Pick the top {n} themes.
-
-5. Assign one analyst to each theme."""
-
-
 @pytest.mark.parametrize("n", [1, 3, 5])
 @pytest.mark.parametrize("method", ["function_calling", "json_schema"])
 def test_analyst_personas_are_distinct_and_as_many_as_asked(
     modelserver: ModelServerProcess, n: int, method: str
 ) -> None:
-    prompt = ANALYST_PROMPT.format(
-        topic="Running LangGraph research agents on Kubernetes", feedback="Include a cost and quota perspective.", n=n
+    prompt = worker_prompts.analyst_instructions.format(  # the prompt the real worker sends
+        topic="Running LangGraph research agents on Kubernetes",
+        human_analyst_feedback="Include a cost and quota perspective.",
+        max_analysts=n,
     )
     model = llm(modelserver).with_structured_output(Perspectives, method=method)  # type: ignore[arg-type]
-    result = model.invoke([SystemMessage(prompt), HumanMessage("Generate the set of analysts.")])
+    result = model.invoke([SystemMessage(prompt), HumanMessage(worker_prompts.analyst_request)])
     assert isinstance(result, Perspectives)
     assert len(result.analysts) == n
     for field in ("name", "role", "description"):

@@ -1,7 +1,10 @@
 """The research assistant's roles (analyst, expert, writers) recognised by prompt wording, end to end.
 
-The prompts below follow the LangGraph research assistant; the model server must play every role from the
-context in the messages, keep citations, and end interviews on its own.
+The prompts below are the LangChain Academy research assistant's own (module 4), as a user who brings the
+standard prompts sends them; they are deliberately not the worker's (research_worker.prompts, which adds rules
+for untrusted data), and the Academy section further down imports the worker's where the text is the same.
+The model server must play every role from the context in the messages, keep citations, and end interviews on
+its own.
 """
 
 from __future__ import annotations
@@ -22,13 +25,25 @@ from research_worker.state import Analyst, Perspectives  # the schemas the real 
 TOPIC = "Running LangGraph research agents on Kubernetes"
 
 DOCS = [
-    ("docs/checkpointing.md", "", "LangGraph persists graph state with checkpointers. A PostgreSQL checkpointer "
-     "lets an interview resume on another pod after a crash. Each thread id keys one conversation's checkpoints."),
-    ("docs/quotas.md", "2", "A ResourceQuota caps the CPU, memory and number of Jobs in a namespace. When the "
-     "quota is exhausted, the operator keeps interview Jobs pending instead of failing them. Fair admission "
-     "shares the quota between research jobs."),
-    ("https://example.org/cost", "", "Model calls dominate the cost of a research job. Caching answers and "
-     "limiting interview turns cut token usage by half in the reported experiment."),
+    (
+        "docs/checkpointing.md",
+        "",
+        "LangGraph persists graph state with checkpointers. A PostgreSQL checkpointer "
+        "lets an interview resume on another pod after a crash. Each thread id keys one conversation's checkpoints.",
+    ),
+    (
+        "docs/quotas.md",
+        "2",
+        "A ResourceQuota caps the CPU, memory and number of Jobs in a namespace. When the "
+        "quota is exhausted, the operator keeps interview Jobs pending instead of failing them. Fair admission "
+        "shares the quota between research jobs.",
+    ),
+    (
+        "https://example.org/cost",
+        "",
+        "Model calls dominate the cost of a research job. Caching answers and "
+        "limiting interview turns cut token usage by half in the reported experiment.",
+    ),
 ]
 
 QUESTION_PROMPT = """You are an analyst tasked with interviewing an expert to learn about a specific topic.
@@ -188,19 +203,21 @@ def interview(model: ChatOpenAI, analyst: Analyst, max_turns: int = 5) -> tuple[
         query = model.with_structured_output(SearchQuery).invoke([SystemMessage(SEARCH_PROMPT), *messages])
         assert isinstance(query, SearchQuery) and query.search_query
         context.append(formatted(search(query.search_query)))
-        answer = model.invoke([SystemMessage(ANSWER_PROMPT.format(goals=analyst.persona, context=context)),
-                               *messages])
+        answer = model.invoke([SystemMessage(ANSWER_PROMPT.format(goals=analyst.persona, context=context)), *messages])
         messages.append(AIMessage(str(answer.content), name="expert"))
     return messages, context
 
 
 def test_full_research_flow(model: ChatOpenAI, modelserver: ModelServerProcess) -> None:
     modelserver.reset()
-    prompt = ("You are tasked with creating a set of AI analyst personas.\n\n1. First, review the research topic:\n"
-              f"{TOPIC}\n\n2. Examine any editorial feedback:\n\nInclude a quota and cost perspective.\n\n"
-              "4. Pick the top 2 themes.")
-    plan = model.with_structured_output(Perspectives).invoke([SystemMessage(prompt),
-                                                               HumanMessage("Generate the set of analysts.")])
+    prompt = (
+        "You are tasked with creating a set of AI analyst personas.\n\n1. First, review the research topic:\n"
+        f"{TOPIC}\n\n2. Examine any editorial feedback:\n\nInclude a quota and cost perspective.\n\n"
+        "4. Pick the top 2 themes."
+    )
+    plan = model.with_structured_output(Perspectives).invoke(
+        [SystemMessage(prompt), HumanMessage("Generate the set of analysts.")]
+    )
     assert isinstance(plan, Perspectives) and len(plan.analysts) == 2
 
     sections = []
@@ -212,28 +229,51 @@ def test_full_research_flow(model: ChatOpenAI, modelserver: ModelServerProcess) 
         assert questions[-1] == "Thank you so much for your help!"  # the analyst ends the interview
         assert 1 <= len(answers) <= 4 and len(set(map(str, questions))) == len(questions)
         assert all("[1]" in a and re.search(r"## Sources\n\[1\] \S", a) for a in answers)
-        section = model.invoke([SystemMessage(SECTION_PROMPT.format(focus=analyst.description)),
-                                HumanMessage(f"Use this source to write your section: {context}")])
+        section = model.invoke(
+            [
+                SystemMessage(SECTION_PROMPT.format(focus=analyst.description)),
+                HumanMessage(f"Use this source to write your section: {context}"),
+            ]
+        )
         text = str(section.content)
         assert text.startswith("## ") and "\n### Summary\n" in text and "\n### Sources\n[1] " in text
         cited = {int(n) for n in re.findall(r"\[(\d+)\]", text.split("### Sources")[0])}
         listed = re.findall(r"^\[(\d+)\] (.+?)\s*$", text.split("### Sources")[1], re.M)
         assert cited == {int(n) for n, _ in listed}  # every marker resolves, nothing listed unused
         assert len({src for _, src in listed}) == len(listed)  # no duplicate sources
-        assert all(src in {"docs/checkpointing.md", "docs/quotas.md, page 2", "https://example.org/cost"}
-                   for _, src in listed)
+        assert all(
+            src in {"docs/checkpointing.md", "docs/quotas.md, page 2", "https://example.org/cost"} for _, src in listed
+        )
         sections.append(text)
 
-    report = str(model.invoke([SystemMessage(REPORT_PROMPT.format(topic=TOPIC, context="\n\n".join(sections))),
-                               HumanMessage("Write a report based upon these memos.")]).content)
+    report = str(
+        model.invoke(
+            [
+                SystemMessage(REPORT_PROMPT.format(topic=TOPIC, context="\n\n".join(sections))),
+                HumanMessage("Write a report based upon these memos."),
+            ]
+        ).content
+    )
     assert report.startswith("## Insights\n")
     body, sources = report.split("\n## Sources\n")
     assert "[1]" in body and sources.startswith("[1] ")
     formatted_sections = "\n\n".join(sections)
-    intro = str(model.invoke([SystemMessage(INTRO_PROMPT.format(topic=TOPIC, sections=formatted_sections)),
-                              HumanMessage("Write the report introduction")]).content)
-    conclusion = str(model.invoke([SystemMessage(INTRO_PROMPT.format(topic=TOPIC, sections=formatted_sections)),
-                                   HumanMessage("Write the report conclusion")]).content)
+    intro = str(
+        model.invoke(
+            [
+                SystemMessage(INTRO_PROMPT.format(topic=TOPIC, sections=formatted_sections)),
+                HumanMessage("Write the report introduction"),
+            ]
+        ).content
+    )
+    conclusion = str(
+        model.invoke(
+            [
+                SystemMessage(INTRO_PROMPT.format(topic=TOPIC, sections=formatted_sections)),
+                HumanMessage("Write the report conclusion"),
+            ]
+        ).content
+    )
     assert intro.startswith("# ") and "\n## Introduction\n" in intro and len(intro.split()) < 200
     assert conclusion.startswith("## Conclusion\n") and len(conclusion.split()) < 200
 
@@ -245,19 +285,26 @@ def test_full_research_flow(model: ChatOpenAI, modelserver: ModelServerProcess) 
 
 def test_answer_without_relevant_context_cites_nothing(model: ChatOpenAI) -> None:
     goals = "Name: Ada\nRole: Analyst\nAffiliation: Lab\nDescription: Focuses on GPUs.\n"
-    answer = model.invoke([SystemMessage(ANSWER_PROMPT.format(goals=goals, context=formatted(DOCS[:1]))),
-                           HumanMessage("So you said you were writing an article on GPUs?"),
-                           AIMessage("Which GPU vendors dominate inference hardware?")])
+    answer = model.invoke(
+        [
+            SystemMessage(ANSWER_PROMPT.format(goals=goals, context=formatted(DOCS[:1]))),
+            HumanMessage("So you said you were writing an article on GPUs?"),
+            AIMessage("Which GPU vendors dominate inference hardware?"),
+        ]
+    )
     text = str(answer.content)
     assert text.startswith("The provided context does not contain information")
     assert "[1]" not in text
 
 
 def test_search_query_is_the_last_question_terms(model: ChatOpenAI) -> None:
-    q = model.with_structured_output(SearchQuery).invoke([
-        SystemMessage(SEARCH_PROMPT), HumanMessage("So you said you were writing an article on quotas?"),
-        AIMessage("Hello, I'm Ada. How does fair admission share a ResourceQuota between research jobs?"),
-    ])
+    q = model.with_structured_output(SearchQuery).invoke(
+        [
+            SystemMessage(SEARCH_PROMPT),
+            HumanMessage("So you said you were writing an article on quotas?"),
+            AIMessage("Hello, I'm Ada. How does fair admission share a ResourceQuota between research jobs?"),
+        ]
+    )
     assert isinstance(q, SearchQuery) and q.search_query
     words = q.search_query.split()
     assert {"fair", "admission", "ResourceQuota"} <= set(words) and "Ada" not in words
@@ -280,36 +327,48 @@ def academy_report(model: ChatOpenAI, topic: str, docs_folder: Path, n_analysts:
         found = [p for _, p in backend.rank(query)]
         return "\n\n---\n\n".join(f'<Document source="{p.source}" page=""/>\n{p.content}\n</Document>' for p in found)
 
-    system = worker_prompts.analyst_instructions.format(topic=topic, human_analyst_feedback="",
-                                                        max_analysts=n_analysts)
-    plan = model.with_structured_output(Perspectives).invoke([SystemMessage(system),
-                                                               HumanMessage("Generate the set of analysts.")])
+    system = worker_prompts.analyst_instructions.format(topic=topic, human_analyst_feedback="", max_analysts=n_analysts)
+    plan = model.with_structured_output(Perspectives).invoke(
+        [SystemMessage(system), HumanMessage("Generate the set of analysts.")]
+    )
     assert isinstance(plan, Perspectives) and len(plan.analysts) == n_analysts
     sections: list[str] = []
     for analyst in plan.analysts:
         messages: list[BaseMessage] = [HumanMessage(f"So you said you were writing an article on {topic}?")]
         context: list[str] = []
         for _ in range(2):  # max_num_turns as in the Academy graph
-            question = model.invoke([SystemMessage(worker_prompts.question_instructions.format(goals=analyst.persona)),
-                                     *messages])
+            question = model.invoke(
+                [SystemMessage(worker_prompts.question_instructions.format(goals=analyst.persona)), *messages]
+            )
             messages.append(question)
             query = model.with_structured_output(SearchQuery).invoke(
-                [SystemMessage(worker_prompts.search_instructions), *messages])
+                [SystemMessage(worker_prompts.search_instructions), *messages]
+            )
             assert isinstance(query, SearchQuery) and query.search_query
             context.append(search_wikipedia_style(query.search_query))
-            answer = model.invoke([SystemMessage(ANSWER_PROMPT.format(goals=analyst.persona, context=context)),
-                                   *messages])
+            answer = model.invoke(
+                [SystemMessage(ANSWER_PROMPT.format(goals=analyst.persona, context=context)), *messages]
+            )
             answer.name = "expert"
             messages.append(answer)
             if "Thank you so much for your help" in str(question.content):
                 break
-        section = model.invoke([SystemMessage(worker_prompts.section_writer_instructions.format(
-            focus=analyst.description)), HumanMessage(f"Use this source to write your section: {context}")])
+        section = model.invoke(
+            [
+                SystemMessage(worker_prompts.section_writer_instructions.format(focus=analyst.description)),
+                HumanMessage(f"Use this source to write your section: {context}"),
+            ]
+        )
         sections.append(str(section.content))
     joined = "\n\n".join(sections)
-    report = str(model.invoke([SystemMessage(worker_prompts.report_writer_instructions.format(topic=topic,
-                                                                                            context=joined)),
-                               HumanMessage("Write a report based upon these memos.")]).content)
+    report = str(
+        model.invoke(
+            [
+                SystemMessage(worker_prompts.report_writer_instructions.format(topic=topic, context=joined)),
+                HumanMessage("Write a report based upon these memos."),
+            ]
+        ).content
+    )
     instructions = worker_prompts.intro_conclusion_instructions.format(topic=topic, formatted_str_sections=joined)
     intro = str(model.invoke([instructions, HumanMessage("Write the report introduction")]).content)
     conclusion = str(model.invoke([instructions, HumanMessage("Write the report conclusion")]).content)
@@ -325,8 +384,9 @@ def prose(markdown: str) -> list[str]:
 
 
 @pytest.mark.parametrize("corpus", sorted(p.name for p in CORPORA.iterdir() if (p / "topic.txt").is_file()))
-def test_langchain_academy_prompts_give_a_full_report(model: ChatOpenAI, modelserver: ModelServerProcess,
-                                                      corpus: str) -> None:
+def test_langchain_academy_prompts_give_a_full_report(
+    model: ChatOpenAI, modelserver: ModelServerProcess, corpus: str
+) -> None:
     topic = (CORPORA / corpus / "topic.txt").read_text().strip()
     modelserver.reset()
     md = academy_report(model, topic, CORPORA / corpus / "docs")
@@ -388,8 +448,11 @@ def test_instructions_in_a_user_message_are_recognised(
     )
     modelserver.reset()
     if shape == "system-is-generic":
-        messages: list[BaseMessage] = [SystemMessage("You are a helpful assistant."), HumanMessage(instructions),
-                                       HumanMessage("Write the report conclusion")]
+        messages: list[BaseMessage] = [
+            SystemMessage("You are a helpful assistant."),
+            HumanMessage(instructions),
+            HumanMessage("Write the report conclusion"),
+        ]
     else:
         messages = [HumanMessage(f"{instructions}\n\nWrite the report conclusion")]
     text = str(model.invoke(messages).content)

@@ -172,6 +172,16 @@ def test_postgres_store_end_to_end_and_deletion_removes_the_rows(
     assert shown.stdout.strip() == markdown.strip()
     shown = research_worker("show-report", "--postgres-id", report_id, env={"RESEARCH_PG_DSN": postgres_dsn})
     assert shown.returncode == 0 and shown.stdout.strip() == markdown.strip(), shown.stderr
+    # kubectl research report: the DSN from the Secret the ResearchJob names, or from a variable.
+    plugin = [str(Path(sys.executable).with_name("kubectl-research")), "report", "pg", "-n", namespace]
+    kube_env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    shown = subprocess.run(plugin, capture_output=True, text=True, timeout=120, env=kube_env)
+    assert shown.returncode == 0 and shown.stdout.strip() == markdown.strip(), shown.stderr
+    shown = subprocess.run(
+        [*plugin, "--dsn-env", "MY_DSN", "-o", "html"],
+        capture_output=True, text=True, timeout=120, env={**kube_env, "MY_DSN": postgres_dsn},
+    )  # fmt: skip
+    assert shown.returncode == 0 and shown.stdout.startswith("<!DOCTYPE html>") and "<h2>Sources</h2>" in shown.stdout
 
     # kubectl delete: the cleanup Job deletes the rows, then the ResearchJob goes.
     deleted = cluster.kubectl("delete", "rj", "pg", "-n", namespace, "--timeout=110s")

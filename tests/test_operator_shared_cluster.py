@@ -409,6 +409,14 @@ class History:
         return self._allowed(self.quotas.get(ns, [(0.0, 0)]), t, self.grace)
 
 
+def remove_quota(core: client.CoreV1Api, ns: str) -> None:
+    try:
+        core.delete_namespaced_resource_quota("scenario", ns)
+    except client.ApiException as e:
+        if e.status != 404:
+            raise
+
+
 def test_random_creates_deletes_caps_quotas_and_operator_kills_keep_every_invariant(
     cluster: ClusterHandle, operator: OperatorProcess
 ) -> None:
@@ -454,11 +462,7 @@ def test_random_creates_deletes_caps_quotas_and_operator_kills_keep_every_invari
                     )
             elif action == "unquota":
                 hist.quotas.setdefault(ns, [(0.0, 0)]).append((time.monotonic(), 0))
-                try:
-                    core.delete_namespaced_resource_quota("scenario", ns)
-                except client.ApiException as e:
-                    if e.status != 404:
-                        raise
+                remove_quota(core, ns)
             elif action == "kill":
                 operator.kill(signal.SIGKILL)
                 time.sleep(rng.uniform(0.0, 1.0))
@@ -491,11 +495,7 @@ def test_random_creates_deletes_caps_quotas_and_operator_kills_keep_every_invari
         hist.caps.append((time.monotonic(), 0))
         for ns in nss:
             hist.quotas.setdefault(ns, [(0.0, 0)]).append((time.monotonic(), 0))
-            try:
-                core.delete_namespaced_resource_quota("scenario", ns)
-            except client.ApiException as e:
-                if e.status != 404:
-                    raise
+            remove_quota(core, ns)
         for ns in nss:
             for obj in client.CustomObjectsApi(api).list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]:
                 done = wait_phase(api, ns, obj["metadata"]["name"], {"Succeeded", "Failed"}, timeout=300)

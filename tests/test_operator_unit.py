@@ -8,7 +8,7 @@ import json
 from decimal import Decimal
 from typing import Any
 
-from research_api.researchjob import AnalystStatus, Phase, ReportRef, ResearchJobSpec, ResearchJobStatus
+from research_api.researchjob import AnalystStatus, Phase, ReportRef, ResearchJobSpec, ResearchJobStatus, SecretKeyRef
 from research_api.task import ResearchTask, Step
 from research_operator import endpoints as ep
 from research_operator.admission import (
@@ -25,7 +25,7 @@ from research_operator.admission import (
     never_fits,
     quota_headroom,
 )
-from research_operator.builders import Owner, worker_job, worker_rbac
+from research_operator.builders import Owner, cleanup_job, worker_job, worker_rbac
 from research_operator.constants import plan_id
 from research_operator.reconcile import JobView, Observed, StoreView, Waiting, apply_waiting, decide
 from research_operator.settings import Settings
@@ -252,6 +252,21 @@ def test_worker_job_is_owned_restricted_and_carries_a_valid_task() -> None:
     ignore, fail = job["spec"]["podFailurePolicy"]["rules"]
     assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
     assert fail["action"] == "FailJob" and fail["onExitCodes"]["values"] == [2, 3, 5]
+
+
+def test_the_job_fails_at_once_on_exactly_the_worker_errors_a_retry_cannot_fix() -> None:
+    from research_worker import errors
+
+    job = worker_job(Owner("ns", "rj", "u"), spec(), Settings(), PID, Step.WRITE)
+    _, fail = job["spec"]["podFailurePolicy"]["rules"]
+    codes = set(fail["onExitCodes"]["values"])
+    final = (errors.WorkerConfigError, errors.ModelEndpointError, errors.ModelAuthError, errors.BudgetExceeded)
+    retried = (errors.WorkerError, errors.StoreError, errors.ObjectTooLarge, errors.SearchError)
+    assert {e.exit_code for e in final} == codes
+    assert not {e.exit_code for e in retried} & codes
+    cleanup = cleanup_job(Owner("ns", "rj", "u"), SecretKeyRef(name="pg", key="dsn"), Settings())
+    (rule,) = cleanup["spec"]["podFailurePolicy"]["rules"]
+    assert rule["onExitCodes"]["values"] == [errors.WorkerConfigError.exit_code]
 
 
 def test_child_names_fit_in_63_characters() -> None:

@@ -13,7 +13,8 @@ import pytest
 from kubernetes import client
 
 from offline_model.launcher import ModelServerProcess
-from research_api.task import LABEL_ANALYST, LABEL_JOB, LABEL_KIND, plan_id
+from research_api.names import LABEL_ANALYST, LABEL_JOB, LABEL_KIND
+from research_api.task import plan_id
 from tests.test_worker_e2e import KEY, assert_report_structure, make_task, sections_of
 
 pytestmark = pytest.mark.cluster
@@ -56,7 +57,7 @@ def test_steps_through_configmaps_owned_by_the_job(
     assert r.returncode == 0, r.stderr
     assert_report_structure(out.read_text(), 3, sections_of(secs))
 
-    pid = plan_id("focus on quotas")
+    pid = plan_id("focus on quotas", owner.metadata.uid)  # the task's plan id: its feedback and job uid
     cms = core.list_namespaced_config_map(namespace, label_selector=f"{LABEL_JOB}=rj").items
     by_name = {cm.metadata.name: cm for cm in cms}
     assert set(by_name) == {

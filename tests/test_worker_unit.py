@@ -4,6 +4,7 @@ search-result formatting, the ConfigMap size check, and the CLI's task errors.""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +14,15 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from research_api.task import ResearchTask, configmap_name, label_value
+from research_api.names import child_name, configmap_name, label_value
+from research_api.task import ResearchTask
 from research_worker.citations import cite, dedupe, memos, parse_section, report_sources
 from research_worker.errors import ObjectTooLarge, SearchError
-from research_worker.graph import finalize_report, theme_of
+from research_worker.graph import theme_of
 from research_worker.search import DocumentsBackend, TavilyBackend, WikipediaBackend, format_context
 from research_worker.state import Analyst, SearchDoc, Section
 from research_worker.store import configmap_body
+from research_worker.writing import finalize_report
 
 CORPUS = Path(__file__).parent / "corpus"
 BASE = {
@@ -69,6 +72,29 @@ def test_the_task_contract_imports_no_llm_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_operator_worker_contract_needs_only_pydantic() -> None:
+    modules = ", ".join(
+        f"research_api.{m}" for m in ("task", "names", "records", "environment", "exitcodes", "researchjob")
+    )
+    heavy = ("kubernetes", "kopf", "langchain", "langgraph", "openai", "psycopg", "yaml")
+    code = f"import sys, {modules}; print(sorted(m for m in sys.modules if m.startswith({heavy!r})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_long_names_are_cut_with_a_hash_that_keeps_them_distinct() -> None:
+    dns_label = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    a, b = "x" * 300 + "a", "x" * 300 + "b"
+    for name_of, limit in (
+        (label_value, 63),
+        (lambda v: child_name(v, "abc123", "b7"), 63),
+        (lambda v: configmap_name(v, "abc123", "section", 7), 253),
+    ):
+        assert len(name_of(a)) <= limit and name_of(a) == name_of(a) and name_of(a) != name_of(b)
+    assert dns_label.match(child_name(a, "abc123", "b7")) and dns_label.match(label_value("y" * 53 + "-" * 20))
+    assert child_name("rj", "abc123", "interview") == "rj-abc123-interview"
 
 
 def test_stored_object_names_and_labels_are_deterministic_and_valid() -> None:
@@ -277,13 +303,23 @@ def test_api_key_is_optional_only_for_a_self_hosted_endpoint(monkeypatch: pytest
 
 def test_a_section_that_found_nothing_is_named_once_by_its_theme_and_lists_no_sources() -> None:
     found = _section(0, "Queens are reared on royal jelly [1].", ["queens.md"])
-    a = Analyst(name="Mei Chen", role="Scout Specialist", affiliation="Lab",
-                description="Focuses on scouts and cavities in how honeybees swarm. Wants to know how scouts vote.")
+    a = Analyst(
+        name="Mei Chen",
+        role="Scout Specialist",
+        affiliation="Lab",
+        description="Focuses on scouts and cavities in how honeybees swarm. Wants to know how scouts vote.",
+    )
     assert theme_of(a) == "Scouts and cavities"
-    nothing = Section(index=1, analyst=a, title=theme_of(a), content="", summary="Nothing was found.", sources=[],
-                      found_sources=False)
-    state: Any = {"topic": "Swarming", "sections": [found, nothing], "content": "## Insights\nQueens [1].",
-                  "introduction": "# Swarming\n\n## Introduction\nQueens [1].", "conclusion": "## Conclusion\nDone."}
+    nothing = Section(
+        index=1, analyst=a, title=theme_of(a), content="", summary="Nothing was found.", sources=[], found_sources=False
+    )
+    state: Any = {
+        "topic": "Swarming",
+        "sections": [found, nothing],
+        "content": "## Insights\nQueens [1].",
+        "introduction": "# Swarming\n\n## Introduction\nQueens [1].",
+        "conclusion": "## Conclusion\nDone.",
+    }
     md = finalize_report(state)["final_report"]
     assert md.count("Scouts and cavities") == 1 and "Mei Chen" not in md
     assert md.split("## Sources\n")[1].strip() == "[1] queens.md"

@@ -5,8 +5,8 @@ uses camelCase (``maxAnalysts``); Python uses snake_case. Secrets never travel i
 model API key, the Tavily key and the PostgreSQL DSN are named by environment variable
 (``apiKeyEnv``, ``dsnEnv``), and the Job feeds those variables from Secrets.
 
-The names and labels of the objects the ConfigMap store writes are defined here too, so the
-operator finds what the worker stored without guessing.
+The rest of the operator-worker contract is beside it: the variables (``environment``), the exit
+codes (``exitcodes``), the names and labels (``names``) and the stored records (``records``).
 """
 
 from __future__ import annotations
@@ -19,34 +19,19 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-GROUP = "researchops.io"
-LABEL_JOB = f"{GROUP}/job"  # the owning ResearchJob's name (hashed when longer than 63)
-LABEL_PLAN = f"{GROUP}/plan"  # the plan id
-LABEL_KIND = f"{GROUP}/kind"  # analysts | section | report
-LABEL_ANALYST = f"{GROUP}/analyst"  # the analyst index of a section
-ANNOTATION_JOB_UID = f"{GROUP}/job-uid"
-# On the marker ConfigMaps the PostgreSQL store writes for the operator (the rows themselves live
-# in PostgreSQL): ANNOTATION_STORE says which store holds the full object, and the report marker
-# carries the report's id in that store.
-ANNOTATION_STORE = f"{GROUP}/store"
-ANNOTATION_POSTGRES_REPORT = f"{GROUP}/postgres-report"
-
-MAX_NAME = 253  # DNS subdomain (ConfigMap names)
-MAX_LABEL_VALUE = 63
-CONFIGMAP_DATA_LIMIT = 1024 * 1024  # bytes of data a ConfigMap may hold
-CONFIGMAP_DATA_KEY = "data.json"  # each stored object, as JSON
-CONFIGMAP_REPORT_KEY = "report.md"  # the report also as Markdown, for people
+from research_api.environment import API_KEY_ENV, DSN_ENV, TAVILY_KEY_ENV
+from research_api.researchjob import GROUP, KIND, VERSION
 
 # Defaults, in one place (the worker's configuration reads them from here).
 DEFAULT_MODEL = "gpt-4o-mini"
-DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
+DEFAULT_API_KEY_ENV = API_KEY_ENV
 DEFAULT_MAX_ANALYSTS = 3
 DEFAULT_MAX_TURNS = 2
 DEFAULT_MAX_CONCURRENCY = 4
 DEFAULT_MAX_RETRIES = 6
 DEFAULT_TIMEOUT_SECONDS = 60.0
-DEFAULT_DSN_ENV = "RESEARCH_PG_DSN"
-DEFAULT_TAVILY_KEY_ENV = "TAVILY_API_KEY"
+DEFAULT_DSN_ENV = DSN_ENV
+DEFAULT_TAVILY_KEY_ENV = TAVILY_KEY_ENV
 
 
 class _Model(BaseModel):
@@ -67,8 +52,8 @@ class JobRef(_Model):
     namespace: str = Field(min_length=1, max_length=63)
     name: str = Field(min_length=1, max_length=253)
     uid: str = Field(min_length=1)
-    api_version: str = "researchops.io/v1alpha1"
-    kind: str = "ResearchJob"
+    api_version: str = f"{GROUP}/{VERSION}"
+    kind: str = KIND
 
     def owner_reference(self) -> dict[str, Any]:
         return {"apiVersion": self.api_version, "kind": self.kind, "name": self.name, "uid": self.uid}
@@ -196,39 +181,3 @@ class ResearchTask(_Model):
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
-
-
-def postgres_report_id(job_uid: str, plan: str) -> str:
-    """The id of a report in the PostgreSQL store: ``<job uid>/<plan id>`` (the table's key)."""
-    return f"{job_uid}/{plan}"
-
-
-def parse_postgres_report_id(report_id: str) -> tuple[str, str]:
-    uid, sep, plan = report_id.rpartition("/")
-    if not sep or not uid or not plan:
-        raise ValueError(f"a PostgreSQL report id is <job uid>/<plan id>, not {report_id!r}")
-    return uid, plan
-
-
-def markdown_title(markdown: str) -> str | None:
-    """The text of the first level-1 heading (``# Title``), if any."""
-    first = next((line for line in markdown.splitlines() if line.startswith("# ")), "")
-    return first[2:].strip() or None
-
-
-def label_value(value: str) -> str:
-    """A label value of at most 63 characters (long values end in a hash)."""
-    if len(value) <= MAX_LABEL_VALUE:
-        return value
-    digest = hashlib.sha256(value.encode()).hexdigest()[:8]
-    return f"{value[: MAX_LABEL_VALUE - 9].rstrip('-.')}-{digest}"
-
-
-def configmap_name(job: str, plan: str, kind: str, index: int | None = None) -> str:
-    """The deterministic name of a stored object: ``<job>-<plan>-analysts``, ``<job>-<plan>-section-007``."""
-    suffix = f"{plan}-{kind}" if index is None else f"{plan}-{kind}-{index:03d}"
-    name = f"{job}-{suffix}"
-    if len(name) <= MAX_NAME:
-        return name
-    digest = hashlib.sha256(job.encode()).hexdigest()[:8]
-    return f"{job[: MAX_NAME - len(suffix) - 10].rstrip('-.')}-{digest}-{suffix}"

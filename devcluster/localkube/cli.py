@@ -3,7 +3,7 @@
 localkube build            build (or find cached) etcd and the Kubernetes control plane
 localkube up [--nodes N]   start etcd, apiserver, controller-manager, scheduler, node agent
 localkube status           say what runs and print the kubeconfig path
-localkube env              print `export KUBECONFIG=...` and PATH for kubectl/helm
+localkube env              print `export KUBECONFIG=...` and PATH for kubectl/helm/kubectl-research
 localkube down             stop exactly the processes `up` started
 localkube logs NS/POD      print a pod's log (pods run as local processes, see docs/node-agent.md)
 localkube agent ...        run the node agent in the foreground (used by `up`)
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_env(cluster: Cluster) -> None:
     print(f"export KUBECONFIG={cluster.kubeconfig}")
-    print(f"export PATH={kube_tools_dir()}:$PATH")
+    # kubectl and helm, and this venv's bin for the `kubectl research` plugin (kubectl-research)
+    print(f"export PATH={kube_tools_dir()}:{Path(sys.executable).parent}:$PATH")
 
 
 if __name__ == "__main__":

@@ -2,19 +2,22 @@
 
 ``up`` (the default) starts or reuses the local control plane, installs the Helm chart with
 ``helm upgrade --install`` (ports for the shared host network are picked once and kept in the
-cluster's state dir, so a rerun is an idempotent upgrade), creates the namespace ``research-demo``
-with the documents of ``examples/corpus/``, applies ``examples/researchjob.yaml``, follows the
-ResearchJob until it ends and prints its report. ``down`` uninstalls the release, deletes the demo
-namespace and stops the cluster.
+cluster's state dir, so a rerun is an idempotent upgrade), creates the namespace ``research-demo``,
+submits the ResearchJob of ``examples/researchjob.yaml`` with the documents of ``examples/corpus/``
+through the ``kubectl research`` plugin, follows it with ``kubectl research watch`` until it ends
+and prints its report with ``kubectl research report``. ``down`` uninstalls the release, deletes
+the demo namespace and stops the cluster.
 
-Everything a user would type goes through the kubectl and helm binaries; the functions here are
-also what ``tests/test_e2e_helm.py`` drives.
+Everything a user would type goes through the kubectl and helm binaries (and kubectl's plugin
+lookup); the raw kubectl equivalents are printed alongside. The functions here are also what
+``tests/test_e2e_helm.py`` drives.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -103,6 +106,37 @@ class Kube:
     def names(self, *args: str) -> list[str]:
         """``kubectl get ... -o name``: kind/name of every object listed."""
         return self.kubectl("get", *args, "-o", "name").stdout.split()
+
+    def research(self, *args: str, emit: Emit | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        """``kubectl research ...``: kubectl finds the plugin ``kubectl-research`` on PATH (installed in
+        this Python's bin folder). With ``emit``, each line of its output is passed on as it comes."""
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{self.tools}{os.pathsep}{os.environ.get('PATH', '')}",
+            "LOCALKUBE_STATE_DIR": str(self.state_dir),
+        }
+        argv = [str(self.tools / "kubectl"), "research", *args]
+        what = f"`kubectl research {' '.join(args)}`"
+        if emit is None:
+            try:
+                out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+            except subprocess.TimeoutExpired as e:
+                raise DemoError(f"{what} did not finish in {timeout:.0f}s") from e
+            if out.returncode != 0:
+                raise DemoError(f"{what} failed (exit {out.returncode}): {out.stderr.strip()}")
+            return out
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        assert proc.stdout is not None and proc.stderr is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            emit(line.rstrip("\n"))
+        err = proc.stderr.read()
+        proc.wait()
+        if proc.returncode != 0:
+            raise DemoError(f"{what} failed (exit {proc.returncode}): {err.strip()}")
+        return subprocess.CompletedProcess(argv, proc.returncode, "".join(lines), err)
 
     def pod_log_paths(self, namespace: str, pod: str) -> list[Path]:
         """The node agent writes each container's output to a file (docs/node-agent.md)."""
@@ -249,6 +283,27 @@ def apply_corpus(kube: Kube, namespace: str, name: str = CORPUS_CONFIGMAP, folde
 
 def load_researchjob(path: Path = RESEARCHJOB_FILE) -> dict[str, Any]:
     return dict(yaml.safe_load(path.read_text()))
+
+
+def submit_args(body: dict[str, Any], namespace: str, folder: Path = CORPUS_DIR) -> list[str]:
+    """``kubectl research submit`` flags for a ResearchJob manifest whose documents are ``folder``
+    (the plugin makes them the ConfigMap NAME-documents, owned by the ResearchJob)."""
+    spec = body["spec"]
+    args = ["submit", str(body["metadata"]["name"]), "-n", namespace, "--topic", str(spec["topic"])]
+    args += ["--documents", str(folder)]
+    analysts, parallelism = spec.get("analysts") or {}, spec.get("parallelism") or {}
+    for flag, value in (
+        ("--analysts", analysts.get("count")),
+        ("--batch-size", parallelism.get("batchSize")),
+        ("--max-active-jobs", parallelism.get("maxActiveJobs")),
+        ("--max-turns", (spec.get("interview") or {}).get("maxTurns")),
+        ("--max-results", next((s.get("maxResults") for s in spec.get("sources") or [] if s.get("maxResults")), None)),
+    ):
+        if value is not None:
+            args += [flag, str(value)]
+    if analysts.get("review"):
+        args.append("--review")
+    return args
 
 
 def delete_researchjob(kube: Kube, namespace: str, name: str, timeout: float = 120) -> None:
@@ -400,34 +455,42 @@ def up(timeout: float = DEFAULT_TIMEOUT, emit: Emit = _say) -> int:
     wait_available(kube)
     emit(f"    deployment/{OPERATOR_DEPLOYMENT} and deployment/{MODELSERVER_DEPLOYMENT} are Available")
 
-    step(f"Namespace {DEMO_NAMESPACE} (restricted Pod Security) and the documents of examples/corpus/")
+    step(f"Namespace {DEMO_NAMESPACE} (restricted Pod Security)")
     create_namespace(kube, DEMO_NAMESPACE)
-    count = apply_corpus(kube, DEMO_NAMESPACE)
-    emit(f"    configmap/{CORPUS_CONFIGMAP}: {count} documents")
 
     body = load_researchjob()
     name = str(body["metadata"]["name"])
     if kube.get("researchjob", name, "-n", DEMO_NAMESPACE) is not None:
         emit(f"    deleting the previous run's researchjob/{name} and what it owned")
         delete_researchjob(kube, DEMO_NAMESPACE, name)
-    step(f"kubectl apply -n {DEMO_NAMESPACE} -f examples/researchjob.yaml")
-    spec = body["spec"]
+    args = submit_args(body, DEMO_NAMESPACE, CORPUS_DIR.relative_to(REPO_ROOT))
+    step("kubectl research " + " ".join(a if " " not in a else f'"{a}"' for a in args))
     emit(
-        f"    researchjob/{name}: {spec['analysts']['count']} analysts, batchSize "
-        f"{spec['parallelism']['batchSize']}, maxActiveJobs {spec['parallelism']['maxActiveJobs']}"
+        f"    (the spec of examples/researchjob.yaml; without the plugin: kubectl create configmap {CORPUS_CONFIGMAP} "
+        f"--from-file=examples/corpus/ -n {DEMO_NAMESPACE} && kubectl apply -f examples/researchjob.yaml "
+        f"-n {DEMO_NAMESPACE})"
     )
-    emit(f"    topic: {spec['topic']}")
-    apply_researchjob(kube, DEMO_NAMESPACE, body)
+    for line in kube.research(*submit_args(body, DEMO_NAMESPACE)).stdout.splitlines():
+        emit(f"    {line}")
 
-    step(f"Following it (what `kubectl get rj {name} -n {DEMO_NAMESPACE} -w` shows)")
-    obj = follow(kube, DEMO_NAMESPACE, name, timeout=timeout, emit=emit)
+    step(f"kubectl research watch {name} -n {DEMO_NAMESPACE}   (or: kubectl get rj {name} -n {DEMO_NAMESPACE} -w)")
+    try:
+        kube.research("watch", name, "-n", DEMO_NAMESPACE, "--timeout", str(int(timeout)),
+                      emit=lambda line: emit(f"    {line}"), timeout=timeout + 60)  # fmt: skip
+    except DemoError as e:
+        obj = kube.get("researchjob", name, "-n", DEMO_NAMESPACE) or {}
+        status = obj.get("status") or {}
+        if status.get("phase") == "Failed":
+            raise DemoError(_failure(kube, DEMO_NAMESPACE, name, status)) from e
+        raise DemoError(f"{e}\n  kubectl describe rj {name} -n {DEMO_NAMESPACE}\n" + _operator_logs(kube)) from e
+    obj = kube.get("researchjob", name, "-n", DEMO_NAMESPACE) or {}
     status = obj["status"]
     ref = status["report"]
     step(f"Succeeded: {status.get('progress')} sections, {status.get('tokensUsed', 0)} tokens")
-    emit(f"    the report is in configmap/{ref['configMap']} key {ref.get('key')}; read it with")
-    emit(f"    {report_command(DEMO_NAMESPACE, ref)}")
+    emit(f"    kubectl research report {name} -n {DEMO_NAMESPACE}   (-o html --output report.html for a web page)")
+    emit(f"    or: {report_command(DEMO_NAMESPACE, ref)}")
     emit(f'    (first: eval "$({sys.executable} -m localkube.cli env)")')
-    report = read_report(kube, DEMO_NAMESPACE, obj)
+    report = kube.research("report", name, "-n", DEMO_NAMESPACE).stdout
     emit("\n" + "-" * 100 + "\n" + report.rstrip() + "\n" + "-" * 100)
 
     step("What this was")

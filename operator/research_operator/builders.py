@@ -1,6 +1,6 @@
 """Pure builders of the objects a ResearchJob owns: worker Jobs and the workers' RBAC.
 
-Every child has a deterministic name (``constants.child_name``) and a controller
+Every child has a deterministic name (``research_api.names.child_name``) and a controller
 ownerReference to the ResearchJob, so a repeated create is a 409 and deleting the ResearchJob
 garbage-collects everything.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from research_api.environment import API_KEY_ENV, DSN_ENV, TASK_ENV, TAVILY_KEY_ENV
+from research_api.exitcodes import EXIT_CONFIG, NON_RETRYABLE_EXIT_CODES
 from research_api.researchjob import (
     GROUP,
     KIND,
@@ -21,8 +23,6 @@ from research_api.researchjob import (
     WorkerSpec,
 )
 from research_api.task import (
-    DEFAULT_DSN_ENV,
-    DEFAULT_TAVILY_KEY_ENV,
     Budget,
     ConfigMapStoreSettings,
     DocumentsSource,
@@ -48,12 +48,6 @@ from research_operator.constants import (
     child_name,
 )
 from research_operator.settings import Settings
-
-TASK_ENV = "RESEARCH_TASK"
-NON_RETRYABLE_EXIT_CODES = (2, 3, 5)  # research-worker's exit codes for errors a retry cannot fix
-API_KEY_ENV = "OPENAI_API_KEY"
-DSN_ENV = DEFAULT_DSN_ENV
-TAVILY_ENV = DEFAULT_TAVILY_KEY_ENV
 
 
 @dataclass(frozen=True)
@@ -87,7 +81,7 @@ def build_task(
         if s.type == SourceType.documents:
             sources.append(DocumentsSource(config_map=s.config_map, top_k=s.max_results))
         elif s.type == SourceType.tavily:
-            sources.append(TavilySource(max_results=s.max_results, api_key_env=TAVILY_ENV))
+            sources.append(TavilySource(max_results=s.max_results, api_key_env=TAVILY_KEY_ENV))
         else:
             sources.append(WikipediaSource(max_docs=min(s.max_results, 10)))
     store = (
@@ -202,7 +196,7 @@ def worker_job(
         env.append(_secret_env(DSN_ENV, spec.store.dsn_secret_ref))
     for source in spec.sources:
         if source.api_key_secret_ref is not None and source.type.value == "tavily":
-            env.append(_secret_env(TAVILY_ENV, source.api_key_secret_ref))
+            env.append(_secret_env(TAVILY_KEY_ENV, source.api_key_secret_ref))
     job_labels = labels(owner, step.value, plan)
     if batch_index is not None:
         job_labels[LABEL_BATCH] = str(batch_index)
@@ -337,7 +331,7 @@ def cleanup_job(
                 "rules": [
                     {
                         "action": "FailJob",
-                        "onExitCodes": {"containerName": "worker", "operator": "In", "values": [2]},
+                        "onExitCodes": {"containerName": "worker", "operator": "In", "values": [EXIT_CONFIG]},
                     }
                 ]
             },

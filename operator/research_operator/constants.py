@@ -1,17 +1,35 @@
-"""Names, labels and annotations shared by the operator's modules (and the worker's stores)."""
+"""The operator's own labels and annotations, beside the names it shares with the worker
+(research_api.names), which it re-exports for its modules."""
 
 from __future__ import annotations
 
-import hashlib
-
+from research_api.names import (
+    LABEL_ANALYST,
+    LABEL_BATCH,
+    LABEL_JOB,
+    LABEL_KIND,
+    LABEL_PLAN,
+    LABEL_STEP,
+    SETTINGS_KIND,
+    child_name,
+    label_value,
+)
 from research_api.researchjob import GROUP
-from research_api.task import LABEL_ANALYST, LABEL_JOB, LABEL_KIND, LABEL_PLAN, label_value, plan_id
+from research_api.task import plan_id
 
-__all__ = ["LABEL_ANALYST", "LABEL_JOB", "LABEL_KIND", "LABEL_PLAN", "label_value", "plan_id"]
+__all__ = [
+    "LABEL_ANALYST",
+    "LABEL_BATCH",
+    "LABEL_JOB",
+    "LABEL_KIND",
+    "LABEL_PLAN",
+    "LABEL_STEP",
+    "SETTINGS_KIND",
+    "child_name",
+    "label_value",
+    "plan_id",
+]
 
-LABEL_STEP = f"{GROUP}/step"  # plan | interview | write
-LABEL_BATCH = f"{GROUP}/batch"  # batch index of an interview Job
-SETTINGS_KIND = "operator-settings"  # the LABEL_KIND of the operator's settings ConfigMap
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "research-operator"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -20,14 +38,3 @@ FINALIZER = f"{GROUP}/external-store"  # on postgres-store ResearchJobs until th
 ANNOTATION_CLEANUP_OF = f"{GROUP}/cleanup-of"  # the ResearchJob an unowned cleanup Job cleans up
 ANNOTATION_CLEANUP_OF_UID = f"{GROUP}/cleanup-of-uid"  # and its uid
 WORKER_UID = 65532  # non-root uid of the worker image
-
-MAX_NAME = 63
-
-
-def child_name(rj: str, *parts: str) -> str:
-    """A deterministic DNS-1123 name for a child object, at most 63 characters."""
-    name = "-".join((rj, *parts))
-    if len(name) <= MAX_NAME:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[: MAX_NAME - 9]}-{digest}"

@@ -19,12 +19,21 @@ import kopf
 
 from research_api.modelendpoint import ENDPOINT_PLURAL
 from research_api.researchjob import GROUP, PLURAL, VERSION
-from research_operator import kube, loop, metrics
+from research_operator import admit, deletion, kube, loop, metrics
 from research_operator.admission import QuotaUsage
 from research_operator.constants import LABEL_JOB, LABEL_KIND, SETTINGS_KIND
 from research_operator.endpoints import Endpoint, endpoint_from, match
 from research_operator.reconcile import JobView
-from research_operator.world import WORLD, Key, StoredObject, job_view, owner_uid, stored_object
+from research_operator.world import (
+    BASE_SETTINGS,
+    WORLD,
+    Key,
+    StoredObject,
+    job_view,
+    owner_uid,
+    settings,
+    stored_object,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +110,12 @@ async def job_event(type: str, body: kopf.Body, namespace: str | None, **_: Any)
     WORLD.wake(key)
     if type == "DELETED" or not view.active:
         # A slot may have freed up: let the ResearchJobs waiting in its scope compete for it.
-        WORLD.wake_waiting(None if loop.settings().global_max_active else namespace)
+        WORLD.wake_waiting(None if settings().global_max_active else namespace)
         if view.endpoint:
             # Its share of the endpoint is free: the waiting ResearchJobs anywhere may take it, and the
             # running pods get their new shares.
             WORLD.wake_endpoint_waiters(view.endpoint)
-            loop.request_share_sync(view.endpoint)
+            admit.request_share_sync(view.endpoint)
 
 
 @kopf.on.event(*CONFIGMAPS, labels={LABEL_KIND: kopf.PRESENT})
@@ -130,7 +139,7 @@ def _count_rate_limited(key: Key, body: kopf.Body) -> None:
     if obj is None or not obj.rate_limited or rj is None:
         return
     model = (rj.get("spec") or {}).get("model") or {}
-    cfg = loop.settings()
+    cfg = settings()
     base_url = str(model.get("baseUrl") or cfg.default_model_base_url)
     endpoint = match(WORLD.endpoints.values(), base_url, str(model.get("name") or "offline-research-1"))
     metrics.ENDPOINT_429.labels(endpoint.name if endpoint is not None else "").inc(obj.rate_limited)
@@ -139,11 +148,11 @@ def _count_rate_limited(key: Key, body: kopf.Body) -> None:
 def settings_changed(type: str, body: kopf.Body, namespace: str | None, name: str, logger: kopf.Logger) -> None:
     """The operator's settings ConfigMap (labelled ``researchops.io/kind: operator-settings`` in the
     operator's namespace): apply the caps and the default endpoint at once, or refuse it whole."""
-    if namespace != loop.BASE_SETTINGS.namespace:
+    if namespace != BASE_SETTINGS.namespace:
         return
     data = {} if type == "DELETED" else dict(body.get("data") or {})
     try:
-        new = loop.BASE_SETTINGS.with_configmap(data)
+        new = BASE_SETTINGS.with_configmap(data)
     except ValueError as e:
         logger.error(f"ignoring invalid operator settings in ConfigMap {name}: {e}")
         return
@@ -181,7 +190,7 @@ async def endpoint_event(type: str, body: kopf.Body, name: str, logger: kopf.Log
         WORLD.endpoints_seen[name] = new
     WORLD.endpoint_status.pop(name, None)
     WORLD.wake_waiting()  # ResearchJobs may now match another endpoint, or none
-    loop.request_share_sync(name)
+    admit.request_share_sync(name)
 
 
 @kopf.on.event("", "v1", "resourcequotas")
@@ -216,8 +225,8 @@ async def researchjob_event(
     WORLD.attach(kwargs["rj_jobs"], kwargs["rj_stored"], kwargs["ns_quotas"], kwargs["model_endpoints"])
     key: Key = (namespace, str(uid))
     if type == "DELETED":
-        loop.FINALIZED.discard(str(uid))
+        deletion.FINALIZED.discard(str(uid))
         loop.stop_loop(key)
         return
-    WORLD.bodies[key] = body
+    WORLD.bodies[key] = loop.slim(body)
     loop.ensure_loop(key, logger)

@@ -310,25 +310,16 @@ def apply_waiting(
     st.waiting_for = w.reason.value if w.reason is not None and w.reason != WaitReason.MAX_ACTIVE_JOBS else None
     if w.pods_blocked and st.waiting_for is None:
         st.waiting_for = "FailedCreate"
-
-    def cond(ctype: str, on: bool, off_reason: str) -> Condition:
-        reason = w.reason.value if on and w.reason else off_reason
-        return condition(prev, ctype, on, reason, w.message if on else "", generation, now)
-
+    reason = w.reason.value if w.reason else ""
     conds = [
-        cond("QuotaExceeded", quota, "WithinQuota"),
-        cond("Throttled", throttled, "NotThrottled"),
-        cond("WaitingForEndpoint", endpoint, "EndpointCapacityAvailable"),
-        cond("TokenBudgetExhausted", budget, "WithinTokenBudget"),
-        condition(
-            prev,
-            "WorkerPodsBlocked",
-            w.pods_blocked is not None,
-            "FailedCreate" if w.pods_blocked else "PodsCreated",
-            w.pods_blocked or "",
-            generation,
-            now,
-        ),
+        condition(prev, ctype, on, on_reason if on else off_reason, message if on else "", generation, now)
+        for ctype, on, on_reason, off_reason, message in (
+            ("QuotaExceeded", quota, reason, "WithinQuota", w.message),
+            ("Throttled", throttled, reason, "NotThrottled", w.message),
+            ("WaitingForEndpoint", endpoint, reason, "EndpointCapacityAvailable", w.message),
+            ("TokenBudgetExhausted", budget, reason, "WithinTokenBudget", w.message),
+            ("WorkerPodsBlocked", w.pods_blocked is not None, "FailedCreate", "PodsCreated", w.pods_blocked or ""),
+        )
     ]
     events: list[tuple[str, str, str]] = []
     before = {c.type: c for c in prev.conditions or []}

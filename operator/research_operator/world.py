@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Mapping
@@ -19,8 +18,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from research_api.names import ANNOTATION_POSTGRES_REPORT, ANNOTATION_STORE, CONFIGMAP_DATA_KEY, CONFIGMAP_REPORT_KEY
+from research_api.records import (
+    MARKER_STORE,
+    AnalystPlan,
+    Report,
+    ReportMarker,
+    StoredKind,
+    markdown_title,
+    stored_record,
+)
 from research_api.researchjob import AnalystStatus, ReportRef
-from research_api.task import ANNOTATION_POSTGRES_REPORT, CONFIGMAP_DATA_KEY, CONFIGMAP_REPORT_KEY, markdown_title
 from research_operator.admission import POD_RESOURCES, Demand, PodResources, QuotaUsage
 from research_operator.constants import (
     ANNOTATION_CLEANUP_OF,
@@ -39,6 +47,7 @@ from research_operator.endpoints import (
     PodUse,
 )
 from research_operator.reconcile import JobView, StoreView
+from research_operator.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -122,53 +131,43 @@ class StoredObject:
     rate_limited: int = 0  # 429 answers the worker saw while making it
 
 
-DATA_KEY = CONFIGMAP_DATA_KEY
-REPORT_KEY = CONFIGMAP_REPORT_KEY
-
-
 def stored_object(body: Mapping[str, Any]) -> StoredObject | None:
     """What a ConfigMap of the worker's ConfigMap store holds, or a marker of its PostgreSQL store
-    (the same names, labels and ``data.json`` fields; a report marker carries the report's id in
-    PostgreSQL instead of the report, see research_worker.store)."""
+    (the same names and labels; a marker holds the record of research_api.records for it, and a
+    report marker the report's id in PostgreSQL instead of the report)."""
     meta = body.get("metadata", {})
     labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
     data: Mapping[str, str] = body.get("data") or {}
     kind = labels.get(LABEL_KIND)
-    if kind not in ("analysts", "section", "report"):
+    if kind not in {k.value for k in StoredKind}:
         return None
     try:
-        payload = json.loads(data.get(DATA_KEY) or "{}")
-    except ValueError as e:
+        record = stored_record(StoredKind(kind), data, marker=annotations.get(ANNOTATION_STORE) == MARKER_STORE)
+    except ValidationError as e:
         log.warning("unreadable %s in ConfigMap %s: %s", kind, meta.get("name"), e)
         return None
     idx = labels.get(LABEL_ANALYST)
-    usage = payload.get("usage") or {}
     obj = StoredObject(
         kind=kind,
         plan=str(labels.get(LABEL_PLAN, "")),
         analyst=int(idx) if idx is not None and str(idx).isdigit() else None,
         name=str(meta.get("name")),
-        tokens=int(usage.get("total_tokens") or 0) if isinstance(usage, dict) else 0,
+        tokens=record.usage.total_tokens,
         created=_time(meta.get("creationTimestamp")),
-        rate_limited=int(usage.get("rate_limited") or 0) if isinstance(usage, dict) else 0,
+        rate_limited=record.usage.rate_limited,
     )
-    if kind == "analysts":
-        try:
-            obj.analysts = [
-                AnalystStatus.model_validate({k: a.get(k, "") for k in ("name", "role", "affiliation", "description")})
-                for a in payload.get("analysts") or []
-            ]
-        except (ValidationError, AttributeError) as e:
-            log.warning("unreadable analysts in ConfigMap %s: %s", obj.name, e)
-            return None
-    if kind == "report":
-        postgres_id = (meta.get("annotations") or {}).get(ANNOTATION_POSTGRES_REPORT) or payload.get("postgres_id")
-        if postgres_id:
-            obj.postgres_id = str(postgres_id)
-            obj.title = str(payload.get("title") or "") or None
-        else:
-            obj.report_key = REPORT_KEY if REPORT_KEY in data else DATA_KEY
-            obj.title = markdown_title(str(payload.get("markdown") or data.get(REPORT_KEY) or ""))
+    if isinstance(record, AnalystPlan):
+        obj.analysts = [
+            AnalystStatus(name=a.name, role=a.role, affiliation=a.affiliation, description=a.description)
+            for a in record.analysts
+        ]
+    elif isinstance(record, ReportMarker):
+        obj.postgres_id = str(annotations.get(ANNOTATION_POSTGRES_REPORT) or record.postgres_id)
+        obj.title = record.title or None
+    elif isinstance(record, Report):
+        obj.report_key = CONFIGMAP_REPORT_KEY if CONFIGMAP_REPORT_KEY in data else CONFIGMAP_DATA_KEY
+        obj.title = markdown_title(record.markdown or data.get(CONFIGMAP_REPORT_KEY) or "")
     return obj
 
 
@@ -347,13 +346,19 @@ class World:
         what a quick re-check of many waiting ResearchJobs after one freed slot needs."""
         if cached and self._demands[0] == self.version:
             return self._demands[1]
-        keys = {*(self.job_index or {}).keys(), *self.created.keys(), *(k for k, n in self.waiting.items() if n)}
-        out = []
-        for key in keys:
-            active = sum(1 for j in self.jobs_of(key).values() if j.active)
-            waiting = self.waiting.get(key, 0)
-            if active or waiting:
-                out.append(Demand(key[0], key[1], active, waiting))
+        active: dict[Key, int] = {}
+        for key, jobs in (self.job_index or {}).items():
+            if key in self.created or self.deleted.get(key):
+                continue  # counted below, with what only this process knows
+            n = sum(1 for j in jobs if j.active)
+            if n:
+                active[key] = n
+        for key in {*self.created.keys(), *(k for k, gone in self.deleted.items() if gone)}:
+            n = self.active_of(key)
+            if n:
+                active[key] = n
+        out = [Demand(k[0], k[1], n, self.waiting.get(k, 0)) for k, n in active.items()]
+        out += [Demand(k[0], k[1], 0, n) for k, n in self.waiting.items() if n and k not in active]
         self._demands = (self.version, out)
         return out
 
@@ -386,8 +391,18 @@ class World:
     def endpoint_waiters(self, endpoint: str) -> int:
         return sum(1 for key, b in self.blocked.items() if b.endpoint == endpoint and self.waiting.get(key))
 
+    def active_of(self, key: Key) -> int:
+        """Running (not finished, not suspended) worker Jobs of one ResearchJob."""
+        return sum(1 for j in self.jobs_of(key).values() if j.active)
+
     def active_interviews(self) -> int:
         return sum(1 for jobs in (self.job_index or {}).values() for j in jobs if j.step == "interview" and j.active)
 
 
 WORLD = World()
+BASE_SETTINGS = Settings.from_env()
+
+
+def settings() -> Settings:
+    """Static settings from the environment, overridden by the watched settings ConfigMap."""
+    return BASE_SETTINGS.with_configmap(WORLD.settings_data) if WORLD.settings_data else BASE_SETTINGS

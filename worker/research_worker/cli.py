@@ -26,16 +26,16 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from research_api.environment import TASK_ENV
+from research_api.names import parse_postgres_report_id
 from research_api.task import (
     DEFAULT_DSN_ENV,
     PostgresStoreSettings,
     ResearchTask,
     Step,
-    parse_postgres_report_id,
 )
 from research_worker.errors import WorkerConfigError, WorkerError
 
-TASK_ENV = "RESEARCH_TASK"
 SHOW_REPORT = "show-report"
 log = logging.getLogger("research_worker")
 

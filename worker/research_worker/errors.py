@@ -1,24 +1,26 @@
-"""Worker errors. Each carries the process exit code the CLI uses, so a Job's podFailurePolicy can
-tell a retryable failure (1: unexpected, 4: store, 6: search) from one that retrying cannot fix
-(2: bad task or config, 3: model key/endpoint/model name, 5: token budget)."""
+"""Worker errors. Each carries the process exit code the CLI uses (research_api.exitcodes), so a
+Job's podFailurePolicy can tell a retryable failure (1: unexpected, 4: store, 6: search) from one
+that retrying cannot fix (2: bad task or config, 3: model key/endpoint/model name, 5: token budget)."""
 
 from __future__ import annotations
 
+from research_api.exitcodes import EXIT_BUDGET, EXIT_CONFIG, EXIT_MODEL, EXIT_SEARCH, EXIT_STORE, EXIT_UNEXPECTED
+
 
 class WorkerError(Exception):
-    exit_code = 1
+    exit_code = EXIT_UNEXPECTED
 
 
 class WorkerConfigError(WorkerError):
     """The task or the environment is wrong (bad task, missing variable, missing input)."""
 
-    exit_code = 2
+    exit_code = EXIT_CONFIG
 
 
 class ModelEndpointError(WorkerError):
     """The model endpoint answered something that retrying will not change."""
 
-    exit_code = 3
+    exit_code = EXIT_MODEL
 
 
 class ModelAuthError(ModelEndpointError):
@@ -30,7 +32,7 @@ class ModelEndpointUnreachable(ModelEndpointError):
 
 
 class StoreError(WorkerError):
-    exit_code = 4
+    exit_code = EXIT_STORE
 
 
 class ObjectTooLarge(StoreError):
@@ -38,8 +40,8 @@ class ObjectTooLarge(StoreError):
 
 
 class BudgetExceeded(WorkerError):
-    exit_code = 5
+    exit_code = EXIT_BUDGET
 
 
 class SearchError(WorkerError):
-    exit_code = 6
+    exit_code = EXIT_SEARCH

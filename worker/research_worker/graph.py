@@ -1,4 +1,5 @@
-"""The research assistant's graphs: node functions first, wiring at the bottom.
+"""The research assistant's graphs: node functions first, wiring at the bottom (the report
+writers' nodes are in research_worker.writing).
 
 Top level: create_analysts -> human_feedback -> (Send) conduct_interview per analyst ->
 write_report | write_introduction | write_conclusion -> finalize_report.
@@ -23,14 +24,9 @@ from typing_extensions import TypedDict
 from research_worker import prompts
 from research_worker.citations import (
     cite,
-    memos,
-    number_marks,
     parse_section,
-    report_sources,
     section_markdown,
     sources_block,
-    split_listing,
-    to_marks,
 )
 from research_worker.configuration import Configuration
 from research_worker.errors import ModelEndpointError
@@ -40,7 +36,6 @@ from research_worker.state import (
     GenerateAnalystsState,
     InterviewState,
     Perspectives,
-    Report,
     ReportState,
     ResearchGraphState,
     SearchDoc,
@@ -48,6 +43,7 @@ from research_worker.state import (
     Section,
     TokenUsage,
 )
+from research_worker.writing import add_report_nodes
 
 log = logging.getLogger(__name__)
 
@@ -248,98 +244,6 @@ def interview_input(analyst: Analyst, index: int, topic: str, max_num_turns: int
     }
 
 
-# ---------------------------------------------------------------- report
-
-
-def _found(state: ReportState) -> list[Section]:
-    return [s for s in state.get("sections", []) if s.found_sources]
-
-
-def _memos(state: ReportState) -> str:
-    return "\n\n".join(memos(_found(state)))
-
-
-async def write_report(state: ReportState, runtime: Runtime[Configuration]) -> dict[str, Any]:
-    """The report body from the sections that found something, keeping their (renumbered) citations."""
-    if not _found(state):
-        return {"content": ""}
-    system = prompts.report_writer_instructions.format(topic=state["topic"], context=_memos(state))
-    msg, usage = await runtime.context.llm.chat(
-        [SystemMessage(content=system), HumanMessage(content=prompts.report_request)]
-    )
-    return {"content": str(msg.content), "usage": usage}
-
-
-async def _intro_or_conclusion(
-    state: ReportState, runtime: Runtime[Configuration], request: str
-) -> tuple[str, TokenUsage]:
-    if not _found(state):
-        return "", TokenUsage()
-    system = prompts.intro_conclusion_instructions.format(topic=state["topic"], formatted_str_sections=_memos(state))
-    msg, usage = await runtime.context.llm.chat([SystemMessage(content=system), HumanMessage(content=request)])
-    return str(msg.content), usage
-
-
-async def write_introduction(state: ReportState, runtime: Runtime[Configuration]) -> dict[str, Any]:
-    text, usage = await _intro_or_conclusion(state, runtime, prompts.introduction_request)
-    return {"introduction": text, "usage": usage}
-
-
-async def write_conclusion(state: ReportState, runtime: Runtime[Configuration]) -> dict[str, Any]:
-    text, usage = await _intro_or_conclusion(state, runtime, prompts.conclusion_request)
-    return {"conclusion": text, "usage": usage}
-
-
-def _ensure_heading(text: str, heading: str) -> str:
-    text = split_listing(text)[0].strip()
-    if re.search(rf"^#{{1,3}}\s*{heading}\b", text, re.IGNORECASE | re.MULTILINE):
-        return text
-    title = ""
-    m = re.match(r"^#\s+.*\n?", text)
-    if m:
-        title, text = m.group(0).strip() + "\n\n", text[m.end() :].lstrip()
-    return f"{title}## {heading}\n{text}"
-
-
-def finalize_report(state: ReportState) -> dict[str, Any]:
-    """Introduction, body, conclusion, and one de-duplicated Sources list: every source of every
-    section once, numbered in order of first citation in the report. Sections that found nothing are
-    named once, by their themes; a report with no sources has no Sources section."""
-    sections = state.get("sections", [])
-    known = report_sources(sections)
-    empty = [s for s in sorted(sections, key=lambda s: s.index) if not s.found_sources]
-    if sections and len(empty) == len(sections):
-        reasons = list(dict.fromkeys(s.summary.strip() for s in empty))
-        final = f"# {state['topic']}\n\n## No findings\n\n" + "\n\n".join(reasons) + "\n"
-        if len(empty) > 1 or empty[0].title:
-            final += "\nThemes that were planned: " + ", ".join(f"*{s.title}*" for s in empty) + ".\n"
-        report = Report(topic=state["topic"], markdown=final, sources=[], sections=sorted(s.index for s in sections),
-                        usage=state.get("usage") or TokenUsage())
-        return {"final_report": final, "report": report}
-    content = re.sub(r"^\s*##\s*Insights\s*\n", "", state.get("content", ""), flags=re.IGNORECASE).strip()
-    intro = _ensure_heading(state.get("introduction", ""), "Introduction")
-    if not intro.startswith("# "):
-        intro = f"# {state['topic']}\n\n{intro}"
-    conclusion = _ensure_heading(state.get("conclusion", ""), "Conclusion")
-    if empty:
-        conclusion += "\n\nNothing was found in the sources for " + ", ".join(f"*{s.title}*" for s in empty) + "."
-    # intro/conclusion cite by the memos' numbering; the body by its own Sources list, if it wrote one
-    parts = [to_marks(intro, known), to_marks(content, known), to_marks(conclusion, known)]
-    (intro, body, conclusion), cited = number_marks(parts, known)
-    sources = cited + [s for s in known if s not in cited]
-    final = f"{intro}\n\n---\n\n## Insights\n{body}\n\n---\n\n{conclusion}\n"
-    if sources:
-        final += "\n## Sources\n" + "\n".join(f"[{i}] {s}  " for i, s in enumerate(sources, start=1)) + "\n"
-    report = Report(
-        topic=state["topic"],
-        markdown=final,
-        sources=sources,
-        sections=sorted(s.index for s in sections),
-        usage=state.get("usage") or TokenUsage(),
-    )
-    return {"final_report": final, "report": report}
-
-
 # ---------------------------------------------------------------- wiring
 
 
@@ -384,25 +288,12 @@ def build_planner_graph(checkpointer: BaseCheckpointSaver[Any] | None = None) ->
     return b.compile(checkpointer=checkpointer, name="planner")
 
 
-def _add_report_nodes(b: StateGraph[Any, Any, Any, Any], after: str) -> None:
-    for node, fn in (
-        ("write_report", write_report),
-        ("write_introduction", write_introduction),
-        ("write_conclusion", write_conclusion),
-    ):
-        b.add_node(node, fn)
-        b.add_edge(after, node)
-    b.add_node("finalize_report", finalize_report)
-    b.add_edge(["write_report", "write_introduction", "write_conclusion"], "finalize_report")
-    b.add_edge("finalize_report", END)
-
-
 def build_report_graph() -> CompiledStateGraph[Any, Any, Any, Any]:
     """The ``write`` step: the report from stored sections."""
     b = StateGraph(ReportState, context_schema=Configuration)
     b.add_node("collect_sections", lambda state: {})
     b.add_edge(START, "collect_sections")
-    _add_report_nodes(b, "collect_sections")
+    add_report_nodes(b, "collect_sections")
     return b.compile(name="report")
 
 
@@ -427,5 +318,5 @@ def build_research_graph(
     b.add_edge(START, "create_analysts")
     b.add_edge("create_analysts", "human_feedback")
     b.add_conditional_edges("human_feedback", initiate_all_interviews, ["create_analysts", "conduct_interview"])
-    _add_report_nodes(b, "conduct_interview")
+    add_report_nodes(b, "conduct_interview")
     return b.compile(checkpointer=checkpointer, name="research_assistant")

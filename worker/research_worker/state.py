@@ -9,20 +9,12 @@ from langchain_core.messages import AnyMessage
 from langgraph.graph import MessagesState
 from pydantic import BaseModel, Field
 
+from research_api.records import Analyst, Report, Section, TokenUsage
+
+# The stored records are part of the graph state; importers of this module find them here too.
+__all__ = ["Analyst", "Report", "Section", "TokenUsage"]
+
 # ---------------------------------------------------------------- structured outputs
-
-
-class Analyst(BaseModel):
-    affiliation: str = Field(description="Primary affiliation of the analyst.")
-    name: str = Field(description="Name of the analyst.")
-    role: str = Field(description="Role of the analyst in the context of the topic.")
-    description: str = Field(description="Description of the analyst focus, concerns, and motives.")
-
-    @property
-    def persona(self) -> str:
-        return (
-            f"Name: {self.name}\nRole: {self.role}\nAffiliation: {self.affiliation}\nDescription: {self.description}\n"
-        )
 
 
 class Perspectives(BaseModel):
@@ -36,23 +28,6 @@ class SearchQuery(BaseModel):
 
 
 # ---------------------------------------------------------------- usage and documents
-
-
-class TokenUsage(BaseModel):
-    input_tokens: int = 0
-    output_tokens: int = 0
-    total_tokens: int = 0
-    calls: int = 0
-    rate_limited: int = 0  # 429 answers the endpoint gave (retried) during these calls
-
-    def __add__(self, other: TokenUsage) -> TokenUsage:
-        return TokenUsage(
-            input_tokens=self.input_tokens + other.input_tokens,
-            output_tokens=self.output_tokens + other.output_tokens,
-            total_tokens=self.total_tokens + other.total_tokens,
-            calls=self.calls + other.calls,
-            rate_limited=self.rate_limited + other.rate_limited,
-        )
 
 
 def add_usage(left: TokenUsage | None, right: TokenUsage | None) -> TokenUsage:
@@ -77,27 +52,6 @@ def merge_docs(left: list[SearchDoc] | None, right: list[SearchDoc] | None) -> l
             seen.add((d.source, d.content))
             out.append(d)
     return out
-
-
-class Section(BaseModel):
-    """A written report section; ``[n]`` in ``content`` cites ``sources[n-1]``."""
-
-    index: int
-    analyst: Analyst
-    title: str
-    content: str  # markdown: "## title", "### Summary", "### Sources"
-    summary: str
-    sources: list[str]
-    found_sources: bool
-    usage: TokenUsage = Field(default_factory=TokenUsage)
-
-
-class Report(BaseModel):
-    topic: str
-    markdown: str
-    sources: list[str]
-    sections: list[int]
-    usage: TokenUsage = Field(default_factory=TokenUsage)
 
 
 # ---------------------------------------------------------------- graph states

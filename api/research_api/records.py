@@ -1,0 +1,138 @@
+"""The records a worker stores and the operator reads: one pydantic model per stored object.
+
+The ConfigMap store keeps each object whole under ``data.json`` (``AnalystPlan``, ``Section``,
+``Report``). The PostgreSQL store keeps them in tables and writes, for the operator, marker
+ConfigMaps of the same names and labels: the whole ``AnalystPlan``, and a ``SectionMarker`` or
+``ReportMarker`` in place of a section or the report (annotated ``ANNOTATION_STORE: postgres``).
+``stored_record`` reads any of them back. Unknown fields are ignored, so an operator reads what a
+newer worker wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+from research_api.names import CONFIGMAP_DATA_KEY
+
+MARKER_STORE = "postgres"  # the ANNOTATION_STORE value of the PostgreSQL store's markers
+
+
+class StoredKind(StrEnum):
+    """The LABEL_KIND of a stored object."""
+
+    ANALYSTS = "analysts"
+    SECTION = "section"
+    REPORT = "report"
+
+
+class TokenUsage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    calls: int = 0
+    rate_limited: int = 0  # 429 answers the endpoint gave (retried) during these calls
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            total_tokens=self.total_tokens + other.total_tokens,
+            calls=self.calls + other.calls,
+            rate_limited=self.rate_limited + other.rate_limited,
+        )
+
+
+class Analyst(BaseModel):
+    """An analyst persona. Also the schema the worker asks the model for (hence the descriptions)."""
+
+    affiliation: str = Field(description="Primary affiliation of the analyst.")
+    name: str = Field(description="Name of the analyst.")
+    role: str = Field(description="Role of the analyst in the context of the topic.")
+    description: str = Field(description="Description of the analyst focus, concerns, and motives.")
+
+    @property
+    def persona(self) -> str:
+        return (
+            f"Name: {self.name}\nRole: {self.role}\nAffiliation: {self.affiliation}\nDescription: {self.description}\n"
+        )
+
+
+class AnalystPlan(BaseModel):
+    """The ``analysts`` object: the planned panel (in both stores, and whole in its marker)."""
+
+    topic: str
+    feedback: str | None = None
+    analysts: list[Analyst]
+    usage: TokenUsage = TokenUsage()
+
+
+class Section(BaseModel):
+    """A ``section`` object: a written report section; ``[n]`` in ``content`` cites ``sources[n-1]``."""
+
+    index: int
+    analyst: Analyst
+    title: str
+    content: str  # markdown: "## title", "### Summary", "### Sources"
+    summary: str
+    sources: list[str]
+    found_sources: bool
+    usage: TokenUsage = Field(default_factory=TokenUsage)
+
+
+class Report(BaseModel):
+    """The ``report`` object: the finished report."""
+
+    topic: str
+    markdown: str
+    sources: list[str]
+    sections: list[int]
+    usage: TokenUsage = Field(default_factory=TokenUsage)
+
+
+class SectionMarker(BaseModel):
+    """What a section marker holds: enough for progress and token accounting, not the content."""
+
+    index: int
+    analyst: str
+    title: str
+    found_sources: bool
+    sources: int
+    usage: TokenUsage
+
+
+class ReportMarker(BaseModel):
+    """What the report marker holds; the report itself is read from PostgreSQL by ``postgres_id``."""
+
+    title: str | None
+    postgres_id: str
+    sections: list[int]
+    sources: int
+    usage: TokenUsage
+
+
+StoredRecord = AnalystPlan | Section | Report | SectionMarker | ReportMarker
+
+RECORD_TYPES: dict[tuple[StoredKind, bool], type[StoredRecord]] = {
+    (StoredKind.ANALYSTS, False): AnalystPlan,
+    (StoredKind.ANALYSTS, True): AnalystPlan,
+    (StoredKind.SECTION, False): Section,
+    (StoredKind.SECTION, True): SectionMarker,
+    (StoredKind.REPORT, False): Report,
+    (StoredKind.REPORT, True): ReportMarker,
+}
+
+
+def stored_record(kind: StoredKind, data: Mapping[str, str], marker: bool) -> StoredRecord:
+    """The record under ``data.json`` of a stored ConfigMap of ``kind`` (``marker``: of the PostgreSQL
+    store). Raises pydantic's ValidationError (a ValueError) when it is not that record."""
+    model = RECORD_TYPES[(kind, marker)]
+    return model.model_validate_json(data.get(CONFIGMAP_DATA_KEY) or "{}")
+
+
+def markdown_title(markdown: str) -> str | None:
+    """The text of the first level-1 heading (``# Title``), if any."""
+    first = next((line for line in markdown.splitlines() if line.startswith("# ")), "")
+    return first[2:].strip() or None
