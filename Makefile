@@ -97,7 +97,7 @@ IMAGE ?= research-operator:0.1.0
 .PHONY: chart-crds
 chart-crds: ## Copy the generated CRD (crds/) into the Helm chart's crds/ directory.
 	mkdir -p $(HELM_CHART)/crds
-	cp crds/researchjobs.researchops.io.yaml $(HELM_CHART)/crds/researchjobs.researchops.io.yaml
+	cp crds/researchjobs.researchops.io.yaml crds/modelendpoints.researchops.io.yaml $(HELM_CHART)/crds/
 
 .PHONY: chart-lint
 chart-lint: tools chart-crds ## helm lint --strict and helm template of the chart with its defaults.

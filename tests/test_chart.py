@@ -61,6 +61,8 @@ EXPECTED_CLUSTER_RULES = {
     ("researchops.io", "researchjobs"): {"get", "list", "watch", "patch", "delete"},
     ("researchops.io", "researchjobs/status"): {"patch"},
     ("researchops.io", "researchjobs/finalizers"): {"update"},
+    ("researchops.io", "modelendpoints"): {"list", "watch"},
+    ("researchops.io", "modelendpoints/status"): {"patch"},
     ("batch", "jobs"): {"list", "watch", "create", "delete"},
     ("", "configmaps"): {"get", "list", "watch", "create", "update", "patch"},
     ("", "resourcequotas"): {"list", "watch"},
@@ -189,6 +191,7 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
         "kueueQueueName": "",
         "kueuePriorityClasses": "{}",
         "kueueDefaultPriorityClass": "",
+        "namespaceTokenBudgets": "{}",
     }
 
 
@@ -549,7 +552,7 @@ def test_chart_crd_is_the_generated_crd() -> None:
     assert chart_crd.read_bytes() == (REPO / "crds" / CRD).read_bytes(), (
         "charts/research-operator/crds/ drifted from crds/: run `make chart-crds`"
     )
-    assert [p.name for p in (CHART / "crds").iterdir()] == [CRD]
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == sorted([CRD, "modelendpoints.researchops.io.yaml"])
 
 
 def test_dockerfile_builds_what_the_project_declares() -> None:

@@ -54,7 +54,13 @@ def chart_crd(cluster: ClusterHandle) -> None:
     """The chart's CRD, applied server-side as `helm install` would create it."""
     crds = CHART / "crds"
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crds))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/researchjobs.researchops.io")
+    cluster.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/researchjobs.researchops.io",
+        "crd/modelendpoints.researchops.io",
+    )
 
 
 def render(cluster: ClusterHandle, release: str, namespace: str, *args: str) -> str:
@@ -190,6 +196,9 @@ def test_operator_rbac_allows_its_watches_and_nothing_more(
         ("watch", "configmaps", "-A"),
         ("watch", "resourcequotas", "-A"),
         ("watch", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("watch", "modelendpoints.researchops.io"),
+        ("patch", "modelendpoints.researchops.io", "--subresource=status"),
+        ("create", "configmaps", "-n", "team-a"),  # the endpoint-shares ConfigMap its pods poll
         ("create", "events", "-n", "team-a"),
         # the Lease is named after the release's fullname, which is also the ServiceAccount's name
         ("update", f"leases.coordination.k8s.io/{operator_rbac.rsplit(':', 1)[1]}-leader", "-n", namespace),
@@ -201,6 +210,8 @@ def test_operator_rbac_allows_its_watches_and_nothing_more(
         ("create", "pods/exec", "-n", "team-a"),
         ("delete", "configmaps", "-n", "team-a"),
         ("update", "researchjobs.researchops.io", "-n", "team-a"),
+        ("create", "modelendpoints.researchops.io"),  # admins declare endpoints; the operator only reads them
+        ("patch", "modelendpoints.researchops.io"),
         ("create", "clusterroles.rbac.authorization.k8s.io"),
         ("delete", "namespaces"),
         ("create", "leases.coordination.k8s.io", "-n", namespace),  # the chart creates the one Lease

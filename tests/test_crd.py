@@ -26,6 +26,7 @@ from research_api.researchjob import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_FILE = ROOT / "crds" / "researchjobs.researchops.io.yaml"
+ENDPOINT_CRD_FILE = ROOT / "crds" / "modelendpoints.researchops.io.yaml"
 DOCS_FILE = ROOT / "docs" / "api.md"
 
 MINIMAL_SPEC: dict[str, Any] = {"topic": "Quantum error correction", "sources": [{"type": "wikipedia"}]}
@@ -71,6 +72,36 @@ def docs_examples() -> list[dict[str, Any]]:
 
 def test_committed_crd_is_the_generated_one() -> None:
     assert CRD_FILE.read_text() == crd.render_crd(), "crds/ is stale: run `make crds` and commit it"
+
+
+def test_committed_endpoint_crd_is_the_generated_one() -> None:
+    assert ENDPOINT_CRD_FILE.read_text() == crd.render_endpoint_crd(), "crds/ is stale: run `make crds` and commit it"
+
+
+def test_chart_carries_both_generated_crds() -> None:
+    chart = ROOT / "charts" / "research-operator" / "crds"
+    for f in (CRD_FILE, ENDPOINT_CRD_FILE):
+        assert (chart / f.name).read_text() == f.read_text(), "the chart's CRDs are stale: run `make chart-crds`"
+
+
+def test_endpoint_crd_is_cluster_scoped_structural_described_and_shows_use() -> None:
+    doc = yaml.safe_load(ENDPOINT_CRD_FILE.read_text())
+    spec = doc["spec"]
+    assert doc["metadata"]["name"] == f"modelendpoints.{GROUP}"
+    assert spec["scope"] == "Cluster" and spec["names"]["kind"] == "ModelEndpoint"
+    (version,) = spec["versions"]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["InFlight"] == ".status.requestsInFlightLimit" and columns["Max"] == ".spec.maxConcurrentRequests"
+    root = version["schema"]["openAPIV3Schema"]
+    assert set(root["properties"]["spec"]["required"]) == {"baseUrl", "maxConcurrentRequests"}
+    assert root["properties"]["spec"]["properties"]["maxConcurrentRequests"]["minimum"] == 1
+    spec_nodes = nodes(root["properties"]["spec"])
+    missing = [p for p, n in spec_nodes if p and not p.endswith("[]") and not n.get("description")]
+    assert not missing, f"fields without a description: {missing}"
+    for path, node in nodes(root):
+        assert "$ref" not in node and "anyOf" not in node and "title" not in node, path
+    jsonschema.Draft7Validator.check_schema(root["properties"]["spec"])
 
 
 def test_docs_field_reference_is_the_generated_one() -> None:
@@ -129,6 +160,7 @@ def test_names_scope_subresources_and_columns() -> None:
         "Phase": (".status.phase", 0),
         "Progress": (".status.progress", 0),
         "Active": (".status.batches.active", 0),
+        "Waiting": (".status.waitingFor", 0),
         "Tokens": (".status.tokensUsed", 1),
         "Message": (".status.message", 1),
         "Age": (".metadata.creationTimestamp", 0),

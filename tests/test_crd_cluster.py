@@ -294,6 +294,7 @@ def test_kubectl_get_shows_the_printer_columns(crd: ClusterHandle, namespace: st
         "batches": {"total": 2, "active": 1},
         "tokensUsed": 12345,
         "message": "interviewing 2 analysts",
+        "waitingFor": "EndpointCapacity",
     }
     code, out = patch(crd, namespace, "demo", {"status": status}, status=True)
     assert code == 0, out
@@ -303,12 +304,12 @@ def test_kubectl_get_shows_the_printer_columns(crd: ClusterHandle, namespace: st
         return [re.split(r"\s{2,}", line.strip()) for line in lines]
 
     header, row = table("rj")
-    assert header == ["NAME", "PHASE", "PROGRESS", "ACTIVE", "AGE"]
-    assert row[:4] == ["demo", "Interviewing", "1/3", "1"]
+    assert header == ["NAME", "PHASE", "PROGRESS", "ACTIVE", "WAITING", "AGE"]
+    assert row[:5] == ["demo", "Interviewing", "1/3", "1", "EndpointCapacity"]
 
     header, row = table("rj", "-o", "wide")
-    assert header == ["NAME", "PHASE", "PROGRESS", "ACTIVE", "TOKENS", "MESSAGE", "AGE"]
-    assert row[:6] == ["demo", "Interviewing", "1/3", "1", "12345", "interviewing 2 analysts"]
+    assert header == ["NAME", "PHASE", "PROGRESS", "ACTIVE", "WAITING", "TOKENS", "MESSAGE", "AGE"]
+    assert row[:7] == ["demo", "Interviewing", "1/3", "1", "EndpointCapacity", "12345", "interviewing 2 analysts"]
 
     # The category: `kubectl get research` lists ResearchJobs too.
     assert "researchjob.researchops.io/demo" in crd.kubectl("-n", namespace, "get", "research", "-o", "name").stdout

@@ -10,9 +10,12 @@ from typing import Any
 
 from research_api.researchjob import AnalystStatus, Phase, ReportRef, ResearchJobSpec, ResearchJobStatus, SecretKeyRef
 from research_api.task import ResearchTask, Step
+from research_operator import endpoints as ep
 from research_operator.admission import (
+    BudgetVerdict,
     Caps,
     Demand,
+    EndpointVerdict,
     PodResources,
     QuotaUsage,
     QuotaVerdict,
@@ -26,6 +29,7 @@ from research_operator.builders import Owner, cleanup_job, worker_job, worker_rb
 from research_operator.constants import plan_id
 from research_operator.reconcile import JobView, Observed, StoreView, Waiting, apply_waiting, decide
 from research_operator.settings import Settings
+from research_operator.world import job_view
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 POD = PodResources.from_spec({"cpu": "100m", "memory": "256Mi"}, {"cpu": "1", "memory": "1Gi"})
@@ -565,3 +569,161 @@ def test_only_our_jobs_configmaps_and_failedcreate_events_are_watched() -> None:
     assert selectors("", "events", "Event") == ([], ["involvedObject.kind=Job,reason=FailedCreate"])
     assert selectors("researchops.io", "researchjobs", "ResearchJob") == ([], [])
     assert selectors("", "pods", "Pod") == ([], [])
+
+
+# ---- shared model endpoints and namespace token budgets ----------------------------------------
+
+EP = ep.Endpoint("shared", "http://model.example:8080/v1/", 8, requests_per_minute=600, tokens_per_minute=60000)
+
+
+def test_an_endpoint_admits_pods_while_their_requests_in_flight_fit() -> None:
+    me = Demand("a", "rj", 0, 5)
+    cases = [  # (in use, demand per pod, admitted)
+        (0, 2, 4),
+        (6, 2, 1),
+        (7, 2, 0),
+        (8, 1, 0),
+        (0, 3, 2),
+    ]
+    for in_use, need, want in cases:
+        v = EndpointVerdict("shared", 8, in_use, need)
+        adm = decide_admission(me, 50, [me], Caps(), QuotaVerdict(None), endpoint=v)
+        assert adm.admitted == want, (in_use, need)
+        if want < 5:
+            assert adm.reason == WaitReason.ENDPOINT_CAPACITY
+            assert f"{in_use}/8 requests in flight" in adm.message
+
+
+def test_pods_beyond_the_capacity_stand_by_paused_and_take_freed_shares_in_admission_order() -> None:
+    v = EndpointVerdict("shared", 8, 8, 2, standby=8)  # full, room for 4 more pods standing by
+    me = Demand("a", "rj", 0, 6)
+    adm = decide_admission(me, 50, [me], Caps(), QuotaVerdict(None), endpoint=v)
+    assert (adm.admitted, adm.reason) == (4, WaitReason.ENDPOINT_CAPACITY)
+    assert "8/8 requests in flight admitted" in EndpointVerdict("shared", 8, 12, 2, 8).message
+    assert "4 more standing by" in EndpointVerdict("shared", 8, 12, 2, 8).message
+    pods = [ep.PodUse("a", "rj", f"j{i}", 3, admitted=f"{100 + i}") for i in range(4)]
+    table = ep.shares(EP, pods)
+    assert [table[f"j{i}"].concurrency for i in range(4)] == [3, 3, 2, 0]  # the last one waits paused
+    assert table["j3"].tokens_per_minute == 0
+    after = ep.shares(EP, pods[1:])  # the first ends: the paused one gets its share
+    assert [after[f"j{i}"].concurrency for i in range(1, 4)] == [3, 3, 2]
+
+
+def test_the_tightest_limit_names_the_wait_endpoint_or_quota() -> None:
+    me = Demand("a", "rj", 0, 4)
+    v = EndpointVerdict("shared", 8, 4, 2)  # room for 2
+    adm = decide_admission(me, 50, [me], Caps(), QuotaVerdict(1, "q: pods 3/4"), endpoint=v)
+    assert (adm.admitted, adm.reason) == (1, WaitReason.EXCEEDED_QUOTA)
+    adm = decide_admission(me, 50, [me], Caps(), QuotaVerdict(3, "q: pods 1/4"), endpoint=v)
+    assert (adm.admitted, adm.reason) == (2, WaitReason.ENDPOINT_CAPACITY)
+
+
+def test_a_spent_token_budget_starts_nothing_and_says_until_when() -> None:
+    me = Demand("team", "rj", 0, 2)
+    spent = BudgetVerdict("team", 10000, 10400, "1h", "2026-11-23T13:00:00Z")
+    adm = decide_admission(me, 50, [me], Caps(), QuotaVerdict(None), budget=spent)
+    assert (adm.admitted, adm.reason) == (0, WaitReason.TOKEN_BUDGET)
+    assert "10400 of its 10000 tokens per 1h" in adm.message and "2026-11-23T13:00:00Z" in adm.message
+    left = BudgetVerdict("team", 10000, 9999, "1h", "2026-11-23T13:00:00Z")
+    assert decide_admission(me, 50, [me], Caps(), QuotaVerdict(None), budget=left).admitted == 2
+
+
+def test_demand_is_what_a_pod_can_have_in_flight() -> None:
+    assert ep.demand("interview", 3, 4, EP) == 3  # one call at a time per analyst
+    assert ep.demand("interview", 6, 4, EP) == 4  # never more than maxConcurrency
+    assert ep.demand("write", 1, 4, EP) == 3 and ep.demand("plan", 1, 4, EP) == 1
+    small = dataclasses.replace(EP, max_concurrent=2)
+    assert ep.demand("interview", 5, 8, small) == 2  # a pod always fits an idle endpoint
+
+
+def test_endpoints_match_by_url_then_model() -> None:
+    generic = ep.Endpoint("any-model", "http://MODEL.example:8080/v1", 4)
+    specific = ep.Endpoint("big", "http://model.example:8080/v1", 2, models=("gpt-4o",))
+    other = ep.Endpoint("other", "http://elsewhere:8080/v1", 4)
+    assert ep.match([generic, specific, other], "http://model.example:8080/v1/", "gpt-4o") == specific
+    assert ep.match([generic, specific, other], "http://model.example:8080/v1", "offline-research-1") == generic
+    assert ep.match([other], "http://model.example:8080/v1", "gpt-4o") is None
+
+
+def test_shares_split_the_minute_limits_and_shrink_to_a_lowered_capacity() -> None:
+    pods = [ep.PodUse("a", "rj1", "rj1-b0", 2), ep.PodUse("a", "rj1", "rj1-b1", 2), ep.PodUse("b", "rj2", "j", 4)]
+    table = ep.shares(EP, pods)
+    assert [table[p.job].concurrency for p in pods] == [2, 2, 4]
+    assert sum(s.requests_per_minute or 0 for s in table.values()) == 600
+    assert sum(s.tokens_per_minute or 0 for s in table.values()) == 60000
+    assert table["j"].tokens_per_minute == 30000  # in proportion to its concurrency
+    for capacity in (1, 2, 3, 5, 7):
+        lowered = ep.shares(dataclasses.replace(EP, max_concurrent=capacity), pods)
+        assert sum(s.concurrency for s in lowered.values()) == capacity
+        assert all(s.concurrency <= p.demand for p, s in zip(pods, lowered.values(), strict=False))
+    # One pod left: it gets the whole per-minute limits.
+    alone = ep.shares(EP, pods[:1])
+    assert alone["rj1-b0"] == ep.Share(2, 600, 60000)
+
+
+def test_stamped_jobs_carry_the_endpoint_and_tell_the_worker_its_share() -> None:
+    owner = Owner("team-a", "demo", "uid-1")
+    job = worker_job(owner, spec(), Settings(), "abc123", Step.INTERVIEW, [0, 1], 0)
+    ep.stamp(job, EP, 2, ep.Share(2, 300, 30000), "demo-endpoint-share")
+    assert job["metadata"]["annotations"][ep.ANNOTATION_ENDPOINT] == "shared"
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    task = ResearchTask.model_validate(json.loads(env["RESEARCH_TASK"]))
+    assert task.model.share is not None
+    assert (task.model.share.config_map, task.model.share.key) == ("demo-endpoint-share", job["metadata"]["name"])
+    assert (task.model.share.concurrency, task.model.share.tokens_per_minute) == (2, 30000)
+    view = job_view(job)
+    assert (view.endpoint, view.concurrency) == ("shared", 2)
+
+
+def test_token_budgets_parse_and_periods_are_fixed_windows() -> None:
+    budgets = ep.parse_budgets('{"team-a": {"tokens": 5000, "period": "1h"}, "team-b": {"tokens": 10}}')
+    assert budgets["team-a"] == ep.TokenBudget(5000, "1h") and budgets["team-b"].seconds == 86400
+    for bad in ('{"a": {"tokens": 0}}', '{"a": {"tokens": 5, "period": "soon"}}', "[1]", "{"):
+        try:
+            ep.parse_budgets(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"accepted {bad}")
+    start, end = ep.window(T0 + dt.timedelta(minutes=17), 3600)
+    assert (start, end) == (T0, T0 + dt.timedelta(hours=1))
+    usage = [(T0 - dt.timedelta(seconds=1), 700), (T0, 100), (T0 + dt.timedelta(minutes=5), 50), (None, 9)]
+    assert ep.spent(usage, start) == 150
+    with_cm = Settings().with_configmap({"namespaceTokenBudgets": '{"x": {"tokens": 3, "period": "30m"}}'})
+    assert with_cm.token_budgets == {"x": ep.TokenBudget(3, "30m")}
+
+
+def test_waiting_for_the_endpoint_or_the_budget_has_its_own_condition_and_column() -> None:
+    w = Waiting("2 interview batches", WaitReason.ENDPOINT_CAPACITY, "ModelEndpoint shared: 8/8")
+    st, events = _waiting_status(w)
+    conds = {c.type: c for c in st.conditions or []}
+    assert (conds["WaitingForEndpoint"].status, conds["WaitingForEndpoint"].reason) == ("True", "EndpointCapacity")
+    assert conds["Throttled"].status == "False" and conds["TokenBudgetExhausted"].status == "False"
+    assert st.waiting_for == "EndpointCapacity"
+    assert st.message is not None and "waiting for model endpoint capacity" in st.message
+    assert [e[:2] for e in events] == [("Normal", "WaitingForEndpoint")]
+    st, events = _waiting_status(Waiting("the planner Job", WaitReason.TOKEN_BUDGET, "namespace x spent 12 of its 10"))
+    conds = {c.type: c for c in st.conditions or []}
+    assert (conds["TokenBudgetExhausted"].status, conds["TokenBudgetExhausted"].reason) == ("True", "TokenBudget")
+    assert st.waiting_for == "TokenBudget" and [e[:2] for e in events] == [("Warning", "TokenBudgetExhausted")]
+    st, _ = _waiting_status(Waiting())
+    assert st.waiting_for is None
+
+
+def test_the_world_counts_running_jobs_per_endpoint_and_follows_changes() -> None:
+    from research_operator.world import World
+
+    def job(name: str, endpoint: str, need: int, done: bool = False) -> JobView:
+        return JobView(name, "interview", "p", uid=name, endpoint=endpoint, concurrency=need, succeeded=done)
+
+    index: dict[tuple[str, str], list[JobView]] = {
+        ("a", "u1"): [job("x-b0", "shared", 2), job("x-b1", "shared", 2, done=True)],
+        ("b", "u2"): [job("y-b0", "shared", 3), job("y-b1", "other", 1), job("y-plan", "", 0)],
+    }
+    world = World()
+    world.attach(index, {}, {})
+    assert sorted(p.job for _, p in world.endpoint_pods("shared")) == ["x-b0", "y-b0"]
+    assert sum(p.demand for _, p in world.endpoint_pods("shared")) == 5
+    index[("a", "u1")][0] = job("x-b0", "shared", 2, done=True)
+    world.bump()  # a Job event
+    assert [p.job for _, p in world.endpoint_pods("shared")] == ["y-b0"]
+    assert [p.job for _, p in world.endpoint_pods("other")] == ["y-b1"]

@@ -218,12 +218,14 @@ def test_injected_429_and_5xx_do_not_stop_the_steps(modelserver_factory: Any, tm
     task = make_task(
         tmp_path, server.base_url, model={"name": "gpt-4o-mini", "baseUrl": server.base_url, "maxRetries": 8}
     )
-    out, secs = tmp_path / "report.md", tmp_path / "sections"
-    r = worker("run", task, "-o", str(out), "--sections-dir", str(secs))
+    out, secs, usage = tmp_path / "report.md", tmp_path / "sections", tmp_path / "usage.json"
+    r = worker("run", task, "-o", str(out), "--sections-dir", str(secs), "--usage-file", str(usage))
     assert r.returncode == 0, r.stderr
     assert_report_structure(out.read_text(), 3, sections_of(secs))
     stats = server.stats()
     assert sum(stats["faults"].values()) >= 3, stats
+    # Every 429 the worker was answered (and retried) is in the usage it reports.
+    assert json.loads(usage.read_text())["run"]["rate_limited"] == stats["by_status"].get("429", 0) > 0
 
 
 @pytest.mark.postgres

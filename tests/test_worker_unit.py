@@ -326,3 +326,65 @@ def test_a_section_that_found_nothing_is_named_once_by_its_theme_and_lists_no_so
     alone = finalize_report({**state, "sections": [nothing]})["final_report"]
     assert "## Sources" not in alone and alone.count("Nothing was found.") == 1 and "Scouts and cavities" in alone
     assert theme_of(a.model_copy(update={"description": "Mei Chen looks at everything."})) == "Scout Specialist"
+
+
+# ---- the pod's share of a shared endpoint ---------------------------------------------------------
+
+
+def test_a_share_bounds_requests_in_flight_and_a_new_share_applies_to_waiting_requests() -> None:
+    import asyncio
+
+    from research_worker.share import ShareLimiter, parse_share
+
+    async def scenario() -> tuple[int, int]:
+        limiter = ShareLimiter(2, None, None)
+        peak = 0
+        running = 0
+
+        async def call() -> None:
+            nonlocal peak, running
+            async with limiter.slot():
+                running += 1
+                peak = max(peak, running)
+                await asyncio.sleep(0.02)
+                running -= 1
+
+        await asyncio.gather(*(call() for _ in range(10)))
+        first = peak
+        peak = 0
+        await limiter.update(5, None, None)
+        await asyncio.gather(*(call() for _ in range(10)))
+        return first, peak
+
+    assert asyncio.run(scenario()) == (2, 5)
+    data = {"shares.json": json.dumps({"jobs": {"rj-b0": {"concurrency": 3, "tokensPerMinute": 600}}})}
+    assert parse_share(data, "rj-b0") == (3, None, 600)
+    assert parse_share(data, "rj-b1") is None and parse_share({"shares.json": "{"}, "rj-b0") is None
+
+
+def test_a_share_of_zero_pauses_and_a_tokens_per_minute_share_paces() -> None:
+    import asyncio
+    import time
+
+    from research_worker.share import ShareLimiter
+
+    async def scenario() -> tuple[bool, float]:
+        limiter = ShareLimiter(0, None, 600)  # paused; 10 tokens/s
+
+        async def one() -> None:
+            async with limiter.slot():
+                pass
+
+        task = asyncio.create_task(one())
+        await asyncio.sleep(0.05)
+        paused = not task.done()
+        await limiter.update(1, None, 600)
+        await task
+        limiter.spent(100 + 5)  # the bucket held 100 (10 s); now about 5 tokens in debt
+        t = time.monotonic()
+        await one()
+        return paused, time.monotonic() - t
+
+    paused, waited = asyncio.run(scenario())
+    assert paused
+    assert 0.4 < waited < 2.0  # 6 tokens at 10 tokens/s

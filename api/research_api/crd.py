@@ -12,6 +12,7 @@ whole object: the fields that cannot change once the job has started, and the le
 Command line (run from the repository root)::
 
     python -m research_api.crd                  # write crds/researchjobs.researchops.io.yaml
+                                                # and crds/modelendpoints.researchops.io.yaml
     python -m research_api.crd --docs docs/api.md  # ... and the field reference in docs/api.md
     python -m research_api.crd --check --docs docs/api.md  # exit 1 when a committed file is stale
     python -m research_api.crd --markdown       # print the field reference
@@ -33,6 +34,14 @@ from pydantic.json_schema import GenerateJsonSchema, NoDefault
 from pydantic_core import core_schema
 
 from research_api.crd_docs import DOCS_BEGIN, field_reference, splice_docs
+from research_api.modelendpoint import (
+    ENDPOINT_KIND,
+    ENDPOINT_PLURAL,
+    ENDPOINT_SHORT_NAMES,
+    ENDPOINT_SINGULAR,
+    ModelEndpointSpec,
+    ModelEndpointStatus,
+)
 from research_api.researchjob import (
     GROUP,
     KIND,
@@ -46,6 +55,8 @@ from research_api.researchjob import (
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
 DEFAULT_OUTPUT = Path("crds") / f"{CRD_NAME}.yaml"
+ENDPOINT_CRD_NAME = f"{ENDPOINT_PLURAL}.{GROUP}"
+ENDPOINT_OUTPUT = Path("crds") / f"{ENDPOINT_CRD_NAME}.yaml"
 CATEGORIES = ["research"]
 
 # metadata.name of a ResearchJob is the prefix of the names of the Jobs, ConfigMaps and pods made
@@ -72,6 +83,12 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "description": "Sections written over analysts planned.",
     },
     {"name": "Active", "type": "integer", "jsonPath": ".status.batches.active", "description": "Worker Jobs running."},
+    {
+        "name": "Waiting",
+        "type": "string",
+        "jsonPath": ".status.waitingFor",
+        "description": "What its next worker Jobs wait for (EndpointCapacity, TokenBudget, ExceededQuota, ...).",
+    },
     {
         "name": "Tokens",
         "type": "integer",
@@ -304,6 +321,100 @@ def build_crd() -> dict[str, Any]:
     }
 
 
+ENDPOINT_PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "URL", "type": "string", "jsonPath": ".spec.baseUrl", "description": "The endpoint's base URL."},
+    {
+        "name": "Max",
+        "type": "integer",
+        "jsonPath": ".spec.maxConcurrentRequests",
+        "description": "Most requests in flight at once.",
+    },
+    {
+        "name": "InFlight",
+        "type": "integer",
+        "jsonPath": ".status.requestsInFlightLimit",
+        "description": "Requests the admitted pods can have in flight.",
+    },
+    {"name": "Pods", "type": "integer", "jsonPath": ".status.pods", "description": "Worker pods admitted."},
+    {
+        "name": "Waiting",
+        "type": "integer",
+        "jsonPath": ".status.waitingResearchJobs",
+        "description": "ResearchJobs waiting for capacity.",
+    },
+    {"name": "RPM", "type": "integer", "jsonPath": ".spec.requestsPerMinute", "priority": 1},
+    {"name": "TPM", "type": "integer", "jsonPath": ".spec.tokensPerMinute", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+ENDPOINT_DESCRIPTION = (
+    "A ModelEndpoint declares what a shared model endpoint can take (requests in flight, requests and tokens "
+    "per minute). The operator admits the worker pods of every ResearchJob that calls it against that capacity "
+    "and gives each pod its share; status shows the admitted use and the shares."
+)
+
+
+def endpoint_openapi_schema() -> dict[str, Any]:
+    """The openAPIV3Schema of the ModelEndpoint resource."""
+    return _ordered(
+        {
+            "description": ENDPOINT_DESCRIPTION,
+            "type": "object",
+            "required": ["spec"],
+            "properties": {
+                "apiVersion": {
+                    "description": "Versioned schema of this object: researchops.io/v1alpha1.",
+                    "type": "string",
+                },
+                "kind": {"description": "Kind of this object: ModelEndpoint.", "type": "string"},
+                "metadata": {"type": "object"},
+                "spec": model_schema(ModelEndpointSpec, "spec"),
+                "status": model_schema(ModelEndpointStatus, "status"),
+            },
+        }
+    )
+
+
+def build_endpoint_crd() -> dict[str, Any]:
+    """The CustomResourceDefinition of ModelEndpoint (cluster-scoped)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": ENDPOINT_CRD_NAME},
+        "spec": {
+            "group": GROUP,
+            "names": {
+                "kind": ENDPOINT_KIND,
+                "listKind": f"{ENDPOINT_KIND}List",
+                "plural": ENDPOINT_PLURAL,
+                "singular": ENDPOINT_SINGULAR,
+                "shortNames": list(ENDPOINT_SHORT_NAMES),
+                "categories": list(CATEGORIES),
+            },
+            "scope": "Cluster",
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": copy.deepcopy(ENDPOINT_PRINTER_COLUMNS),
+                    "schema": {"openAPIV3Schema": endpoint_openapi_schema()},
+                }
+            ],
+        },
+    }
+
+
+def render_endpoint_crd() -> str:
+    """The ModelEndpoint CRD as the YAML committed in crds/."""
+    header = (
+        "# Generated by `python -m research_api.crd` (make crds) from api/research_api/modelendpoint.py.\n"
+        "# Do not edit by hand: change the pydantic models and regenerate.\n"
+    )
+    return header + yaml.dump(build_endpoint_crd(), Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True)
+
+
 def render_crd() -> str:
     """The CRD as the YAML committed in crds/."""
     header = (
@@ -345,6 +456,9 @@ def _sync(path: Path, want: Callable[[str], str], check: bool) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m research_api.crd", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="CRD YAML file (default: %(default)s)")
+    parser.add_argument(
+        "--endpoint-output", type=Path, default=ENDPOINT_OUTPUT, help="ModelEndpoint CRD file (default: %(default)s)"
+    )
     parser.add_argument("--docs", type=Path, help="Markdown file whose generated field reference to update")
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 with a diff when a file differs")
     parser.add_argument("--markdown", action="store_true", help="print the field reference and exit")
@@ -355,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     crd_text = render_crd()
     ok = _sync(args.output, lambda _: crd_text, args.check)
+    endpoint_text = render_endpoint_crd()
+    ok = _sync(args.endpoint_output, lambda _: endpoint_text, args.check) and ok
     if args.docs is not None:
         reference = render_markdown()
         if not args.docs.exists():

@@ -33,6 +33,7 @@ class TokenUsage(BaseModel):
     output_tokens: int = 0
     total_tokens: int = 0
     calls: int = 0
+    rate_limited: int = 0  # 429 answers the endpoint gave (retried) during these calls
 
     def __add__(self, other: TokenUsage) -> TokenUsage:
         return TokenUsage(
@@ -40,6 +41,7 @@ class TokenUsage(BaseModel):
             output_tokens=self.output_tokens + other.output_tokens,
             total_tokens=self.total_tokens + other.total_tokens,
             calls=self.calls + other.calls,
+            rate_limited=self.rate_limited + other.rate_limited,
         )
 
 

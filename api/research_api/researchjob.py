@@ -322,8 +322,8 @@ class Condition(ApiModel):
     """A condition per the Kubernetes API conventions."""
 
     type: str = Field(
-        description="Condition type: Planned, AwaitingReview, QuotaExceeded, Throttled, WorkerPodsBlocked, "
-        "Complete, Failed, CleanupFailed."
+        description="Condition type: Planned, AwaitingReview, QuotaExceeded, Throttled, WaitingForEndpoint, "
+        "TokenBudgetExhausted, WorkerPodsBlocked, Complete, Failed, CleanupFailed."
     )
     status: str = Field(description="True, False or Unknown.", pattern=r"^(True|False|Unknown)$")
     reason: str = Field(description="CamelCase reason for the last transition.")
@@ -377,6 +377,11 @@ class ResearchJobStatus(ApiModel):
     report: ReportRef | None = Field(None, description="Where the finished report is.")
     failed_analysts: list[str] | None = Field(None, description="Analysts whose interviews failed.")
     message: str | None = Field(None, description="What is happening now, for humans.")
+    waiting_for: str | None = Field(
+        None,
+        description="Why its next worker Jobs wait (the reason of the condition that holds them: EndpointCapacity, "
+        "TokenBudget, ExceededQuota, GlobalCap, ...); empty when nothing waits.",
+    )
     start_time: str | None = Field(None, description="When work started (RFC 3339).")
     completion_time: str | None = Field(None, description="When the job finished (RFC 3339).")
     conditions: list[Condition] | None = Field(None, description="Conditions per the API conventions.")

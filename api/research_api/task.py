@@ -59,6 +59,19 @@ class JobRef(_Model):
         return {"apiVersion": self.api_version, "kind": self.kind, "name": self.name, "uid": self.uid}
 
 
+class EndpointShareRef(_Model):
+    """This pod's share of a shared model endpoint (a ModelEndpoint): the first one, and where the
+    operator keeps the current one (a ConfigMap in the job's namespace, key ``shares.json``, this
+    Job's entry under ``jobs.<key>``), which the worker polls every ``poll_seconds``."""
+
+    config_map: str = Field(min_length=1, max_length=253)
+    key: str = Field(min_length=1, max_length=253)
+    poll_seconds: float = Field(default=2.0, gt=0)
+    concurrency: int = Field(ge=0)
+    requests_per_minute: int | None = Field(default=None, ge=0)
+    tokens_per_minute: int | None = Field(default=None, ge=0)
+
+
 class ModelSettings(_Model):
     name: str = DEFAULT_MODEL
     base_url: str | None = None  # None: the provider's default (OpenAI)
@@ -68,6 +81,7 @@ class ModelSettings(_Model):
     api_key_env: str = Field(default=DEFAULT_API_KEY_ENV, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=20)
     timeout_seconds: float = Field(default=DEFAULT_TIMEOUT_SECONDS, gt=0)
+    share: EndpointShareRef | None = None  # set when the endpoint's capacity is shared (ModelEndpoint)
 
     @model_validator(mode="before")
     @classmethod

@@ -14,7 +14,9 @@ from typing import Any
 from research_api.researchjob import TERMINAL_PHASES, Phase
 
 # Conditions that, while True, say why the job waits: the operator's own words for it.
-WAIT_CONDITIONS = frozenset({"QuotaExceeded", "Throttled", "WorkerPodsBlocked", "AwaitingReview"})
+WAIT_CONDITIONS = frozenset(
+    {"QuotaExceeded", "Throttled", "WorkerPodsBlocked", "AwaitingReview", "WaitingForEndpoint", "TokenBudgetExhausted"}
+)
 WAIT_PREFIXES = ("Waiting",)
 WAIT_SUFFIXES = ("Exceeded", "Blocked", "Queued", "Pending")
 

@@ -2,9 +2,11 @@
 
 Pure functions: the handlers gather the numbers, these decide. A worker Job is admitted only if
 it fits every limit at once: the ResearchJob's ``maxActiveJobs``, the operator-wide cap, the
-per-namespace cap, and the headroom left in each ResourceQuota of the namespace for every
-resource a Job and its pod consume. Fairness: while several ResearchJobs wait, each may hold at
-most its fair share of a shared cap, so a large one cannot starve small ones.
+per-namespace cap, the headroom left in each ResourceQuota of the namespace for every
+resource a Job and its pod consume, the capacity of the shared model endpoint it calls
+(``EndpointVerdict``) and the namespace's token budget (``BudgetVerdict``). Fairness: while
+several ResearchJobs wait, each may hold at most its fair share of a shared cap, so a large one
+cannot starve small ones.
 """
 
 from __future__ import annotations
@@ -230,10 +232,69 @@ class WaitReason(StrEnum):
     GLOBAL_CAP = "GlobalCap"
     FAIR_SHARE = "FairShare"
     MAX_ACTIVE_JOBS = "MaxActiveJobs"
+    ENDPOINT_CAPACITY = "EndpointCapacity"
+    TOKEN_BUDGET = "TokenBudget"
 
     @property
     def is_quota(self) -> bool:
         return self in (WaitReason.QUOTA_TOO_SMALL, WaitReason.EXCEEDED_QUOTA)
+
+    @property
+    def is_throttle(self) -> bool:
+        """Caps, fairness and the ResearchJob's own bound (condition Throttled)."""
+        return self in (
+            WaitReason.NAMESPACE_CAP,
+            WaitReason.GLOBAL_CAP,
+            WaitReason.FAIR_SHARE,
+            WaitReason.MAX_ACTIVE_JOBS,
+        )
+
+
+@dataclass(frozen=True)
+class EndpointVerdict:
+    """How many more worker pods of one ResearchJob fit the model endpoint they call: each counts with
+    ``demand`` requests in flight against ``max_concurrent``, of which ``in_use`` are admitted."""
+
+    name: str
+    max_concurrent: int
+    in_use: int
+    demand: int
+    standby: int = 0  # demand admitted beyond the capacity: pods that start paused (share 0)
+
+    @property
+    def jobs(self) -> int:
+        return max(0, (self.max_concurrent + self.standby - self.in_use) // max(1, self.demand))
+
+    @property
+    def message(self) -> str:
+        running = min(self.in_use, self.max_concurrent)
+        paused = f", {self.in_use - running} more standing by" if self.in_use > running else ""
+        return (
+            f"ModelEndpoint {self.name}: {running}/{self.max_concurrent} requests in flight admitted{paused}, "
+            f"a worker pod needs {self.demand}"
+        )
+
+
+@dataclass(frozen=True)
+class BudgetVerdict:
+    """The namespace's token budget for the current period and what its ResearchJobs spent in it."""
+
+    namespace: str
+    budget: int
+    spent: int
+    period: str  # as configured, e.g. "24h"
+    resets: str  # RFC 3339 end of the current period
+
+    @property
+    def exhausted(self) -> bool:
+        return self.spent >= self.budget
+
+    @property
+    def message(self) -> str:
+        return (
+            f"namespace {self.namespace} spent {self.spent} of its {self.budget} tokens per {self.period}; "
+            f"no new worker Job starts before the period rolls over at {self.resets}"
+        )
 
 
 @dataclass(frozen=True)
@@ -252,17 +313,25 @@ def decide_admission(
     caps: Caps,
     quota: QuotaVerdict,
     too_small: str | None = None,
+    endpoint: EndpointVerdict | None = None,
+    budget: BudgetVerdict | None = None,
 ) -> Admission:
     """Admit what fits every limit at once; name the limit that holds the rest back.
 
     ``me.waiting`` Jobs want to start; ``own_limit`` is the ResearchJob's own bound on its running
     Jobs (``maxActiveJobs`` for interview batches, 1 for the planner, writer and cleanup Job).
-    ``too_small`` is set when a quota can never hold one worker pod (see ``never_fits``)."""
+    ``too_small`` is set when a quota can never hold one worker pod (see ``never_fits``);
+    ``endpoint`` when the model endpoint has a declared capacity, ``budget`` when the namespace has
+    a token budget (spent: nothing starts until the period rolls over)."""
     if me.waiting <= 0:
         return Admission(0)
     if too_small is not None:
         return Admission(0, WaitReason.QUOTA_TOO_SMALL, too_small)
+    if budget is not None and budget.exhausted:
+        return Admission(0, WaitReason.TOKEN_BUDGET, budget.message)
     limits: list[tuple[int, WaitReason, str]] = []
+    if endpoint is not None:
+        limits.append((endpoint.jobs, WaitReason.ENDPOINT_CAPACITY, endpoint.message))
     if quota.jobs is not None:
         limits.append((quota.jobs, WaitReason.EXCEEDED_QUOTA, f"ResourceQuota {quota.binding}"))
     for cap, peers, reason, what in (

@@ -7,16 +7,24 @@ freed up.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from research_api.researchjob import WorkerSpec
+from kubernetes.client.exceptions import ApiException
+
+from research_api.researchjob import ModelSpec, WorkerSpec
+from research_operator import endpoints as ep
 from research_operator import kube, metrics
 from research_operator.admission import (
     Admission,
+    BudgetVerdict,
     Demand,
+    EndpointVerdict,
     PodResources,
     WaitReason,
     decide_admission,
@@ -25,9 +33,11 @@ from research_operator.admission import (
 )
 from research_operator.builders import Owner, worker_rbac
 from research_operator.finalizer import CLEANUP_STEP
-from research_operator.reconcile import JobView, Waiting, step_noun
+from research_operator.reconcile import JobView, Waiting, rfc3339, step_noun
 from research_operator.settings import Settings
 from research_operator.world import WORLD, Blocked, Key, job_view, settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,16 +72,50 @@ class Want:
     step: str
     jobs: list[dict[str, Any]]
     own_limit: int  # the ResearchJob's own bound on its running Jobs
+    analysts: list[int] | None = None  # analysts of each Job (interview batches)
+
+
+def _endpoint_verdict(endpoint: ep.Endpoint, demand: int) -> EndpointVerdict:
+    in_use = sum(p.demand for _, p in WORLD.endpoint_pods(endpoint.name))
+    return EndpointVerdict(endpoint.name, endpoint.max_concurrent, in_use, demand, ep.standby(endpoint))
+
+
+def _budget_verdict(namespace: str, cfg: Settings, when: dt.datetime) -> BudgetVerdict | None:
+    budget = cfg.token_budgets.get(namespace)
+    if budget is None:
+        return None
+    start, end = ep.window(when, budget.seconds)
+    used = ep.spent(WORLD.usage_since(namespace), start)
+    metrics.NAMESPACE_TOKENS.labels(namespace).set(used)
+    return BudgetVerdict(namespace, budget.tokens, used, budget.period, rfc3339(end))
+
+
+def _endpoint_of(model: ModelSpec | None, cfg: Settings) -> ep.Endpoint | None:
+    if model is None:
+        return None
+    return ep.match(WORLD.endpoints.values(), model.base_url or cfg.default_model_base_url, model.name)
 
 
 async def admit_and_create(
-    key: Key, owner: Owner, want: Want, worker: WorkerSpec, cfg: Settings
+    key: Key, owner: Owner, want: Want, worker: WorkerSpec, cfg: Settings, model: ModelSpec | None = None
 ) -> tuple[Waiting, int]:
-    """Admit what fits (caps, fair share, ResourceQuota headroom), record the admitted Jobs as ours
-    before creating them, create them; the number created, and what still waits and why."""
+    """Admit what fits (caps, fair share, ResourceQuota headroom, the model endpoint's capacity, the
+    namespace's token budget), record the admitted Jobs as ours before creating them, create them;
+    the number created, and what still waits and why. ``model``: the ResearchJob's model (None for
+    the cleanup Job, which calls no model)."""
     namespace = key[0]
     pod = PodResources.from_spec(worker.resources.requests.wire(), worker.resources.limits.wire())
     priority_class = worker.priority_class_name or ""
+    endpoint = _endpoint_of(model, cfg)
+    needs = (
+        [
+            ep.demand(want.step, (want.analysts or [1] * len(want.jobs))[i], model.max_concurrency, endpoint)
+            for i in range(len(want.jobs))
+        ]
+        if endpoint is not None and model is not None
+        else []
+    )
+    budget = _budget_verdict(namespace, cfg, now()) if model is not None else None
     async with WORLD.admission_lock:
         WORLD.waiting[key] = len(want.jobs)
         me = Demand(namespace, key[1], WORLD.active_of(key), len(want.jobs))
@@ -80,13 +124,23 @@ async def admit_and_create(
         quotas = WORLD.quotas_of(namespace)
         verdict = quota_headroom(quotas, pod, WORLD.reserved(namespace), priority_class)
         too_small = never_fits(quotas, pod, priority_class)
-        adm: Admission = decide_admission(me, want.own_limit, demands, cfg.caps, verdict, too_small)
+        capacity = _endpoint_verdict(endpoint, max(needs)) if endpoint is not None else None
+        adm: Admission = decide_admission(me, want.own_limit, demands, cfg.caps, verdict, too_small, capacity, budget)
         admitted = want.jobs[: adm.admitted]
+        if endpoint is not None and capacity is not None:
+            cm = ep.share_configmap_name(owner.name)
+            left = endpoint.max_concurrent - capacity.in_use  # pods admitted before come first
+            for job, need in zip(admitted, needs, strict=False):
+                first = max(0, min(need, left))  # 0: it starts paused and waits for its share
+                left -= need
+                ep.stamp(job, endpoint, need, ep.Share(first), cm, f"{time.time():.6f}")
         pending = WORLD.created[key]
         for job in admitted:
             pending[job["metadata"]["name"]] = job_view(job)
         WORLD.waiting[key] = len(want.jobs) - len(admitted)
         WORLD.bump()
+    if endpoint is not None and admitted:
+        await sync_endpoint(endpoint.name)  # the shares ConfigMap exists before the pods read it
     if adm.reason is not None and adm.reason.is_quota:
         metrics.QUOTA_WAITS.labels(namespace).inc()
     if admitted and key not in WORLD.rbac_ready and want.step != CLEANUP_STEP:
@@ -115,14 +169,27 @@ async def admit_and_create(
             metrics.JOBS_CREATED.labels(want.step).inc()
             created += 1
     still = WORLD.waiting.get(key, 0)
+    if endpoint is not None and len(admitted) > created:
+        request_share_sync(endpoint.name)  # some were not created after all
     if still and refused is None:
-        WORLD.blocked[key] = Blocked(still, want.own_limit, pod, priority_class)
+        WORLD.blocked[key] = Blocked(
+            still,
+            want.own_limit,
+            pod,
+            priority_class,
+            endpoint.name if endpoint is not None else "",
+            max(needs) if needs else 0,
+            want.step,
+        )
     else:
         WORLD.blocked.pop(key, None)
     if refused is not None:
         return Waiting(step_noun(want.step, still), refused[0], refused[1], refused=True), created
     if still and adm.reason is not None:
-        return Waiting(step_noun(want.step, still), adm.reason, adm.message), created
+        until = None
+        if adm.reason == WaitReason.TOKEN_BUDGET and budget is not None:
+            until = dt.datetime.fromisoformat(budget.resets.replace("Z", "+00:00"))
+        return Waiting(step_noun(want.step, still), adm.reason, adm.message, until=until), created
     return Waiting(), created
 
 
@@ -148,4 +215,117 @@ def still_blocked(key: Key) -> bool:
     quotas = WORLD.quotas_of(namespace)
     verdict = quota_headroom(quotas, b.pod, WORLD.reserved(namespace), b.priority_class)
     too_small = never_fits(quotas, b.pod, b.priority_class)
-    return decide_admission(me, b.own_limit, demands, caps, verdict, too_small).admitted == 0
+    endpoint = WORLD.endpoints.get(b.endpoint) if b.endpoint else None
+    capacity = _endpoint_verdict(endpoint, b.demand) if endpoint is not None else None
+    budget = _budget_verdict(namespace, settings(), now()) if b.step != CLEANUP_STEP else None
+    return decide_admission(me, b.own_limit, demands, caps, verdict, too_small, capacity, budget).admitted == 0
+
+
+# ------------------------------------------------------------------------------------------
+# endpoint shares: written for the running pods whenever what is admitted against an endpoint changes
+# ------------------------------------------------------------------------------------------
+
+_SYNC_WANTED: set[str] = set()
+_SYNC_LOCK: asyncio.Lock | None = None
+_SYNC_EVENT: asyncio.Event | None = None
+_SYNC_TASK: asyncio.Task[None] | None = None
+
+
+def request_share_sync(endpoint: str) -> None:
+    """Rewrite the shares of ``endpoint``'s pods soon (coalesced, in one background task)."""
+    global _SYNC_EVENT, _SYNC_TASK
+    _SYNC_WANTED.add(endpoint)
+    if _SYNC_EVENT is None:
+        _SYNC_EVENT = asyncio.Event()
+    if _SYNC_TASK is None or _SYNC_TASK.done():
+        _SYNC_TASK = asyncio.create_task(_share_syncer(_SYNC_EVENT), name="endpoint shares")
+    _SYNC_EVENT.set()
+
+
+async def _share_syncer(event: asyncio.Event) -> None:
+    while True:
+        await event.wait()
+        event.clear()
+        await asyncio.sleep(0.05)  # one rewrite for a burst of changes
+        for name in sorted(_SYNC_WANTED):
+            _SYNC_WANTED.discard(name)
+            try:
+                await sync_endpoint(name)
+            except ApiException as e:
+                log.warning(f"writing the shares of ModelEndpoint {name} hit an API error {e.status}: {e.reason}")
+                _SYNC_WANTED.add(name)
+                await asyncio.sleep(1.0)
+                event.set()
+            except Exception:  # noqa: BLE001 - keep syncing the other endpoints; logged with its traceback
+                log.exception(f"writing the shares of ModelEndpoint {name} failed")
+
+
+async def sync_endpoint(name: str) -> None:
+    """Give every running pod admitted against ``name`` its current share (one ConfigMap per
+    ResearchJob, written only when it changed), and show the use in the ModelEndpoint's status and
+    metrics. A deleted ModelEndpoint leaves its pods their full demand, with no per-minute limits.
+    One at a time, so a slower write never replaces a newer one."""
+    global _SYNC_LOCK
+    if _SYNC_LOCK is None:
+        _SYNC_LOCK = asyncio.Lock()
+    async with _SYNC_LOCK:
+        await _sync_endpoint(name)
+
+
+async def _sync_endpoint(name: str) -> None:
+    endpoint = WORLD.endpoints.get(name)
+    pods = WORLD.endpoint_pods(name)
+    if endpoint is not None:
+        table = ep.shares(endpoint, [p for _, p in pods])
+    else:
+        table = {p.job: ep.Share(p.demand) for _, p in pods}
+    by_key: dict[Key, dict[str, ep.Share]] = {}
+    for key, p in pods:
+        by_key.setdefault(key, {})[p.job] = table[p.job]
+    for key, mine in by_key.items():
+        body = WORLD.bodies.get(key)
+        if body is None:
+            continue
+        rj = str(body.get("metadata", {}).get("name"))
+        owner = Owner(key[0], rj, key[1])
+        cm = ep.shares_configmap(key[0], rj, owner.reference(), name, mine)
+        data = cm["data"][ep.SHARES_KEY]
+        if WORLD.shares_written.get(key) != data:
+            await kube.put_configmap(cm)
+            WORLD.shares_written[key] = data
+    in_flight = sum(s.concurrency for s in table.values())
+    waiting = WORLD.endpoint_waiters(name)
+    minute_ago = now() - dt.timedelta(minutes=1)
+    recent = sum(
+        obj.tokens
+        for key in by_key
+        for obj in (WORLD.stored_index or {}).get(key, [])
+        if obj.created is not None and obj.created >= minute_ago
+    )
+    metrics.ENDPOINT_TOKENS_PER_MINUTE.labels(name).set(recent)
+    metrics.ENDPOINT_IN_FLIGHT.labels(name).set(in_flight)
+    metrics.ENDPOINT_PODS.labels(name).set(len(pods))
+    metrics.ENDPOINT_WAITING.labels(name).set(waiting)
+    if endpoint is not None:
+        metrics.ENDPOINT_CAPACITY.labels(name).set(endpoint.max_concurrent)
+        n = max(1, len(table))
+        metrics.ENDPOINT_SHARE.labels(name, "concurrency").set(in_flight / n if table else 0)
+        for resource, total in (
+            ("requests_per_minute", endpoint.requests_per_minute),
+            ("tokens_per_minute", endpoint.tokens_per_minute),
+        ):
+            metrics.ENDPOINT_SHARE.labels(name, resource).set((total or 0) / n if table else 0)
+        status = {
+            "observedGeneration": endpoint.generation,
+            "requestsInFlightLimit": in_flight,
+            "pods": len(pods),
+            "waitingResearchJobs": waiting,
+            "shares": [
+                {"namespace": p.namespace, "researchJob": p.research_job, "job": p.job, **table[p.job].wire()}
+                for _, p in sorted(pods, key=lambda kp: (kp[1].namespace, kp[1].job))
+            ]
+            or None,
+        }
+        if WORLD.endpoint_status.get(name) != status:
+            await kube.patch_endpoint_status(name, status)
+            WORLD.endpoint_status[name] = status

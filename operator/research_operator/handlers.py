@@ -17,10 +17,12 @@ from typing import Any
 
 import kopf
 
+from research_api.modelendpoint import ENDPOINT_PLURAL
 from research_api.researchjob import GROUP, PLURAL, VERSION
-from research_operator import deletion, kube, kueue, loop
+from research_operator import admit, deletion, kube, kueue, loop, metrics
 from research_operator.admission import QuotaUsage
 from research_operator.constants import LABEL_JOB, LABEL_KIND, SETTINGS_KIND
+from research_operator.endpoints import Endpoint, endpoint_from, match
 from research_operator.reconcile import JobView
 from research_operator.world import (
     BASE_SETTINGS,
@@ -109,6 +111,11 @@ async def job_event(type: str, body: kopf.Body, namespace: str | None, **_: Any)
     if type == "DELETED" or not view.active:
         # A slot may have freed up: let the ResearchJobs waiting in its scope compete for it.
         WORLD.wake_waiting(None if settings().global_max_active else namespace)
+        if view.endpoint:
+            # Its share of the endpoint is free: the waiting ResearchJobs anywhere may take it, and the
+            # running pods get their new shares.
+            WORLD.wake_endpoint_waiters(view.endpoint)
+            admit.request_share_sync(view.endpoint)
 
 
 @kopf.on.event(*CONFIGMAPS, labels={LABEL_KIND: kopf.PRESENT})
@@ -121,6 +128,21 @@ async def configmap_event(
     uid = owner_uid(body)
     if uid is not None and namespace is not None:
         WORLD.wake((namespace, uid))
+        if type == "ADDED":
+            _count_rate_limited((namespace, uid), body)
+
+
+def _count_rate_limited(key: Key, body: kopf.Body) -> None:
+    """429s a worker reports with a stored result, counted against the endpoint its ResearchJob calls."""
+    obj = stored_object(body)
+    rj = WORLD.bodies.get(key)
+    if obj is None or not obj.rate_limited or rj is None:
+        return
+    model = (rj.get("spec") or {}).get("model") or {}
+    cfg = settings()
+    base_url = str(model.get("baseUrl") or cfg.default_model_base_url)
+    endpoint = match(WORLD.endpoints.values(), base_url, str(model.get("name") or "offline-research-1"))
+    metrics.ENDPOINT_429.labels(endpoint.name if endpoint is not None else "").inc(obj.rate_limited)
 
 
 def settings_changed(type: str, body: kopf.Body, namespace: str | None, name: str, logger: kopf.Logger) -> None:
@@ -136,11 +158,39 @@ def settings_changed(type: str, body: kopf.Body, namespace: str | None, name: st
         return
     if data != WORLD.settings_data:
         WORLD.settings_data = data
+        budgets = ",".join(f"{ns}:{b.tokens}/{b.period}" for ns, b in sorted(new.token_budgets.items()))
         logger.info(
             f"operator settings: globalMaxActiveJobs={new.global_max_active} "
-            f"namespaceMaxActiveJobs={new.namespace_max_active}"
+            f"namespaceMaxActiveJobs={new.namespace_max_active} "
+            f"namespaceTokenBudgets={budgets}"
         )
         WORLD.wake_waiting()
+
+
+@kopf.index(GROUP, VERSION, ENDPOINT_PLURAL)
+def model_endpoints(body: kopf.Body, name: str, **_: Any) -> dict[str, Endpoint] | None:
+    endpoint = endpoint_from(body)
+    return {name: endpoint} if endpoint is not None else None
+
+
+@kopf.on.event(GROUP, VERSION, ENDPOINT_PLURAL)
+async def endpoint_event(type: str, body: kopf.Body, name: str, logger: kopf.Logger, **kwargs: Any) -> None:
+    """A ModelEndpoint (ours, cluster-scoped, few): admission and the running pods' shares follow a
+    change of its capacity at once."""
+    WORLD.endpoint_index = kwargs["model_endpoints"]
+    old = WORLD.endpoints_seen.get(name)
+    new = None if type == "DELETED" else endpoint_from(body)
+    if type != "DELETED" and new is None:
+        logger.error(f"ignoring ModelEndpoint {name}: its spec is not usable")
+    if new == old and name in WORLD.endpoint_status:
+        return  # a status write of ours, or nothing that matters
+    if new is None:
+        WORLD.endpoints_seen.pop(name, None)
+    else:
+        WORLD.endpoints_seen[name] = new
+    WORLD.endpoint_status.pop(name, None)
+    WORLD.wake_waiting()  # ResearchJobs may now match another endpoint, or none
+    admit.request_share_sync(name)
 
 
 @kopf.on.event("", "v1", "resourcequotas")
@@ -204,7 +254,7 @@ async def researchjob_event(
     if namespace is None or not uid:
         return
     # kopf passes each index by its function's name; they are complete before this first runs.
-    WORLD.attach(kwargs["rj_jobs"], kwargs["rj_stored"], kwargs["ns_quotas"])
+    WORLD.attach(kwargs["rj_jobs"], kwargs["rj_stored"], kwargs["ns_quotas"], kwargs["model_endpoints"])
     WORLD.kueue_indexes.update({k: kwargs[k] for k in ("kueue_workloads", "kueue_localqueues") if k in kwargs})
     key: Key = (namespace, str(uid))
     if type == "DELETED":

@@ -197,3 +197,35 @@ async def set_finalizer(namespace: str, name: str, uid: str, *, present: bool) -
             if e.status != 409:
                 raise
     raise ApiException(status=409, reason=f"the finalizers of {namespace}/{name} kept changing")
+
+
+async def put_configmap(obj: dict[str, Any]) -> None:
+    """Create a ConfigMap, or replace the one of that name (the operator's own shares ConfigMap)."""
+    core = client.CoreV1Api(api())
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    try:
+        await call("create", "configmap", core.create_namespaced_config_map, ns, obj)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+        await call("replace", "configmap", core.replace_namespaced_config_map, name, ns, obj)
+
+
+async def patch_endpoint_status(name: str, status: dict[str, Any]) -> None:
+    """Write a ModelEndpoint's status (merge patch on the status subresource); a gone one is fine."""
+    from research_api.modelendpoint import ENDPOINT_PLURAL
+
+    try:
+        await call(
+            "patch",
+            "modelendpoint/status",
+            client.CustomObjectsApi(api()).patch_cluster_custom_object_status,
+            GROUP,
+            VERSION,
+            ENDPOINT_PLURAL,
+            name,
+            {"status": status},
+        )
+    except ApiException as e:
+        if e.status != 404:
+            raise

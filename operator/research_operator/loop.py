@@ -202,10 +202,15 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
             worker_job(owner, spec, cfg, plan_id, Step.INTERVIEW, plan[b], b, active_deadline_seconds=remaining)
             for b in d.waiting_batches
         ]
-        want = Want(Step.INTERVIEW.value, built, own_limit=spec.parallelism.max_active_jobs)
+        want = Want(
+            Step.INTERVIEW.value,
+            built,
+            own_limit=spec.parallelism.max_active_jobs,
+            analysts=[len(plan[b]) for b in d.waiting_batches],
+        )
     waiting = Waiting()
     if want is not None:
-        waiting, _ = await admit_and_create(key, owner, want, spec.worker, cfg)
+        waiting, _ = await admit_and_create(key, owner, want, spec.worker, cfg, spec.model)
         if want.step == Step.INTERVIEW.value:
             # In Kueue mode a new Job waits, suspended, until Kueue admits it.
             started = 0 if cfg.kueue_queue else len(want.jobs) - WORLD.waiting.get(key, 0)
@@ -253,7 +258,10 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
             message="deleting the finished ResearchJob (ttlSecondsAfterFinished)",
         )
         await kube.delete_researchjob(namespace, name, uid)
-    return Outcome(retry=waiting.refused, wake_at=d.wake_at)
+    wake_at = d.wake_at
+    if waiting.until is not None:  # the token budget's period rolls over then
+        wake_at = min(wake_at, waiting.until) if wake_at is not None else waiting.until
+    return Outcome(retry=waiting.refused, wake_at=wake_at)
 
 
 def _invalid_status(prev: ResearchJobStatus, msg: str, meta: kopf.Meta | dict[str, object]) -> ResearchJobStatus:

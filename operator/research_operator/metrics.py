@@ -30,3 +30,48 @@ API_REQUESTS = Counter(
 JOBS_CREATED = Counter(
     "research_operator_jobs_created_total", "Worker Jobs created, by step.", ["step"], registry=REGISTRY
 )
+ENDPOINT_CAPACITY = Gauge(
+    "research_operator_endpoint_max_concurrent_requests",
+    "A ModelEndpoint's declared maxConcurrentRequests.",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+ENDPOINT_IN_FLIGHT = Gauge(
+    "research_operator_endpoint_requests_in_flight_limit",
+    "Requests the worker pods admitted against a ModelEndpoint may have in flight (sum of their shares).",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+ENDPOINT_PODS = Gauge(
+    "research_operator_endpoint_pods", "Worker pods admitted against a ModelEndpoint.", ["endpoint"], registry=REGISTRY
+)
+ENDPOINT_WAITING = Gauge(
+    "research_operator_endpoint_waiting_researchjobs",
+    "ResearchJobs whose worker Jobs wait for a ModelEndpoint's capacity.",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+ENDPOINT_SHARE = Gauge(
+    "research_operator_endpoint_share_per_pod",
+    "Mean share of one admitted pod: concurrency, requests_per_minute or tokens_per_minute.",
+    ["endpoint", "resource"],
+    registry=REGISTRY,
+)
+NAMESPACE_TOKENS = Gauge(
+    "research_operator_namespace_tokens_spent",
+    "Tokens a namespace with a token budget spent in the current period (from what workers stored).",
+    ["namespace"],
+    registry=REGISTRY,
+)
+ENDPOINT_429 = Counter(
+    "research_operator_endpoint_rate_limited_total",
+    "429 answers workers reported with their stored results, by ModelEndpoint ('' for none declared).",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+ENDPOINT_TOKENS_PER_MINUTE = Gauge(
+    "research_operator_endpoint_tokens_per_minute",
+    "Tokens per minute used at a ModelEndpoint over the last minute, from what workers stored.",
+    ["endpoint"],
+    registry=REGISTRY,
+)

@@ -37,6 +37,9 @@ class JobView:
     suspended: bool = False
     message: str = ""
     finished: dt.datetime | None = None  # when it completed or failed
+    endpoint: str = ""  # the ModelEndpoint it was admitted against
+    concurrency: int = 0  # requests in flight its pod may need there
+    admitted: str = ""  # when it was admitted there (sortable)
 
     @property
     def active(self) -> bool:
@@ -277,6 +280,7 @@ class Waiting:
     message: str = ""
     pods_blocked: str | None = None
     refused: bool = False  # a 403 from the API server that the computed headroom did not foresee
+    until: dt.datetime | None = None  # when the wait ends by itself (a token budget's period rolls over)
 
 
 def step_noun(step: str, count: int) -> str:
@@ -288,25 +292,38 @@ def step_noun(step: str, count: int) -> str:
 def apply_waiting(
     st: ResearchJobStatus, prev: ResearchJobStatus, w: Waiting, generation: int, now: dt.datetime
 ) -> list[tuple[str, str, str]]:
-    """Set the message and the QuotaExceeded, Throttled and WorkerPodsBlocked conditions of ``st``
-    from ``w``; return the Events to post (one per condition that turns True or changes reason)."""
+    """Set the message, ``waitingFor`` and the QuotaExceeded, Throttled, WaitingForEndpoint,
+    TokenBudgetExhausted and WorkerPodsBlocked conditions of ``st`` from ``w``; return the Events to
+    post (one per condition that turns True or changes reason)."""
     quota = w.reason is not None and w.reason.is_quota
-    throttled = w.reason is not None and not quota
+    throttled = w.reason is not None and w.reason.is_throttle
+    endpoint = w.reason == WaitReason.ENDPOINT_CAPACITY
+    budget = w.reason == WaitReason.TOKEN_BUDGET
     if w.reason == WaitReason.QUOTA_TOO_SMALL:
         st.message = f"cannot start {w.what}: {w.message}"
     elif quota:
         st.message = f"waiting for quota: {w.what}: {w.message}"
+    elif budget:
+        st.message = f"token budget spent: {w.what} waiting: {w.message}"
+    elif endpoint:
+        st.message = f"{st.message}; " if st.message and st.phase == Phase.Interviewing else ""
+        st.message += f"{w.what} waiting for model endpoint capacity: {w.message}"
     elif throttled and w.reason != WaitReason.MAX_ACTIVE_JOBS:
         st.message = f"{st.message}; " if st.message and st.phase == Phase.Interviewing else ""
         st.message += f"{w.what} waiting for a slot: {w.message}"
     if w.pods_blocked:
         st.message = w.pods_blocked
+    st.waiting_for = w.reason.value if w.reason is not None and w.reason != WaitReason.MAX_ACTIVE_JOBS else None
+    if w.pods_blocked and st.waiting_for is None:
+        st.waiting_for = "FailedCreate"
     reason = w.reason.value if w.reason else ""
     conds = [
         condition(prev, ctype, on, on_reason if on else off_reason, message if on else "", generation, now)
         for ctype, on, on_reason, off_reason, message in (
             ("QuotaExceeded", quota, reason, "WithinQuota", w.message),
             ("Throttled", throttled, reason, "NotThrottled", w.message),
+            ("WaitingForEndpoint", endpoint, reason, "EndpointCapacityAvailable", w.message),
+            ("TokenBudgetExhausted", budget, reason, "WithinTokenBudget", w.message),
             ("WorkerPodsBlocked", w.pods_blocked is not None, "FailedCreate", "PodsCreated", w.pods_blocked or ""),
         )
     ]
@@ -321,6 +338,11 @@ def apply_waiting(
             events.append(("Warning", reason, st.message or c.message))
         elif c.type == "WorkerPodsBlocked":
             events.append(("Warning", "FailedCreate", c.message))
+        elif c.type == "TokenBudgetExhausted":
+            events.append(("Warning", "TokenBudgetExhausted", c.message))
+        elif c.type == "WaitingForEndpoint":
+            what = f"{w.what} waiting for model endpoint capacity"
+            events.append(("Normal", "WaitingForEndpoint", f"{what}: {c.message}"))
         elif c.reason != WaitReason.MAX_ACTIVE_JOBS:
             events.append(("Normal", "Throttled", f"{w.what} waiting for a slot: {c.message}"))
     st.conditions = [*(x for x in st.conditions or [] if x.type not in {c.type for c in conds}), *conds]

@@ -1,10 +1,10 @@
 """Operator settings: static ones from the environment, admin caps also from a ConfigMap.
 
-The caps (``globalMaxActiveJobs``, ``namespaceMaxActiveJobs``), the default model endpoint and the
-Kueue queue and priority mapping can change at run time: the operator watches the settings
-ConfigMap (rendered by the Helm chart from values.yaml) and applies a change on the next reconcile,
-with no restart. Whether it watches Kueue's Workloads and LocalQueues (``KUEUE_WATCH``) is fixed at
-start, as that needs their CRDs and RBAC.
+The caps (``globalMaxActiveJobs``, ``namespaceMaxActiveJobs``), the namespace token budgets
+(``namespaceTokenBudgets``), the default model endpoint and the Kueue queue and priority mapping can
+change at run time: the operator watches the settings ConfigMap (rendered by the Helm chart from
+values.yaml) and applies a change on the next reconcile, with no restart. Whether it watches Kueue's
+Workloads and LocalQueues (``KUEUE_WATCH``) is fixed at start, as that needs their CRDs and RBAC.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from research_operator.admission import Caps
+from research_operator.endpoints import TokenBudget, parse_budgets
 
 
 def _int(env: Mapping[str, str], key: str, default: int) -> int:
@@ -78,6 +79,8 @@ class Settings:
     health_port: int = 8081
     leader_election: bool = True
     lease_name: str = "research-operator-leader"
+    # namespace -> tokens per period its ResearchJobs may spend (namespaceTokenBudgets, JSON)
+    token_budgets: dict[str, TokenBudget] = field(default_factory=dict)
 
     @property
     def caps(self) -> Caps:
@@ -105,6 +108,7 @@ class Settings:
             health_port=_int(e, "HEALTH_PORT", d.health_port),
             leader_election=e.get("LEADER_ELECTION", "true").lower() != "false",
             lease_name=e.get("LEASE_NAME", d.lease_name),
+            token_budgets=parse_budgets(e.get("NAMESPACE_TOKEN_BUDGETS", "")),
         )
 
     def with_configmap(self, data: Mapping[str, str]) -> Settings:
@@ -119,5 +123,8 @@ class Settings:
             kueue_priority_classes=_priority_classes(data, "kueuePriorityClasses", self.kueue_priority_classes),
             kueue_default_priority_class=_class_name(
                 data, "kueueDefaultPriorityClass", self.kueue_default_priority_class
+            ),
+            token_budgets=(
+                parse_budgets(data["namespaceTokenBudgets"]) if "namespaceTokenBudgets" in data else self.token_budgets
             ),
         )

@@ -39,6 +39,13 @@ from research_operator.constants import (
     LABEL_PLAN,
     LABEL_STEP,
 )
+from research_operator.endpoints import (
+    ANNOTATION_ADMITTED,
+    ANNOTATION_CONCURRENCY,
+    ANNOTATION_ENDPOINT,
+    Endpoint,
+    PodUse,
+)
 from research_operator.reconcile import JobView, StoreView
 from research_operator.settings import Settings
 
@@ -89,6 +96,8 @@ def job_view(body: Mapping[str, Any]) -> JobView:
     batch = labels.get(LABEL_BATCH)
     containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or [{}]
     resources = containers[0].get("resources") or {}
+    annotations = meta.get("annotations") or {}
+    concurrency = str(annotations.get(ANNOTATION_CONCURRENCY) or "")
     return JobView(
         name=str(meta.get("name")),
         uid=str(meta.get("uid") or ""),
@@ -102,6 +111,9 @@ def job_view(body: Mapping[str, Any]) -> JobView:
         suspended=bool(spec.get("suspend")) and "Complete" not in conds and failed is None,
         message=str((failed or {}).get("message") or (failed or {}).get("reason") or ""),
         finished=_time((finished or {}).get("lastTransitionTime")),
+        endpoint=str(annotations.get(ANNOTATION_ENDPOINT) or ""),
+        concurrency=int(concurrency) if concurrency.isdigit() else 0,
+        admitted=str(annotations.get(ANNOTATION_ADMITTED) or ""),
     )
 
 
@@ -116,6 +128,8 @@ class StoredObject:
     report_key: str | None = None
     postgres_id: str | None = None  # a report marker of the PostgreSQL store
     tokens: int = 0
+    created: dt.datetime | None = None  # when the worker stored it (token budgets count by it)
+    rate_limited: int = 0  # 429 answers the worker saw while making it
 
 
 def stored_object(body: Mapping[str, Any]) -> StoredObject | None:
@@ -141,6 +155,8 @@ def stored_object(body: Mapping[str, Any]) -> StoredObject | None:
         analyst=int(idx) if idx is not None and str(idx).isdigit() else None,
         name=str(meta.get("name")),
         tokens=record.usage.total_tokens,
+        created=_time(meta.get("creationTimestamp")),
+        rate_limited=record.usage.rate_limited,
     )
     if isinstance(record, AnalystPlan):
         obj.analysts = [
@@ -164,6 +180,9 @@ class Blocked:
     own_limit: int
     pod: PodResources
     priority_class: str = ""
+    endpoint: str = ""  # the ModelEndpoint its Jobs would be admitted against
+    demand: int = 0  # requests in flight one of its pods needs there
+    step: str = ""
 
 
 @dataclass
@@ -179,6 +198,10 @@ class World:
     job_index: Mapping[Key, Any] | None = None  # Key -> collection of JobView
     stored_index: Mapping[Key, Any] | None = None  # Key -> collection of StoredObject
     quota_index: Mapping[str, Any] | None = None  # namespace -> collection of QuotaUsage
+    endpoint_index: Mapping[str, Any] | None = None  # ModelEndpoint name -> collection of Endpoint
+    endpoints_seen: dict[str, Endpoint] = field(default_factory=dict)  # as the last watch event showed them
+    shares_written: dict[Key, str] = field(default_factory=dict)  # the shares ConfigMap data last written
+    endpoint_status: dict[str, dict[str, Any]] = field(default_factory=dict)  # status last written, by endpoint
     created: dict[Key, dict[str, JobView]] = field(default_factory=lambda: defaultdict(dict))
     deleted: dict[Key, set[str]] = field(default_factory=lambda: defaultdict(set))  # Job uids being deleted
     waiting: dict[Key, int] = field(default_factory=dict)  # worker Jobs each ResearchJob waits to start
@@ -196,9 +219,23 @@ class World:
     version: int = 0  # bumped whenever running or waiting counts may have changed
     _demands: tuple[int, list[Demand]] = (-1, [])
     _wake_scopes: set[str | None] = field(default_factory=set)  # namespaces (None: all) to sweep soon
+    _endpoint_pods: tuple[int, dict[str, list[tuple[Key, PodUse]]]] = (-1, {})
 
-    def attach(self, jobs: Mapping[Key, Any], stored: Mapping[Key, Any], quotas: Mapping[str, Any]) -> None:
+    def attach(
+        self,
+        jobs: Mapping[Key, Any],
+        stored: Mapping[Key, Any],
+        quotas: Mapping[str, Any],
+        endpoints: Mapping[str, Any] | None = None,
+    ) -> None:
         self.job_index, self.stored_index, self.quota_index = jobs, stored, quotas
+        if endpoints is not None:
+            self.endpoint_index = endpoints
+
+    @property
+    def endpoints(self) -> dict[str, Endpoint]:
+        """Every usable ModelEndpoint by name (an index: complete before any ResearchJob is admitted)."""
+        return {name: e for name, found in (self.endpoint_index or {}).items() for e in list(found)[:1]}
 
     def jobs_of(self, key: Key) -> dict[str, JobView]:
         """The ResearchJob's Jobs by name: what the watch has, plus what this process created and the
@@ -277,8 +314,23 @@ class World:
                 if event is not None:
                     event.set()
 
+    def wake_endpoint_waiters(self, endpoint: str) -> None:
+        """Wake every ResearchJob whose worker Jobs wait for ``endpoint``'s capacity."""
+        for key, b in self.blocked.items():
+            if b.endpoint == endpoint and self.waiting.get(key):
+                self.wake(key)
+
     def forget(self, key: Key) -> None:
-        for d in (self.created, self.deleted, self.waiting, self.phases, self.wakeups, self.bodies, self.blocked):
+        for d in (
+            self.created,
+            self.deleted,
+            self.waiting,
+            self.phases,
+            self.wakeups,
+            self.bodies,
+            self.blocked,
+            self.shares_written,
+        ):
             d.pop(key, None)
         self.rbac_ready.discard(key)
         self.dirty.discard(key)
@@ -329,6 +381,35 @@ class World:
         out += [Demand(k[0], k[1], 0, n) for k, n in self.waiting.items() if n and k not in active]
         self._demands = (self.version, out)
         return out
+
+    def endpoint_pods(self, endpoint: str) -> list[tuple[Key, PodUse]]:
+        """The running worker Jobs admitted against ``endpoint`` (from the Jobs' annotations, plus
+        what this process just created), with their ResearchJob. Computed for every endpoint at
+        once and kept until running counts change (``version``), so the re-checks of many waiting
+        ResearchJobs after one freed slot cost one pass over the Jobs, not one each."""
+        if self._endpoint_pods[0] != self.version:
+            table: dict[str, list[tuple[Key, PodUse]]] = defaultdict(list)
+            for key in {*(self.job_index or {}).keys(), *self.created.keys()}:
+                body = self.bodies.get(key)
+                rj = str(((body or {}).get("metadata") or {}).get("name") or "")
+                for job in self.jobs_of(key).values():
+                    if job.active and job.endpoint:
+                        use = PodUse(key[0], rj, job.name, max(1, job.concurrency), job.admitted)
+                        table[job.endpoint].append((key, use))
+            self._endpoint_pods = (self.version, dict(table))
+        return list(self._endpoint_pods[1].get(endpoint, []))
+
+    def usage_since(self, namespace: str) -> list[tuple[dt.datetime | None, int]]:
+        """(when stored, tokens) of every stored result in ``namespace``."""
+        return [
+            (obj.created, obj.tokens)
+            for key, objs in (self.stored_index or {}).items()
+            if key[0] == namespace
+            for obj in objs
+        ]
+
+    def endpoint_waiters(self, endpoint: str) -> int:
+        return sum(1 for key, b in self.blocked.items() if b.endpoint == endpoint and self.waiting.get(key))
 
     def active_of(self, key: Key) -> int:
         """Unfinished worker Jobs of one ResearchJob: what counts against the caps (in Kueue mode

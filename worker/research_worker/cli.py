@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -215,9 +216,16 @@ async def _main(args: argparse.Namespace) -> int:
         log.info("report written: %d sources, %d tokens", len(report.sources), report.usage.total_tokens)
         return 0
 
-    async with opened(task, api_client) as store:
+    async with opened(task, api_client) as store, contextlib.AsyncExitStack() as stack:
         used = sum(u.total_tokens for u in (await store.usage()).values())
         rt = await steps.prepare(task, tokens_used_before=used, load_configmap=loader)
+        share_ref = task.model.share
+        if share_ref is not None and rt.llm.share is not None and api_client is not None:
+            from research_worker.share import follow
+
+            shares_loader = load_configmap_data(api_client, task.job.namespace)
+            poller = asyncio.create_task(follow(rt.llm.share, share_ref, shares_loader), name="endpoint share")
+            stack.callback(poller.cancel)
         if step == Step.PLAN:
             plan = await steps.plan(rt, store)
             print(json.dumps({"analysts": [a.model_dump() for a in plan.analysts]}))

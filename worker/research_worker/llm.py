@@ -9,9 +9,11 @@ errors with exponential backoff (0.5 s doubling to 8 s, jittered), waits what a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import httpx
@@ -29,6 +31,7 @@ from research_worker.errors import (
     ModelEndpointUnreachable,
     WorkerConfigError,
 )
+from research_worker.share import ShareLimiter
 from research_worker.state import TokenUsage
 
 log = logging.getLogger(__name__)
@@ -122,8 +125,22 @@ async def preflight(settings: ModelSettings, api_key: SecretStr) -> list[str]:
     raise ModelEndpointUnreachable(f"model endpoint {base} kept answering 429/5xx to the preflight")
 
 
+# 429 answers seen during the current call (the openai SDK retries them inside one call).
+_RATE_LIMITED: ContextVar[list[int] | None] = ContextVar("rate_limited", default=None)
+
+
+async def _count_429(response: httpx.Response) -> None:
+    if response.status_code == 429:
+        box = _RATE_LIMITED.get()
+        if box is not None:
+            box[0] += 1
+
+
 class LLMClient:
-    """What the graph nodes call. One per process; safe to share between concurrent interviews."""
+    """What the graph nodes call. One per process; safe to share between concurrent interviews.
+
+    With a shared endpoint (``settings.share``), the requests in flight and the requests and tokens
+    per minute follow this pod's share, which ``research_worker.share.follow`` keeps current."""
 
     def __init__(
         self,
@@ -151,9 +168,21 @@ class LLMClient:
             max_retries=settings.max_retries,
             timeout=settings.timeout_seconds,
             rate_limiter=limiter,
+            http_async_client=httpx.AsyncClient(
+                timeout=settings.timeout_seconds, event_hooks={"response": [_count_429]}
+            ),
         )
         self._structured: dict[type[BaseModel], Any] = {}
         self._sem = asyncio.Semaphore(settings.max_concurrency)
+        share = settings.share
+        self.share: ShareLimiter | None = (
+            ShareLimiter(
+                min(share.concurrency, settings.max_concurrency), share.requests_per_minute, share.tokens_per_minute
+            )
+            if share is not None
+            else None
+        )
+        self.rate_limited = 0  # 429 answers seen by this process
         self.budget = max_tokens_budget
         self.used_before = tokens_used_before
         self.usage = TokenUsage()
@@ -166,9 +195,25 @@ class LLMClient:
     def _account(self, usage: TokenUsage) -> None:
         self.usage = self.usage + usage
 
-    async def _call(self, runnable: Any, messages: Sequence[BaseMessage]) -> Any:
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        if self.share is not None:
+            async with self.share.slot():
+                yield
+        else:
+            async with self._sem:
+                yield
+
+    def _tally(self, usage: TokenUsage, box: list[int]) -> TokenUsage:
+        self.rate_limited += box[0]
+        if self.share is not None:
+            self.share.spent(usage.total_tokens)
+        return usage.model_copy(update={"rate_limited": box[0]}) if box[0] else usage
+
+    async def _call(self, runnable: Any, messages: Sequence[BaseMessage], box: list[int]) -> Any:
         self._check_budget()
-        async with self._sem:
+        async with self._slot():
+            _RATE_LIMITED.set(box)
             try:
                 return await runnable.ainvoke(list(messages))
             except openai.AuthenticationError:
@@ -188,9 +233,10 @@ class LLMClient:
                 ) from None
 
     async def chat(self, messages: Sequence[BaseMessage]) -> tuple[AIMessage, TokenUsage]:
-        msg = await self._call(self.model, messages)
+        box = [0]
+        msg = await self._call(self.model, messages, box)
         assert isinstance(msg, AIMessage)
-        usage = usage_of(msg)
+        usage = self._tally(usage_of(msg), box)
         self._account(usage)
         return msg, usage
 
@@ -199,8 +245,9 @@ class LLMClient:
         if runnable is None:
             runnable = self.model.with_structured_output(schema, method="json_schema", include_raw=True)
             self._structured[schema] = runnable
-        out = await self._call(runnable, messages)
-        usage = usage_of(out.get("raw"))
+        box = [0]
+        out = await self._call(runnable, messages, box)
+        usage = self._tally(usage_of(out.get("raw")), box)
         self._account(usage)
         parsed = out.get("parsed")
         if not isinstance(parsed, schema):

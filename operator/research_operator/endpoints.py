@@ -1,0 +1,262 @@
+"""Shared model endpoints and namespace token budgets: pure decisions.
+
+A ``ModelEndpoint`` (cluster-scoped) declares what an endpoint can take. Every worker Job that calls
+it is stamped at admission with the endpoint's name and the requests its pod can have in flight
+(annotations), so what is admitted against an endpoint is read from the Jobs themselves (complete
+after a restart). From those Jobs, ``shares`` gives each running pod its concurrency and its part
+of the endpoint's requests and tokens per minute; the operator writes them to one ConfigMap per
+ResearchJob, which the pods poll, so a pod that starts or ends, or a capacity change, reaches the
+running pods without a restart.
+
+Token budgets: a namespace may spend ``tokens`` per ``period`` (fixed windows from the Unix epoch,
+so every replica and restart agrees on them); what it spent is the token usage its workers stored
+in the period.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from research_api.modelendpoint import normalize_url
+from research_api.researchjob import GROUP
+from research_api.task import Step
+from research_operator.constants import child_name
+
+ANNOTATION_ENDPOINT = f"{GROUP}/model-endpoint"  # the ModelEndpoint a worker Job is admitted against
+ANNOTATION_CONCURRENCY = f"{GROUP}/endpoint-concurrency"  # requests in flight its pod may need
+ANNOTATION_ADMITTED = f"{GROUP}/endpoint-admitted"  # when (order of admission: earlier pods go first)
+LABEL_SHARES = f"{GROUP}/endpoint-shares"  # on the shares ConfigMap (not researchops.io/kind: unwatched)
+SHARES_KEY = "shares.json"
+SHARE_POLL_SECONDS = 2.0
+WRITER_CALLS = 3  # the writer writes the body, introduction and conclusion at once
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One ModelEndpoint, as the operator needs it."""
+
+    name: str
+    base_url: str
+    max_concurrent: int
+    models: tuple[str, ...] = ()
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    generation: int = 0
+
+    def serves(self, base_url: str, model: str) -> bool:
+        return normalize_url(self.base_url) == normalize_url(base_url) and (not self.models or model in self.models)
+
+
+def endpoint_from(body: Mapping[str, Any]) -> Endpoint | None:
+    """A ModelEndpoint object as an ``Endpoint``, or None when its spec is unusable."""
+    spec = body.get("spec") or {}
+    meta = body.get("metadata") or {}
+    try:
+        return Endpoint(
+            name=str(meta.get("name")),
+            base_url=str(spec["baseUrl"]),
+            max_concurrent=int(spec["maxConcurrentRequests"]),
+            models=tuple(str(m) for m in spec.get("models") or []),
+            requests_per_minute=int(spec["requestsPerMinute"]) if spec.get("requestsPerMinute") else None,
+            tokens_per_minute=int(spec["tokensPerMinute"]) if spec.get("tokensPerMinute") else None,
+            generation=int(meta.get("generation") or 0),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def match(endpoints: Iterable[Endpoint], base_url: str, model: str) -> Endpoint | None:
+    """The endpoint a ResearchJob calls: one naming its model wins over one for every model; then by name."""
+    found = [e for e in endpoints if e.serves(base_url, model)]
+    found.sort(key=lambda e: (not e.models, e.name))
+    return found[0] if found else None
+
+
+def demand(step: str, analysts: int, max_concurrency: int, endpoint: Endpoint) -> int:
+    """Requests in flight one worker pod can have: an interview makes one call at a time per analyst,
+    the planner one, the writer three at once; never more than the pod's own ``maxConcurrency``, nor
+    than the endpoint can take at all (so every pod can start once the endpoint is free)."""
+    if step == Step.INTERVIEW.value:
+        calls = max(1, analysts)
+    elif step == Step.WRITE.value:
+        calls = WRITER_CALLS
+    else:
+        calls = 1
+    return max(1, min(calls, max_concurrency, endpoint.max_concurrent))
+
+
+@dataclass(frozen=True)
+class PodUse:
+    """A running worker Job admitted against an endpoint."""
+
+    namespace: str
+    research_job: str
+    job: str
+    demand: int
+    admitted: str = ""  # sortable admission time
+
+
+@dataclass(frozen=True)
+class Share:
+    concurrency: int
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+    def wire(self) -> dict[str, int]:
+        out = {"concurrency": self.concurrency}
+        if self.requests_per_minute is not None:
+            out["requestsPerMinute"] = self.requests_per_minute
+        if self.tokens_per_minute is not None:
+            out["tokensPerMinute"] = self.tokens_per_minute
+        return out
+
+
+def _split(total: int, weights: list[int]) -> list[int]:
+    """``total`` split in proportion to ``weights`` (largest remainders; whole numbers)."""
+    wsum = sum(weights)
+    if wsum <= 0:
+        return [0 for _ in weights]
+    raw = [total * w / wsum for w in weights]
+    out = [int(r) for r in raw]
+    rest = total - sum(out)
+    for i in sorted(range(len(raw)), key=lambda i: (out[i] - raw[i], i))[:rest]:
+        out[i] += 1
+    return out
+
+
+def standby(endpoint: Endpoint) -> int:
+    """Demand admitted beyond the capacity: pods that start (image, interpreter, model preflight)
+    while the endpoint is full and wait paused for their share, so a freed share is used at once
+    instead of after a pod start-up. As much again as the capacity."""
+    return endpoint.max_concurrent
+
+
+def shares(endpoint: Endpoint, pods: list[PodUse]) -> dict[str, Share]:
+    """Each admitted pod's share, by Job name. Concurrency: in order of admission, each pod its
+    demand while the capacity lasts, the next one what is left, the rest 0 (paused: standing by, or
+    beyond a capacity an admin lowered) until pods before them end. Requests and tokens per minute:
+    split in proportion to the concurrency."""
+    ordered = sorted(pods, key=lambda p: (p.admitted, p.namespace, p.job))
+    left = endpoint.max_concurrent
+    conc = []
+    for p in ordered:
+        grant = max(0, min(p.demand, left))
+        conc.append(grant)
+        left -= grant
+    rpm = _split(endpoint.requests_per_minute, conc) if endpoint.requests_per_minute else None
+    tpm = _split(endpoint.tokens_per_minute, conc) if endpoint.tokens_per_minute else None
+    return {p.job: Share(conc[i], rpm[i] if rpm else None, tpm[i] if tpm else None) for i, p in enumerate(ordered)}
+
+
+def share_configmap_name(research_job: str) -> str:
+    return child_name(research_job, "endpoint-share")
+
+
+def shares_configmap(
+    namespace: str, research_job: str, owner_ref: dict[str, Any], endpoint: str, mine: Mapping[str, Share]
+) -> dict[str, Any]:
+    """The ConfigMap the pods of one ResearchJob poll for their shares (owned by the ResearchJob)."""
+    data = {"endpoint": endpoint, "jobs": {job: s.wire() for job, s in sorted(mine.items())}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": share_configmap_name(research_job),
+            "namespace": namespace,
+            "labels": {LABEL_SHARES: "true"},
+            "ownerReferences": [owner_ref],
+        },
+        "data": {SHARES_KEY: json.dumps(data, sort_keys=True)},
+    }
+
+
+def stamp(
+    job: dict[str, Any], endpoint: Endpoint, need: int, share: Share, configmap: str, admitted: str = ""
+) -> dict[str, Any]:
+    """The worker Job admitted against ``endpoint``: annotated with the endpoint, its pod's demand
+    and when it was admitted, and its task told its first share and where to poll for the next ones."""
+    meta = job["metadata"]
+    meta["annotations"] = {
+        **(meta.get("annotations") or {}),
+        ANNOTATION_ENDPOINT: endpoint.name,
+        ANNOTATION_CONCURRENCY: str(need),
+        ANNOTATION_ADMITTED: admitted,
+    }
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    for env in container["env"]:
+        if env["name"] == "RESEARCH_TASK":
+            task = json.loads(env["value"])
+            task["model"]["share"] = {
+                "configMap": configmap,
+                "key": meta["name"],
+                "pollSeconds": SHARE_POLL_SECONDS,
+                **share.wire(),
+            }
+            env["value"] = json.dumps(task)
+    return job
+
+
+# ------------------------------------------------------------------------------------------
+# namespace token budgets
+# ------------------------------------------------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_period(text: str) -> int:
+    """A period such as ``30m``, ``1h``, ``24h``, ``7d``, in seconds."""
+    m = re.fullmatch(r"\s*([0-9]+)\s*([smhdw])\s*", text)
+    if not m or int(m.group(1)) <= 0:
+        raise ValueError(f"a period is a whole number and a unit (s, m, h, d, w), e.g. 24h; got {text!r}")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    tokens: int
+    period: str  # as configured, e.g. "24h"
+
+    @property
+    def seconds(self) -> int:
+        return parse_period(self.period)
+
+
+def parse_budgets(raw: str) -> dict[str, TokenBudget]:
+    """``namespaceTokenBudgets``: a JSON (or YAML flow) map of namespace to ``{tokens, period}``."""
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"namespaceTokenBudgets is not JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError("namespaceTokenBudgets must map each namespace to {tokens, period}")
+    out: dict[str, TokenBudget] = {}
+    for ns, b in data.items():
+        tokens = b.get("tokens") if isinstance(b, dict) else None
+        if isinstance(tokens, float) and tokens.is_integer():
+            tokens = int(tokens)  # 2e+06 from a templating tool
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+            raise ValueError(f"namespaceTokenBudgets[{ns}] needs tokens: a whole number >= 1")
+        assert isinstance(b, dict)
+        budget = TokenBudget(tokens, str(b.get("period", "24h")))
+        budget.seconds  # noqa: B018 - validates the period
+        out[str(ns)] = budget
+    return out
+
+
+def window(now: dt.datetime, seconds: int) -> tuple[dt.datetime, dt.datetime]:
+    """The current budget period: fixed windows of ``seconds`` from the Unix epoch."""
+    epoch = now.timestamp()
+    start = epoch - epoch % seconds
+    return dt.datetime.fromtimestamp(start, dt.UTC), dt.datetime.fromtimestamp(start + seconds, dt.UTC)
+
+
+def spent(usage: Iterable[tuple[dt.datetime | None, int]], start: dt.datetime) -> int:
+    """Tokens stored by workers within the period that began at ``start``."""
+    return sum(tokens for when, tokens in usage if when is not None and when >= start)

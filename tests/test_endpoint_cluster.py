@@ -1,0 +1,189 @@
+"""Shared model endpoints and namespace token budgets on the real control plane, with the real worker
+and the offline model server (whose own stats count the requests in flight)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from offline_model.launcher import ModelServerProcess
+from research_api.researchjob import GROUP, PLURAL, VERSION
+from tests.fixtures.cluster import ClusterHandle
+from tests.fixtures.operator import OperatorProcess
+from tests.test_operator_cluster import create, researchjob, wait_phase
+
+pytestmark = pytest.mark.cluster
+
+ENDPOINTS = "modelendpoints"
+
+
+@pytest.fixture
+def endpoint(cluster: ClusterHandle) -> Iterator[Callable[..., str]]:
+    """Create ModelEndpoints (cluster-scoped); deleted after the test."""
+    custom = client.CustomObjectsApi(cluster.api_client())
+    made: list[str] = []
+
+    def make(base_url: str, max_concurrent: int, **spec: Any) -> str:
+        name = f"ep-{uuid.uuid4().hex[:6]}"
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ModelEndpoint",
+            "metadata": {"name": name},
+            "spec": {"baseUrl": base_url, "maxConcurrentRequests": max_concurrent, **spec},
+        }
+        custom.create_cluster_custom_object(GROUP, VERSION, ENDPOINTS, body)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        custom.delete_cluster_custom_object(GROUP, VERSION, ENDPOINTS, name)
+
+
+def conditions(api: client.ApiClient, namespace: str, name: str) -> dict[str, dict[str, Any]]:
+    obj = client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+def until(what: str, check: Callable[[], Any], timeout: float = 120) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = check()
+        if out:
+            return out
+        time.sleep(0.3)
+    raise AssertionError(f"{what}: not within {timeout}s")
+
+
+def test_two_researchjobs_sharing_an_endpoint_never_exceed_its_capacity(
+    cluster: ClusterHandle,
+    operator: OperatorProcess,
+    namespace: str,
+    corpus_configmap: str,
+    modelserver_factory: Callable[..., ModelServerProcess],
+    endpoint: Callable[..., str],
+) -> None:
+    api = cluster.api_client()
+    server = modelserver_factory(ttft_ms=120, max_concurrency=64)
+    capacity = 3
+    name = endpoint(server.base_url, capacity)
+    model = {"baseUrl": server.base_url, "maxConcurrency": 4}
+    for rj in ("left", "right"):
+        create(api, namespace, researchjob(rj, corpus_configmap, analysts={"count": 4}, model=model))
+    for rj in ("left", "right"):
+        status = wait_phase(api, namespace, rj, {"Succeeded", "Failed"}, timeout=400)["status"]
+        assert status["phase"] == "Succeeded", status
+    stats = server.stats()
+    assert stats["max_running"] <= capacity, stats
+    assert stats["rejected_concurrency"] == 0
+    # Both fanned out (2 batches of 2 analysts each, 4 requests wanted): the capacity made them wait.
+    events = client.CoreV1Api(api).list_namespaced_event(namespace).items
+    assert any(e.reason == "WaitingForEndpoint" for e in events), [e.reason for e in events]
+
+    def endpoint_status() -> dict[str, Any]:
+        me = client.CustomObjectsApi(api).get_cluster_custom_object(GROUP, VERSION, ENDPOINTS, name)
+        return dict(me.get("status") or {})
+
+    until("the endpoint's status shows every pod gone", lambda: endpoint_status().get("pods") == 0, 60)
+    assert endpoint_status()["observedGeneration"] == 1 and not endpoint_status().get("shares")
+    assert f'research_operator_endpoint_max_concurrent_requests{{endpoint="{name}"}} 3.0' in operator.metrics()
+
+
+def test_a_namespace_token_budget_stops_the_second_researchjob_until_raised(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
+) -> None:
+    api = cluster.api_client()
+    core = client.CoreV1Api(api)
+    op_ns = operator.env["OPERATOR_NAMESPACE"]
+    settings = f"budget-{uuid.uuid4().hex[:6]}"
+
+    def budget(tokens: int) -> None:
+        body = {
+            "metadata": {"name": settings, "labels": {f"{GROUP}/kind": "operator-settings"}},
+            "data": {"namespaceTokenBudgets": json.dumps({namespace: {"tokens": tokens, "period": "7d"}})},
+        }
+        try:
+            core.replace_namespaced_config_map(settings, op_ns, body)
+        except client.ApiException as e:
+            if e.status != 404:
+                raise
+            core.create_namespaced_config_map(op_ns, body)
+        until("the operator applies the budget", lambda: f"{namespace}:{tokens}/7d" in operator.log(), 30)
+
+    budget(1)  # the first ResearchJob's planner may start; what it stores spends the budget
+    try:
+        create(api, namespace, researchjob("first", corpus_configmap, analysts={"count": 2}))
+        first = until(
+            "the first ResearchJob waits on the spent budget",
+            lambda: (c := conditions(api, namespace, "first").get("TokenBudgetExhausted")) and c["status"] == "True",
+        )
+        assert first
+        create(api, namespace, researchjob("second", corpus_configmap, analysts={"count": 2}))
+        cond = until(
+            "the second ResearchJob says why it does not start",
+            lambda: (
+                (c := conditions(api, namespace, "second").get("TokenBudgetExhausted")) and c["status"] == "True" and c
+            ),
+        )
+        assert cond["reason"] == "TokenBudget" and f"namespace {namespace} spent" in cond["message"]
+        time.sleep(3)  # and it stays so: no worker Job of the second one
+        jobs = client.BatchV1Api(api).list_namespaced_job(namespace, label_selector=f"{GROUP}/job=second").items
+        assert jobs == []
+        obj = client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "second")
+        assert obj["status"]["waitingFor"] == "TokenBudget"
+        assert "TokenBudget" in cluster.kubectl("get", "rj", "second", "-n", namespace).stdout
+        budget(10_000_000)  # raised: both carry on without a restart
+        for rj in ("first", "second"):
+            status = wait_phase(api, namespace, rj, {"Succeeded", "Failed"})["status"]
+            assert status["phase"] == "Succeeded", status
+            assert {c["type"]: c["status"] for c in status["conditions"]}["TokenBudgetExhausted"] == "False"
+    finally:
+        core.delete_namespaced_config_map(settings, op_ns)
+
+
+def test_a_capacity_change_applies_to_running_pods(
+    cluster: ClusterHandle,
+    operator: OperatorProcess,
+    namespace: str,
+    corpus_configmap: str,
+    modelserver_factory: Callable[..., ModelServerProcess],
+    endpoint: Callable[..., str],
+) -> None:
+    api = cluster.api_client()
+    core = client.CoreV1Api(api)
+    server = modelserver_factory(ttft_ms=250, max_concurrency=64)
+    name = endpoint(server.base_url, 4)
+    spec = {
+        "analysts": {"count": 4},
+        "interview": {"maxTurns": 3},
+        "parallelism": {"batchSize": 4, "maxActiveJobs": 1},
+        "model": {"baseUrl": server.base_url, "maxConcurrency": 4},
+    }
+    create(api, namespace, researchjob("wide", corpus_configmap, **spec))
+
+    def share() -> dict[str, Any]:
+        try:
+            cm = core.read_namespaced_config_map("wide-endpoint-share", namespace)
+        except client.ApiException:
+            return {}
+        jobs: dict[str, Any] = json.loads(cm.data["shares.json"])["jobs"]
+        return next((s for job, s in jobs.items() if "-b0" in job), {})
+
+    until("the interview pod runs with a share of 4", lambda: share().get("concurrency") == 4, 300)
+    until("the interview pod uses it", lambda: server.stats()["running"] >= 2, 60)
+    custom = client.CustomObjectsApi(api)
+    custom.patch_cluster_custom_object(GROUP, VERSION, ENDPOINTS, name, {"spec": {"maxConcurrentRequests": 1}})
+    until("the running pod's share drops to 1", lambda: share().get("concurrency") == 1, 30)
+    time.sleep(3)  # the pod polls every 2 s; the requests already in flight finish (250 ms each)
+    server.reset()
+    status = wait_phase(api, namespace, "wide", {"Succeeded", "Failed"}, timeout=400)["status"]
+    assert status["phase"] == "Succeeded", status
+    stats = server.stats()
+    assert stats["total"] > 4, "the interviews should have gone on after the change"
+    assert stats["max_running"] <= 1, stats
