@@ -727,3 +727,20 @@ def test_the_world_counts_running_jobs_per_endpoint_and_follows_changes() -> Non
     world.bump()  # a Job event
     assert [p.job for _, p in world.endpoint_pods("shared")] == ["y-b0"]
     assert [p.job for _, p in world.endpoint_pods("other")] == ["y-b1"]
+
+
+def test_researchjobs_held_by_their_own_quota_neither_contend_for_caps_nor_wake_for_other_namespaces() -> None:
+    from research_operator.world import Blocked, World
+
+    w = World()
+    quota_held, cap_held = ("a", "uid-q"), ("b", "uid-c")
+    w.waiting.update({quota_held: 1, cap_held: 2})
+    w.blocked[quota_held] = Blocked(1, 1, POD, local=True)
+    w.blocked[cap_held] = Blocked(2, 2, POD)
+    assert [(d.namespace, d.waiting) for d in w.demands()] == [("b", 2)]
+    events = {k: w.event(k) for k in (quota_held, cap_held)}
+    w.wake_waiting(None)  # a slot freed somewhere under a global cap (no event loop: swept at once)
+    assert not events[quota_held].is_set() and events[cap_held].is_set()
+    events[cap_held].clear()
+    w.wake_waiting("a")  # something changed in its own namespace
+    assert events[quota_held].is_set() and not events[cap_held].is_set()

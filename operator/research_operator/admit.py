@@ -180,6 +180,7 @@ async def admit_and_create(
             endpoint.name if endpoint is not None else "",
             max(needs) if needs else 0,
             want.step,
+            local=adm.reason is not None and (adm.reason.is_quota or adm.reason == WaitReason.TOKEN_BUDGET),
         )
     else:
         WORLD.blocked.pop(key, None)
@@ -209,12 +210,14 @@ def still_blocked(key: Key) -> bool:
     if b is None or not WORLD.waiting.get(key):
         return False
     namespace = key[0]
-    caps = settings().caps
-    me = Demand(namespace, key[1], WORLD.active_of(key), b.count)
-    demands = WORLD.demands(cached=True) if caps.global_max_active or caps.namespace_max_active else [me]
     quotas = WORLD.quotas_of(namespace)
     verdict = quota_headroom(quotas, b.pod, WORLD.reserved(namespace), b.priority_class)
     too_small = never_fits(quotas, b.pod, b.priority_class)
+    if too_small is not None or verdict.blocked:
+        return True  # its namespace's quota holds it, whatever the caps say: no need to weigh them
+    caps = settings().caps
+    me = Demand(namespace, key[1], WORLD.active_of(key), b.count)
+    demands = WORLD.demands(cached=True) if caps.global_max_active or caps.namespace_max_active else [me]
     endpoint = WORLD.endpoints.get(b.endpoint) if b.endpoint else None
     capacity = _endpoint_verdict(endpoint, b.demand) if endpoint is not None else None
     budget = _budget_verdict(namespace, settings(), now()) if b.step != CLEANUP_STEP else None

@@ -183,6 +183,9 @@ class Blocked:
     endpoint: str = ""  # the ModelEndpoint its Jobs would be admitted against
     demand: int = 0  # requests in flight one of its pods needs there
     step: str = ""
+    # Held by its own namespace (a quota, the token budget): a slot freed elsewhere cannot help it,
+    # and it does not contend for the caps' fair share.
+    local: bool = False
 
 
 @dataclass
@@ -309,7 +312,10 @@ class World:
         scopes, self._wake_scopes = self._wake_scopes, set()
         everyone = None in scopes
         for key, n in self.waiting.items():
-            if n > 0 and (everyone or key[0] in scopes):
+            if n <= 0:
+                continue
+            b = self.blocked.get(key)
+            if key[0] in scopes or (everyone and not (b is not None and b.local)):
                 event = self.wakeups.get(key)
                 if event is not None:
                     event.set()
@@ -377,8 +383,10 @@ class World:
             n = self.active_of(key)
             if n:
                 active[key] = n
-        out = [Demand(k[0], k[1], n, self.waiting.get(k, 0)) for k, n in active.items()]
-        out += [Demand(k[0], k[1], 0, n) for k, n in self.waiting.items() if n and k not in active]
+        # Waiting ones held by their own namespace's quota or budget do not contend for the caps.
+        waiting = {k: n for k, n in self.waiting.items() if n and not ((b := self.blocked.get(k)) and b.local)}
+        out = [Demand(k[0], k[1], n, waiting.get(k, 0)) for k, n in active.items()]
+        out += [Demand(k[0], k[1], 0, n) for k, n in waiting.items() if k not in active]
         self._demands = (self.version, out)
         return out
 
