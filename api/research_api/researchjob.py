@@ -114,6 +114,12 @@ class SecretKeyRef(ApiModel):
     key: str = Field(min_length=1, max_length=253, description="Key within the Secret.")
 
 
+class StructuredOutputMethod(StrEnum):
+    json_schema = "json_schema"
+    function_calling = "function_calling"
+    json_mode = "json_mode"
+
+
 class ModelSpec(ApiModel):
     """The OpenAI-compatible chat model the analysts, experts and writers use."""
 
@@ -136,6 +142,32 @@ class ModelSpec(ApiModel):
     max_concurrency: int = Field(4, ge=1, le=64, description="Concurrent LLM requests per worker pod (1-64).")
     requests_per_second: float = Field(
         10.0, gt=0, le=1000, description="LLM requests per second per worker pod."
+    )
+    max_output_tokens: int = Field(
+        4096,
+        ge=16,
+        le=1_000_000,
+        description=(
+            "Most tokens one LLM call may generate (16-1000000). Bounds a model that does not stop; "
+            "a structured answer cut off at this bound fails the step with that reason."
+        ),
+    )
+    timeout_seconds: int = Field(
+        60,
+        ge=1,
+        le=3600,
+        description=(
+            "Seconds one LLM call may take, from sending the request to the last token (1-3600). "
+            "Raise it for a slow endpoint (a CPU-only model server)."
+        ),
+    )
+    structured_output: StructuredOutputMethod = Field(
+        StructuredOutputMethod.json_schema,
+        description=(
+            "How structured answers are asked for: json_schema (response_format with the schema; "
+            "OpenAI, vLLM, llama.cpp's grammar, Ollama), function_calling (a forced tool call) or "
+            "json_mode (a JSON object, the schema in the prompt)."
+        ),
     )
 
 

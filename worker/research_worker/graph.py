@@ -33,7 +33,7 @@ from research_worker.citations import (
     to_marks,
 )
 from research_worker.configuration import Configuration
-from research_worker.errors import ModelEndpointError
+from research_worker.errors import ModelAnswerError
 from research_worker.search import format_context, number_sources
 from research_worker.state import (
     Analyst,
@@ -70,7 +70,7 @@ async def create_analysts(state: GenerateAnalystsState, runtime: Runtime[Configu
     )
     analysts = perspectives.analysts[:max_analysts]
     if not analysts:
-        raise ModelEndpointError("the model proposed no analysts")
+        raise ModelAnswerError("the model's answer listed no analysts (an empty list) for the topic")
     return {"analysts": analysts, "usage": usage}
 
 
