@@ -39,13 +39,13 @@ from research_worker.state import (
     Analyst,
     GenerateAnalystsState,
     InterviewState,
-    Perspectives,
     Report,
     ReportState,
     ResearchGraphState,
     SearchQuery,
     Section,
     TokenUsage,
+    perspectives_of,
 )
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ async def create_analysts(state: GenerateAnalystsState, runtime: Runtime[Configu
         max_analysts=max_analysts,
     )
     perspectives, usage = await runtime.context.llm.structured(
-        Perspectives, [SystemMessage(content=system), HumanMessage(content=prompts.analyst_request)]
+        perspectives_of(max_analysts), [SystemMessage(content=system), HumanMessage(content=prompts.analyst_request)]
     )
     analysts = perspectives.analysts[:max_analysts]
     if not analysts:
