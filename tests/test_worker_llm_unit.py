@@ -14,12 +14,14 @@ from typing import Any
 import httpx
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langgraph.runtime import Runtime
 from pydantic import SecretStr
 
 from research_api.researchjob import ResearchJobSpec
 from research_api.task import ModelSettings, ResearchTask, Step, StructuredOutput
 from research_operator.builders import Owner, build_task, worker_job
 from research_operator.settings import Settings
+from research_worker.configuration import Configuration
 from research_worker.errors import (
     ModelAnswerError,
     ModelContextExceeded,
@@ -28,6 +30,7 @@ from research_worker.errors import (
     ModelRequestRejected,
     ModelTimeout,
 )
+from research_worker.graph import search_query
 from research_worker.llm import LLMClient, alternate_roles
 from research_worker.state import Perspectives
 
@@ -245,3 +248,13 @@ def test_the_researchjobs_model_settings_reach_the_workers_task() -> None:
     # the defaults bound every call
     default = build_task(owner, spec.model_copy(update={"model": type(spec.model)()}), Settings(), Step.PLAN, "abc")
     assert default.model.max_output_tokens == 4096 and default.model.timeout_seconds == 60
+
+
+async def test_an_interview_whose_query_is_cut_off_searches_for_the_analysts_question() -> None:
+    """The search query only sharpens retrieval: a model that cannot write one does not end the interview."""
+    ep = Endpoint(lambda r: httpx.Response(200, json=completion('{"search_query": "kueue kueue kueue', "length", 32)))
+    state: Any = {"messages": CONVERSATION[1:3]}
+    runtime: Any = Runtime(context=Configuration(llm=ep.client(max_output_tokens=32)))
+    out = await search_query(state, runtime)
+    assert out["search_queries"] == ["Hi, I am Ada. How does Kueue admit a Job?"]
+    assert len(ep.bodies) == 1

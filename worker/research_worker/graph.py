@@ -116,9 +116,15 @@ async def generate_question(state: InterviewState, runtime: Runtime[Configuratio
 
 async def search_query(state: InterviewState, runtime: Runtime[Configuration]) -> dict[str, Any]:
     """A retrieval query from the conversation (structured output)."""
-    query, usage = await runtime.context.llm.structured(
-        SearchQuery, [SystemMessage(content=prompts.search_instructions), *_as_expert_sees(state["messages"])]
-    )
+    try:
+        query, usage = await runtime.context.llm.structured(
+            SearchQuery, [SystemMessage(content=prompts.search_instructions), *_as_expert_sees(state["messages"])]
+        )
+    except ModelAnswerError as exc:
+        # The query only sharpens retrieval: a model that cannot write one (cut off at maxOutputTokens,
+        # not the schema) does not end the interview; the analyst's question is searched instead.
+        log.warning("no usable search query (%s); searching for the analyst's question", exc)
+        return {"search_queries": [_last_question(state)]}
     return {"search_queries": [query.search_query.strip() or _last_question(state)], "usage": usage}
 
 
