@@ -1,7 +1,7 @@
 """llama.cpp's llama-server with Gemma 3 270M on this machine: build time, tokens per second, and
 the wall time of a ResearchJob against it on the local cluster.
 
-    .venv/bin/python bench/llamacpp_bench.py [--requests 6] [--analysts 2] [--turns 1] [--no-researchjob]
+    PYTHONPATH=. .venv/bin/python bench/llamacpp_bench.py [--requests 6] [--analysts 2] [--turns 1] [--no-researchjob]
 
 - Build: the seconds ``hack/build-llama-server.sh`` took (recorded in the cache when it built).
 - Tokens/s: ``--requests`` chat completions (a ~600-token research prompt, 128 tokens out), one at a
