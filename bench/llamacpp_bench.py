@@ -50,7 +50,14 @@ def research_prompt() -> list[dict[str, str]]:
 
 
 async def one(http: httpx.AsyncClient, server: LlamaServer) -> dict[str, Any]:
-    body = {"model": server.model, "messages": research_prompt(), "max_tokens": 128, "temperature": 0}
+    # cache_prompt off (a llama.cpp extension): every request processes its whole prompt
+    body = {
+        "model": server.model,
+        "messages": research_prompt(),
+        "max_tokens": 128,
+        "temperature": 0,
+        "cache_prompt": False,
+    }
     r = await http.post(f"{server.base_url}/chat/completions", json=body)
     r.raise_for_status()
     return dict(r.json()["timings"])
