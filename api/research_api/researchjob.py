@@ -70,17 +70,13 @@ class AnalystsSpec(ApiModel):
         max_length=4000,
         description="Human feedback on the planned analysts; a new value plans the panel again with it.",
     )
-    approved: bool = Field(
-        False, description="Set to true to approve the planned analysts when review is on."
-    )
+    approved: bool = Field(False, description="Set to true to approve the planned analysts when review is on.")
 
 
 class InterviewSpec(ApiModel):
     """How each analyst interviews the expert."""
 
-    max_turns: int = Field(
-        2, ge=1, le=MAX_TURNS, description="Expert answers per interview before it ends (1-10)."
-    )
+    max_turns: int = Field(2, ge=1, le=MAX_TURNS, description="Expert answers per interview before it ends (1-10).")
 
 
 class SourceType(StrEnum):
@@ -114,6 +110,12 @@ class SecretKeyRef(ApiModel):
     key: str = Field(min_length=1, max_length=253, description="Key within the Secret.")
 
 
+class StructuredOutputMethod(StrEnum):
+    json_schema = "json_schema"
+    function_calling = "function_calling"
+    json_mode = "json_mode"
+
+
 class ModelSpec(ApiModel):
     """The OpenAI-compatible chat model the analysts, experts and writers use."""
 
@@ -134,8 +136,32 @@ class ModelSpec(ApiModel):
     )
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature (0-2).")
     max_concurrency: int = Field(4, ge=1, le=64, description="Concurrent LLM requests per worker pod (1-64).")
-    requests_per_second: float = Field(
-        10.0, gt=0, le=1000, description="LLM requests per second per worker pod."
+    requests_per_second: float = Field(10.0, gt=0, le=1000, description="LLM requests per second per worker pod.")
+    max_output_tokens: int = Field(
+        4096,
+        ge=16,
+        le=1_000_000,
+        description=(
+            "Most tokens one LLM call may generate (16-1000000). Bounds a model that does not stop; "
+            "a structured answer cut off at this bound fails the step with that reason."
+        ),
+    )
+    timeout_seconds: int = Field(
+        60,
+        ge=1,
+        le=3600,
+        description=(
+            "Seconds one LLM call may take, from sending the request to the last token (1-3600). "
+            "Raise it for a slow endpoint (a CPU-only model server)."
+        ),
+    )
+    structured_output: StructuredOutputMethod = Field(
+        StructuredOutputMethod.json_schema,
+        description=(
+            "How structured answers are asked for: json_schema (response_format with the schema; "
+            "OpenAI, vLLM, llama.cpp's grammar, Ollama), function_calling (a forced tool call) or "
+            "json_mode (a JSON object, the schema in the prompt)."
+        ),
     )
 
 
@@ -199,9 +225,7 @@ class WorkerSpec(ApiModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Requests and limits.")
     node_selector: dict[str, str] | None = Field(None, description="Node labels the worker pods must match.")
     tolerations: list[Toleration] | None = Field(None, description="Tolerations of the worker pods.")
-    priority_class_name: str | None = Field(
-        None, max_length=253, description="PriorityClass of the worker pods."
-    )
+    priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the worker pods.")
 
 
 class BudgetSpec(ApiModel):
@@ -273,9 +297,7 @@ class ResearchJobSpec(ApiModel):
         min_length=1, max_length=5, description="Search backends the experts answer from (1-5)."
     )
     model: ModelSpec = Field(default_factory=ModelSpec, description="The chat model.")
-    parallelism: ParallelismSpec = Field(
-        default_factory=ParallelismSpec, description="Batching and parallelism."
-    )
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec, description="Batching and parallelism.")
     worker: WorkerSpec = Field(default_factory=WorkerSpec, description="Worker pod settings.")
     budget: BudgetSpec = Field(default_factory=BudgetSpec, description="Token and time budget.")
     store: StoreSpec = Field(default_factory=StoreSpec, description="Where results are stored.")

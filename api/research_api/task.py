@@ -30,6 +30,9 @@ DEFAULT_MAX_TURNS = 2
 DEFAULT_MAX_CONCURRENCY = 4
 DEFAULT_MAX_RETRIES = 6
 DEFAULT_TIMEOUT_SECONDS = 60.0
+# Most tokens one model call may generate. A bound is what keeps a model that does not stop (a base
+# model echoing its prompt, a loop) from decoding for minutes; a report body of ten sections fits.
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
 DEFAULT_DSN_ENV = DSN_ENV
 DEFAULT_TAVILY_KEY_ENV = TAVILY_KEY_ENV
 
@@ -72,6 +75,14 @@ class EndpointShareRef(_Model):
     tokens_per_minute: int | None = Field(default=None, ge=0)
 
 
+class StructuredOutput(StrEnum):
+    """How a structured answer (the analysts, a search query) is asked of the model."""
+
+    JSON_SCHEMA = "json_schema"  # response_format json_schema: OpenAI, vLLM, llama.cpp (grammar), Ollama
+    FUNCTION_CALLING = "function_calling"  # a forced tool call, for endpoints without json_schema
+    JSON_MODE = "json_mode"  # response_format json_object plus the schema in the prompt
+
+
 class ModelSettings(_Model):
     name: str = DEFAULT_MODEL
     base_url: str | None = None  # None: the provider's default (OpenAI)
@@ -82,6 +93,8 @@ class ModelSettings(_Model):
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=20)
     timeout_seconds: float = Field(default=DEFAULT_TIMEOUT_SECONDS, gt=0)
     share: EndpointShareRef | None = None  # set when the endpoint's capacity is shared (ModelEndpoint)
+    max_output_tokens: int | None = Field(default=DEFAULT_MAX_OUTPUT_TOKENS, ge=1)  # per call; None: no bound
+    structured_output: StructuredOutput = StructuredOutput.JSON_SCHEMA
 
     @model_validator(mode="before")
     @classmethod

@@ -31,6 +31,7 @@ from research_api.task import (
     PostgresStoreSettings,
     ResearchTask,
     Step,
+    StructuredOutput,
     TavilySource,
     WikipediaSource,
 )
@@ -106,6 +107,9 @@ def build_task(
             max_concurrency=spec.model.max_concurrency,
             requests_per_second=spec.model.requests_per_second,
             api_key_env=API_KEY_ENV,
+            timeout_seconds=float(spec.model.timeout_seconds),
+            max_output_tokens=spec.model.max_output_tokens,
+            structured_output=StructuredOutput(spec.model.structured_output.value),
         ),
         sources=sources,
         store=store,

@@ -31,6 +31,22 @@ class ModelEndpointUnreachable(ModelEndpointError):
     pass
 
 
+class ModelTimeout(ModelEndpointError):
+    """No answer within the per-call timeout, retries included."""
+
+
+class ModelRequestRejected(ModelEndpointError):
+    """A 4xx other than 401/404/408/409/429: the same request would be refused again."""
+
+
+class ModelContextExceeded(ModelRequestRejected):
+    """The prompt is longer than the model's context window."""
+
+
+class ModelAnswerError(ModelEndpointError):
+    """The model answered, but not usably: cut off at the output bound, or not the asked-for schema."""
+
+
 class StoreError(WorkerError):
     exit_code = EXIT_STORE
 

@@ -29,19 +29,19 @@ from research_worker.citations import (
     sources_block,
 )
 from research_worker.configuration import Configuration
-from research_worker.errors import ModelEndpointError
+from research_worker.errors import ModelAnswerError
 from research_worker.search import format_context, number_sources, searchable
 from research_worker.state import (
     Analyst,
     GenerateAnalystsState,
     InterviewState,
-    Perspectives,
     ReportState,
     ResearchGraphState,
     SearchDoc,
     SearchQuery,
     Section,
     TokenUsage,
+    perspectives_of,
 )
 from research_worker.writing import add_report_nodes
 
@@ -66,11 +66,11 @@ async def create_analysts(state: GenerateAnalystsState, runtime: Runtime[Configu
     if overview:  # the prompt's "themes based upon documents": what the documents at hand are about
         system += prompts.analyst_documents.format(context=format_context(overview))
     perspectives, usage = await runtime.context.llm.structured(
-        Perspectives, [SystemMessage(content=system), HumanMessage(content=prompts.analyst_request)]
+        perspectives_of(max_analysts), [SystemMessage(content=system), HumanMessage(content=prompts.analyst_request)]
     )
     analysts = perspectives.analysts[:max_analysts]
     if not analysts:
-        raise ModelEndpointError("the model proposed no analysts")
+        raise ModelAnswerError("the model's answer listed no analysts (an empty list) for the topic")
     return {"analysts": analysts, "usage": usage}
 
 
@@ -127,9 +127,15 @@ async def generate_question(state: InterviewState, runtime: Runtime[Configuratio
 
 async def search_query(state: InterviewState, runtime: Runtime[Configuration]) -> dict[str, Any]:
     """A retrieval query from the conversation (structured output)."""
-    query, usage = await runtime.context.llm.structured(
-        SearchQuery, [SystemMessage(content=prompts.search_instructions), *_as_expert_sees(state["messages"])]
-    )
+    try:
+        query, usage = await runtime.context.llm.structured(
+            SearchQuery, [SystemMessage(content=prompts.search_instructions), *_as_expert_sees(state["messages"])]
+        )
+    except ModelAnswerError as exc:
+        # The query only sharpens retrieval: a model that cannot write one (cut off at maxOutputTokens,
+        # not the schema) does not end the interview; the analyst's question is searched instead.
+        log.warning("no usable search query (%s); searching for the analyst's question", exc)
+        return {"search_queries": [_last_question(state)]}
     return {"search_queries": [query.search_query.strip() or _last_question(state)], "usage": usage}
 
 

@@ -1,34 +1,49 @@
 """The chat model: one pooled ChatOpenAI per process, bounded concurrency, a request-rate limit,
 retries that honour Retry-After, a fail-fast preflight, and token accounting with a budget.
 
-Retries are the openai SDK's (``max_retries``): it retries 408/409/429/5xx and connection
-errors with exponential backoff (0.5 s doubling to 8 s, jittered), waits what a ``Retry-After``
-/ ``retry-after-ms`` header says when it is at most 120 s, and never retries 401/403/404.
+Retries are the openai SDK's (``max_retries``): it retries 408/409/429/5xx, timeouts and
+connection errors with exponential backoff (0.5 s doubling to 8 s, jittered), waits what a
+``Retry-After`` / ``retry-after-ms`` header says when it is at most 120 s, and never retries any
+other 4xx (a 400 such as a prompt over the model's context fails the call at once).
+
+Every call is bounded: ``max_output_tokens`` per answer and ``timeout_seconds`` per request. The
+messages are sent with alternating roles (consecutive user or assistant turns merged into one),
+as strict chat templates (Gemma, Llama 2, Mistral) require. Every failure becomes a
+:class:`~research_worker.errors.WorkerError` that says what happened: a timeout after N s, a
+refused request with the endpoint's own reason, a context overflow, an answer cut off at the
+output bound or not matching the schema.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import re
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import httpx
 import openai
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.rate_limiters import InMemoryRateLimiter
 from langchain_openai import ChatOpenAI
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from research_api.task import ModelSettings
 from research_worker.errors import (
     BudgetExceeded,
+    ModelAnswerError,
     ModelAuthError,
+    ModelContextExceeded,
     ModelEndpointError,
     ModelEndpointUnreachable,
+    ModelRequestRejected,
+    ModelTimeout,
     WorkerConfigError,
 )
 from research_worker.share import ShareLimiter
@@ -136,6 +151,54 @@ async def _count_429(response: httpx.Response) -> None:
             box[0] += 1
 
 
+def _text(content: str | list[str | dict[str, Any]]) -> str:
+    if isinstance(content, str):
+        return content
+    return "\n".join(part if isinstance(part, str) else str(part.get("text", "")) for part in content)
+
+
+def alternate_roles(messages: Sequence[BaseMessage]) -> list[BaseMessage]:
+    """The messages as strict chat templates accept them: the system messages first, as one, then
+    user and assistant turns that alternate. Consecutive turns of one role are merged into one
+    (their texts joined by a blank line), so no content is lost; the order is kept."""
+    system = [m for m in messages if isinstance(m, SystemMessage)]
+    out: list[BaseMessage] = []
+    if system:
+        out.append(SystemMessage(content="\n\n".join(_text(m.content) for m in system)))
+    for m in messages:
+        if isinstance(m, SystemMessage):
+            continue
+        prev = out[-1] if out else None
+        if prev is not None and not isinstance(prev, SystemMessage) and prev.type == m.type:
+            merged = f"{_text(prev.content)}\n\n{_text(m.content)}"
+            out[-1] = AIMessage(content=merged) if isinstance(m, AIMessage) else HumanMessage(content=merged)
+        else:
+            out.append(m)
+    return out
+
+
+# How endpoints say that the prompt is longer than the model's context: OpenAI
+# (context_length_exceeded), llama.cpp (exceed_context_size_error), vLLM ("maximum context length"),
+# Ollama and others ("context window", "too many tokens", "prompt is too long").
+_CONTEXT_OVERFLOW = re.compile(
+    r"context_length_exceeded|exceed_context_size|maximum context length|context (size|window|length)"
+    r"|prompt is too long|too many tokens|input tokens exceed",
+    re.IGNORECASE,
+)
+# Statuses the SDK retries; any other status was answered to the first attempt.
+_RETRIED_STATUSES = frozenset({408, 409, 429})
+
+
+def _status_detail(exc: openai.APIStatusError) -> str:
+    """The endpoint's own reason: its error message, else the start of its body."""
+    body = exc.body
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])[:500]
+    return (exc.message or str(body))[:500]
+
+
 class LLMClient:
     """What the graph nodes call. One per process; safe to share between concurrent interviews.
 
@@ -149,8 +212,12 @@ class LLMClient:
         *,
         max_tokens_budget: int | None = None,
         tokens_used_before: int = 0,
+        http_async_client: httpx.AsyncClient | None = None,
     ) -> None:
         self.settings = settings
+        if http_async_client is None:
+            http_async_client = httpx.AsyncClient(timeout=settings.timeout_seconds)
+        http_async_client.event_hooks.setdefault("response", []).append(_count_429)  # 429s, counted
         limiter = (
             InMemoryRateLimiter(
                 requests_per_second=settings.requests_per_second,
@@ -167,10 +234,10 @@ class LLMClient:
             temperature=settings.temperature,
             max_retries=settings.max_retries,
             timeout=settings.timeout_seconds,
+            max_completion_tokens=settings.max_output_tokens,
             rate_limiter=limiter,
-            http_async_client=httpx.AsyncClient(
-                timeout=settings.timeout_seconds, event_hooks={"response": [_count_429]}
-            ),
+            stream_usage=True,
+            http_async_client=http_async_client,
         )
         self._structured: dict[type[BaseModel], Any] = {}
         self._sem = asyncio.Semaphore(settings.max_concurrency)
@@ -210,47 +277,101 @@ class LLMClient:
             self.share.spent(usage.total_tokens)
         return usage.model_copy(update={"rate_limited": box[0]}) if box[0] else usage
 
-    async def _call(self, runnable: Any, messages: Sequence[BaseMessage], box: list[int]) -> Any:
+    async def _call(self, runnable: Any, messages: Sequence[BaseMessage], what: str, box: list[int]) -> Any:
         self._check_budget()
+        base = self.settings.base_url or "https://api.openai.com/v1"
         async with self._slot():
             _RATE_LIMITED.set(box)
+            start = time.monotonic()
             try:
-                return await runnable.ainvoke(list(messages))
+                return await runnable.ainvoke(alternate_roles(messages))
             except openai.AuthenticationError:
                 raise ModelAuthError(
                     f"model endpoint rejected the API key from ${self.settings.api_key_env} (HTTP 401)"
                 ) from None
             except openai.NotFoundError as exc:
-                raise ModelEndpointError(f"model {self.settings.name!r} not found: {exc.message}") from None
+                raise ModelEndpointError(f"model {self.settings.name!r} not found: {_status_detail(exc)}") from None
+            except openai.APITimeoutError:
+                raise ModelTimeout(
+                    f"{what}: model endpoint {base} did not answer within the {self.settings.timeout_seconds:g}s "
+                    f"timeout (spec.model.timeoutSeconds); gave up after {time.monotonic() - start:.0f}s and "
+                    f"{self.settings.max_retries} retries. A slow endpoint needs a longer timeout or a lower "
+                    f"spec.model.maxOutputTokens (now {self.settings.max_output_tokens})"
+                ) from None
             except openai.APIConnectionError as exc:
                 raise ModelEndpointUnreachable(
-                    f"model endpoint {self.settings.base_url} unreachable after retries: {exc}"
+                    f"{what}: model endpoint {base} is unreachable ({exc.__cause__ or exc}); "
+                    f"gave up after {self.settings.max_retries} retries"
                 ) from None
             except openai.APIStatusError as exc:
-                raise ModelEndpointError(
-                    f"model endpoint answered HTTP {exc.status_code} after "
-                    f"{self.settings.max_retries} retries: {exc.message}"
+                detail = _status_detail(exc)
+                if exc.status_code in (400, 413, 422) and _CONTEXT_OVERFLOW.search(f"{detail} {exc.body}"):
+                    raise ModelContextExceeded(
+                        f"{what}: the prompt does not fit the model's context: model endpoint answered "
+                        f"HTTP {exc.status_code}: {detail}"
+                    ) from None
+                if exc.status_code in _RETRIED_STATUSES or exc.status_code >= 500:
+                    raise ModelEndpointError(
+                        f"{what}: model endpoint answered HTTP {exc.status_code} after "
+                        f"{self.settings.max_retries} retries: {detail}"
+                    ) from None
+                raise ModelRequestRejected(
+                    f"{what}: model endpoint refused the request with HTTP {exc.status_code} (not retried): {detail}"
                 ) from None
+            except openai.LengthFinishReasonError as exc:
+                usage = exc.completion.usage
+                got = f" after {usage.completion_tokens} tokens" if usage else ""
+                raise ModelAnswerError(
+                    f"{what}: the answer was cut off{got} at spec.model.maxOutputTokens "
+                    f"({self.settings.max_output_tokens}) before it was complete"
+                ) from None
+            except openai.ContentFilterFinishReasonError:
+                raise ModelAnswerError(f"{what}: the endpoint's content filter stopped the answer") from None
+            except (ValidationError, json.JSONDecodeError) as exc:
+                # the SDK parses a json_schema answer itself: invalid JSON or a schema mismatch
+                first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+                raise ModelAnswerError(f"{what}: the model's answer is malformed: {first}") from None
 
     async def chat(self, messages: Sequence[BaseMessage]) -> tuple[AIMessage, TokenUsage]:
         box = [0]
-        msg = await self._call(self.model, messages, box)
+        msg = await self._call(self.model, messages, "chat call", box)
         assert isinstance(msg, AIMessage)
         usage = self._tally(usage_of(msg), box)
         self._account(usage)
+        if (msg.response_metadata or {}).get("finish_reason") == "length":
+            log.warning(
+                "an answer was cut off at maxOutputTokens (%s); raise spec.model.maxOutputTokens for longer text",
+                self.settings.max_output_tokens,
+            )
         return msg, usage
 
     async def structured(self, schema: type[T], messages: Sequence[BaseMessage]) -> tuple[T, TokenUsage]:
         runnable = self._structured.get(schema)
         if runnable is None:
-            runnable = self.model.with_structured_output(schema, method="json_schema", include_raw=True)
+            runnable = self.model.with_structured_output(
+                schema, method=self.settings.structured_output.value, include_raw=True
+            )
             self._structured[schema] = runnable
+        what = f"structured call for {schema.__name__} ({self.settings.structured_output.value})"
         box = [0]
-        out = await self._call(runnable, messages, box)
-        usage = self._tally(usage_of(out.get("raw")), box)
+        out = await self._call(runnable, messages, what, box)
+        raw = out.get("raw")
+        usage = self._tally(usage_of(raw), box)
         self._account(usage)
         parsed = out.get("parsed")
         if not isinstance(parsed, schema):
             err = out.get("parsing_error")
-            raise ModelEndpointError(f"the model's answer did not match {schema.__name__}: {err}")
+            if err is None and parsed is None:
+                err = "no structured answer (no JSON content and no tool call)"
+            if (getattr(raw, "response_metadata", None) or {}).get("finish_reason") == "length":
+                raise ModelAnswerError(
+                    f"{what}: the answer was cut off at spec.model.maxOutputTokens "
+                    f"({self.settings.max_output_tokens}) before it was complete: {_first_line(err)}"
+                )
+            raise ModelAnswerError(f"{what}: the model's answer did not match {schema.__name__}: {_first_line(err)}")
         return parsed, usage
+
+
+def _first_line(err: object) -> str:
+    text = str(err) if err is not None else "no answer"
+    return (text.splitlines() or [text])[0][:300]

@@ -135,8 +135,9 @@ class DocumentsBackend:
         order = sorted(best, key=lambda src: -best[src])  # stable: ties keep the documents' order
         out = []
         for src in order[:limit]:
-            text = "\n\n".join(f"{p.title}\n{p.content}" if p.title else p.content
-                                for p in self.passages if p.source == src)
+            text = "\n\n".join(
+                f"{p.title}\n{p.content}" if p.title else p.content for p in self.passages if p.source == src
+            )
             out.append(SearchDoc(source=src, title="", content=text[:chars], backend=self.name))
         return out
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Annotated, Any, TypedDict
 
 from langchain_core.messages import AnyMessage
 from langgraph.graph import MessagesState
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 from research_api.records import Analyst, Report, Section, TokenUsage
 
@@ -21,6 +22,26 @@ class Perspectives(BaseModel):
     analysts: list[Analyst] = Field(
         description="Comprehensive list of analysts with their roles and affiliations.",
     )
+
+
+@functools.cache
+def perspectives_of(count: int) -> type[Perspectives]:
+    """Perspectives whose schema asks for exactly ``count`` analysts (minItems = maxItems), so an
+    endpoint that constrains decoding to the schema (llama.cpp's grammar, OpenAI's strict mode)
+    returns the panel size the ResearchJob asked for instead of whatever length the model picks."""
+    model = create_model(
+        "Perspectives",
+        __base__=Perspectives,
+        analysts=(
+            list[Analyst],
+            Field(
+                min_length=count,
+                max_length=count,
+                description=f"Exactly {count} analysts, with their roles and affiliations.",
+            ),
+        ),
+    )
+    return model
 
 
 class SearchQuery(BaseModel):

@@ -80,8 +80,13 @@ def finalize_report(state: ReportState) -> dict[str, Any]:
         final = f"# {state['topic']}\n\n## No findings\n\n" + "\n\n".join(reasons) + "\n"
         if len(empty) > 1 or empty[0].title:
             final += "\nThemes that were planned: " + ", ".join(f"*{s.title}*" for s in empty) + ".\n"
-        report = Report(topic=state["topic"], markdown=final, sources=[], sections=sorted(s.index for s in sections),
-                        usage=state.get("usage") or TokenUsage())
+        report = Report(
+            topic=state["topic"],
+            markdown=final,
+            sources=[],
+            sections=sorted(s.index for s in sections),
+            usage=state.get("usage") or TokenUsage(),
+        )
         return {"final_report": final, "report": report}
     content = re.sub(r"^\s*##\s*Insights\s*\n", "", state.get("content", ""), flags=re.IGNORECASE).strip()
     intro = _ensure_heading(state.get("introduction", ""), "Introduction")

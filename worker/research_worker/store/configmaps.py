@@ -151,9 +151,7 @@ class ConfigMapStore(PlanConfigMaps):
 
     async def list_sections(self) -> list[Section]:
         items = await self._list(StoredKind.SECTION)
-        return sorted(
-            (Section.model_validate_json(cm.data[CONFIGMAP_DATA_KEY]) for cm in items), key=lambda s: s.index
-        )
+        return sorted((Section.model_validate_json(cm.data[CONFIGMAP_DATA_KEY]) for cm in items), key=lambda s: s.index)
 
     async def section_indices(self) -> set[int]:
         return {int(cm.metadata.labels[LABEL_ANALYST]) for cm in await self._list(StoredKind.SECTION)}

@@ -1,0 +1,260 @@
+"""The worker's model client against scripted HTTP answers: bounded calls, alternating roles, and
+failures that say what happened and are never retried when retrying cannot help.
+
+The answers imitate what real servers send (llama.cpp's error bodies, OpenAI's); the proof against a
+real third-party server is tests/test_llamacpp.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langgraph.runtime import Runtime
+from pydantic import SecretStr
+
+from research_api.researchjob import ResearchJobSpec
+from research_api.task import ModelSettings, ResearchTask, Step, StructuredOutput
+from research_operator.builders import Owner, build_task, worker_job
+from research_operator.settings import Settings
+from research_worker.configuration import Configuration
+from research_worker.errors import (
+    ModelAnswerError,
+    ModelContextExceeded,
+    ModelEndpointError,
+    ModelEndpointUnreachable,
+    ModelRequestRejected,
+    ModelTimeout,
+)
+from research_worker.graph import search_query
+from research_worker.llm import LLMClient, alternate_roles
+from research_worker.state import Perspectives
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def completion(content: str, finish_reason: str = "stop", completion_tokens: int = 7) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}],
+        "usage": {"prompt_tokens": 11, "completion_tokens": completion_tokens, "total_tokens": 11 + completion_tokens},
+    }
+
+
+class Endpoint:
+    """Answers each request with ``handler`` and keeps the requests' JSON bodies."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.bodies: list[dict[str, Any]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.bodies.append(json.loads(request.content or b"{}"))
+        return self.handler(request)
+
+    def client(self, **settings: Any) -> LLMClient:
+        knobs: dict[str, Any] = {"name": "m", "base_url": "http://llm.test/v1", "max_retries": 6, **settings}
+        http = httpx.AsyncClient(transport=httpx.MockTransport(self))
+        return LLMClient(ModelSettings(**knobs), SecretStr("k"), http_async_client=http)
+
+
+CONVERSATION = [
+    SystemMessage(content="You are an expert."),
+    HumanMessage(content="So you said you were writing an article on queues?"),
+    HumanMessage(content="Hi, I am Ada. How does Kueue admit a Job?"),
+    AIMessage(content="It admits a workload when its quota fits.", name="expert"),
+    AIMessage(content="Sources: [1] kueue.md"),
+    HumanMessage(content="And when it does not fit?"),
+]
+
+
+def test_consecutive_turns_of_one_role_are_merged_so_roles_alternate() -> None:
+    out = alternate_roles(CONVERSATION)
+    assert [m.type for m in out] == ["system", "human", "ai", "human"]
+    assert out[1].content == (
+        "So you said you were writing an article on queues?\n\nHi, I am Ada. How does Kueue admit a Job?"
+    )
+    assert out[2].content == "It admits a workload when its quota fits.\n\nSources: [1] kueue.md"
+    # nothing lost, nothing reordered
+    joined = " ".join(str(m.content) for m in out)
+    for m in CONVERSATION:
+        assert str(m.content) in joined
+    # already alternating messages are left as they are
+    assert alternate_roles(out) == out
+
+
+def test_system_messages_become_one_leading_system_message() -> None:
+    out = alternate_roles([HumanMessage(content="q"), SystemMessage(content="a"), SystemMessage(content="b")])
+    assert [m.type for m in out] == ["system", "human"]
+    assert out[0].content == "a\n\nb"
+
+
+async def test_each_call_is_bounded_and_sent_with_alternating_roles() -> None:
+    ep = Endpoint(lambda r: httpx.Response(200, json=completion("fine")))
+    msg, usage = await ep.client(max_output_tokens=256).chat(CONVERSATION)
+    assert msg.content == "fine" and usage.output_tokens == 7
+    body = ep.bodies[0]
+    assert body["max_completion_tokens"] == 256
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
+
+
+async def test_a_read_timeout_says_timeout_after_n_seconds_not_unreachable() -> None:
+    def hang(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    ep = Endpoint(hang)
+    with pytest.raises(ModelTimeout) as err:
+        await ep.client(timeout_seconds=2.5, max_retries=1).chat(CONVERSATION)
+    text = str(err.value)
+    assert "did not answer within the 2.5s timeout" in text and "timeoutSeconds" in text
+    assert "unreachable" not in text
+    assert len(ep.bodies) == 2  # the first try and one retry
+    assert err.value.exit_code == 3
+
+
+async def test_a_refused_connection_is_unreachable() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with pytest.raises(ModelEndpointUnreachable, match="http://llm.test/v1 is unreachable"):
+        await Endpoint(refuse).client(max_retries=0).chat(CONVERSATION)
+
+
+async def test_a_400_is_reported_with_the_endpoints_reason_and_never_retried() -> None:
+    body = {"error": {"code": 400, "message": "Conversation roles must alternate", "type": "invalid_request_error"}}
+    ep = Endpoint(lambda r: httpx.Response(400, json=body))
+    with pytest.raises(ModelRequestRejected) as err:
+        await ep.client(max_retries=6).chat(CONVERSATION)
+    text = str(err.value)
+    assert "HTTP 400" in text and "Conversation roles must alternate" in text and "not retried" in text
+    assert "after 6 retries" not in text
+    assert len(ep.bodies) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # llama.cpp's llama-server
+        {
+            "error": {
+                "code": 400,
+                "message": "request (5000 tokens) exceeds the available context size (4096 tokens), try increasing it",
+                "type": "exceed_context_size_error",
+                "n_prompt_tokens": 5000,
+                "n_ctx": 4096,
+            }
+        },
+        # OpenAI
+        {
+            "error": {
+                "message": "This model's maximum context length is 8192 tokens. However, you requested 9000 tokens.",
+                "type": "invalid_request_error",
+                "code": "context_length_exceeded",
+            }
+        },
+    ],
+)
+async def test_a_prompt_over_the_context_fails_once_with_a_context_message(body: dict[str, Any]) -> None:
+    ep = Endpoint(lambda r: httpx.Response(400, json=body))
+    with pytest.raises(ModelContextExceeded) as err:
+        await ep.client().chat(CONVERSATION)
+    assert "does not fit the model's context" in str(err.value)
+    assert body["error"]["message"][:40] in str(err.value)
+    assert len(ep.bodies) == 1 and err.value.exit_code == 3
+
+
+async def test_a_5xx_that_persists_says_after_how_many_retries() -> None:
+    ep = Endpoint(lambda r: httpx.Response(503, json={"error": {"message": "loading model"}}))
+    with pytest.raises(ModelEndpointError, match=r"HTTP 503 after 1 retries: loading model"):
+        await ep.client(max_retries=1).chat(CONVERSATION)
+    assert len(ep.bodies) == 2
+
+
+@pytest.mark.parametrize("method", list(StructuredOutput))
+async def test_structured_calls_use_the_configured_method(method: StructuredOutput) -> None:
+    answer = {"analysts": [{"affiliation": "a", "name": "n", "role": "r", "description": "d"}]}
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        if method == StructuredOutput.FUNCTION_CALLING:
+            msg = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "Perspectives", "arguments": json.dumps(answer)},
+                    }
+                ],
+            }
+            data = completion("")
+            data["choices"][0]["message"] = msg
+            data["choices"][0]["finish_reason"] = "tool_calls"
+            return httpx.Response(200, json=data)
+        return httpx.Response(200, json=completion(json.dumps(answer)))
+
+    ep = Endpoint(reply)
+    parsed, _ = await ep.client(structured_output=method).structured(Perspectives, CONVERSATION[:2])
+    assert parsed.analysts[0].name == "n"
+    body = ep.bodies[0]
+    if method == StructuredOutput.JSON_SCHEMA:
+        assert body["response_format"]["type"] == "json_schema"
+        assert body["response_format"]["json_schema"]["name"] == "Perspectives"
+    elif method == StructuredOutput.JSON_MODE:
+        assert body["response_format"] == {"type": "json_object"}
+    else:
+        assert body["tools"][0]["function"]["name"] == "Perspectives" and "response_format" not in body
+
+
+async def test_a_structured_answer_cut_off_at_the_output_bound_says_so() -> None:
+    ep = Endpoint(lambda r: httpx.Response(200, json=completion('{"analysts": [{"affil', "length", 64)))
+    with pytest.raises(ModelAnswerError) as err:
+        await ep.client(max_output_tokens=64).structured(Perspectives, CONVERSATION[:2])
+    assert "cut off" in str(err.value) and "maxOutputTokens (64)" in str(err.value)
+    assert len(ep.bodies) == 1 and err.value.exit_code == 3
+
+
+@pytest.mark.parametrize("method", list(StructuredOutput))
+async def test_a_malformed_structured_answer_fails_once_with_the_reason(method: StructuredOutput) -> None:
+    ep = Endpoint(lambda r: httpx.Response(200, json=completion('{"analysts": "three of them"}')))
+    with pytest.raises(ModelAnswerError, match="Perspectives") as err:
+        await ep.client(structured_output=method).structured(Perspectives, CONVERSATION[:2])
+    assert len(ep.bodies) == 1 and err.value.exit_code == 3
+
+
+def test_the_researchjobs_model_settings_reach_the_workers_task() -> None:
+    spec = ResearchJobSpec.model_validate(
+        {
+            "topic": "Queues",
+            "sources": [{"type": "documents", "configMap": "corpus"}],
+            "model": {"maxOutputTokens": 300, "timeoutSeconds": 240, "structuredOutput": "function_calling"},
+        }
+    )
+    owner = Owner("ns", "rj", "uid-1")
+    task = build_task(owner, spec, Settings(), Step.PLAN, "abc123")
+    assert task.model.max_output_tokens == 300
+    assert task.model.timeout_seconds == 240
+    assert task.model.structured_output == StructuredOutput.FUNCTION_CALLING
+    job = worker_job(owner, spec, Settings(), "abc123", Step.PLAN)
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert ResearchTask.model_validate_json(env["RESEARCH_TASK"]).model.timeout_seconds == 240
+    # the defaults bound every call
+    default = build_task(owner, spec.model_copy(update={"model": type(spec.model)()}), Settings(), Step.PLAN, "abc")
+    assert default.model.max_output_tokens == 4096 and default.model.timeout_seconds == 60
+
+
+async def test_an_interview_whose_query_is_cut_off_searches_for_the_analysts_question() -> None:
+    """The search query only sharpens retrieval: a model that cannot write one does not end the interview."""
+    ep = Endpoint(lambda r: httpx.Response(200, json=completion('{"search_query": "kueue kueue kueue', "length", 32)))
+    state: Any = {"messages": CONVERSATION[1:3]}
+    runtime: Any = Runtime(context=Configuration(llm=ep.client(max_output_tokens=32)))
+    out = await search_query(state, runtime)
+    assert out["search_queries"] == ["Hi, I am Ada. How does Kueue admit a Job?"]
+    assert len(ep.bodies) == 1
