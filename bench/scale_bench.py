@@ -262,21 +262,27 @@ def reaction_under_cap(api: client.ApiClient, op: Operator, r: int, cap: int, bu
     creations: list[float] = []
     stop = threading.Event()
 
+    def record(ev: dict[str, Any], seen: set[str]) -> None:
+        job = ev["object"]
+        if ev["type"] == "ADDED" and job.metadata.uid not in seen:
+            seen.add(job.metadata.uid)
+            creations.append(time.monotonic())
+        done = any(c.type == "Complete" and c.status == "True" for c in job.status.conditions or [])
+        if done and job.metadata.uid + "/done" not in seen:
+            seen.add(job.metadata.uid + "/done")
+            completes.append(time.monotonic())
+
     def watch_jobs() -> None:
-        w = watch.Watch()
         seen: set[str] = set()
         while not stop.is_set():
-            for ev in w.stream(batch.list_namespaced_job, ns, timeout_seconds=5):
-                job = ev["object"]
-                if ev["type"] == "ADDED" and job.metadata.uid not in seen:
-                    seen.add(job.metadata.uid)
-                    creations.append(time.monotonic())
-                done = any(c.type == "Complete" and c.status == "True" for c in job.status.conditions or [])
-                if done and job.metadata.uid + "/done" not in seen:
-                    seen.add(job.metadata.uid + "/done")
-                    completes.append(time.monotonic())
-                if stop.is_set():
-                    break
+            w = watch.Watch()  # a new watch each round: a lagging API server may refuse a resourceVersion
+            try:
+                for ev in w.stream(batch.list_namespaced_job, ns, timeout_seconds=5):
+                    record(ev, seen)
+                    if stop.is_set():
+                        break
+            except client.ApiException:
+                continue
 
     t = threading.Thread(target=watch_jobs, daemon=True)
     t.start()
