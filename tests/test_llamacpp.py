@@ -16,8 +16,9 @@ from kubernetes import client
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from pydantic import SecretStr
 
+from research_api.names import CONFIGMAP_DATA_KEY
 from research_api.researchjob import AnalystStatus
-from research_api.task import CONFIGMAP_DATA_KEY, ModelSettings, StructuredOutput
+from research_api.task import ModelSettings, StructuredOutput
 from research_worker.errors import ModelAnswerError, ModelContextExceeded, ModelTimeout
 from research_worker.llm import LLMClient
 from research_worker.state import SearchQuery, Section, perspectives_of
