@@ -50,7 +50,7 @@ def until(check: Callable[[], bool], timeout: float = 30, what: str = "condition
 
 
 @pytest.fixture(scope="module")
-def crd(cluster: ClusterHandle) -> ClusterHandle:
+def crd(cluster: ClusterHandle, no_test_operator: None) -> ClusterHandle:
     """The cluster with the committed CRD applied and Established."""
     cluster.kubectl(
         "apply",

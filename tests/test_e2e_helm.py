@@ -32,7 +32,7 @@ NAMESPACE_DEFAULTS = {"configmap/kube-root-ca.crt", "serviceaccount/default"}
 
 
 @pytest.fixture(scope="module")
-def release(cluster: ClusterHandle) -> Iterator[Kube]:
+def release(cluster: ClusterHandle, no_test_operator: None) -> Iterator[Kube]:
     """The chart installed into research-operator-system as `make demo` installs it."""
     kube = Kube(cluster.kubeconfig, cluster.tools, cluster.state_dir)
     demo.install(kube, demo.local_values(kube))
