@@ -79,7 +79,8 @@ class Snapshot:
         return self.phase in TERMINAL_PHASES
 
     def change_key(self) -> tuple[Any, ...]:
-        return (self.phase, self.sections_done, self.running, self.queued, self.tokens, self.message, self.waiting)
+        """What a line shows, less the elapsed time: a pipe gets a line only when that changes."""
+        return (body(self),)
 
 
 def snapshot(obj: dict[str, Any], now: dt.datetime) -> Snapshot:
@@ -121,8 +122,11 @@ def tokens(s: Snapshot) -> str:
 
 def line(s: Snapshot) -> str:
     """One line per change (for pipes and logs)."""
+    return f"{duration(s.elapsed):>7}  {body(s)}"
+
+
+def body(s: Snapshot) -> str:
     parts = [
-        f"{duration(s.elapsed):>7}",
         f"{s.phase:<14}",
         f"sections {s.sections_done}/{s.sections_total}",
         f"batches running {s.running} queued {s.queued}",
