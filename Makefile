@@ -27,8 +27,8 @@ demo-down: venv tools ## Undo the demo: helm uninstall, delete namespace researc
 	$(PY) -m localkube.demo down
 
 .PHONY: test
-test: venv cluster-build kueue-build tools llama-build lint typecheck ## Run every check and test (the CI command).
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: venv cluster-build kueue-build tools lint typecheck ## Run every check and test but the llama.cpp tier (the CI command).
+	$(PY) -m pytest -m "not llamacpp" $(PYTEST_ARGS)
 
 ##@ Development
 .PHONY: venv
