@@ -22,7 +22,8 @@ from research_operator.constants import ANNOTATION_CLEANUP_OF, plan_id
 from research_operator.finalizer import CLEANUP_RETRY_AFTER, CleanupState, decide_cleanup
 from research_operator.reconcile import JobView, Observed, decide
 from research_operator.settings import Settings
-from research_operator.world import World, job_view, owner_name, stored_object
+from research_operator.views import job_view, owner_name, stored_object
+from research_operator.world import World
 from research_worker.state import Analyst, Report, Section, TokenUsage
 from research_worker.store import AnalystPlan, IndexedStore, MarkerWriter
 

@@ -29,7 +29,7 @@ from research_operator.builders import Owner, cleanup_job, worker_job, worker_rb
 from research_operator.constants import plan_id
 from research_operator.reconcile import JobView, Observed, StoreView, Waiting, apply_waiting, decide
 from research_operator.settings import Settings
-from research_operator.world import job_view
+from research_operator.views import job_view
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 POD = PodResources.from_spec({"cpu": "100m", "memory": "256Mi"}, {"cpu": "1", "memory": "1Gi"})
@@ -313,7 +313,8 @@ class _RecordingCore:
 
 
 async def test_operator_reads_what_the_worker_configmap_store_writes() -> None:
-    from research_operator.world import World, stored_object
+    from research_operator.views import stored_object
+    from research_operator.world import World
     from research_worker.state import Analyst, Report, Section, TokenUsage
     from research_worker.store import AnalystPlan, ConfigMapStore
 

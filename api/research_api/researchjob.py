@@ -9,10 +9,32 @@ wire (aliases) and snake_case in Python.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import ConfigDict, Field
+
+from research_api.apimodel import ApiModel as ApiModel
+from research_api.status import (
+    TERMINAL_PHASES as TERMINAL_PHASES,
+)
+from research_api.status import (
+    AnalystStatus as AnalystStatus,
+)
+from research_api.status import (
+    BatchCounts as BatchCounts,
+)
+from research_api.status import (
+    Condition as Condition,
+)
+from research_api.status import (
+    Phase as Phase,
+)
+from research_api.status import (
+    ReportRef as ReportRef,
+)
+from research_api.status import (
+    ResearchJobStatus as ResearchJobStatus,
+)
 
 GROUP = "researchops.io"
 VERSION = "v1alpha1"
@@ -37,16 +59,6 @@ Quantity = Annotated[
         json_schema_extra={"x-kubernetes-int-or-string": True, "minimum": 0},
     ),
 ]
-
-
-class ApiModel(BaseModel):
-    """camelCase on the wire, snake_case in Python; unknown fields are rejected."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
-
-    def wire(self) -> dict[str, Any]:
-        """The JSON form as stored in the API server (camelCase, no unset optionals)."""
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,93 +332,6 @@ class ResearchJobSpec(ApiModel):
         ge=0,
         description="Seconds after Succeeded or Failed when the ResearchJob and all it made are deleted.",
     )
-
-
-# --------------------------------------------------------------------------------------------
-# status
-# --------------------------------------------------------------------------------------------
-
-
-class Phase(StrEnum):
-    Pending = "Pending"
-    Planning = "Planning"
-    AwaitingReview = "AwaitingReview"
-    Interviewing = "Interviewing"
-    Writing = "Writing"
-    Succeeded = "Succeeded"
-    Failed = "Failed"
-
-
-TERMINAL_PHASES = frozenset({Phase.Succeeded, Phase.Failed})
-
-
-class Condition(ApiModel):
-    """A condition per the Kubernetes API conventions."""
-
-    type: str = Field(
-        description="Condition type: Planned, AwaitingReview, QuotaExceeded, Throttled, WaitingForEndpoint, "
-        "TokenBudgetExhausted, WorkerPodsBlocked, Complete, Failed, CleanupFailed."
-    )
-    status: str = Field(description="True, False or Unknown.", pattern=r"^(True|False|Unknown)$")
-    reason: str = Field(description="CamelCase reason for the last transition.")
-    message: str = Field("", description="Human-readable details.")
-    last_transition_time: str = Field(description="When the status last changed (RFC 3339).")
-    observed_generation: int | None = Field(None, description="The spec generation this condition is about.")
-
-
-class AnalystStatus(ApiModel):
-    """A planned analyst persona."""
-
-    name: str = Field(description="Name of the analyst.")
-    role: str = Field(description="Role of the analyst in the context of the topic.")
-    affiliation: str = Field(description="Primary affiliation of the analyst.")
-    description: str = Field(description="The analyst's focus, concerns and motives.")
-
-
-class BatchCounts(ApiModel):
-    """Worker batches by state."""
-
-    total: int = Field(0, description="Batches in the plan.")
-    queued: int = Field(0, description="Batches waiting for admission (limits or quota).")
-    active: int = Field(0, description="Worker Jobs running.")
-    succeeded: int = Field(0, description="Worker Jobs that completed.")
-    failed: int = Field(0, description="Worker Jobs that failed beyond their retries.")
-
-
-class ReportRef(ApiModel):
-    """Where the finished report is."""
-
-    config_map: str | None = Field(None, description="ConfigMap holding the report (store configmap).")
-    key: str | None = Field(None, description="Data key of the report in that ConfigMap.")
-    postgres_id: str | None = Field(None, description="Report id in the PostgreSQL store.")
-    title: str | None = Field(None, description="Title of the report.")
-
-
-class ResearchJobStatus(ApiModel):
-    """Observed state, rebuilt from the child Jobs and the store on every pass."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    phase: Phase = Field(Phase.Pending, description="Where the job is: Pending ... Succeeded or Failed.")
-    observed_generation: int | None = Field(None, description="The spec generation last reconciled.")
-    progress: str | None = Field(None, description="Sections written over analysts planned, e.g. 3/6.")
-    sections_done: int = Field(0, description="Sections written.")
-    analysts: list[AnalystStatus] | None = Field(None, description="The planned analyst panel.")
-    plan_id: str | None = Field(None, description="Identifies the current plan (changes with feedback).")
-    batches: BatchCounts = Field(default_factory=BatchCounts, description="Worker batches by state.")
-    active_jobs: list[str] | None = Field(None, description="Names of the running worker Jobs.")
-    tokens_used: int = Field(0, description="LLM tokens used so far.")
-    report: ReportRef | None = Field(None, description="Where the finished report is.")
-    failed_analysts: list[str] | None = Field(None, description="Analysts whose interviews failed.")
-    message: str | None = Field(None, description="What is happening now, for humans.")
-    waiting_for: str | None = Field(
-        None,
-        description="Why its next worker Jobs wait (the reason of the condition that holds them: EndpointCapacity, "
-        "TokenBudget, ExceededQuota, GlobalCap, ...); empty when nothing waits.",
-    )
-    start_time: str | None = Field(None, description="When work started (RFC 3339).")
-    completion_time: str | None = Field(None, description="When the job finished (RFC 3339).")
-    conditions: list[Condition] | None = Field(None, description="Conditions per the API conventions.")
 
 
 SourceSpec.model_rebuild()

@@ -35,7 +35,8 @@ from research_operator.builders import Owner, worker_rbac
 from research_operator.finalizer import CLEANUP_STEP
 from research_operator.reconcile import JobView, Waiting, rfc3339, step_noun
 from research_operator.settings import Settings
-from research_operator.world import WORLD, Blocked, Key, job_view, settings
+from research_operator.views import job_view
+from research_operator.world import WORLD, Blocked, Key, settings
 
 log = logging.getLogger(__name__)
 

@@ -24,16 +24,8 @@ from research_operator.admission import QuotaUsage
 from research_operator.constants import LABEL_JOB, LABEL_KIND, SETTINGS_KIND
 from research_operator.endpoints import Endpoint, endpoint_from, match
 from research_operator.reconcile import JobView
-from research_operator.world import (
-    BASE_SETTINGS,
-    WORLD,
-    Key,
-    StoredObject,
-    job_view,
-    owner_uid,
-    settings,
-    stored_object,
-)
+from research_operator.views import StoredObject, job_view, owner_uid, stored_object
+from research_operator.world import BASE_SETTINGS, WORLD, Key, settings
 
 log = logging.getLogger(__name__)
 
