@@ -196,7 +196,8 @@ def test_helm_uninstall_removes_the_release_and_keeps_the_crd_and_researchjobs(
     owned = f"researchops.io/job={name}"
     children = set(kube.names("configmaps,serviceaccounts,roles,rolebindings", "-n", ns, "-l", owned))
     assert f"configmap/{sample_run.obj['status']['report']['configMap']}" in children
-    assert {f"serviceaccount/{name}-worker", f"role.rbac.authorization.k8s.io/{name}-worker"} <= children, children
+    worker = f"{name}-worker-{sample_run.obj['metadata']['uid'][:8]}"
+    assert {f"serviceaccount/{worker}", f"role.rbac.authorization.k8s.io/{worker}"} <= children, children
 
     # No finalizer holds it: deleting works without the operator, and the garbage collector
     # removes everything the ResearchJob owned. The user's documents stay.

@@ -131,13 +131,19 @@ def job_name(owner: Owner, plan: str, step: str, batch: int | None = None) -> st
 
 
 def worker_service_account(owner: Owner, settings: Settings) -> str:
-    return settings.worker_service_account or child_name(owner.name, "worker")
+    return settings.worker_service_account or worker_rbac_name(owner)
+
+
+def worker_rbac_name(owner: Owner) -> str:
+    """The worker ServiceAccount, Role and RoleBinding of one ResearchJob: named after its uid too,
+    so one created again under the same name never meets its predecessor's, still being collected."""
+    return child_name(owner.name, "worker", owner.uid[:8])
 
 
 def worker_rbac(owner: Owner) -> list[dict[str, Any]]:
     """ServiceAccount, Role and RoleBinding for one ResearchJob's worker pods (least privilege):
     the ConfigMap store and document ConfigMaps in the job's namespace, nothing else."""
-    name = child_name(owner.name, "worker")
+    name = worker_rbac_name(owner)
     meta = {"name": name, "namespace": owner.namespace, "labels": labels(owner), "ownerReferences": [owner.reference()]}
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta, "automountServiceAccountToken": True},

@@ -110,6 +110,13 @@ async def job_event(type: str, body: kopf.Body, namespace: str | None, **_: Any)
             admit.request_share_sync(view.endpoint)
 
 
+@kopf.index(*CONFIGMAPS, labels={LABEL_KIND: SETTINGS_KIND})
+def operator_settings(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[str, Any] | None:
+    """The settings ConfigMap as an index: complete before any handler runs, so a restarted operator
+    never admits a Job under the environment's defaults before it has read the admins' caps."""
+    return {name: dict(body.get("data") or {})} if namespace == BASE_SETTINGS.namespace else None
+
+
 @kopf.on.event(*CONFIGMAPS, labels={LABEL_KIND: kopf.PRESENT})
 async def configmap_event(
     type: str, body: kopf.Body, namespace: str | None, name: str, logger: kopf.Logger, **_: Any
@@ -247,6 +254,20 @@ async def researchjob_event(
         return
     # kopf passes each index by its function's name; they are complete before this first runs.
     WORLD.attach(kwargs["rj_jobs"], kwargs["rj_stored"], kwargs["ns_quotas"], kwargs["model_endpoints"])
+    if not WORLD.settings_loaded:
+        WORLD.settings_loaded = True
+        for datas in kwargs["operator_settings"].values():
+            for data in datas:
+                try:
+                    BASE_SETTINGS.with_configmap(data)
+                except ValueError:
+                    continue
+                WORLD.settings_data = dict(data)
+        caps = settings()
+        logger.info(
+            f"operator settings: globalMaxActiveJobs={caps.global_max_active} "
+            f"namespaceMaxActiveJobs={caps.namespace_max_active}"
+        )
     WORLD.kueue_indexes.update({k: kwargs[k] for k in ("kueue_workloads", "kueue_localqueues") if k in kwargs})
     key: Key = (namespace, str(uid))
     if type == "DELETED":

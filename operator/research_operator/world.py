@@ -71,6 +71,7 @@ class World:
     wakeups: dict[Key, asyncio.Event] = field(default_factory=dict)
     bodies: dict[Key, Any] = field(default_factory=dict)  # the latest ResearchJob (kopf.Body) seen by the watch
     settings_data: dict[str, str] = field(default_factory=dict)
+    settings_loaded: bool = False  # the settings index was read once (before the first reconcile)
     rbac_ready: set[Key] = field(default_factory=set)
     failure_details: dict[tuple[str, str], str] = field(default_factory=dict)  # (ns, Job uid) -> pod's last words
     create_failures: dict[str, str] = field(default_factory=dict)  # Job uid -> the Job controller's FailedCreate
