@@ -60,6 +60,7 @@ class Operator:
             "LEADER_ELECTION": "true",
             "POD_NAME": "scale-bench",
             "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+            **{k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},  # to compare allocator settings
         }
         self.log = tmp / "operator.log"
         self.proc = subprocess.Popen(
@@ -200,15 +201,19 @@ def waiting_researchjobs(api: client.ApiClient, op: Operator, m: int) -> dict[st
     stop = threading.Event()
 
     def watch_status() -> None:
-        w = watch.Watch()
         while not stop.is_set():
-            for ev in w.stream(custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, timeout_seconds=5):
-                obj = ev["object"]
-                name = obj["metadata"]["name"]
-                if (obj.get("status") or {}).get("phase") and name not in status_at:
-                    status_at[name] = time.monotonic()
-                if stop.is_set():
-                    break
+            w = watch.Watch()  # a new one each time: it starts with the current state (no resourceVersion)
+            try:
+                for ev in w.stream(custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, timeout_seconds=5):
+                    obj = ev["object"]
+                    name = obj["metadata"]["name"]
+                    if (obj.get("status") or {}).get("phase") and name not in status_at:
+                        status_at[name] = time.monotonic()
+                    if stop.is_set():
+                        break
+            except client.ApiException as e:  # 504 "too large resource version" from a busy API server
+                print(f"status watch: {e.status} {e.reason}; watching again", flush=True)
+                time.sleep(0.5)
 
     watcher = threading.Thread(target=watch_status, daemon=True)
     watcher.start()

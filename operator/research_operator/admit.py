@@ -135,7 +135,7 @@ async def admit_and_create(
                 first = max(0, min(need, left))  # 0: it starts paused and waits for its share
                 left -= need
                 ep.stamp(job, endpoint, need, ep.Share(first), cm, f"{time.time():.6f}")
-        pending = WORLD.created[key]
+        pending = WORLD.created.setdefault(key, {}) if admitted else {}  # no entry for one that only waits
         for job in admitted:
             pending[job["metadata"]["name"]] = job_view(job)
         WORLD.waiting[key] = len(want.jobs) - len(admitted)

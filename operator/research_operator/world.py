@@ -108,6 +108,8 @@ class World:
         if pending:
             for name in [n for n in pending if n in seen]:
                 del pending[name]  # the watch has it now
+            if not pending:
+                del self.created[key]  # so the passes that walk ``created`` see only live intents
         out = {**(pending or {}), **seen}
         gone = self.deleted.get(key)
         return {n: j for n, j in out.items() if not (gone and j.uid in gone)}
@@ -117,6 +119,8 @@ class World:
         gone = self.deleted.get(key)
         if gone is not None:
             gone.discard(job_uid)
+            if not gone:
+                del self.deleted[key]
         self.create_failures.pop(job_uid, None)
         self.failure_details.pop((key[0], job_uid), None)
 
