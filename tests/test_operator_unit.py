@@ -745,3 +745,46 @@ def test_researchjobs_held_by_their_own_quota_neither_contend_for_caps_nor_wake_
     events[cap_held].clear()
     w.wake_waiting("a")  # something changed in its own namespace
     assert events[quota_held].is_set() and not events[cap_held].is_set()
+
+
+async def test_a_namespace_being_deleted_is_asked_once_not_once_per_waiting_researchjob(monkeypatch: Any) -> None:
+    """Deleting a namespace takes its quota too: every ResearchJob that waited there is woken and
+    admitted. The first create that meets the deletion is the last request made there for a while."""
+    from research_operator import admit as admit_mod
+    from research_operator import kube
+    from research_operator import world as world_mod
+    from research_operator.admit import Want, admit_and_create
+    from research_operator.world import World
+
+    w = World()
+    monkeypatch.setattr(world_mod, "WORLD", w)
+    monkeypatch.setattr(admit_mod, "WORLD", w)
+    calls: list[str] = []
+
+    async def create(obj: dict[str, Any]) -> tuple[kube.Created, str]:
+        calls.append(obj["kind"])
+        return kube.Created.TERMINATING, ""
+
+    monkeypatch.setattr(kube, "create", create)
+    s, cfg = spec(), Settings(namespace="ops", default_model_base_url="http://model:8000/v1")
+    clock = [1000.0]
+    monkeypatch.setattr(admit_mod.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(world_mod, "TERMINATING_MEMO", 30.0)
+    outcomes = []
+    for i in range(5):
+        owner = Owner("doomed", f"rj-{i}", f"uid-{i}")
+        job = worker_job(owner, s, cfg, PID, Step.PLAN)
+        outcomes.append(await admit_and_create(("doomed", f"uid-{i}"), owner, Want("plan", [job], 1), s.worker, cfg))
+    assert calls == ["ServiceAccount"], calls  # the first ResearchJob's first object; nothing after
+    for waiting, created in outcomes:
+        assert created == 0 and waiting.refused
+        assert waiting.message == "namespace doomed is being deleted"
+    assert not w.created, "nothing is left counted as created"
+    assert w.waiting == {("doomed", f"uid-{i}"): 1 for i in range(5)}
+    # Later (a namespace of the same name created again), it is asked again.
+    clock[0] += 31
+    owner = Owner("doomed", "rj-new", "uid-new")
+    await admit_and_create(
+        ("doomed", "uid-new"), owner, Want("plan", [worker_job(owner, s, cfg, PID, Step.PLAN)], 1), s.worker, cfg
+    )
+    assert calls == ["ServiceAccount", "ServiceAccount"]

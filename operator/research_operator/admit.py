@@ -117,6 +117,11 @@ async def admit_and_create(
         else []
     )
     budget = _budget_verdict(namespace, cfg, now()) if model is not None else None
+    if WORLD.namespace_terminating(namespace, time.monotonic()):
+        WORLD.waiting[key] = len(want.jobs)
+        WORLD.blocked.pop(key, None)
+        why = f"namespace {namespace} is being deleted"
+        return Waiting(step_noun(want.step, len(want.jobs)), WaitReason.EXCEEDED_QUOTA, why, refused=True), 0
     async with WORLD.admission_lock:
         WORLD.waiting[key] = len(want.jobs)
         me = Demand(namespace, key[1], WORLD.active_of(key), len(want.jobs))
@@ -135,9 +140,8 @@ async def admit_and_create(
                 first = max(0, min(need, left))  # 0: it starts paused and waits for its share
                 left -= need
                 ep.stamp(job, endpoint, need, ep.Share(first), cm, f"{time.time():.6f}")
-        pending = WORLD.created.setdefault(key, {}) if admitted else {}  # no entry for one that only waits
-        for job in admitted:
-            pending[job["metadata"]["name"]] = job_view(job)
+        if admitted:  # no entry for one that only waits: the passes that walk ``created`` stay small
+            WORLD.created[key].update({job["metadata"]["name"]: job_view(job) for job in admitted})
         WORLD.waiting[key] = len(want.jobs) - len(admitted)
         WORLD.bump()
     if endpoint is not None and admitted:
@@ -145,9 +149,22 @@ async def admit_and_create(
     if adm.reason is not None and adm.reason.is_quota:
         metrics.QUOTA_WAITS.labels(namespace).inc()
     if admitted and key not in WORLD.rbac_ready and want.step != CLEANUP_STEP:
+        rbac_refused = False
         if not cfg.worker_service_account:
             for obj in worker_rbac(owner):
-                await kube.create(obj)
+                outcome, _ = await kube.create(obj)
+                if outcome == kube.Created.TERMINATING:
+                    rbac_refused = True
+                    break
+        if rbac_refused:
+            WORLD.terminating[namespace] = time.monotonic()
+            WORLD.drop_intents(key, [job["metadata"]["name"] for job in admitted])
+            WORLD.waiting[key] = len(want.jobs)
+            WORLD.blocked.pop(key, None)
+            if endpoint is not None:
+                request_share_sync(endpoint.name)
+            why = f"namespace {namespace} is being deleted"
+            return Waiting(step_noun(want.step, len(want.jobs)), WaitReason.EXCEEDED_QUOTA, why, refused=True), 0
         WORLD.rbac_ready.add(key)
     refused: tuple[WaitReason, str] | None = None
     created = 0
@@ -155,14 +172,14 @@ async def admit_and_create(
         try:
             outcome, message = await kube.create(job)
         except BaseException:
-            for rest in admitted[i:]:
-                pending.pop(rest["metadata"]["name"], None)
+            WORLD.drop_intents(key, [rest["metadata"]["name"] for rest in admitted[i:]])
             raise
         if outcome in (kube.Created.QUOTA, kube.Created.TERMINATING):
-            for rest in admitted[i:]:
-                pending.pop(rest["metadata"]["name"], None)
+            WORLD.drop_intents(key, [rest["metadata"]["name"] for rest in admitted[i:]])
             WORLD.waiting[key] = WORLD.waiting.get(key, 0) + len(admitted) - i
             why = message if outcome == kube.Created.QUOTA else f"namespace {namespace} is being deleted"
+            if outcome == kube.Created.TERMINATING:
+                WORLD.terminating[namespace] = time.monotonic()
             refused = (WaitReason.EXCEEDED_QUOTA, why)
             metrics.QUOTA_WAITS.labels(namespace).inc()
             break

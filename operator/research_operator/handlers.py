@@ -47,7 +47,13 @@ def configure_watching(settings: kopf.OperatorSettings) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.posting.level = logging.WARNING  # only our own Events, not kopf's handler chatter
     settings.watching.server_timeout = 300
+    # kopf serves each object's events in a worker that holds one of ``worker_limit`` slots until it
+    # has been idle ``idle_timeout`` s (default 5 s), and a full set blocks the whole watch stream:
+    # 200 slots held 5 s after a ResearchJob's own status write capped a burst of new ResearchJobs at
+    # well under 40 a second. Our handlers return at once (the loops do the work), so a short idle
+    # time loses nothing: a later event starts a new worker.
     settings.queueing.worker_limit = 200
+    settings.queueing.idle_timeout = 0.5
     # Server-side filters: the API server sends only our objects (the handlers' labels= filters
     # below would otherwise be applied here, after every foreign object was listed and parsed).
     settings.watching.label_selectors[JOBS] = LABEL_JOB

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, ResearchJob uid)
 WAKE_COALESCE = 0.05  # seconds: wake-ups of waiting ResearchJobs within this are served by one sweep
+TERMINATING_MEMO = 30.0  # seconds a namespace that refused a create as being deleted is not asked again
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class World:
     failure_details: dict[tuple[str, str], str] = field(default_factory=dict)  # (ns, Job uid) -> pod's last words
     create_failures: dict[str, str] = field(default_factory=dict)  # Job uid -> the Job controller's FailedCreate
     admission_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    terminating: dict[str, float] = field(default_factory=dict)  # namespace -> when a create met its deletion
     kueue_indexes: dict[str, Any] = field(default_factory=dict)  # Kueue mode: Workloads, LocalQueues (kopf indices)
     dirty: set[Key] = field(default_factory=set)  # woken by a change of their own (not only a freed slot)
     blocked: dict[Key, Blocked] = field(default_factory=dict)  # what each waiting ResearchJob last waited for
@@ -114,6 +116,16 @@ class World:
         gone = self.deleted.get(key)
         return {n: j for n, j in out.items() if not (gone and j.uid in gone)}
 
+    def drop_intents(self, key: Key, names: list[str]) -> None:
+        """Forget the creates of these Jobs (their requests failed or were never sent)."""
+        pending = self.created.get(key)
+        if pending is not None:
+            for name in names:
+                pending.pop(name, None)
+            if not pending:
+                del self.created[key]
+        self.bump()
+
     def job_deleted(self, key: Key, job_uid: str) -> None:
         """The watch saw a Job go: forget the intent to delete it and what was cached about it."""
         gone = self.deleted.get(key)
@@ -123,6 +135,19 @@ class World:
                 del self.deleted[key]
         self.create_failures.pop(job_uid, None)
         self.failure_details.pop((key[0], job_uid), None)
+
+    def namespace_terminating(self, namespace: str, now: float) -> bool:
+        """Whether a create in ``namespace`` was refused because it is being deleted, within the last
+        ``TERMINATING_MEMO`` seconds: its waiting ResearchJobs, all woken as its quota goes, then make
+        no request that can only fail. Forgotten after that, so a namespace deleted and created
+        again under the same name is tried again."""
+        seen = self.terminating.get(namespace)
+        if seen is None:
+            return False
+        if now - seen > TERMINATING_MEMO:
+            del self.terminating[namespace]
+            return False
+        return True
 
     def quotas_of(self, namespace: str) -> list[QuotaUsage]:
         return list((self.quota_index or {}).get(namespace, []))
