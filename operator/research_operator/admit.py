@@ -18,8 +18,8 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from research_api.researchjob import ModelSpec, WorkerSpec
+from research_operator import broker, kube, metrics
 from research_operator import endpoints as ep
-from research_operator import kube, metrics
 from research_operator.admission import (
     Admission,
     BudgetVerdict,
@@ -134,7 +134,7 @@ async def admit_and_create(
             for job, need in zip(admitted, needs, strict=False):
                 first = max(0, min(need, left))  # 0: it starts paused and waits for its share
                 left -= need
-                ep.stamp(job, endpoint, need, ep.Share(first), cm, f"{time.time():.6f}")
+                ep.stamp(job, endpoint, need, ep.Share(first), cm, f"{time.time():.6f}", cfg.lease_broker_url)
         pending = WORLD.created[key]
         for job in admitted:
             pending[job["metadata"]["name"]] = job_view(job)
@@ -277,6 +277,7 @@ async def sync_endpoint(name: str) -> None:
 
 
 async def _sync_endpoint(name: str) -> None:
+    broker.world_changed(name)  # calls waiting for a lease may fit now
     endpoint = WORLD.endpoints.get(name)
     pods = WORLD.endpoint_pods(name)
     if endpoint is not None:

@@ -176,10 +176,17 @@ def shares_configmap(
 
 
 def stamp(
-    job: dict[str, Any], endpoint: Endpoint, need: int, share: Share, configmap: str, admitted: str = ""
+    job: dict[str, Any],
+    endpoint: Endpoint,
+    need: int,
+    share: Share,
+    configmap: str,
+    admitted: str = "",
+    broker_url: str = "",
 ) -> dict[str, Any]:
     """The worker Job admitted against ``endpoint``: annotated with the endpoint, its pod's demand
-    and when it was admitted, and its task told its first share and where to poll for the next ones."""
+    and when it was admitted, and its task told its first share, where to poll for the next ones and,
+    with a lease broker, where to take a lease for each call."""
     meta = job["metadata"]
     meta["annotations"] = {
         **(meta.get("annotations") or {}),
@@ -196,6 +203,7 @@ def stamp(
                 "key": meta["name"],
                 "pollSeconds": SHARE_POLL_SECONDS,
                 **share.wire(),
+                **({"brokerUrl": broker_url, "endpoint": endpoint.name} if broker_url else {}),
             }
             env["value"] = json.dumps(task)
     return job

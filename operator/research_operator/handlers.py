@@ -19,7 +19,7 @@ import kopf
 
 from research_api.modelendpoint import ENDPOINT_PLURAL
 from research_api.researchjob import GROUP, PLURAL, VERSION
-from research_operator import admit, deletion, kube, kueue, loop, metrics
+from research_operator import admit, broker, deletion, kube, kueue, loop, metrics
 from research_operator.admission import QuotaUsage
 from research_operator.constants import LABEL_JOB, LABEL_KIND, SETTINGS_KIND
 from research_operator.endpoints import Endpoint, endpoint_from, match
@@ -39,6 +39,13 @@ FAILED_CREATE = "involvedObject.kind=Job,reason=FailedCreate"
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure_watching(settings)
     kube.api()
+    if BASE_SETTINGS.lease_broker_port:
+        await broker.start(BASE_SETTINGS.lease_broker_host, BASE_SETTINGS.lease_broker_port)
+
+
+@kopf.on.cleanup()
+async def shutdown(**_: Any) -> None:
+    await broker.stop()
 
 
 def configure_watching(settings: kopf.OperatorSettings) -> None:
