@@ -53,7 +53,7 @@ def bearer_token(api_client: Any) -> Callable[[], str]:
                 return f.read().strip()
         except OSError:
             pass
-        value = str((api_client.configuration.api_key or {}).get("authorization") or "")
+        value = str(api_client.configuration.get_api_key_with_prefix("BearerToken") or "")
         if not value:
             raise WorkerConfigError("no ServiceAccount token to show the lease broker")
         return value.split(" ", 1)[-1].strip()
