@@ -44,6 +44,8 @@ ALL_ON = [
 LOCAL_MODE = [
     "--set", "operator.metricsPort=18080",
     "--set", "operator.healthPort=18081",
+    "--set", "operator.leaseBroker.port=18090",
+    "--set", "operator.leaseBroker.url=http://127.0.0.1:18090",
     "--set", "modelServer.port=18000",
     "--set", "modelServer.baseUrl=http://127.0.0.1:18000/v1",
 ]  # fmt: skip

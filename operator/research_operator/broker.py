@@ -261,15 +261,25 @@ BROKER: Broker | None = None
 _RUNNER: web.AppRunner | None = None
 
 
-async def start(host: str, port: int) -> Broker:
-    """Serve the broker on ``host:port`` in this event loop (kopf's startup)."""
+async def start(host: str, port: int, namespace: str = "", service: str = "", pod_ip: str = "") -> Broker:
+    """Serve the broker on ``host:port`` in this event loop (kopf's startup, so the leader only), and
+    point the broker's Service at this pod (in a cluster: ``service`` and ``pod_ip`` set)."""
     global BROKER, _RUNNER
     broker = Broker()
     runner = web.AppRunner(broker.app(), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as e:
+        # The operator still works: every worker keeps to its ConfigMap share (and logs why).
+        log.error(f"lease broker cannot listen on {host}:{port} ({e}); workers will use their shares only")
+        await runner.cleanup()
+        return broker
     broker.ticker = asyncio.create_task(broker.tick(), name="lease broker")
     BROKER, _RUNNER = broker, runner
+    if service and pod_ip:
+        await kube.point_service_at(namespace, service, pod_ip, port)
+        log.info(f"lease broker: Service {namespace}/{service} now leads to this pod ({pod_ip}:{port})")
     log.info(
         f"lease broker listening on {host}:{port}; it grants leases after {broker.book.recovery:.0f}s "
         "(workers re-declare the leases they hold first)"

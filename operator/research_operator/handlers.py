@@ -40,7 +40,10 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure_watching(settings)
     kube.api()
     if BASE_SETTINGS.lease_broker_port:
-        await broker.start(BASE_SETTINGS.lease_broker_host, BASE_SETTINGS.lease_broker_port)
+        cfg = BASE_SETTINGS
+        await broker.start(
+            cfg.lease_broker_host, cfg.lease_broker_port, cfg.namespace, cfg.lease_broker_service, cfg.pod_ip
+        )
 
 
 @kopf.on.cleanup()

@@ -95,6 +95,10 @@ class Settings:
     lease_broker_host: str = "0.0.0.0"
     lease_broker_port: int = 0
     lease_broker_url: str = ""
+    # In a cluster: the broker's Service (no selector) whose EndpointSlice the leader points at its
+    # own pod IP when it starts serving.
+    lease_broker_service: str = ""
+    pod_ip: str = ""
 
     @property
     def caps(self) -> Caps:
@@ -126,6 +130,8 @@ class Settings:
             lease_broker_host=e.get("LEASE_BROKER_HOST", d.lease_broker_host),
             lease_broker_port=_int(e, "LEASE_BROKER_PORT", d.lease_broker_port),
             lease_broker_url=_broker_url(e),
+            lease_broker_service=e.get("LEASE_BROKER_SERVICE", d.lease_broker_service),
+            pod_ip=e.get("POD_IP", d.pod_ip),
         )
 
     def with_configmap(self, data: Mapping[str, str]) -> Settings:
