@@ -97,7 +97,7 @@ def run_mode(
     op = subprocess.Popen([sys.executable, "-m", "research_operator"], env=env, stdout=log, stderr=subprocess.STDOUT)
     time.sleep(3)
     server.reset()
-    samples: list[tuple[float, float, float, float]] = []  # (time, calls waiting, leases held, admitted pods)
+    samples: list[tuple[float, ...]] = []  # (time, calls waiting, leases held, admitted pods, pods in touch)
     stop = threading.Event()
     sampler = threading.Thread(
         target=sample_broker, args=(metrics_port, endpoint, samples, stop), daemon=True, name="sampler"
@@ -172,9 +172,7 @@ def run_mode(
     }
 
 
-def sample_broker(
-    port: int, endpoint: str, out: list[tuple[float, float, float, float]], stop: threading.Event
-) -> None:
+def sample_broker(port: int, endpoint: str, out: list[tuple[float, ...]], stop: threading.Event) -> None:
     """Every 0.25 s: the calls waiting for a lease of ``endpoint``, the leases held and the pods
     admitted against it (operator metrics)."""
 
@@ -194,12 +192,17 @@ def sample_broker(
                 value(text, "research_operator_endpoint_lease_requests_waiting"),
                 value(text, "research_operator_endpoint_leases_in_flight"),
                 value(text, "research_operator_endpoint_pods"),
+                value(text, "research_operator_endpoint_pods_in_touch"),
             )
         )
 
 
+def running_at(intervals: list[tuple[float, float]], t: float) -> int:
+    return sum(1 for a, b in intervals if a <= t < b)
+
+
 def idle_breakdown(
-    intervals: list[tuple[float, float]], samples: list[tuple[float, float, float, float]], start: float, end: float
+    intervals: list[tuple[float, float]], samples: list[tuple[float, ...]], start: float, end: float
 ) -> dict[str, Any]:
     """Where the endpoint's idle slot-seconds (CAPACITY x makespan - model time) went, from the
     server's request log (exact requests in flight) and the sampled broker state: idle while calls
@@ -209,17 +212,18 @@ def idle_breakdown(
         "queued_not_lent": 0.0,
         "queued_lease_not_at_server": 0.0,
         "nothing_queued": 0.0,
+        "nothing_queued_pods_starting": 0.0,
         "seconds": 0.0,
         "timeline": [],
     }
     if not samples:
         return out
-    window: list[tuple[float, float, float, float]] = []
-    for i, (t, waiting, leases, pods) in enumerate(samples):
+    window: list[tuple[float, ...]] = []
+    for i, (t, waiting, leases, pods, touch) in enumerate(samples):
         if t < start or t > end:
             continue
         dt = (samples[i + 1][0] if i + 1 < len(samples) else end) - t
-        running = sum(1 for a, b in intervals if a <= t < b)
+        running = running_at(intervals, t)
         idle = max(0, CAPACITY - running) * dt
         if waiting > 0:
             not_lent = max(0.0, CAPACITY - leases) * dt
@@ -227,11 +231,13 @@ def idle_breakdown(
             out["queued_lease_not_at_server"] += max(0.0, idle - not_lent)
         else:
             out["nothing_queued"] += idle
+            if touch < pods:  # some admitted pods have not reached the broker yet: starting (or ending)
+                out["nothing_queued_pods_starting"] += idle
         out["seconds"] += dt
-        window.append((running, waiting, leases, pods))
+        window.append((running, waiting, leases, pods, touch))
         if len(window) * 0.25 >= 10 or i + 1 == len(samples) or samples[i + 1][0] > end:
             n = len(window)
-            out["timeline"].append((t - start, *(sum(w[k] for w in window) / n for k in range(4))))
+            out["timeline"].append((t - start, *(sum(w[k] for w in window) / n for k in range(5))))
             window = []
     return out
 
@@ -291,13 +297,17 @@ def main() -> None:
                 f"\nidle slot-seconds {idle:.0f} (of {CAPACITY * r['makespan']:.0f}): while calls waited for a lease "
                 f"{g['queued_not_lent'] + g['queued_lease_not_at_server']:.0f} (slots not lent "
                 f"{g['queued_not_lent']:.0f}, leases held with no request at the server "
-                f"{g['queued_lease_not_at_server']:.0f}); while no call waited {g['nothing_queued']:.0f} "
+                f"{g['queued_lease_not_at_server']:.0f}); while no call waited {g['nothing_queued']:.0f} (of which "
+                f"{g['nothing_queued_pods_starting']:.0f} while admitted pods were not yet in touch with the broker) "
                 f"(sampled over {g['seconds']:.0f} s)"
             )
-            print("\n| until (s) | requests at the server | calls waiting | leases held | pods admitted |")
-            print("| --- | --- | --- | --- | --- |")
-            for t, running, waiting, leases, pods in g["timeline"]:
-                print(f"| {t:.0f} | {running:.1f} | {waiting:.1f} | {leases:.1f} | {pods:.1f} |")
+            print(
+                "\n| until (s) | requests at the server | calls waiting | leases held | pods admitted "
+                "| pods in touch with the broker |"
+            )
+            print("| --- | --- | --- | --- | --- | --- |")
+            for t, running, waiting, leases, pods, touch in g["timeline"]:
+                print(f"| {t:.0f} | {running:.1f} | {waiting:.1f} | {leases:.1f} | {pods:.1f} | {touch:.1f} |")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def test_two_researchjobs_sharing_an_endpoint_never_exceed_its_capacity(
     endpoint: Callable[..., str],
 ) -> None:
     api = cluster.api_client()
-    server = modelserver_factory(ttft_ms=120, max_concurrency=64)
+    server = modelserver_factory(ttft_ms=1000, max_concurrency=64)
     capacity = 3
     name = endpoint(server.base_url, capacity)
     model = {"baseUrl": server.base_url, "maxConcurrency": 4}
@@ -87,9 +87,15 @@ def test_two_researchjobs_sharing_an_endpoint_never_exceed_its_capacity(
     stats = server.stats()
     assert stats["max_running"] <= capacity, stats
     assert stats["rejected_concurrency"] == 0
-    # Both fanned out (2 batches of 2 analysts each, 4 requests wanted): the capacity made them wait.
-    events = client.CoreV1Api(api).list_namespaced_event(namespace).items
-    assert any(e.reason == "WaitingForEndpoint" for e in events), [e.reason for e in events]
+    # Both fanned out (2 batches of 2 analysts each: up to 8 calls wanted at once): calls waited for
+    # a lease, and the endpoint's whole capacity was lent.
+    text = operator.metrics()
+    waits = re.findall(
+        rf'^research_operator_endpoint_lease_wait_seconds_bucket{{endpoint="{name}",le="(\S+)"}} (\S+)$', text, re.M
+    )
+    buckets = {le: float(n) for le, n in waits}
+    assert buckets["+Inf"] > buckets["0.1"], buckets
+    assert stats["max_running"] == capacity, stats
 
     def endpoint_status() -> dict[str, Any]:
         me = client.CustomObjectsApi(api).get_cluster_custom_object(GROUP, VERSION, ENDPOINTS, name)

@@ -78,7 +78,8 @@ class Want:
 
 def _endpoint_verdict(endpoint: ep.Endpoint, demand: int) -> EndpointVerdict:
     in_use = sum(p.demand for _, p in WORLD.endpoint_pods(endpoint.name))
-    return EndpointVerdict(endpoint.name, endpoint.max_concurrent, in_use, demand, ep.standby(endpoint))
+    leased = bool(settings().lease_broker_url)
+    return EndpointVerdict(endpoint.name, endpoint.max_concurrent, in_use, demand, ep.standby(endpoint, leased))
 
 
 def _budget_verdict(namespace: str, cfg: Settings, when: dt.datetime) -> BudgetVerdict | None:

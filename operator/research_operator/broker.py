@@ -255,6 +255,7 @@ class Broker:
             metrics.ENDPOINT_LEASES.labels(endpoint).set(self.book.leases_in_flight(endpoint, now))
             metrics.ENDPOINT_IN_USE.labels(endpoint).set(self.book.in_use(endpoint, now))
             metrics.ENDPOINT_LEASE_WAITING.labels(endpoint).set(self.book.waiting(endpoint))
+            metrics.ENDPOINT_PODS_IN_TOUCH.labels(endpoint).set(self.book.in_touch(endpoint, now))
 
 
 BROKER: Broker | None = None

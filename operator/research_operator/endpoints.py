@@ -129,11 +129,17 @@ def _split(total: int, weights: list[int]) -> list[int]:
     return out
 
 
-def standby(endpoint: Endpoint) -> int:
-    """Demand admitted beyond the capacity: pods that start (image, interpreter, model preflight)
-    while the endpoint is full and wait paused for their share, so a freed share is used at once
-    instead of after a pod start-up. As much again as the capacity."""
-    return endpoint.max_concurrent
+LEASED_STANDBY_FACTOR = 4  # with the lease broker: demand admitted beyond the capacity, in capacities
+
+
+def standby(endpoint: Endpoint, leased: bool = False) -> int:
+    """Demand admitted beyond the capacity. Without the lease broker: as much again as the capacity,
+    pods that start (image, interpreter, model preflight) while the endpoint is full and wait paused
+    for their share, so a freed share is used at once instead of after a pod start-up. With it, an
+    admitted pod holds no slot while it does not call, so every admitted pod takes part and the next
+    ones must already be starting while they run: four capacities more (the broker's queue, not the
+    pod count, bounds the requests in flight; this bounds the calls waiting in it)."""
+    return endpoint.max_concurrent * (LEASED_STANDBY_FACTOR if leased else 1)
 
 
 def shares(endpoint: Endpoint, pods: list[PodUse]) -> dict[str, Share]:

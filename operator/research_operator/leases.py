@@ -180,6 +180,9 @@ class Book:
     def leases_in_flight(self, endpoint: str, now: float) -> int:
         return sum(len(s.leases) for s in self.sessions.values() if s.endpoint == endpoint and s.live(now, self.ttl))
 
+    def in_touch(self, endpoint: str, now: float) -> int:
+        return sum(1 for s in self.sessions.values() if s.endpoint == endpoint and s.live(now, self.ttl))
+
     def waiting(self, endpoint: str) -> int:
         return sum(1 for w in self.waiters if w.endpoint == endpoint and not w.gone and w.granted is None)
 

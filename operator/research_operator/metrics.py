@@ -119,3 +119,10 @@ BROKER_REQUESTS = Counter(
     ["path", "code"],
     registry=REGISTRY,
 )
+ENDPOINT_PODS_IN_TOUCH = Gauge(
+    "research_operator_endpoint_pods_in_touch",
+    "Worker pods with a live session at the lease broker, by ModelEndpoint (admitted pods not in touch are "
+    "starting, done, or cannot reach it).",
+    ["endpoint"],
+    registry=REGISTRY,
+)
