@@ -305,3 +305,39 @@ def test_workers_fall_back_to_their_share_when_the_broker_is_unreachable(
     logs = worker_logs(cluster, namespace)
     assert "falling back to this pod's share of ModelEndpoint" in logs, logs[-3000:]
     assert metric(operator, "research_operator_endpoint_leases_granted_total", name) == 0
+
+
+def test_an_operator_restart_mid_run_never_lets_more_than_the_capacity_in_flight(
+    cluster: ClusterHandle,
+    operator: OperatorProcess,
+    namespace: str,
+    corpus_configmap: str,
+    modelserver_factory: Callable[..., ModelServerProcess],
+    endpoint: Callable[..., str],
+) -> None:
+    api = cluster.api_client()
+    server = modelserver_factory(ttft_ms=1500, max_concurrency=64)
+    capacity = 3
+    name = endpoint(server.base_url, capacity)
+    spec = {
+        "analysts": {"count": 4},
+        "interview": {"maxTurns": 2},
+        "parallelism": {"batchSize": 2, "maxActiveJobs": 2},
+        "model": {"baseUrl": server.base_url, "maxConcurrency": 4},
+    }
+    for rj in ("left", "right"):
+        create(api, namespace, researchjob(rj, corpus_configmap, **spec))
+    until(
+        "the interviews hold every lease",
+        lambda: metric(operator, "research_operator_endpoint_leases_in_flight", name) == capacity,
+        300,
+    )
+    operator.kill(signal.SIGKILL)  # the broker's state is gone; the workers still hold their leases
+    operator.start()
+    for rj in ("left", "right"):
+        status = wait_phase(api, namespace, rj, {"Succeeded", "Failed"}, timeout=400)["status"]
+        assert status["phase"] == "Succeeded", status
+    stats = server.stats()
+    assert stats["max_running"] <= capacity, stats
+    assert "lease broker listening" in operator.log()
+    assert metric(operator, "research_operator_endpoint_leases_granted_total", name) > 0  # leases again after it

@@ -82,6 +82,23 @@ def test_a_starting_broker_grants_nothing_until_live_workers_redeclared_their_le
     assert beat(b, "a-b0", "a-b0-x", after, held=["old1", "old2", "unknown"]) == ["unknown"]
 
 
+def test_a_grant_on_its_way_survives_a_heartbeat_that_does_not_list_it_yet() -> None:
+    b = book([PodRef("ns", "a", "a-b0", 0)], capacity=2, started=0.0)
+    after = b.recovery + 1
+    b.heartbeat(
+        "ep", "ns", "a-b0", "a-b0-x", 1.0, mode=wire.Mode.LEASE, carried=0, held=[], seen=15
+    )  # restarted broker
+    b.heartbeat("ep", "ns", "a-b0", "a-b0-x", after - 1, mode=wire.Mode.LEASE, carried=0, held=[], seen=15)
+    lease = take(b, "a-b0", "a-b0-x", after)
+    assert lease is not None
+    # The worker's heartbeat was sent before the grant reached it: the lease is kept.
+    b.heartbeat("ep", "ns", "a-b0", "a-b0-x", after, mode=wire.Mode.LEASE, carried=0, held=[], seen=15)
+    assert b.leases_in_flight("ep", after) == 1
+    # Once the worker has seen it and no longer holds it (its release was lost), it is dropped.
+    b.heartbeat("ep", "ns", "a-b0", "a-b0-x", after, mode=wire.Mode.LEASE, carried=0, held=[], seen=16)
+    assert b.leases_in_flight("ep", after) == 0
+
+
 def test_waiting_calls_go_to_the_researchjob_holding_fewest() -> None:
     pods = [PodRef("ns", "big", "big-b0", 0), PodRef("ns", "big", "big-b1", 0), PodRef("ns", "small", "small-b0", 0)]
     b = book(pods, capacity=3)

@@ -221,6 +221,7 @@ class Book:
         elif not s.live(now, self.ttl):
             self._drop(s)
         s.last_seen, s.mode, s.carried = now, mode, max(0, carried)
+        s.seq = max(s.seq, seen)  # a restarted broker numbers its grants after what the worker has seen
         self._buckets(endpoint)[1].take(max(0, tokens), now)  # tokens are charged when calls return
         held = set(held)
         lost = []
