@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, ValidationError
 
 from research_api import leases as wire
@@ -279,8 +280,15 @@ async def start(host: str, port: int, namespace: str = "", service: str = "", po
     broker.ticker = asyncio.create_task(broker.tick(), name="lease broker")
     BROKER, _RUNNER = broker, runner
     if service and pod_ip:
-        await kube.point_service_at(namespace, service, pod_ip, port)
-        log.info(f"lease broker: Service {namespace}/{service} now leads to this pod ({pod_ip}:{port})")
+        try:
+            await kube.point_service_at(namespace, service, pod_ip, port)
+            log.info(f"lease broker: Service {namespace}/{service} now leads to this pod ({pod_ip}:{port})")
+        except ApiException as e:
+            # Workers that cannot reach the broker keep to their shares; the operator works on.
+            log.error(
+                f"lease broker: could not point Service {namespace}/{service} at this pod "
+                f"(HTTP {e.status} {e.reason}); workers will use their shares until it is fixed"
+            )
     log.info(
         f"lease broker listening on {host}:{port}; it grants leases after {broker.book.recovery:.0f}s "
         "(workers re-declare the leases they hold first)"
