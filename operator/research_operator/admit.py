@@ -136,20 +136,29 @@ async def admit_and_create(
                 first = max(0, min(need, left))  # 0: it starts paused and waits for its share
                 left -= need
                 ep.stamp(job, endpoint, need, ep.Share(first), cm, f"{time.time():.6f}", cfg.lease_broker_url)
-        pending = WORLD.created[key]
         for job in admitted:
-            pending[job["metadata"]["name"]] = job_view(job)
+            WORLD.created[key][job["metadata"]["name"]] = job_view(job)
         WORLD.waiting[key] = len(want.jobs) - len(admitted)
         WORLD.bump()
-    if endpoint is not None and admitted:
-        await sync_endpoint(endpoint.name)  # the shares ConfigMap exists before the pods read it
+    pending = WORLD.created[key]
+    try:
+        if endpoint is not None and admitted:
+            await sync_endpoint(endpoint.name)  # the shares ConfigMap exists before the pods read it
+        if admitted and key not in WORLD.rbac_ready and want.step != CLEANUP_STEP:
+            if not cfg.worker_service_account:
+                for obj in worker_rbac(owner):
+                    await kube.create(obj)
+            WORLD.rbac_ready.add(key)
+    except BaseException:
+        # Nothing was created: no intent may stay behind as a Job "running" (the pass is retried).
+        for job in admitted:
+            pending.pop(job["metadata"]["name"], None)
+        WORLD.bump()
+        if endpoint is not None and admitted:
+            request_share_sync(endpoint.name)
+        raise
     if adm.reason is not None and adm.reason.is_quota:
         metrics.QUOTA_WAITS.labels(namespace).inc()
-    if admitted and key not in WORLD.rbac_ready and want.step != CLEANUP_STEP:
-        if not cfg.worker_service_account:
-            for obj in worker_rbac(owner):
-                await kube.create(obj)
-        WORLD.rbac_ready.add(key)
     refused: tuple[WaitReason, str] | None = None
     created = 0
     for i, job in enumerate(admitted):
