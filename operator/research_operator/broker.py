@@ -145,6 +145,8 @@ class Broker:
         return serve
 
     def _check(self, ident: Identity, endpoint: str, job: str) -> None:
+        if WORLD.job_index is None:
+            raise LeaseError(503, "the operator is starting: its view of the admitted Jobs is not complete yet")
         expected = expected_service_account(endpoint, ident.namespace, job)
         if expected is None:
             raise LeaseError(404, f"Job {ident.namespace}/{job} is not admitted against ModelEndpoint {endpoint}")
