@@ -240,3 +240,36 @@ async def test_a_lost_lease_stops_its_call() -> None:
                 await asyncio.sleep(5)
         assert s.broker.book.leases_in_flight("ep", 0.0) == 0  # given back
         await c.close()
+
+
+async def test_a_broker_gone_mid_call_stops_the_call_then_the_share_then_leases_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(wire, "SESSION_TTL_SECONDS", 0.8)
+    monkeypatch.setattr(wire, "HEARTBEAT_SECONDS", 0.1)
+    monkeypatch.setattr(wire, "QUIET_MARGIN_SECONDS", 0.2)
+    b = Book(lambda e: [PodRef("ns", "a", "a-b0", 1)], lambda e: Limits(2), started=-100.0, ttl=0.8, recovery=0.0)
+    s = await serve(b)
+    port = int(s.url.rsplit(":", 1)[1])
+    c = client(s.url)
+    await c.start()
+    assert c.state == State.LEASE
+    with pytest.raises(LeaseLost):
+        async with c.slot():
+            await s.runner.cleanup()  # the broker goes away while the call holds its lease
+            await asyncio.sleep(5)  # the call is stopped once no heartbeat was answered for a TTL
+    assert c.state == State.QUIET  # no call until the broker has surely lapsed the session
+    async with c.slot():  # then under the share
+        assert c.state == State.FALLBACK and c.carried == 1
+        s2 = await serve(Book(lambda e: [PodRef("ns", "a", "a-b0", 1)], lambda e: Limits(2), started=-100.0), port)
+        for _ in range(50):
+            if c.state == State.LEASE:
+                break
+            await asyncio.sleep(0.1)
+        assert c.state == State.LEASE  # back to leases; the call under the share is declared
+        session = next(iter(s2.broker.book.sessions.values()))
+        assert session.carried == 1
+    async with c.slot():
+        assert len(c.held) == 1
+    await c.close()
+    await s2.runner.cleanup()

@@ -100,7 +100,9 @@ class LeaseClient:
     async def start(self) -> None:
         """The first heartbeat (so the first call already knows the mode), then one every 2 s."""
         await self._beat()
-        if self.state != State.LEASE:
+        if self.state == State.LEASE:
+            await self._beat()  # declare lease mode: the broker grants only then
+        else:
             self._check_lapse(time.monotonic())
         self.loop_task = asyncio.create_task(self._run(), name="lease heartbeats")
 
@@ -172,7 +174,8 @@ class LeaseClient:
     def _check_lapse(self, now: float) -> None:
         """Drop the leases once no heartbeat succeeded for a TTL; fall back once the broker has surely
         lapsed the session (a further TTL after the last heartbeat that may have arrived)."""
-        if self.state == State.LEASE and now - self.last_ok >= wire.SESSION_TTL_SECONDS - 1.0:
+        early = min(1.0, wire.SESSION_TTL_SECONDS / 4)  # before the broker's TTL ends, for the network's delay
+        if self.state == State.LEASE and now - self.last_ok >= wire.SESSION_TTL_SECONDS - early:
             for lid in list(self.held):
                 self._lose(lid, f"no heartbeat answered for {now - self.last_ok:.0f}s")
             log.warning(
