@@ -133,6 +133,10 @@ class Broker:
                 if e.status in (401, 403):
                     log.warning(f"lease broker: refused a request to {path} from {request.remote}: {e}")
                 return web.json_response({"error": str(e)}, status=e.status)
+            except ApiException as e:
+                code = 503  # the TokenReview failed: nothing was recorded, the worker asks again
+                log.warning(f"lease broker: a TokenReview failed (HTTP {e.status} {e.reason})")
+                return web.json_response({"error": f"cannot verify the token now (HTTP {e.status})"}, status=503)
             except ValidationError as e:
                 code = 400
                 return web.json_response({"error": str(e).splitlines()[0]}, status=400)
