@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -70,19 +74,37 @@ def run_mode(
                 "spec": {"baseUrl": server.base_url, "maxConcurrentRequests": CAPACITY},
             },
         )
+    metrics_port, broker_port = free_port(), free_port()
     env = {
         "KUBECONFIG": str(kubeconfig),
         "OPERATOR_NAMESPACE": op_ns,
-        "METRICS_PORT": str(free_port()),
+        "METRICS_PORT": str(metrics_port),
         "HEALTH_PORT": str(free_port()),
         "DEFAULT_MODEL_BASE_URL": server.base_url,
         "LEADER_ELECTION": "false",
+        **(
+            {
+                "LEASE_BROKER_HOST": "127.0.0.1",
+                "LEASE_BROKER_PORT": str(broker_port),
+                "LEASE_BROKER_URL": f"http://127.0.0.1:{broker_port}",
+            }
+            if args.leases
+            else {}
+        ),
         "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
     }
     log = open(tmp / f"operator-{declared}.log", "wb")  # noqa: SIM115
     op = subprocess.Popen([sys.executable, "-m", "research_operator"], env=env, stdout=log, stderr=subprocess.STDOUT)
     time.sleep(3)
     server.reset()
+    samples: list[tuple[float, ...]] = []  # (time, calls waiting, leases held, admitted pods, pods in touch)
+    stop = threading.Event()
+    sampler = threading.Thread(
+        target=sample_broker, args=(metrics_port, endpoint, samples, stop), daemon=True, name="sampler"
+    )
+    sampler.start()
+    load_before = os.getloadavg()
+    wall_start = time.time()
     start = time.monotonic()
     names = [f"rj{i}" for i in range(args.researchjobs)]
     for name in names:
@@ -121,6 +143,10 @@ def run_mode(
             raise SystemExit(f"timed out; ended {phases}")
         time.sleep(0.5)
     makespan = max(ended.values()) - start
+    wall_end = wall_start + makespan
+    load_after = os.getloadavg()
+    stop.set()
+    sampler.join(timeout=5)
     stats = server.stats()
     op.terminate()
     op.wait(timeout=30)
@@ -129,8 +155,12 @@ def run_mode(
     if declared:
         custom.delete_cluster_custom_object(GROUP, VERSION, "modelendpoints", endpoint)
     entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    model_time = sum(e["seconds"] for e in entries if e["status"] == 200 and e["kind"] != "invalid")
+    answered = [e for e in entries if e["status"] == 200 and e["kind"] != "invalid"]
+    model_time = sum(e["seconds"] for e in answered)
+    intervals = [(e["ts"] - e["seconds"], e["ts"]) for e in answered]
     return {
+        "gap": idle_breakdown(intervals, samples, wall_start, wall_end) if declared and args.leases else None,
+        "load": (load_before[0], load_after[0]),
         "declared": declared,
         "429": int(stats["by_status"].get("429", 0)),
         "max_running": stats["max_running"],
@@ -142,12 +172,85 @@ def run_mode(
     }
 
 
+def sample_broker(port: int, endpoint: str, out: list[tuple[float, ...]], stop: threading.Event) -> None:
+    """Every 0.25 s: the calls waiting for a lease of ``endpoint``, the leases held and the pods
+    admitted against it (operator metrics)."""
+
+    def value(text: str, family: str) -> float:
+        m = re.search(rf'^{family}{{endpoint="{endpoint}"}} (\S+)$', text, re.MULTILINE)
+        return float(m.group(1)) if m else 0.0
+
+    while not stop.wait(0.25):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            continue
+        out.append(
+            (
+                time.time(),
+                value(text, "research_operator_endpoint_lease_requests_waiting"),
+                value(text, "research_operator_endpoint_leases_in_flight"),
+                value(text, "research_operator_endpoint_pods"),
+                value(text, "research_operator_endpoint_pods_in_touch"),
+            )
+        )
+
+
+def running_at(intervals: list[tuple[float, float]], t: float) -> int:
+    return sum(1 for a, b in intervals if a <= t < b)
+
+
+def idle_breakdown(
+    intervals: list[tuple[float, float]], samples: list[tuple[float, ...]], start: float, end: float
+) -> dict[str, Any]:
+    """Where the endpoint's idle slot-seconds (CAPACITY x makespan - model time) went, from the
+    server's request log (exact requests in flight) and the sampled broker state: idle while calls
+    waited for a lease (split into leases held but no request at the server, and slots not lent),
+    and idle while no call waited (the workers were between calls, starting, or done)."""
+    out: dict[str, Any] = {
+        "queued_not_lent": 0.0,
+        "queued_lease_not_at_server": 0.0,
+        "nothing_queued": 0.0,
+        "nothing_queued_pods_starting": 0.0,
+        "seconds": 0.0,
+        "timeline": [],
+    }
+    if not samples:
+        return out
+    window: list[tuple[float, ...]] = []
+    for i, (t, waiting, leases, pods, touch) in enumerate(samples):
+        if t < start or t > end:
+            continue
+        dt = (samples[i + 1][0] if i + 1 < len(samples) else end) - t
+        running = running_at(intervals, t)
+        idle = max(0, CAPACITY - running) * dt
+        if waiting > 0:
+            not_lent = max(0.0, CAPACITY - leases) * dt
+            out["queued_not_lent"] += min(idle, not_lent)
+            out["queued_lease_not_at_server"] += max(0.0, idle - not_lent)
+        else:
+            out["nothing_queued"] += idle
+            if touch < pods:  # some admitted pods have not reached the broker yet: starting (or ending)
+                out["nothing_queued_pods_starting"] += idle
+        out["seconds"] += dt
+        window.append((running, waiting, leases, pods, touch))
+        if len(window) * 0.25 >= 10 or i + 1 == len(samples) or samples[i + 1][0] > end:
+            n = len(window)
+            out["timeline"].append((t - start, *(sum(w[k] for w in window) / n for k in range(5))))
+            window = []
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--researchjobs", type=int, default=10)
     parser.add_argument("--analysts", type=int, default=4)
     parser.add_argument("--ttft-ms", type=int, default=2000)
     parser.add_argument("--modes", nargs="+", choices=["with", "without"], default=["with", "without"])
+    parser.add_argument(
+        "--no-leases", dest="leases", action="store_false", help="the operator without its lease broker (shares only)"
+    )
     args = parser.parse_args()
     cluster = Cluster()
     cluster.up()
@@ -173,15 +276,38 @@ def main() -> None:
         ]
     print(
         "| capacity declared | 429s | most in flight | makespan | total model time | ideal (/8) | makespan / ideal "
-        "| Succeeded |"
+        "| Succeeded | load average (start, end) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(
-            f"| {'yes (ModelEndpoint, 8)' if r['declared'] else 'no'} | {r['429']} | {r['max_running']} "
-            f"| {r['makespan']:.0f} s | {r['model_time']:.0f} s | {r['ideal']:.0f} s "
-            f"| {r['makespan'] / r['ideal']:.2f}x | {r['succeeded']}/{r['n']} |"
+        declared = (
+            ("yes (ModelEndpoint, 8, leases)" if args.leases else "yes (ModelEndpoint, 8)") if r["declared"] else "no"
         )
+        print(
+            f"| {declared} | {r['429']} | {r['max_running']} "
+            f"| {r['makespan']:.0f} s | {r['model_time']:.0f} s | {r['ideal']:.0f} s "
+            f"| {r['makespan'] / r['ideal']:.2f}x | {r['succeeded']}/{r['n']} "
+            f"| {r['load'][0]:.1f}, {r['load'][1]:.1f} |"
+        )
+    for r in rows:
+        if r["gap"]:
+            g = r["gap"]
+            idle = CAPACITY * r["makespan"] - r["model_time"]
+            print(
+                f"\nidle slot-seconds {idle:.0f} (of {CAPACITY * r['makespan']:.0f}): while calls waited for a lease "
+                f"{g['queued_not_lent'] + g['queued_lease_not_at_server']:.0f} (slots not lent "
+                f"{g['queued_not_lent']:.0f}, leases held with no request at the server "
+                f"{g['queued_lease_not_at_server']:.0f}); while no call waited {g['nothing_queued']:.0f} (of which "
+                f"{g['nothing_queued_pods_starting']:.0f} while admitted pods were not yet in touch with the broker) "
+                f"(sampled over {g['seconds']:.0f} s)"
+            )
+            print(
+                "\n| until (s) | requests at the server | calls waiting | leases held | pods admitted "
+                "| pods in touch with the broker |"
+            )
+            print("| --- | --- | --- | --- | --- | --- |")
+            for t, running, waiting, leases, pods, touch in g["timeline"]:
+                print(f"| {t:.0f} | {running:.1f} | {waiting:.1f} | {leases:.1f} | {pods:.1f} | {touch:.1f} |")
 
 
 if __name__ == "__main__":

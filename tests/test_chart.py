@@ -58,6 +58,7 @@ ALL_ON = [
 
 # The ClusterRole, rule by rule: (apiGroup, resource) -> verbs. See the chart README for why.
 EXPECTED_CLUSTER_RULES = {
+    ("authentication.k8s.io", "tokenreviews"): {"create"},  # the lease broker checks worker pods' tokens
     ("researchops.io", "researchjobs"): {"get", "list", "watch", "patch", "delete"},
     ("researchops.io", "researchjobs/status"): {"patch"},
     ("researchops.io", "researchjobs/finalizers"): {"update"},
@@ -113,7 +114,7 @@ def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]
 
 def env_of(container: dict[str, Any], configmap: dict[str, Any], pod_name: str, namespace: str) -> dict[str, str]:
     """The container's environment as the kubelet would resolve it from the rendered objects."""
-    field_values = {"metadata.name": pod_name, "metadata.namespace": namespace}
+    field_values = {"metadata.name": pod_name, "metadata.namespace": namespace, "status.podIP": "10.0.0.7"}
     env: dict[str, str] = {}
     for e in container.get("env", []):
         if "value" in e:
@@ -156,6 +157,9 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
             ("Lease", "research-operator-leader"),
             ("Role", "research-operator-leader-election"),
             ("RoleBinding", "research-operator-leader-election"),
+            ("Role", "research-operator-lease-broker"),
+            ("RoleBinding", "research-operator-lease-broker"),
+            ("Service", "research-operator-leases"),
             ("Service", "research-operator-metrics"),
             ("Deployment", "research-operator"),
             ("Deployment", "research-operator-modelserver"),
@@ -178,7 +182,11 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
     assert container["image"] == "research-operator:0.1.0"
     assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
-    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 8080, "health": 8081}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "metrics": 8080,
+        "health": 8081,
+        "leases": 8090,
+    }
     assert op["spec"]["template"]["spec"]["serviceAccountName"] == "research-operator"
 
     cm = find(docs, "ConfigMap")
@@ -377,6 +385,28 @@ def test_operator_holds_every_permission_it_grants_to_workers(helm: Path) -> Non
         assert "create" in rules[(group, obj["kind"].lower() + "s")], obj["kind"]
 
 
+def test_lease_broker_role_is_limited_to_its_endpointslice(helm: Path) -> None:
+    docs = render(helm)
+    role = find(docs, "Role", "research-operator-lease-broker")
+    assert role["rules"] == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["create"]},
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "resourceNames": ["research-operator-leases"],
+            "verbs": ["update"],
+        },
+    ]
+    off = render(helm, "--set", "operator.leaseBroker.enabled=false")
+    assert not [d for d in off if d["metadata"]["name"].endswith(("-lease-broker", "-leases"))]
+    assert not [r for r in find(off, "ClusterRole")["rules"] if "tokenreviews" in r["resources"]]
+    env = {
+        e["name"]
+        for e in find(off, "Deployment", "research-operator")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert "LEASE_BROKER_PORT" not in env
+
+
 def test_leader_election_role_is_limited_to_the_lease(helm: Path) -> None:
     docs = render(helm)
     role = find(docs, "Role", "research-operator-leader-election")
@@ -388,11 +418,11 @@ def test_leader_election_role_is_limited_to_the_lease(helm: Path) -> None:
             "verbs": ["get", "update"],
         },
     ]
-    binding = find(docs, "RoleBinding")
+    binding = find(docs, "RoleBinding", "research-operator-leader-election")
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "research-operator", "namespace": "research-system"}
     ]
-    docs = render(helm, "--set", "operator.leaderElection.enabled=false")
+    docs = render(helm, "--set", "operator.leaderElection.enabled=false", "--set", "operator.leaseBroker.enabled=false")
     assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
     assert find(docs, "Deployment", "research-operator")["spec"]["strategy"] == {"type": "Recreate"}
 
@@ -447,9 +477,20 @@ def test_operator_environment_is_what_settings_read(helm: Path) -> None:
         health_port=18081,
         leader_election=True,
         lease_name="ro-research-operator-leader",
+        lease_broker_port=8090,
+        lease_broker_url="http://ro-research-operator-leases.ops.svc:8090",
+        lease_broker_service="ro-research-operator-leases",
+        pod_ip="10.0.0.7",
     )
     assert env["POD_NAME"] == "ro-research-operator-abc"  # the Lease holder identity
-    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 18080, "health": 18081}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "metrics": 18080,
+        "health": 18081,
+        "leases": 8090,
+    }
+    # The broker's Service has no selector: its one endpoint is the leader, which writes the slice.
+    leases = find(docs, "Service", "ro-research-operator-leases")
+    assert "selector" not in leases["spec"] and leases["spec"]["ports"][0]["port"] == 8090
     # The watched ConfigMap gives the same settings as the environment.
     from_cm = Settings.from_env({}).with_configmap(find(docs, "ConfigMap")["data"])
     assert from_cm.caps == s.caps

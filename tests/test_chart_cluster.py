@@ -44,6 +44,8 @@ ALL_ON = [
 LOCAL_MODE = [
     "--set", "operator.metricsPort=18080",
     "--set", "operator.healthPort=18081",
+    "--set", "operator.leaseBroker.port=18090",
+    "--set", "operator.leaseBroker.url=http://127.0.0.1:18090",
     "--set", "modelServer.port=18000",
     "--set", "modelServer.baseUrl=http://127.0.0.1:18000/v1",
 ]  # fmt: skip
@@ -202,6 +204,9 @@ def test_operator_rbac_allows_its_watches_and_nothing_more(
         ("create", "events", "-n", "team-a"),
         # the Lease is named after the release's fullname, which is also the ServiceAccount's name
         ("update", f"leases.coordination.k8s.io/{operator_rbac.rsplit(':', 1)[1]}-leader", "-n", namespace),
+        ("create", "tokenreviews.authentication.k8s.io"),  # the lease broker checks worker pods' tokens
+        ("create", "endpointslices.discovery.k8s.io", "-n", namespace),  # its Service's one slice
+        ("update", f"endpointslices.discovery.k8s.io/{operator_rbac.rsplit(':', 1)[1]}-leases", "-n", namespace),
     ]
     denied = [
         ("get", "secrets", "-n", "team-a"),
@@ -217,6 +222,8 @@ def test_operator_rbac_allows_its_watches_and_nothing_more(
         ("create", "leases.coordination.k8s.io", "-n", namespace),  # the chart creates the one Lease
         ("create", "leases.coordination.k8s.io", "-n", "kube-system"),
         ("update", "leases.coordination.k8s.io/someone-else", "-n", namespace),
+        ("update", "endpointslices.discovery.k8s.io/someone-else", "-n", namespace),
+        ("create", "endpointslices.discovery.k8s.io", "-n", "team-a"),
     ]
     for args in allowed:
         assert can_i(cluster, operator_rbac, *args), f"operator cannot {args}"

@@ -4,14 +4,19 @@ and the offline model server (whose own stats count the requests in flight)."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
 
+from localkube.controlplane import free_port
 from offline_model.launcher import ModelServerProcess
 from research_api.researchjob import GROUP, PLURAL, VERSION
 from tests.fixtures.cluster import ClusterHandle
@@ -70,7 +75,7 @@ def test_two_researchjobs_sharing_an_endpoint_never_exceed_its_capacity(
     endpoint: Callable[..., str],
 ) -> None:
     api = cluster.api_client()
-    server = modelserver_factory(ttft_ms=120, max_concurrency=64)
+    server = modelserver_factory(ttft_ms=1000, max_concurrency=64)
     capacity = 3
     name = endpoint(server.base_url, capacity)
     model = {"baseUrl": server.base_url, "maxConcurrency": 4}
@@ -82,9 +87,15 @@ def test_two_researchjobs_sharing_an_endpoint_never_exceed_its_capacity(
     stats = server.stats()
     assert stats["max_running"] <= capacity, stats
     assert stats["rejected_concurrency"] == 0
-    # Both fanned out (2 batches of 2 analysts each, 4 requests wanted): the capacity made them wait.
-    events = client.CoreV1Api(api).list_namespaced_event(namespace).items
-    assert any(e.reason == "WaitingForEndpoint" for e in events), [e.reason for e in events]
+    # Both fanned out (2 batches of 2 analysts each: up to 8 calls wanted at once): calls waited for
+    # a lease, and the endpoint's whole capacity was lent.
+    text = operator.metrics()
+    waits = re.findall(
+        rf'^research_operator_endpoint_lease_wait_seconds_bucket{{endpoint="{name}",le="(\S+)"}} (\S+)$', text, re.M
+    )
+    buckets = {le: float(n) for le, n in waits}
+    assert buckets["+Inf"] > buckets["0.1"], buckets
+    assert stats["max_running"] == capacity, stats
 
     def endpoint_status() -> dict[str, Any]:
         me = client.CustomObjectsApi(api).get_cluster_custom_object(GROUP, VERSION, ENDPOINTS, name)
@@ -93,6 +104,35 @@ def test_two_researchjobs_sharing_an_endpoint_never_exceed_its_capacity(
     until("the endpoint's status shows every pod gone", lambda: endpoint_status().get("pods") == 0, 60)
     assert endpoint_status()["observedGeneration"] == 1 and not endpoint_status().get("shares")
     assert f'research_operator_endpoint_max_concurrent_requests{{endpoint="{name}"}} 3.0' in operator.metrics()
+    # Each call took a lease from the operator's broker (the pods' shares were only the fallback).
+    assert metric(operator, "research_operator_endpoint_leases_granted_total", name) >= stats["total"] // 2
+    assert metric(operator, "research_operator_endpoint_leases_in_flight", name) == 0
+
+
+def metric(operator: OperatorProcess, family: str, endpoint: str) -> float:
+    m = re.search(rf'^{family}{{endpoint="{endpoint}"}} (\S+)$', operator.metrics(), re.MULTILINE)
+    return float(m.group(1)) if m else 0.0
+
+
+def worker_logs(cluster: ClusterHandle, namespace: str) -> str:
+    return "\n".join(
+        p.read_text(errors="replace") for p in (cluster.state_dir / "nodes" / "pods").glob(f"{namespace}_*/*.log")
+    )
+
+
+def worker_pid(pod: str) -> int | None:
+    """The worker process of a pod of the local cluster (a local process whose HOSTNAME is the pod's name)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"HOSTNAME={pod}".encode() in environ and b"research-worker" in cmdline and b"setpriv" not in cmdline:
+            return int(proc.name)
+    return None
 
 
 def test_a_namespace_token_budget_stops_the_second_researchjob_until_raised(
@@ -187,3 +227,117 @@ def test_a_capacity_change_applies_to_running_pods(
     stats = server.stats()
     assert stats["total"] > 4, "the interviews should have gone on after the change"
     assert stats["max_running"] <= 1, stats
+
+
+def test_a_worker_pod_killed_while_holding_leases_does_not_leak_capacity(
+    cluster: ClusterHandle,
+    operator: OperatorProcess,
+    namespace: str,
+    corpus_configmap: str,
+    modelserver_factory: Callable[..., ModelServerProcess],
+    endpoint: Callable[..., str],
+) -> None:
+    api = cluster.api_client()
+    core = client.CoreV1Api(api)
+    server = modelserver_factory(ttft_ms=1500, max_concurrency=64)
+    capacity = 2
+    name = endpoint(server.base_url, capacity)
+    spec = {
+        "analysts": {"count": 4},
+        "interview": {"maxTurns": 2},
+        "parallelism": {"batchSize": 4, "maxActiveJobs": 1},
+        "model": {"baseUrl": server.base_url, "maxConcurrency": 4},
+    }
+    create(api, namespace, researchjob("victim", corpus_configmap, **spec))
+
+    def interview_pod() -> str | None:
+        pods = core.list_namespaced_pod(namespace, label_selector=f"{GROUP}/job=victim").items
+        running = [p.metadata.name for p in pods if "-b0-" in p.metadata.name and p.status.phase == "Running"]
+        return running[0] if running else None
+
+    pod = until("the interview pod runs", interview_pod, 300)
+    until(
+        "it holds every lease", lambda: metric(operator, "research_operator_endpoint_leases_in_flight", name) == 2, 120
+    )
+    pid = until("its worker process", lambda: worker_pid(pod), 30)
+    os.kill(pid, signal.SIGKILL)  # dies holding 2 leases: no release, no close
+    until(
+        "the broker drops the dead pod's leases when its heartbeats stop",
+        lambda: metric(operator, "research_operator_endpoint_leases_expired_total", name) >= 2,
+        60,
+    )
+    server.reset()
+    # The Job's next pod (or anyone) gets the whole capacity again: nothing leaked.
+    until("the endpoint is fully used again", lambda: server.stats()["max_running"] >= capacity, 300)
+    status = wait_phase(api, namespace, "victim", {"Succeeded", "Failed"}, timeout=400)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert server.stats()["max_running"] <= capacity
+
+
+def test_workers_fall_back_to_their_share_when_the_broker_is_unreachable(
+    cluster: ClusterHandle,
+    operator: OperatorProcess,
+    namespace: str,
+    corpus_configmap: str,
+    modelserver_factory: Callable[..., ModelServerProcess],
+    endpoint: Callable[..., str],
+) -> None:
+    api = cluster.api_client()
+    server = modelserver_factory(ttft_ms=120, max_concurrency=64)
+    capacity = 3
+    name = endpoint(server.base_url, capacity)
+    # Workers are told a broker address where nothing listens (an unreachable broker, as they see it).
+    operator.extra_env["LEASE_BROKER_URL"] = f"http://127.0.0.1:{free_port()}"
+    operator.restart()
+    try:
+        model = {"baseUrl": server.base_url, "maxConcurrency": 4}
+        for rj in ("left", "right"):
+            create(api, namespace, researchjob(rj, corpus_configmap, analysts={"count": 4}, model=model))
+        for rj in ("left", "right"):
+            status = wait_phase(api, namespace, rj, {"Succeeded", "Failed"}, timeout=400)["status"]
+            assert status["phase"] == "Succeeded", status
+    finally:
+        operator.extra_env.pop("LEASE_BROKER_URL")
+        operator.restart()
+    stats = server.stats()
+    assert stats["max_running"] <= capacity, stats
+    assert stats["rejected_concurrency"] == 0
+    logs = worker_logs(cluster, namespace)
+    assert "falling back to this pod's share of ModelEndpoint" in logs, logs[-3000:]
+    assert metric(operator, "research_operator_endpoint_leases_granted_total", name) == 0
+
+
+def test_an_operator_restart_mid_run_never_lets_more_than_the_capacity_in_flight(
+    cluster: ClusterHandle,
+    operator: OperatorProcess,
+    namespace: str,
+    corpus_configmap: str,
+    modelserver_factory: Callable[..., ModelServerProcess],
+    endpoint: Callable[..., str],
+) -> None:
+    api = cluster.api_client()
+    server = modelserver_factory(ttft_ms=1500, max_concurrency=64)
+    capacity = 3
+    name = endpoint(server.base_url, capacity)
+    spec = {
+        "analysts": {"count": 4},
+        "interview": {"maxTurns": 2},
+        "parallelism": {"batchSize": 2, "maxActiveJobs": 2},
+        "model": {"baseUrl": server.base_url, "maxConcurrency": 4},
+    }
+    for rj in ("left", "right"):
+        create(api, namespace, researchjob(rj, corpus_configmap, **spec))
+    until(
+        "the interviews hold every lease",
+        lambda: metric(operator, "research_operator_endpoint_leases_in_flight", name) == capacity,
+        300,
+    )
+    operator.kill(signal.SIGKILL)  # the broker's state is gone; the workers still hold their leases
+    operator.start()
+    for rj in ("left", "right"):
+        status = wait_phase(api, namespace, rj, {"Succeeded", "Failed"}, timeout=400)["status"]
+        assert status["phase"] == "Succeeded", status
+    stats = server.stats()
+    assert stats["max_running"] <= capacity, stats
+    assert "lease broker listening" in operator.log()
+    assert metric(operator, "research_operator_endpoint_leases_granted_total", name) > 0  # leases again after it

@@ -73,6 +73,10 @@ class EndpointShareRef(_Model):
     concurrency: int = Field(ge=0)
     requests_per_minute: int | None = Field(default=None, ge=0)
     tokens_per_minute: int | None = Field(default=None, ge=0)
+    # The operator's lease broker (research_api.leases): with it, each model call takes a lease of
+    # the endpoint ``endpoint`` and the share above is only the fallback when the broker is unreachable.
+    broker_url: str | None = Field(default=None, pattern=r"^https?://")
+    endpoint: str | None = Field(default=None, min_length=1, max_length=253)
 
 
 class StructuredOutput(StrEnum):

@@ -168,25 +168,31 @@ def release_installed(kube: Kube) -> bool:
 def local_values(kube: Kube) -> Path:
     """The values the local cluster needs (free host ports), kept in the state dir for reruns.
 
-    Pods share the host network and Services do not route there, so the operator's metrics and
-    health ports and the model server's port must be free on the host, and workers reach the model
-    server at 127.0.0.1. Recorded ports are reused while the release holds them (or they are still
-    free), which keeps ``helm upgrade`` a no-op on a rerun.
+    Pods share the host network and Services do not route there, so the operator's metrics, health
+    and lease broker ports and the model server's port must be free on the host, and workers reach
+    the model server and the lease broker at 127.0.0.1. Recorded ports are reused while the release
+    holds them (or they are still free), which keeps ``helm upgrade`` a no-op on a rerun.
     """
     path = kube.state_dir / VALUES_FILE
     if path.exists():
         values = yaml.safe_load(path.read_text()) or {}
-        ports = [values["operator"]["metricsPort"], values["operator"]["healthPort"], values["modelServer"]["port"]]
-        if release_installed(kube) or all(_port_free(p) for p in ports):
+        op = values["operator"]
+        ports = [op["metricsPort"], op["healthPort"], values["modelServer"]["port"]]
+        broker = (op.get("leaseBroker") or {}).get("port")
+        if broker and (release_installed(kube) or all(_port_free(p) for p in [*ports, broker])):
             return path
     ports = []
-    while len(ports) < 3:
+    while len(ports) < 4:
         port = free_port()
         if port not in ports:
             ports.append(port)
-    metrics, health, model = ports
+    metrics, health, model, leases = ports
     values = {
-        "operator": {"metricsPort": metrics, "healthPort": health},
+        "operator": {
+            "metricsPort": metrics,
+            "healthPort": health,
+            "leaseBroker": {"port": leases, "url": f"http://127.0.0.1:{leases}"},
+        },
         "modelServer": {"port": model, "baseUrl": f"http://127.0.0.1:{model}/v1"},
     }
     header = (

@@ -18,8 +18,8 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from research_api.researchjob import ModelSpec, WorkerSpec
+from research_operator import broker, kube, metrics
 from research_operator import endpoints as ep
-from research_operator import kube, metrics
 from research_operator.admission import (
     Admission,
     BudgetVerdict,
@@ -78,7 +78,8 @@ class Want:
 
 def _endpoint_verdict(endpoint: ep.Endpoint, demand: int) -> EndpointVerdict:
     in_use = sum(p.demand for _, p in WORLD.endpoint_pods(endpoint.name))
-    return EndpointVerdict(endpoint.name, endpoint.max_concurrent, in_use, demand, ep.standby(endpoint))
+    leased = bool(settings().lease_broker_url)
+    return EndpointVerdict(endpoint.name, endpoint.max_concurrent, in_use, demand, ep.standby(endpoint, leased))
 
 
 def _budget_verdict(namespace: str, cfg: Settings, when: dt.datetime) -> BudgetVerdict | None:
@@ -139,33 +140,42 @@ async def admit_and_create(
             for job, need in zip(admitted, needs, strict=False):
                 first = max(0, min(need, left))  # 0: it starts paused and waits for its share
                 left -= need
-                ep.stamp(job, endpoint, need, ep.Share(first), cm, f"{time.time():.6f}")
+                ep.stamp(job, endpoint, need, ep.Share(first), cm, f"{time.time():.6f}", cfg.lease_broker_url)
         if admitted:  # no entry for one that only waits: the passes that walk ``created`` stay small
             WORLD.created[key].update({job["metadata"]["name"]: job_view(job) for job in admitted})
         WORLD.waiting[key] = len(want.jobs) - len(admitted)
         WORLD.bump()
-    if endpoint is not None and admitted:
-        await sync_endpoint(endpoint.name)  # the shares ConfigMap exists before the pods read it
+    names = [job["metadata"]["name"] for job in admitted]
+    rbac_refused = False
+    try:
+        if endpoint is not None and admitted:
+            await sync_endpoint(endpoint.name)  # the shares ConfigMap exists before the pods read it
+        if admitted and key not in WORLD.rbac_ready and want.step != CLEANUP_STEP:
+            if not cfg.worker_service_account:
+                for obj in worker_rbac(owner):
+                    outcome, _ = await kube.create(obj)
+                    if outcome == kube.Created.TERMINATING:
+                        rbac_refused = True
+                        break
+            if not rbac_refused:
+                WORLD.rbac_ready.add(key)
+    except BaseException:
+        # Nothing was created: no intent may stay behind as a Job "running" (the pass is retried).
+        WORLD.drop_intents(key, names)
+        if endpoint is not None and admitted:
+            request_share_sync(endpoint.name)
+        raise
+    if rbac_refused:
+        WORLD.terminating[namespace] = time.monotonic()
+        WORLD.drop_intents(key, names)
+        WORLD.waiting[key] = len(want.jobs)
+        WORLD.blocked.pop(key, None)
+        if endpoint is not None:
+            request_share_sync(endpoint.name)
+        why = f"namespace {namespace} is being deleted"
+        return Waiting(step_noun(want.step, len(want.jobs)), WaitReason.EXCEEDED_QUOTA, why, refused=True), 0
     if adm.reason is not None and adm.reason.is_quota:
         metrics.QUOTA_WAITS.labels(namespace).inc()
-    if admitted and key not in WORLD.rbac_ready and want.step != CLEANUP_STEP:
-        rbac_refused = False
-        if not cfg.worker_service_account:
-            for obj in worker_rbac(owner):
-                outcome, _ = await kube.create(obj)
-                if outcome == kube.Created.TERMINATING:
-                    rbac_refused = True
-                    break
-        if rbac_refused:
-            WORLD.terminating[namespace] = time.monotonic()
-            WORLD.drop_intents(key, [job["metadata"]["name"] for job in admitted])
-            WORLD.waiting[key] = len(want.jobs)
-            WORLD.blocked.pop(key, None)
-            if endpoint is not None:
-                request_share_sync(endpoint.name)
-            why = f"namespace {namespace} is being deleted"
-            return Waiting(step_noun(want.step, len(want.jobs)), WaitReason.EXCEEDED_QUOTA, why, refused=True), 0
-        WORLD.rbac_ready.add(key)
     refused: tuple[WaitReason, str] | None = None
     created = 0
     for i, job in enumerate(admitted):
@@ -294,6 +304,7 @@ async def sync_endpoint(name: str) -> None:
 
 
 async def _sync_endpoint(name: str) -> None:
+    broker.world_changed(name)  # calls waiting for a lease may fit now
     endpoint = WORLD.endpoints.get(name)
     pods = WORLD.endpoint_pods(name)
     if endpoint is not None:

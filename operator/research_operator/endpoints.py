@@ -129,11 +129,17 @@ def _split(total: int, weights: list[int]) -> list[int]:
     return out
 
 
-def standby(endpoint: Endpoint) -> int:
-    """Demand admitted beyond the capacity: pods that start (image, interpreter, model preflight)
-    while the endpoint is full and wait paused for their share, so a freed share is used at once
-    instead of after a pod start-up. As much again as the capacity."""
-    return endpoint.max_concurrent
+LEASED_STANDBY_FACTOR = 4  # with the lease broker: demand admitted beyond the capacity, in capacities
+
+
+def standby(endpoint: Endpoint, leased: bool = False) -> int:
+    """Demand admitted beyond the capacity. Without the lease broker: as much again as the capacity,
+    pods that start (image, interpreter, model preflight) while the endpoint is full and wait paused
+    for their share, so a freed share is used at once instead of after a pod start-up. With it, an
+    admitted pod holds no slot while it does not call, so every admitted pod takes part and the next
+    ones must already be starting while they run: four capacities more (the broker's queue, not the
+    pod count, bounds the requests in flight; this bounds the calls waiting in it)."""
+    return endpoint.max_concurrent * (LEASED_STANDBY_FACTOR if leased else 1)
 
 
 def shares(endpoint: Endpoint, pods: list[PodUse]) -> dict[str, Share]:
@@ -176,10 +182,17 @@ def shares_configmap(
 
 
 def stamp(
-    job: dict[str, Any], endpoint: Endpoint, need: int, share: Share, configmap: str, admitted: str = ""
+    job: dict[str, Any],
+    endpoint: Endpoint,
+    need: int,
+    share: Share,
+    configmap: str,
+    admitted: str = "",
+    broker_url: str = "",
 ) -> dict[str, Any]:
     """The worker Job admitted against ``endpoint``: annotated with the endpoint, its pod's demand
-    and when it was admitted, and its task told its first share and where to poll for the next ones."""
+    and when it was admitted, and its task told its first share, where to poll for the next ones and,
+    with a lease broker, where to take a lease for each call."""
     meta = job["metadata"]
     meta["annotations"] = {
         **(meta.get("annotations") or {}),
@@ -196,6 +209,7 @@ def stamp(
                 "key": meta["name"],
                 "pollSeconds": SHARE_POLL_SECONDS,
                 **share.wire(),
+                **({"brokerUrl": broker_url, "endpoint": endpoint.name} if broker_url else {}),
             }
             env["value"] = json.dumps(task)
     return job

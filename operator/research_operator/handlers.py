@@ -19,7 +19,7 @@ import kopf
 
 from research_api.modelendpoint import ENDPOINT_PLURAL
 from research_api.researchjob import GROUP, PLURAL, VERSION
-from research_operator import admit, deletion, kube, kueue, loop, metrics
+from research_operator import admit, broker, deletion, kube, kueue, loop, metrics
 from research_operator.admission import QuotaUsage
 from research_operator.constants import LABEL_JOB, LABEL_KIND, SETTINGS_KIND
 from research_operator.endpoints import Endpoint, endpoint_from, match
@@ -39,6 +39,16 @@ FAILED_CREATE = "involvedObject.kind=Job,reason=FailedCreate"
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure_watching(settings)
     kube.api()
+    if BASE_SETTINGS.lease_broker_port:
+        cfg = BASE_SETTINGS
+        await broker.start(
+            cfg.lease_broker_host, cfg.lease_broker_port, cfg.namespace, cfg.lease_broker_service, cfg.pod_ip
+        )
+
+
+@kopf.on.cleanup()
+async def shutdown(**_: Any) -> None:
+    await broker.stop()
 
 
 def configure_watching(settings: kopf.OperatorSettings) -> None:

@@ -229,3 +229,47 @@ async def patch_endpoint_status(name: str, status: dict[str, Any]) -> None:
     except ApiException as e:
         if e.status != 404:
             raise
+
+
+async def token_review(token: str) -> dict[str, Any]:
+    """The API server's verdict on a bearer token (TokenReview, for the API server's audiences):
+    ``status`` with ``authenticated``, ``user.username`` and ``user.extra``. The token is never logged."""
+    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}}
+    review = await call(
+        "create",
+        "tokenreview",
+        client.AuthenticationV1Api(api()).create_token_review,
+        body,
+        _preload_content=False,
+    )
+    import json
+
+    status: dict[str, Any] = json.loads(review.data).get("status") or {}
+    return status
+
+
+async def point_service_at(namespace: str, service: str, ip: str, port: int) -> None:
+    """Make ``ip:port`` the one endpoint of the selector-less Service ``service`` (its EndpointSlice
+    of the same name, labelled as ours so the EndpointSlice controller leaves it alone)."""
+    body = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": service,
+            "namespace": namespace,
+            "labels": {
+                "kubernetes.io/service-name": service,
+                "endpointslice.kubernetes.io/managed-by": "research-operator",
+            },
+        },
+        "addressType": "IPv6" if ":" in ip else "IPv4",
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}],
+        "ports": [{"name": "leases", "port": port, "protocol": "TCP"}],
+    }
+    discovery = client.DiscoveryV1Api(api())
+    try:
+        await call("create", "endpointslice", discovery.create_namespaced_endpoint_slice, namespace, body)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+        await call("update", "endpointslice", discovery.replace_namespaced_endpoint_slice, service, namespace, body)

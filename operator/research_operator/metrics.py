@@ -75,3 +75,54 @@ ENDPOINT_TOKENS_PER_MINUTE = Gauge(
     ["endpoint"],
     registry=REGISTRY,
 )
+ENDPOINT_LEASES = Gauge(
+    "research_operator_endpoint_leases_in_flight",
+    "Leases held now at a ModelEndpoint (one per model call in flight under the lease broker).",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+ENDPOINT_IN_USE = Gauge(
+    "research_operator_endpoint_requests_in_use",
+    "What the lease broker counts as possibly in flight at a ModelEndpoint: the leases of pods in touch "
+    "with it plus the shares of admitted pods that are not.",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+ENDPOINT_LEASE_WAITING = Gauge(
+    "research_operator_endpoint_lease_requests_waiting",
+    "Model calls waiting for a lease at a ModelEndpoint.",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+LEASES_GRANTED = Counter(
+    "research_operator_endpoint_leases_granted_total",
+    "Leases granted, by ModelEndpoint.",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+LEASES_EXPIRED = Counter(
+    "research_operator_endpoint_leases_expired_total",
+    "Leases dropped because their pod stopped sending heartbeats (a dead or unreachable pod).",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+LEASE_WAIT_SECONDS = Histogram(
+    "research_operator_endpoint_lease_wait_seconds",
+    "Time a model call waited for its lease.",
+    ["endpoint"],
+    buckets=(0.005, 0.02, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    registry=REGISTRY,
+)
+BROKER_REQUESTS = Counter(
+    "research_operator_lease_broker_requests_total",
+    "Requests to the lease broker, by path and HTTP status.",
+    ["path", "code"],
+    registry=REGISTRY,
+)
+ENDPOINT_PODS_IN_TOUCH = Gauge(
+    "research_operator_endpoint_pods_in_touch",
+    "Worker pods with a live session at the lease broker, by ModelEndpoint (admitted pods not in touch are "
+    "starting, done, or cannot reach it).",
+    ["endpoint"],
+    registry=REGISTRY,
+)

@@ -58,6 +58,15 @@ def _class_name(env: Mapping[str, str], key: str, default: str) -> str:
     return raw
 
 
+def _broker_url(env: Mapping[str, str]) -> str:
+    url = env.get("LEASE_BROKER_URL", "").strip().rstrip("/")
+    if url and not re.match(r"^https?://[^/\s]+", url):
+        raise ValueError(f"LEASE_BROKER_URL must be an http(s) URL, got {url!r}")
+    if url and not _int(env, "LEASE_BROKER_PORT", 0):
+        raise ValueError("LEASE_BROKER_URL is set but LEASE_BROKER_PORT is not: the broker would not run")
+    return url
+
+
 @dataclass(frozen=True)
 class Settings:
     namespace: str = "research-operator"  # where the operator runs (Lease, settings ConfigMap)
@@ -81,6 +90,15 @@ class Settings:
     lease_name: str = "research-operator-leader"
     # namespace -> tokens per period its ResearchJobs may spend (namespaceTokenBudgets, JSON)
     token_budgets: dict[str, TokenBudget] = field(default_factory=dict)
+    # The lease broker (per-request leases of ModelEndpoints): where it listens (port 0: off) and the
+    # URL worker pods reach it at (the chart's Service; on the local cluster, loopback).
+    lease_broker_host: str = "0.0.0.0"
+    lease_broker_port: int = 0
+    lease_broker_url: str = ""
+    # In a cluster: the broker's Service (no selector) whose EndpointSlice the leader points at its
+    # own pod IP when it starts serving.
+    lease_broker_service: str = ""
+    pod_ip: str = ""
 
     @property
     def caps(self) -> Caps:
@@ -109,6 +127,11 @@ class Settings:
             leader_election=e.get("LEADER_ELECTION", "true").lower() != "false",
             lease_name=e.get("LEASE_NAME", d.lease_name),
             token_budgets=parse_budgets(e.get("NAMESPACE_TOKEN_BUDGETS", "")),
+            lease_broker_host=e.get("LEASE_BROKER_HOST", d.lease_broker_host),
+            lease_broker_port=_int(e, "LEASE_BROKER_PORT", d.lease_broker_port),
+            lease_broker_url=_broker_url(e),
+            lease_broker_service=e.get("LEASE_BROKER_SERVICE", d.lease_broker_service),
+            pod_ip=e.get("POD_IP", d.pod_ip),
         )
 
     def with_configmap(self, data: Mapping[str, str]) -> Settings:

@@ -226,6 +226,13 @@ async def _main(args: argparse.Namespace) -> int:
             shares_loader = load_configmap_data(api_client, task.job.namespace)
             poller = asyncio.create_task(follow(rt.llm.share, share_ref, shares_loader), name="endpoint share")
             stack.callback(poller.cancel)
+            if share_ref.broker_url and share_ref.endpoint:
+                from research_worker.leases import LeaseClient
+                from research_worker.store import bearer_token
+
+                rt.llm.leases = LeaseClient(share_ref, rt.llm.share, bearer_token(api_client))
+                await rt.llm.leases.start()
+                stack.push_async_callback(rt.llm.leases.close)
         if step == Step.PLAN:
             plan = await steps.plan(rt, store)
             print(json.dumps({"analysts": [a.model_dump() for a in plan.analysts]}))

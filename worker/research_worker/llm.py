@@ -46,6 +46,7 @@ from research_worker.errors import (
     ModelTimeout,
     WorkerConfigError,
 )
+from research_worker.leases import LeaseClient, LeaseLost
 from research_worker.share import ShareLimiter
 from research_worker.state import TokenUsage
 
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
 
 PREFLIGHT_TIMEOUT = 5.0
+LEASE_LOST_ATTEMPTS = 5  # a call whose lease is lost (the broker unreachable) is made again
 PREFLIGHT_ATTEMPTS = 4
 
 
@@ -249,6 +251,7 @@ class LLMClient:
             if share is not None
             else None
         )
+        self.leases: LeaseClient | None = None  # set when the operator runs a lease broker (share.brokerUrl)
         self.rate_limited = 0  # 429 answers seen by this process
         self.budget = max_tokens_budget
         self.used_before = tokens_used_before
@@ -264,7 +267,10 @@ class LLMClient:
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
-        if self.share is not None:
+        if self.leases is not None:
+            async with self._sem, self.leases.slot():
+                yield
+        elif self.share is not None:
             async with self.share.slot():
                 yield
         else:
@@ -275,9 +281,19 @@ class LLMClient:
         self.rate_limited += box[0]
         if self.share is not None:
             self.share.spent(usage.total_tokens)
+        if self.leases is not None:
+            self.leases.spent(usage.total_tokens)
         return usage.model_copy(update={"rate_limited": box[0]}) if box[0] else usage
 
     async def _call(self, runnable: Any, messages: Sequence[BaseMessage], what: str, box: list[int]) -> Any:
+        for attempt in range(LEASE_LOST_ATTEMPTS):
+            try:
+                return await self._call_once(runnable, messages, what, box)
+            except LeaseLost as exc:
+                log.warning("%s: %s (attempt %d of %d)", what, exc, attempt + 1, LEASE_LOST_ATTEMPTS)
+        raise ModelEndpointError(f"{what}: the endpoint lease was lost {LEASE_LOST_ATTEMPTS} times in a row")
+
+    async def _call_once(self, runnable: Any, messages: Sequence[BaseMessage], what: str, box: list[int]) -> Any:
         self._check_budget()
         base = self.settings.base_url or "https://api.openai.com/v1"
         async with self._slot():

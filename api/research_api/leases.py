@@ -1,0 +1,67 @@
+"""The lease broker's wire contract: per-request leases of a shared model endpoint.
+
+The operator serves it (``research_operator.broker``), the worker calls it
+(``research_worker.leases``); neither defines these paths, bodies or timings itself. Every request
+carries the worker pod's ServiceAccount token (``Authorization: Bearer``), which the broker checks
+with a TokenReview: the namespace, the ServiceAccount and the pod (a Job's pod is named after it)
+must be those of a worker Job admitted against the endpoint.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+PATH_HEARTBEAT = "/v1/heartbeat"
+PATH_ACQUIRE = "/v1/acquire"
+PATH_RELEASE = "/v1/release"
+PATH_CLOSE = "/v1/close"
+
+HEARTBEAT_SECONDS = 2.0  # a worker's heartbeat period
+SESSION_TTL_SECONDS = 10.0  # a session (and its leases) lapses this long after the last heartbeat
+QUIET_MARGIN_SECONDS = 2.0  # a worker waits a TTL and this before it calls under its share
+MAX_WAIT_SECONDS = 25.0  # one acquire request waits at most this long; the worker asks again
+
+
+class Mode(StrEnum):
+    LEASE = "lease"  # the worker calls only under leases from the broker
+    FALLBACK = "fallback"  # the worker calls under its ConfigMap share (it could not reach the broker)
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class Heartbeat(_Wire):
+    endpoint: str = Field(min_length=1, max_length=253)  # the ModelEndpoint's name
+    job: str = Field(min_length=1, max_length=253)  # the worker Job's name
+    mode: Mode
+    carried: int = Field(default=0, ge=0)  # calls in flight under the share
+    held: list[str] = Field(default_factory=list, max_length=1024)  # lease ids held
+    seen: int = Field(default=0, ge=0)  # the highest grant number received
+    tokens: int = Field(default=0, ge=0)  # tokens used since the last heartbeat the broker answered
+
+
+class HeartbeatReply(_Wire):
+    lost: list[str] = Field(default_factory=list)  # held leases the broker does not know: stop their calls
+
+
+class Acquire(_Wire):
+    endpoint: str = Field(min_length=1, max_length=253)
+    job: str = Field(min_length=1, max_length=253)
+    wait_seconds: float = Field(default=MAX_WAIT_SECONDS, gt=0, le=MAX_WAIT_SECONDS)
+
+
+class AcquireReply(_Wire):
+    lease: str | None = None  # None: none free within the wait; ask again
+    seq: int = 0
+
+
+class Release(_Wire):
+    lease: str = Field(min_length=1, max_length=64)
+
+
+class Close(_Wire):
+    pass

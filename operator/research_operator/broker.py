@@ -1,0 +1,317 @@
+"""The lease broker: an aiohttp server inside the operator process (the leader only: a standby never
+reaches kopf's startup), serving ``research_api.leases`` to the worker pods. The decisions are the
+pure ``leases.Book``; this module authenticates requests, waits, and keeps the metrics.
+
+Authentication: the pod's ServiceAccount token, checked with a TokenReview (cached for a minute by
+its SHA-256, never logged). The token's namespace must be the Job's, its ServiceAccount the one the
+operator runs the ResearchJob's workers as, and its pod (a bound token names it) a pod of the Job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from kubernetes.client.exceptions import ApiException
+from pydantic import BaseModel, ValidationError
+
+from research_api import leases as wire
+from research_operator import endpoints as ep
+from research_operator import kube, metrics
+from research_operator.builders import Owner, worker_service_account
+from research_operator.leases import Book, LeaseError, Limits, PodRef, Waiter
+from research_operator.world import WORLD, settings
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.25  # expiry, rate buckets and metrics
+REVIEW_CACHE_SECONDS = 60.0
+REVIEW_CACHE_MAX = 4096
+SA_PREFIX = "system:serviceaccount:"
+POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
+GENERATED_PREFIX_MAX = 58  # a Job's pod is named <job>- cut to 58 characters, then 5 random ones
+
+
+@dataclass(frozen=True)
+class Identity:
+    namespace: str
+    service_account: str
+    pod: str
+
+
+class Authenticator:
+    """Bearer token -> Identity via TokenReview, cached (also refusals, briefly)."""
+
+    def __init__(self, review: Callable[[str], Awaitable[dict[str, Any]]] = kube.token_review) -> None:
+        self.review = review
+        self.cache: dict[str, tuple[float, Identity | None]] = {}
+
+    async def identity(self, token: str) -> Identity | None:
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        now = time.monotonic()
+        hit = self.cache.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        status = await self.review(token)
+        user = status.get("user") or {}
+        name = str(user.get("username") or "")
+        pods = (user.get("extra") or {}).get(POD_NAME_EXTRA) or []
+        found: Identity | None = None
+        if status.get("authenticated") and name.startswith(SA_PREFIX) and pods:
+            namespace, _, sa = name.removeprefix(SA_PREFIX).partition(":")
+            found = Identity(namespace, sa, str(pods[0]))
+        if len(self.cache) >= REVIEW_CACHE_MAX:
+            self.cache = {k: v for k, v in self.cache.items() if v[0] > now}
+            if len(self.cache) >= REVIEW_CACHE_MAX:
+                self.cache.clear()
+        self.cache[digest] = (now + (REVIEW_CACHE_SECONDS if found else 10.0), found)
+        return found
+
+
+def _pods(endpoint: str) -> list[PodRef]:
+    e = WORLD.endpoints.get(endpoint)
+    pods = WORLD.endpoint_pods(endpoint)
+    table = ep.shares(e, [p for _, p in pods]) if e is not None else {}
+    return [
+        PodRef(p.namespace, p.research_job, p.job, table[p.job].concurrency if p.job in table else 0) for _, p in pods
+    ]
+
+
+def _limits(endpoint: str) -> Limits | None:
+    e = WORLD.endpoints.get(endpoint)
+    return None if e is None else Limits(e.max_concurrent, e.requests_per_minute, e.tokens_per_minute)
+
+
+def expected_service_account(endpoint: str, namespace: str, job: str) -> str | None:
+    for key, p in WORLD.endpoint_pods(endpoint):
+        if (p.namespace, p.job) == (namespace, job):
+            return worker_service_account(Owner(namespace, p.research_job, key[1]), settings())
+    return None
+
+
+class Broker:
+    def __init__(self, book: Book | None = None, auth: Authenticator | None = None) -> None:
+        self.book = book or Book(_pods, _limits, started=time.monotonic())
+        self.auth = auth or Authenticator()
+        self.events: dict[int, asyncio.Event] = {}
+        self.ticker: asyncio.Task[None] | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=256 * 1024)
+        app.router.add_post(wire.PATH_HEARTBEAT, self._route(wire.PATH_HEARTBEAT, self.heartbeat))
+        app.router.add_post(wire.PATH_ACQUIRE, self._route(wire.PATH_ACQUIRE, self.acquire))
+        app.router.add_post(wire.PATH_RELEASE, self._route(wire.PATH_RELEASE, self.release))
+        app.router.add_post(wire.PATH_CLOSE, self._route(wire.PATH_CLOSE, self.close))
+        app.router.add_get("/healthz", self.health)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"recovering": self.book.recovering(time.monotonic())})
+
+    def _route(
+        self, path: str, handler: Callable[[web.Request, Identity], Awaitable[BaseModel | None]]
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def serve(request: web.Request) -> web.Response:
+            code = 200
+            try:
+                scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not token:
+                    raise LeaseError(401, "a ServiceAccount token is required (Authorization: Bearer)")
+                ident = await self.auth.identity(token.strip())
+                if ident is None:
+                    raise LeaseError(401, "the token is not a pod's ServiceAccount token")
+                reply = await handler(request, ident)
+                return web.json_response(reply.model_dump(by_alias=True) if reply is not None else {})
+            except LeaseError as e:
+                code = e.status
+                if e.status in (401, 403):
+                    log.warning(f"lease broker: refused a request to {path} from {request.remote}: {e}")
+                return web.json_response({"error": str(e)}, status=e.status)
+            except ApiException as e:
+                code = 503  # the TokenReview failed: nothing was recorded, the worker asks again
+                log.warning(f"lease broker: a TokenReview failed (HTTP {e.status} {e.reason})")
+                return web.json_response({"error": f"cannot verify the token now (HTTP {e.status})"}, status=503)
+            except ValidationError as e:
+                code = 400
+                return web.json_response({"error": str(e).splitlines()[0]}, status=400)
+            except ValueError:
+                code = 400
+                return web.json_response({"error": "the body is not JSON"}, status=400)
+            finally:
+                metrics.BROKER_REQUESTS.labels(path, str(code)).inc()
+
+        return serve
+
+    def _check(self, ident: Identity, endpoint: str, job: str) -> None:
+        if WORLD.job_index is None:
+            raise LeaseError(503, "the operator is starting: its view of the admitted Jobs is not complete yet")
+        expected = expected_service_account(endpoint, ident.namespace, job)
+        if expected is None:
+            raise LeaseError(404, f"Job {ident.namespace}/{job} is not admitted against ModelEndpoint {endpoint}")
+        if ident.service_account != expected or not ident.pod.startswith(f"{job}-"[:GENERATED_PREFIX_MAX]):
+            raise LeaseError(
+                403,
+                f"pod {ident.namespace}/{ident.pod} (ServiceAccount {ident.service_account}) is not a pod of Job {job}",
+            )
+
+    async def heartbeat(self, request: web.Request, ident: Identity) -> BaseModel:
+        body = wire.Heartbeat.model_validate(await request.json())
+        self._check(ident, body.endpoint, body.job)
+        now = time.monotonic()
+        lost = self.book.heartbeat(
+            body.endpoint,
+            ident.namespace,
+            body.job,
+            ident.pod,
+            now,
+            mode=body.mode,
+            carried=body.carried,
+            held=body.held,
+            seen=body.seen,
+            tokens=body.tokens,
+        )
+        if lost:
+            log.info(f"lease broker: {ident.namespace}/{ident.pod} holds {len(lost)} leases it does not know: lost")
+        self.kick(body.endpoint)
+        return wire.HeartbeatReply(lost=lost)
+
+    async def acquire(self, request: web.Request, ident: Identity) -> BaseModel:
+        body = wire.Acquire.model_validate(await request.json())
+        self._check(ident, body.endpoint, body.job)
+        start = time.monotonic()
+        w = self.book.enqueue(body.endpoint, ident.namespace, body.job, ident.pod, start)
+        event = self.events.setdefault(w.order, asyncio.Event())
+        try:
+            self._grant(body.endpoint)
+            try:
+                await asyncio.wait_for(event.wait(), body.wait_seconds)
+            except TimeoutError:
+                pass
+        finally:
+            self.events.pop(w.order, None)
+            if w.granted is None:
+                w.gone = True
+        lease = w.granted
+        if lease is None:
+            return wire.AcquireReply()
+        if request.transport is None or request.transport.is_closing():
+            self.book.release(ident.namespace, ident.pod, lease.id)  # the worker is no longer listening
+            self.kick(body.endpoint)
+            return wire.AcquireReply()
+        metrics.LEASE_WAIT_SECONDS.labels(body.endpoint).observe(time.monotonic() - start)
+        return wire.AcquireReply(lease=lease.id, seq=lease.seq)
+
+    async def release(self, request: web.Request, ident: Identity) -> BaseModel | None:
+        body = wire.Release.model_validate(await request.json())
+        s = self.book.sessions.get((ident.namespace, ident.pod))
+        if self.book.release(ident.namespace, ident.pod, body.lease) and s is not None:
+            self.kick(s.endpoint)
+        return None
+
+    async def close(self, request: web.Request, ident: Identity) -> BaseModel | None:
+        s = self.book.sessions.get((ident.namespace, ident.pod))
+        self.book.close(ident.namespace, ident.pod, time.monotonic())
+        if s is not None:
+            self.kick(s.endpoint)
+        return None
+
+    # -- granting -------------------------------------------------------------------------------
+    def _grant(self, endpoint: str) -> None:
+        for w in self.book.grant(endpoint, time.monotonic()):
+            metrics.LEASES_GRANTED.labels(endpoint).inc()
+            self._wake(w)
+
+    def _wake(self, w: Waiter) -> None:
+        event = self.events.get(w.order)
+        if event is not None:
+            event.set()
+        else:  # the request is gone: give the lease back
+            w.gone = True
+            if w.granted is not None:
+                self.book.release(w.session[0], w.session[1], w.granted.id)
+
+    def kick(self, endpoint: str) -> None:
+        """Something changed at ``endpoint`` (a lease returned, a session came or went): grant now."""
+        self._grant(endpoint)
+
+    async def tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            try:
+                self.tick_once()
+            except Exception:  # noqa: BLE001 - the broker must outlive a bad tick; logged with its traceback
+                log.exception("lease broker tick failed")
+
+    def tick_once(self) -> None:
+        now = time.monotonic()
+        self.book.expire(now)
+        for endpoint, n in self.book.expired.items():
+            if n:
+                metrics.LEASES_EXPIRED.labels(endpoint).inc(n)
+                log.info(f"lease broker: {n} leases of ModelEndpoint {endpoint} expired (their pods stopped)")
+        self.book.expired.clear()
+        for endpoint in {w.endpoint for w in self.book.waiters}:
+            self._grant(endpoint)
+        for endpoint in WORLD.endpoints:
+            metrics.ENDPOINT_LEASES.labels(endpoint).set(self.book.leases_in_flight(endpoint, now))
+            metrics.ENDPOINT_IN_USE.labels(endpoint).set(self.book.in_use(endpoint, now))
+            metrics.ENDPOINT_LEASE_WAITING.labels(endpoint).set(self.book.waiting(endpoint))
+            metrics.ENDPOINT_PODS_IN_TOUCH.labels(endpoint).set(self.book.in_touch(endpoint, now))
+
+
+BROKER: Broker | None = None
+_RUNNER: web.AppRunner | None = None
+
+
+async def start(host: str, port: int, namespace: str = "", service: str = "", pod_ip: str = "") -> Broker:
+    """Serve the broker on ``host:port`` in this event loop (kopf's startup, so the leader only), and
+    point the broker's Service at this pod (in a cluster: ``service`` and ``pod_ip`` set)."""
+    global BROKER, _RUNNER
+    broker = Broker()
+    runner = web.AppRunner(broker.app(), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as e:
+        # The operator still works: every worker keeps to its ConfigMap share (and logs why).
+        log.error(f"lease broker cannot listen on {host}:{port} ({e}); workers will use their shares only")
+        await runner.cleanup()
+        return broker
+    broker.ticker = asyncio.create_task(broker.tick(), name="lease broker")
+    BROKER, _RUNNER = broker, runner
+    if service and pod_ip:
+        try:
+            await kube.point_service_at(namespace, service, pod_ip, port)
+            log.info(f"lease broker: Service {namespace}/{service} now leads to this pod ({pod_ip}:{port})")
+        except ApiException as e:
+            # Workers that cannot reach the broker keep to their shares; the operator works on.
+            log.error(
+                f"lease broker: could not point Service {namespace}/{service} at this pod "
+                f"(HTTP {e.status} {e.reason}); workers will use their shares until it is fixed"
+            )
+    log.info(
+        f"lease broker listening on {host}:{port}; it grants leases after {broker.book.recovery:.0f}s "
+        "(workers re-declare the leases they hold first)"
+    )
+    return broker
+
+
+async def stop() -> None:
+    global BROKER, _RUNNER
+    if BROKER is not None and BROKER.ticker is not None:
+        BROKER.ticker.cancel()
+    if _RUNNER is not None:
+        await _RUNNER.cleanup()
+    BROKER, _RUNNER = None, None
+
+
+def world_changed(endpoint: str) -> None:
+    """Pods admitted against ``endpoint``, or its capacity, changed: what waits may fit now."""
+    if BROKER is not None:
+        BROKER.kick(endpoint)

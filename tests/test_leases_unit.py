@@ -1,0 +1,275 @@
+"""The lease broker's book (pure) and the worker's lease client against the real broker server
+(aiohttp on loopback; only the TokenReview is answered by the test)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from research_api import leases as wire
+from research_api.task import EndpointShareRef
+from research_operator.broker import Authenticator, Broker
+from research_operator.leases import Book, LeaseError, Limits, PodRef
+from research_worker.leases import LeaseClient, LeaseLost, State
+from research_worker.share import ShareLimiter
+
+TTL = wire.SESSION_TTL_SECONDS
+
+
+def book(pods: list[PodRef], capacity: int = 4, rpm: int | None = None, started: float = -100.0) -> Book:
+    return Book(lambda e: pods, lambda e: Limits(capacity, rpm) if e == "ep" else None, started=started)
+
+
+def beat(b: Book, job: str, pod: str, now: float, held: list[str] | None = None, **kw: Any) -> list[str]:
+    return b.heartbeat(
+        "ep", "ns", job, pod, now, mode=kw.pop("mode", wire.Mode.LEASE), carried=0, held=held or [], seen=0, **kw
+    )
+
+
+def take(b: Book, job: str, pod: str, now: float) -> str | None:
+    w = b.enqueue("ep", "ns", job, pod, now)
+    b.grant("ep", now)
+    w.gone = w.granted is None  # the request is answered "none yet" (the worker asks again)
+    return w.granted.id if w.granted else None
+
+
+def test_leases_and_the_shares_of_pods_without_a_session_never_exceed_the_capacity() -> None:
+    pods = [PodRef("ns", "a", "a-b0", 2), PodRef("ns", "b", "b-b0", 2)]
+    b = book(pods, capacity=4)
+    beat(b, "a-b0", "a-b0-x", 0.0)
+    # b-b0's pod has no session: it may be calling under its share of 2, so only 2 are lent
+    got = [take(b, "a-b0", "a-b0-x", 0.0) for _ in range(4)]
+    assert sum(g is not None for g in got) == 2
+    assert b.in_use("ep", 0.0) == 4
+    beat(b, "b-b0", "b-b0-y", 0.1)  # once it is in touch, its idle share is lent
+    assert take(b, "a-b0", "a-b0-x", 0.2) is not None
+    assert b.in_use("ep", 0.2) == 3
+
+
+def test_a_dead_pods_leases_lapse_and_its_share_counts_until_the_job_ends() -> None:
+    pods = [PodRef("ns", "a", "a-b0", 1), PodRef("ns", "b", "b-b0", 1)]
+    b = book(pods, capacity=2)
+    beat(b, "a-b0", "a-b0-x", 0.0)
+    beat(b, "b-b0", "b-b0-y", 0.0)
+    assert take(b, "a-b0", "a-b0-x", 0.0) and take(b, "a-b0", "a-b0-x", 0.0)
+    assert take(b, "b-b0", "b-b0-y", 0.0) is None  # full
+    beat(b, "b-b0", "b-b0-y", TTL + 1)  # a-b0's pod died holding 2 leases; b-b0 lives on
+    b.expire(TTL + 1)
+    assert b.expired == {"ep": 2} and b.leases_in_flight("ep", TTL + 1) == 0
+    assert b.in_use("ep", TTL + 1) == 1  # a-b0 (retried pod not yet in touch) counted by its share
+    assert take(b, "b-b0", "b-b0-y", TTL + 1) is not None
+
+
+def test_a_starting_broker_grants_nothing_until_live_workers_redeclared_their_leases() -> None:
+    pods = [PodRef("ns", "a", "a-b0", 0), PodRef("ns", "b", "b-b0", 0)]
+    b = book(pods, capacity=2, started=0.0)
+    assert b.recovering(1.0)
+    assert beat(b, "a-b0", "a-b0-x", 1.0, held=["old1", "old2"]) == []  # re-declared
+    beat(b, "b-b0", "b-b0-y", 1.0)
+    assert take(b, "b-b0", "b-b0-y", 1.0) is None
+    after = b.recovery + 0.1
+    t = 1.0
+    while t < after:  # heartbeats every 2 s
+        t = min(after, t + wire.HEARTBEAT_SECONDS)
+        beat(b, "a-b0", "a-b0-x", t, held=["old1", "old2"])
+        beat(b, "b-b0", "b-b0-y", t)
+    assert b.grant("ep", after) == []  # the two re-declared leases fill it
+    assert beat(b, "a-b0", "a-b0-x", after, held=["old1", "old2", "unknown"]) == ["unknown"]
+
+
+def test_a_grant_on_its_way_survives_a_heartbeat_that_does_not_list_it_yet() -> None:
+    b = book([PodRef("ns", "a", "a-b0", 0)], capacity=2, started=0.0)
+    after = b.recovery + 1
+    b.heartbeat(
+        "ep", "ns", "a-b0", "a-b0-x", 1.0, mode=wire.Mode.LEASE, carried=0, held=[], seen=15
+    )  # restarted broker
+    b.heartbeat("ep", "ns", "a-b0", "a-b0-x", after - 1, mode=wire.Mode.LEASE, carried=0, held=[], seen=15)
+    lease = take(b, "a-b0", "a-b0-x", after)
+    assert lease is not None
+    # The worker's heartbeat was sent before the grant reached it: the lease is kept.
+    b.heartbeat("ep", "ns", "a-b0", "a-b0-x", after, mode=wire.Mode.LEASE, carried=0, held=[], seen=15)
+    assert b.leases_in_flight("ep", after) == 1
+    # Once the worker has seen it and no longer holds it (its release was lost), it is dropped.
+    b.heartbeat("ep", "ns", "a-b0", "a-b0-x", after, mode=wire.Mode.LEASE, carried=0, held=[], seen=16)
+    assert b.leases_in_flight("ep", after) == 0
+
+
+def test_waiting_calls_go_to_the_researchjob_holding_fewest() -> None:
+    pods = [PodRef("ns", "big", "big-b0", 0), PodRef("ns", "big", "big-b1", 0), PodRef("ns", "small", "small-b0", 0)]
+    b = book(pods, capacity=3)
+    for job in ("big-b0", "big-b1", "small-b0"):
+        beat(b, job, f"{job}-p", 0.0)
+    assert take(b, "big-b0", "big-b0-p", 0.0) and take(b, "big-b1", "big-b1-p", 0.0)
+    first = b.enqueue("ep", "ns", "big-b0", "big-b0-p", 1.0)  # waited longer, but big holds 2
+    second = b.enqueue("ep", "ns", "small-b0", "small-b0-p", 2.0)
+    b.grant("ep", 2.0)
+    assert second.granted is not None and first.granted is None
+
+
+def test_requests_per_minute_bound_the_grants() -> None:
+    b = book([PodRef("ns", "a", "a-b0", 0)], capacity=100, rpm=60)  # one per second, burst 1
+    beat(b, "a-b0", "a-b0-x", 0.0)
+    assert take(b, "a-b0", "a-b0-x", 0.0) is not None
+    waiting = b.enqueue("ep", "ns", "a-b0", "a-b0-x", 0.5)
+    assert b.grant("ep", 0.5) == []
+    assert b.grant("ep", 1.1) == [waiting]  # a second after the first
+
+
+def test_a_closed_session_counts_nothing_then_its_share_again() -> None:
+    b = book([PodRef("ns", "a", "a-b0", 3)], capacity=3)
+    beat(b, "a-b0", "a-b0-x", 0.0)
+    b.close("ns", "a-b0-x", 1.0)
+    assert b.in_use("ep", 1.0) == 0
+    assert b.in_use("ep", 1.0 + TTL + 1) == 3  # a retried pod could be under its share by then
+
+
+def test_refusals() -> None:
+    b = book([PodRef("ns", "a", "a-b0", 1)])
+    with pytest.raises(LeaseError) as e:
+        beat(b, "other", "other-x", 0.0)
+    assert e.value.status == 404
+    with pytest.raises(LeaseError) as e:
+        b.enqueue("ep", "ns", "a-b0", "a-b0-x", 0.0)  # no session yet
+    assert e.value.status == 409
+
+
+# ------------------------------------------------------------------------------------------
+# the worker's client against the broker server
+# ------------------------------------------------------------------------------------------
+
+
+class Served:
+    def __init__(self, broker: Broker, runner: web.AppRunner, url: str) -> None:
+        self.broker, self.runner, self.url = broker, runner, url
+
+
+async def serve(b: Book, port: int = 0) -> Served:
+    async def review(token: str) -> dict[str, Any]:
+        ns, sa, pod = token.split("/")
+        return {
+            "authenticated": True,
+            "user": {
+                "username": f"system:serviceaccount:{ns}:{sa}",
+                "extra": {"authentication.kubernetes.io/pod-name": [pod]},
+            },
+        }
+
+    broker = Broker(b, Authenticator(review))
+    broker._check = lambda ident, endpoint, job: None  # type: ignore[method-assign]  # the world is the test's
+    runner = web.AppRunner(broker.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    sock = list(runner.addresses)[0]
+    return Served(broker, runner, f"http://127.0.0.1:{sock[1]}")
+
+
+@contextlib.asynccontextmanager
+async def served() -> AsyncIterator[Served]:
+    s = await serve(book([PodRef("ns", "a", "a-b0", 1)], capacity=2))
+    try:
+        yield s
+    finally:
+        await s.runner.cleanup()
+
+
+def client(url: str, share: int = 1) -> LeaseClient:
+    ref = EndpointShareRef(configMap="cm", key="a-b0", concurrency=share, brokerUrl=url, endpoint="ep")
+    return LeaseClient(ref, ShareLimiter(share, None, None), lambda: "ns/sa/a-b0-x")
+
+
+async def test_calls_take_leases_and_never_more_than_the_capacity() -> None:
+    async with served() as s:
+        await _calls_take_leases(s)
+
+
+async def _calls_take_leases(served: Served) -> None:
+    c = client(served.url)
+    await c.start()
+    assert c.state == State.LEASE
+    running = peak = 0
+
+    async def call() -> None:
+        nonlocal running, peak
+        async with c.slot():
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.05)
+            running -= 1
+
+    await asyncio.gather(*(call() for _ in range(10)))
+    assert peak == 2  # the capacity, above the pod's share of 1: its peers' idle slots are lent
+    assert served.broker.book.leases_in_flight("ep", 0.0) == 0
+    await c.close()
+
+
+async def test_an_unreachable_broker_falls_back_to_the_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "SESSION_TTL_SECONDS", 0.6)
+    monkeypatch.setattr(wire, "QUIET_MARGIN_SECONDS", 0.2)
+    c = client("http://127.0.0.1:9", share=1)  # nothing listens: connection refused
+    await c.start()
+    assert c.state == State.FALLBACK  # nothing ever arrived: its share is counted by the broker already
+    running = peak = 0
+
+    async def call() -> None:
+        nonlocal running, peak
+        async with c.slot():
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.02)
+            running -= 1
+
+    await asyncio.gather(*(call() for _ in range(4)))
+    assert peak == 1
+    await c.close()
+
+
+async def test_a_lost_lease_stops_its_call() -> None:
+    async with served() as s:
+        c = client(s.url)
+        await c.start()
+        with pytest.raises(LeaseLost):
+            async with c.slot():
+                lid = next(iter(c.held))
+                c._lose(lid, "test")
+                await asyncio.sleep(5)
+        assert s.broker.book.leases_in_flight("ep", 0.0) == 0  # given back
+        await c.close()
+
+
+async def test_a_broker_gone_mid_call_stops_the_call_then_the_share_then_leases_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(wire, "SESSION_TTL_SECONDS", 0.8)
+    monkeypatch.setattr(wire, "HEARTBEAT_SECONDS", 0.1)
+    monkeypatch.setattr(wire, "QUIET_MARGIN_SECONDS", 0.2)
+    b = Book(lambda e: [PodRef("ns", "a", "a-b0", 1)], lambda e: Limits(2), started=-100.0, ttl=0.8, recovery=0.0)
+    s = await serve(b)
+    port = int(s.url.rsplit(":", 1)[1])
+    c = client(s.url)
+    await c.start()
+    assert c.state == State.LEASE
+    with pytest.raises(LeaseLost):
+        async with c.slot():
+            await s.runner.cleanup()  # the broker goes away while the call holds its lease
+            await asyncio.sleep(5)  # the call is stopped once no heartbeat was answered for a TTL
+    assert c.state == State.QUIET  # no call until the broker has surely lapsed the session
+    async with c.slot():  # then under the share
+        assert c.state == State.FALLBACK and c.carried == 1
+        s2 = await serve(Book(lambda e: [PodRef("ns", "a", "a-b0", 1)], lambda e: Limits(2), started=-100.0), port)
+        for _ in range(50):
+            if c.state == State.LEASE:
+                break
+            await asyncio.sleep(0.1)
+        assert c.state == State.LEASE  # back to leases; the call under the share is declared
+        session = next(iter(s2.broker.book.sessions.values()))
+        assert session.carried == 1
+    async with c.slot():
+        assert len(c.held) == 1
+    await c.close()
+    await s2.runner.cleanup()
