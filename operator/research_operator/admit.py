@@ -234,10 +234,12 @@ def still_blocked(key: Key) -> bool:
     """Whether a ResearchJob woken only because a slot may have freed up (not by a change of its own)
     would still be admitted nothing: then its pass is skipped, so one finished Job among many waiting
     ResearchJobs costs a quick re-check each, not a full pass each."""
+    namespace = key[0]
+    if WORLD.waiting.get(key) and WORLD.namespace_terminating(namespace, time.monotonic()):
+        return True
     b = WORLD.blocked.get(key)
     if b is None or not WORLD.waiting.get(key):
         return False
-    namespace = key[0]
     quotas = WORLD.quotas_of(namespace)
     verdict = quota_headroom(quotas, b.pod, WORLD.reserved(namespace), b.priority_class)
     too_small = never_fits(quotas, b.pod, b.priority_class)

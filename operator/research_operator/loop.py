@@ -153,6 +153,10 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     name = str(meta.get("name"))
     if meta.get("deletionTimestamp"):
         return await finalize_once(key, body, logger)
+    if WORLD.namespace_terminating(namespace, time.monotonic()):
+        # Its namespace refused a create as being deleted moments ago: this ResearchJob is about to
+        # go with it, and every request for it would only fail. Sleep until a wake-up or the resync.
+        return Outcome()
     cfg = settings()
     prev = ResearchJobStatus.model_validate(body.get("status") or {})
     try:
