@@ -3,6 +3,7 @@ and the offline model server (whose own stats count the requests in flight)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -13,11 +14,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from kubernetes import client
 
 from localkube.controlplane import free_port
 from offline_model.launcher import ModelServerProcess
+from research_api import leases as wire
 from research_api.researchjob import GROUP, PLURAL, VERSION
 from tests.fixtures.cluster import ClusterHandle
 from tests.fixtures.operator import OperatorProcess
@@ -260,6 +263,7 @@ def test_a_worker_pod_killed_while_holding_leases_does_not_leak_capacity(
         "it holds every lease", lambda: metric(operator, "research_operator_endpoint_leases_in_flight", name) == 2, 120
     )
     pid = until("its worker process", lambda: worker_pid(pod), 30)
+    broker_takes_only_its_audience(core, operator, namespace, pod, pid)
     os.kill(pid, signal.SIGKILL)  # dies holding 2 leases: no release, no close
     until(
         "the broker drops the dead pod's leases when its heartbeats stop",
@@ -272,6 +276,37 @@ def test_a_worker_pod_killed_while_holding_leases_does_not_leak_capacity(
     status = wait_phase(api, namespace, "victim", {"Succeeded", "Failed"}, timeout=400)["status"]
     assert status["phase"] == "Succeeded", status
     assert server.stats()["max_running"] <= capacity
+
+
+def jwt_audiences(token: str) -> list[str]:
+    payload = token.split(".")[1]
+    aud = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["aud"]
+    return [aud] if isinstance(aud, str) else list(aud)
+
+
+def broker_takes_only_its_audience(
+    core: client.CoreV1Api, operator: OperatorProcess, namespace: str, pod: str, pid: int
+) -> None:
+    """The worker pod (leases in hand) has the projected token for the broker's audience, which the
+    node agent materialised and refreshes; the broker, checking with the real API server's
+    TokenReview, refuses the pod's API token and accepts the projected one."""
+    volumes = {v.name: v for v in core.read_namespaced_pod(pod, namespace).spec.volumes}
+    token = volumes[wire.TOKEN_VOLUME].projected.sources[0].service_account_token
+    assert (token.audience, token.expiration_seconds, token.path) == (wire.TOKEN_AUDIENCE, 3600, wire.TOKEN_FILE)
+    environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+    lease_token = Path(environ["LOCALKUBE_VOLUME_ROOT"], wire.TOKEN_PATH.lstrip("/")).read_text().strip()
+    api_token = (Path(environ["KUBECONFIG"]).parent / "serviceaccount" / "token").read_text().strip()
+    assert jwt_audiences(lease_token) == [wire.TOKEN_AUDIENCE]
+    assert wire.TOKEN_AUDIENCE not in jwt_audiences(api_token)
+    url = operator.env["LEASE_BROKER_URL"] + wire.PATH_HEARTBEAT
+    # A Job the pod is not of: authenticated, then refused as such (404), so its session is untouched.
+    body = wire.Heartbeat(endpoint="none", job="not-this-job", mode=wire.Mode.FALLBACK).model_dump(by_alias=True)
+    refused = httpx.post(url, json=body, headers={"Authorization": f"Bearer {api_token}"}, timeout=10)
+    assert refused.status_code == 401 and wire.TOKEN_AUDIENCE in refused.json()["error"], refused.text
+    accepted = httpx.post(url, json=body, headers={"Authorization": f"Bearer {lease_token}"}, timeout=10)
+    assert accepted.status_code == 404, accepted.text
+    assert api_token not in operator.log() and lease_token not in operator.log()
+    assert "refused a request" in operator.log()
 
 
 def test_workers_fall_back_to_their_share_when_the_broker_is_unreachable(

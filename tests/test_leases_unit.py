@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
 
@@ -15,7 +18,8 @@ from research_api import leases as wire
 from research_api.task import EndpointShareRef
 from research_operator.broker import Authenticator, Broker
 from research_operator.leases import Book, LeaseError, Limits, PodRef
-from research_worker.leases import LeaseClient, LeaseLost, State
+from research_worker.errors import WorkerConfigError
+from research_worker.leases import DEV_VOLUME_ROOT_ENV, LeaseClient, LeaseLost, State, broker_token
 from research_worker.share import ShareLimiter
 
 TTL = wire.SESSION_TTL_SECONDS
@@ -148,18 +152,40 @@ class Served:
         self.broker, self.runner, self.url = broker, runner, url
 
 
-async def serve(b: Book, port: int = 0) -> Served:
-    async def review(token: str) -> dict[str, Any]:
-        ns, sa, pod = token.split("/")
+API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"  # a pod's ordinary API token
+
+
+def token(pod: str = "a-b0-x", audience: str = wire.TOKEN_AUDIENCE) -> str:
+    return f"ns/sa/{pod}/{audience}"  # what the test's TokenReview reads back
+
+
+def api_server(ignores_audiences: bool = False) -> Any:
+    """A TokenReview answered as the API server does: a token is authenticated only for the audiences
+    it is bound to, which the status lists (``ignores_audiences``: an authenticator that does not
+    check the review's audiences, so the broker must check ``status.audiences`` itself)."""
+
+    async def review(tok: str, audiences: list[str]) -> dict[str, Any]:
+        ns, sa, pod, bound = tok.split("/", 3)
+        if bound not in audiences and not ignores_audiences:
+            return {
+                "authenticated": False,
+                "error": f'[invalid bearer token, token audiences ["{bound}"] is invalid for the target audiences '
+                f"{audiences}]",
+            }
         return {
             "authenticated": True,
+            "audiences": [bound],
             "user": {
                 "username": f"system:serviceaccount:{ns}:{sa}",
                 "extra": {"authentication.kubernetes.io/pod-name": [pod]},
             },
         }
 
-    broker = Broker(b, Authenticator(review))
+    return review
+
+
+async def serve(b: Book, port: int = 0, review: Any = None) -> Served:
+    broker = Broker(b, Authenticator(review or api_server()))
     broker._check = lambda ident, endpoint, job: None  # type: ignore[method-assign]  # the world is the test's
     runner = web.AppRunner(broker.app())
     await runner.setup()
@@ -180,7 +206,7 @@ async def served() -> AsyncIterator[Served]:
 
 def client(url: str, share: int = 1) -> LeaseClient:
     ref = EndpointShareRef(configMap="cm", key="a-b0", concurrency=share, brokerUrl=url, endpoint="ep")
-    return LeaseClient(ref, ShareLimiter(share, None, None), lambda: "ns/sa/a-b0-x")
+    return LeaseClient(ref, ShareLimiter(share, None, None), lambda: token())
 
 
 async def test_calls_take_leases_and_never_more_than_the_capacity() -> None:
@@ -273,3 +299,71 @@ async def test_a_broker_gone_mid_call_stops_the_call_then_the_share_then_leases_
         assert len(c.held) == 1
     await c.close()
     await s2.runner.cleanup()
+
+
+@pytest.mark.parametrize("ignores_audiences", [False, True])
+async def test_the_pods_api_token_is_refused(ignores_audiences: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """Only a token bound to the broker's audience is accepted: the pod's API-server token (a real
+    credential for the Kubernetes API) is refused with 401, and the log says why without the token."""
+    s = await serve(book([PodRef("ns", "a", "a-b0", 1)], capacity=2), review=api_server(ignores_audiences))
+    body = wire.Heartbeat(endpoint="ep", job="a-b0", mode=wire.Mode.LEASE).model_dump(by_alias=True)
+    api_token = token(audience=API_AUDIENCE)
+    try:
+        async with httpx.AsyncClient() as http:
+            with caplog.at_level(logging.WARNING, logger="research_operator.broker"):
+                refused = await http.post(
+                    s.url + wire.PATH_HEARTBEAT, json=body, headers={"Authorization": f"Bearer {api_token}"}
+                )
+            accepted = await http.post(
+                s.url + wire.PATH_HEARTBEAT, json=body, headers={"Authorization": f"Bearer {token()}"}
+            )
+    finally:
+        await s.runner.cleanup()
+    assert refused.status_code == 401
+    assert wire.TOKEN_AUDIENCE in refused.json()["error"]
+    assert accepted.status_code == 200
+    assert s.broker.book.sessions.keys() == {("ns", "a-b0-x")}  # only the accepted one has a session
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert lines and wire.TOKEN_AUDIENCE in lines[0]
+    assert api_token not in caplog.text
+
+
+async def test_the_worker_reads_its_broker_token_from_the_projected_file_at_each_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(DEV_VOLUME_ROOT_ENV, str(tmp_path))
+    path = tmp_path / wire.TOKEN_PATH.lstrip("/")
+    with pytest.raises(WorkerConfigError) as e:
+        broker_token()
+    assert str(path) in str(e.value) and wire.TOKEN_AUDIENCE in str(e.value)
+    path.parent.mkdir(parents=True)
+    path.write_text(token(pod="a-b0-old") + "\n")
+    assert broker_token() == token(pod="a-b0-old")
+    path.write_text(token())  # the kubelet rotated it
+    assert broker_token() == token()
+    async with served() as s:
+        ref = EndpointShareRef(configMap="cm", key="a-b0", concurrency=1, brokerUrl=s.url, endpoint="ep")
+        c = LeaseClient(ref, ShareLimiter(1, None, None), broker_token)
+        await c.start()
+        assert c.state == State.LEASE
+        assert s.broker.book.sessions.keys() == {("ns", "a-b0-x")}
+        await c.close()
+
+
+async def test_without_its_broker_token_a_worker_says_so_and_calls_under_its_share(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(DEV_VOLUME_ROOT_ENV, str(tmp_path))  # no token file there
+    monkeypatch.setattr(wire, "SESSION_TTL_SECONDS", 0.6)
+    monkeypatch.setattr(wire, "QUIET_MARGIN_SECONDS", 0.2)
+    async with served() as s:
+        ref = EndpointShareRef(configMap="cm", key="a-b0", concurrency=1, brokerUrl=s.url, endpoint="ep")
+        c = LeaseClient(ref, ShareLimiter(1, None, None), broker_token)
+        with caplog.at_level(logging.WARNING, logger="research_worker.leases"):
+            await c.start()
+        assert c.state == State.FALLBACK
+        assert not s.broker.book.sessions  # nothing was sent without the token
+        async with c.slot():
+            assert c.carried == 1
+        await c.close()
+    assert "no token for the lease broker" in caplog.text and wire.TOKEN_AUDIENCE in caplog.text

@@ -416,6 +416,7 @@ class FakeCore:
         self.deleted: list[tuple[str, str, int | None]] = []
         self.events: list[tuple[str, str]] = []
         self.tokens = 0
+        self.requests: list[tuple[list[str], int]] = []  # (audiences, expirationSeconds) of each TokenRequest
         self.lock = threading.Lock()
 
     def patch_namespaced_pod_status(self, name: str, namespace: str, body: dict[str, Any], **kw: Any) -> None:
@@ -436,6 +437,7 @@ class FakeCore:
     def create_namespaced_service_account_token(self, name: str, namespace: str, body: Any, **kw: Any) -> Any:
         self.tokens += 1
         assert body.spec.bound_object_ref.kind == "Pod"
+        self.requests.append((list(body.spec.audiences or []), body.spec.expiration_seconds))
 
         class Resp:
             data = json.dumps({"status": {"token": f"token-{name}-{self.tokens}"}}).encode()
@@ -644,6 +646,42 @@ def test_worker_writes_service_account_kubeconfig(tmp_path: Path) -> None:
     assert cfg["contexts"][0]["context"]["namespace"] == "ns"
     assert (pod_dir / "serviceaccount" / "token").read_text() == "token-runner-1"
     assert (pod_dir / "serviceaccount" / "namespace").read_text() == "ns"
+
+
+def test_worker_materialises_projected_service_account_tokens_at_their_mount_path(tmp_path: Path) -> None:
+    """A projected serviceAccountToken volume: a token for its audience, bound to the pod, that the
+    process finds at its mountPath below $LOCALKUBE_VOLUME_ROOT (no mounts here), refreshed later."""
+    core = FakeCore()
+    read = "import os; print(open(os.environ['LOCALKUBE_VOLUME_ROOT'] + '/var/run/secrets/x/tok').read())"
+    pod = worker_pod(["python", "-c", read])
+    pod["spec"]["volumes"] = [
+        {"name": "tmp", "emptyDir": {}},
+        {
+            "name": "x",
+            "projected": {
+                "sources": [
+                    {"serviceAccountToken": {"audience": "example.com/x", "expirationSeconds": 900, "path": "tok"}},
+                    {"configMap": {"name": "ignored"}},
+                ]
+            },
+        },
+    ]
+    pod["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "x", "mountPath": "/var/run/secrets/x", "readOnly": True},
+    ]
+    w = PodWorker(runtime(tmp_path, core), pod)
+    w.start()
+    w.join(20)
+    assert core.phases()[-1] == "Succeeded", core.last_status()
+    assert pod_log_path(tmp_path, "ns", "p1", pod["metadata"]["uid"], "main").read_text().strip() == "token-runner-1"
+    assert core.requests == [(["example.com/x"], 900)]  # automount is off: no API token was requested
+    token = w._projected["x"][0]
+    assert 0 < token.refresh_at - time.monotonic() <= 900 * 0.8
+    token.refresh_at = 0.0  # due: the agent's loop refreshes it in place
+    w._refresh_projected_if_due(pod)
+    assert (w.run_dir / "volumes" / "x" / "tok").read_text() == "token-runner-2"
+    assert (w.run_dir / "mounts" / "main" / "var/run/secrets/x/tok").read_text() == "token-runner-2"
 
 
 def test_worker_unmapped_image_waits(tmp_path: Path) -> None:

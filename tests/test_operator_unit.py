@@ -8,6 +8,7 @@ import json
 from decimal import Decimal
 from typing import Any
 
+from research_api import leases as wire
 from research_api.researchjob import AnalystStatus, Phase, ReportRef, ResearchJobSpec, ResearchJobStatus, SecretKeyRef
 from research_api.task import ResearchTask, Step
 from research_operator import endpoints as ep
@@ -25,7 +26,7 @@ from research_operator.admission import (
     never_fits,
     quota_headroom,
 )
-from research_operator.builders import Owner, cleanup_job, worker_job, worker_rbac
+from research_operator.builders import Owner, add_lease_broker_token, cleanup_job, worker_job, worker_rbac
 from research_operator.constants import plan_id
 from research_operator.reconcile import JobView, Observed, StoreView, Waiting, apply_waiting, decide
 from research_operator.settings import Settings
@@ -674,6 +675,52 @@ def test_stamped_jobs_carry_the_endpoint_and_tell_the_worker_its_share() -> None
     assert (task.model.share.concurrency, task.model.share.tokens_per_minute) == (2, 30000)
     view = job_view(job)
     assert (view.endpoint, view.concurrency) == ("shared", 2)
+
+
+# The volume types restricted Pod Security allows.
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def test_only_a_pod_told_of_a_lease_broker_gets_a_token_for_it_and_never_its_api_token() -> None:
+    owner = Owner("team-a", "demo", "uid-1")
+    plain = worker_job(owner, spec(), Settings(), "abc123", Step.INTERVIEW, [0, 1], 0)
+    ep.stamp(plain, EP, 2, ep.Share(2), "demo-endpoint-share")  # no broker: the share alone
+    assert not [v for v in plain["spec"]["template"]["spec"]["volumes"] if "projected" in v]
+    job = worker_job(owner, spec(), Settings(), "abc123", Step.INTERVIEW, [0, 1], 0)
+    ep.stamp(job, EP, 2, ep.Share(2), "demo-endpoint-share", broker_url="http://leases.ops.svc:8090")
+    add_lease_broker_token(add_lease_broker_token(job))  # as admission does; twice changes nothing
+    pod = job["spec"]["template"]["spec"]
+    projected = [v for v in pod["volumes"] if "projected" in v]
+    assert projected == [
+        {
+            "name": wire.TOKEN_VOLUME,
+            "projected": {
+                "sources": [
+                    {
+                        "serviceAccountToken": {
+                            "audience": wire.TOKEN_AUDIENCE,
+                            "expirationSeconds": 3600,
+                            "path": wire.TOKEN_FILE,
+                        }
+                    }
+                ]
+            },
+        }
+    ]
+    mounts = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == wire.TOKEN_VOLUME]
+    assert mounts == [{"name": wire.TOKEN_VOLUME, "mountPath": wire.TOKEN_DIR, "readOnly": True}]
+    assert wire.TOKEN_PATH == f"{mounts[0]['mountPath']}/{wire.TOKEN_FILE}"  # where the worker reads it
+    assert all(set(v) - {"name"} <= RESTRICTED_VOLUMES for v in pod["volumes"])
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 def test_token_budgets_parse_and_periods_are_fixed_windows() -> None:

@@ -2,9 +2,11 @@
 
 The operator serves it (``research_operator.broker``), the worker calls it
 (``research_worker.leases``); neither defines these paths, bodies or timings itself. Every request
-carries the worker pod's ServiceAccount token (``Authorization: Bearer``), which the broker checks
-with a TokenReview: the namespace, the ServiceAccount and the pod (a Job's pod is named after it)
-must be those of a worker Job admitted against the endpoint.
+carries a ServiceAccount token of the worker pod bound to the broker's own audience
+(``TOKEN_AUDIENCE``: a projected token the kubelet writes at ``TOKEN_PATH``, never the pod's API
+token), which the broker checks with a TokenReview for that audience: the namespace, the
+ServiceAccount and the pod (a Job's pod is named after it) must be those of a worker Job admitted
+against the endpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ HEARTBEAT_SECONDS = 2.0  # a worker's heartbeat period
 SESSION_TTL_SECONDS = 10.0  # a session (and its leases) lapses this long after the last heartbeat
 QUIET_MARGIN_SECONDS = 2.0  # a worker waits a TTL and this before it calls under its share
 MAX_WAIT_SECONDS = 25.0  # one acquire request waits at most this long; the worker asks again
+
+# The worker's token for the broker: a projected ServiceAccount token volume (serviceAccountToken
+# source) valid only for this audience, so a token seen on the wire is no credential for the
+# Kubernetes API, and the pod's API token is refused by the broker.
+TOKEN_AUDIENCE = "researchops.io/lease-broker"
+TOKEN_EXPIRATION_SECONDS = 3600  # the kubelet rotates it at 80 % of its lifetime
+TOKEN_VOLUME = "lease-broker-token"
+TOKEN_DIR = "/var/run/secrets/researchops.io/lease-broker"  # the volume's mountPath (read-only)
+TOKEN_FILE = "token"  # the source's path in the volume
+TOKEN_PATH = f"{TOKEN_DIR}/{TOKEN_FILE}"
 
 
 class Mode(StrEnum):

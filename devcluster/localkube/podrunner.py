@@ -68,6 +68,10 @@ log = logging.getLogger(__name__)
 TICK = 0.2
 CONFIG_RETRY = 3.0  # seconds between attempts to resolve a CreateContainerConfigError
 TOKEN_SECONDS = 3600
+MIN_TOKEN_SECONDS = 600  # the API server's minimum expirationSeconds
+# Set for a container that mounts a volume the agent materialises (projected serviceAccountToken
+# sources): the files are below this directory at their mountPath (no mount namespaces here).
+VOLUME_ROOT_ENV = "LOCALKUBE_VOLUME_ROOT"
 MAX_BACKOFF = 300.0
 SETPRIV = shutil.which("setpriv")
 
@@ -325,6 +329,43 @@ class Container:
         return next((p for p in self.probes if p.kind == kind), None)
 
 
+@dataclass
+class ProjectedToken:
+    """One ``serviceAccountToken`` source of a projected volume: a TokenRequest for ``audience``
+    bound to the pod, written to ``<run dir>/volumes/<volume>/<path>`` and refreshed at 80 %."""
+
+    volume: str
+    path: str
+    audience: str
+    seconds: int
+    refresh_at: float = 0.0
+    written: bool = False
+
+
+def projected_tokens(pod: Mapping[str, Any]) -> dict[str, list[ProjectedToken]]:
+    """The pod's projected volumes with serviceAccountToken sources, by volume name (other sources
+    of such a volume, and other volume types, are not materialised)."""
+    out: dict[str, list[ProjectedToken]] = {}
+    for v in pod["spec"].get("volumes") or []:
+        for src in (v.get("projected") or {}).get("sources") or []:
+            sat = src.get("serviceAccountToken")
+            if sat is None:
+                continue
+            seconds = max(MIN_TOKEN_SECONDS, int(sat.get("expirationSeconds") or TOKEN_SECONDS))
+            out.setdefault(str(v["name"]), []).append(
+                ProjectedToken(str(v["name"]), str(sat["path"]), str(sat.get("audience") or ""), seconds)
+            )
+    return out
+
+
+def _inside(base: Path, relative: str) -> Path:
+    """``base/relative``, refusing a path that leaves ``base`` (the API server refuses those too)."""
+    target = Path(os.path.normpath(base / relative.lstrip("/")))  # lexically: mount points are symlinks
+    if target != base and base not in target.parents:
+        raise ContainerConfigError(f"path {relative!r} leaves {base}")
+    return target
+
+
 class PodWorker(threading.Thread):
     """Runs one pod; see the module docstring."""
 
@@ -358,6 +399,7 @@ class PodWorker(threading.Thread):
         self._publish_retry_at = 0.0
         self._token_refresh_at = 0.0
         self._sa_env: dict[str, str] = {}
+        self._projected = projected_tokens(pod)
         self._identity_warned: set[str] = set()
 
     def _make(self, spec: dict[str, Any], init: bool, status: Mapping[str, Any]) -> Container:
@@ -435,6 +477,7 @@ class PodWorker(threading.Thread):
             if deadline is not None and time.monotonic() - self.start_mono >= float(deadline):
                 return self._deadline_exceeded(pod)
             self._refresh_token_if_due(pod)
+            self._refresh_projected_if_due(pod)
             if not self.initialized:
                 self._step_init(pod)
             if self.init_failed:
@@ -493,6 +536,7 @@ class PodWorker(threading.Thread):
         spec = c.spec
         try:
             sa_env = self._service_account_env(pod)
+            sa_env = {**sa_env, **self._volume_env(pod, c)}
             env = resolve_env(
                 pod, spec, self.rt.lookup, base_env=service_env(self.rt.apiserver_port), allocatable=self.rt.allocatable
             )
@@ -627,7 +671,7 @@ class PodWorker(threading.Thread):
         os.chown(work, uid, int(fs_group) if fs_group is not None else gid)
         work.chmod(0o2775 if fs_group is not None else 0o755)
         sa = self.run_dir / "serviceaccount"
-        for f in [sa, *sa.glob("*"), self.run_dir / "kubeconfig"]:
+        for f in [sa, *sa.glob("*"), self.run_dir / "kubeconfig", *self._projected_files()]:
             if f.exists():
                 os.chown(f, uid, gid)
 
@@ -743,6 +787,79 @@ class PodWorker(threading.Thread):
         if work_owner.st_uid != os.geteuid():
             for f in [sa_dir, *sa_dir.glob("*"), self.run_dir / "kubeconfig"]:
                 os.chown(f, work_owner.st_uid, -1)
+
+    # -- projected serviceAccountToken volumes --------------------------------------------------------
+    def _projected_files(self) -> list[Path]:
+        return [self.run_dir / "volumes" / t.volume / t.path for ts in self._projected.values() for t in ts]
+
+    def _volume_env(self, pod: dict[str, Any], c: Container) -> dict[str, str]:
+        """Materialise the projected token volumes ``c`` mounts: their tokens (first start), and a
+        per-container tree ``<run dir>/mounts/<container>`` where each mountPath is a symlink to its
+        volume's directory; the process gets that tree as ``LOCALKUBE_VOLUME_ROOT``."""
+        mounts = [m for m in c.spec.get("volumeMounts") or [] if str(m.get("name")) in self._projected]
+        if not mounts:
+            return {}
+        for ts in self._projected.values():
+            for t in ts:
+                if not t.written:
+                    self._write_projected(pod, t)
+        root = self.run_dir / "mounts" / c.name
+        for m in mounts:
+            volume_dir = self.run_dir / "volumes" / str(m["name"])
+            target = _inside(volume_dir, str(m["subPath"])) if m.get("subPath") else volume_dir
+            link = _inside(root, str(m["mountPath"]))
+            link.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            if link.is_symlink() and os.readlink(link) == str(target):
+                continue
+            if link.is_symlink():
+                link.unlink()
+            link.symlink_to(target)
+        return {VOLUME_ROOT_ENV: str(root)}
+
+    def _write_projected(self, pod: dict[str, Any], t: ProjectedToken) -> None:
+        sa = self._sa_name(pod)
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "audiences": [t.audience] if t.audience else [],
+                "expirationSeconds": t.seconds,
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": self.pod_name, "uid": self.uid},
+            },
+        }
+        request = client.AuthenticationV1TokenRequest.from_dict(body)
+        assert request is not None
+        try:
+            resp = self.rt.core.create_namespaced_service_account_token(
+                sa, self.namespace, request, _preload_content=False
+            )
+            token = str(raw_json(resp)["status"]["token"])
+        except ApiException as e:
+            raise ContainerConfigError(
+                f"failed to fetch token for ServiceAccount {self.namespace}/{sa} (volume {t.volume}, audience "
+                f"{t.audience or 'the API server'}): {e.status} {e.reason}"
+            ) from e
+        t.refresh_at = time.monotonic() + t.seconds * 0.8  # like the kubelet's token manager
+        volume_dir = self.run_dir / "volumes" / t.volume
+        path = _inside(volume_dir, t.path)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+        (self.run_dir / "volumes").chmod(0o711)
+        _atomic_write(path, token.encode(), 0o600)
+        t.written = True
+        work_owner = (self.run_dir / "work").stat()  # a pod running under another uid (set at its first start)
+        if work_owner.st_uid != os.geteuid():
+            os.chown(path, work_owner.st_uid, -1)
+
+    def _refresh_projected_if_due(self, pod: dict[str, Any]) -> None:
+        now = time.monotonic()
+        for ts in self._projected.values():
+            for t in ts:
+                if t.written and now >= t.refresh_at:
+                    try:
+                        self._write_projected(pod, t)
+                    except ContainerConfigError as e:
+                        log.warning("%s/%s: token refresh failed: %s", self.namespace, self.pod_name, e)
+                        t.refresh_at = now + 30
 
     # -- running ------------------------------------------------------------------------------------
     def _poll(self, c: Container) -> None:

@@ -31,7 +31,7 @@ from research_operator.admission import (
     never_fits,
     quota_headroom,
 )
-from research_operator.builders import Owner, worker_rbac
+from research_operator.builders import Owner, add_lease_broker_token, worker_rbac
 from research_operator.finalizer import CLEANUP_STEP
 from research_operator.reconcile import JobView, Waiting, rfc3339, step_noun
 from research_operator.settings import Settings
@@ -141,6 +141,8 @@ async def admit_and_create(
                 first = max(0, min(need, left))  # 0: it starts paused and waits for its share
                 left -= need
                 ep.stamp(job, endpoint, need, ep.Share(first), cm, f"{time.time():.6f}", cfg.lease_broker_url)
+                if cfg.lease_broker_url:
+                    add_lease_broker_token(job)  # the broker accepts only a token bound to its audience
         if admitted:  # no entry for one that only waits: the passes that walk ``created`` stay small
             WORLD.created[key].update({job["metadata"]["name"]: job_view(job) for job in admitted})
         WORLD.waiting[key] = len(want.jobs) - len(admitted)

@@ -2,9 +2,11 @@
 reaches kopf's startup), serving ``research_api.leases`` to the worker pods. The decisions are the
 pure ``leases.Book``; this module authenticates requests, waits, and keeps the metrics.
 
-Authentication: the pod's ServiceAccount token, checked with a TokenReview (cached for a minute by
-its SHA-256, never logged). The token's namespace must be the Job's, its ServiceAccount the one the
-operator runs the ResearchJob's workers as, and its pod (a bound token names it) a pod of the Job.
+Authentication: the pod's ServiceAccount token bound to the broker's audience
+(``wire.TOKEN_AUDIENCE``, a projected token), checked with a TokenReview for that audience (cached
+for a minute by its SHA-256, never logged); any other token, the pod's API token included, is
+refused. The token's namespace must be the Job's, its ServiceAccount the one the operator runs the
+ResearchJob's workers as, and its pod (a bound token names it) a pod of the Job.
 """
 
 from __future__ import annotations
@@ -46,32 +48,45 @@ class Identity:
 
 
 class Authenticator:
-    """Bearer token -> Identity via TokenReview, cached (also refusals, briefly)."""
+    """Bearer token -> Identity via a TokenReview for the broker's audience, cached (also refusals,
+    briefly). A refusal is the reason, for the log and the 401 (never the token)."""
 
-    def __init__(self, review: Callable[[str], Awaitable[dict[str, Any]]] = kube.token_review) -> None:
+    def __init__(self, review: Callable[[str, list[str]], Awaitable[dict[str, Any]]] = kube.token_review) -> None:
         self.review = review
-        self.cache: dict[str, tuple[float, Identity | None]] = {}
+        self.cache: dict[str, tuple[float, Identity | str]] = {}
 
-    async def identity(self, token: str) -> Identity | None:
+    async def identity(self, token: str) -> Identity | str:
         digest = hashlib.sha256(token.encode()).hexdigest()
         now = time.monotonic()
         hit = self.cache.get(digest)
         if hit is not None and hit[0] > now:
             return hit[1]
-        status = await self.review(token)
-        user = status.get("user") or {}
-        name = str(user.get("username") or "")
-        pods = (user.get("extra") or {}).get(POD_NAME_EXTRA) or []
-        found: Identity | None = None
-        if status.get("authenticated") and name.startswith(SA_PREFIX) and pods:
-            namespace, _, sa = name.removeprefix(SA_PREFIX).partition(":")
-            found = Identity(namespace, sa, str(pods[0]))
+        found = _verdict(await self.review(token, [wire.TOKEN_AUDIENCE]))
         if len(self.cache) >= REVIEW_CACHE_MAX:
             self.cache = {k: v for k, v in self.cache.items() if v[0] > now}
             if len(self.cache) >= REVIEW_CACHE_MAX:
                 self.cache.clear()
-        self.cache[digest] = (now + (REVIEW_CACHE_SECONDS if found else 10.0), found)
+        self.cache[digest] = (now + (REVIEW_CACHE_SECONDS if isinstance(found, Identity) else 10.0), found)
         return found
+
+
+def _verdict(status: dict[str, Any]) -> Identity | str:
+    """A TokenReview's status -> the pod's Identity, or why the token is refused."""
+    audiences = [str(a) for a in status.get("audiences") or []]
+    if not status.get("authenticated"):
+        error = str(status.get("error") or "")[:300]
+        return f"the token is not a valid ServiceAccount token for audience {wire.TOKEN_AUDIENCE}" + (
+            f" ({error})" if error else ""
+        )
+    if wire.TOKEN_AUDIENCE not in audiences:  # an API server that ignored spec.audiences
+        return f"the token is not bound to audience {wire.TOKEN_AUDIENCE} (its audiences: {audiences})"
+    user = status.get("user") or {}
+    name = str(user.get("username") or "")
+    pods = (user.get("extra") or {}).get(POD_NAME_EXTRA) or []
+    if not name.startswith(SA_PREFIX) or not pods:
+        return "the token is not a pod's ServiceAccount token"
+    namespace, _, sa = name.removeprefix(SA_PREFIX).partition(":")
+    return Identity(namespace, sa, str(pods[0]))
 
 
 def _pods(endpoint: str) -> list[PodRef]:
@@ -124,8 +139,8 @@ class Broker:
                 if scheme.lower() != "bearer" or not token:
                     raise LeaseError(401, "a ServiceAccount token is required (Authorization: Bearer)")
                 ident = await self.auth.identity(token.strip())
-                if ident is None:
-                    raise LeaseError(401, "the token is not a pod's ServiceAccount token")
+                if isinstance(ident, str):
+                    raise LeaseError(401, ident)
                 reply = await handler(request, ident)
                 return web.json_response(reply.model_dump(by_alias=True) if reply is not None else {})
             except LeaseError as e:

@@ -12,6 +12,7 @@ from typing import Any
 
 from research_api.environment import API_KEY_ENV, DSN_ENV, TASK_ENV, TAVILY_KEY_ENV
 from research_api.exitcodes import EXIT_CONFIG, NON_RETRYABLE_EXIT_CODES
+from research_api.leases import TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS, TOKEN_FILE, TOKEN_VOLUME
 from research_api.researchjob import (
     GROUP,
     KIND,
@@ -277,6 +278,36 @@ def worker_job(
         },
         "spec": job_spec,
     }
+
+
+def add_lease_broker_token(job: dict[str, Any]) -> dict[str, Any]:
+    """Give a worker Job's pod its token for the lease broker: a projected ServiceAccount token bound
+    to the broker's audience (and to the pod), rotated by the kubelet, mounted read-only. The broker
+    accepts only such tokens, so the pod's API token never travels to it. Projected volumes are
+    allowed under restricted Pod Security. Idempotent."""
+    pod_spec = job["spec"]["template"]["spec"]
+    volumes = pod_spec.setdefault("volumes", [])
+    if any(v.get("name") == TOKEN_VOLUME for v in volumes):
+        return job
+    volumes.append(
+        {
+            "name": TOKEN_VOLUME,
+            "projected": {
+                "sources": [
+                    {
+                        "serviceAccountToken": {
+                            "audience": TOKEN_AUDIENCE,
+                            "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
+                            "path": TOKEN_FILE,
+                        }
+                    }
+                ]
+            },
+        }
+    )
+    container = pod_spec["containers"][0]
+    container.setdefault("volumeMounts", []).append({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True})
+    return job
 
 
 CLEANUP_BACKOFF_LIMIT = 3

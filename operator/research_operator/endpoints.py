@@ -192,7 +192,8 @@ def stamp(
 ) -> dict[str, Any]:
     """The worker Job admitted against ``endpoint``: annotated with the endpoint, its pod's demand
     and when it was admitted, and its task told its first share, where to poll for the next ones and,
-    with a lease broker, where to take a lease for each call."""
+    with a lease broker, where to take a lease for each call (``builders.add_lease_broker_token``
+    then gives its pod the token the broker accepts)."""
     meta = job["metadata"]
     meta["annotations"] = {
         **(meta.get("annotations") or {}),

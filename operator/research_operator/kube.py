@@ -231,10 +231,14 @@ async def patch_endpoint_status(name: str, status: dict[str, Any]) -> None:
             raise
 
 
-async def token_review(token: str) -> dict[str, Any]:
-    """The API server's verdict on a bearer token (TokenReview, for the API server's audiences):
-    ``status`` with ``authenticated``, ``user.username`` and ``user.extra``. The token is never logged."""
-    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}}
+async def token_review(token: str, audiences: list[str] | None = None) -> dict[str, Any]:
+    """The API server's verdict on a bearer token (TokenReview) for ``audiences`` (None: the API
+    server's own): ``status`` with ``authenticated``, ``audiences``, ``user.username``, ``user.extra``
+    and ``error``. The token is never logged."""
+    spec: dict[str, Any] = {"token": token}
+    if audiences is not None:
+        spec["audiences"] = list(audiences)
+    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
     review = await call(
         "create",
         "tokenreview",

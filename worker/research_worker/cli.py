@@ -227,10 +227,9 @@ async def _main(args: argparse.Namespace) -> int:
             poller = asyncio.create_task(follow(rt.llm.share, share_ref, shares_loader), name="endpoint share")
             stack.callback(poller.cancel)
             if share_ref.broker_url and share_ref.endpoint:
-                from research_worker.leases import LeaseClient
-                from research_worker.store import bearer_token
+                from research_worker.leases import LeaseClient, broker_token
 
-                rt.llm.leases = LeaseClient(share_ref, rt.llm.share, bearer_token(api_client))
+                rt.llm.leases = LeaseClient(share_ref, rt.llm.share, broker_token)
                 await rt.llm.leases.start()
                 stack.push_async_callback(rt.llm.leases.close)
         if step == Step.PLAN:

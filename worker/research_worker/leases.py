@@ -14,6 +14,10 @@ to its ConfigMap share (``research_worker.share``), never to more:
 
 No wait is unbounded: a call that gets neither a lease nor a share slot within ``MAX_SLOT_WAIT``
 fails with an error that says so.
+
+Each request carries the pod's token for the broker's audience (``broker_token``: the projected
+token file, read at each request since the kubelet rotates it), never the pod's API token. Without
+that file the pod cannot be served by the broker: it says so and calls under its share.
 """
 
 from __future__ import annotations
@@ -21,16 +25,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 import httpx
 
 from research_api import leases as wire
 from research_api.task import EndpointShareRef
-from research_worker.errors import ModelEndpointError
+from research_worker.errors import ModelEndpointError, WorkerConfigError
 from research_worker.share import ShareLimiter
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,32 @@ log = logging.getLogger(__name__)
 MAX_SLOT_WAIT = 1800.0  # a call waits at most this long for a lease or a share slot
 REQUEST_TIMEOUT = 5.0  # heartbeat, release, close
 RETRY_SECONDS = 1.0
+
+
+# Set by the local dev cluster's node agent only (docs/node-agent.md): its pods are local processes
+# without mounts, so it writes a pod's projected token files below this directory at their
+# mountPath. In a real pod it is unset and the token is at its mountPath.
+DEV_VOLUME_ROOT_ENV = "LOCALKUBE_VOLUME_ROOT"
+
+
+def token_path() -> Path:
+    root = os.environ.get(DEV_VOLUME_ROOT_ENV)
+    return Path(root, wire.TOKEN_PATH.lstrip("/")) if root else Path(wire.TOKEN_PATH)
+
+
+def broker_token() -> str:
+    """This pod's current token for the lease broker (bound to its audience; rotated by the kubelet)."""
+    path = token_path()
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise WorkerConfigError(
+            f"no token for the lease broker at {path} ({exc.strerror or exc}): the pod needs a projected "
+            f"ServiceAccount token volume for audience {wire.TOKEN_AUDIENCE} mounted at {wire.TOKEN_DIR}"
+        ) from None
+    if not token:
+        raise WorkerConfigError(f"the lease broker token file {path} is empty")
+    return token
 
 
 class State(StrEnum):
@@ -99,6 +131,10 @@ class LeaseClient:
 
     async def start(self) -> None:
         """The first heartbeat (so the first call already knows the mode), then one every 2 s."""
+        try:
+            self.token()
+        except WorkerConfigError as exc:
+            log.error("%s; this pod calls under its share of ModelEndpoint %s only", exc, self.endpoint)
         await self._beat()
         if self.state == State.LEASE:
             await self._beat()  # declare lease mode: the broker grants only then
@@ -133,8 +169,13 @@ class LeaseClient:
         sent = time.monotonic()
         tokens = self.tokens
         try:
+            headers = self._headers()
+        except WorkerConfigError as exc:
+            self.last_error = str(exc)  # never sent
+            return
+        try:
             resp = await self.http.post(
-                self.url + wire.PATH_HEARTBEAT, json=body.model_dump(by_alias=True), headers=self._headers()
+                self.url + wire.PATH_HEARTBEAT, json=body.model_dump(by_alias=True), headers=headers
             )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"  # never arrived
@@ -208,7 +249,7 @@ class LeaseClient:
         if self.loop_task is not None:
             self.loop_task.cancel()
         if self.state == State.LEASE:
-            with contextlib.suppress(httpx.HTTPError):
+            with contextlib.suppress(httpx.HTTPError, WorkerConfigError):
                 await self.http.post(self.url + wire.PATH_CLOSE, json={}, headers=self._headers())
         await self.http.aclose()
 
@@ -226,7 +267,7 @@ class LeaseClient:
                 headers=self._headers(),
                 timeout=wait + REQUEST_TIMEOUT,
             )
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, WorkerConfigError) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             await asyncio.sleep(RETRY_SECONDS)
             return None
@@ -241,7 +282,7 @@ class LeaseClient:
 
     async def _release(self, lid: str) -> None:
         self.held.pop(lid, None)  # not held: a later heartbeat tells the broker, if this is lost
-        with contextlib.suppress(httpx.HTTPError):
+        with contextlib.suppress(httpx.HTTPError, WorkerConfigError):
             await self.http.post(
                 self.url + wire.PATH_RELEASE,
                 json=wire.Release(lease=lid).model_dump(by_alias=True),

@@ -16,7 +16,7 @@ from research_api.records import AnalystPlan
 from research_worker.store.admin import CHECKPOINT_TABLES, RESULT_TABLES, delete_job_rows, read_postgres_report
 from research_worker.store.base import Store, usage_of_results
 from research_worker.store.configmaps import ConfigMapStore, configmap_body
-from research_worker.store.kube import bearer_token, kube_api_client, load_configmap_data
+from research_worker.store.kube import kube_api_client, load_configmap_data
 from research_worker.store.markers import IndexedStore, MarkerWriter
 from research_worker.store.migrations import MIGRATIONS, SCHEMA_VERSION, migrate
 from research_worker.store.opening import open_store, opened
@@ -34,7 +34,6 @@ __all__ = [
     "PostgresStore",
     "Store",
     "configmap_body",
-    "bearer_token",
     "delete_job_rows",
     "kube_api_client",
     "load_configmap_data",

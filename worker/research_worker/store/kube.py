@@ -38,24 +38,3 @@ def load_configmap_data(api_client: Any, namespace: str) -> Callable[[str], dict
         return dict(cm.data or {})
 
     return load
-
-
-SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-
-
-def bearer_token(api_client: Any) -> Callable[[], str]:
-    """This pod's ServiceAccount token, current at each call: the file the kubelet rotates in a pod,
-    else the token of the kubeconfig the client was made from (the local cluster's pods)."""
-
-    def token() -> str:
-        try:
-            with open(SERVICE_ACCOUNT_TOKEN) as f:
-                return f.read().strip()
-        except OSError:
-            pass
-        value = str(api_client.configuration.get_api_key_with_prefix("BearerToken") or "")
-        if not value:
-            raise WorkerConfigError("no ServiceAccount token to show the lease broker")
-        return value.split(" ", 1)[-1].strip()
-
-    return token
