@@ -835,3 +835,33 @@ async def test_a_namespace_being_deleted_is_asked_once_not_once_per_waiting_rese
         ("doomed", "uid-new"), owner, Want("plan", [worker_job(owner, s, cfg, PID, Step.PLAN)], 1), s.worker, cfg
     )
     assert calls == ["ServiceAccount", "ServiceAccount"]
+
+
+async def test_a_pass_that_finds_its_researchjob_gone_ends_its_loop(monkeypatch: Any) -> None:
+    """A DELETED event can fall into the gap of a watch restarted after it expired: the pass that
+    then finds its ResearchJob gone ends the loop and forgets it, instead of retrying forever."""
+    import logging
+
+    from research_operator import admit as admit_mod
+    from research_operator import kube, loop
+    from research_operator.world import World
+
+    w = World()
+    monkeypatch.setattr(loop, "WORLD", w)
+    monkeypatch.setattr(admit_mod, "WORLD", w)
+    key = ("gone-ns", "uid-1")
+    passes: list[str] = []
+
+    async def reconcile_once(k: Any, body: Any, logger: Any) -> Any:
+        passes.append(k[1])
+        raise kube.Gone("gone-ns/rj")
+
+    monkeypatch.setattr(loop, "reconcile_once", reconcile_once)
+    w.bodies[key] = {"metadata": {"name": "rj", "namespace": "gone-ns", "uid": "uid-1"}}
+    w.waiting[key] = 2
+    w.phases[key] = "Pending"
+    loop.LOOPS[key] = None  # type: ignore[assignment]  # what ensure_loop would hold
+    await loop.reconcile_loop(key, logging.getLogger("test"))  # returns: no sleep, no retry
+    assert passes == ["uid-1"]
+    assert key not in w.bodies and key not in w.waiting and key not in w.phases
+    assert key not in loop.LOOPS

@@ -127,6 +127,31 @@ async def pod_failure_detail(namespace: str, job: str) -> str:
     return detail
 
 
+class Gone(Exception):
+    """The ResearchJob a pass works for no longer exists (under this uid)."""
+
+
+async def researchjob_exists(namespace: str, name: str, uid: str) -> bool:
+    """Whether the ResearchJob ``namespace/name`` still exists as this uid (a watch can miss a
+    deletion: a DELETED event falls into the gap of a watch restarted after it expired)."""
+    try:
+        obj = await call(
+            "get",
+            "researchjob",
+            client.CustomObjectsApi(api()).get_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+        )
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+    return bool(obj.get("metadata", {}).get("uid") == uid)
+
+
 async def patch_status(
     namespace: str, name: str, uid: str, st: ResearchJobStatus, prev: ResearchJobStatus | None = None
 ) -> None:
@@ -153,7 +178,9 @@ async def patch_status(
             _content_type="application/json-patch+json",
         )
     except ApiException as e:
-        if e.status not in (404, 409, 422):  # gone, or another ResearchJob of that name (the test failed)
+        if e.status in (404, 422):  # gone, or another ResearchJob of that name now (the uid test failed)
+            raise Gone(f"{namespace}/{name}") from e
+        if e.status != 409:
             raise
 
 

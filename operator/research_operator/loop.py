@@ -119,7 +119,13 @@ async def reconcile_loop(key: Key, logger: kopf.Logger) -> None:
         start = time.monotonic()
         try:
             out = await reconcile_once(key, body, logger)
+        except kube.Gone:
+            _forget_gone(key, ref, logger)
+            return
         except ApiException as e:
+            if e.status == 404 and not await _still_there(key, body):
+                _forget_gone(key, ref, logger)
+                return
             logger.warning(f"reconcile of {ref} hit an API error {e.status}: {e.reason}")
             out = Outcome(retry=True)
         except asyncio.CancelledError:
@@ -136,6 +142,22 @@ async def reconcile_loop(key: Key, logger: kopf.Logger) -> None:
             timeout = min(timeout, max(0.05, (out.wake_at - _now()).total_seconds()))
         until = time.monotonic() + timeout
         woken = await _sleep(wake, timeout)
+
+
+async def _still_there(key: Key, body: kopf.Body) -> bool:
+    try:
+        return await kube.researchjob_exists(key[0], str(body.get("metadata", {}).get("name")), key[1])
+    except ApiException:
+        return True  # cannot tell: keep it, the pass is retried
+
+
+def _forget_gone(key: Key, ref: str, logger: kopf.Logger) -> None:
+    """A pass found its ResearchJob gone although no DELETED event came (it fell into the gap of a
+    restarted watch): end its loop as the event would have."""
+    logger.info(f"{ref} is gone; its reconcile loop ends")
+    _set_phase(key, None)
+    LOOPS.pop(key, None)
+    WORLD.forget(key)
 
 
 async def _sleep(wake: asyncio.Event, timeout: float) -> bool:
