@@ -278,6 +278,14 @@ async def test_openais_strict_mode_gets_the_schema_without_max_length(base_url: 
     assert "maxLength" not in json.dumps(fmt)
 
 
+async def test_a_search_query_is_bounded_to_a_line_however_large_the_output_budget() -> None:
+    ep = Endpoint(lambda r: httpx.Response(200, json=completion(json.dumps({"search_query": "kueue"}))))
+    await ep.client(max_output_tokens=4096).structured(SearchQuery, CONVERSATION[:2])
+    sent = ep.bodies[0]["response_format"]["json_schema"]["schema"]
+    assert string_bounds(sent) == {"search_query": SearchQuery.max_string_chars}
+    assert "max_string_chars" not in json.dumps(sent)  # a class attribute, not a field
+
+
 async def test_without_an_output_bound_no_string_is_bounded() -> None:
     ep = Endpoint(lambda r: httpx.Response(200, json=completion(json.dumps({"search_query": "kueue"}))))
     query, _ = await ep.client(max_output_tokens=None).structured(SearchQuery, CONVERSATION[:2])

@@ -8,7 +8,8 @@ structured answer is lost. An endpoint that compiles the schema into a grammar (
 and so the whole answer, to end. The bounds share the output budget between the strings: the
 strings together may take ``(maxOutputTokens - the empty JSON's tokens) x TEXT_CHARS_PER_TOKEN``
 characters, equally (every ``maxItems`` of an array counted), each at least ``MIN_STRING_CHARS``
-and at most ``MAX_STRING_CHARS``. At ~4 characters a token for English that spends about 40% of the
+and at most ``MAX_STRING_CHARS`` or the schema's own ``max_string_chars`` class attribute (a search
+query needs no essay). At ~4 characters a token for English that spends about 40% of the
 budget on text and leaves the rest for keys, punctuation and the whitespace a JSON grammar allows.
 
 OpenAI's strict structured outputs (what the openai SDK sends for a pydantic schema) refuse
@@ -86,21 +87,21 @@ def skeleton(node: dict[str, Any], root: dict[str, Any], depth: int = 0) -> tupl
     return 0, 0
 
 
-def string_limit(schema: dict[str, Any], max_output_tokens: int) -> int:
+def string_limit(schema: dict[str, Any], max_output_tokens: int, cap: int = MAX_STRING_CHARS) -> int:
     """The maxLength each free string of ``schema`` gets from an output budget of ``max_output_tokens``."""
     empty, strings = skeleton(schema, schema)
     if strings == 0:
-        return MAX_STRING_CHARS
+        return cap
     skeleton_tokens = len(json.dumps(empty, separators=(",", ":"))) * SKELETON_TOKENS_PER_CHAR
     text_chars = max(0.0, max_output_tokens - skeleton_tokens) * TEXT_CHARS_PER_TOKEN
-    return max(MIN_STRING_CHARS, min(MAX_STRING_CHARS, int(text_chars / strings)))
+    return max(MIN_STRING_CHARS, min(cap, int(text_chars / strings)))
 
 
-def bound_strings(schema: dict[str, Any], max_output_tokens: int) -> dict[str, Any]:
+def bound_strings(schema: dict[str, Any], max_output_tokens: int, cap: int = MAX_STRING_CHARS) -> dict[str, Any]:
     """A copy of ``schema`` whose free strings (no enum, const or maxLength of their own) have a
-    ``maxLength`` from the output budget."""
+    ``maxLength`` from the output budget, at most ``cap``."""
     out = copy.deepcopy(schema)
-    limit = string_limit(out, max_output_tokens)
+    limit = string_limit(out, max_output_tokens, cap)
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
@@ -121,8 +122,10 @@ def bounded(schema: type[T], max_output_tokens: int) -> type[T]:
     """``schema`` with the same name and fields, whose JSON schema bounds its strings. Parsing is
     unchanged: the bounds shape what a grammar lets the model write, they do not reject answers."""
 
+    cap = int(getattr(schema, "max_string_chars", MAX_STRING_CHARS))
+
     def model_json_schema(cls: type[BaseModel], *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return bound_strings(schema.model_json_schema(*args, **kwargs), max_output_tokens)
+        return bound_strings(schema.model_json_schema(*args, **kwargs), max_output_tokens, cap)
 
     namespace = {"__module__": schema.__module__, "model_json_schema": classmethod(model_json_schema)}
     return type(schema.__name__, (schema,), namespace)
