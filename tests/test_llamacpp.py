@@ -7,6 +7,7 @@ operator's phases and messages), never prose.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -14,18 +15,23 @@ import openai
 import pytest
 from kubernetes import client
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langgraph.runtime import Runtime
 from pydantic import SecretStr
 
 from research_api.names import CONFIGMAP_DATA_KEY
 from research_api.researchjob import AnalystStatus
 from research_api.task import ModelSettings, StructuredOutput
+from research_worker.bounds import string_limit
+from research_worker.configuration import Configuration
 from research_worker.errors import ModelAnswerError, ModelContextExceeded, ModelTimeout
+from research_worker.graph import create_analysts
 from research_worker.llm import LLMClient
+from research_worker.search import DocumentsBackend
 from research_worker.state import SearchQuery, Section, perspectives_of
 from research_worker.store import AnalystPlan
 from tests.fixtures.cluster import ClusterHandle
 from tests.fixtures.llamaserver import LlamaServer
-from tests.fixtures.operator import OperatorProcess
+from tests.fixtures.operator import CORPUS, OperatorProcess
 from tests.test_operator_cluster import create, report_text, researchjob, sections, wait_phase
 
 pytestmark = pytest.mark.llamacpp
@@ -82,20 +88,29 @@ async def test_a_streamed_answer_reports_its_usage(llama_server: LlamaServer) ->
     assert usage and 0 < usage[-1]["output_tokens"] <= 16
 
 
-async def test_json_schema_answers_are_grammar_constrained_to_the_schema(llama_server: LlamaServer) -> None:
-    client_ = llm(llama_server, max_output_tokens=512)
-    schema = perspectives_of(2)
-    plan, usage = await client_.structured(
-        schema,
-        [
-            SystemMessage(content="Create 2 analyst personas to research Kubernetes batch scheduling."),
-            HumanMessage(content="Generate the set of analysts."),
-        ],
-    )
-    assert isinstance(plan, schema) and len(plan.analysts) == 2
+async def test_the_planner_shown_the_documents_gets_a_plan_that_the_grammar_ends_in_time(
+    llama_server: LlamaServer,
+) -> None:
+    """The plan step's real call (the documents in its prompt) with json_schema: the answer parses
+    (grammar), has exactly the analysts asked for (minItems = maxItems), and ends before
+    maxOutputTokens because every string's maxLength from that bound is enforced by the grammar.
+    Without the bounds this model repeats one sentence in a description until it is cut off."""
+    requests: list[httpx.Request] = []
+    client_ = llm(llama_server, requests, max_output_tokens=768)
+    config = Configuration(llm=client_, backends=[DocumentsBackend.from_folder(CORPUS)], max_analysts=2)
+    out = await create_analysts({"topic": "How Kubernetes runs and limits batch workloads"}, Runtime(context=config))
+    analysts, usage = out["analysts"], out["usage"]
+    assert len(analysts) == 2
+    limit = string_limit(perspectives_of(2).model_json_schema(), 768)
+    assert all(0 < len(v) <= limit for a in analysts for v in a.model_dump().values()), analysts
+    assert usage.output_tokens < 768  # ended by the grammar, not cut off
+    body = json.loads(requests[0].content)
+    assert "<context>" in body["messages"][0]["content"]  # the documents were in the prompt
+    analyst_schema = body["response_format"]["json_schema"]["schema"]["$defs"]["Analyst"]
+    assert {p["maxLength"] for p in analyst_schema["properties"].values()} == {limit}
+
     query, _ = await client_.structured(SearchQuery, INTERVIEW)
     assert isinstance(query.search_query, str)
-    assert usage.output_tokens <= 512
 
 
 async def test_function_calling_gets_no_tool_call_and_fails_once_with_the_reason(llama_server: LlamaServer) -> None:
@@ -136,10 +151,10 @@ def corpus_files(api: client.ApiClient, namespace: str, name: str) -> list[str]:
 
 
 def gemma_model(server: LlamaServer, **over: Any) -> dict[str, Any]:
-    # The base model never stops by itself, so every call decodes maxOutputTokens. The plan's JSON for
-    # two analysts takes ~530 tokens, most of them the whitespace that llama.cpp's JSON grammar
-    # allows and this model likes: 768 leave room. A call is tens of seconds on an idle 2-core
-    # machine and minutes on a loaded one: the timeout leaves room.
+    # The base model never stops by itself: a chat call decodes maxOutputTokens. A structured call
+    # ends sooner: llama.cpp's grammar enforces the maxLength that every string of the schema gets
+    # from maxOutputTokens (research_worker.bounds); the two-analyst plan takes ~170 tokens. A call
+    # is tens of seconds on an idle 2-core machine and minutes on a loaded one: the timeout leaves room.
     return {"name": server.model, "baseUrl": server.base_url, "maxOutputTokens": 768, "timeoutSeconds": 900, **over}
 
 

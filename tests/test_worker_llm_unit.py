@@ -21,6 +21,7 @@ from research_api.researchjob import ResearchJobSpec
 from research_api.task import ModelSettings, ResearchTask, Step, StructuredOutput
 from research_operator.builders import Owner, build_task, worker_job
 from research_operator.settings import Settings
+from research_worker.bounds import MIN_STRING_CHARS, TEXT_CHARS_PER_TOKEN, skeleton, string_limit
 from research_worker.configuration import Configuration
 from research_worker.errors import (
     ModelAnswerError,
@@ -32,7 +33,7 @@ from research_worker.errors import (
 )
 from research_worker.graph import search_query
 from research_worker.llm import LLMClient, alternate_roles
-from research_worker.state import Perspectives
+from research_worker.state import Perspectives, SearchQuery, perspectives_of
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -211,6 +212,100 @@ async def test_structured_calls_use_the_configured_method(method: StructuredOutp
         assert body["response_format"] == {"type": "json_object"}
     else:
         assert body["tools"][0]["function"]["name"] == "Perspectives" and "response_format" not in body
+
+
+def string_bounds(schema: dict[str, Any]) -> dict[str, int | None]:
+    """Every string property's maxLength (None when it has none), by property name."""
+    out: dict[str, int | None] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for name, sub in (node.get("properties") or {}).items():
+                if isinstance(sub, dict) and sub.get("type") == "string":
+                    out[name] = sub.get("maxLength")
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    return out
+
+
+ANALYSTS = {"analysts": [{"affiliation": "a", "name": "n", "role": "r", "description": "d"}] * 2}
+
+
+@pytest.mark.parametrize("method", [StructuredOutput.JSON_SCHEMA, StructuredOutput.FUNCTION_CALLING])
+async def test_a_self_hosted_endpoint_gets_every_string_bounded_by_the_output_budget(method: StructuredOutput) -> None:
+    """A grammar-constrained endpoint (llama.cpp, vLLM, Ollama) must be able to end the answer in
+    time: every string has a maxLength, the same for all, from maxOutputTokens."""
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        if method == StructuredOutput.FUNCTION_CALLING:
+            data = completion("")
+            function = {"name": "Perspectives", "arguments": json.dumps(ANALYSTS)}
+            call = {"id": "c1", "type": "function", "function": function}
+            data["choices"][0]["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
+            return httpx.Response(200, json=data)
+        return httpx.Response(200, json=completion(json.dumps(ANALYSTS)))
+
+    ep = Endpoint(reply)
+    schema = perspectives_of(2)
+    parsed, _ = await ep.client(max_output_tokens=768, structured_output=method).structured(schema, CONVERSATION[:2])
+    assert type(parsed) is schema and len(parsed.analysts) == 2  # the caller's class, not the bounded one
+    body = ep.bodies[0]
+    sent = (
+        body["response_format"]["json_schema"]["schema"]
+        if method == StructuredOutput.JSON_SCHEMA
+        else body["tools"][0]["function"]["parameters"]
+    )
+    bounds = string_bounds(sent)
+    assert set(bounds) == {"affiliation", "name", "role", "description"}
+    assert len(set(bounds.values())) == 1 and bounds["description"] == string_limit(schema.model_json_schema(), 768)
+    if method == StructuredOutput.JSON_SCHEMA:
+        assert body["response_format"]["json_schema"]["name"] == "Perspectives"
+
+
+@pytest.mark.parametrize("base_url", [None, "https://api.openai.com/v1", "https://my-team.openai.azure.com/openai/v1"])
+async def test_openais_strict_mode_gets_the_schema_without_max_length(base_url: str | None) -> None:
+    """OpenAI's strict structured outputs refuse maxLength; its endpoints get the plain schema."""
+    ep = Endpoint(lambda r: httpx.Response(200, json=completion(json.dumps(ANALYSTS))))
+    await ep.client(base_url=base_url, max_output_tokens=768).structured(perspectives_of(2), CONVERSATION[:2])
+    fmt = ep.bodies[0]["response_format"]["json_schema"]
+    assert fmt["strict"] is True
+    assert set(string_bounds(fmt["schema"]).values()) == {None}
+    assert "maxLength" not in json.dumps(fmt)
+
+
+async def test_a_search_query_is_bounded_to_a_line_however_large_the_output_budget() -> None:
+    ep = Endpoint(lambda r: httpx.Response(200, json=completion(json.dumps({"search_query": "kueue"}))))
+    await ep.client(max_output_tokens=4096).structured(SearchQuery, CONVERSATION[:2])
+    sent = ep.bodies[0]["response_format"]["json_schema"]["schema"]
+    assert string_bounds(sent) == {"search_query": SearchQuery.max_string_chars}
+    assert "max_string_chars" not in json.dumps(sent)  # a class attribute, not a field
+
+
+async def test_without_an_output_bound_no_string_is_bounded() -> None:
+    ep = Endpoint(lambda r: httpx.Response(200, json=completion(json.dumps({"search_query": "kueue"}))))
+    query, _ = await ep.client(max_output_tokens=None).structured(SearchQuery, CONVERSATION[:2])
+    assert query.search_query == "kueue"
+    assert string_bounds(ep.bodies[0]["response_format"]["json_schema"]["schema"]) == {"search_query": None}
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 6, 10])
+@pytest.mark.parametrize("max_output_tokens", [256, 768, 4096, 16384])
+def test_the_bounded_strings_and_the_json_around_them_fit_the_output_budget(count: int, max_output_tokens: int) -> None:
+    """At the budget's own rate (TEXT_CHARS_PER_TOKEN characters a token, a pessimistic rate for
+    English) the strings at full length plus the empty JSON's estimate stay within maxOutputTokens,
+    unless the panel is so large that each string is at its floor."""
+    schema = perspectives_of(count).model_json_schema()
+    limit = string_limit(schema, max_output_tokens)
+    empty, strings = skeleton(schema, schema)
+    assert strings == 4 * count
+    used = strings * limit / TEXT_CHARS_PER_TOKEN + len(json.dumps(empty, separators=(",", ":"))) / 2
+    assert limit == MIN_STRING_CHARS or used <= max_output_tokens
+    assert limit >= MIN_STRING_CHARS
 
 
 async def test_a_structured_answer_cut_off_at_the_output_bound_says_so() -> None:

@@ -19,7 +19,15 @@ from research_api.task import ResearchTask
 from research_worker.citations import cite, dedupe, memos, parse_section, report_sources
 from research_worker.errors import ObjectTooLarge, SearchError
 from research_worker.graph import theme_of
-from research_worker.search import DocumentsBackend, TavilyBackend, WikipediaBackend, format_context
+from research_worker.search import (
+    OVERVIEW_CHARS,
+    OVERVIEW_MIN_CHARS,
+    OVERVIEW_TOTAL_CHARS,
+    DocumentsBackend,
+    TavilyBackend,
+    WikipediaBackend,
+    format_context,
+)
 from research_worker.state import Analyst, SearchDoc, Section
 from research_worker.store import configmap_body
 from research_worker.writing import finalize_report
@@ -173,6 +181,18 @@ def test_bm25_ranks_the_document_about_the_query_first() -> None:
     assert [s for s, _ in ranked] == sorted((s for s, _ in ranked), reverse=True)
     assert docs.rank("OOMKilled memory limit")[0][1].source == "requests-limits-qos.md"
     assert docs.rank("zebra giraffe") == []
+
+
+@pytest.mark.parametrize("analysts", [1, 3, 10, 50])
+def test_the_planners_look_at_the_documents_stays_within_its_size_however_many_analysts(analysts: int) -> None:
+    """The plan's prompt must fit a small model's context for any panel: more analysts show more
+    documents, each shorter, never more text in all."""
+    corpus = {f"topic-{i:03d}.md": f"# Topic {i}\n" + f"queue {i} admits pods by quota. " * 80 for i in range(120)}
+    docs = DocumentsBackend(corpus).overview("queue quota", max(2 * analysts, 6))
+    assert len(docs) == min(max(2 * analysts, 6), OVERVIEW_TOTAL_CHARS // OVERVIEW_MIN_CHARS)
+    assert sum(len(d.content) for d in docs) <= OVERVIEW_TOTAL_CHARS
+    assert all(OVERVIEW_MIN_CHARS <= len(d.content) <= OVERVIEW_CHARS for d in docs)
+    assert all(d.content.startswith("Topic ") for d in docs)  # each from its start
 
 
 async def test_empty_corpus_finds_nothing() -> None:

@@ -155,7 +155,8 @@ class ModelSpec(ApiModel):
         le=1_000_000,
         description=(
             "Most tokens one LLM call may generate (16-1000000). Bounds a model that does not stop; "
-            "a structured answer cut off at this bound fails the step with that reason."
+            "the strings of a structured answer get a maxLength from it (not on OpenAI, whose strict mode "
+            "refuses it), and a structured answer cut off at this bound fails the step with that reason."
         ),
     )
     timeout_seconds: int = Field(

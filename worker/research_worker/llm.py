@@ -11,7 +11,8 @@ messages are sent with alternating roles (consecutive user or assistant turns me
 as strict chat templates (Gemma, Llama 2, Mistral) require. Every failure becomes a
 :class:`~research_worker.errors.WorkerError` that says what happened: a timeout after N s, a
 refused request with the endpoint's own reason, a context overflow, an answer cut off at the
-output bound or not matching the schema.
+output bound or not matching the schema. A structured answer's strings carry a ``maxLength`` from
+the output bound (research_worker.bounds), so a grammar-constrained endpoint ends it in time.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from research_api.task import ModelSettings
+from research_worker.bounds import bounded, strict_subset_only
 from research_worker.errors import (
     BudgetExceeded,
     ModelAnswerError,
@@ -364,8 +366,12 @@ class LLMClient:
     async def structured(self, schema: type[T], messages: Sequence[BaseMessage]) -> tuple[T, TokenUsage]:
         runnable = self._structured.get(schema)
         if runnable is None:
+            # The strings' maxLength lets a grammar-constrained endpoint end the answer within the
+            # output bound (research_worker.bounds); OpenAI's strict mode refuses the keyword.
+            limit = self.settings.max_output_tokens
+            asked = schema if limit is None or strict_subset_only(self.settings.base_url) else bounded(schema, limit)
             runnable = self.model.with_structured_output(
-                schema, method=self.settings.structured_output.value, include_raw=True
+                asked, method=self.settings.structured_output.value, include_raw=True
             )
             self._structured[schema] = runnable
         what = f"structured call for {schema.__name__} ({self.settings.structured_output.value})"
@@ -385,6 +391,8 @@ class LLMClient:
                     f"({self.settings.max_output_tokens}) before it was complete: {_first_line(err)}"
                 )
             raise ModelAnswerError(f"{what}: the model's answer did not match {schema.__name__}: {_first_line(err)}")
+        if type(parsed) is not schema:  # parsed as the bounded subclass: hand back the caller's class
+            parsed = schema.model_validate(parsed.model_dump())
         return parsed, usage
 
 

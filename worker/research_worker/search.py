@@ -22,7 +22,12 @@ log = logging.getLogger(__name__)
 
 DOC_SUFFIXES = (".md", ".markdown", ".txt")
 MAX_PASSAGE_CHARS = 4000
+# The planner's look at the documents: the start of each, together at most OVERVIEW_TOTAL_CHARS
+# (about 2,300 tokens, so the plan's prompt fits a 4k-token context with room for its answer,
+# however many analysts are planned), each at most OVERVIEW_CHARS and at least OVERVIEW_MIN_CHARS.
 OVERVIEW_CHARS = 1500
+OVERVIEW_MIN_CHARS = 300
+OVERVIEW_TOTAL_CHARS = 9000
 
 _STOPWORDS = frozenset(
     "a an and are as at be by can do does for from how i in is it its of on or that the their this to "
@@ -122,9 +127,10 @@ class DocumentsBackend:
         """Nothing to search: the source holds no documents (or no text in them)."""
         return self._bm25 is None
 
-    def overview(self, query: str, limit: int, chars: int = OVERVIEW_CHARS) -> list[SearchDoc]:
+    def overview(self, query: str, limit: int, total_chars: int = OVERVIEW_TOTAL_CHARS) -> list[SearchDoc]:
         """What the documents are about, for planning: up to ``limit`` documents, those most relevant to
-        ``query`` first (BM25 over their passages), each as the start of its text."""
+        ``query`` first (BM25 over their passages), each as the start of its text. Together they take at
+        most ``total_chars``: more documents, shorter starts (OVERVIEW_MIN_CHARS to OVERVIEW_CHARS)."""
         if self._bm25 is None:
             return []
         terms = tokenize(query)
@@ -133,8 +139,10 @@ class DocumentsBackend:
         for score, p in zip(scores, self.passages, strict=True):
             best[p.source] = max(best.get(p.source, 0.0), float(score))
         order = sorted(best, key=lambda src: -best[src])  # stable: ties keep the documents' order
+        shown = order[: min(limit, max(1, total_chars // OVERVIEW_MIN_CHARS))]
+        chars = min(OVERVIEW_CHARS, total_chars // max(1, len(shown)))
         out = []
-        for src in order[:limit]:
+        for src in shown:
             text = "\n\n".join(
                 f"{p.title}\n{p.content}" if p.title else p.content for p in self.passages if p.source == src
             )

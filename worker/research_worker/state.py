@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any, ClassVar, TypedDict
 
 from langchain_core.messages import AnyMessage
 from langgraph.graph import MessagesState
@@ -45,6 +45,10 @@ def perspectives_of(count: int) -> type[Perspectives]:
 
 
 class SearchQuery(BaseModel):
+    # The longest query an endpoint with a grammar may write (research_worker.bounds): a search
+    # query is a line, and web search APIs take a few hundred characters.
+    max_string_chars: ClassVar[int] = 300
+
     search_query: str = Field(description="Search query for retrieval.")
 
 
