@@ -48,7 +48,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 class Operator:
     """The operator as a local process, with the chart's settings."""
 
-    def __init__(self, kubeconfig: Path, base_url: str, tmp: Path) -> None:
+    def __init__(self, kubeconfig: Path, base_url: str, tmp: Path, log: Path | None = None) -> None:
         self.metrics_port = free_port()
         self.namespace = "research-operator-scale"
         env = {
@@ -62,7 +62,7 @@ class Operator:
             "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
             **{k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},  # to compare allocator settings
         }
-        self.log = tmp / "operator.log"
+        self.log = log or tmp / "operator.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "research_operator"],
             env=env,
@@ -78,11 +78,15 @@ class Operator:
                 time.sleep(0.2)
         raise RuntimeError(f"operator did not start:\n{self.log.read_text()[-2000:]}")
 
-    def api_requests(self) -> float:
+    def api_requests_by(self) -> dict[str, float]:
+        """The operator's API requests so far, by verb and resource."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=5).read().decode()
-        found = re.findall(r"^research_operator_api_requests_total\{[^}]*\} (\S+)$", text, re.M)
-        return sum(float(m) for m in found)
+        found = re.findall(r"^research_operator_api_requests_total\{([^}]*)\} (\S+)$", text, re.M)
+        return {labels: float(n) for labels, n in found}
+
+    def api_requests(self) -> float:
+        return sum(self.api_requests_by().values())
 
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -94,16 +98,20 @@ class Operator:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
-    def sample(self, seconds: float) -> dict[str, float]:
+    def sample(self, seconds: float) -> dict[str, Any]:
         """RSS and CPU-seconds per minute and API requests per second over ``seconds``."""
-        cpu0, req0, t0 = self.cpu_seconds(), self.api_requests(), time.monotonic()
+        cpu0, by0, t0 = self.cpu_seconds(), self.api_requests_by(), time.monotonic()
         time.sleep(seconds)
         dt = time.monotonic() - t0
-        return {
+        by = {k: n - by0.get(k, 0.0) for k, n in self.api_requests_by().items() if n > by0.get(k, 0.0)}
+        out: dict[str, Any] = {
             "rss_mib": round(self.rss_mib(), 1),
             "cpu_s_per_min": round((self.cpu_seconds() - cpu0) * 60 / dt, 2),
-            "api_req_per_s": round((self.api_requests() - req0) / dt, 3),
+            "api_req_per_s": round(sum(by.values()) / dt, 3),
         }
+        if by:
+            out["api_requests"] = by  # which ones, when there are any
+        return out
 
     def settle(self, quiet: float = 10, limit: float = 600) -> float:
         """Seconds until the operator's own API requests fall below one per ``quiet`` seconds (its
@@ -339,6 +347,7 @@ def main() -> int:
     parser.add_argument("--only", default="foreign,waiting,running")
     parser.add_argument("--sample", type=float, default=30, help="seconds per RSS/CPU sample")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--operator-log", type=Path, help="keep the operator's log here")
     args = parser.parse_args()
     only = set(args.only.split(","))
 
@@ -365,7 +374,7 @@ def main() -> int:
     )
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        op = Operator(cluster.kubeconfig, f"http://127.0.0.1:{port}/v1", Path(tmp))
+        op = Operator(cluster.kubeconfig, f"http://127.0.0.1:{port}/v1", Path(tmp), args.operator_log)
         try:
             time.sleep(5)
             results["idle"] = op.sample(args.sample)
