@@ -808,7 +808,9 @@ async def test_a_namespace_being_deleted_is_asked_once_not_once_per_waiting_rese
     monkeypatch.setattr(admit_mod, "WORLD", w)
     calls: list[str] = []
 
-    async def create(obj: dict[str, Any]) -> tuple[kube.Created, str]:
+    async def create(obj: dict[str, Any], terminating: Any = None) -> tuple[kube.Created, str]:
+        if terminating is not None and terminating():
+            return kube.Created.TERMINATING, ""  # what kube.call's skip_if does: nothing sent
         calls.append(obj["kind"])
         return kube.Created.TERMINATING, ""
 
@@ -865,3 +867,33 @@ async def test_a_pass_that_finds_its_researchjob_gone_ends_its_loop(monkeypatch:
     assert passes == ["uid-1"]
     assert key not in w.bodies and key not in w.waiting and key not in w.phases
     assert key not in loop.LOOPS
+
+
+async def test_requests_queued_behind_the_api_threads_ask_skip_if_just_before_they_are_sent() -> None:
+    """Thousands of creates queued at once for a namespace that turns out to be being deleted: only
+    those already sent when the first refusal returns reach the API server."""
+    import threading
+    import time
+
+    from research_operator import kube
+
+    refused = threading.Event()
+    sent: list[int] = []
+
+    def fake_create(i: int) -> None:
+        sent.append(i)
+        time.sleep(0.01)
+        refused.set()  # the API server answers: the namespace is being deleted
+
+    async def one(i: int) -> bool:
+        try:
+            await kube.call("create", "serviceaccount", fake_create, i, skip_if=refused.is_set)
+            return True
+        except kube.Skipped:
+            return False
+
+    import asyncio
+
+    results = await asyncio.gather(*(one(i) for i in range(200)))
+    assert sum(results) == len(sent) <= kube.API_THREADS, (sum(results), len(sent))
+    assert sum(results) >= 1

@@ -148,6 +148,12 @@ async def admit_and_create(
         WORLD.waiting[key] = len(want.jobs) - len(admitted)
         WORLD.bump()
     names = [job["metadata"]["name"] for job in admitted]
+
+    def terminating() -> bool:
+        # Asked just before each create is sent: thousands of passes woken at once (their namespace's
+        # quota went with the namespace) are all admitted before the first refusal comes back.
+        return WORLD.namespace_terminating(namespace, time.monotonic())
+
     rbac_refused = False
     try:
         if endpoint is not None and admitted:
@@ -155,7 +161,7 @@ async def admit_and_create(
         if admitted and key not in WORLD.rbac_ready and want.step != CLEANUP_STEP:
             if not cfg.worker_service_account:
                 for obj in worker_rbac(owner):
-                    outcome, _ = await kube.create(obj)
+                    outcome, _ = await kube.create(obj, terminating)
                     if outcome == kube.Created.TERMINATING:
                         rbac_refused = True
                         break
@@ -182,7 +188,7 @@ async def admit_and_create(
     created = 0
     for i, job in enumerate(admitted):
         try:
-            outcome, message = await kube.create(job)
+            outcome, message = await kube.create(job, terminating)
         except BaseException:
             WORLD.drop_intents(key, [rest["metadata"]["name"] for rest in admitted[i:]])
             raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
@@ -31,13 +32,30 @@ def api() -> client.ApiClient:
     return _api
 
 
-async def call(verb: str, resource: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """One Kubernetes API request, off the event loop, counted in the metrics."""
-    global _pool
+_slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+
+
+class Skipped(Exception):
+    """A request not sent: by the time it had a thread, its ``skip_if`` said it could only fail."""
+
+
+async def call(
+    verb: str, resource: str, fn: Any, *args: Any, skip_if: Callable[[], bool] | None = None, **kwargs: Any
+) -> Any:
+    """One Kubernetes API request, off the event loop, counted in the metrics. Requests wait for one
+    of the ``API_THREADS`` threads here, not in the executor's queue, so ``skip_if`` is asked just
+    before this one is sent (thousands queued at once may be moot by then)."""
+    global _pool, _slots
     if _pool is None:
         _pool = concurrent.futures.ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube-api")
-    metrics.API_REQUESTS.labels(verb, resource).inc()
-    return await asyncio.get_running_loop().run_in_executor(_pool, lambda: fn(*args, **kwargs))
+    loop = asyncio.get_running_loop()
+    if _slots is None or _slots[0] is not loop:
+        _slots = (loop, asyncio.Semaphore(API_THREADS))
+    async with _slots[1]:
+        if skip_if is not None and skip_if():
+            raise Skipped(f"{verb} {resource}")
+        metrics.API_REQUESTS.labels(verb, resource).inc()
+        return await loop.run_in_executor(_pool, lambda: fn(*args, **kwargs))
 
 
 class Created(StrEnum):
@@ -58,8 +76,9 @@ def quota_message(e: ApiException) -> str:
     return message or "the API server answered 403 exceeded quota"
 
 
-async def create(obj: dict[str, Any]) -> tuple[Created, str]:
-    """Create one child object; the outcome and, for a quota refusal, the server's message."""
+async def create(obj: dict[str, Any], terminating: Callable[[], bool] | None = None) -> tuple[Created, str]:
+    """Create one child object; the outcome and, for a quota refusal, the server's message.
+    ``terminating``: whether its namespace is known to be being deleted (asked just before sending)."""
     ns = obj["metadata"]["namespace"]
     kind = obj["kind"]
     fns = {
@@ -69,7 +88,9 @@ async def create(obj: dict[str, Any]) -> tuple[Created, str]:
         "RoleBinding": client.RbacAuthorizationV1Api(api()).create_namespaced_role_binding,
     }
     try:
-        await call("create", kind.lower(), fns[kind], ns, obj)
+        await call("create", kind.lower(), fns[kind], ns, obj, skip_if=terminating)
+    except Skipped:
+        return Created.TERMINATING, ""
     except ApiException as e:
         if e.status == 409:
             return Created.EXISTS, ""
