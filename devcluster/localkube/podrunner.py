@@ -727,14 +727,15 @@ class PodWorker(threading.Thread):
                 log.warning("%s/%s: token refresh failed: %s", self.namespace, self.pod_name, e)
                 self._token_refresh_at = time.monotonic() + 30
 
-    def _write_token(self, pod: dict[str, Any]) -> None:
+    def _request_token(self, pod: dict[str, Any], audiences: list[str], seconds: int, what: str = "") -> str:
+        """A TokenRequest for the pod's ServiceAccount, bound to the pod. ``what``: named in the error."""
         sa = self._sa_name(pod)
         body = {
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenRequest",
             "spec": {
-                "audiences": [],
-                "expirationSeconds": TOKEN_SECONDS,
+                "audiences": audiences,
+                "expirationSeconds": seconds,
                 "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": self.pod_name, "uid": self.uid},
             },
         }
@@ -744,11 +745,15 @@ class PodWorker(threading.Thread):
             resp = self.rt.core.create_namespaced_service_account_token(
                 sa, self.namespace, request, _preload_content=False
             )
-            token = str(raw_json(resp)["status"]["token"])
+            return str(raw_json(resp)["status"]["token"])
         except ApiException as e:
             raise ContainerConfigError(
-                f"failed to fetch token for ServiceAccount {self.namespace}/{sa}: {e.status} {e.reason}"
+                f"failed to fetch token for ServiceAccount {self.namespace}/{sa}{what}: {e.status} {e.reason}"
             ) from e
+
+    def _write_token(self, pod: dict[str, Any]) -> None:
+        sa = self._sa_name(pod)
+        token = self._request_token(pod, [], TOKEN_SECONDS)
         # Refresh at 80% of the lifetime, like the kubelet's token manager.
         self._token_refresh_at = time.monotonic() + TOKEN_SECONDS * 0.8
         sa_dir = self.run_dir / "serviceaccount"
@@ -817,28 +822,8 @@ class PodWorker(threading.Thread):
         return {VOLUME_ROOT_ENV: str(root)}
 
     def _write_projected(self, pod: dict[str, Any], t: ProjectedToken) -> None:
-        sa = self._sa_name(pod)
-        body = {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {
-                "audiences": [t.audience] if t.audience else [],
-                "expirationSeconds": t.seconds,
-                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": self.pod_name, "uid": self.uid},
-            },
-        }
-        request = client.AuthenticationV1TokenRequest.from_dict(body)
-        assert request is not None
-        try:
-            resp = self.rt.core.create_namespaced_service_account_token(
-                sa, self.namespace, request, _preload_content=False
-            )
-            token = str(raw_json(resp)["status"]["token"])
-        except ApiException as e:
-            raise ContainerConfigError(
-                f"failed to fetch token for ServiceAccount {self.namespace}/{sa} (volume {t.volume}, audience "
-                f"{t.audience or 'the API server'}): {e.status} {e.reason}"
-            ) from e
+        what = f" (volume {t.volume}, audience {t.audience or 'the API server'})"
+        token = self._request_token(pod, [t.audience] if t.audience else [], t.seconds, what)
         t.refresh_at = time.monotonic() + t.seconds * 0.8  # like the kubelet's token manager
         volume_dir = self.run_dir / "volumes" / t.volume
         path = _inside(volume_dir, t.path)
