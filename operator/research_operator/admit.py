@@ -98,6 +98,21 @@ def _endpoint_of(model: ModelSpec | None, cfg: Settings) -> ep.Endpoint | None:
     return ep.match(WORLD.endpoints.values(), model.base_url or cfg.default_model_base_url, model.name)
 
 
+def _being_deleted(namespace: str) -> str:
+    """What a ResearchJob says when its namespace refused a create as being deleted; remembered, so
+    its other creates there are not sent for a while (``World.namespace_terminating``)."""
+    WORLD.terminating[namespace] = time.monotonic()
+    return f"namespace {namespace} is being deleted"
+
+
+def _all_wait_for_deleted_namespace(key: Key, want: Want) -> tuple[Waiting, int]:
+    """None of ``want`` is created: the namespace is being deleted (a create there was refused so)."""
+    WORLD.waiting[key] = len(want.jobs)
+    WORLD.blocked.pop(key, None)
+    why = f"namespace {key[0]} is being deleted"
+    return Waiting(step_noun(want.step, len(want.jobs)), WaitReason.EXCEEDED_QUOTA, why, refused=True), 0
+
+
 async def admit_and_create(
     key: Key, owner: Owner, want: Want, worker: WorkerSpec, cfg: Settings, model: ModelSpec | None = None
 ) -> tuple[Waiting, int]:
@@ -119,10 +134,7 @@ async def admit_and_create(
     )
     budget = _budget_verdict(namespace, cfg, now()) if model is not None else None
     if WORLD.namespace_terminating(namespace, time.monotonic()):
-        WORLD.waiting[key] = len(want.jobs)
-        WORLD.blocked.pop(key, None)
-        why = f"namespace {namespace} is being deleted"
-        return Waiting(step_noun(want.step, len(want.jobs)), WaitReason.EXCEEDED_QUOTA, why, refused=True), 0
+        return _all_wait_for_deleted_namespace(key, want)
     async with WORLD.admission_lock:
         WORLD.waiting[key] = len(want.jobs)
         me = Demand(namespace, key[1], WORLD.active_of(key), len(want.jobs))
@@ -174,14 +186,11 @@ async def admit_and_create(
             request_share_sync(endpoint.name)
         raise
     if rbac_refused:
-        WORLD.terminating[namespace] = time.monotonic()
+        _being_deleted(namespace)
         WORLD.drop_intents(key, names)
-        WORLD.waiting[key] = len(want.jobs)
-        WORLD.blocked.pop(key, None)
         if endpoint is not None:
             request_share_sync(endpoint.name)
-        why = f"namespace {namespace} is being deleted"
-        return Waiting(step_noun(want.step, len(want.jobs)), WaitReason.EXCEEDED_QUOTA, why, refused=True), 0
+        return _all_wait_for_deleted_namespace(key, want)
     if adm.reason is not None and adm.reason.is_quota:
         metrics.QUOTA_WAITS.labels(namespace).inc()
     refused: tuple[WaitReason, str] | None = None
@@ -195,9 +204,7 @@ async def admit_and_create(
         if outcome in (kube.Created.QUOTA, kube.Created.TERMINATING):
             WORLD.drop_intents(key, [rest["metadata"]["name"] for rest in admitted[i:]])
             WORLD.waiting[key] = WORLD.waiting.get(key, 0) + len(admitted) - i
-            why = message if outcome == kube.Created.QUOTA else f"namespace {namespace} is being deleted"
-            if outcome == kube.Created.TERMINATING:
-                WORLD.terminating[namespace] = time.monotonic()
+            why = message if outcome == kube.Created.QUOTA else _being_deleted(namespace)
             refused = (WaitReason.EXCEEDED_QUOTA, why)
             metrics.QUOTA_WAITS.labels(namespace).inc()
             break
