@@ -308,7 +308,7 @@ def test_reused_names_across_namespaces_and_incarnations_all_succeed_with_their_
 
 
 # ------------------------------------------------------------------------------------------
-# one admission path: caps and quotas bind the planner and the writer too
+# one admission path: caps and quotas bind every step's Job
 # ------------------------------------------------------------------------------------------
 
 
@@ -339,7 +339,8 @@ def test_a_global_cap_of_one_holds_every_step_of_five_researchjobs(
         assert jobs.ledger.max_active == 1, f"{jobs.ledger.max_active} worker Jobs were active at once"
         with jobs.ledger.lock:
             created = len(jobs.ledger.creations)
-        assert created >= 5 * 3, "each ResearchJob runs a planner, a batch and a writer"
+        # Each one's planner goes on to interview its one analyst and write the report (continue_steps).
+        assert created >= 5, "each ResearchJob runs at least its planner"
         assert saw_throttled, "no ResearchJob ever said it waited for the global cap"
 
 

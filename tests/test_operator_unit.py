@@ -182,6 +182,37 @@ def test_all_sections_then_writer_then_succeeded() -> None:
     assert {c.type: c.status for c in d.status.conditions or []}["Complete"] == "True"
 
 
+def test_a_planner_carrying_the_first_batch_holds_it_until_it_ends() -> None:
+    store = StoreView(analysts={PID: analysts(6)}, sections={PID: frozenset({0})})
+    carrier = JobView("p", "plan", PID, 0)
+    d = decide(spec(), observe(jobs=[carrier], store=store))
+    assert d.status.phase == Phase.Interviewing
+    assert d.waiting_batches == [1, 2]  # batch 0 is the planner's: no Job of its own
+    assert d.status.batches.active == 1 and d.status.active_jobs == ["p"]
+    assert "p" not in d.delete_jobs
+
+    # It failed before storing its batch's sections: that is the batch failing (its retries were spent).
+    failed = dataclasses.replace(carrier, failed=True, message="BackoffLimitExceeded")
+    d = decide(spec(), observe(jobs=[failed], store=store))
+    assert d.status.phase == Phase.Failed and d.status.failed_analysts == ["A1"]
+    assert "p" not in d.delete_jobs  # kept, so the failure stays
+
+    # It ended well without them: the batch gets a Job of its own, and the planner's Job goes.
+    ended = dataclasses.replace(carrier, succeeded=True)
+    d = decide(spec(), observe(jobs=[ended], store=store))
+    assert d.waiting_batches == [0, 1, 2] and "p" in d.delete_jobs
+
+
+def test_the_writer_job_waits_for_the_pods_that_may_write_the_report_themselves() -> None:
+    done = StoreView(analysts={PID: analysts(6)}, sections={PID: frozenset(range(6))})
+    last = JobView("b2", "interview", PID, 2)
+    d = decide(spec(), observe(jobs=[last], store=done))
+    assert d.status.phase == Phase.Writing and not d.create_writer
+    assert "b2" in (d.status.message or "") and "last" in (d.status.message or "")
+    d = decide(spec(), observe(jobs=[dataclasses.replace(last, succeeded=True)], store=done))
+    assert d.create_writer  # it ended without a report: the writer Job writes it
+
+
 def test_failed_batch_fails_the_job_naming_the_analysts() -> None:
     store = StoreView(analysts={PID: analysts(6)}, sections={PID: frozenset({0})})
     jobs = [
@@ -253,6 +284,20 @@ def test_worker_job_is_owned_restricted_and_carries_a_valid_task() -> None:
     ignore, fail = job["spec"]["podFailurePolicy"]["rules"]
     assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
     assert fail["action"] == "FailJob" and fail["onExitCodes"]["values"] == [2, 3, 5]
+
+
+def test_a_planner_that_goes_on_names_its_batch_and_tells_the_worker() -> None:
+    owner = Owner("research", "k8s-batch", "uid-1")
+    job = worker_job(owner, spec(), Settings(), PID, Step.PLAN, [0, 1], 0, continue_steps=True)
+    assert job["metadata"]["name"] == f"k8s-batch-{PID}-plan"  # still the plan step's one name
+    assert job["metadata"]["labels"]["researchops.io/batch"] == "0"
+    assert job_view(job).step == "plan" and job_view(job).batch == 0
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["research-worker", "plan"]
+    task = ResearchTask.model_validate(json.loads({e["name"]: e for e in c["env"]}["RESEARCH_TASK"]["value"]))
+    assert task.continue_steps and task.analysts == [0, 1]
+    alone = worker_job(owner, spec(), Settings(), PID, Step.PLAN)
+    assert "researchops.io/batch" not in alone["metadata"]["labels"]
 
 
 def test_the_job_fails_at_once_on_exactly_the_worker_errors_a_retry_cannot_fix() -> None:
@@ -634,6 +679,7 @@ def test_demand_is_what_a_pod_can_have_in_flight() -> None:
     assert ep.demand("interview", 3, 4, EP) == 3  # one call at a time per analyst
     assert ep.demand("interview", 6, 4, EP) == 4  # never more than maxConcurrency
     assert ep.demand("write", 1, 4, EP) == 3 and ep.demand("plan", 1, 4, EP) == 1
+    assert ep.demand("plan", 2, 4, EP) == 2  # a planner that goes on to interview two analysts
     small = dataclasses.replace(EP, max_concurrent=2)
     assert ep.demand("interview", 5, 8, small) == 2  # a pod always fits an idle endpoint
 

@@ -17,7 +17,7 @@ LABEL_PLAN = f"{GROUP}/plan"  # the plan id
 LABEL_KIND = f"{GROUP}/kind"  # analysts | section | report (research_api.records.StoredKind)
 LABEL_ANALYST = f"{GROUP}/analyst"  # the analyst index of a section
 LABEL_STEP = f"{GROUP}/step"  # on worker Jobs and pods: plan | interview | write | cleanup
-LABEL_BATCH = f"{GROUP}/batch"  # on interview Jobs and pods: the batch index
+LABEL_BATCH = f"{GROUP}/batch"  # on interview Jobs and pods: the batch index (a planner's: the batch it goes on to)
 SETTINGS_KIND = "operator-settings"  # the LABEL_KIND of the operator's settings ConfigMap
 ANNOTATION_JOB_UID = f"{GROUP}/job-uid"
 # On the marker ConfigMaps the PostgreSQL store writes for the operator (the rows themselves live

@@ -173,6 +173,10 @@ class ResearchTask(_Model):
     feedback: str | None = None
     plan: str | None = Field(default=None, pattern=r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$")
     analysts: list[int] = Field(default_factory=list)  # interview: the batch (empty = every analyst)
+    # Go on in this process when the next step can start here (no new pod, no second start-up): a
+    # planner then interviews ``analysts``, and whichever pod stores the plan's last section claims
+    # the report and writes it. The operator still runs the next step's Job if this pod does not.
+    continue_steps: bool = False
     interview_concurrency: int | None = Field(default=None, ge=1)  # interviews in flight (None = all)
     max_turns: int = Field(default=DEFAULT_MAX_TURNS, ge=1, le=10)
     model: ModelSettings = Field(default_factory=ModelSettings)

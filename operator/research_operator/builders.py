@@ -76,6 +76,7 @@ def build_task(
     step: Step,
     plan: str,
     analysts: list[int] | None = None,
+    continue_steps: bool = False,
 ) -> ResearchTask:
     """The typed task a worker Job runs: the spec translated, secrets only named by env var."""
     sources: list[DocumentsSource | TavilySource | WikipediaSource] = []
@@ -100,6 +101,7 @@ def build_task(
         feedback=spec.analysts.feedback,
         plan=plan,
         analysts=analysts or [],
+        continue_steps=continue_steps,
         max_turns=spec.interview.max_turns,
         model=ModelSettings(
             name=spec.model.name,
@@ -197,9 +199,12 @@ def worker_job(
     batch: list[int] | None = None,
     batch_index: int | None = None,
     active_deadline_seconds: int | None = None,
+    continue_steps: bool = False,
 ) -> dict[str, Any]:
-    """The batch/v1 Job that runs one worker step (plan, one interview batch, or write)."""
-    task = build_task(owner, spec, settings, step, plan, batch)
+    """The batch/v1 Job that runs one worker step (plan, one interview batch, or write).
+    ``continue_steps``: its pod goes on with the next steps when it can (``ResearchTask``); a
+    planner then interviews ``batch``, which its ``batch`` label names."""
+    task = build_task(owner, spec, settings, step, plan, batch, continue_steps)
     env: list[dict[str, Any]] = [{"name": TASK_ENV, "value": task.to_json()}]
     if spec.model.api_key_secret_ref is not None:
         env.append(_secret_env(API_KEY_ENV, spec.model.api_key_secret_ref))
@@ -209,7 +214,7 @@ def worker_job(
         if source.api_key_secret_ref is not None and source.type.value == "tavily":
             env.append(_secret_env(TAVILY_KEY_ENV, source.api_key_secret_ref))
     job_labels = labels(owner, step.value, plan)
-    if batch_index is not None:
+    if batch_index is not None:  # a planner's: the batch it interviews after planning
         job_labels[LABEL_BATCH] = str(batch_index)
     # Kueue mode: every step's Job waits suspended in the LocalQueue until Kueue admits it. The
     # Kueue labels go on the Job only (Kueue reads them there), not on its pods.
@@ -271,7 +276,7 @@ def worker_job(
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": job_name(owner, plan, step.value, batch_index),
+            "name": job_name(owner, plan, step.value, batch_index if step == Step.INTERVIEW else None),
             "namespace": owner.namespace,
             "labels": {**job_labels, **kueue_labels},
             "ownerReferences": [owner.reference()],

@@ -79,9 +79,11 @@ def match(endpoints: Iterable[Endpoint], base_url: str, model: str) -> Endpoint 
 
 def demand(step: str, analysts: int, max_concurrency: int, endpoint: Endpoint) -> int:
     """Requests in flight one worker pod can have: an interview makes one call at a time per analyst,
-    the planner one, the writer three at once; never more than the pod's own ``maxConcurrency``, nor
-    than the endpoint can take at all (so every pod can start once the endpoint is free)."""
-    if step == Step.INTERVIEW.value:
+    the planner one (a planner that goes on to interview ``analysts``: one per analyst), the writer
+    three at once; never more than the pod's own ``maxConcurrency``, nor than the endpoint can take
+    at all (so every pod can start once the endpoint is free). A pod that writes the report after its
+    interviews does so within its share."""
+    if step in (Step.INTERVIEW.value, Step.PLAN.value):
         calls = max(1, analysts)
     elif step == Step.WRITE.value:
         calls = WRITER_CALLS

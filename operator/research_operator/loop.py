@@ -39,6 +39,7 @@ from research_operator.reconcile import (
     apply_waiting,
     batches,
     condition,
+    continues_steps,
     decide,
 )
 from research_operator.world import WORLD, Key, settings
@@ -218,14 +219,32 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
 
     plan_id = st.plan_id or ""
     want: Want | None = None
-    if d.create_plan or d.create_writer:
+    plan = batches(spec.analysts.count, spec.parallelism.batch_size)
+    # Pods go on to the next step when they can (no review in between): the planner interviews the
+    # first batch, and the pod that stores the last section writes the report.
+    chain = continues_steps(spec)
+    if d.create_plan and chain:
+        single = worker_job(
+            owner, spec, cfg, plan_id, Step.PLAN, plan[0], 0, active_deadline_seconds=remaining, continue_steps=True
+        )
+        want = Want(Step.PLAN.value, [single], own_limit=1, analysts=[len(plan[0])])
+    elif d.create_plan or d.create_writer:
         step = Step.PLAN if d.create_plan else Step.WRITE
         single = worker_job(owner, spec, cfg, plan_id, step, active_deadline_seconds=remaining)
         want = Want(step.value, [single], own_limit=1)
     elif d.waiting_batches:
-        plan = batches(spec.analysts.count, spec.parallelism.batch_size)
         built = [
-            worker_job(owner, spec, cfg, plan_id, Step.INTERVIEW, plan[b], b, active_deadline_seconds=remaining)
+            worker_job(
+                owner,
+                spec,
+                cfg,
+                plan_id,
+                Step.INTERVIEW,
+                plan[b],
+                b,
+                active_deadline_seconds=remaining,
+                continue_steps=chain,
+            )
             for b in d.waiting_batches
         ]
         want = Want(

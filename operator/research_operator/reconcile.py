@@ -89,6 +89,12 @@ def batches(count: int, batch_size: int) -> list[list[int]]:
     return [list(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size)]
 
 
+def continues_steps(spec: ResearchJobSpec) -> bool:
+    """Whether worker pods go on to the next step in their own process (``ResearchTask.continue_steps``):
+    always, but for a planner whose analysts a person must first approve."""
+    return not spec.analysts.review or spec.analysts.approved
+
+
 def rfc3339(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -115,6 +121,9 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
     plan_job = next((j for j in jobs if j.step == "plan"), None)
     writer = next((j for j in jobs if j.step == "write"), None)
     by_batch = {j.batch: j for j in jobs if j.step == "interview"}
+    # A planner that goes on to interview a batch: that batch's Job while it runs or if it failed
+    # (its retries covered the interviews too); if it ended well without them, the batch gets its own.
+    carrier = plan_job if plan_job is not None and plan_job.batch is not None else None
     analysts = obs.store.analysts.get(pid)
     done = obs.store.sections.get(pid, frozenset())
     report = obs.store.reports.get(pid)
@@ -164,6 +173,8 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
         active: list[str] = []
         for b, members in enumerate(plan):
             job = by_batch.get(b)
+            if job is None and carrier is not None and carrier.batch == b and not carrier.succeeded:
+                job = carrier
             if all(i in done for i in members):
                 counts.succeeded += 1
                 if job is not None and not job.active:
@@ -184,8 +195,10 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
                 active.append(job.name)
         counts.queued += len(d.waiting_batches)
         st.active_jobs = active or None
-        if plan_job is not None and not plan_job.active:
-            d.delete_jobs.append(plan_job.name)
+        carried = next((m for b, m in enumerate(plan) if carrier is not None and carrier.batch == b), [])
+        if plan_job is not None and not plan_job.active and plan_job.name not in d.delete_jobs:
+            if plan_job.succeeded or all(i in done for i in carried):
+                d.delete_jobs.append(plan_job.name)  # a failed carrier stays: it is its batch's failure
         if failed_analysts:
             st.failed_analysts = failed_analysts
             why = next((m for m in failure_messages if m), "")
@@ -195,7 +208,15 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
             )
         elif counts.succeeded == len(plan):
             st.phase = Phase.Writing
-            if writer is None:
+            # The pod that stored the last section writes the report itself (``continue_steps``): the
+            # writer Job is only for when none of them did, once they have all ended.
+            running = [j.name for j in jobs if j.step != "write" and j.active]
+            if writer is None and running:
+                st.message = (
+                    f"all sections written; the report is written by the pod that stored the last one "
+                    f"(waiting for {', '.join(running)} to end)"
+                )
+            elif writer is None:
                 d.create_writer = True
                 st.message = "all sections written; writing the report"
             elif writer.failed:

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -235,16 +236,18 @@ async def _main(args: argparse.Namespace) -> int:
         if step == Step.PLAN:
             plan = await steps.plan(rt, store)
             print(json.dumps({"analysts": [a.model_dump() for a in plan.analysts]}))
-        elif step == Step.INTERVIEW:
+        if step == Step.INTERVIEW or (step == Step.PLAN and task.continue_steps and task.analysts):
             outcome = await steps.interview(rt, store)
             print(json.dumps({"written": outcome.written, "skipped": outcome.skipped}))
-        else:
+        if step == Step.WRITE:
             report = await steps.write(rt, store)
             if args.output:
                 _emit(args.output, report.markdown)
             if args.sections_dir:
                 _write_sections(Path(args.sections_dir), await store.list_sections())
             print(json.dumps({"sources": len(report.sources), "sections": report.sections}))
+        elif task.continue_steps:
+            await _write_if_last(rt, store)
         if args.usage_file:
             plan_, sections, report_ = (
                 await store.load_analysts(),
@@ -255,6 +258,21 @@ async def _main(args: argparse.Namespace) -> int:
                 args.usage_file, {k: v.model_dump() for k, v in usage_of_results(plan_, sections, report_).items()}
             )
     return 0
+
+
+async def _write_if_last(rt: Any, store: Any) -> None:
+    """Write the report in this pod if it stored the plan's last section. Its own step is done by
+    then, so a failure here only leaves the report to the writer Job the operator then starts."""
+    from research_worker import steps
+
+    holder = os.environ.get("HOSTNAME") or socket.gethostname()
+    try:
+        report = await steps.write_if_last(rt, store, holder)
+    except WorkerError as exc:
+        log.warning("writing the report in this pod failed, the operator's writer Job will: %s", exc)
+        return
+    if report is not None:
+        print(json.dumps({"sources": len(report.sources), "sections": report.sections}))
 
 
 def _emit(output: str | None, text: str) -> None:

@@ -168,6 +168,23 @@ async def write(rt: Runtime, store: Store) -> Report:
     return report
 
 
+async def write_if_last(rt: Runtime, store: Store, holder: str) -> Report | None:
+    """After this pod stored its sections: if every analyst of the plan now has one and no report is
+    stored, claim the report (one pod wins, also when several finish at once) and write it here,
+    which spares a writer pod's start-up. None when another pod has it, or sections are missing."""
+    stored_plan = await store.load_analysts()
+    if stored_plan is None or await store.load_report() is not None:
+        return None
+    have = await store.section_indices()
+    if any(i not in have for i in range(len(stored_plan.analysts))):
+        return None
+    if not await store.claim_report(holder):
+        log.info("every section is stored; another pod claimed the report")
+        return None
+    log.info("every section is stored; this pod writes the report")
+    return await write(rt, store)
+
+
 @dataclass
 class RunResult:
     report: Report

@@ -6,7 +6,7 @@ from __future__ import annotations
 from research_api.records import Report
 from research_worker.errors import StoreError, WorkerConfigError
 
-RESULT_TABLES = ("research_analysts", "research_sections", "research_reports", "research_usage")
+RESULT_TABLES = ("research_analysts", "research_sections", "research_reports", "research_usage", "research_claims")
 CHECKPOINT_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes")
 
 

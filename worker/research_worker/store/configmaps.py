@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
+REPORT_CLAIM = "report-claim"  # the ConfigMap whose creator writes the report (``claim_report``)
+
 
 def configmap_body(
     name: str,
@@ -88,13 +90,24 @@ class PlanConfigMaps:
         extra: Mapping[str, str] | None = None,
         annotations: Mapping[str, str] | None = None,
     ) -> bool:
-        from kubernetes.client.exceptions import ApiException
-
         labels = {**self.base_labels, LABEL_KIND: kind.value}
         if index is not None:
             labels[LABEL_ANALYST] = str(index)
         name = self._name(kind, index)
         data = {CONFIGMAP_DATA_KEY: obj.model_dump_json(), **(extra or {})}
+        return await self._create_once(str(kind), name, data, labels, annotations)
+
+    async def _create_once(
+        self,
+        kind: str,
+        name: str,
+        data: Mapping[str, str],
+        labels: dict[str, str],
+        annotations: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Create the ConfigMap; False if it exists (another pod was first)."""
+        from kubernetes.client.exceptions import ApiException
+
         body = configmap_body(name, self.ns, data, labels, self.owner, self.uid, annotations)
         try:
             await asyncio.to_thread(self.core.create_namespaced_config_map, self.ns, body)
@@ -165,6 +178,12 @@ class ConfigMapStore(PlanConfigMaps):
 
     async def usage(self) -> dict[str, TokenUsage]:
         return usage_of_results(await self.load_analysts(), await self.list_sections(), await self.load_report())
+
+    async def claim_report(self, holder: str) -> bool:
+        # Its kind is not a StoredKind: the operator's view of the store passes it by.
+        name = configmap_name(self.job, self.plan, REPORT_CLAIM)
+        labels = {**self.base_labels, LABEL_KIND: REPORT_CLAIM}
+        return await self._create_once(REPORT_CLAIM, name, {"holder": holder}, labels)
 
     def checkpointer(self) -> Any:
         return None

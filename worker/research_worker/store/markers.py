@@ -157,6 +157,9 @@ class IndexedStore:
     async def usage(self) -> dict[str, TokenUsage]:
         return await self.inner.usage()
 
+    async def claim_report(self, holder: str) -> bool:
+        return await self.inner.claim_report(holder)
+
     def checkpointer(self) -> Any:
         return self.inner.checkpointer()
 

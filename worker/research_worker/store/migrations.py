@@ -36,6 +36,14 @@ MIGRATIONS: list[tuple[int, str]] = [
             calls int NOT NULL, PRIMARY KEY (job_uid, plan, step));
         """,
     ),
+    (
+        3,
+        """
+        CREATE TABLE research_claims (
+            job_uid text NOT NULL, plan text NOT NULL, what text NOT NULL, holder text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (job_uid, plan, what));
+        """,
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

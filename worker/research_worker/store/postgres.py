@@ -134,6 +134,19 @@ class PostgresStore:
         )
         return {r.pop("step"): TokenUsage.model_validate(r) for r in rows}
 
+    async def claim_report(self, holder: str) -> bool:
+        import psycopg
+
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    "INSERT INTO research_claims VALUES (%s,%s,'report',%s) ON CONFLICT DO NOTHING",
+                    (self.uid, self.plan, holder),
+                )
+                return bool(cur.rowcount)
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL write failed: {exc}") from None
+
     def checkpointer(self) -> Any:
         return self.saver
 
