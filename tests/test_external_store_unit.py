@@ -374,6 +374,9 @@ async def test_indexed_store_and_cleanup_on_a_real_postgres(
             await store.save_analysts(AnalystPlan(topic="t", analysts=PEOPLE, usage=TokenUsage(total_tokens=10)))
             for i in range(2):
                 await store.save_section(section(i))
+            # Two pods that stored the last sections at once: one wins the report.
+            won = await asyncio.gather(store.claim_report("pod-a"), store.claim_report("pod-b"))
+            assert sorted(won) == [False, True]
             await store.save_report(REPORT)
             saver = store.checkpointer()
             for i in range(2):
@@ -389,7 +392,13 @@ async def test_indexed_store_and_cleanup_on_a_real_postgres(
         with psycopg.connect(postgres_dsn) as conn:
             out = {
                 t: conn.execute(f"SELECT count(*) FROM {t} WHERE job_uid = %s", (job_uid,)).fetchone()[0]  # type: ignore[index]
-                for t in ("research_analysts", "research_sections", "research_reports", "research_usage")
+                for t in (
+                    "research_analysts",
+                    "research_sections",
+                    "research_reports",
+                    "research_usage",
+                    "research_claims",
+                )
             }
             out["checkpoints"] = conn.execute(
                 "SELECT count(*) FROM checkpoints WHERE starts_with(thread_id, %s)", (f"{job_uid}:",)
@@ -401,6 +410,7 @@ async def test_indexed_store_and_cleanup_on_a_real_postgres(
         "research_sections": 2,
         "research_reports": 1,
         "research_usage": 4,
+        "research_claims": 1,
         "checkpoints": 2,
     }
     # What status.report's message tells a user to run:

@@ -75,3 +75,44 @@ def test_steps_through_configmaps_owned_by_the_job(
     assert json.loads(section.data["data.json"])["index"] == 2
     report = json.loads(by_name[f"rj-{pid}-report"].data["data.json"])
     assert report["markdown"] == out.read_text()
+
+
+def test_pods_that_continue_plan_then_interview_and_the_last_one_writes_the_report(
+    cluster: Any, namespace: str, modelserver: ModelServerProcess, tmp_path: Path
+) -> None:
+    core = client.CoreV1Api(cluster.api_client())
+    owner = core.create_namespaced_config_map(
+        namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="rj"), data={"x": "y"})
+    )
+    job = {"namespace": namespace, "name": "rj", "uid": owner.metadata.uid, "apiVersion": "v1", "kind": "ConfigMap"}
+    kc = cluster.kubeconfig
+    pid = plan_id(None, owner.metadata.uid)
+
+    # The planner goes on to interview its batch; not every section is stored yet, so no report.
+    modelserver.reset()
+    first = make_task(tmp_path, modelserver.base_url, job=job, analysts=[0, 1], continueSteps=True)
+    r = worker("plan", first, kc)
+    assert r.returncode == 0, r.stderr
+    outputs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(outputs[0]["analysts"]) == 3 and outputs[1] == {"written": [0, 1], "skipped": []}
+    assert modelserver.stats()["by_kind"].get("report", 0) == 0
+    with pytest.raises(client.ApiException):
+        core.read_namespaced_config_map(f"rj-{pid}-report", namespace)
+
+    # The pod that stores the last section claims the report and writes it, in the same process.
+    last = make_task(tmp_path, modelserver.base_url, job=job, analysts=[2], continueSteps=True)
+    r = worker("interview", last, kc)
+    assert r.returncode == 0, r.stderr
+    written = [json.loads(line) for line in r.stdout.splitlines()]
+    assert written[0] == {"written": [2], "skipped": []} and written[1]["sections"] == [0, 1, 2]
+    report = json.loads(core.read_namespaced_config_map(f"rj-{pid}-report", namespace).data["data.json"])
+    assert "Conclusion" in report["markdown"] and modelserver.stats()["by_kind"]["report"] == 1
+    claim = core.read_namespaced_config_map(f"rj-{pid}-report-claim", namespace)
+    assert claim.data["holder"] and claim.metadata.owner_references[0].uid == owner.metadata.uid
+
+    # Another pod finishing later finds the report there and writes nothing.
+    modelserver.reset()
+    r = worker("interview", last, kc)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line) for line in r.stdout.splitlines()] == [{"written": [], "skipped": [2]}]
+    assert not modelserver.stats()["by_kind"], "no model call: nothing was left to do"
