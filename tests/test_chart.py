@@ -389,6 +389,7 @@ def test_lease_broker_role_is_limited_to_its_endpointslice(helm: Path) -> None:
     docs = render(helm)
     role = find(docs, "Role", "research-operator-lease-broker")
     assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["services"], "resourceNames": ["research-operator-leases"], "verbs": ["get"]},
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["create"]},
         {
             "apiGroups": ["discovery.k8s.io"],

@@ -207,6 +207,7 @@ def test_operator_rbac_allows_its_watches_and_nothing_more(
         ("create", "tokenreviews.authentication.k8s.io"),  # the lease broker checks worker pods' tokens
         ("create", "endpointslices.discovery.k8s.io", "-n", namespace),  # its Service's one slice
         ("update", f"endpointslices.discovery.k8s.io/{operator_rbac.rsplit(':', 1)[1]}-leases", "-n", namespace),
+        ("get", f"services/{operator_rbac.rsplit(':', 1)[1]}-leases", "-n", namespace),  # the slice's owner
     ]
     denied = [
         ("get", "secrets", "-n", "team-a"),
@@ -224,6 +225,8 @@ def test_operator_rbac_allows_its_watches_and_nothing_more(
         ("update", "leases.coordination.k8s.io/someone-else", "-n", namespace),
         ("update", "endpointslices.discovery.k8s.io/someone-else", "-n", namespace),
         ("create", "endpointslices.discovery.k8s.io", "-n", "team-a"),
+        ("get", "services/someone-else", "-n", namespace),
+        ("list", "services", "-n", namespace),
     ]
     for args in allowed:
         assert can_i(cluster, operator_rbac, *args), f"operator cannot {args}"

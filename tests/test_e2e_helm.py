@@ -9,17 +9,26 @@ which can still be deleted afterwards with everything they own.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
+import yaml
+from kubernetes import config as kubeconfig
+from kubernetes.client.exceptions import ApiException
+from prometheus_client.parser import text_string_to_metric_families
 
 from localkube import demo
 from localkube.demo import CHART, LEASE, RELEASE, RELEASE_NAMESPACE, Kube
+from research_operator import kube as operator_kube
 from tests.fixtures.cluster import ClusterHandle
 from tests.test_operator_cluster import JobWatch
 
@@ -154,6 +163,139 @@ def test_helm_upgrade_changes_the_global_cap_on_the_running_operator(release: Ku
     assert any(re.search(r"1 batch Jobs running, [12] waiting", row) for row in rows), "\n".join(rows)
 
 
+LEASES_SERVICE = f"{RELEASE}-leases"
+OPERATOR_SA = f"system:serviceaccount:{RELEASE_NAMESPACE}:{RELEASE}"  # the chart's ServiceAccount
+
+
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of one series name in a Prometheus exposition: (labels, value)."""
+    return [(s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample, 0 when the series is not there (yet)."""
+    return next((v for lab, v in samples(text, name) if lab == labels), 0.0)
+
+
+class MetricsWatch(threading.Thread):
+    """Polls the operator's /metrics (as Prometheus would) and keeps the highest value of gauges."""
+
+    def __init__(self, url: str, endpoint: str, families: tuple[str, ...]) -> None:
+        super().__init__(daemon=True)
+        self.url, self.endpoint, self.families = url, endpoint, families
+        self.peak = dict.fromkeys(families, 0.0)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            try:
+                text = httpx.get(self.url, timeout=5).text
+            except httpx.HTTPError:
+                continue
+            for family in self.families:
+                self.peak[family] = max(self.peak[family], metric(text, family, endpoint=self.endpoint))
+
+
+def test_worker_pods_hold_leases_from_the_charts_broker(
+    release: Kube, user_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease broker as the chart runs it: in the operator pod, as the chart's ServiceAccount and
+    under the chart's RBAC only. A ModelEndpoint of capacity 1 is declared for the release's offline
+    model server; the worker pods of a ResearchJob (planner, two interview pods, writer) hold a
+    session with the broker and take a lease for every model call, which the broker grants only
+    after a TokenReview of the pod's projected token for the audience researchops.io/lease-broker:
+    a TokenReview the chart's ClusterRole must allow, or every request is answered 503 and the
+    workers fall back to their ConfigMap shares (then no lease is granted: checked by running this
+    with `tokenreviews` taken out of the ClusterRole, which fails with 0 leases for 12 calls).
+
+    The broker's Service: the local cluster has no kube-proxy, so workers reach the broker at the
+    loopback URL of the chart's local values, not through the Service; and its pods' IP is 127.0.0.1,
+    which the API server refuses in an EndpointSlice, so the leader writes none and says why. What
+    the leader does on a real cluster (``point_service_at`` with a non-loopback address) is done here
+    with the operator's own code as the chart's ServiceAccount: the chart's Role allows exactly that,
+    the API server accepts the slice, and the slice is owned by the Service (``helm uninstall``
+    removes it, checked below).
+    """
+    values = yaml.safe_load((release.state_dir / demo.VALUES_FILE).read_text())
+    model_url = values["modelServer"]["baseUrl"]
+    broker_port = int(values["operator"]["leaseBroker"]["port"])
+    metrics_url = f"http://127.0.0.1:{values['operator']['metricsPort']}/metrics"
+    pod = demo.operator_pod(release)
+    assert pod["spec"]["serviceAccountName"] == RELEASE
+
+    capacity = 1
+    endpoint = f"chart-{uuid.uuid4().hex[:6]}"
+    manifest = {
+        "apiVersion": "researchops.io/v1alpha1",
+        "kind": "ModelEndpoint",
+        "metadata": {"name": endpoint},
+        "spec": {"baseUrl": model_url, "maxConcurrentRequests": capacity},
+    }
+    release.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+    httpx.post(f"{model_url}/offline/stats/reset", timeout=10).raise_for_status()
+    families = ("research_operator_endpoint_pods_in_touch", "research_operator_endpoint_leases_in_flight")
+    watch = MetricsWatch(metrics_url, endpoint, families)
+    watch.start()
+    started = time.monotonic()
+    try:
+        body = sample_researchjob(analysts={"count": 2}, parallelism={"batchSize": 1, "maxActiveJobs": 2})
+        body["metadata"]["name"] = "leased"
+        demo.apply_researchjob(release, user_namespace, body)
+        obj = demo.follow(release, user_namespace, "leased", timeout=300, emit=lambda _: None)
+    finally:
+        watch.done.set()
+        watch.join()
+        release.kubectl("delete", "modelendpoint", endpoint, "--ignore-not-found", check=False)
+    took = time.monotonic() - started
+    assert obj["status"]["progress"] == "2/2", obj["status"]
+
+    stats = httpx.get(f"{model_url}/offline/stats", timeout=10).json()
+    text = httpx.get(metrics_url, timeout=10).text
+    granted = metric(text, "research_operator_endpoint_leases_granted_total", endpoint=endpoint)
+    # Every model call the server answered was made under a lease, never more than the capacity at once.
+    assert stats["total"] > 0 and granted >= stats["total"], (granted, stats, f"{took:.0f}s")
+    assert stats["max_running"] <= capacity, stats
+    assert watch.peak["research_operator_endpoint_pods_in_touch"] >= 1, watch.peak
+    assert watch.peak["research_operator_endpoint_leases_in_flight"] <= capacity, watch.peak
+    # The broker verified every request: no refusal, no failed TokenReview (503).
+    codes = {(lab["path"], lab["code"]) for lab, _ in samples(text, "research_operator_lease_broker_requests_total")}
+    assert ("/v1/heartbeat", "200") in codes and ("/v1/acquire", "200") in codes, codes
+    assert not [c for c in codes if c[1] in ("401", "403", "503")], codes
+    log = release.pod_log(RELEASE_NAMESPACE, pod["metadata"]["name"])
+    assert "TokenReview failed" not in log and "refused a request" not in log
+    workers = "".join(
+        p.read_text(errors="replace")
+        for p in (release.state_dir / "nodes" / "pods").glob(f"{user_namespace}_leased-*/*.log")
+    )
+    assert f"lease broker http://127.0.0.1:{broker_port} answers" in workers
+    assert "falling back to this pod's share" not in workers
+
+    # The broker's Service, and the EndpointSlice the leader writes for it.
+    service = release.get("service", LEASES_SERVICE, "-n", RELEASE_NAMESPACE)
+    assert service is not None and not service["spec"].get("selector"), service
+    assert [p["port"] for p in service["spec"]["ports"]] == [broker_port]
+    assert pod["status"]["podIP"] == "127.0.0.1"
+    assert "this pod's IP 127.0.0.1 is a loopback address, which an EndpointSlice cannot hold" in log
+    assert release.get("endpointslice", LEASES_SERVICE, "-n", RELEASE_NAMESPACE) is None
+    # What the leader does on a real cluster, with the operator's own code, as the chart's ServiceAccount:
+    # create, then update as a new leader does (a 409, then a PUT without resourceVersion).
+    api = kubeconfig.new_client_from_config(config_file=str(release.kubeconfig))
+    api.set_default_header("Impersonate-User", OPERATOR_SA)
+    monkeypatch.setattr(operator_kube, "_api", api)
+    for ip in ("192.0.2.10", "192.0.2.11"):  # documentation addresses: nothing serves them, nothing calls them
+        asyncio.run(operator_kube.point_service_at(RELEASE_NAMESPACE, LEASES_SERVICE, ip, broker_port))
+    written = release.get("endpointslice", LEASES_SERVICE, "-n", RELEASE_NAMESPACE)
+    assert written is not None
+    assert [e["addresses"] for e in written["endpoints"]] == [["192.0.2.11"]]
+    assert [p["port"] for p in written["ports"]] == [broker_port]
+    assert written["metadata"]["labels"]["kubernetes.io/service-name"] == LEASES_SERVICE
+    assert [o["uid"] for o in written["metadata"]["ownerReferences"]] == [service["metadata"]["uid"]]
+    # ...and no other Service: the Role names the one.
+    with pytest.raises(ApiException) as refused:
+        asyncio.run(operator_kube.point_service_at(RELEASE_NAMESPACE, "someone-else", "192.0.2.10", broker_port))
+    assert refused.value.status == 403, refused.value
+
+
 @dataclass
 class Uninstalled:
     kube: Kube
@@ -184,6 +326,11 @@ def test_helm_uninstall_removes_the_release_and_keeps_the_crd_and_researchjobs(
     left = set(kube.names("deployments,services,configmaps,serviceaccounts,roles,rolebindings,pods",
                           "-n", RELEASE_NAMESPACE))  # fmt: skip
     assert left <= NAMESPACE_DEFAULTS, left - NAMESPACE_DEFAULTS
+    # Also the lease broker's EndpointSlice, which the leader (not helm) writes: owned by its Service.
+    deadline = time.monotonic() + 60
+    while slices := kube.names("endpointslices", "-n", RELEASE_NAMESPACE):
+        assert time.monotonic() < deadline, f"still there 60s after helm uninstall: {slices}"
+        time.sleep(1)
     assert not kube.names("clusterroles,clusterrolebindings", "-l", RELEASE_SELECTOR)
     for kind in ("clusterrole", "clusterrolebinding"):
         assert kube.get(kind, RELEASE) is None, f"{kind}/{RELEASE} is still there"

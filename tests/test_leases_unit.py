@@ -13,10 +13,14 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
+from kubernetes.client.exceptions import ApiException
 
+from localkube.controlplane import free_port
 from research_api import leases as wire
 from research_api.task import EndpointShareRef
+from research_operator import broker as broker_module
 from research_operator.broker import Authenticator, Broker
+from research_operator.builders import broker_endpoint_slice
 from research_operator.leases import Book, LeaseError, Limits, PodRef
 from research_worker.errors import WorkerConfigError
 from research_worker.leases import DEV_VOLUME_ROOT_ENV, LeaseClient, LeaseLost, State, broker_token
@@ -367,3 +371,56 @@ async def test_without_its_broker_token_a_worker_says_so_and_calls_under_its_sha
             assert c.carried == 1
         await c.close()
     assert "no token for the lease broker" in caplog.text and wire.TOKEN_AUDIENCE in caplog.text
+
+
+def test_the_broker_services_slice_is_the_leaders_address_owned_by_the_service() -> None:
+    """Owned by the Service, so the garbage collector deletes it with the Service (helm uninstall)."""
+    s = broker_endpoint_slice("ops", "ro-leases", "uid-1", "10.1.2.3", 8090)
+    assert s["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Service", "name": "ro-leases", "uid": "uid-1"}
+    ]
+    assert s["metadata"]["labels"]["kubernetes.io/service-name"] == "ro-leases"
+    assert (s["addressType"], s["endpoints"][0]["addresses"], s["ports"][0]["port"]) == ("IPv4", ["10.1.2.3"], 8090)
+    assert broker_endpoint_slice("ops", "ro-leases", "uid-1", "fd00::7", 8090)["addressType"] == "IPv6"
+
+
+@pytest.mark.parametrize(
+    ("pod_ip", "refusal", "pointed", "logged"),
+    [
+        ("10.1.2.3", None, True, "now leads to this pod (10.1.2.3:"),
+        ("127.0.0.1", None, False, "127.0.0.1 is a loopback address, which an EndpointSlice cannot hold"),
+        ("10.1.2.3", '{"message": "endpoints[0].addresses[0]: Invalid value"}', True, "422 Unprocessable Entity: "
+         "endpoints[0].addresses[0]: Invalid value); workers will use their shares"),
+    ],
+    ids=["pod-ip", "loopback", "refused"],
+)  # fmt: skip
+async def test_the_leader_points_the_brokers_service_at_itself(
+    pod_ip: str,
+    refusal: str | None,
+    pointed: bool,
+    logged: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The local cluster's pods have IP 127.0.0.1, which the API server refuses in an EndpointSlice:
+    the leader says so instead of failing; any other refusal is logged with the API server's words."""
+    calls: list[tuple[str, str, str, int]] = []
+
+    async def point(namespace: str, service: str, ip: str, port: int) -> None:
+        calls.append((namespace, service, ip, port))
+        if refusal is not None:
+            e = ApiException(status=422, reason="Unprocessable Entity")
+            e.body = refusal
+            raise e
+
+    monkeypatch.setattr(broker_module.kube, "point_service_at", point)
+    port = free_port()
+    with caplog.at_level(logging.INFO, logger="research_operator.broker"):
+        await broker_module.start("127.0.0.1", port, "ops", "ro-leases", pod_ip)
+    try:
+        assert calls == ([("ops", "ro-leases", pod_ip, port)] if pointed else [])
+        assert logged in caplog.text
+        async with httpx.AsyncClient() as http:  # it serves in every case
+            assert (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200
+    finally:
+        await broker_module.stop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -300,15 +301,24 @@ async def start(host: str, port: int, namespace: str = "", service: str = "", po
         return broker
     broker.ticker = asyncio.create_task(broker.tick(), name="lease broker")
     BROKER, _RUNNER = broker, runner
-    if service and pod_ip:
+    if service and pod_ip and _loopback(pod_ip):
+        # The local development cluster: its pods are host processes whose IP is 127.0.0.1, which no
+        # EndpointSlice may hold; its workers are told a loopback URL for the broker instead.
+        log.info(
+            f"lease broker: this pod's IP {pod_ip} is a loopback address, which an EndpointSlice cannot hold: "
+            f"Service {namespace}/{service} is not pointed at it (workers reach the broker at the URL they are told)"
+        )
+    elif service and pod_ip:
         try:
             await kube.point_service_at(namespace, service, pod_ip, port)
             log.info(f"lease broker: Service {namespace}/{service} now leads to this pod ({pod_ip}:{port})")
         except ApiException as e:
             # Workers that cannot reach the broker keep to their shares; the operator works on.
+            why = kube.server_message(e)
             log.error(
                 f"lease broker: could not point Service {namespace}/{service} at this pod "
-                f"(HTTP {e.status} {e.reason}); workers will use their shares until it is fixed"
+                f"(HTTP {e.status} {e.reason}{': ' + why if why else ''}); workers will use their shares until "
+                "it is fixed"
             )
     log.info(
         f"lease broker listening on {host}:{port}; it grants leases after {broker.book.recovery:.0f}s "
@@ -324,6 +334,13 @@ async def stop() -> None:
     if _RUNNER is not None:
         await _RUNNER.cleanup()
     BROKER, _RUNNER = None, None
+
+
+def _loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
 
 
 def world_changed(endpoint: str) -> None:

@@ -384,3 +384,25 @@ def cleanup_job(
             "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
         },
     }
+
+
+def broker_endpoint_slice(namespace: str, service: str, service_uid: str, ip: str, port: int) -> dict[str, Any]:
+    """The lease broker Service's one EndpointSlice: ``ip:port`` (the leader pod). Labelled as
+    managed by the operator, so the EndpointSlice controller leaves it alone, and owned by the
+    Service, so the garbage collector deletes it with the Service (``helm uninstall``)."""
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": service,
+            "namespace": namespace,
+            "labels": {
+                "kubernetes.io/service-name": service,
+                "endpointslice.kubernetes.io/managed-by": MANAGED_BY,
+            },
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": service, "uid": service_uid}],
+        },
+        "addressType": "IPv6" if ":" in ip else "IPv4",
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}],
+        "ports": [{"name": "leases", "port": port, "protocol": "TCP"}],
+    }

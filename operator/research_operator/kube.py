@@ -65,15 +65,19 @@ class Created(StrEnum):
     TERMINATING = "terminating"  # 403: the namespace is being deleted
 
 
-def quota_message(e: ApiException) -> str:
-    """The API server's own words for a 403 exceeded quota (which quota, which resource)."""
+def server_message(e: ApiException) -> str:
+    """The API server's own words for a refusal (its Status ``message``), or "" when it gave none."""
     import json
 
     try:
-        message = str(json.loads(e.body or "{}").get("message") or "")
-    except ValueError:
-        message = ""
-    return message or "the API server answered 403 exceeded quota"
+        return str(json.loads(e.body or "{}").get("message") or "")
+    except (ValueError, AttributeError):
+        return ""
+
+
+def quota_message(e: ApiException) -> str:
+    """The API server's own words for a 403 exceeded quota (which quota, which resource)."""
+    return server_message(e) or "the API server answered 403 exceeded quota"
 
 
 async def create(obj: dict[str, Any], terminating: Callable[[], bool] | None = None) -> tuple[Created, str]:
@@ -301,23 +305,12 @@ async def token_review(token: str, audiences: list[str] | None = None) -> dict[s
 
 
 async def point_service_at(namespace: str, service: str, ip: str, port: int) -> None:
-    """Make ``ip:port`` the one endpoint of the selector-less Service ``service`` (its EndpointSlice
-    of the same name, labelled as ours so the EndpointSlice controller leaves it alone)."""
-    body = {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": service,
-            "namespace": namespace,
-            "labels": {
-                "kubernetes.io/service-name": service,
-                "endpointslice.kubernetes.io/managed-by": "research-operator",
-            },
-        },
-        "addressType": "IPv6" if ":" in ip else "IPv4",
-        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}],
-        "ports": [{"name": "leases", "port": port, "protocol": "TCP"}],
-    }
+    """Make ``ip:port`` the one endpoint of the selector-less Service ``service``: its EndpointSlice
+    of the same name (``builders.broker_endpoint_slice``), owned by the Service, so it goes with it."""
+    from research_operator.builders import broker_endpoint_slice
+
+    svc = await call("get", "service", client.CoreV1Api(api()).read_namespaced_service, service, namespace)
+    body = broker_endpoint_slice(namespace, service, str(svc.metadata.uid), ip, port)
     discovery = client.DiscoveryV1Api(api())
     try:
         await call("create", "endpointslice", discovery.create_namespaced_endpoint_slice, namespace, body)
