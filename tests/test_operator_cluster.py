@@ -64,6 +64,14 @@ class JobWatch(threading.Thread):
         self.join(timeout=10)
 
 
+def watch_jobs(api: client.ApiClient, namespace: str) -> JobWatch:
+    """A started JobWatch of the namespace, its first watch open."""
+    jobs = JobWatch(api, namespace)
+    jobs.start()
+    jobs.ready.wait(5)
+    return jobs
+
+
 def researchjob(name: str, corpus: str, **spec: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "topic": "How Kubernetes runs and limits batch workloads",
@@ -108,9 +116,7 @@ def test_six_analysts_in_batches_of_two_end_with_a_report(
     cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
 ) -> None:
     api = cluster.api_client()
-    jobs = JobWatch(api, namespace)
-    jobs.start()
-    jobs.ready.wait(5)
+    jobs = watch_jobs(api, namespace)
     create(api, namespace, researchjob("panel", corpus_configmap))
     obj = wait_phase(api, namespace, "panel", {"Succeeded", "Failed"})
     jobs.stop()
@@ -143,9 +149,7 @@ def test_job_count_quota_of_one_runs_one_job_at_a_time(
     )
     while not (core.read_namespaced_resource_quota("one-job", namespace).status.used or {}):
         time.sleep(0.2)
-    jobs = JobWatch(api, namespace)
-    jobs.start()
-    jobs.ready.wait(5)
+    jobs = watch_jobs(api, namespace)
     create(api, namespace, researchjob("quota", corpus_configmap, analysts={"count": 4}))
     seen_quota_wait = False
     custom = client.CustomObjectsApi(api)
@@ -170,9 +174,7 @@ def test_killing_the_operator_at_random_points_still_succeeds_without_duplicates
     cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
 ) -> None:
     api = cluster.api_client()
-    jobs = JobWatch(api, namespace)
-    jobs.start()
-    jobs.ready.wait(5)
+    jobs = watch_jobs(api, namespace)
     create(api, namespace, researchjob("chaos", corpus_configmap))
     rng = random.Random(7)
     custom = client.CustomObjectsApi(api)
@@ -340,9 +342,7 @@ def test_a_big_researchjob_does_not_starve_a_small_one_under_a_global_cap(
         while "globalMaxActiveJobs=2" not in operator.log():
             assert time.monotonic() < deadline, "the operator never applied the new cap"
             time.sleep(0.3)
-        jobs = JobWatch(api, namespace)
-        jobs.start()
-        jobs.ready.wait(5)
+        jobs = watch_jobs(api, namespace)
         big = researchjob(
             "big", corpus_configmap, analysts={"count": 12}, parallelism={"batchSize": 1, "maxActiveJobs": 4}
         )
@@ -405,9 +405,7 @@ def test_the_planner_interviews_the_first_batch_and_the_last_pod_writes_the_repo
     cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
 ) -> None:
     api = cluster.api_client()
-    jobs = JobWatch(api, namespace)
-    jobs.start()
-    jobs.ready.wait(5)
+    jobs = watch_jobs(api, namespace)
     create(api, namespace, researchjob("relay", corpus_configmap, analysts={"count": 4}))
     obj = wait_phase(api, namespace, "relay", {"Succeeded", "Failed"})
     jobs.stop()
@@ -435,9 +433,7 @@ def test_a_pod_killed_while_writing_the_report_leaves_it_to_a_writer_job(
     core = client.CoreV1Api(api)
     custom = client.CustomObjectsApi(api)
     slow = modelserver_factory(ttft_ms=3000)  # every call takes 3 s: time to kill the writing pod
-    jobs = JobWatch(api, namespace)
-    jobs.start()
-    jobs.ready.wait(5)
+    jobs = watch_jobs(api, namespace)
     body = researchjob("relay", corpus_configmap, analysts={"count": 2}, model={"baseUrl": slow.base_url})
     create(api, namespace, body)
     deadline = time.monotonic() + 240

@@ -31,14 +31,21 @@ def worker(step: str, task: Path, kubeconfig: Path, *args: str) -> subprocess.Co
     )
 
 
+def owner_configmap(core: client.CoreV1Api, namespace: str) -> tuple[Any, dict[str, str]]:
+    """A ConfigMap "rj" that stands in for the ResearchJob owning what the worker stores, and the
+    task's job reference to it."""
+    owner = core.create_namespaced_config_map(
+        namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="rj"), data={"x": "y"})
+    )
+    uid = owner.metadata.uid
+    return owner, {"namespace": namespace, "name": "rj", "uid": uid, "apiVersion": "v1", "kind": "ConfigMap"}
+
+
 def test_steps_through_configmaps_owned_by_the_job(
     cluster: Any, namespace: str, modelserver: ModelServerProcess, tmp_path: Path
 ) -> None:
     core = client.CoreV1Api(cluster.api_client())
-    owner = core.create_namespaced_config_map(
-        namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="rj"), data={"x": "y"})
-    )
-    job = {"namespace": namespace, "name": "rj", "uid": owner.metadata.uid, "apiVersion": "v1", "kind": "ConfigMap"}
+    owner, job = owner_configmap(core, namespace)
     task = make_task(tmp_path, modelserver.base_url, job=job, feedback="focus on quotas")
     kc = cluster.kubeconfig
 
@@ -81,10 +88,7 @@ def test_pods_that_continue_plan_then_interview_and_the_last_one_writes_the_repo
     cluster: Any, namespace: str, modelserver: ModelServerProcess, tmp_path: Path
 ) -> None:
     core = client.CoreV1Api(cluster.api_client())
-    owner = core.create_namespaced_config_map(
-        namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="rj"), data={"x": "y"})
-    )
-    job = {"namespace": namespace, "name": "rj", "uid": owner.metadata.uid, "apiVersion": "v1", "kind": "ConfigMap"}
+    owner, job = owner_configmap(core, namespace)
     kc = cluster.kubeconfig
     pid = plan_id(None, owner.metadata.uid)
 
