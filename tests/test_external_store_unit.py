@@ -8,7 +8,6 @@ import datetime as dt
 import json
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -50,7 +49,7 @@ def task_of(job: dict[str, Any]) -> ResearchTask:
 
 
 class FakeCore:
-    """The CoreV1Api calls the marker writer makes: create (409 on a repeat) and list by labels."""
+    """The ConfigMap calls the marker writer makes: create (409 on a repeat) and list by labels."""
 
     def __init__(self) -> None:
         self.objects: dict[str, dict[str, Any]] = {}
@@ -71,12 +70,7 @@ class FakeCore:
                     return False
             return True
 
-        items = [
-            SimpleNamespace(metadata=SimpleNamespace(**b["metadata"]), data=b["data"])
-            for b in self.objects.values()
-            if match(b["metadata"]["labels"])
-        ]
-        return SimpleNamespace(items=items)
+        return {"items": [b for b in self.objects.values() if match(b["metadata"]["labels"])]}
 
 
 class FakePostgres:

@@ -26,6 +26,7 @@ from research_api.records import AnalystPlan, Report, Section, StoredKind, Token
 from research_api.task import ResearchTask
 from research_worker.errors import ObjectTooLarge, StoreError
 from research_worker.store.base import usage_of_results
+from research_worker.store.kube import ConfigMaps
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,7 @@ class PlanConfigMaps:
     ConfigMap store and the PostgreSQL store's markers both write through it."""
 
     def __init__(self, task: ResearchTask, api_client: Any) -> None:
-        from kubernetes import client
-
-        self.core: Any = client.CoreV1Api(api_client)
+        self.core: Any = ConfigMaps(api_client)
         self.ns = task.job.namespace
         self.job = task.job.name
         self.uid = task.job.uid
@@ -132,9 +131,9 @@ class PlanConfigMaps:
             if exc.status == 404:
                 return None
             raise StoreError(f"cannot read ConfigMap {self.ns}/{name}: HTTP {exc.status} {exc.reason}") from None
-        return model.model_validate_json((cm.data or {})[CONFIGMAP_DATA_KEY])
+        return model.model_validate_json((cm.get("data") or {})[CONFIGMAP_DATA_KEY])
 
-    async def _list(self, kind: StoredKind | None) -> list[Any]:
+    async def _list(self, kind: StoredKind | None) -> list[dict[str, Any]]:
         """This plan's ConfigMaps of one kind (None: of every kind), of this job uid only."""
         from kubernetes.client.exceptions import ApiException
 
@@ -147,8 +146,8 @@ class PlanConfigMaps:
             raise StoreError(f"cannot list ConfigMaps in {self.ns}: HTTP {exc.status} {exc.reason}") from None
         return [
             cm
-            for cm in resp.items
-            if ((cm.metadata and cm.metadata.annotations) or {}).get(ANNOTATION_JOB_UID) == self.uid
+            for cm in resp.get("items") or []
+            if ((cm.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_JOB_UID) == self.uid
         ]
 
 
@@ -164,10 +163,11 @@ class ConfigMapStore(PlanConfigMaps):
 
     async def list_sections(self) -> list[Section]:
         items = await self._list(StoredKind.SECTION)
-        return sorted((Section.model_validate_json(cm.data[CONFIGMAP_DATA_KEY]) for cm in items), key=lambda s: s.index)
+        sections = (Section.model_validate_json(cm["data"][CONFIGMAP_DATA_KEY]) for cm in items)
+        return sorted(sections, key=lambda s: s.index)
 
     async def section_indices(self) -> set[int]:
-        return {int(cm.metadata.labels[LABEL_ANALYST]) for cm in await self._list(StoredKind.SECTION)}
+        return {int(cm["metadata"]["labels"][LABEL_ANALYST]) for cm in await self._list(StoredKind.SECTION)}
 
     async def save_report(self, report: Report) -> bool:
         # The Markdown also under its own key, so people can read it with kubectl.

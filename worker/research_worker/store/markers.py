@@ -71,7 +71,7 @@ class MarkerWriter(PlanConfigMaps):
         """(kind, analyst index) of every marker of this plan and job uid."""
         out: set[tuple[str, int | None]] = set()
         for cm in await self._list(None):
-            labels = (cm.metadata and cm.metadata.labels) or {}
+            labels = (cm.get("metadata") or {}).get("labels") or {}
             idx = labels.get(LABEL_ANALYST)
             out.add((str(labels.get(LABEL_KIND)), int(idx) if idx is not None and idx.isdigit() else None))
         return out
