@@ -358,7 +358,7 @@ async def test_indexed_store_and_cleanup_on_a_real_postgres(
     other = f"uid-{uuid.uuid4().hex[:8]}"
     core = FakeCore()
     monkeypatch.setenv("RESEARCH_PG_DSN", postgres_dsn)
-    monkeypatch.setattr("kubernetes.client.CoreV1Api", lambda api_client=None: core)
+    monkeypatch.setattr("research_worker.store.configmaps.ConfigMaps", lambda api_client=None: core)
     for job_uid in (uid, other):
         owner = Owner("ns", f"rj-{job_uid}", job_uid)
         task = task_of(worker_job(owner, pg_spec(), Settings(), PID, Step.INTERVIEW, [0, 1], 0))

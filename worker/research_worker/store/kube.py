@@ -37,16 +37,13 @@ class ConfigMaps:
         headers = {"Accept": "application/json"}
         if "body" in kw:
             headers["Content-Type"] = "application/json"
-        out = self.api_client.call_api(
-            path,
-            method,
-            params,
-            header_params=headers,
-            response_type="object",
-            auth_settings=["BearerToken"],
-            _return_http_data_only=True,
-            **kw,
+        request = self.api_client.param_serialize(
+            method, path, path_params=params, header_params=headers, auth_settings=["BearerToken"], **kw
         )
+        response = self.api_client.call_api(*request)
+        response.read()
+        # Answers outside 2xx raise ApiException, as CoreV1Api's do.
+        out = self.api_client.response_deserialize(response, {"2XX": "object"}).data
         return dict(out or {})
 
     def create_namespaced_config_map(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
