@@ -216,7 +216,8 @@ def test_a_capacity_change_applies_to_running_pods(
         except client.ApiException:
             return {}
         jobs: dict[str, Any] = json.loads(cm.data["shares.json"])["jobs"]
-        return next((s for job, s in jobs.items() if "-b0" in job), {})
+        # The planner's Job: it goes on to interview the one batch (continue_steps).
+        return next((s for job, s in jobs.items() if job.endswith("-plan")), {})
 
     until("the interview pod runs with a share of 4", lambda: share().get("concurrency") == 4, 300)
     until("the interview pod uses it", lambda: server.stats()["running"] >= 2, 60)
@@ -255,7 +256,8 @@ def test_a_worker_pod_killed_while_holding_leases_does_not_leak_capacity(
 
     def interview_pod() -> str | None:
         pods = core.list_namespaced_pod(namespace, label_selector=f"{GROUP}/job=victim").items
-        running = [p.metadata.name for p in pods if "-b0-" in p.metadata.name and p.status.phase == "Running"]
+        # The planner's pod goes on to interview the one batch (continue_steps).
+        running = [p.metadata.name for p in pods if "-plan-" in p.metadata.name and p.status.phase == "Running"]
         return running[0] if running else None
 
     pod = until("the interview pod runs", interview_pod, 300)

@@ -28,7 +28,15 @@ from research_operator.admission import (
 )
 from research_operator.builders import Owner, add_lease_broker_token, cleanup_job, worker_job, worker_rbac
 from research_operator.constants import plan_id
-from research_operator.reconcile import JobView, Observed, StoreView, Waiting, apply_waiting, decide
+from research_operator.reconcile import (
+    JobView,
+    Observed,
+    StoreView,
+    Waiting,
+    apply_waiting,
+    continues_steps,
+    decide,
+)
 from research_operator.settings import Settings
 from research_operator.views import job_view
 
@@ -201,6 +209,13 @@ def test_a_planner_carrying_the_first_batch_holds_it_until_it_ends() -> None:
     ended = dataclasses.replace(carrier, succeeded=True)
     d = decide(spec(), observe(jobs=[ended], store=store))
     assert d.waiting_batches == [0, 1, 2] and "p" in d.delete_jobs
+
+
+def test_pods_go_on_to_the_next_step_unless_a_review_or_a_token_budget_comes_between() -> None:
+    assert continues_steps(spec(), budgeted=False)
+    assert not continues_steps(spec(), budgeted=True)  # each step admitted against the budget
+    assert not continues_steps(spec(analysts={"count": 6, "review": True}), budgeted=False)
+    assert continues_steps(spec(analysts={"count": 6, "review": True, "approved": True}), budgeted=False)
 
 
 def test_the_writer_job_waits_for_the_pods_that_may_write_the_report_themselves() -> None:

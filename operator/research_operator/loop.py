@@ -220,9 +220,9 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     plan_id = st.plan_id or ""
     want: Want | None = None
     plan = batches(spec.analysts.count, spec.parallelism.batch_size)
-    # Pods go on to the next step when they can (no review in between): the planner interviews the
-    # first batch, and the pod that stores the last section writes the report.
-    chain = continues_steps(spec)
+    # Pods go on to the next step when they can: the planner interviews the first batch, and the pod
+    # that stores the last section writes the report.
+    chain = continues_steps(spec, budgeted=namespace in cfg.token_budgets)
     if d.create_plan and chain:
         single = worker_job(
             owner, spec, cfg, plan_id, Step.PLAN, plan[0], 0, active_deadline_seconds=remaining, continue_steps=True

@@ -89,10 +89,12 @@ def batches(count: int, batch_size: int) -> list[list[int]]:
     return [list(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size)]
 
 
-def continues_steps(spec: ResearchJobSpec) -> bool:
+def continues_steps(spec: ResearchJobSpec, budgeted: bool) -> bool:
     """Whether worker pods go on to the next step in their own process (``ResearchTask.continue_steps``):
-    always, but for a planner whose analysts a person must first approve."""
-    return not spec.analysts.review or spec.analysts.approved
+    not for a planner whose analysts a person must first approve, and not in a namespace with a
+    token budget (``budgeted``), where every step is a Job of its own so that a spent budget stops
+    the next one (admission checks the budget, a running pod does not)."""
+    return not budgeted and (not spec.analysts.review or spec.analysts.approved)
 
 
 def rfc3339(t: dt.datetime) -> str:
