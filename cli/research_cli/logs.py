@@ -113,6 +113,8 @@ def local_finished_pods(pods_dir: Path, rj: dict[str, Any]) -> list[WorkerPod]:
             continue  # a pod of an earlier ResearchJob of the same name
         step = "interview" if m.group(3) is not None else m.group(2)
         analysts = batch_members(int(m.group(3)), count, size) if m.group(3) is not None else None
+        if step == "plan":  # a planner goes on to interview batch 0, unless review or a budget came between
+            analysts = batch_members(0, count, size)
         for log in sorted(d.glob("*.log")):
             out.append(WorkerPod(m.group(1), step, analysts, str(mtime), None, log))
     return sorted(out, key=lambda p: (p.created, p.name))
