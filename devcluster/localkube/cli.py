@@ -58,7 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "up":
         start = time.monotonic()
         nodes = tuple(f"localnode-{i + 1}" for i in range(args.nodes))
-        cluster.up(nodes=nodes, with_kueue=args.with_kueue)
+        cluster.up(nodes=nodes)
+        if args.with_kueue:
+            try:
+                kueue.start(cluster)
+            except BaseException:
+                kueue.stop(cluster)
+                raise
         print(f"cluster ready in {time.monotonic() - start:.1f}s", file=sys.stderr)
         _print_env(cluster)
         return 0

@@ -235,9 +235,9 @@ class Cluster:
         tail = _tail(self.logs_dir / f"{proc_name}.log")
         raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}:\n{tail}")
 
-    def up(self, nodes: tuple[str, ...] = DEFAULT_NODES, bin_dir: Path | None = None, with_kueue: bool = False) -> None:
-        """Start etcd, the control plane and the node agent, unless a healthy cluster runs; with
-        ``with_kueue`` also Kueue (``localkube.kueue``), into a running cluster too."""
+    def up(self, nodes: tuple[str, ...] = DEFAULT_NODES, bin_dir: Path | None = None) -> None:
+        """Start etcd, the control plane and the node agent, unless a healthy cluster runs (Kueue
+        goes on top with ``localkube.kueue.start``)."""
         if self.healthy():
             log.info("reusing the running cluster at %s", self.state_dir)
         else:
@@ -250,14 +250,6 @@ class Cluster:
                 self.down()
                 raise
             log.info("cluster ready: KUBECONFIG=%s", self.kubeconfig)
-        if with_kueue:
-            from localkube import kueue
-
-            try:
-                kueue.start(self)
-            except BaseException:
-                kueue.stop(self)
-                raise
 
     def _start(self, nodes: tuple[str, ...], bin_dir: Path) -> None:
         if self.state_dir.exists():
