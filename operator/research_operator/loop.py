@@ -88,10 +88,11 @@ def ensure_loop(key: Key, logger: kopf.Logger) -> None:
     WORLD.wake(key)
 
 
-def stop_loop(key: Key) -> None:
+def stop_loop(key: Key, *, cancel: bool = True) -> None:
+    """End a ResearchJob's loop and forget it. ``cancel``: False when the loop itself ends."""
     _set_phase(key, None)
     task = LOOPS.pop(key, None)
-    if task is not None:
+    if task is not None and cancel:
         task.cancel()
     contended = bool(WORLD.waiting.get(key))
     WORLD.forget(key)
@@ -156,9 +157,7 @@ def _forget_gone(key: Key, ref: str, logger: kopf.Logger) -> None:
     """A pass found its ResearchJob gone although no DELETED event came (it fell into the gap of a
     restarted watch): end its loop as the event would have."""
     logger.info(f"{ref} is gone; its reconcile loop ends")
-    _set_phase(key, None)
-    LOOPS.pop(key, None)
-    WORLD.forget(key)
+    stop_loop(key, cancel=False)
 
 
 async def _sleep(wake: asyncio.Event, timeout: float) -> bool:
