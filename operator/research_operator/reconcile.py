@@ -142,6 +142,7 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
     )
     d = Decision(status=st, delete_jobs=list(stale))
     plan = batches(count, spec.parallelism.batch_size)
+    carried = plan[n] if carrier is not None and (n := carrier.batch) is not None and n < len(plan) else []
     counts = BatchCounts(total=len(plan))
     failure: tuple[str, str] | None = None
 
@@ -197,7 +198,6 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
                 active.append(job.name)
         counts.queued += len(d.waiting_batches)
         st.active_jobs = active or None
-        carried = next((m for b, m in enumerate(plan) if carrier is not None and carrier.batch == b), [])
         if plan_job is not None and not plan_job.active and plan_job.name not in d.delete_jobs:
             if plan_job.succeeded or all(i in done for i in carried):
                 d.delete_jobs.append(plan_job.name)  # a failed carrier stays: it is its batch's failure
