@@ -251,16 +251,23 @@ async def set_finalizer(namespace: str, name: str, uid: str, *, present: bool) -
     raise ApiException(status=409, reason=f"the finalizers of {namespace}/{name} kept changing")
 
 
-async def put_configmap(obj: dict[str, Any]) -> None:
-    """Create a ConfigMap, or replace the one of that name (the operator's own shares ConfigMap)."""
-    core = client.CoreV1Api(api())
+async def _create_or_replace(
+    resource: str, create: Callable[..., Any], replace: Callable[..., Any], obj: dict[str, Any]
+) -> None:
+    """Create ``obj``, or replace the one of its name (objects only the operator writes)."""
     ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
     try:
-        await call("create", "configmap", core.create_namespaced_config_map, ns, obj)
+        await call("create", resource, create, ns, obj)
     except ApiException as e:
         if e.status != 409:
             raise
-        await call("replace", "configmap", core.replace_namespaced_config_map, name, ns, obj)
+        await call("update", resource, replace, name, ns, obj)
+
+
+async def put_configmap(obj: dict[str, Any]) -> None:
+    """Create a ConfigMap, or replace the one of that name (the operator's own shares ConfigMap)."""
+    core = client.CoreV1Api(api())
+    await _create_or_replace("configmap", core.create_namespaced_config_map, core.replace_namespaced_config_map, obj)
 
 
 async def patch_endpoint_status(name: str, status: dict[str, Any]) -> None:
@@ -312,9 +319,5 @@ async def point_service_at(namespace: str, service: str, ip: str, port: int) -> 
     svc = await call("get", "service", client.CoreV1Api(api()).read_namespaced_service, service, namespace)
     body = broker_endpoint_slice(namespace, service, str(svc.metadata.uid), ip, port)
     discovery = client.DiscoveryV1Api(api())
-    try:
-        await call("create", "endpointslice", discovery.create_namespaced_endpoint_slice, namespace, body)
-    except ApiException as e:
-        if e.status != 409:
-            raise
-        await call("update", "endpointslice", discovery.replace_namespaced_endpoint_slice, service, namespace, body)
+    create, replace = discovery.create_namespaced_endpoint_slice, discovery.replace_namespaced_endpoint_slice
+    await _create_or_replace("endpointslice", create, replace, body)
