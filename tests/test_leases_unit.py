@@ -25,6 +25,7 @@ from research_operator.leases import Book, LeaseError, Limits, PodRef
 from research_worker.errors import WorkerConfigError
 from research_worker.leases import DEV_VOLUME_ROOT_ENV, LeaseClient, LeaseLost, State, broker_token
 from research_worker.share import ShareLimiter
+from tests.fixtures.inflight import peak_in_flight
 
 TTL = wire.SESSION_TTL_SECONDS
 
@@ -222,17 +223,7 @@ async def _calls_take_leases(served: Served) -> None:
     c = client(served.url)
     await c.start()
     assert c.state == State.LEASE
-    running = peak = 0
-
-    async def call() -> None:
-        nonlocal running, peak
-        async with c.slot():
-            running += 1
-            peak = max(peak, running)
-            await asyncio.sleep(0.05)
-            running -= 1
-
-    await asyncio.gather(*(call() for _ in range(10)))
+    peak = await peak_in_flight(c.slot, 10, 0.05)
     assert peak == 2  # the capacity, above the pod's share of 1: its peers' idle slots are lent
     assert served.broker.book.leases_in_flight("ep", 0.0) == 0
     await c.close()
@@ -244,18 +235,7 @@ async def test_an_unreachable_broker_falls_back_to_the_share(monkeypatch: pytest
     c = client("http://127.0.0.1:9", share=1)  # nothing listens: connection refused
     await c.start()
     assert c.state == State.FALLBACK  # nothing ever arrived: its share is counted by the broker already
-    running = peak = 0
-
-    async def call() -> None:
-        nonlocal running, peak
-        async with c.slot():
-            running += 1
-            peak = max(peak, running)
-            await asyncio.sleep(0.02)
-            running -= 1
-
-    await asyncio.gather(*(call() for _ in range(4)))
-    assert peak == 1
+    assert await peak_in_flight(c.slot, 4, 0.02) == 1
     await c.close()
 
 

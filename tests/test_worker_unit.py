@@ -355,26 +355,13 @@ def test_a_share_bounds_requests_in_flight_and_a_new_share_applies_to_waiting_re
     import asyncio
 
     from research_worker.share import ShareLimiter, parse_share
+    from tests.fixtures.inflight import peak_in_flight
 
     async def scenario() -> tuple[int, int]:
         limiter = ShareLimiter(2, None, None)
-        peak = 0
-        running = 0
-
-        async def call() -> None:
-            nonlocal peak, running
-            async with limiter.slot():
-                running += 1
-                peak = max(peak, running)
-                await asyncio.sleep(0.02)
-                running -= 1
-
-        await asyncio.gather(*(call() for _ in range(10)))
-        first = peak
-        peak = 0
+        first = await peak_in_flight(limiter.slot, 10, 0.02)
         await limiter.update(5, None, None)
-        await asyncio.gather(*(call() for _ in range(10)))
-        return first, peak
+        return first, await peak_in_flight(limiter.slot, 10, 0.02)
 
     assert asyncio.run(scenario()) == (2, 5)
     data = {"shares.json": json.dumps({"jobs": {"rj-b0": {"concurrency": 3, "tokensPerMinute": 600}}})}
