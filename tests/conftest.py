@@ -1,5 +1,10 @@
 """Shared pytest configuration: fixtures live in tests/fixtures/, one module per real dependency."""
 
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+
 pytest_plugins: list[str] = [
     "tests.fixtures.cluster",
     "tests.fixtures.operator",
@@ -7,3 +12,16 @@ pytest_plugins: list[str] = [
     "tests.fixtures.postgres",
     "tests.fixtures.llamaserver",
 ]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    """A failing test on the cluster shows what the operator saw and decided, not only its last log
+    lines: every ResearchJob's status, the worker Jobs that have not ended, and the operator's
+    decision lines (`decision: ...`, one per change of what a ResearchJob does or waits for)."""
+    report = yield
+    if report.failed and call.when in ("call", "setup") and "cluster" in getattr(item, "fixturenames", ()):
+        from tests.fixtures.diagnose import cluster_state
+
+        report.sections.append(("research-operator state at the failure", cluster_state(item)))
+    return report

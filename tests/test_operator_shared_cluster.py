@@ -23,7 +23,7 @@ from kubernetes import client, watch
 from kubernetes.utils import parse_quantity
 
 from research_api.researchjob import GROUP, PLURAL, VERSION
-from tests.fixtures.cluster import RESTRICTED_LABELS, ClusterHandle
+from tests.fixtures.cluster import RESTRICTED_LABELS, ClusterHandle, drain, quiesce
 from tests.fixtures.operator import CORPUS, OperatorProcess
 from tests.test_operator_cluster import create, researchjob, wait_phase
 
@@ -153,11 +153,14 @@ def namespaces(cluster: ClusterHandle, count: int) -> Iterator[list[str]]:
     finally:
         for ns in names:
             core.delete_namespace(ns, propagation_policy="Background")
+        drain(cluster.api_client(), names)
 
 
 @contextmanager
 def caps(api: client.ApiClient, operator: OperatorProcess, **values: int) -> Iterator[Any]:
-    """The operator's settings ConfigMap with these caps; yields a setter; removed afterwards."""
+    """The operator's settings ConfigMap with these caps; yields a setter; removed afterwards. The
+    caps count every worker Job of the cluster, so first no Job of an earlier test may be running."""
+    quiesce(api)
     core = client.CoreV1Api(api)
     ns = operator.env["OPERATOR_NAMESPACE"]
     name = f"caps-{uuid.uuid4().hex[:6]}"

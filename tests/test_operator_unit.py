@@ -958,3 +958,34 @@ async def test_requests_queued_behind_the_api_threads_ask_skip_if_just_before_th
     results = await asyncio.gather(*(one(i) for i in range(200)))
     assert sum(results) == len(sent) <= kube.API_THREADS, (sum(results), len(sent))
     assert sum(results) >= 1
+
+
+async def test_a_researchjob_skipped_for_a_namespace_being_deleted_sleeps_only_until_the_memo_ends(
+    monkeypatch: Any,
+) -> None:
+    """The memo of a namespace being deleted ends its ResearchJobs' wait when it runs out (their pass
+    names that moment), or at once when a ResearchJob is created there: a namespace being deleted
+    refuses every create, so it is a namespace of that name created again."""
+    import logging
+
+    from research_operator import loop
+    from research_operator import world as world_mod
+    from research_operator.world import World
+
+    w = World()
+    monkeypatch.setattr(loop, "WORLD", w)
+    clock = [500.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(world_mod, "TERMINATING_MEMO", 30.0)
+    w.terminating["reborn"] = 490.0  # a create was refused there 10 s ago
+    key = ("reborn", "uid-new")
+    body = {"metadata": {"name": "rj", "namespace": "reborn", "uid": "uid-new"}, "spec": {}}
+    out = await loop.reconcile_once(key, body, logging.getLogger("test"))  # type: ignore[arg-type]
+    assert out.wake_at is not None and not out.retry
+    left = (out.wake_at - dt.datetime.now(dt.UTC)).total_seconds()
+    assert 18 < left <= 20.5, left  # the memo's end, not the resync
+    w.event(key)
+    w.namespace_accepts_creates("reborn")
+    w.wake_namespace("reborn")
+    assert "reborn" not in w.terminating and not w.namespace_terminating("reborn", clock[0])
+    assert w.wakeups[key].is_set() and key in w.dirty

@@ -128,6 +128,8 @@ async def finalize_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outco
             now(),
         )
         st.conditions = [*(c for c in prev.conditions or [] if c.type != "CleanupFailed"), cond]
+        if st.message != prev.message:
+            logger.info(f"decision: deleting: {st.message}")
         await kube.patch_status(namespace, name, uid, st, prev)
     if d.remove_finalizer:
         await kube.set_finalizer(namespace, name, uid, present=False)

@@ -290,5 +290,9 @@ async def researchjob_event(
         deletion.FINALIZED.discard(str(uid))
         loop.stop_loop(key)
         return
+    if type == "ADDED":  # created while we watch (the initial listing has no type)
+        if namespace in WORLD.terminating:
+            WORLD.namespace_accepts_creates(namespace)
+            WORLD.wake_namespace(namespace)
     WORLD.bodies[key] = loop.slim(body)
     loop.ensure_loop(key, logger)

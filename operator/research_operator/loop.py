@@ -175,10 +175,13 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     name = str(meta.get("name"))
     if meta.get("deletionTimestamp"):
         return await finalize_once(key, body, logger)
-    if WORLD.namespace_terminating(namespace, time.monotonic()):
+    left = WORLD.terminating_for(namespace, time.monotonic())
+    if left is not None:
         # Its namespace refused a create as being deleted moments ago: this ResearchJob is about to
-        # go with it, and every request for it would only fail. Sleep until a wake-up or the resync.
-        return Outcome()
+        # go with it, and every request for it would only fail. Its wait ends with its DELETED
+        # event, a ResearchJob created in a namespace of that name created again (which forgets
+        # the memo and wakes it), or the memo's end, when it asks once more.
+        return Outcome(wake_at=_now() + dt.timedelta(seconds=left))
     cfg = settings()
     prev = ResearchJobStatus.model_validate(body.get("status") or {})
     try:
@@ -291,6 +294,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
             )
     for etype, reason, message in events:
         kopf.event(body, type=etype, reason=reason, message=message)
+    log_decision(logger, st, prev)
     await kube.patch_status(namespace, name, uid, st, prev)
     _set_phase(key, st.phase)
 
@@ -306,6 +310,15 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     if waiting.until is not None:  # the token budget's period rolls over then
         wake_at = min(wake_at, waiting.until) if wake_at is not None else waiting.until
     return Outcome(retry=waiting.refused, wake_at=wake_at)
+
+
+def log_decision(logger: kopf.Logger, st: ResearchJobStatus, prev: ResearchJobStatus) -> None:
+    """One log line when what a ResearchJob does or waits for changes (never one per pass): the
+    operator's decisions, readable in its log (`kubectl logs`) and printed by a failing test."""
+    if (st.phase, st.message, st.waiting_for) == (prev.phase, prev.message, prev.waiting_for):
+        return
+    waits = f"; waiting for {st.waiting_for}" if st.waiting_for else ""
+    logger.info(f"decision: phase {st.phase.value}: {st.message or ''}{waits}")
 
 
 def _invalid_status(prev: ResearchJobStatus, msg: str, meta: kopf.Meta | dict[str, object]) -> ResearchJobStatus:

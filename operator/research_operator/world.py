@@ -141,13 +141,27 @@ class World:
         ``TERMINATING_MEMO`` seconds: its waiting ResearchJobs, all woken as its quota goes, then make
         no request that can only fail. Forgotten after that, so a namespace deleted and created
         again under the same name is tried again."""
+        return self.terminating_for(namespace, now) is not None
+
+    def terminating_for(self, namespace: str, now: float) -> float | None:
+        """Seconds until the memo of ``namespace`` being deleted runs out (None: no memo). A pass that
+        skips its ResearchJob for the memo sleeps until then: the memo's end is the event that ends
+        its wait, besides a ResearchJob created in the namespace (``namespace_accepts_creates``)."""
         seen = self.terminating.get(namespace)
         if seen is None:
-            return False
-        if now - seen > TERMINATING_MEMO:
+            return None
+        left = TERMINATING_MEMO - (now - seen)
+        if left <= 0:
             del self.terminating[namespace]
-            return False
-        return True
+            return None
+        return left
+
+    def namespace_accepts_creates(self, namespace: str) -> None:
+        """A ResearchJob was just created in ``namespace`` (a watch ADDED event): a namespace being
+        deleted refuses every create, so this is a namespace of that name created again. Forget the
+        memo, so its ResearchJobs are served at once, not after it runs out."""
+        if self.terminating.pop(namespace, None) is not None:
+            log.info(f"namespace {namespace} accepts creates again (created anew): serving its ResearchJobs")
 
     def quotas_of(self, namespace: str) -> list[QuotaUsage]:
         return list((self.quota_index or {}).get(namespace, []))
@@ -208,6 +222,11 @@ class World:
                 event = self.wakeups.get(key)
                 if event is not None:
                     event.set()
+
+    def wake_namespace(self, namespace: str) -> None:
+        """Wake every ResearchJob of ``namespace`` for a full pass (rare: a namespace created anew)."""
+        for key in [k for k in self.wakeups if k[0] == namespace]:
+            self.wake(key)
 
     def wake_endpoint_waiters(self, endpoint: str) -> None:
         """Wake every ResearchJob whose worker Jobs wait for ``endpoint``'s capacity."""
