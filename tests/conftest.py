@@ -21,7 +21,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     decision lines (`decision: ...`, one per change of what a ResearchJob does or waits for)."""
     report = yield
     if report.failed and call.when in ("call", "setup") and "cluster" in getattr(item, "fixturenames", ()):
-        from tests.fixtures.diagnose import cluster_state
+        from tests.fixtures.diagnose import item_state
 
-        report.sections.append(("research-operator state at the failure", cluster_state(item)))
+        report.sections.append(("research-operator state at the failure", item_state(item)))
     return report

@@ -24,6 +24,7 @@ from kubernetes.utils import parse_quantity
 
 from research_api.researchjob import GROUP, PLURAL, VERSION
 from tests.fixtures.cluster import RESTRICTED_LABELS, ClusterHandle, drain, quiesce
+from tests.fixtures.diagnose import cluster_state
 from tests.fixtures.operator import CORPUS, OperatorProcess
 from tests.test_operator_cluster import create, researchjob, wait_phase
 
@@ -150,6 +151,9 @@ def namespaces(cluster: ClusterHandle, count: int) -> Iterator[list[str]]:
             time.sleep(0.1)
     try:
         yield names
+    except BaseException:
+        print(cluster_state(cluster))  # before the namespaces and what is in them go
+        raise
     finally:
         for ns in names:
             core.delete_namespace(ns, propagation_policy="Background")

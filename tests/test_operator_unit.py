@@ -989,3 +989,22 @@ async def test_a_researchjob_skipped_for_a_namespace_being_deleted_sleeps_only_u
     w.wake_namespace("reborn")
     assert "reborn" not in w.terminating and not w.namespace_terminating("reborn", clock[0])
     assert w.wakeups[key].is_set() and key in w.dirty
+
+
+def test_every_wait_names_the_events_that_end_it_and_each_is_delivered_by_a_handler() -> None:
+    import re
+
+    from research_operator import handlers, loop
+    from research_operator.admission import ENDED_BY, Wake, WaitReason
+
+    assert set(ENDED_BY) == set(WaitReason), "a wait reason without the events that end it"
+    assert all(ENDED_BY.values()), "a wait that only the resync ends"
+    # The ResearchJob's own bound is freed only by its own Jobs; every other wait is ended by others too.
+    assert [r for r, w in ENDED_BY.items() if w == {Wake.OWN_CHANGE}] == [WaitReason.MAX_ACTIVE_JOBS]
+    for wake in Wake:
+        names = re.findall(r"\(([^)]*)\)$", wake.value)
+        assert names, wake
+        for name in names[0].split(", "):
+            if name == "the pass's wake_at":
+                continue
+            assert hasattr(handlers, name) or hasattr(loop, name), f"{wake.name}: no handler {name}"

@@ -10,7 +10,9 @@ Real control plane, real worker pods, offline model.
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -147,20 +149,57 @@ def test_a_researchjob_waiting_across_an_operator_restart_is_woken_when_the_slot
         throttled(api, ns_b, "waiter", "GlobalCap")
         slow_resync.restart()  # SIGKILL mid-wait; the new process rebuilds its world from the watches
         time.sleep(2)
-        assert status(api, ns_b, "waiter").get("phase") == "Pending", "the restart alone must not admit it"
+        assert not client.BatchV1Api(api).list_namespaced_job(ns_b).items, "the restart alone must not admit it"
+        assert true_condition(status(api, ns_b, "waiter"), "Throttled"), status(api, ns_b, "waiter")
         delete_rj(api, ns_a, "holder")
         succeeds(api, ns_b, "waiter")
+
+
+def hold_researchjobs(cluster: ClusterHandle, namespace: str) -> str:
+    """A ValidatingAdmissionPolicy that refuses to delete the ResearchJobs of ``namespace``: the
+    namespace controller then keeps the namespace Terminating with its ResearchJobs alive (not
+    being deleted), as a namespace with many objects is for a while. Returns the policy's name."""
+    name = f"hold-{namespace}"
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": [GROUP],
+                        "apiVersions": ["*"],
+                        "operations": ["DELETE"],
+                        "resources": [PLURAL],
+                    }
+                ]
+            },
+            "validations": [{"expression": f"request.namespace != '{namespace}'", "message": "held by the test"}],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {"policyName": name, "validationActions": ["Deny"]},
+    }
+    cluster.kubectl(
+        "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [policy, binding]})
+    )
+    return name
 
 
 def test_a_namespace_deleted_and_created_again_gets_its_new_researchjob_a_status_at_once(
     cluster: ClusterHandle, slow_resync: OperatorProcess
 ) -> None:
-    """The ResearchJobs of a namespace being deleted meet its deletion (a quota that held them goes
-    first, so they are admitted and their creates are refused); a ResearchJob of a namespace of the
-    same name created right after is served at once, not after the operator's memo or the resync."""
+    """ResearchJobs of a namespace being deleted meet its deletion when they create their Jobs; a
+    ResearchJob of a namespace of the same name created right after is served at once, not after
+    the operator's memo of the deletion or the resync."""
     api = cluster.api_client()
     core = client.CoreV1Api(api)
-    ns = f"t-reborn-{int(time.time() * 1000) % 10**8}"
+    ns = f"t-reborn-{uuid.uuid4().hex[:6]}"
     data = {p.name: p.read_text() for p in sorted(CORPUS.glob("*.md"))}
 
     def make_namespace() -> None:
@@ -168,32 +207,42 @@ def test_a_namespace_deleted_and_created_again_gets_its_new_researchjob_a_status
         until("the default ServiceAccount", lambda: core.list_namespaced_service_account(ns).items, 30)
         core.create_namespaced_config_map(ns, {"metadata": {"name": "corpus"}, "data": data})
 
-    def meets_its_deletion() -> bool:
-        """ResearchJobs held by a quota, then the namespace deleted: the quota goes before them
-        (the namespace controller deletes core resources first) and wakes them, and their creates
-        are refused as the namespace is being deleted. Whether one is sent before they go is up to
-        that order, so the scenario is tried again when none was."""
-        make_namespace()
-        quota = {"metadata": {"name": "no-jobs"}, "spec": {"hard": {"count/jobs.batch": "0"}}}
-        core.create_namespaced_resource_quota(ns, quota)
-        for i in range(5):
-            create(api, ns, rj(f"old-{i}"))
-        until(
-            "the old ResearchJobs to wait for the quota",
-            lambda: true_condition(status(api, ns, "old-4"), "QuotaExceeded"),
-        )
-        before = slow_resync.log().count(refusal)
-        core.delete_namespace(ns, propagation_policy="Background")
-        until("the namespace to be gone", lambda: not [n for n in core.list_namespace().items if n.metadata.name == ns])
-        return slow_resync.log().count(refusal) > before
+    def held() -> bool:
+        try:
+            delete_rj_dry_run(api, ns, "old-0")
+        except client.ApiException as e:
+            return e.status in (403, 422) and "held by the test" in str(e.body)
+        return False
 
     refusal = f"namespace {ns} is being deleted"
+    make_namespace()
+    policy = hold_researchjobs(cluster, ns)
     try:
-        assert any(meets_its_deletion() for _ in range(3)), "no create of the operator ever met the deletion"
-        make_namespace()
+        core.create_namespaced_resource_quota(
+            ns, {"metadata": {"name": "no-jobs"}, "spec": {"hard": {"count/jobs.batch": "0"}}}
+        )
+        for i in range(3):
+            create(api, ns, rj(f"old-{i}"))
+        until(
+            "the ResearchJobs to wait for the quota", lambda: true_condition(status(api, ns, "old-2"), "QuotaExceeded")
+        )
+        until("the policy to hold the ResearchJobs", held, 30)
+        core.delete_namespace(ns, propagation_policy="Background")
+        # The namespace is Terminating and its ResearchJobs stay; the quota that held them goes.
+        until("the quota to go", lambda: not core.list_namespaced_resource_quota(ns).items, 60)
+        until("a create of the operator to meet the deletion", lambda: refusal in slow_resync.log(), 30)
+    finally:
+        cluster.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", policy)
+    until("the namespace to be gone", lambda: not [n for n in core.list_namespace().items if n.metadata.name == ns])
+    make_namespace()
+    try:
         create(api, ns, rj("new"))
-        st = until("a status for the ResearchJob of the namespace created again", lambda: status(api, ns, "new"), 30)
+        st = until("a status for the ResearchJob of the namespace created again", lambda: status(api, ns, "new"), 20)
         assert st.get("phase") in ("Pending", "Planning", "Interviewing", "Writing", "Succeeded"), st
         succeeds(api, ns, "new")
     finally:
         core.delete_namespace(ns, propagation_policy="Background")
+
+
+def delete_rj_dry_run(api: client.ApiClient, namespace: str, name: str) -> None:
+    client.CustomObjectsApi(api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, dry_run="All")

@@ -250,6 +250,43 @@ class WaitReason(StrEnum):
         )
 
 
+class Wake(StrEnum):
+    """An event that can end a wait, and the watch handler (``handlers``) or timer that delivers it."""
+
+    OWN_CHANGE = "its own ResearchJob, Jobs or stored results change (researchjob_event, job_event, configmap_event)"
+    QUOTA_CHANGED = "a ResourceQuota of its namespace changes or goes (quota_event)"
+    JOB_ENDED_IN_NAMESPACE = "a worker Job of its namespace ends or goes (job_event)"
+    JOB_ENDED_ANYWHERE = "a worker Job of any namespace ends or goes, under a global cap (job_event)"
+    WAITER_GONE = "a waiting ResearchJob goes, leaving its fair share (stop_loop)"
+    SETTINGS_CHANGED = "the operator's settings ConfigMap changes (settings_changed)"
+    ENDPOINT_FREED = "a Job admitted against its ModelEndpoint ends or goes (job_event)"
+    ENDPOINT_CHANGED = "a ModelEndpoint changes (endpoint_event)"
+    BUDGET_PERIOD_ENDS = "the token budget's period rolls over (the pass's wake_at)"
+
+
+# Every wait names the events that end it; none ends only with the resync (tests/test_operator_unit.py
+# checks that each is delivered, tests/test_wakeups_cluster.py that each ends the wait on a real
+# cluster with the resync out of reach). A namespace being deleted is not a WaitReason of
+# admission: see ``loop.reconcile_once`` (its ResearchJob's DELETED event, a ResearchJob created in
+# a namespace of that name again, the memo's end).
+ENDED_BY: dict[WaitReason, frozenset[Wake]] = {
+    WaitReason.QUOTA_TOO_SMALL: frozenset({Wake.OWN_CHANGE, Wake.QUOTA_CHANGED}),
+    WaitReason.EXCEEDED_QUOTA: frozenset({Wake.OWN_CHANGE, Wake.QUOTA_CHANGED, Wake.JOB_ENDED_IN_NAMESPACE}),
+    WaitReason.NAMESPACE_CAP: frozenset(
+        {Wake.OWN_CHANGE, Wake.JOB_ENDED_IN_NAMESPACE, Wake.WAITER_GONE, Wake.SETTINGS_CHANGED}
+    ),
+    WaitReason.GLOBAL_CAP: frozenset(
+        {Wake.OWN_CHANGE, Wake.JOB_ENDED_ANYWHERE, Wake.WAITER_GONE, Wake.SETTINGS_CHANGED}
+    ),
+    WaitReason.FAIR_SHARE: frozenset(
+        {Wake.OWN_CHANGE, Wake.JOB_ENDED_IN_NAMESPACE, Wake.JOB_ENDED_ANYWHERE, Wake.WAITER_GONE, Wake.SETTINGS_CHANGED}
+    ),
+    WaitReason.MAX_ACTIVE_JOBS: frozenset({Wake.OWN_CHANGE}),
+    WaitReason.ENDPOINT_CAPACITY: frozenset({Wake.OWN_CHANGE, Wake.ENDPOINT_FREED, Wake.ENDPOINT_CHANGED}),
+    WaitReason.TOKEN_BUDGET: frozenset({Wake.OWN_CHANGE, Wake.BUDGET_PERIOD_ENDS, Wake.SETTINGS_CHANGED}),
+}
+
+
 @dataclass(frozen=True)
 class EndpointVerdict:
     """How many more worker pods of one ResearchJob fit the model endpoint they call: each counts with
