@@ -995,7 +995,7 @@ def test_every_wait_names_the_events_that_end_it_and_each_is_delivered_by_a_hand
     import re
 
     from research_operator import handlers, loop
-    from research_operator.admission import ENDED_BY, Wake, WaitReason
+    from research_operator.admission import ENDED_BY, WaitReason, Wake
 
     assert set(ENDED_BY) == set(WaitReason), "a wait reason without the events that end it"
     assert all(ENDED_BY.values()), "a wait that only the resync ends"

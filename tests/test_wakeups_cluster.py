@@ -246,3 +246,22 @@ def test_a_namespace_deleted_and_created_again_gets_its_new_researchjob_a_status
 
 def delete_rj_dry_run(api: client.ApiClient, namespace: str, name: str) -> None:
     client.CustomObjectsApi(api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, dry_run="All")
+
+
+@pytest.mark.postgres
+def test_each_step_of_a_postgres_cleanup_is_woken_by_the_job_it_waits_for(
+    cluster: ClusterHandle, slow_resync: OperatorProcess, postgres_dsn: str
+) -> None:
+    """Deleting a PostgreSQL-store ResearchJob mid-run waits twice: for its worker Jobs to go, then
+    for the cleanup Job to succeed; each Job's event ends the wait, and the ResearchJob goes."""
+    from tests.test_operator_postgres import dsn_secret
+    from tests.test_operator_postgres import researchjob as pg_researchjob
+
+    api = cluster.api_client()
+    with namespaces(cluster, 1) as (ns,):
+        dsn_secret(api, ns, "pg", postgres_dsn)
+        create(api, ns, pg_researchjob("mid", "corpus", "pg", parallelism={"batchSize": 1, "maxActiveJobs": 1}))
+        until("a first section", lambda: status(api, ns, "mid").get("sectionsDone", 0) >= 1)
+        delete_rj(api, ns, "mid")
+        until("the ResearchJob to go after its cleanup", lambda: get_rj(api, ns, "mid") is None)
+        assert "PostgreSQL rows deleted; removing the finalizer" in slow_resync.log()

@@ -132,8 +132,9 @@ async def finalize_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outco
             logger.info(f"decision: deleting: {st.message}")
         await kube.patch_status(namespace, name, uid, st, prev)
     if d.remove_finalizer:
+        if not d.skipped:
+            # Said before the patch: the ResearchJob's DELETED event that follows it ends this loop.
+            logger.info(f"{namespace}/{name}: PostgreSQL rows deleted; removing the finalizer")
         await kube.set_finalizer(namespace, name, uid, present=False)
         FINALIZED.add(uid)
-        if not d.skipped:
-            logger.info(f"{namespace}/{name}: PostgreSQL rows deleted; finalizer removed")
     return Outcome(retry=d.failure is not None or waiting.refused)
