@@ -941,7 +941,8 @@ async def test_requests_queued_behind_the_api_threads_ask_skip_if_just_before_th
     refused = threading.Event()
     sent: list[int] = []
 
-    def fake_create(i: int) -> None:
+    def fake_create(i: int, _request_timeout: tuple[float, float] | None = None) -> None:
+        assert _request_timeout == kube.REQUEST_TIMEOUT, "every request has a timeout"
         sent.append(i)
         time.sleep(0.01)
         refused.set()  # the API server answers: the namespace is being deleted

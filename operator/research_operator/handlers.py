@@ -57,6 +57,11 @@ def configure_watching(settings: kopf.OperatorSettings) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.posting.level = logging.WARNING  # only our own Events, not kopf's handler chatter
     settings.watching.server_timeout = 300
+    # A watch connection that dies without a word (no FIN, no RST) would look alive but empty for
+    # good, and every wake-up it carries would be lost: the client gives up a little after the
+    # server would have ended the watch, and kopf lists and watches again (kopf #204, #585, #847).
+    settings.watching.client_timeout = 360
+    settings.watching.connect_timeout = 30
     # kopf serves each object's events in a worker that holds one of ``worker_limit`` slots until it
     # has been idle ``idle_timeout`` s (default 5 s), and a full set blocks the whole watch stream:
     # 200 slots held 5 s after a ResearchJob's own status write capped a burst of new ResearchJobs at

@@ -18,6 +18,10 @@ from research_operator import metrics
 from research_operator.constants import FINALIZER
 
 API_THREADS = 16  # concurrent API requests (the kubernetes client is synchronous)
+# (connect, read) seconds of every request: the client waits forever by default, and one request
+# left hanging would stall its ResearchJob's pass (and the resync behind it) for good. A timeout is
+# an error like any other: the pass backs off and is retried.
+REQUEST_TIMEOUT = (10.0, 60.0)
 _api: client.ApiClient | None = None
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -55,6 +59,7 @@ async def call(
         if skip_if is not None and skip_if():
             raise Skipped(f"{verb} {resource}")
         metrics.API_REQUESTS.labels(verb, resource).inc()
+        kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
         return await loop.run_in_executor(_pool, lambda: fn(*args, **kwargs))
 
 
