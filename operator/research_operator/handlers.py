@@ -183,6 +183,7 @@ def settings_changed(type: str, body: kopf.Body, namespace: str | None, name: st
             f"allowedTolerationKeys={','.join(new.allowed_toleration_keys)} "
             f"allowedNodeSelectorKeys={','.join(new.allowed_node_selector_keys)}"
         )
+        WORLD.policy_probe = None  # look at the admission policy afresh (it may just have been installed)
         WORLD.wake_waiting()
         WORLD.wake_refused()
 
