@@ -331,7 +331,8 @@ def test_someone_who_may_not_read_the_secret_cannot_redirect_anothers_researchjo
     cluster: ClusterHandle, tenant_ns: str, policy: str
 ) -> None:
     """The admin's ResearchJob uses the team key; a user without access to it may still label it
-    (the operator's own finalizer writes are such updates), but not point it at their listener."""
+    (the operator's own finalizer writes are such updates) and approve its analysts, but not point
+    it at their listener."""
     admin = cluster.api_client()
     user = "system:serviceaccount:{}:{}".format(tenant_ns, "editor")
     client.CoreV1Api(admin).create_namespaced_service_account(tenant_ns, {"metadata": {"name": "editor"}})
@@ -355,6 +356,8 @@ def test_someone_who_may_not_read_the_secret_cannot_redirect_anothers_researchjo
             lambda: custom.patch_namespaced_custom_object(GROUP, VERSION, tenant_ns, PLURAL, "teamjob", patch),
             "the editor's label accepted",
         )
+        approve = {"spec": {"analysts": {"approved": True}}}
+        custom.patch_namespaced_custom_object(GROUP, VERSION, tenant_ns, PLURAL, "teamjob", approve)
         redirect = {"spec": {"model": {"baseUrl": ATTACKER_URL}}}
         msg = refusal(
             lambda: custom.patch_namespaced_custom_object(GROUP, VERSION, tenant_ns, PLURAL, "teamjob", redirect)
