@@ -74,6 +74,14 @@ EXPECTED_CLUSTER_RULES = {
     ("", "events"): {"create", "list", "watch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
 }
+# The operator reads the chart's admission policy and its binding, by name only (tenancy).
+POLICY_RULE = {
+    "apiGroups": ["admissionregistration.k8s.io"],
+    "resources": ["validatingadmissionpolicies", "validatingadmissionpolicybindings"],
+    "resourceNames": ["research-operator-tenancy"],
+    "verbs": ["get"],
+}
+CLUSTER_SCOPED = ("ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
 # In Kueue mode (kueue.queueName set) also: the Workloads and LocalQueues it reads for status.
 KUEUE_CLUSTER_RULES = {
     ("kueue.x-k8s.io", "workloads"): {"list", "watch"},
@@ -164,6 +172,8 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
             ("Deployment", "research-operator"),
             ("Deployment", "research-operator-modelserver"),
             ("Service", "research-operator-modelserver"),
+            ("ValidatingAdmissionPolicy", "research-operator-tenancy"),
+            ("ValidatingAdmissionPolicyBinding", "research-operator-tenancy"),
         ]
     )
     for d in docs:
@@ -172,7 +182,7 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
         assert labels["app.kubernetes.io/instance"] == "research-operator"
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
         assert labels["helm.sh/chart"] == "research-operator-0.1.0"
-        if d["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+        if d["kind"] not in CLUSTER_SCOPED:
             assert d["metadata"]["namespace"] == "research-system"
 
     op = find(docs, "Deployment", "research-operator")
@@ -200,6 +210,15 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
         "kueuePriorityClasses": "{}",
         "kueueDefaultPriorityClass": "",
         "namespaceTokenBudgets": "{}",
+        # Tenancy: the policy is on, authors are not trusted, no system priority or toleration.
+        "admissionPolicyBinding": "research-operator-tenancy",
+        "trustAuthors": "false",
+        "allowedPriorityClasses": "",
+        "allowedTolerationKeys": "",
+        "allowedNodeSelectorKeys": (
+            "kubernetes.io/arch,kubernetes.io/os,node.kubernetes.io/instance-type,"
+            "topology.kubernetes.io/region,topology.kubernetes.io/zone"
+        ),
     }
 
 
@@ -351,7 +370,10 @@ def test_cluster_role_is_exactly_what_the_operator_uses(
     docs = render(helm, *args)
     role = find(docs, "ClusterRole")
     rules: dict[tuple[str, str], set[str]] = {}
+    assert role["rules"].count(POLICY_RULE) == 1  # the one rule limited to names
     for rule in role["rules"]:
+        if rule == POLICY_RULE:
+            continue
         for field in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[field], f"wildcard in {rule}"
         assert "resourceNames" not in rule and "nonResourceURLs" not in rule
@@ -482,6 +504,7 @@ def test_operator_environment_is_what_settings_read(helm: Path) -> None:
         lease_broker_url="http://ro-research-operator-leases.ops.svc:8090",
         lease_broker_service="ro-research-operator-leases",
         pod_ip="10.0.0.7",
+        admission_policy_binding="ro-research-operator-tenancy",
     )
     assert env["POD_NAME"] == "ro-research-operator-abc"  # the Lease holder identity
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
@@ -678,3 +701,65 @@ def test_no_product_module_imports_the_local_cluster() -> None:
         if re.search(r"^\s*(from|import) localkube\b", path.read_text(), re.MULTILINE)
     ]
     assert offenders == []
+
+
+# ------------------------------------------------------------------------------------------------
+# tenancy: the admission policy (what it does is shown on the API server, tests/test_tenancy_cluster.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_admission_policy_checks_every_source_the_crd_allows(helm: Path) -> None:
+    """A message expression cannot see the authorizer's answer, so the policy has one Secret and one
+    ConfigMap validation per source index: as many as the CRD allows sources, or one would go unchecked."""
+    crd = yaml.safe_load((CHART / "crds" / "researchjobs.researchops.io.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    max_sources = schema["properties"]["sources"]["maxItems"]
+    policy = find(render(helm), "ValidatingAdmissionPolicy")
+    fields = [v["messageExpression"].split(":")[0].strip("'") for v in policy["spec"]["validations"]]
+    for i in range(max_sources):
+        assert f"spec.sources[{i}].apiKeySecretRef" in fields
+        assert f"spec.sources[{i}].configMap" in fields
+    assert f"spec.sources[{max_sources}].apiKeySecretRef" not in fields
+    for f in ("spec.model.apiKeySecretRef", "spec.store.dsnSecretRef", "spec.worker.priorityClassName"):
+        assert f in fields
+
+
+def test_admission_policy_binding_denies_and_reads_the_settings(helm: Path) -> None:
+    docs = render(helm, namespace="ops", release="ro")
+    binding = find(docs, "ValidatingAdmissionPolicyBinding", "ro-research-operator-tenancy")
+    assert binding["spec"]["policyName"] == "ro-research-operator-tenancy"
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert binding["spec"]["paramRef"] == {
+        "name": "ro-research-operator-settings",
+        "namespace": "ops",
+        "parameterNotFoundAction": "Deny",
+    }
+    policy = find(docs, "ValidatingAdmissionPolicy", "ro-research-operator-tenancy")
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    assert policy["spec"]["matchConstraints"]["resourceRules"][0]["operations"] == ["CREATE", "UPDATE"]
+
+
+def test_admission_policy_off_leaves_authors_unchecked_and_says_so(helm: Path) -> None:
+    docs = render(helm, "--set", "tenancy.admissionPolicy.enabled=false")
+    kinds = {d["kind"] for d in docs}
+    assert not kinds & {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+    assert find(docs, "ConfigMap")["data"]["admissionPolicyBinding"] == ""
+    rules = find(docs, "ClusterRole")["rules"]
+    assert not [r for r in rules if "admissionregistration.k8s.io" in r["apiGroups"]]
+
+
+def test_tenancy_allowlists_reach_the_operator_and_bad_ones_fail_install(helm: Path) -> None:
+    docs = render(
+        helm,
+        "--set", "tenancy.allowedPriorityClasses={research-low,research-high}",
+        "--set", "tenancy.allowedTolerationKeys={nvidia.com/gpu}",
+        "--set", "tenancy.trustAuthors=true",
+    )  # fmt: skip
+    cm = find(docs, "ConfigMap")
+    container = find(docs, "Deployment", "research-operator")["spec"]["template"]["spec"]["containers"][0]
+    s = Settings.from_env(env_of(container, cm, "pod", "research-system"))
+    assert s.allowed_priority_classes == ("research-low", "research-high")
+    assert s.allowed_toleration_keys == ("nvidia.com/gpu",)
+    assert s.trust_authors is True
+    bad = run_helm(helm, "template", "r", str(CHART), "--set", "tenancy.allowedPriorityClasses={a b}")
+    assert bad.returncode != 0 and "allowedPriorityClasses" in bad.stderr

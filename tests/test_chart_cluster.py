@@ -208,6 +208,12 @@ def test_operator_rbac_allows_its_watches_and_nothing_more(
         ("create", "endpointslices.discovery.k8s.io", "-n", namespace),  # its Service's one slice
         ("update", f"endpointslices.discovery.k8s.io/{operator_rbac.rsplit(':', 1)[1]}-leases", "-n", namespace),
         ("get", f"services/{operator_rbac.rsplit(':', 1)[1]}-leases", "-n", namespace),  # the slice's owner
+        # whether the admission policy that checks authors is in force: its own policy and binding
+        ("get", f"validatingadmissionpolicies.admissionregistration.k8s.io/{operator_rbac.rsplit(':', 1)[1]}-tenancy"),
+        (
+            "get",
+            f"validatingadmissionpolicybindings.admissionregistration.k8s.io/{operator_rbac.rsplit(':', 1)[1]}-tenancy",
+        ),
     ]
     denied = [
         ("get", "secrets", "-n", "team-a"),
@@ -227,6 +233,12 @@ def test_operator_rbac_allows_its_watches_and_nothing_more(
         ("create", "endpointslices.discovery.k8s.io", "-n", "team-a"),
         ("get", "services/someone-else", "-n", namespace),
         ("list", "services", "-n", namespace),
+        ("get", "validatingadmissionpolicybindings.admissionregistration.k8s.io/someone-else"),
+        ("list", "validatingadmissionpolicybindings.admissionregistration.k8s.io"),
+        (
+            "delete",
+            f"validatingadmissionpolicybindings.admissionregistration.k8s.io/{operator_rbac.rsplit(':', 1)[1]}-tenancy",
+        ),
     ]
     for args in allowed:
         assert can_i(cluster, operator_rbac, *args), f"operator cannot {args}"

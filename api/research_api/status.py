@@ -32,7 +32,7 @@ class Condition(ApiModel):
 
     type: str = Field(
         description="Condition type: Planned, AwaitingReview, QuotaExceeded, Throttled, WaitingForEndpoint, "
-        "TokenBudgetExhausted, WorkerPodsBlocked, Complete, Failed, CleanupFailed."
+        "TokenBudgetExhausted, WorkerPodsBlocked, PolicyViolation, Complete, Failed, CleanupFailed."
     )
     status: str = Field(description="True, False or Unknown.", pattern=r"^(True|False|Unknown)$")
     reason: str = Field(description="CamelCase reason for the last transition.")
@@ -89,7 +89,8 @@ class ResearchJobStatus(ApiModel):
     waiting_for: str | None = Field(
         None,
         description="Why its next worker Jobs wait (the reason of the condition that holds them: EndpointCapacity, "
-        "TokenBudget, ExceededQuota, GlobalCap, ...); empty when nothing waits.",
+        "TokenBudget, ExceededQuota, GlobalCap, ...; PolicyViolation when admins' policy forbids starting it); "
+        "empty when nothing waits.",
     )
     start_time: str | None = Field(None, description="When work started (RFC 3339).")
     completion_time: str | None = Field(None, description="When the job finished (RFC 3339).")

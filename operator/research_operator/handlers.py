@@ -182,9 +182,15 @@ def settings_changed(type: str, body: kopf.Body, namespace: str | None, name: st
         logger.info(
             f"operator settings: globalMaxActiveJobs={new.global_max_active} "
             f"namespaceMaxActiveJobs={new.namespace_max_active} "
-            f"namespaceTokenBudgets={budgets}"
+            f"namespaceTokenBudgets={budgets} admissionPolicyBinding={new.admission_policy_binding} "
+            f"trustAuthors={str(new.trust_authors).lower()} "
+            f"allowedPriorityClasses={','.join(new.allowed_priority_classes)} "
+            f"allowedTolerationKeys={','.join(new.allowed_toleration_keys)} "
+            f"allowedNodeSelectorKeys={','.join(new.allowed_node_selector_keys)}"
         )
+        WORLD.policy_probe = None  # look at the admission policy afresh (it may just have been installed)
         WORLD.wake_waiting()
+        WORLD.wake_refused()
 
 
 @kopf.index(GROUP, VERSION, ENDPOINT_PLURAL)

@@ -326,3 +326,22 @@ async def point_service_at(namespace: str, service: str, ip: str, port: int) -> 
     discovery = client.DiscoveryV1Api(api())
     create, replace = discovery.create_namespaced_endpoint_slice, discovery.replace_namespaced_endpoint_slice
     await _create_or_replace("endpointslice", create, replace, body)
+
+
+async def admission_policy_binding(name: str) -> tuple[str, list[str]] | None:
+    """The ValidatingAdmissionPolicyBinding ``name``: the policy it binds and its validationActions
+    (None: it does not exist, or the binding it names has no policy)."""
+    adm = client.AdmissionregistrationV1Api(api())
+    try:
+        binding = await call(
+            "get", "validatingadmissionpolicybinding", adm.read_validating_admission_policy_binding, name
+        )
+        policy = str(binding.spec.policy_name or "")
+        if not policy:
+            return None
+        await call("get", "validatingadmissionpolicy", adm.read_validating_admission_policy, policy)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    return policy, list(binding.spec.validation_actions or [])

@@ -27,7 +27,7 @@ from research_api.researchjob import (
     ResearchJobStatus,
 )
 from research_api.task import Step
-from research_operator import kube, kueue, metrics
+from research_operator import kube, kueue, metrics, tenancy
 from research_operator.admit import Outcome, Want, admit_and_create, pods_blocked, still_blocked, with_detail
 from research_operator.admit import now as _now
 from research_operator.builders import Owner, worker_job
@@ -42,6 +42,7 @@ from research_operator.reconcile import (
     continues_steps,
     decide,
 )
+from research_operator.settings import Settings
 from research_operator.world import WORLD, Key, settings
 
 log = logging.getLogger(__name__)
@@ -192,8 +193,15 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         kopf.warn(body, reason="InvalidSpec", message=msg)
         return Outcome()
     owner = Owner(namespace, name, uid)
-    # The external-store finalizer goes on before the first worker Job can write a row.
-    add = decide_cleanup(cleanup_state(body, [], None)).add_finalizer
+    checks = await author_checks(cfg, logger) if tenancy.references(spec) else tenancy.AuthorChecks.OFF
+    refused = tenancy.refusal(spec, cfg.allowlists, checks, cfg.admission_policy_binding)
+    if refused is not None:
+        WORLD.refused.add(key)  # a settings change wakes it
+    else:
+        WORLD.refused.discard(key)
+    # The external-store finalizer goes on before the first worker Job can write a row (a refused
+    # ResearchJob writes none, and its cleanup Job would hand its Secret to a pod too).
+    add = decide_cleanup(cleanup_state(body, [], None)).add_finalizer and refused is None
     if add and not await kube.set_finalizer(namespace, name, uid, present=True):
         return Outcome()  # the ResearchJob is gone or was replaced
     now = _now()
@@ -207,6 +215,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         store=WORLD.store_view(key),
         previous=prev,
         uid=uid,
+        refusal=refused,
     )
     d = decide(spec, obs)
     st = d.status
@@ -292,7 +301,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
             kopf.event(
                 body, type=etype, reason=reason, message=(st.message or message) if reason == st.phase else message
             )
-    for etype, reason, message in events:
+    for etype, reason, message in [*d.notices, *events]:
         kopf.event(body, type=etype, reason=reason, message=message)
     log_decision(logger, st, prev)
     await kube.patch_status(namespace, name, uid, st, prev)
@@ -319,6 +328,28 @@ def log_decision(logger: kopf.Logger, st: ResearchJobStatus, prev: ResearchJobSt
         return
     waits = f"; waiting for {st.waiting_for}" if st.waiting_for else ""
     logger.info(f"decision: phase {st.phase.value}: {st.message or ''}{waits}")
+
+
+POLICY_PROBE_SECONDS = 10.0  # how long one look at the admission policy binding serves
+
+
+async def author_checks(cfg: Settings, logger: kopf.Logger) -> tenancy.AuthorChecks:
+    """Whether the admission policy that checks authors is in force (the binding the settings name
+    and its policy exist), looked up at most every ``POLICY_PROBE_SECONDS`` by this process."""
+    binding = cfg.admission_policy_binding
+    seen = WORLD.policy_probe
+    if binding and (seen is None or seen[1] != binding or time.monotonic() - seen[0] > POLICY_PROBE_SECONDS):
+        try:
+            found = await kube.admission_policy_binding(binding)
+        except ApiException as e:
+            logger.warning(
+                f"cannot read ValidatingAdmissionPolicyBinding {binding} ({e.status} {e.reason}): "
+                "taking authors as unchecked"
+            )
+            found = None
+        WORLD.policy_probe = seen = (time.monotonic(), binding, found)
+    found = seen[2] if binding and seen is not None else None
+    return tenancy.author_checks(binding, cfg.trust_authors, found)
 
 
 def _invalid_status(prev: ResearchJobStatus, msg: str, meta: kopf.Meta | dict[str, object]) -> ResearchJobStatus:

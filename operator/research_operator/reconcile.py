@@ -19,6 +19,11 @@ from research_api.researchjob import (
 )
 from research_operator.admission import PodResources, WaitReason
 from research_operator.constants import plan_id
+from research_operator.tenancy import Refusal
+
+# How soon a ResearchJob refused because the author-checking policy is missing looks again: its
+# installation sends no watch event the operator receives.
+POLICY_RECHECK = dt.timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class Observed:
     store: StoreView
     previous: ResearchJobStatus
     uid: str = ""  # the ResearchJob's uid (part of its plan ids)
+    refusal: Refusal | None = None  # why no worker Job may be created for it (tenancy)
 
 
 @dataclass
@@ -82,6 +88,8 @@ class Decision:
     delete_self: bool = False
     wake_at: dt.datetime | None = None  # a deadline or TTL that needs a pass then, with no watch event
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    # Events posted whatever the phase (``events`` are posted when the phase changes)
+    notices: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def batches(count: int, batch_size: int) -> list[list[int]]:
@@ -252,6 +260,18 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
     st.batches = counts
 
     terminal = st.phase in (Phase.Succeeded, Phase.Failed)
+    refused = obs.refusal if not terminal else None
+    if refused is not None:
+        # Nothing new starts; Jobs already running go on (they were created while it was allowed).
+        d.create_plan = d.create_writer = False
+        d.waiting_batches.clear()
+        if st.phase == Phase.Planning and plan_job is None:
+            st.phase = Phase.Pending
+        st.message = refused.message
+        st.waiting_for = "PolicyViolation"
+        if refused.recheck:
+            again = now + POLICY_RECHECK
+            d.wake_at = again if d.wake_at is None else min(d.wake_at, again)
     if terminal:
         st.completion_time = prev.completion_time if prev.phase == st.phase and prev.completion_time else rfc3339(now)
         if spec.ttl_seconds_after_finished is not None:
@@ -273,6 +293,15 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
         while_in("Complete", Phase.Succeeded, "ReportWritten", "InProgress"),
         condition(
             prev,
+            "PolicyViolation",
+            refused is not None,
+            refused.reason.value if refused else "WithinPolicy",
+            refused.message if refused else "",
+            gen,
+            now,
+        ),
+        condition(
+            prev,
             "Failed",
             failure is not None,
             failure[0] if failure else "NoFailure",
@@ -284,6 +313,9 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
     if prev.phase != st.phase:
         kind = "Warning" if st.phase == Phase.Failed else "Normal"
         d.events.append((kind, st.phase.value if failure is None else failure[0], st.message or st.phase.value))
+    before = next((c for c in prev.conditions or [] if c.type == "PolicyViolation"), None)
+    if refused is not None and (before is None or before.status != "True" or before.message != refused.message):
+        d.notices.append(("Warning", "PolicyViolation", refused.message))
     return d
 
 
@@ -336,7 +368,8 @@ def apply_waiting(
         st.message += f"{w.what} waiting for a slot: {w.message}"
     if w.pods_blocked:
         st.message = w.pods_blocked
-    st.waiting_for = w.reason.value if w.reason is not None and w.reason != WaitReason.MAX_ACTIVE_JOBS else None
+    if w.reason is not None or st.waiting_for != "PolicyViolation":  # decide() says why nothing starts
+        st.waiting_for = w.reason.value if w.reason is not None and w.reason != WaitReason.MAX_ACTIVE_JOBS else None
     if w.pods_blocked and st.waiting_for is None:
         st.waiting_for = "FailedCreate"
     reason = w.reason.value if w.reason else ""

@@ -1,7 +1,8 @@
 """Operator settings: static ones from the environment, admin caps also from a ConfigMap.
 
 The caps (``globalMaxActiveJobs``, ``namespaceMaxActiveJobs``), the namespace token budgets
-(``namespaceTokenBudgets``), the default model endpoint and the Kueue queue and priority mapping can
+(``namespaceTokenBudgets``), the default model endpoint, the Kueue queue and priority mapping and the
+tenancy settings (the admission policy binding, ``trustAuthors``, the scheduling allowlists) can
 change at run time: the operator watches the settings ConfigMap (rendered by the Helm chart from
 values.yaml) and applies a change on the next reconcile, with no restart. Whether it watches Kueue's
 Workloads and LocalQueues (``KUEUE_WATCH``) is fixed at start, as that needs their CRDs and RBAC.
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from research_operator.admission import Caps
 from research_operator.endpoints import TokenBudget, parse_budgets
+from research_operator.tenancy import Allowlists, parse_allowlist
 
 
 def _int(env: Mapping[str, str], key: str, default: int) -> int:
@@ -56,6 +58,19 @@ def _class_name(env: Mapping[str, str], key: str, default: str) -> str:
     if raw and not (_NAME.match(raw) and len(raw) <= 63):
         raise ValueError(f"{key} must be a WorkloadPriorityClass name, got {raw!r}")
     return raw
+
+
+def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = env.get(key, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in ("true", "false"):
+        raise ValueError(f"{key} must be true or false, got {raw!r}")
+    return raw == "true"
+
+
+def _allowlist(env: Mapping[str, str], key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    return parse_allowlist(env[key], key) if key in env else default
 
 
 def _broker_url(env: Mapping[str, str]) -> str:
@@ -99,6 +114,19 @@ class Settings:
     # own pod IP when it starts serving.
     lease_broker_service: str = ""
     pod_ip: str = ""
+    # Tenancy (research_operator.tenancy, docs/security.md). The ValidatingAdmissionPolicyBinding
+    # that checks authors at admission ("": none, tenancy.admissionPolicy.enabled=false); while it
+    # is not in force, a ResearchJob naming a Secret or ConfigMap is not run unless trust_authors.
+    admission_policy_binding: str = ""
+    trust_authors: bool = False  # unsafe on a shared cluster: any author may use any Secret
+    # What worker pods may carry from a spec (comma-separated in the settings ConfigMap).
+    allowed_priority_classes: tuple[str, ...] = Allowlists().priority_classes
+    allowed_toleration_keys: tuple[str, ...] = Allowlists().toleration_keys
+    allowed_node_selector_keys: tuple[str, ...] = Allowlists().node_selector_keys
+
+    @property
+    def allowlists(self) -> Allowlists:
+        return Allowlists(self.allowed_priority_classes, self.allowed_toleration_keys, self.allowed_node_selector_keys)
 
     @property
     def caps(self) -> Caps:
@@ -132,6 +160,11 @@ class Settings:
             lease_broker_url=_broker_url(e),
             lease_broker_service=e.get("LEASE_BROKER_SERVICE", d.lease_broker_service),
             pod_ip=e.get("POD_IP", d.pod_ip),
+            admission_policy_binding=e.get("ADMISSION_POLICY_BINDING", d.admission_policy_binding).strip(),
+            trust_authors=_bool(e, "TRUST_AUTHORS", d.trust_authors),
+            allowed_priority_classes=_allowlist(e, "ALLOWED_PRIORITY_CLASSES", d.allowed_priority_classes),
+            allowed_toleration_keys=_allowlist(e, "ALLOWED_TOLERATION_KEYS", d.allowed_toleration_keys),
+            allowed_node_selector_keys=_allowlist(e, "ALLOWED_NODE_SELECTOR_KEYS", d.allowed_node_selector_keys),
         )
 
     def with_configmap(self, data: Mapping[str, str]) -> Settings:
@@ -150,4 +183,9 @@ class Settings:
             token_budgets=(
                 parse_budgets(data["namespaceTokenBudgets"]) if "namespaceTokenBudgets" in data else self.token_budgets
             ),
+            admission_policy_binding=data.get("admissionPolicyBinding", self.admission_policy_binding).strip(),
+            trust_authors=_bool(data, "trustAuthors", self.trust_authors),
+            allowed_priority_classes=_allowlist(data, "allowedPriorityClasses", self.allowed_priority_classes),
+            allowed_toleration_keys=_allowlist(data, "allowedTolerationKeys", self.allowed_toleration_keys),
+            allowed_node_selector_keys=_allowlist(data, "allowedNodeSelectorKeys", self.allowed_node_selector_keys),
         )

@@ -78,6 +78,9 @@ class World:
     create_failures: dict[str, str] = field(default_factory=dict)  # Job uid -> the Job controller's FailedCreate
     admission_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     terminating: dict[str, float] = field(default_factory=dict)  # namespace -> when a create met its deletion
+    # The last look at the admission policy binding: (when, its name, its policy and actions or None)
+    policy_probe: tuple[float, str, tuple[str, list[str]] | None] | None = None
+    refused: set[Key] = field(default_factory=set)  # held back by tenancy policy: a settings change may free them
     kueue_indexes: dict[str, Any] = field(default_factory=dict)  # Kueue mode: Workloads, LocalQueues (kopf indices)
     dirty: set[Key] = field(default_factory=set)  # woken by a change of their own (not only a freed slot)
     blocked: dict[Key, Blocked] = field(default_factory=dict)  # what each waiting ResearchJob last waited for
@@ -247,8 +250,16 @@ class World:
         ):
             d.pop(key, None)
         self.rbac_ready.discard(key)
+        self.refused.discard(key)
         self.dirty.discard(key)
         self.bump()
+
+    def wake_refused(self) -> None:
+        """Wake every ResearchJob that tenancy policy holds back (the allowlists or trust changed)."""
+        for key in self.refused:
+            event = self.wakeups.get(key)
+            if event is not None:
+                event.set()
 
     def store_view(self, key: Key) -> StoreView:
         analysts: dict[str, list[AnalystStatus]] = {}

@@ -90,6 +90,11 @@ to the chart's appVersion).
 {{- printf "%s-settings" (include "research-operator.fullname" .) }}
 {{- end }}
 
+{{- /* The ValidatingAdmissionPolicy and its binding (cluster-scoped, one pair per release). */ -}}
+{{- define "research-operator.admissionPolicyName" -}}
+{{- printf "%s-tenancy" (include "research-operator.fullname" .) }}
+{{- end }}
+
 {{- define "research-operator.modelServerName" -}}
 {{- printf "%s-modelserver" (include "research-operator.fullname" .) }}
 {{- end }}

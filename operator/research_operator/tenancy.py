@@ -1,0 +1,192 @@
+"""Tenancy: what a ResearchJob may hand to its worker pods on a cluster shared by teams.
+
+The operator acts with more power than the people who create ResearchJobs, so two kinds of fields
+are checked before any worker Job is created (pure decisions here; the API server's
+ValidatingAdmissionPolicy from the Helm chart checks the same at admission, docs/security.md):
+
+- **Scheduling fields are policy.** ``spec.worker.priorityClassName``, ``tolerations`` and
+  ``nodeSelector`` are allowed only within the admins' allowlists (operator settings
+  ``allowedPriorityClasses``, ``allowedTolerationKeys``, ``allowedNodeSelectorKeys``, which the
+  admission policy reads from the same ConfigMap).
+- **References are the author's.** Secrets (model key, source keys, the PostgreSQL DSN) and
+  ConfigMaps of documents reach the pods, so a ResearchJob may name only what its author may
+  ``get``. Only the admission policy knows the author; the operator runs a ResearchJob that names
+  any of them only while that policy is in force, or when admins chose to trust authors.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from research_api.researchjob import ResearchJobSpec, WorkerSpec
+
+ANY = "*"  # in an allowlist: every value
+
+# The node labels a worker pod may select by default: where it runs, never which role a node has.
+DEFAULT_NODE_SELECTOR_KEYS = (
+    "kubernetes.io/arch",
+    "kubernetes.io/os",
+    "node.kubernetes.io/instance-type",
+    "topology.kubernetes.io/region",
+    "topology.kubernetes.io/zone",
+)
+
+# A PriorityClass name, a taint key or a label key (with its optional DNS prefix), or ANY.
+_ENTRY = re.compile(r"^(\*|([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)$")
+
+
+def parse_allowlist(raw: str, key: str) -> tuple[str, ...]:
+    """A comma-separated allowlist as the settings ConfigMap holds it (the admission policy splits
+    the same string): ``"a,b"`` -> ``("a", "b")``; blanks are dropped."""
+    entries = tuple(e.strip() for e in raw.split(",") if e.strip())
+    for e in entries:
+        if len(e) > 317 or not _ENTRY.match(e):
+            raise ValueError(f"{key}: {e!r} is not a name, a label or taint key, or {ANY!r}")
+    return entries
+
+
+@dataclass(frozen=True)
+class Allowlists:
+    """What admins allow on worker pods (empty: nothing; ``*``: anything)."""
+
+    priority_classes: tuple[str, ...] = ()
+    toleration_keys: tuple[str, ...] = ()
+    node_selector_keys: tuple[str, ...] = DEFAULT_NODE_SELECTOR_KEYS
+
+
+class AuthorChecks(StrEnum):
+    """Whether anything checked that a ResearchJob's author may read what it references."""
+
+    ENFORCED = "Enforced"  # the admission policy named in the settings is bound: the API server did
+    TRUSTED = "Trusted"  # no policy in force, but admins chose to trust authors (trustAuthors)
+    MISSING = "PolicyMissing"  # the settings name a policy binding that is not in the cluster
+    OFF = "Off"  # the settings name no policy (tenancy.admissionPolicy.enabled=false)
+
+
+def author_checks(binding: str, trust: bool, found: tuple[str, list[str]] | None) -> AuthorChecks:
+    """Whether authors are checked: ``binding`` is the policy binding the settings name ("" none),
+    ``found`` what the API server holds under that name (its policy and validationActions; None when
+    it or its policy is missing). A binding that only warns or audits checks nothing."""
+    if binding and found is not None and "Deny" in found[1]:
+        return AuthorChecks.ENFORCED
+    if trust:
+        return AuthorChecks.TRUSTED
+    return AuthorChecks.MISSING if binding else AuthorChecks.OFF
+
+
+class RefusalReason(StrEnum):
+    """Why the operator does not start a ResearchJob's worker Jobs (condition PolicyViolation)."""
+
+    SCHEDULING = "SchedulingNotAllowed"
+    AUTHOR_NOT_CHECKED = "AuthorNotChecked"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: RefusalReason
+    field: str  # the spec field, e.g. spec.worker.priorityClassName
+    message: str
+    recheck: bool = False  # may end with no watch event (the policy gets installed): look again soon
+
+
+@dataclass(frozen=True)
+class Reference:
+    """An object of the ResearchJob's namespace whose content its worker pods receive."""
+
+    kind: str  # Secret | ConfigMap
+    name: str
+    field: str
+
+
+def references(spec: ResearchJobSpec) -> list[Reference]:
+    """Every Secret and ConfigMap the spec names, with the field naming it (the admission policy
+    checks the same fields)."""
+    refs: list[Reference] = []
+    if spec.model.api_key_secret_ref is not None:
+        refs.append(Reference("Secret", spec.model.api_key_secret_ref.name, "spec.model.apiKeySecretRef"))
+    for i, s in enumerate(spec.sources):
+        if s.api_key_secret_ref is not None:
+            refs.append(Reference("Secret", s.api_key_secret_ref.name, f"spec.sources[{i}].apiKeySecretRef"))
+        if s.config_map is not None:
+            refs.append(Reference("ConfigMap", s.config_map, f"spec.sources[{i}].configMap"))
+    if spec.store.dsn_secret_ref is not None:
+        refs.append(Reference("Secret", spec.store.dsn_secret_ref.name, "spec.store.dsnSecretRef"))
+    return refs
+
+
+def _allowed(value: str, allowlist: tuple[str, ...]) -> bool:
+    return ANY in allowlist or value in allowlist
+
+
+def _shown(allowlist: tuple[str, ...]) -> str:
+    return ", ".join(allowlist) if allowlist else "none"
+
+
+def scheduling_violations(worker: WorkerSpec, allow: Allowlists) -> list[tuple[str, str]]:
+    """(field, message) for each scheduling field outside the allowlists, in spec order. The
+    messages are those of the admission policy, so a user reads the same words from either."""
+    out: list[tuple[str, str]] = []
+    pc = worker.priority_class_name
+    if pc and not _allowed(pc, allow.priority_classes):
+        out.append(
+            (
+                "spec.worker.priorityClassName",
+                f'spec.worker.priorityClassName: PriorityClass "{pc}" is not allowed for ResearchJobs '
+                f"(allowed: {_shown(allow.priority_classes)}; cluster admins set tenancy.allowedPriorityClasses)",
+            )
+        )
+    denied = [
+        t.key or "(no key: tolerates every taint)"
+        for t in worker.tolerations or []
+        if not (ANY in allow.toleration_keys or (t.key and t.key in allow.toleration_keys))
+    ]
+    if denied:
+        out.append(
+            (
+                "spec.worker.tolerations",
+                f"spec.worker.tolerations: toleration of {', '.join(denied)} is not allowed for ResearchJobs "
+                f"(allowed keys: {_shown(allow.toleration_keys)}; cluster admins set tenancy.allowedTolerationKeys)",
+            )
+        )
+    keys = [k for k in worker.node_selector or {} if not _allowed(k, allow.node_selector_keys)]
+    if keys:
+        out.append(
+            (
+                "spec.worker.nodeSelector",
+                f"spec.worker.nodeSelector: node label {', '.join(keys)} is not allowed for ResearchJobs "
+                f"(allowed keys: {_shown(allow.node_selector_keys)}; cluster admins set "
+                "tenancy.allowedNodeSelectorKeys)",
+            )
+        )
+    return out
+
+
+def refusal(spec: ResearchJobSpec, allow: Allowlists, checks: AuthorChecks, binding: str = "") -> Refusal | None:
+    """Why the operator must not start worker Jobs for ``spec``, or None. ``checks``: whether the
+    author's reads were checked at admission; ``binding``: the policy binding the settings name."""
+    violations = scheduling_violations(spec.worker, allow)
+    if violations:
+        field, message = violations[0]
+        return Refusal(RefusalReason.SCHEDULING, field, "; ".join(m for _, m in violations))
+    if checks in (AuthorChecks.ENFORCED, AuthorChecks.TRUSTED):
+        return None
+    refs = references(spec)
+    if not refs:
+        return None
+    named = ", ".join(f'{r.kind} "{r.name}" ({r.field})' for r in refs)
+    if checks == AuthorChecks.MISSING:
+        why = (
+            f"the admission policy binding {binding} that checks authors is not in the cluster "
+            "(install or upgrade the Helm chart with tenancy.admissionPolicy.enabled=true)"
+        )
+    else:
+        why = "the Helm chart's admission policy that checks authors is off (tenancy.admissionPolicy.enabled=false)"
+    message = (
+        f"not started: the ResearchJob names {named}, and nothing checked that its author may read "
+        f"{'it' if len(refs) == 1 else 'them'}: {why}. Without that check any author could hand the "
+        "namespace's Secrets and ConfigMaps to a model endpoint of their choice. Or cluster admins set "
+        "tenancy.trustAuthors=true (unsafe on a shared cluster)"
+    )
+    return Refusal(RefusalReason.AUTHOR_NOT_CHECKED, refs[0].field, message, recheck=checks == AuthorChecks.MISSING)
