@@ -241,6 +241,38 @@ def test_without_the_policy_the_operator_creates_no_job_and_says_why(
             client.CustomObjectsApi(admin).delete_namespaced_custom_object(GROUP, VERSION, tenant_ns, PLURAL, name)
 
 
+def test_a_researchjob_created_before_the_policy_is_held_when_the_policy_comes(
+    cluster: ClusterHandle,
+    tenant_ns: str,
+    tenant: client.ApiClient,
+    operator_settings: Callable[..., None],
+    request: pytest.FixtureRequest,
+) -> None:
+    """The policy checks creates and updates, not what exists: a ResearchJob naming a Secret its
+    author may not read, created while no policy was in force, must not run once the policy is
+    there, although the operator then sees authors as checked."""
+    admin = cluster.api_client()
+    operator_settings(admissionPolicyBinding=BINDING, trustAuthors="false")
+    create(tenant, tenant_ns, rj("early", **STEAL))
+    held = eventually(lambda: condition(admin, tenant_ns, "early", "PolicyViolation"), "held: no policy yet")
+    assert held["reason"] == "AuthorNotChecked" and "is not in the cluster" in held["message"], held
+    request.getfixturevalue("policy")  # the chart's policy comes into force now
+    try:
+        cond = eventually(
+            lambda: (c := condition(admin, tenant_ns, "early", "PolicyViolation"))
+            and "before the admission policy" in c["message"]
+            and c,
+            "the ResearchJob held as created before the policy",
+            timeout=60,
+        )
+        assert (cond["status"], cond["reason"]) == ("True", "AuthorNotChecked"), cond
+        assert f'Secret "{SECRET}"' in cond["message"] and "create it again" in cond["message"]
+        time.sleep(1)
+        assert not [j for j in worker_jobs(admin, tenant_ns) if j.metadata.name.startswith("early-")]
+    finally:
+        client.CustomObjectsApi(admin).delete_namespaced_custom_object(GROUP, VERSION, tenant_ns, PLURAL, "early")
+
+
 # -- with the policy: refused at apply -------------------------------------------------------
 
 

@@ -115,14 +115,14 @@ def test_allowlists_are_comma_separated_as_the_policy_splits_them() -> None:
 
 
 def test_author_checks_follow_the_binding_found_and_the_admins_trust() -> None:
-    bound = ("ro-research-operator-tenancy", ["Deny"])
+    bound = ("ro-research-operator-tenancy", ["Deny"], None)
     assert author_checks("b", False, bound) == AuthorChecks.ENFORCED
     assert author_checks("b", False, None) == AuthorChecks.MISSING
     assert author_checks("", False, None) == AuthorChecks.OFF
     assert author_checks("", True, None) == AuthorChecks.TRUSTED
     assert author_checks("b", True, None) == AuthorChecks.TRUSTED
     # A binding that only warns or audits refuses nothing: it checks nobody.
-    assert author_checks("b", False, ("p", ["Warn", "Audit"])) == AuthorChecks.MISSING
+    assert author_checks("b", False, ("p", ["Warn", "Audit"], None)) == AuthorChecks.MISSING
 
 
 def test_unchecked_references_refuse_naming_each_and_how_to_enable_the_check() -> None:
@@ -212,3 +212,21 @@ def test_within_policy_the_condition_is_false_and_work_starts() -> None:
     cond = next(c for c in d.status.conditions or [] if c.type == "PolicyViolation")
     assert (cond.status, cond.reason) == ("False", "WithinPolicy")
     assert d.notices == []
+
+
+def test_a_researchjob_created_before_the_policy_is_held_unless_it_already_started() -> None:
+    """The policy checks creates and updates, not what exists: a ResearchJob created before it came
+    into force was never checked. One that already runs goes on (a helm upgrade must not stop a
+    cluster's work); one that has not started waits to be created again."""
+    import datetime as dt
+
+    from research_operator.tenancy import predates_policy
+
+    since = dt.datetime(2026, 12, 6, 12, 0, tzinfo=dt.UTC)
+    before, after = since - dt.timedelta(minutes=5), since + dt.timedelta(seconds=1)
+    r = predates_policy(KEYED, before, False, since)
+    assert r is not None and r.reason == RefusalReason.AUTHOR_NOT_CHECKED
+    assert "before the admission policy" in r.message and "create it again" in r.message
+    assert predates_policy(KEYED, before, True, since) is None  # it runs already
+    assert predates_policy(KEYED, after, False, since) is None  # checked at its create
+    assert predates_policy(KEYED, before, False, None) is None  # no time known: nothing to compare

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import datetime as dt
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
@@ -328,9 +329,10 @@ async def point_service_at(namespace: str, service: str, ip: str, port: int) -> 
     await _create_or_replace("endpointslice", create, replace, body)
 
 
-async def admission_policy_binding(name: str) -> tuple[str, list[str]] | None:
-    """The ValidatingAdmissionPolicyBinding ``name``: the policy it binds and its validationActions
-    (None: it does not exist, or the binding it names has no policy)."""
+async def admission_policy_binding(name: str) -> tuple[str, list[str], dt.datetime | None] | None:
+    """The ValidatingAdmissionPolicyBinding ``name``: the policy it binds, its validationActions and
+    since when both exist (the later creationTimestamp: what was created before was not checked);
+    None: it does not exist, or the binding it names has no policy."""
     adm = client.AdmissionregistrationV1Api(api())
     try:
         binding = await call(
@@ -339,9 +341,10 @@ async def admission_policy_binding(name: str) -> tuple[str, list[str]] | None:
         policy = str(binding.spec.policy_name or "")
         if not policy:
             return None
-        await call("get", "validatingadmissionpolicy", adm.read_validating_admission_policy, policy)
+        pol = await call("get", "validatingadmissionpolicy", adm.read_validating_admission_policy, policy)
     except ApiException as e:
         if e.status == 404:
             return None
         raise
-    return policy, list(binding.spec.validation_actions or [])
+    created = [t for t in (binding.metadata.creation_timestamp, pol.metadata.creation_timestamp) if t is not None]
+    return policy, list(binding.spec.validation_actions or []), max(created) if created else None

@@ -193,8 +193,13 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         kopf.warn(body, reason="InvalidSpec", message=msg)
         return Outcome()
     owner = Owner(namespace, name, uid)
-    checks = await author_checks(cfg, logger) if tenancy.references(spec) else tenancy.AuthorChecks.OFF
+    checks, since = await author_checks(cfg, logger) if tenancy.references(spec) else (tenancy.AuthorChecks.OFF, None)
     refused = tenancy.refusal(spec, cfg.allowlists, checks, cfg.admission_policy_binding)
+    if refused is None and checks == tenancy.AuthorChecks.ENFORCED:
+        created = dt.datetime.fromisoformat(str(meta.get("creationTimestamp")).replace("Z", "+00:00"))
+        # Started: it has Jobs or stored results (a plan id alone is named on the first pass).
+        begun = bool(WORLD.jobs_of(key)) or bool(WORLD.store_view(key).analysts)
+        refused = tenancy.predates_policy(spec, created, begun, since)
     if refused is not None:
         WORLD.refused.add(key)  # a settings change wakes it
     else:
@@ -333,9 +338,10 @@ def log_decision(logger: kopf.Logger, st: ResearchJobStatus, prev: ResearchJobSt
 POLICY_PROBE_SECONDS = 10.0  # how long one look at the admission policy binding serves
 
 
-async def author_checks(cfg: Settings, logger: kopf.Logger) -> tenancy.AuthorChecks:
+async def author_checks(cfg: Settings, logger: kopf.Logger) -> tuple[tenancy.AuthorChecks, dt.datetime | None]:
     """Whether the admission policy that checks authors is in force (the binding the settings name
-    and its policy exist), looked up at most every ``POLICY_PROBE_SECONDS`` by this process."""
+    and its policy exist), and since when; looked up at most every ``POLICY_PROBE_SECONDS`` by this
+    process."""
     binding = cfg.admission_policy_binding
     seen = WORLD.policy_probe
     if binding and (seen is None or seen[1] != binding or time.monotonic() - seen[0] > POLICY_PROBE_SECONDS):
@@ -349,7 +355,7 @@ async def author_checks(cfg: Settings, logger: kopf.Logger) -> tenancy.AuthorChe
             found = None
         WORLD.policy_probe = seen = (time.monotonic(), binding, found)
     found = seen[2] if binding and seen is not None else None
-    return tenancy.author_checks(binding, cfg.trust_authors, found)
+    return tenancy.author_checks(binding, cfg.trust_authors, found), found[2] if found is not None else None
 
 
 def _invalid_status(prev: ResearchJobStatus, msg: str, meta: kopf.Meta | dict[str, object]) -> ResearchJobStatus:

@@ -16,6 +16,7 @@ ValidatingAdmissionPolicy from the Helm chart checks the same at admission, docs
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -65,7 +66,7 @@ class AuthorChecks(StrEnum):
     OFF = "Off"  # the settings name no policy (tenancy.admissionPolicy.enabled=false)
 
 
-def author_checks(binding: str, trust: bool, found: tuple[str, list[str]] | None) -> AuthorChecks:
+def author_checks(binding: str, trust: bool, found: tuple[str, list[str], dt.datetime | None] | None) -> AuthorChecks:
     """Whether authors are checked: ``binding`` is the policy binding the settings name ("" none),
     ``found`` what the API server holds under that name (its policy and validationActions; None when
     it or its policy is missing). A binding that only warns or audits checks nothing."""
@@ -190,3 +191,23 @@ def refusal(spec: ResearchJobSpec, allow: Allowlists, checks: AuthorChecks, bind
         "tenancy.trustAuthors=true (unsafe on a shared cluster)"
     )
     return Refusal(RefusalReason.AUTHOR_NOT_CHECKED, refs[0].field, message, recheck=checks == AuthorChecks.MISSING)
+
+
+def predates_policy(
+    spec: ResearchJobSpec, created: dt.datetime, started: bool, since: dt.datetime | None
+) -> Refusal | None:
+    """A ResearchJob that names Secrets or ConfigMaps, created before the admission policy came into
+    force (``since``), was never checked: the policy sees creates and updates, not what exists.
+    One that already started keeps running (a ``helm upgrade`` that installs the policy must not
+    stop the work of a cluster; its pods already had what it names); one that has not is held
+    until it is created again, so that the API server checks it."""
+    refs = references(spec)
+    if started or since is None or created >= since or not refs:
+        return None
+    named = ", ".join(f'{r.kind} "{r.name}" ({r.field})' for r in refs)
+    message = (
+        f"not started: the ResearchJob names {named} and was created at {created.isoformat()}, before the "
+        f"admission policy that checks authors came into force at {since.isoformat()}, so nothing checked "
+        "that its author may read them: delete it and create it again"
+    )
+    return Refusal(RefusalReason.AUTHOR_NOT_CHECKED, refs[0].field, message)
