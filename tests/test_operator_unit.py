@@ -920,6 +920,11 @@ async def test_a_pass_that_finds_its_researchjob_gone_ends_its_loop(monkeypatch:
         raise kube.Gone("gone-ns/rj")
 
     monkeypatch.setattr(loop, "reconcile_once", reconcile_once)
+
+    async def exists(namespace: str, name: str, uid: str) -> bool:
+        return False
+
+    monkeypatch.setattr(kube, "researchjob_exists", exists)
     w.bodies[key] = {"metadata": {"name": "rj", "namespace": "gone-ns", "uid": "uid-1"}}
     w.waiting[key] = 2
     w.phases[key] = "Pending"
@@ -1009,3 +1014,43 @@ def test_every_wait_names_the_events_that_end_it_and_each_is_delivered_by_a_hand
             if name == "the pass's wake_at":
                 continue
             assert hasattr(handlers, name) or hasattr(loop, name), f"{wake.name}: no handler {name}"
+
+
+async def test_a_status_write_refused_as_invalid_does_not_end_the_loop_of_a_researchjob_still_there(
+    monkeypatch: Any,
+) -> None:
+    """A 422 answers both a uid test that failed (another ResearchJob of the name) and a status that
+    fails the CRD's validation; only the first may end the loop, or the ResearchJob would never be
+    reconciled again (no event would start a new loop)."""
+    import asyncio
+    import logging
+
+    from research_operator import admit as admit_mod
+    from research_operator import kube, loop
+    from research_operator.world import World
+
+    w = World()
+    monkeypatch.setattr(loop, "WORLD", w)
+    monkeypatch.setattr(admit_mod, "WORLD", w)
+    key = ("ns", "uid-1")
+    passes: list[int] = []
+
+    async def reconcile_once(k: Any, body: Any, logger: Any) -> Any:
+        passes.append(1)
+        if len(passes) == 1:
+            raise kube.Gone("ns/rj: 422 status.message: Too long")
+        del w.bodies[key]  # the second pass: it was deleted meanwhile (its event wakes the loop, which ends)
+        w.event(key).set()
+        return admit_mod.Outcome()
+
+    async def exists(namespace: str, name: str, uid: str) -> bool:
+        return True
+
+    monkeypatch.setattr(loop, "reconcile_once", reconcile_once)
+    monkeypatch.setattr(kube, "researchjob_exists", exists)
+    monkeypatch.setattr(loop, "settings", lambda: Settings(namespace="ops", quota_backoff_seconds=0.01))
+    w.bodies[key] = {"metadata": {"name": "rj", "namespace": "ns", "uid": "uid-1"}}
+    loop.LOOPS[key] = None  # type: ignore[assignment]
+    await asyncio.wait_for(loop.reconcile_loop(key, logging.getLogger("test")), 5)
+    assert len(passes) == 2, "the refused status write was retried, not taken for a deletion"
+    loop.LOOPS.pop(key, None)

@@ -210,7 +210,7 @@ async def patch_status(
         )
     except ApiException as e:
         if e.status in (404, 422):  # gone, or another ResearchJob of that name now (the uid test failed)
-            raise Gone(f"{namespace}/{name}") from e
+            raise Gone(f"{namespace}/{name}: {e.status} {server_message(e) or e.reason}") from e
         if e.status != 409:
             raise
 

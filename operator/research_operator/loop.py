@@ -122,9 +122,14 @@ async def reconcile_loop(key: Key, logger: kopf.Logger) -> None:
         start = time.monotonic()
         try:
             out = await reconcile_once(key, body, logger)
-        except kube.Gone:
-            _forget_gone(key, ref, logger)
-            return
+        except kube.Gone as e:
+            # A 422 also answers a status that fails the CRD's validation: end the loop only when the
+            # ResearchJob is really gone, else no event might ever start it again.
+            if not await _still_there(key, body):
+                _forget_gone(key, ref, logger)
+                return
+            logger.warning(f"reconcile of {ref}: the API server refused the status write: {e}")
+            out = Outcome(retry=True)
         except ApiException as e:
             if e.status == 404 and not await _still_there(key, body):
                 _forget_gone(key, ref, logger)
