@@ -49,8 +49,8 @@ typecheck: venv ## mypy in strict mode over the package code.
 	$(VENV)/bin/mypy
 
 .PHONY: test-fast
-test-fast: venv ## Only the tests that need no cluster, no database and no llama-server.
-	$(PY) -m pytest -m "not cluster and not postgres and not llamacpp" $(PYTEST_ARGS)
+test-fast: venv ## Only the tests that need no cluster, no database, no llama-server and no image build.
+	$(PY) -m pytest -m "not cluster and not postgres and not llamacpp and not image" $(PYTEST_ARGS)
 
 .PHONY: test-llamacpp
 test-llamacpp: venv cluster-build tools llama-build ## Only the llama.cpp tier: worker and a ResearchJob against llama-server + Gemma 3 270M.
@@ -117,5 +117,5 @@ chart-lint: tools chart-crds ## helm lint --strict and helm template of the char
 	  $$HELM lint --strict $(HELM_CHART) && $$HELM template research-operator $(HELM_CHART) >/dev/null
 
 .PHONY: image
-image: ## Build the container image $(IMAGE) from the Dockerfile (needs a Docker engine).
-	docker build -t $(IMAGE) .
+image: ## Build the image $(IMAGE): docker build if a Docker engine answers, else buildah from a local Debian base (cached).
+	IMAGE=$(IMAGE) hack/build-image.sh

@@ -28,6 +28,9 @@ BUILDER="${IMAGE_BUILDER:-auto}"
 BASE_SUITE="${BASE_SUITE:-bookworm}"
 BASE_PACKAGES="${BASE_PACKAGES:-python3.11,python3.11-venv,python3-pip,ca-certificates}"
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# The CA bundle pip trusts during the build's RUN steps: the host's, bind-mounted read-only for the
+# build only (a TLS-inspecting egress proxy's CA, say), so the image keeps Debian's own bundle.
+HOST_CA_BUNDLE="${HOST_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 BASE_RECIPE=1  # bump when the steps that assemble the base image change
 CACHE_DIR="${RO_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/research-operator}"
 IMG_CACHE="$CACHE_DIR/image"
@@ -117,7 +120,9 @@ fi
 
 log "building $IMAGE with buildah (--isolation chroot, storage $DRIVER) FROM $BASE_TAG"
 start=$(date +%s)
-"${B[@]}" build --isolation chroot --pull=never --layers=false \
+ca_mount=()
+[[ -f "$HOST_CA_BUNDLE" ]] && ca_mount=(--volume "$HOST_CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro")
+"${B[@]}" build --isolation chroot --pull=never --layers=false "${ca_mount[@]}" \
   --build-arg "PYTHON_IMAGE=$BASE_TAG" -t "localhost/$IMAGE" -f Dockerfile . >&2
 built=$(date +%s)
 
@@ -126,7 +131,7 @@ rm -rf "$OUT.tmp"
 mkdir -p "$OUT.tmp/rootfs"
 "${B[@]}" push --quiet "localhost/$IMAGE" "oci:$OUT.tmp/oci:${IMAGE##*:}" >&2
 "${B[@]}" inspect --type image "localhost/$IMAGE" > "$OUT.tmp/image.json"
-ctr="$("${B[@]}" from --pull-never "localhost/$IMAGE")"
+ctr="$("${B[@]}" from --pull=never "localhost/$IMAGE")"
 mnt="$("${B[@]}" mount "$ctr")"
 tar -C "$mnt" --numeric-owner -cf - . | tar -C "$OUT.tmp/rootfs" --numeric-owner -xpf -
 "${B[@]}" umount "$ctr" >/dev/null
