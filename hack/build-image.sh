@@ -21,7 +21,11 @@
 # export directory on stdout (nothing for the docker path, which exports nothing).
 #
 # IMAGE_BUILDER=docker|buildah forces a builder; IMAGE names the image (research-operator:0.1.0).
+# `hack/build-image.sh --key` prints the product image's cache key and builds nothing (the base
+# image must exist).
 set -euo pipefail
+KEY_ONLY=0
+[[ "${1:-}" == --key ]] && KEY_ONLY=1
 
 IMAGE="${IMAGE:-research-operator:0.1.0}"
 BUILDER="${IMAGE_BUILDER:-auto}"
@@ -38,6 +42,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 log() { echo "[build-image] $*" >&2; }
 
+[[ $KEY_ONLY == 1 ]] && BUILDER=buildah
 if [[ "$BUILDER" == auto ]]; then
   if command -v docker >/dev/null && docker info >/dev/null 2>&1; then BUILDER=docker; else BUILDER=buildah; fi
 fi
@@ -75,6 +80,10 @@ DRIVER="$(cat "$IMG_CACHE/storage-driver")"
 B=(buildah --root "$IMG_CACHE/storage" --runroot "$IMG_CACHE/run" --storage-driver "$DRIVER")
 
 # --- 1. the base image -------------------------------------------------------------------------
+if [[ $KEY_ONLY == 1 ]] && ! "${B[@]}" inspect --type image "localhost/research-operator-base:$BASE_SUITE-$(
+  printf '%s\n' "$BASE_SUITE" "$BASE_PACKAGES" "$BASE_RECIPE" | sha256sum | cut -c1-12)" >/dev/null 2>&1; then
+  log "--key: no base image yet (run hack/build-image.sh once)"; exit 1
+fi
 base_key="$(printf '%s\n' "$BASE_SUITE" "$BASE_PACKAGES" "$BASE_RECIPE" | sha256sum | cut -c1-12)"
 BASE_TAG="localhost/research-operator-base:$BASE_SUITE-$base_key"
 if ! "${B[@]}" inspect --type image "$BASE_TAG" >/dev/null 2>&1; then
@@ -112,6 +121,7 @@ key="$(
   } | sha256sum | cut -c1-16
 )"
 OUT="$IMG_CACHE/research-operator-$key"
+if [[ $KEY_ONLY == 1 ]]; then echo "$key"; exit 0; fi
 if [[ -f "$OUT/.complete" ]] && "${B[@]}" inspect --type image "localhost/$IMAGE" >/dev/null 2>&1; then
   log "cached: $OUT"
   echo "$OUT"

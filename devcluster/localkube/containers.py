@@ -12,7 +12,9 @@ module turns that export plus a :class:`ContainerSpec` into an OCI runtime bundl
 - the image's user (65532:65532) unless the spec says otherwise, no capabilities at all,
   ``noNewPrivileges``, the runtime-spec's default masked and read-only ``/proc`` paths;
 - its own pid, ipc, uts and mount namespaces; the network namespace is the host's (``netns=None``)
-  or one the caller made (``ip netns add``) and names by path;
+  or one the caller made and names by path, e.g. a :class:`PodNetwork`: a named network namespace
+  joined to the host by a veth pair with a /30 of 10.244.0.0/16, so the host reaches the
+  container's own IP over a directly connected link (no routing, the host's ``ip_forward`` stays 0);
 - memory, pids and cpu limits in a cgroup ``/research-operator/<id>`` (runc's cgroupfs driver:
   there is no systemd here, and the v1/v2 hybrid layout is what runc handles and crun refuses);
 - explicit rlimits: ``RLIMIT_NOFILE`` 20000 and ``RLIMIT_NPROC`` 32768. runc sets what the
@@ -123,6 +125,7 @@ class ContainerSpec:
     tmp_size_bytes: int = 64 << 20
     hostname: str = "container"
     netns: Path | None = None  # None: the host's network namespace
+    ip: str | None = None  # the container's address in netns, for /etc/hosts (as the kubelet writes it)
     rlimits: tuple[tuple[str, int], ...] = DEFAULT_RLIMITS
 
 
@@ -261,6 +264,52 @@ def _oom_kills(cgroup: Path | None) -> int:
     return 0
 
 
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ContainerError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+class PodNetwork:
+    """A network namespace ``ro-<n>`` with its own loopback and one veth link to the host:
+    host side ``10.244.255.<4n+1>/30`` (interface ``rov<n>h``), namespace side
+    ``10.244.255.<4n+2>/30`` (``eth0``). ``n`` (0-63) must be unused; ``delete()`` removes both."""
+
+    def __init__(self, index: int) -> None:
+        if not 0 <= index < 64:
+            raise ValueError("a PodNetwork index is 0-63")
+        self.name = f"ro-{index}"
+        self.host_if = f"rov{index}h"
+        self.host_ip = f"10.244.255.{4 * index + 1}"
+        self.ip = f"10.244.255.{4 * index + 2}"
+        self.path = Path("/run/netns") / self.name
+
+    def create(self) -> None:
+        _ip("netns", "add", self.name)
+        try:
+            _ip("link", "add", self.host_if, "type", "veth", "peer", "name", "eth0", "netns", self.name)
+            _ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
+            _ip("link", "set", self.host_if, "up")
+            _ip("-n", self.name, "addr", "add", f"{self.ip}/30", "dev", "eth0")
+            _ip("-n", self.name, "link", "set", "eth0", "up")
+            _ip("-n", self.name, "link", "set", "lo", "up")
+        except ContainerError:
+            self.delete()
+            raise
+
+    def delete(self) -> None:
+        # Deleting the namespace removes its end of the veth pair, and with it the host's end.
+        subprocess.run(["ip", "link", "del", self.host_if], stderr=subprocess.DEVNULL, check=False)
+        subprocess.run(["ip", "netns", "del", self.name], stderr=subprocess.DEVNULL, check=False)
+
+    def __enter__(self) -> PodNetwork:
+        self.create()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.delete()
+
+
 class Container:
     """One container: ``start()``, then ``wait()`` or ``stop(grace)``, then ``delete()`` (or use it
     as a context manager, which deletes it). Output goes to files in the bundle, read at the end
@@ -281,7 +330,7 @@ class Container:
 
     def _runc(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([RUNC, "--root", str(self.runc_root), *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=60)
 
     def start(self) -> None:
         self.bundle.mkdir(parents=True, exist_ok=False)
@@ -289,7 +338,8 @@ class Container:
         config = runtime_spec(self.image, self.spec, self.bundle, self.cgroups_path)
         (self.bundle / "config.json").write_text(json.dumps(config, indent=1))
         (self.bundle / "hostname").write_text(self.spec.hostname + "\n")
-        (self.bundle / "hosts").write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{self.spec.hostname}\n")
+        own = self.spec.ip or "127.0.1.1"
+        (self.bundle / "hosts").write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost\n{own}\t{self.spec.hostname}\n")
         resolv = Path("/etc/resolv.conf")
         (self.bundle / "resolv.conf").write_text(resolv.read_text() if resolv.exists() else "")
         with open(self.bundle / "stdout", "wb") as out, open(self.bundle / "stderr", "wb") as err:
