@@ -52,10 +52,16 @@ if [[ "$BUILDER" == docker ]]; then
   exit 0
 fi
 [[ "$BUILDER" == buildah ]] || { log "IMAGE_BUILDER must be docker or buildah, not $BUILDER"; exit 2; }
-for tool in buildah debootstrap; do
-  command -v "$tool" >/dev/null || { log "$tool is required (apt-get install buildah debootstrap)"; exit 1; }
-done
 [[ $(id -u) == 0 ]] || { log "the buildah path runs as root (debootstrap, chroot isolation)"; exit 1; }
+# A fresh machine has none of them: install Debian's packages (runc runs the image's containers).
+missing=()
+for tool in buildah debootstrap runc; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+if (( ${#missing[@]} )); then
+  command -v apt-get >/dev/null || { log "${missing[*]} required (Debian packages of those names)"; exit 1; }
+  log "installing ${missing[*]} from Debian (apt-get)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2 \
+    || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2; }
+fi
 
 mkdir -p "$IMG_CACHE"
 # One build at a time per cache: a second caller waits, then finds the first one's result.

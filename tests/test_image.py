@@ -234,3 +234,10 @@ def _no_leftover_containers() -> Iterator[None]:
     state = containers.cache_dir() / "containers" / "runc"
     listed = subprocess.run(["runc", "--root", str(state), "list", "-q"], stdout=subprocess.PIPE, text=True)
     assert listed.stdout.split() == [], "a test left a container behind"
+
+
+def test_a_container_that_cannot_start_is_told_apart_from_one_that_fails(image: Image) -> None:
+    with pytest.raises(containers.ContainerError, match=r"did not start.*/no/such/program.*no such file"):
+        containers.run(image, ContainerSpec(command=["/no/such/program"]))
+    failed = containers.run(image, ContainerSpec(command=["sh", "-c", "echo bad input >&2; exit 3"]))
+    assert (failed.exit_code, failed.reason, failed.stderr) == (3, "Error", "bad input\n")

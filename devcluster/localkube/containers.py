@@ -344,7 +344,8 @@ class Container:
         (self.bundle / "resolv.conf").write_text(resolv.read_text() if resolv.exists() else "")
         with open(self.bundle / "stdout", "wb") as out, open(self.bundle / "stderr", "wb") as err:
             self._proc = subprocess.Popen(
-                [RUNC, "--root", str(self.runc_root), "run", "--keep", "--bundle", str(self.bundle), self.id],
+                [RUNC, "--root", str(self.runc_root), "run", "--keep", "--pid-file", str(self.bundle / "pid"),
+                 "--bundle", str(self.bundle), self.id],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err,
             )
         self._started = time.monotonic()
@@ -367,8 +368,12 @@ class Container:
         seconds = time.monotonic() - self._started
         if code < 0:  # runc itself was killed; its container is reported by its own status
             code = 128 - code
-        oom = _oom_kills(_memory_cgroup_dir(self.cgroups_path)) > 0
         stdout, stderr = self.logs()
+        if not (self.bundle / "pid").exists():
+            # runc writes the pid file once the container's process runs; without it the container
+            # never started (the kubelet's StartError): runc's reason is the last line of stderr.
+            raise ContainerError(f"container {self.id} did not start (runc exit {code}): {stderr.strip()[-2000:]}")
+        oom = _oom_kills(_memory_cgroup_dir(self.cgroups_path)) > 0
         self._result = Result(exit_code=code, oom_killed=oom, stdout=stdout, stderr=stderr, seconds=seconds)
         return self._result
 
