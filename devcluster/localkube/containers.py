@@ -377,9 +377,18 @@ class Container:
         self._result = Result(exit_code=code, oom_killed=oom, stdout=stdout, stderr=stderr, seconds=seconds)
         return self._result
 
+    def status(self) -> str | None:
+        """runc's view of the container: created, running, stopped (or None: no such container)."""
+        done = self._runc("state", self.id)
+        if done.returncode != 0:
+            return None
+        return str(json.loads(done.stdout)["status"])
+
     def kill(self, sig: signal.Signals) -> None:
         done = self._runc("kill", self.id, sig.name.removeprefix("SIG"))
-        if done.returncode != 0 and self.running():
+        # The process may have ended between the caller's look and the signal: only a container
+        # that still runs and could not be signalled is an error.
+        if done.returncode != 0 and self.status() == "running":
             raise ContainerError(f"runc kill {self.id} {sig.name}: {done.stderr.strip()}")
 
     def stop(self, grace: float) -> Result:
