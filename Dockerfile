@@ -13,6 +13,9 @@
 #
 #   docker build -t research-operator:0.1.0 .      (or: make image)
 #
+# Without a Docker engine `make image` builds this file with buildah from a Debian base assembled
+# by hack/build-image.sh and passed as PYTHON_IMAGE (docs/development.md, "The image").
+#
 # The base image is pinned by tag to a full Python version of the minor version the project is
 # tested on (3.11; the development venv runs 3.11.7). For reproducible builds
 # pin it by digest as well, e.g. --build-arg PYTHON_IMAGE=python:3.11.7-slim-bookworm@sha256:<digest>

@@ -27,7 +27,7 @@ demo-down: venv tools ## Undo the demo: helm uninstall, delete namespace researc
 	$(PY) -m localkube.demo down
 
 .PHONY: test
-test: venv cluster-build kueue-build llama-build tools lint typecheck ## Run every check and test (the CI command).
+test: venv cluster-build kueue-build llama-build image-build tools lint typecheck ## Run every check and test (the CI command).
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ##@ Development
@@ -49,12 +49,16 @@ typecheck: venv ## mypy in strict mode over the package code.
 	$(VENV)/bin/mypy
 
 .PHONY: test-fast
-test-fast: venv ## Only the tests that need no cluster, no database and no llama-server.
-	$(PY) -m pytest -m "not cluster and not postgres and not llamacpp" $(PYTEST_ARGS)
+test-fast: venv ## Only the tests that need no cluster, no database, no llama-server and no image build.
+	$(PY) -m pytest -m "not cluster and not postgres and not llamacpp and not image" $(PYTEST_ARGS)
 
 .PHONY: test-llamacpp
 test-llamacpp: venv cluster-build tools llama-build ## Only the llama.cpp tier: worker and a ResearchJob against llama-server + Gemma 3 270M.
 	$(PY) -m pytest -m llamacpp $(PYTEST_ARGS)
+
+.PHONY: test-image
+test-image: venv image-build ## Only the image tier: the image built with buildah, run as containers by runc (root).
+	$(PY) -m pytest -m image $(PYTEST_ARGS)
 
 .PHONY: test-repeat
 test-repeat: venv cluster-build kueue-build tools ## Run the cluster tiers N times (N=5; FRESH=1: `make test` in a fresh clone each time).
@@ -117,5 +121,9 @@ chart-lint: tools chart-crds ## helm lint --strict and helm template of the char
 	  $$HELM lint --strict $(HELM_CHART) && $$HELM template research-operator $(HELM_CHART) >/dev/null
 
 .PHONY: image
-image: ## Build the container image $(IMAGE) from the Dockerfile (needs a Docker engine).
-	docker build -t $(IMAGE) .
+image: ## Build the image $(IMAGE): docker build if a Docker engine answers, else buildah from a local Debian base (cached).
+	IMAGE=$(IMAGE) hack/build-image.sh
+
+.PHONY: image-build
+image-build: ## Build $(IMAGE) with buildah and export it for runc (what the image tier runs; cached, ~3 min once).
+	IMAGE=$(IMAGE) IMAGE_BUILDER=buildah hack/build-image.sh >/dev/null
