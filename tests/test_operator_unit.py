@@ -1054,3 +1054,54 @@ async def test_a_status_write_refused_as_invalid_does_not_end_the_loop_of_a_rese
     await asyncio.wait_for(loop.reconcile_loop(key, logging.getLogger("test")), 5)
     assert len(passes) == 2, "the refused status write was retried, not taken for a deletion"
     loop.LOOPS.pop(key, None)
+
+
+async def test_a_reconcile_loop_that_ends_with_an_error_is_started_again(monkeypatch: Any) -> None:
+    """Job and ConfigMap events only wake a loop that runs: one that died of an error outside a
+    pass (here the quick re-check of admission, then the settings) must start again by itself."""
+    import asyncio
+    import logging
+
+    from research_operator import admit as admit_mod
+    from research_operator import loop
+    from research_operator.world import World
+
+    w = World()
+    monkeypatch.setattr(loop, "WORLD", w)
+    monkeypatch.setattr(admit_mod, "WORLD", w)
+    monkeypatch.setattr(loop, "LOOP_RESTART_DELAY", 0.01)
+    key = ("ns", "uid-1")
+    passes: list[int] = []
+    broken = [True]
+
+    async def reconcile_once(k: Any, body: Any, logger: Any) -> Any:
+        passes.append(1)
+        return admit_mod.Outcome()
+
+    def settings() -> Settings:
+        if broken[0]:
+            broken[0] = False
+            raise RuntimeError("a bug outside the pass")
+        return Settings(namespace="ops", resync_seconds=600)
+
+    def still_blocked(k: Any) -> bool:
+        raise KeyError("a bug in the quick re-check")
+
+    monkeypatch.setattr(loop, "reconcile_once", reconcile_once)
+    monkeypatch.setattr(loop, "settings", settings)
+    monkeypatch.setattr(loop, "still_blocked", still_blocked)
+    w.bodies[key] = {"metadata": {"name": "rj", "namespace": "ns", "uid": "uid-1"}}
+    w.waiting[key] = 1
+    logger = logging.getLogger("test")
+    loop.ensure_loop(key, logger)
+    first = loop.LOOPS[key]
+    for _ in range(200):
+        if len(passes) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    assert first.done() and loop.LOOPS[key] is not first, "the loop that died was started again"
+    assert len(passes) >= 2
+    w.event(key).set()  # woken only by a freed slot: the failing re-check means a full pass
+    await asyncio.sleep(0.05)
+    assert len(passes) >= 3
+    loop.LOOPS.pop(key).cancel()

@@ -80,13 +80,36 @@ def slim(body: Mapping[str, Any]) -> kopf.Body:
     return kopf.Body(raw)  # type: ignore[arg-type]  # kopf.RawBody is a TypedDict of the same keys
 
 
+LOOP_RESTART_DELAY = 1.0  # seconds before a loop that ended with an error is started again
+
+
 def ensure_loop(key: Key, logger: kopf.Logger) -> None:
     WORLD.event(key)
     if key not in LOOPS or LOOPS[key].done():
-        namespace = key[0]
-        name = WORLD.bodies[key].get("metadata", {}).get("name")
-        LOOPS[key] = asyncio.create_task(reconcile_loop(key, logger), name=f"reconcile {namespace}/{name}")
+        _start_loop(key, logger)
     WORLD.wake(key)
+
+
+def _start_loop(key: Key, logger: kopf.Logger) -> None:
+    name = WORLD.bodies[key].get("metadata", {}).get("name")
+    task = asyncio.create_task(reconcile_loop(key, logger), name=f"reconcile {key[0]}/{name}")
+    LOOPS[key] = task
+    task.add_done_callback(lambda t: _loop_ended(key, logger, t))
+
+
+def _loop_ended(key: Key, logger: kopf.Logger, task: asyncio.Task[None]) -> None:
+    """A loop that ended with an error (a bug: passes catch their own) is started again, for no
+    Job or ConfigMap event would: they only wake a loop that runs."""
+    if task.cancelled() or task.exception() is None:
+        return
+    logger.error(f"the reconcile loop ended with an error, starting it again: {task.exception()!r}")
+
+    def again() -> None:
+        if key in WORLD.bodies and LOOPS.get(key) is task:
+            _start_loop(key, logger)
+            WORLD.wake(key)
+
+    asyncio.get_running_loop().call_later(LOOP_RESTART_DELAY, again)
 
 
 def stop_loop(key: Key, *, cancel: bool = True) -> None:
@@ -112,7 +135,7 @@ async def reconcile_loop(key: Key, logger: kopf.Logger) -> None:
     until = 0.0  # when the pass after the last one falls due with no wake-up (resync, back-off, deadline)
     while key in WORLD.bodies:
         wake.clear()
-        if woken and key not in WORLD.dirty and still_blocked(key):
+        if woken and key not in WORLD.dirty and _still_blocked(key, logger):
             # A freed slot that is not ours to take: sleep on, to the same time as before.
             woken = await _sleep(wake, max(0.05, until - time.monotonic()))
             continue
@@ -150,6 +173,16 @@ async def reconcile_loop(key: Key, logger: kopf.Logger) -> None:
             timeout = min(timeout, max(0.05, (out.wake_at - _now()).total_seconds()))
         until = time.monotonic() + timeout
         woken = await _sleep(wake, timeout)
+
+
+def _still_blocked(key: Key, logger: kopf.Logger) -> bool:
+    """``admit.still_blocked``, where an error means a full pass (which handles its own errors):
+    raised here, it would end the loop's task, and no Job event starts a new one."""
+    try:
+        return still_blocked(key)
+    except Exception:  # noqa: BLE001 - logged with its traceback; the full pass decides instead
+        logger.exception("the quick re-check of admission failed; a full pass follows")
+        return False
 
 
 async def _still_there(key: Key, body: kopf.Body) -> bool:
