@@ -180,6 +180,15 @@ def test_top_counts_running_jobs_and_quota_headroom_in_worker_pods() -> None:
     assert "globalMaxActiveJobs is 2" in view.waiting[0].waiting_for
 
 
+def test_top_counts_a_suspended_kueue_job_as_the_operator_does() -> None:
+    """In Kueue mode a worker Job waits suspended in its LocalQueue and holds its slot under the
+    caps (the operator counts it): top must say the same, or it shows a free slot that is not."""
+    suspended = {**job("team-a"), "spec": {"suspend": True}}
+    view = admin.build_top(None, [], [suspended, job("team-a", done=True)], [], settings(globalMaxActiveJobs="1"))
+    assert view.running == 1
+    assert [(n.namespace, n.running) for n in view.namespaces] == [("team-a", 1)]
+
+
 def test_caps_accept_whole_numbers_and_refuse_anything_else() -> None:
     assert admin.parse_assignments(["globalMaxActiveJobs=10", "namespace=4"]) == {
         "globalMaxActiveJobs": 10,

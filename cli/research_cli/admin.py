@@ -24,6 +24,7 @@ from research_cli.errors import CliError, UsageError
 from research_cli.kube import Kube
 from research_cli.progress import waiting_for
 from research_operator.admission import PodResources, QuotaUsage, quota_headroom
+from research_operator.views import job_view
 
 DEFAULT_OPERATOR_NAMESPACE = "research-operator-system"
 DEFAULT_SETTINGS_CONFIGMAP = "research-operator-settings"
@@ -195,9 +196,11 @@ class TopView:
 
 
 def job_running(job: dict[str, Any]) -> bool:
-    """A worker Job counts against the caps until it completes or fails; a suspended one (Kueue) waits."""
-    conds = {c.get("type") for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
-    return not conds & {"Complete", "Failed"} and not (job.get("spec") or {}).get("suspend")
+    """Whether a worker Job holds a slot under the caps, decided as the operator decides it
+    (``JobView.unfinished``): until it completes or fails, also while suspended in Kueue mode (the
+    caps bound what is handed to Kueue). ``top`` used to leave suspended Jobs out and so disagreed
+    with the operator about what runs."""
+    return job_view(job).unfinished
 
 
 def worker_pod(rj: dict[str, Any]) -> PodResources:
