@@ -1105,3 +1105,44 @@ async def test_a_reconcile_loop_that_ends_with_an_error_is_started_again(monkeyp
     await asyncio.sleep(0.05)
     assert len(passes) >= 3
     loop.LOOPS.pop(key).cancel()
+
+
+def test_a_late_small_tenant_is_admitted_at_an_endpoint_ahead_of_a_big_ones_backlog() -> None:
+    """One endpoint of 4 in flight (and 4 standing by), a big tenant holding all 8 with more
+    waiting, and a small tenant arriving later. When one of the big tenant's pods ends, the freed
+    room is owed to the small tenant, below its fair share (4 of 8): the big tenant's next
+    ResearchJob waits and says why, the small one is admitted. Alone at the endpoint, or with no
+    one waiting below their share, admission is what it was (first come)."""
+    big, small = Demand("big", "rj-7", 0, 1), Demand("small", "rj-1", 0, 1)
+    # A big pod ended: 7 admitted, all the big tenant's; the small one waits for 2 (one pod of 2).
+    v_big = EndpointVerdict("shared", 4, 6, 2, standby=4, mine=6, peers=((0, 2, 2),))
+    adm = decide_admission(big, 50, [big], Caps(), QuotaVerdict(None), endpoint=v_big)
+    assert (adm.admitted, adm.reason) == (0, WaitReason.ENDPOINT_CAPACITY)
+    assert "owed to 1 namespaces waiting below their fair share of 4" in adm.message
+    v_small = EndpointVerdict("shared", 4, 6, 2, standby=4, mine=0, peers=((6, 8, 2),))
+    assert decide_admission(small, 50, [small], Caps(), QuotaVerdict(None), endpoint=v_small).admitted == 1
+    # Nobody waits below its share: the big tenant takes the room as before.
+    alone = EndpointVerdict("shared", 4, 6, 2, standby=4, mine=6, peers=((0, 0, 0),))
+    assert decide_admission(big, 50, [big], Caps(), QuotaVerdict(None), endpoint=alone).admitted == 1
+    # A waiting tenant whose next pod would not fit in its share holds nothing back from the others
+    # (it takes its turn as before; a reservation it could never use would starve everyone).
+    v = EndpointVerdict("shared", 8, 3, 1, standby=0, mine=3, peers=((3, 2, 2),))  # share 4: 3+2 > 4
+    assert v.jobs == 5  # all that is free: the other's pod of 2 does not fit its share of 4
+
+
+def test_the_world_sums_each_namespaces_admitted_and_waiting_demand_at_an_endpoint() -> None:
+    from research_operator.world import Blocked, World
+
+    def job(name: str, need: int) -> JobView:
+        return JobView(name, "interview", "p", uid=name, endpoint="shared", concurrency=need)
+
+    w = World()
+    w.attach({("big", "u1"): [job("a-b0", 2), job("a-b1", 2)], ("small", "u2"): []}, {}, {})
+    w.waiting.update({("big", "u1"): 3, ("small", "u2"): 1})
+    w.blocked[("big", "u1")] = Blocked(3, 5, POD, endpoint="shared", demand=2)
+    w.blocked[("small", "u2")] = Blocked(1, 5, POD, endpoint="shared", demand=3)
+    assert w.endpoint_namespaces("shared") == {"big": (4, 6, 2), "small": (0, 3, 3)}
+    w.waiting[("small", "u2")] = 0  # admitted: its next pass records it, and bumps the version
+    w.bump()
+    assert "small" not in w.endpoint_namespaces("shared")  # neither admitted nor waiting there
+    assert w.endpoint_namespaces("other") == {}

@@ -297,18 +297,48 @@ class EndpointVerdict:
     in_use: int
     demand: int
     standby: int = 0  # demand admitted beyond the capacity: pods that start paused (share 0)
+    # Fairness across namespaces: what this ResearchJob's namespace has admitted at the endpoint, and
+    # for every other namespace there (admitted, demand of its pods waiting to be admitted).
+    mine: int = 0
+    peers: tuple[tuple[int, int, int], ...] = ()  # (admitted, waiting, the demand of one of its pods)
+
+    @property
+    def _fair(self) -> tuple[int, int, int]:
+        """(demand this namespace may still be admitted, the fair share, namespaces it is owed to).
+        Each namespace running or waiting at the endpoint is guaranteed ``total / namespaces`` (at
+        least one pod); one at or above its share takes only what no waiting namespace below its
+        share is owed, so a tenant that comes later is admitted ahead of a big one's backlog."""
+        total = self.max_concurrent + self.standby
+        free = total - self.in_use
+        contenders = 1 + sum(1 for used, wanted, _ in self.peers if used > 0 or wanted > 0)
+        share = max(self.demand, total // contenders)
+        # Below its share: one more of its pods still fits in it (else nothing is held for it).
+        below = [(used, wanted) for used, wanted, pod in self.peers if wanted > 0 and used + max(1, pod) <= share]
+        if free <= 0:
+            return 0, share, len(below)
+        beyond_owed = max(0, free - sum(min(share - used, wanted) for used, wanted in below))
+        if self.mine + self.demand <= share:
+            return min(free, max(share - self.mine, beyond_owed)), share, len(below)
+        return beyond_owed, share, len(below)
 
     @property
     def jobs(self) -> int:
-        return max(0, (self.max_concurrent + self.standby - self.in_use) // max(1, self.demand))
+        return max(0, self._fair[0] // max(1, self.demand))
 
     @property
     def message(self) -> str:
         running = min(self.in_use, self.max_concurrent)
         paused = f", {self.in_use - running} more standing by" if self.in_use > running else ""
+        allowed, share, owed_to = self._fair
+        free = self.max_concurrent + self.standby - self.in_use
+        fair = (
+            f"; the free capacity is owed to {owed_to} namespaces waiting below their fair share of {share}"
+            if allowed < free and allowed < self.demand and owed_to
+            else ""
+        )
         return (
             f"ModelEndpoint {self.name}: {running}/{self.max_concurrent} requests in flight admitted{paused}, "
-            f"a worker pod needs {self.demand}"
+            f"a worker pod needs {self.demand}{fair}"
         )
 
 

@@ -76,10 +76,14 @@ class Want:
     analysts: list[int] | None = None  # analysts of each Job (interview batches)
 
 
-def _endpoint_verdict(endpoint: ep.Endpoint, demand: int) -> EndpointVerdict:
-    in_use = sum(p.demand for _, p in WORLD.endpoint_pods(endpoint.name))
-    leased = bool(settings().lease_broker_url)
-    return EndpointVerdict(endpoint.name, endpoint.max_concurrent, in_use, demand, ep.standby(endpoint, leased))
+def _endpoint_verdict(endpoint: ep.Endpoint, demand: int, namespace: str, cfg: Settings) -> EndpointVerdict:
+    pods = WORLD.endpoint_pods(endpoint.name)
+    in_use = sum(p.demand for _, p in pods)
+    by_ns = WORLD.endpoint_namespaces(endpoint.name)
+    mine = by_ns.get(namespace, (0, 0, 0))[0]
+    peers = tuple(v for ns, v in sorted(by_ns.items()) if ns != namespace)
+    standby = ep.standby(endpoint, bool(cfg.lease_broker_url))
+    return EndpointVerdict(endpoint.name, endpoint.max_concurrent, in_use, demand, standby, mine, peers)
 
 
 def _budget_verdict(namespace: str, cfg: Settings, when: dt.datetime) -> BudgetVerdict | None:
@@ -143,7 +147,7 @@ async def admit_and_create(
         quotas = WORLD.quotas_of(namespace)
         verdict = quota_headroom(quotas, pod, WORLD.reserved(namespace), priority_class)
         too_small = never_fits(quotas, pod, priority_class)
-        capacity = _endpoint_verdict(endpoint, max(needs)) if endpoint is not None else None
+        capacity = _endpoint_verdict(endpoint, max(needs), namespace, cfg) if endpoint is not None else None
         adm: Admission = decide_admission(me, want.own_limit, demands, cfg.caps, verdict, too_small, capacity, budget)
         admitted = want.jobs[: adm.admitted]
         if endpoint is not None and capacity is not None:
@@ -215,6 +219,8 @@ async def admit_and_create(
     if endpoint is not None and len(admitted) > created:
         request_share_sync(endpoint.name)  # some were not created after all
     if still and refused is None:
+        if endpoint is not None:
+            WORLD.bump()  # what waits at an endpoint counts in its namespaces' fair shares
         WORLD.blocked[key] = Blocked(
             still,
             want.own_limit,
@@ -264,7 +270,7 @@ def still_blocked(key: Key) -> bool:
     me = Demand(namespace, key[1], WORLD.active_of(key), b.count)
     demands = WORLD.demands(cached=True) if caps.global_max_active or caps.namespace_max_active else [me]
     endpoint = WORLD.endpoints.get(b.endpoint) if b.endpoint else None
-    capacity = _endpoint_verdict(endpoint, b.demand) if endpoint is not None else None
+    capacity = _endpoint_verdict(endpoint, b.demand, namespace, settings()) if endpoint is not None else None
     budget = _budget_verdict(namespace, settings(), now()) if b.step != CLEANUP_STEP else None
     return decide_admission(me, b.own_limit, demands, caps, verdict, too_small, capacity, budget).admitted == 0
 

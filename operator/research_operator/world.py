@@ -88,6 +88,7 @@ class World:
     _demands: tuple[int, list[Demand]] = (-1, [])
     _wake_scopes: set[str | None] = field(default_factory=set)  # namespaces (None: all) to sweep soon
     _endpoint_pods: tuple[int, dict[str, list[tuple[Key, PodUse]]]] = (-1, {})
+    _endpoint_namespaces: tuple[int, dict[str, dict[str, tuple[int, int, int]]]] = (-1, {})
 
     def attach(
         self,
@@ -325,6 +326,32 @@ class World:
                         table[job.endpoint].append((key, use))
             self._endpoint_pods = (self.version, dict(table))
         return list(self._endpoint_pods[1].get(endpoint, []))
+
+    def endpoint_namespaces(self, endpoint: str) -> dict[str, tuple[int, int, int]]:
+        """Per namespace at ``endpoint``: (demand of its admitted pods, demand of its pods waiting for
+        admission there, the demand of one such pod), for the fair shares of the endpoint across
+        namespaces. Computed for every endpoint at once and kept until running or waiting counts
+        change (``version``)."""
+        if self._endpoint_namespaces[0] != self.version:
+            table: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0]))
+            for name, pods in self._endpoint_table().items():
+                for key, pod in pods:
+                    table[name][key[0]][0] += pod.demand
+            for key, b in self.blocked.items():
+                n = self.waiting.get(key, 0)
+                if b.endpoint and n > 0:
+                    row = table[b.endpoint][key[0]]
+                    row[1] += n * max(1, b.demand)
+                    row[2] = max(row[2], b.demand)
+            self._endpoint_namespaces = (
+                self.version,
+                {e: {ns: (v[0], v[1], v[2]) for ns, v in per.items()} for e, per in table.items()},
+            )
+        return dict(self._endpoint_namespaces[1].get(endpoint, {}))
+
+    def _endpoint_table(self) -> dict[str, list[tuple[Key, PodUse]]]:
+        self.endpoint_pods("")  # fills the table for this version
+        return self._endpoint_pods[1]
 
     def usage_since(self, namespace: str) -> list[tuple[dt.datetime | None, int]]:
         """(when stored, tokens) of every stored result in ``namespace``."""
