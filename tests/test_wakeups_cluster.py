@@ -23,7 +23,7 @@ from research_api.researchjob import GROUP, PLURAL, VERSION
 from tests.fixtures.cluster import RESTRICTED_LABELS, ClusterHandle
 from tests.fixtures.operator import CORPUS, OperatorProcess
 from tests.test_operator_cluster import create, researchjob
-from tests.test_operator_shared_cluster import caps, namespaces
+from tests.test_operator_shared_cluster import caps, get_rj, namespaces
 
 pytestmark = pytest.mark.cluster
 
@@ -40,18 +40,6 @@ def slow_resync(operator: OperatorProcess) -> Iterator[OperatorProcess]:
     yield operator
     operator.extra_env = {k: v for k, v in operator.extra_env.items() if k != "RESYNC_SECONDS"}
     operator.restart()
-
-
-def get_rj(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
-    try:
-        obj: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name
-        )
-        return obj
-    except client.ApiException as e:
-        if e.status == 404:
-            return None
-        raise
 
 
 def status(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
@@ -127,32 +115,35 @@ def test_a_job_that_goes_wakes_the_researchjob_waiting_for_its_namespace_slot(
         succeeds(api, ns, "waiter")
 
 
-def test_a_job_of_another_namespace_that_goes_frees_the_global_slot(
-    cluster: ClusterHandle, slow_resync: OperatorProcess, slow_model: str
+def global_slot_freed_elsewhere(
+    cluster: ClusterHandle, operator: OperatorProcess, slow_model: str, restart: bool
 ) -> None:
+    """A ResearchJob of one namespace waits for the only global slot, held by another namespace's;
+    the holder goes (after an operator restart mid-wait, with ``restart``) and the waiter goes on."""
     api = cluster.api_client()
-    with namespaces(cluster, 2) as (ns_a, ns_b), caps(api, slow_resync, globalMaxActiveJobs=1):
+    with namespaces(cluster, 2) as (ns_a, ns_b), caps(api, operator, globalMaxActiveJobs=1):
         holder(api, ns_a, slow_model)
         create(api, ns_b, rj("waiter"))
         throttled(api, ns_b, "waiter", "GlobalCap")
+        if restart:
+            operator.restart()  # SIGKILL mid-wait; the new process rebuilds its world from the watches
+            time.sleep(2)
+            assert not client.BatchV1Api(api).list_namespaced_job(ns_b).items, "the restart alone must not admit it"
+            assert true_condition(status(api, ns_b, "waiter"), "Throttled"), status(api, ns_b, "waiter")
         delete_rj(api, ns_a, "holder")
         succeeds(api, ns_b, "waiter")
+
+
+def test_a_job_of_another_namespace_that_goes_frees_the_global_slot(
+    cluster: ClusterHandle, slow_resync: OperatorProcess, slow_model: str
+) -> None:
+    global_slot_freed_elsewhere(cluster, slow_resync, slow_model, restart=False)
 
 
 def test_a_researchjob_waiting_across_an_operator_restart_is_woken_when_the_slot_frees(
     cluster: ClusterHandle, slow_resync: OperatorProcess, slow_model: str
 ) -> None:
-    api = cluster.api_client()
-    with namespaces(cluster, 2) as (ns_a, ns_b), caps(api, slow_resync, globalMaxActiveJobs=1):
-        holder(api, ns_a, slow_model)
-        create(api, ns_b, rj("waiter"))
-        throttled(api, ns_b, "waiter", "GlobalCap")
-        slow_resync.restart()  # SIGKILL mid-wait; the new process rebuilds its world from the watches
-        time.sleep(2)
-        assert not client.BatchV1Api(api).list_namespaced_job(ns_b).items, "the restart alone must not admit it"
-        assert true_condition(status(api, ns_b, "waiter"), "Throttled"), status(api, ns_b, "waiter")
-        delete_rj(api, ns_a, "holder")
-        succeeds(api, ns_b, "waiter")
+    global_slot_freed_elsewhere(cluster, slow_resync, slow_model, restart=True)
 
 
 def hold_researchjobs(cluster: ClusterHandle, namespace: str) -> str:
