@@ -223,10 +223,14 @@ def test_a_researchjob_created_before_the_policy_is_held_unless_it_already_start
     from research_operator.tenancy import predates_policy
 
     since = dt.datetime(2026, 12, 6, 12, 0, tzinfo=dt.UTC)
-    before, after = since - dt.timedelta(minutes=5), since + dt.timedelta(seconds=1)
+    before, after = since - dt.timedelta(minutes=5), since + dt.timedelta(seconds=6)
     r = predates_policy(KEYED, before, False, since)
     assert r is not None and r.reason == RefusalReason.AUTHOR_NOT_CHECKED
     assert "before the admission policy" in r.message and "create it again" in r.message
     assert predates_policy(KEYED, before, True, since) is None  # it runs already
     assert predates_policy(KEYED, after, False, since) is None  # checked at its create
+    # The same second as the policy (timestamps are whole seconds), or before the API server loaded
+    # it: it may not have been checked, so it is held too.
+    assert predates_policy(KEYED, since, False, since) is not None
+    assert predates_policy(KEYED, since + dt.timedelta(seconds=1), False, since) is not None
     assert predates_policy(KEYED, before, False, None) is None  # no time known: nothing to compare

@@ -193,6 +193,9 @@ def refusal(spec: ResearchJobSpec, allow: Allowlists, checks: AuthorChecks, bind
     return Refusal(RefusalReason.AUTHOR_NOT_CHECKED, refs[0].field, message, recheck=checks == AuthorChecks.MISSING)
 
 
+POLICY_SETTLE = dt.timedelta(seconds=1)
+
+
 def predates_policy(
     spec: ResearchJobSpec, created: dt.datetime, started: bool, since: dt.datetime | None
 ) -> Refusal | None:
@@ -202,12 +205,15 @@ def predates_policy(
     stop the work of a cluster; its pods already had what it names); one that has not is held
     until it is created again, so that the API server checks it."""
     refs = references(spec)
-    if started or since is None or created >= since or not refs:
+    # creationTimestamps have a resolution of a second, and the API server takes a moment to load a
+    # new policy: what was created within POLICY_SETTLE of it may not have been checked either.
+    if started or since is None or created > since + POLICY_SETTLE or not refs:
         return None
     named = ", ".join(f'{r.kind} "{r.name}" ({r.field})' for r in refs)
     message = (
         f"not started: the ResearchJob names {named} and was created at {created.isoformat()}, before the "
-        f"admission policy that checks authors came into force at {since.isoformat()}, so nothing checked "
+        f"admission policy that checks authors came into force (created at {since.isoformat()}; what is created "
+        f"within {int(POLICY_SETTLE.total_seconds())} s of it counts as before), so nothing checked "
         "that its author may read them: delete it and create it again"
     )
     return Refusal(RefusalReason.AUTHOR_NOT_CHECKED, refs[0].field, message)
