@@ -77,9 +77,8 @@ class Want:
 
 
 def _endpoint_verdict(endpoint: ep.Endpoint, demand: int, namespace: str, cfg: Settings) -> EndpointVerdict:
-    pods = WORLD.endpoint_pods(endpoint.name)
-    in_use = sum(p.demand for _, p in pods)
     by_ns = WORLD.endpoint_namespaces(endpoint.name)
+    in_use = sum(admitted for admitted, _, _ in by_ns.values())
     mine = by_ns.get(namespace, (0, 0, 0))[0]
     peers = tuple(v for ns, v in sorted(by_ns.items()) if ns != namespace)
     standby = ep.standby(endpoint, bool(cfg.lease_broker_url))

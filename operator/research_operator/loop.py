@@ -233,8 +233,8 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     owner = Owner(namespace, name, uid)
     checks, since = await author_checks(cfg, logger) if tenancy.references(spec) else (tenancy.AuthorChecks.OFF, None)
     refused = tenancy.refusal(spec, cfg.allowlists, checks, cfg.admission_policy_binding)
+    created = dt.datetime.fromisoformat(str(meta.get("creationTimestamp")).replace("Z", "+00:00"))
     if refused is None and checks == tenancy.AuthorChecks.ENFORCED:
-        created = dt.datetime.fromisoformat(str(meta.get("creationTimestamp")).replace("Z", "+00:00"))
         # Started: it has Jobs or stored results (a plan id alone is named on the first pass).
         begun = bool(WORLD.jobs_of(key)) or bool(WORLD.store_view(key).analysts)
         refused = tenancy.predates_policy(spec, created, begun, since)
@@ -248,7 +248,6 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     if add and not await kube.set_finalizer(namespace, name, uid, present=True):
         return Outcome()  # the ResearchJob is gone or was replaced
     now = _now()
-    created = dt.datetime.fromisoformat(str(meta.get("creationTimestamp")).replace("Z", "+00:00"))
     jobs = [await with_detail(namespace, j) for j in WORLD.jobs_of(key).values()]
     obs = Observed(
         generation=int(meta.get("generation") or 0),

@@ -315,6 +315,10 @@ class World:
         what this process just created), with their ResearchJob. Computed for every endpoint at
         once and kept until running counts change (``version``), so the re-checks of many waiting
         ResearchJobs after one freed slot cost one pass over the Jobs, not one each."""
+        return list(self._endpoint_table().get(endpoint, []))
+
+    def _endpoint_table(self) -> dict[str, list[tuple[Key, PodUse]]]:
+        """``endpoint_pods`` of every endpoint, as of ``version``."""
         if self._endpoint_pods[0] != self.version:
             table: dict[str, list[tuple[Key, PodUse]]] = defaultdict(list)
             for key in {*(self.job_index or {}).keys(), *self.created.keys()}:
@@ -325,7 +329,7 @@ class World:
                         use = PodUse(key[0], rj, job.name, max(1, job.concurrency), job.admitted)
                         table[job.endpoint].append((key, use))
             self._endpoint_pods = (self.version, dict(table))
-        return list(self._endpoint_pods[1].get(endpoint, []))
+        return self._endpoint_pods[1]
 
     def endpoint_namespaces(self, endpoint: str) -> dict[str, tuple[int, int, int]]:
         """Per namespace at ``endpoint``: (demand of its admitted pods, demand of its pods waiting for
@@ -348,10 +352,6 @@ class World:
                 {e: {ns: (v[0], v[1], v[2]) for ns, v in per.items()} for e, per in table.items()},
             )
         return dict(self._endpoint_namespaces[1].get(endpoint, {}))
-
-    def _endpoint_table(self) -> dict[str, list[tuple[Key, PodUse]]]:
-        self.endpoint_pods("")  # fills the table for this version
-        return self._endpoint_pods[1]
 
     def usage_since(self, namespace: str) -> list[tuple[dt.datetime | None, int]]:
         """(when stored, tokens) of every stored result in ``namespace``."""
