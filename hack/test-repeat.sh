@@ -4,6 +4,7 @@
 #
 #   N=5 hack/test-repeat.sh                 # the cluster tiers (marker cluster) in this checkout
 #   N=5 FRESH=1 hack/test-repeat.sh         # `make test` (the CI command) in a fresh clone each time
+#                                           # of one commit: COMMIT (default: HEAD when it starts)
 #   N=3 PYTEST_ARGS="tests/test_wakeups_cluster.py" hack/test-repeat.sh
 #
 # Each run's output goes to $OUT/run-<i>.log (default: a new dir under /tmp); a summary line per
@@ -14,13 +15,15 @@ N="${N:-5}"
 OUT="${OUT:-$(mktemp -d /tmp/test-repeat.XXXXXX)}"
 mkdir -p "$OUT"
 PY="${PY:-.venv/bin/python}"
+COMMIT="$(git rev-parse "${COMMIT:-HEAD}")"
 failed=0
 printf 'run\texit\tseconds\tresult\n' >"$OUT/summary.tsv"
+[ -z "${FRESH:-}" ] || echo "commit: $COMMIT" | tee "$OUT/commit"
 for i in $(seq 1 "$N"); do
   start=$(date +%s)
   if [ -n "${FRESH:-}" ]; then
     dir="$OUT/clone-$i"
-    git clone -q . "$dir" && ln -sfn "$(cd .. && pwd)/shared" "$OUT/shared" 2>/dev/null
+    git clone -q . "$dir" && git -C "$dir" checkout -q --detach "$COMMIT" && ln -sfn "$(cd .. && pwd)/shared" "$OUT/shared" 2>/dev/null
     (cd "$dir" && CI=true make test </dev/null) >"$OUT/run-$i.log" 2>&1
     code=$?
     rm -rf "$dir"
