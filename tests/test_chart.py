@@ -162,6 +162,11 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
             ("ConfigMap", "research-operator-settings"),
             ("ClusterRole", "research-operator"),
             ("ClusterRoleBinding", "research-operator"),
+            # for people: aggregated into view/edit/admin, and the platform team's (bound by admins)
+            ("ClusterRole", "research-operator-view"),
+            ("ClusterRole", "research-operator-edit"),
+            ("ClusterRole", "research-operator-platform-admin"),
+            ("Role", "research-operator-platform-admin"),
             ("Lease", "research-operator-leader"),
             ("Role", "research-operator-leader-election"),
             ("RoleBinding", "research-operator-leader-election"),
@@ -368,7 +373,7 @@ def test_cluster_role_is_exactly_what_the_operator_uses(
     helm: Path, args: list[str], expected: dict[tuple[str, str], set[str]]
 ) -> None:
     docs = render(helm, *args)
-    role = find(docs, "ClusterRole")
+    role = find(docs, "ClusterRole", "research-operator")
     rules: dict[tuple[str, str], set[str]] = {}
     assert role["rules"].count(POLICY_RULE) == 1  # the one rule limited to names
     for rule in role["rules"]:
@@ -392,7 +397,7 @@ def test_operator_holds_every_permission_it_grants_to_workers(helm: Path) -> Non
     docs = render(helm)
     rules = {
         (g, r): set(rule["verbs"])
-        for rule in find(docs, "ClusterRole")["rules"]
+        for rule in find(docs, "ClusterRole", "research-operator")["rules"]
         for g in rule["apiGroups"]
         for r in rule["resources"]
     }
@@ -422,7 +427,7 @@ def test_lease_broker_role_is_limited_to_its_endpointslice(helm: Path) -> None:
     ]
     off = render(helm, "--set", "operator.leaseBroker.enabled=false")
     assert not [d for d in off if d["metadata"]["name"].endswith(("-lease-broker", "-leases"))]
-    assert not [r for r in find(off, "ClusterRole")["rules"] if "tokenreviews" in r["resources"]]
+    assert not [r for r in find(off, "ClusterRole", "research-operator")["rules"] if "tokenreviews" in r["resources"]]
     env = {
         e["name"]
         for e in find(off, "Deployment", "research-operator")["spec"]["template"]["spec"]["containers"][0]["env"]
@@ -446,7 +451,12 @@ def test_leader_election_role_is_limited_to_the_lease(helm: Path) -> None:
         {"kind": "ServiceAccount", "name": "research-operator", "namespace": "research-system"}
     ]
     docs = render(helm, "--set", "operator.leaderElection.enabled=false", "--set", "operator.leaseBroker.enabled=false")
-    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+    operators = [
+        d
+        for d in docs
+        if d["kind"] in ("Role", "RoleBinding") and d["metadata"]["name"] != "research-operator-platform-admin"
+    ]
+    assert not operators
     assert find(docs, "Deployment", "research-operator")["spec"]["strategy"] == {"type": "Recreate"}
 
 
@@ -744,7 +754,7 @@ def test_admission_policy_off_leaves_authors_unchecked_and_says_so(helm: Path) -
     kinds = {d["kind"] for d in docs}
     assert not kinds & {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
     assert find(docs, "ConfigMap")["data"]["admissionPolicyBinding"] == ""
-    rules = find(docs, "ClusterRole")["rules"]
+    rules = find(docs, "ClusterRole", "research-operator")["rules"]
     assert not [r for r in rules if "admissionregistration.k8s.io" in r["apiGroups"]]
 
 

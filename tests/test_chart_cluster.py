@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -244,3 +245,76 @@ def test_operator_rbac_allows_its_watches_and_nothing_more(
         assert can_i(cluster, operator_rbac, *args), f"operator cannot {args}"
     for args in denied:
         assert not can_i(cluster, operator_rbac, *args), f"operator can {args}"
+
+
+@pytest.fixture
+def people_rbac(cluster: ClusterHandle, chart_crd: None, namespace: str) -> Iterator[str]:
+    """The chart's roles for people applied for real, the platform admins being the group
+    "platform-team"; yields the release's fullname."""
+    release = f"ro-{uuid.uuid4().hex[:6]}"
+    docs = [
+        d
+        for d in docs_of(render(cluster, release, namespace, "--set", "rbac.platformAdmins.groups={platform-team}"))
+        if d["metadata"]["name"].endswith(("-view", "-edit", "-platform-admin"))
+    ]
+    assert {d["kind"] for d in docs} == {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}, docs
+    manifest = yaml.safe_dump_all(docs)
+    cluster.kubectl("apply", "-f", "-", input=manifest)
+    try:
+        yield f"{release}-research-operator"
+    finally:
+        cluster.kubectl("delete", "--ignore-not-found", "-f", "-", input=manifest, check=False)
+
+
+def test_default_roles_grant_researchjobs_by_aggregation_and_only_platform_admins_declare_endpoints(
+    cluster: ClusterHandle, namespace: str, people_rbac: str
+) -> None:
+    # The tenant recipe of docs/security.md: Kubernetes' own roles, bound in the tenant's namespace.
+    for user, role in (("alice", "edit"), ("bob", "view"), ("dana", "admin")):
+        binding = f"{user}-{role}"
+        cluster.kubectl("create", "rolebinding", binding, f"--clusterrole={role}", f"--user={user}", "-n", namespace)
+    rj = "researchjobs.researchops.io"
+
+    expected = {
+        ("alice", "create", rj, "-n", namespace): True,
+        ("alice", "patch", rj, "-n", namespace): True,  # approving a review is a patch of the spec
+        ("alice", "delete", rj, "-n", namespace): True,
+        ("dana", "create", rj, "-n", namespace): True,
+        ("bob", "list", rj, "-n", namespace): True,
+        ("bob", "get", f"{rj}/status", "-n", namespace): True,
+        ("bob", "create", rj, "-n", namespace): False,
+        ("bob", "delete", rj, "-n", namespace): False,
+        ("alice", "list", rj, "-n", "kube-system"): False,  # their namespace only
+        # Tenants never declare endpoints (the caps live in the operator's namespace, not theirs).
+        ("alice", "create", "modelendpoints.researchops.io"): False,
+        ("dana", "create", "modelendpoints.researchops.io"): False,
+    }
+
+    def wrong() -> dict[tuple[str, ...], bool]:
+        answers = {ask: can_i(cluster, ask[0], *ask[1:]) for ask in expected}
+        return {ask: got for ask, got in answers.items() if got != expected[ask]}
+
+    # The ClusterRole aggregation controller fills view/edit/admin shortly after the roles appear.
+    deadline = time.monotonic() + 60
+    while (differ := wrong()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not differ, f"these answers differ from the recipe: {differ}"
+
+    admin = ["--as=carol", "--as-group=platform-team"]
+    for ask in (
+        ("create", "modelendpoints.researchops.io"),
+        ("delete", "modelendpoints.researchops.io"),
+        ("list", rj, "-A"),
+        ("list", "jobs.batch", "-A"),
+        ("list", "resourcequotas", "-A"),
+        ("patch", f"configmaps/{people_rbac}-settings", "-n", namespace),
+    ):
+        out = cluster.kubectl("auth", "can-i", *admin, *ask, check=False)
+        assert out.stdout.strip() == "yes", (ask, out.stdout, out.stderr)
+    for ask in (
+        ("get", "secrets", "-n", namespace),  # the platform role reads no Secret
+        ("patch", "configmaps/someone-else", "-n", namespace),
+        ("create", rj, "-n", "kube-system"),
+    ):
+        out = cluster.kubectl("auth", "can-i", *admin, *ask, check=False)
+        assert out.stdout.strip() == "no", (ask, out.stdout, out.stderr)
