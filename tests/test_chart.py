@@ -67,6 +67,7 @@ EXPECTED_CLUSTER_RULES = {
     ("batch", "jobs"): {"list", "watch", "create", "delete"},
     ("", "configmaps"): {"get", "list", "watch", "create", "update", "patch"},
     ("", "resourcequotas"): {"list", "watch"},
+    ("", "namespaces"): {"get"},  # the labels a ModelEndpoint's namespaceSelector matches
     ("", "pods"): {"list"},
     ("", "serviceaccounts"): {"create"},
     ("rbac.authorization.k8s.io", "roles"): {"create"},
@@ -224,6 +225,7 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
             "kubernetes.io/arch,kubernetes.io/os,node.kubernetes.io/instance-type,"
             "topology.kubernetes.io/region,topology.kubernetes.io/zone"
         ),
+        "allowTenantBaseUrls": "true",
     }
 
 
@@ -387,8 +389,9 @@ def test_cluster_role_is_exactly_what_the_operator_uses(
                 assert (group, resource) not in rules, f"{group}/{resource} appears twice"
                 rules[(group, resource)] = set(rule["verbs"])
     assert rules == expected
-    # Nothing that reads secrets, execs into pods or escalates.
-    assert not {r for _, r in rules} & {"secrets", "pods/exec", "namespaces", "nodes", "clusterroles"}
+    # Nothing that reads secrets, execs into pods or escalates; of namespaces, one by name (its labels).
+    assert not {r for _, r in rules} & {"secrets", "pods/exec", "nodes", "clusterroles"}
+    assert rules[("", "namespaces")] == {"get"}
     assert not set().union(*rules.values()) & {"escalate", "bind", "impersonate", "deletecollection"}
 
 

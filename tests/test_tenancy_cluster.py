@@ -259,9 +259,11 @@ def test_a_researchjob_created_before_the_policy_is_held_when_the_policy_comes(
     request.getfixturevalue("policy")  # the chart's policy comes into force now
     try:
         cond = eventually(
-            lambda: (c := condition(admin, tenant_ns, "early", "PolicyViolation"))
-            and "before the admission policy" in c["message"]
-            and c,
+            lambda: (
+                (c := condition(admin, tenant_ns, "early", "PolicyViolation"))
+                and "before the admission policy" in c["message"]
+                and c
+            ),
             "the ResearchJob held as created before the policy",
             timeout=60,
         )
@@ -432,3 +434,31 @@ def test_system_priority_and_control_plane_tolerations_are_refused_unless_admins
         core.patch_namespaced_config_map(
             PARAMS, policy, {"data": {"allowedPriorityClasses": "", "allowedTolerationKeys": ""}}
         )
+
+
+def test_a_base_url_of_the_tenants_own_is_refused_when_admins_forbid_it(
+    cluster: ClusterHandle,
+    tenant_ns: str,
+    tenant: client.ApiClient,
+    policy: str,
+    operator_settings: Callable[..., None],
+) -> None:
+    own = rj("own-url", model={"baseUrl": "http://listener.example:8000/v1"})
+    create(tenant, tenant_ns, own, True)  # allowed by default
+    core = client.CoreV1Api(cluster.api_client())
+    core.patch_namespaced_config_map(PARAMS, policy, {"data": {"allowTenantBaseUrls": "false"}})
+    try:
+        msg = eventually(
+            lambda: refusal_or_empty(lambda: create(tenant, tenant_ns, own, True)), "the policy refuses own base URLs"
+        )
+        assert "spec.model.baseUrl: ResearchJobs may not name their own model endpoint on this cluster" in msg
+        create(tenant, tenant_ns, rj("default-url"), True)  # the default endpoint stays open
+    finally:
+        core.patch_namespaced_config_map(PARAMS, policy, {"data": {"allowTenantBaseUrls": "true"}})
+    # The operator holds the same line where no policy checked it (created by an admin here).
+    operator_settings(allowTenantBaseUrls="false")
+    admin = cluster.api_client()
+    create(admin, tenant_ns, rj("own-url-2", model={"baseUrl": "http://listener.example:8000/v1"}))
+    cond = eventually(lambda: condition(admin, tenant_ns, "own-url-2", "PolicyViolation"), "the operator refuses it")
+    assert cond["reason"] == "BaseUrlNotAllowed" and "tenancy.allowTenantBaseUrls=false" in cond["message"], cond
+    assert not [j for j in worker_jobs(admin, tenant_ns) if j.metadata.labels.get(f"{GROUP}/job") == "own-url-2"]

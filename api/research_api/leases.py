@@ -20,6 +20,10 @@ PATH_HEARTBEAT = "/v1/heartbeat"
 PATH_ACQUIRE = "/v1/acquire"
 PATH_RELEASE = "/v1/release"
 PATH_CLOSE = "/v1/close"
+# The model gateway: ``{broker}/gateway/{endpoint}/{path}`` is ``{the endpoint's baseUrl}/{path}``
+# with the endpoint's API key (an admin-declared ModelEndpoint with apiKeySecretRef), for pods whose
+# ResearchJob names that endpoint. The pod authenticates with the same broker token.
+PATH_GATEWAY = "/gateway"
 
 HEARTBEAT_SECONDS = 2.0  # a worker's heartbeat period
 SESSION_TTL_SECONDS = 10.0  # a session (and its leases) lapses this long after the last heartbeat
@@ -35,6 +39,11 @@ TOKEN_VOLUME = "lease-broker-token"
 TOKEN_DIR = "/var/run/secrets/researchops.io/lease-broker"  # the volume's mountPath (read-only)
 TOKEN_FILE = "token"  # the source's path in the volume
 TOKEN_PATH = f"{TOKEN_DIR}/{TOKEN_FILE}"
+
+
+def gateway_url(broker_url: str, endpoint: str) -> str:
+    """The OpenAI-compatible base URL of ModelEndpoint ``endpoint`` through the broker's gateway."""
+    return f"{broker_url.rstrip('/')}{PATH_GATEWAY}/{endpoint}"
 
 
 class Mode(StrEnum):

@@ -9,6 +9,8 @@ admitted now. ``research_api.crd`` generates the CRD from these models, like Res
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from research_api.researchjob import ApiModel, Condition
@@ -28,6 +30,34 @@ def normalize_url(url: str) -> str:
         return url
     host, slash, path = rest.partition("/")
     return f"{scheme.lower()}://{host.lower()}{slash}{path}"
+
+
+class EndpointKeyRef(ApiModel):
+    """A key of a Secret in the operator's namespace (the Helm release's): the endpoint's API key,
+    which only the operator reads. Tenants never handle it."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret, in the operator's namespace.")
+    key: str = Field(min_length=1, max_length=253, description="Key within the Secret.")
+
+
+class SelectorRequirement(ApiModel):
+    """One requirement of a label selector, as in Kubernetes' LabelSelectorRequirement."""
+
+    key: str = Field(min_length=1, max_length=317, description="The label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(description="In, NotIn, Exists or DoesNotExist.")
+    values: list[str] | None = Field(
+        None, max_length=100, description="For In and NotIn: the values (at least one); empty for the others."
+    )
+
+
+class NamespaceSelector(ApiModel):
+    """Namespaces by their labels, as Kubernetes' LabelSelector: every matchLabels pair and every
+    matchExpressions requirement must hold. An empty selector ({}) selects every namespace."""
+
+    match_labels: dict[str, str] | None = Field(None, description="Labels the namespace must have, with these values.")
+    match_expressions: list[SelectorRequirement] | None = Field(
+        None, max_length=20, description="Requirements on the namespace's labels."
+    )
 
 
 class ModelEndpointSpec(ApiModel):
@@ -60,6 +90,22 @@ class ModelEndpointSpec(ApiModel):
     )
     tokens_per_minute: int | None = Field(
         None, ge=1, description="Most tokens (prompt + completion) per minute, all pods together; shared likewise."
+    )
+    api_key_secret_ref: EndpointKeyRef | None = Field(
+        None,
+        description=(
+            "The endpoint's API key: a Secret in the operator's namespace, read by the operator only. Worker pods "
+            "of a ResearchJob that names this endpoint (spec.model.endpoint) call it through the operator's lease "
+            "broker, which adds the key; the key never reaches the tenant's namespace. Needs the lease broker."
+        ),
+    )
+    namespace_selector: NamespaceSelector | None = Field(
+        None,
+        description=(
+            "Namespaces whose ResearchJobs may name this endpoint in spec.model.endpoint. Absent: none ({} selects "
+            "every namespace). ResearchJobs that name the base URL themselves (with their own key) are admitted "
+            "against its capacity whatever this says."
+        ),
     )
 
 

@@ -146,6 +146,17 @@ class ModelSpec(ApiModel):
     api_key_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret key holding the API key; never stored in the spec or logged."
     )
+    endpoint: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description=(
+            "A ModelEndpoint the admins declared for this namespace (its namespaceSelector), by name: the worker "
+            "pods call it through the operator, with the key the admins gave it, so the ResearchJob names no "
+            "baseUrl and no apiKeySecretRef."
+        ),
+    )
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature (0-2).")
     max_concurrency: int = Field(4, ge=1, le=64, description="Concurrent LLM requests per worker pod (1-64).")
     requests_per_second: float = Field(10.0, gt=0, le=1000, description="LLM requests per second per worker pod.")
@@ -293,6 +304,13 @@ class ResearchJobSpec(ApiModel):
                     "message": "store type postgres needs store.dsnSecretRef: the Secret key holding the DSN",
                     "fieldPath": ".store.dsnSecretRef",
                     "reason": "FieldValueRequired",
+                },
+                {
+                    "rule": "!has(self.model) || !has(self.model.endpoint) || "
+                    "(!has(self.model.baseUrl) && !has(self.model.apiKeySecretRef))",
+                    "message": "model.endpoint names a ModelEndpoint, which brings its URL and key: "
+                    "leave model.baseUrl and model.apiKeySecretRef out",
+                    "fieldPath": ".model.endpoint",
                 },
                 {
                     "rule": "!self.sources.exists(s, s.type == 'tavily' && !has(s.apiKeySecretRef))",

@@ -99,6 +99,9 @@ class ModelSettings(_Model):
     share: EndpointShareRef | None = None  # set when the endpoint's capacity is shared (ModelEndpoint)
     max_output_tokens: int | None = Field(default=DEFAULT_MAX_OUTPUT_TOKENS, ge=1)  # per call; None: no bound
     structured_output: StructuredOutput = StructuredOutput.JSON_SCHEMA
+    # base_url is the lease broker's gateway to an admin-declared ModelEndpoint: the worker sends its
+    # broker token (research_api.leases.TOKEN_PATH), the broker the endpoint's key.
+    gateway: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -98,7 +98,7 @@ def _budget_verdict(namespace: str, cfg: Settings, when: dt.datetime) -> BudgetV
 def _endpoint_of(model: ModelSpec | None, cfg: Settings) -> ep.Endpoint | None:
     if model is None:
         return None
-    return ep.match(WORLD.endpoints.values(), model.base_url or cfg.default_model_base_url, model.name)
+    return ep.calls(WORLD.endpoints, model.endpoint, model.base_url or cfg.default_model_base_url, model.name)
 
 
 def _being_deleted(namespace: str) -> str:

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, ValidationError
@@ -111,12 +112,93 @@ def expected_service_account(endpoint: str, namespace: str, job: str) -> str | N
     return None
 
 
+NAMESPACE_LABELS_SECONDS = 10.0  # how long one look at a namespace's labels serves
+KEY_CACHE_SECONDS = 60.0  # how long a ModelEndpoint's key serves (a rotated key is used within this)
+# Request headers passed on to the endpoint, and answer headers passed back (never Authorization,
+# cookies or the endpoint's own hop-by-hop headers).
+GATEWAY_REQUEST_HEADERS = ("content-type", "accept", "user-agent", "openai-beta")
+GATEWAY_ANSWER_HEADERS = ("content-type", "retry-after", "retry-after-ms", "x-request-id")
+
+
+async def namespace_labels(namespace: str) -> dict[str, str] | None:
+    """A namespace's labels, to match a ModelEndpoint's namespaceSelector (None: unreadable now).
+    Namespaces are not watched (there are many, and few ResearchJobs name an endpoint): one look
+    serves ``NAMESPACE_LABELS_SECONDS`` in this process."""
+    seen = WORLD.namespace_labels.get(namespace)
+    if seen is not None and time.monotonic() - seen[0] < NAMESPACE_LABELS_SECONDS:
+        return seen[1]
+    try:
+        labels = await kube.namespace_labels(namespace)
+    except ApiException as e:
+        log.warning(f"cannot read namespace {namespace} ({e.status} {e.reason}) to match a namespaceSelector")
+        labels = None
+    WORLD.namespace_labels[namespace] = (time.monotonic(), labels)
+    return labels
+
+
+def names_endpoint(ident: Identity, endpoint: str) -> bool:
+    """Whether the pod is a worker pod of a ResearchJob that names ``endpoint`` (spec.model.endpoint):
+    one of the Jobs admitted against it, run as its ResearchJob's worker ServiceAccount. A pod whose
+    ResearchJob only calls the same base URL (with a key of its own) does not get the endpoint's key."""
+    for key, p in WORLD.endpoint_pods(endpoint):
+        if p.namespace != ident.namespace or not ident.pod.startswith(f"{p.job}-"[:GENERATED_PREFIX_MAX]):
+            continue
+        body = WORLD.bodies.get(key)
+        named = (((body or {}).get("spec") or {}).get("model") or {}).get("endpoint")
+        if named == endpoint and ident.service_account == worker_service_account(
+            Owner(p.namespace, p.research_job, key[1]), settings()
+        ):
+            return True
+    return False
+
+
+class Keys:
+    """ModelEndpoint API keys, read from their Secrets in the operator's namespace, cached a minute."""
+
+    def __init__(self) -> None:
+        self.cache: dict[tuple[str, str], tuple[float, str | None]] = {}
+
+    async def get(self, endpoint: ep.Endpoint) -> str | None:
+        if endpoint.key_secret is None:
+            return None
+        hit = self.cache.get(endpoint.key_secret)
+        if hit is not None and time.monotonic() - hit[0] < KEY_CACHE_SECONDS:
+            value = hit[1]
+        else:
+            name, key = endpoint.key_secret
+            try:
+                value = await kube.endpoint_key(settings().namespace, name, key)
+            except ApiException as e:
+                hint = (
+                    ": the operator may read only the Secrets named in operator.leaseBroker.endpointKeySecrets"
+                    if e.status == 403
+                    else ""
+                )
+                raise LeaseError(
+                    503, f"cannot read the API key of ModelEndpoint {endpoint.name} (HTTP {e.status}){hint}"
+                ) from None
+            self.cache[endpoint.key_secret] = (time.monotonic(), value)
+        if value is None:
+            raise LeaseError(
+                503,
+                f"the API key of ModelEndpoint {endpoint.name} is missing: Secret {settings().namespace}/"
+                f"{endpoint.key_secret[0]} with key {endpoint.key_secret[1]} does not exist",
+            )
+        return value
+
+    def forget(self, endpoint: ep.Endpoint) -> None:
+        if endpoint.key_secret is not None:
+            self.cache.pop(endpoint.key_secret, None)
+
+
 class Broker:
     def __init__(self, book: Book | None = None, auth: Authenticator | None = None) -> None:
         self.book = book or Book(_pods, _limits, started=time.monotonic())
         self.auth = auth or Authenticator()
         self.events: dict[int, asyncio.Event] = {}
         self.ticker: asyncio.Task[None] | None = None
+        self.keys = Keys()
+        self.session: aiohttp.ClientSession | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=256 * 1024)
@@ -125,7 +207,85 @@ class Broker:
         app.router.add_post(wire.PATH_RELEASE, self._route(wire.PATH_RELEASE, self.release))
         app.router.add_post(wire.PATH_CLOSE, self._route(wire.PATH_CLOSE, self.close))
         app.router.add_get("/healthz", self.health)
+        app.router.add_route("*", wire.PATH_GATEWAY + "/{endpoint}/{path:.*}", self.gateway)
         return app
+
+    async def _identify(self, request: web.Request) -> Identity:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise LeaseError(401, "a ServiceAccount token is required (Authorization: Bearer)")
+        ident = await self.auth.identity(token.strip())
+        if isinstance(ident, str):
+            raise LeaseError(401, ident)
+        return ident
+
+    async def gateway(self, request: web.Request) -> web.StreamResponse:
+        """``{broker}/gateway/{endpoint}/{path}``: the request, as sent, to ``{baseUrl}/{path}`` of
+        ModelEndpoint ``endpoint`` with its API key, and its answer back as it comes (streamed). Only
+        for a worker pod of a ResearchJob that names the endpoint, in a namespace it selects."""
+        name = request.match_info["endpoint"]
+        code = 200
+        try:
+            ident = await self._identify(request)
+            endpoint = WORLD.endpoints.get(name)
+            if endpoint is None:
+                raise LeaseError(404, f"ModelEndpoint {name} does not exist")
+            labels = await namespace_labels(ident.namespace)
+            if labels is None or not endpoint.selects(labels):
+                raise LeaseError(403, f"namespace {ident.namespace} may not use ModelEndpoint {name}")
+            if WORLD.job_index is None:
+                raise LeaseError(503, "the operator is starting: its view of the admitted Jobs is not complete yet")
+            if not names_endpoint(ident, name):
+                pod = f"{ident.namespace}/{ident.pod}"
+                raise LeaseError(403, f"pod {pod} is not a worker of a ResearchJob that names ModelEndpoint {name}")
+            key = await self.keys.get(endpoint)
+            headers = {k: v for k, v in request.headers.items() if k.lower() in GATEWAY_REQUEST_HEADERS}
+            if key is not None:
+                headers["Authorization"] = f"Bearer {key}"
+            url = f"{endpoint.base_url.rstrip('/')}/{request.match_info['path']}"
+            if self.session is None:
+                # No total timeout: the worker bounds each call (spec.model.timeoutSeconds) and hangs up.
+                self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
+            async with self.session.request(
+                request.method,
+                url,
+                params=request.query,
+                data=await request.read(),
+                headers=headers,
+                allow_redirects=False,
+            ) as upstream:
+                code = upstream.status
+                if code == 401:
+                    self.keys.forget(endpoint)  # rotated: read it again on the next request
+                answer = web.StreamResponse(
+                    status=upstream.status,
+                    headers={k: v for k, v in upstream.headers.items() if k.lower() in GATEWAY_ANSWER_HEADERS},
+                )
+                await answer.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await answer.write(chunk)
+                await answer.write_eof()
+                return answer
+        except LeaseError as e:
+            code = e.status
+            if e.status in (401, 403):
+                log.warning(f"model gateway: refused a request for ModelEndpoint {name} from {request.remote}: {e}")
+            return web.json_response({"error": {"message": str(e), "type": "gateway"}}, status=e.status)
+        except ApiException as e:
+            code = 503
+            log.warning(f"model gateway: a TokenReview failed (HTTP {e.status} {e.reason})")
+            return web.json_response(
+                {"error": {"message": f"cannot verify the token now (HTTP {e.status})", "type": "gateway"}}, status=503
+            )
+        except (aiohttp.ClientError, TimeoutError) as e:
+            code = 502
+            log.warning(f"model gateway: ModelEndpoint {name} did not answer: {type(e).__name__}: {e}")
+            return web.json_response(
+                {"error": {"message": f"ModelEndpoint {name} did not answer ({type(e).__name__})", "type": "gateway"}},
+                status=502,
+            )
+        finally:
+            metrics.BROKER_REQUESTS.labels(wire.PATH_GATEWAY, str(code)).inc()
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"recovering": self.book.recovering(time.monotonic())})
@@ -331,6 +491,8 @@ async def stop() -> None:
     global BROKER, _RUNNER
     if BROKER is not None and BROKER.ticker is not None:
         BROKER.ticker.cancel()
+    if BROKER is not None and BROKER.session is not None:
+        await BROKER.session.close()
     if _RUNNER is not None:
         await _RUNNER.cleanup()
     BROKER, _RUNNER = None, None

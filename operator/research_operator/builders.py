@@ -12,7 +12,14 @@ from typing import Any
 
 from research_api.environment import API_KEY_ENV, DSN_ENV, TASK_ENV, TAVILY_KEY_ENV
 from research_api.exitcodes import EXIT_CONFIG, NON_RETRYABLE_EXIT_CODES
-from research_api.leases import TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS, TOKEN_FILE, TOKEN_VOLUME
+from research_api.leases import (
+    TOKEN_AUDIENCE,
+    TOKEN_DIR,
+    TOKEN_EXPIRATION_SECONDS,
+    TOKEN_FILE,
+    TOKEN_VOLUME,
+    gateway_url,
+)
 from research_api.researchjob import (
     GROUP,
     KIND,
@@ -105,7 +112,14 @@ def build_task(
         max_turns=spec.interview.max_turns,
         model=ModelSettings(
             name=spec.model.name,
-            base_url=spec.model.base_url or settings.default_model_base_url,
+            # A ModelEndpoint named by the ResearchJob is called through the lease broker's gateway,
+            # which adds the key only the operator reads (tenancy.endpoint_refusal: the broker is on).
+            base_url=(
+                gateway_url(settings.lease_broker_url, spec.model.endpoint)
+                if spec.model.endpoint
+                else spec.model.base_url or settings.default_model_base_url
+            ),
+            gateway=bool(spec.model.endpoint),
             temperature=spec.model.temperature,
             max_concurrency=spec.model.max_concurrency,
             requests_per_second=spec.model.requests_per_second,
@@ -272,7 +286,7 @@ def worker_job(
         job_spec["suspend"] = True
     if active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = max(1, active_deadline_seconds)
-    return {
+    job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
@@ -283,6 +297,8 @@ def worker_job(
         },
         "spec": job_spec,
     }
+    # The gateway knows the pod by the same token as the leases.
+    return add_lease_broker_token(job) if task.model.gateway else job
 
 
 def add_lease_broker_token(job: dict[str, Any]) -> dict[str, Any]:

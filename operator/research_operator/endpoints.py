@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from research_api.modelendpoint import normalize_url
+from research_api.modelendpoint import NamespaceSelector, normalize_url
 from research_api.researchjob import GROUP
 from research_api.task import Step
 from research_operator.constants import child_name
@@ -47,9 +47,34 @@ class Endpoint:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     generation: int = 0
+    key_secret: tuple[str, str] | None = None  # (Secret, key) in the operator's namespace
+    namespace_selector: NamespaceSelector | None = None  # who may name it; None: nobody
 
     def serves(self, base_url: str, model: str) -> bool:
         return normalize_url(self.base_url) == normalize_url(base_url) and (not self.models or model in self.models)
+
+    def selects(self, labels: Mapping[str, str]) -> bool:
+        """Whether a namespace with these labels may name this endpoint (spec.model.endpoint)."""
+        return self.namespace_selector is not None and selector_matches(self.namespace_selector, labels)
+
+
+def selector_matches(selector: NamespaceSelector, labels: Mapping[str, str]) -> bool:
+    """Kubernetes label selector semantics: every matchLabels pair and every requirement holds; an
+    empty selector matches everything."""
+    if any(labels.get(k) != v for k, v in (selector.match_labels or {}).items()):
+        return False
+    for req in selector.match_expressions or []:
+        present = req.key in labels
+        values = req.values or []
+        held = {
+            "In": present and labels.get(req.key) in values,
+            "NotIn": not present or labels.get(req.key) not in values,
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[req.operator]
+        if not held:
+            return False
+    return True
 
 
 def endpoint_from(body: Mapping[str, Any]) -> Endpoint | None:
@@ -57,6 +82,8 @@ def endpoint_from(body: Mapping[str, Any]) -> Endpoint | None:
     spec = body.get("spec") or {}
     meta = body.get("metadata") or {}
     try:
+        key = spec.get("apiKeySecretRef")
+        selector = spec.get("namespaceSelector")
         return Endpoint(
             name=str(meta.get("name")),
             base_url=str(spec["baseUrl"]),
@@ -65,9 +92,16 @@ def endpoint_from(body: Mapping[str, Any]) -> Endpoint | None:
             requests_per_minute=int(spec["requestsPerMinute"]) if spec.get("requestsPerMinute") else None,
             tokens_per_minute=int(spec["tokensPerMinute"]) if spec.get("tokensPerMinute") else None,
             generation=int(meta.get("generation") or 0),
+            key_secret=(str(key["name"]), str(key["key"])) if key else None,
+            namespace_selector=NamespaceSelector.model_validate(selector) if selector is not None else None,
         )
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError):  # pydantic's ValidationError is a ValueError
         return None
+
+
+def calls(endpoints: Mapping[str, Endpoint], named: str | None, base_url: str, model: str) -> Endpoint | None:
+    """The endpoint a ResearchJob calls: the one it names (spec.model.endpoint), else ``match``."""
+    return endpoints.get(named) if named else match(endpoints.values(), base_url, model)
 
 
 def match(endpoints: Iterable[Endpoint], base_url: str, model: str) -> Endpoint | None:

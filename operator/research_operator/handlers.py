@@ -22,7 +22,7 @@ from research_api.researchjob import GROUP, PLURAL, VERSION
 from research_operator import admit, broker, deletion, kube, kueue, loop, metrics
 from research_operator.admission import QuotaUsage
 from research_operator.constants import LABEL_JOB, LABEL_KIND, SETTINGS_KIND
-from research_operator.endpoints import Endpoint, endpoint_from, match
+from research_operator.endpoints import Endpoint, calls, endpoint_from
 from research_operator.reconcile import JobView
 from research_operator.views import StoredObject, job_view, owner_uid, stored_object
 from research_operator.world import BASE_SETTINGS, WORLD, Key, settings
@@ -161,7 +161,8 @@ def _count_rate_limited(key: Key, body: kopf.Body) -> None:
     model = (rj.get("spec") or {}).get("model") or {}
     cfg = settings()
     base_url = str(model.get("baseUrl") or cfg.default_model_base_url)
-    endpoint = match(WORLD.endpoints.values(), base_url, str(model.get("name") or "offline-research-1"))
+    named = str(model["endpoint"]) if model.get("endpoint") else None
+    endpoint = calls(WORLD.endpoints, named, base_url, str(model.get("name") or "offline-research-1"))
     metrics.ENDPOINT_429.labels(endpoint.name if endpoint is not None else "").inc(obj.rate_limited)
 
 
@@ -186,7 +187,8 @@ def settings_changed(type: str, body: kopf.Body, namespace: str | None, name: st
             f"trustAuthors={str(new.trust_authors).lower()} "
             f"allowedPriorityClasses={','.join(new.allowed_priority_classes)} "
             f"allowedTolerationKeys={','.join(new.allowed_toleration_keys)} "
-            f"allowedNodeSelectorKeys={','.join(new.allowed_node_selector_keys)}"
+            f"allowedNodeSelectorKeys={','.join(new.allowed_node_selector_keys)} "
+            f"allowTenantBaseUrls={str(new.tenant_base_urls).lower()}"
         )
         WORLD.policy_probe = None  # look at the admission policy afresh (it may just have been installed)
         WORLD.wake_waiting()
@@ -216,6 +218,7 @@ async def endpoint_event(type: str, body: kopf.Body, name: str, logger: kopf.Log
         WORLD.endpoints_seen[name] = new
     WORLD.endpoint_status.pop(name, None)
     WORLD.wake_waiting()  # ResearchJobs may now match another endpoint, or none
+    WORLD.wake_refused()  # one that names it may now find it, or be selected by it
     admit.request_share_sync(name)
 
 

@@ -5,6 +5,7 @@ event loop, counted in the metrics, with the answers that are not errors to us t
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import datetime as dt
 from collections.abc import Callable
@@ -327,6 +328,30 @@ async def point_service_at(namespace: str, service: str, ip: str, port: int) -> 
     discovery = client.DiscoveryV1Api(api())
     create, replace = discovery.create_namespaced_endpoint_slice, discovery.replace_namespaced_endpoint_slice
     await _create_or_replace("endpointslice", create, replace, body)
+
+
+async def namespace_labels(name: str) -> dict[str, str] | None:
+    """The labels of namespace ``name``; None when it does not exist."""
+    try:
+        ns = await call("get", "namespace", client.CoreV1Api(api()).read_namespace, name)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    return dict(ns.metadata.labels or {})
+
+
+async def endpoint_key(namespace: str, name: str, key: str) -> str | None:
+    """The value of key ``key`` of Secret ``namespace/name`` (a ModelEndpoint's API key); None when
+    the Secret or the key does not exist. Never logged."""
+    try:
+        secret = await call("get", "secret", client.CoreV1Api(api()).read_namespaced_secret, name, namespace)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    raw = (secret.data or {}).get(key)
+    return base64.b64decode(raw).decode() if raw is not None else None
 
 
 async def admission_policy_binding(name: str) -> tuple[str, list[str], dt.datetime | None] | None:

@@ -27,7 +27,7 @@ from research_api.researchjob import (
     ResearchJobStatus,
 )
 from research_api.task import Step
-from research_operator import kube, kueue, metrics, tenancy
+from research_operator import broker, kube, kueue, metrics, tenancy
 from research_operator.admit import Outcome, Want, admit_and_create, pods_blocked, still_blocked, with_detail
 from research_operator.admit import now as _now
 from research_operator.builders import Owner, worker_job
@@ -233,6 +233,11 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     owner = Owner(namespace, name, uid)
     checks, since = await author_checks(cfg, logger) if tenancy.references(spec) else (tenancy.AuthorChecks.OFF, None)
     refused = tenancy.refusal(spec, cfg.allowlists, checks, cfg.admission_policy_binding)
+    if refused is None:
+        labels = await broker.namespace_labels(namespace) if spec.model.endpoint else {}
+        refused = tenancy.endpoint_refusal(
+            spec, namespace, WORLD.endpoints, labels, cfg.lease_broker_url, cfg.tenant_base_urls
+        )
     created = dt.datetime.fromisoformat(str(meta.get("creationTimestamp")).replace("Z", "+00:00"))
     if refused is None and checks == tenancy.AuthorChecks.ENFORCED:
         # Started: it has Jobs or stored results (a plan id alone is named on the first pass).

@@ -123,6 +123,9 @@ class Settings:
     allowed_priority_classes: tuple[str, ...] = Allowlists().priority_classes
     allowed_toleration_keys: tuple[str, ...] = Allowlists().toleration_keys
     allowed_node_selector_keys: tuple[str, ...] = Allowlists().node_selector_keys
+    # Whether a ResearchJob may name its own spec.model.baseUrl (False: the default endpoint and
+    # ModelEndpoints declared by admins only).
+    tenant_base_urls: bool = True
 
     @property
     def allowlists(self) -> Allowlists:
@@ -165,6 +168,7 @@ class Settings:
             allowed_priority_classes=_allowlist(e, "ALLOWED_PRIORITY_CLASSES", d.allowed_priority_classes),
             allowed_toleration_keys=_allowlist(e, "ALLOWED_TOLERATION_KEYS", d.allowed_toleration_keys),
             allowed_node_selector_keys=_allowlist(e, "ALLOWED_NODE_SELECTOR_KEYS", d.allowed_node_selector_keys),
+            tenant_base_urls=_bool(e, "ALLOW_TENANT_BASE_URLS", d.tenant_base_urls),
         )
 
     def with_configmap(self, data: Mapping[str, str]) -> Settings:
@@ -188,4 +192,5 @@ class Settings:
             allowed_priority_classes=_allowlist(data, "allowedPriorityClasses", self.allowed_priority_classes),
             allowed_toleration_keys=_allowlist(data, "allowedTolerationKeys", self.allowed_toleration_keys),
             allowed_node_selector_keys=_allowlist(data, "allowedNodeSelectorKeys", self.allowed_node_selector_keys),
+            tenant_base_urls=_bool(data, "allowTenantBaseUrls", self.tenant_base_urls),
         )

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 from research_api.researchjob import ResearchJobSpec, WorkerSpec
+from research_operator.endpoints import Endpoint
 
 ANY = "*"  # in an allowlist: every value
 
@@ -82,6 +84,8 @@ class RefusalReason(StrEnum):
 
     SCHEDULING = "SchedulingNotAllowed"
     AUTHOR_NOT_CHECKED = "AuthorNotChecked"
+    BASE_URL = "BaseUrlNotAllowed"
+    ENDPOINT = "EndpointNotAllowed"
 
 
 @dataclass(frozen=True)
@@ -217,3 +221,69 @@ def predates_policy(
         "that its author may read them: delete it and create it again"
     )
     return Refusal(RefusalReason.AUTHOR_NOT_CHECKED, refs[0].field, message)
+
+
+def endpoint_refusal(
+    spec: ResearchJobSpec,
+    namespace: str,
+    endpoints: Mapping[str, Endpoint],
+    labels: Mapping[str, str] | None,
+    broker_url: str,
+    tenant_base_urls: bool,
+) -> Refusal | None:
+    """Whether the model endpoint a ResearchJob calls is one it may call. Admins may forbid
+    tenants' own base URLs (``tenant_base_urls`` False: only the default and declared endpoints);
+    an endpoint named in spec.model.endpoint must exist, select the namespace (``labels``: its
+    labels, None when they could not be read) and serve the model; it is called through the lease
+    broker's gateway (which adds its key), so the broker must be on."""
+    if spec.model.base_url and not tenant_base_urls:
+        return Refusal(
+            RefusalReason.BASE_URL,
+            "spec.model.baseUrl",
+            "spec.model.baseUrl: ResearchJobs may not name their own model endpoint on this cluster (cluster "
+            "admins set tenancy.allowTenantBaseUrls=false); leave it out for the default endpoint, or name a "
+            "ModelEndpoint declared for this namespace in spec.model.endpoint",
+        )
+    name = spec.model.endpoint
+    if not name:
+        return None
+    field = "spec.model.endpoint"
+    endpoint = endpoints.get(name)
+    if endpoint is None:
+        return Refusal(
+            RefusalReason.ENDPOINT,
+            field,
+            f'spec.model.endpoint: ModelEndpoint "{name}" does not exist (kubectl get modelendpoints lists those '
+            "the admins declared); the ResearchJob starts when it is created",
+        )
+    if labels is None:
+        return Refusal(
+            RefusalReason.ENDPOINT,
+            field,
+            f'spec.model.endpoint: cannot read the labels of namespace "{namespace}" to match ModelEndpoint '
+            f'"{name}"\'s namespaceSelector; looking again shortly',
+            recheck=True,
+        )
+    if not endpoint.selects(labels):
+        why = "selects no namespace" if endpoint.namespace_selector is None else "does not select it"
+        return Refusal(
+            RefusalReason.ENDPOINT,
+            field,
+            f'spec.model.endpoint: namespace "{namespace}" may not use ModelEndpoint "{name}": its namespaceSelector '
+            f"{why} (cluster admins set spec.namespaceSelector of the ModelEndpoint, or label the namespace)",
+            recheck=True,  # namespace labels are not watched: a label added later is seen on the next look
+        )
+    if endpoint.models and spec.model.name not in endpoint.models:
+        return Refusal(
+            RefusalReason.ENDPOINT,
+            "spec.model.name",
+            f'spec.model.name: ModelEndpoint "{name}" serves {", ".join(endpoint.models)}, not "{spec.model.name}"',
+        )
+    if not broker_url:
+        return Refusal(
+            RefusalReason.ENDPOINT,
+            field,
+            f'spec.model.endpoint: ModelEndpoint "{name}" is called through the operator\'s lease broker, which adds '
+            "its API key, and the lease broker is off (cluster admins set operator.leaseBroker.enabled=true)",
+        )
+    return None

@@ -80,6 +80,8 @@ class World:
     terminating: dict[str, float] = field(default_factory=dict)  # namespace -> when a create met its deletion
     # The last look at the admission policy binding: (when, its name, its policy and actions or None)
     policy_probe: tuple[float, str, tuple[str, list[str], dt.datetime | None] | None] | None = None
+    # namespace -> (monotonic time looked, its labels or None: unreadable), for namespaceSelectors
+    namespace_labels: dict[str, tuple[float, dict[str, str] | None]] = field(default_factory=dict)
     refused: set[Key] = field(default_factory=set)  # held back by tenancy policy: a settings change may free them
     kueue_indexes: dict[str, Any] = field(default_factory=dict)  # Kueue mode: Workloads, LocalQueues (kopf indices)
     dirty: set[Key] = field(default_factory=set)  # woken by a change of their own (not only a freed slot)

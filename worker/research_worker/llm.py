@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -48,7 +48,7 @@ from research_worker.errors import (
     ModelTimeout,
     WorkerConfigError,
 )
-from research_worker.leases import LeaseClient, LeaseLost
+from research_worker.leases import LeaseClient, LeaseLost, broker_token
 from research_worker.share import ShareLimiter
 from research_worker.state import TokenUsage
 
@@ -76,6 +76,24 @@ def usage_of(message: BaseMessage | None) -> TokenUsage:
 NO_KEY = "no-key-configured"
 
 
+# A key, or a callable that returns the current one (the gateway's rotated broker token).
+ApiKey = SecretStr | Callable[[], str]
+
+
+def _bearer(api_key: ApiKey) -> str:
+    return api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key()
+
+
+def api_key_for(settings: ModelSettings) -> ApiKey:
+    """What authenticates the model calls: through the lease broker's gateway to an admin-declared
+    ModelEndpoint, the pod's broker token (read at each request: the kubelet rotates it; the gateway
+    adds the endpoint's own key), else the key from ``settings.api_key_env``."""
+    if settings.gateway:
+        broker_token()  # fail now, with the reason, when the pod has no token
+        return broker_token
+    return api_key_from_env(settings.api_key_env, settings.base_url)
+
+
 def api_key_from_env(var: str, base_url: str | None = None) -> SecretStr:
     """The model API key from ``var``. Without one, a self-hosted ``base_url`` is called with no
     real key (it may not need one); OpenAI's own endpoint always needs one."""
@@ -86,6 +104,16 @@ def api_key_from_env(var: str, base_url: str | None = None) -> SecretStr:
         log.info("no API key in $%s; calling %s without one", var, base_url)
         return SecretStr(NO_KEY)
     raise WorkerConfigError(f"the model API key variable {var} is not set (feed it from a Secret)")
+
+
+def _error_text(resp: httpx.Response) -> str:
+    """The error message of an OpenAI-style error answer (``{"error": {"message": ...}}``), cut short."""
+    try:
+        err = resp.json().get("error")
+        text = str(err.get("message") if isinstance(err, dict) else err)
+    except (ValueError, AttributeError):
+        text = resp.text
+    return text[:300]
 
 
 def _retry_after(resp: httpx.Response, attempt: int) -> float:
@@ -99,12 +127,12 @@ def _retry_after(resp: httpx.Response, attempt: int) -> float:
     return float(min(0.25 * 2**attempt, 4.0))
 
 
-async def preflight(settings: ModelSettings, api_key: SecretStr) -> list[str]:
+async def preflight(settings: ModelSettings, api_key: ApiKey) -> list[str]:
     """``GET {base_url}/models`` with a short timeout: a wrong key or an unreachable endpoint fails
     here in seconds, with a clear message, instead of in a long retry loop. Returns the model ids."""
     base = (settings.base_url or "https://api.openai.com/v1").rstrip("/")
     url = f"{base}/models"
-    headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"}
+    headers = {"Authorization": f"Bearer {_bearer(api_key)}"}
     async with httpx.AsyncClient(timeout=PREFLIGHT_TIMEOUT) as client:
         for attempt in range(PREFLIGHT_ATTEMPTS):
             try:
@@ -115,7 +143,11 @@ async def preflight(settings: ModelSettings, api_key: SecretStr) -> list[str]:
                 ) from None
             except httpx.HTTPError as exc:
                 raise ModelEndpointUnreachable(f"model endpoint {base} is unreachable: {exc}") from None
-            if resp.status_code in (401, 403) and api_key.get_secret_value() == NO_KEY:
+            if resp.status_code in (401, 403) and settings.gateway:
+                raise ModelAuthError(
+                    f"the operator's model gateway refused this pod (HTTP {resp.status_code}): {_error_text(resp)}"
+                )
+            if resp.status_code in (401, 403) and _bearer(api_key) == NO_KEY:
                 raise ModelAuthError(
                     f"model endpoint {base} requires an API key (HTTP {resp.status_code}): "
                     f"set ${settings.api_key_env} from a Secret (spec.model.apiKeySecretRef)"
@@ -212,7 +244,7 @@ class LLMClient:
     def __init__(
         self,
         settings: ModelSettings,
-        api_key: SecretStr,
+        api_key: ApiKey,
         *,
         max_tokens_budget: int | None = None,
         tokens_used_before: int = 0,

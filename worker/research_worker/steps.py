@@ -21,7 +21,7 @@ from research_worker.graph import (
     build_research_graph,
     interview_input,
 )
-from research_worker.llm import LLMClient, api_key_from_env, preflight
+from research_worker.llm import LLMClient, api_key_for, preflight
 from research_worker.search import SearchBackend, build_backends
 from research_worker.state import Report, Section, TokenUsage
 from research_worker.store import AnalystPlan, Store
@@ -47,7 +47,7 @@ async def prepare(
 ) -> Runtime:
     """Check the model endpoint (fast failure on a bad key or address), then build the process's
     one model client and the task's search backends."""
-    key = api_key_from_env(task.model.api_key_env, task.model.base_url)
+    key = api_key_for(task.model)
     await preflight(task.model, key)
     llm = LLMClient(task.model, key, max_tokens_budget=task.budget.max_tokens, tokens_used_before=tokens_used_before)
     return Runtime(task, llm, build_backends(task.sources, load_configmap))
