@@ -225,6 +225,7 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
             "kubernetes.io/arch,kubernetes.io/os,node.kubernetes.io/instance-type,"
             "topology.kubernetes.io/region,topology.kubernetes.io/zone"
         ),
+        "allowedWorkloadPriorityClasses": "",
         "allowTenantBaseUrls": "true",
     }
 

@@ -66,6 +66,8 @@ def kueue_operator(operator: OperatorProcess, kueue: Path) -> Iterator[OperatorP
     operator.extra_env = {
         "KUEUE_QUEUE_NAME": QUEUE,
         "KUEUE_PRIORITY_CLASSES": json.dumps({k: v[0] for k, v in PRIORITIES.items()}),
+        # ResearchJobs here may also name a WorkloadPriorityClass directly (spec.priority)
+        "ALLOWED_WORKLOAD_PRIORITY_CLASSES": "*",
     }
     operator.restart()
     yield operator

@@ -462,3 +462,24 @@ def test_a_base_url_of_the_tenants_own_is_refused_when_admins_forbid_it(
     cond = eventually(lambda: condition(admin, tenant_ns, "own-url-2", "PolicyViolation"), "the operator refuses it")
     assert cond["reason"] == "BaseUrlNotAllowed" and "tenancy.allowTenantBaseUrls=false" in cond["message"], cond
     assert not [j for j in worker_jobs(admin, tenant_ns) if j.metadata.labels.get(f"{GROUP}/job") == "own-url-2"]
+
+
+def test_a_kueue_priority_admins_did_not_define_is_refused_at_apply(
+    cluster: ClusterHandle, tenant_ns: str, tenant: client.ApiClient, policy: str
+) -> None:
+    top = rj("top", priority="highest-of-all")
+    create(tenant, tenant_ns, top, True)  # without Kueue, spec.priority does nothing
+    core = client.CoreV1Api(cluster.api_client())
+    kueue = {"kueueQueueName": "research", "kueuePriorityClasses": '{"high":"research-high","low":"research-low"}'}
+    core.patch_namespaced_config_map(PARAMS, policy, {"data": kueue})
+    try:
+        msg = eventually(
+            lambda: refusal_or_empty(lambda: create(tenant, tenant_ns, top, True)), "an undefined priority refused"
+        )
+        assert 'spec.priority: \\"highest-of-all\\" is not a priority of this cluster' in msg, msg
+        create(tenant, tenant_ns, rj("high", priority="high"), True)  # a name the admins mapped
+        core.patch_namespaced_config_map(PARAMS, policy, {"data": {"allowedWorkloadPriorityClasses": "*"}})
+        eventually(lambda: accepted(lambda: create(tenant, tenant_ns, top, True)), "any class allowed by '*'")
+    finally:
+        reset = {"kueueQueueName": "", "kueuePriorityClasses": "{}", "allowedWorkloadPriorityClasses": ""}
+        core.patch_namespaced_config_map(PARAMS, policy, {"data": reset})

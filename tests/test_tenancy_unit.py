@@ -234,3 +234,20 @@ def test_a_researchjob_created_before_the_policy_is_held_unless_it_already_start
     assert predates_policy(KEYED, since, False, since) is not None
     assert predates_policy(KEYED, since + dt.timedelta(seconds=1), False, since) is not None
     assert predates_policy(KEYED, before, False, None) is None  # no time known: nothing to compare
+
+
+def test_a_kueue_priority_must_be_one_admins_defined_unless_classes_are_allowed_by_name() -> None:
+    kueue = Settings(kueue_queue="research", kueue_priority_classes=(("high", "research-high"),))
+    refused = refusal(spec(priority="highest-of-all"), kueue.allowlists, AuthorChecks.ENFORCED)
+    assert refused is not None and refused.reason == RefusalReason.SCHEDULING and refused.field == "spec.priority"
+    assert '"highest-of-all" is not a priority of this cluster (defined: high;' in refused.message
+    assert refusal(spec(priority="high"), kueue.allowlists, AuthorChecks.ENFORCED) is None
+    assert refusal(spec(), kueue.allowlists, AuthorChecks.ENFORCED) is None  # the default class
+    named = Settings(
+        kueue_queue="research", kueue_priority_classes=(("high", "research-high"),),
+        allowed_workload_priority_classes=("research-batch",),
+    )  # fmt: skip
+    assert refusal(spec(priority="research-batch"), named.allowlists, AuthorChecks.ENFORCED) is None
+    assert refusal(spec(priority="highest-of-all"), named.allowlists, AuthorChecks.ENFORCED) is not None
+    # Without Kueue, spec.priority does nothing, so nothing to refuse.
+    assert refusal(spec(priority="highest-of-all"), Settings().allowlists, AuthorChecks.ENFORCED) is None

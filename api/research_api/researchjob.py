@@ -341,7 +341,8 @@ class ResearchJobSpec(ApiModel):
         description=(
             "Priority of the worker Jobs when the operator runs in Kueue mode: a name the operator maps "
             "to a Kueue WorkloadPriorityClass (chart value kueue.priorityClasses; a name not in that "
-            "map is taken as the WorkloadPriorityClass name itself). A higher priority may preempt "
+            "map is taken as the WorkloadPriorityClass name itself, where admins allow that class in "
+            "tenancy.allowedWorkloadPriorityClasses; otherwise it is refused). A higher priority may preempt "
             "running worker Jobs of lower ones, which resume later. Without Kueue it has no effect; "
             "use worker.priorityClassName for pod priority."
         ),

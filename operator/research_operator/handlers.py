@@ -188,7 +188,8 @@ def settings_changed(type: str, body: kopf.Body, namespace: str | None, name: st
             f"allowedPriorityClasses={','.join(new.allowed_priority_classes)} "
             f"allowedTolerationKeys={','.join(new.allowed_toleration_keys)} "
             f"allowedNodeSelectorKeys={','.join(new.allowed_node_selector_keys)} "
-            f"allowTenantBaseUrls={str(new.tenant_base_urls).lower()}"
+            f"allowTenantBaseUrls={str(new.tenant_base_urls).lower()} "
+            f"allowedWorkloadPriorityClasses={','.join(new.allowed_workload_priority_classes)}"
         )
         WORLD.policy_probe = None  # look at the admission policy afresh (it may just have been installed)
         WORLD.wake_waiting()

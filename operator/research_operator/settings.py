@@ -123,13 +123,20 @@ class Settings:
     allowed_priority_classes: tuple[str, ...] = Allowlists().priority_classes
     allowed_toleration_keys: tuple[str, ...] = Allowlists().toleration_keys
     allowed_node_selector_keys: tuple[str, ...] = Allowlists().node_selector_keys
+    allowed_workload_priority_classes: tuple[str, ...] = ()
     # Whether a ResearchJob may name its own spec.model.baseUrl (False: the default endpoint and
     # ModelEndpoints declared by admins only).
     tenant_base_urls: bool = True
 
     @property
     def allowlists(self) -> Allowlists:
-        return Allowlists(self.allowed_priority_classes, self.allowed_toleration_keys, self.allowed_node_selector_keys)
+        return Allowlists(
+            self.allowed_priority_classes,
+            self.allowed_toleration_keys,
+            self.allowed_node_selector_keys,
+            kueue_priorities=tuple(name for name, _ in self.kueue_priority_classes) if self.kueue_queue else None,
+            workload_priority_classes=self.allowed_workload_priority_classes,
+        )
 
     @property
     def caps(self) -> Caps:
@@ -169,6 +176,9 @@ class Settings:
             allowed_toleration_keys=_allowlist(e, "ALLOWED_TOLERATION_KEYS", d.allowed_toleration_keys),
             allowed_node_selector_keys=_allowlist(e, "ALLOWED_NODE_SELECTOR_KEYS", d.allowed_node_selector_keys),
             tenant_base_urls=_bool(e, "ALLOW_TENANT_BASE_URLS", d.tenant_base_urls),
+            allowed_workload_priority_classes=_allowlist(
+                e, "ALLOWED_WORKLOAD_PRIORITY_CLASSES", d.allowed_workload_priority_classes
+            ),
         )
 
     def with_configmap(self, data: Mapping[str, str]) -> Settings:
@@ -193,4 +203,7 @@ class Settings:
             allowed_toleration_keys=_allowlist(data, "allowedTolerationKeys", self.allowed_toleration_keys),
             allowed_node_selector_keys=_allowlist(data, "allowedNodeSelectorKeys", self.allowed_node_selector_keys),
             tenant_base_urls=_bool(data, "allowTenantBaseUrls", self.tenant_base_urls),
+            allowed_workload_priority_classes=_allowlist(
+                data, "allowedWorkloadPriorityClasses", self.allowed_workload_priority_classes
+            ),
         )

@@ -57,6 +57,9 @@ class Allowlists:
     priority_classes: tuple[str, ...] = ()
     toleration_keys: tuple[str, ...] = ()
     node_selector_keys: tuple[str, ...] = DEFAULT_NODE_SELECTOR_KEYS
+    # Kueue mode: the spec.priority names admins mapped (kueue.priorityClasses); None: not Kueue mode
+    kueue_priorities: tuple[str, ...] | None = None
+    workload_priority_classes: tuple[str, ...] = ()  # named directly in spec.priority ("*": any)
 
 
 class AuthorChecks(StrEnum):
@@ -168,10 +171,29 @@ def scheduling_violations(worker: WorkerSpec, allow: Allowlists) -> list[tuple[s
     return out
 
 
+def priority_violation(priority: str | None, allow: Allowlists) -> tuple[str, str] | None:
+    """Kueue mode: spec.priority picks the WorkloadPriorityClass of the worker Jobs, and a higher one
+    may preempt other teams' work. A name admins mapped (kueue.priorityClasses) is allowed; a
+    WorkloadPriorityClass named directly only when in tenancy.allowedWorkloadPriorityClasses."""
+    if priority is None or allow.kueue_priorities is None:
+        return None
+    if priority in allow.kueue_priorities or _allowed(priority, allow.workload_priority_classes):
+        return None
+    return (
+        "spec.priority",
+        f'spec.priority: "{priority}" is not a priority of this cluster (defined: {_shown(allow.kueue_priorities)}; '
+        "cluster admins set kueue.priorityClasses, or tenancy.allowedWorkloadPriorityClasses to allow a "
+        "WorkloadPriorityClass by its own name)",
+    )
+
+
 def refusal(spec: ResearchJobSpec, allow: Allowlists, checks: AuthorChecks, binding: str = "") -> Refusal | None:
     """Why the operator must not start worker Jobs for ``spec``, or None. ``checks``: whether the
     author's reads were checked at admission; ``binding``: the policy binding the settings name."""
     violations = scheduling_violations(spec.worker, allow)
+    priority = priority_violation(spec.priority, allow)
+    if priority is not None:
+        violations.append(priority)
     if violations:
         field, message = violations[0]
         return Refusal(RefusalReason.SCHEDULING, field, "; ".join(m for _, m in violations))
