@@ -22,7 +22,9 @@ import yaml
 
 from localkube.controlplane import kube_tools_dir
 from offline_model.config import settings_from
-from research_operator.builders import Owner, worker_rbac
+from research_api.researchjob import ResearchJobSpec
+from research_api.task import Step
+from research_operator.builders import Owner, worker_job, worker_rbac
 from research_operator.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +72,7 @@ EXPECTED_CLUSTER_RULES = {
     ("", "namespaces"): {"get"},  # the labels a ModelEndpoint's namespaceSelector matches
     ("", "pods"): {"list"},
     ("", "serviceaccounts"): {"create"},
-    ("rbac.authorization.k8s.io", "roles"): {"create"},
+    ("rbac.authorization.k8s.io", "roles"): {"create", "update"},  # a new plan's ConfigMap names
     ("rbac.authorization.k8s.io", "rolebindings"): {"create"},
     ("", "events"): {"create", "list", "watch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
@@ -180,6 +182,8 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
             ("Service", "research-operator-modelserver"),
             ("ValidatingAdmissionPolicy", "research-operator-tenancy"),
             ("ValidatingAdmissionPolicyBinding", "research-operator-tenancy"),
+            ("NetworkPolicy", "research-operator"),
+            ("NetworkPolicy", "research-operator-modelserver"),
         ]
     )
     for d in docs:
@@ -406,12 +410,13 @@ def test_operator_holds_every_permission_it_grants_to_workers(helm: Path) -> Non
         for r in rule["resources"]
     }
     owner = Owner("team-a", "demo", "0d5c6f3c-1111-2222-3333-444455556666")
-    role = next(o for o in worker_rbac(owner) if o["kind"] == "Role")
+    spec = ResearchJobSpec.model_validate({"topic": "tea", "sources": [{"type": "wikipedia"}]})
+    role = next(o for o in worker_rbac(owner, spec, "p1") if o["kind"] == "Role")
     for rule in role["rules"]:
         for g in rule["apiGroups"]:
             for r in rule["resources"]:
                 assert set(rule["verbs"]) <= rules.get((g, r), set()), f"worker Role grants {g}/{r} {rule['verbs']}"
-    for obj in worker_rbac(owner):
+    for obj in worker_rbac(owner, spec, "p1"):
         group = obj["apiVersion"].rpartition("/")[0]
         assert "create" in rules[(group, obj["kind"].lower() + "s")], obj["kind"]
 
@@ -777,3 +782,31 @@ def test_tenancy_allowlists_reach_the_operator_and_bad_ones_fail_install(helm: P
     assert s.trust_authors is True
     bad = run_helm(helm, "template", "r", str(CHART), "--set", "tenancy.allowedPriorityClasses={a b}")
     assert bad.returncode != 0 and "allowedPriorityClasses" in bad.stderr
+
+
+def test_network_policies_let_only_workers_reach_the_broker_and_the_model_server(helm: Path) -> None:
+    docs = render(helm)
+    workers = {
+        "namespaceSelector": {},
+        "podSelector": {"matchExpressions": [{"key": "researchops.io/job", "operator": "Exists"}]},
+    }
+    operator = find(docs, "NetworkPolicy", "research-operator")
+    op_pods = find(docs, "Deployment", "research-operator")["spec"]["template"]["metadata"]["labels"]
+    assert operator["spec"]["podSelector"]["matchLabels"].items() <= op_pods.items()
+    assert operator["spec"]["policyTypes"] == ["Ingress"]
+    broker, metrics = operator["spec"]["ingress"]
+    assert broker == {"from": [workers], "ports": [{"port": 8090, "protocol": "TCP"}]}
+    assert {p["port"] for p in metrics["ports"]} == {8080, 8081}
+    model = find(docs, "NetworkPolicy", "research-operator-modelserver")
+    ms_pods = find(docs, "Deployment", "research-operator-modelserver")["spec"]["template"]["metadata"]["labels"]
+    assert model["spec"]["podSelector"]["matchLabels"].items() <= ms_pods.items()
+    [rule] = model["spec"]["ingress"]
+    assert rule["from"][0] == workers and rule["from"][1]["podSelector"]["matchLabels"].items() <= op_pods.items()
+    assert rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    # The worker pods the operator makes carry the label the policies select.
+    owner = Owner("team-a", "demo", "0d5c6f3c-1111-2222-3333-444455556666")
+    spec = ResearchJobSpec.model_validate({"topic": "tea", "sources": [{"type": "wikipedia"}]})
+    pod_labels = worker_job(owner, spec, Settings(), "p1", Step.PLAN)["spec"]["template"]["metadata"]["labels"]
+    assert "researchops.io/job" in pod_labels
+    off = render(helm, "--set", "networkPolicy.enabled=false")
+    assert not [d for d in off if d["kind"] == "NetworkPolicy"]

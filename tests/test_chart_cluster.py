@@ -162,11 +162,16 @@ def test_operator_rbac_lets_it_create_worker_rbac_and_jobs(
     # Role grants ConfigMap writes and ResearchJob reads, and the API server lets the operator
     # create it only because it holds those permissions itself. (Without their owner, which does
     # not exist here, the garbage collector would delete them at once: drop the ownerReference.)
-    for obj in worker_rbac(owner):
+    spec = ResearchJobSpec.model_validate({"topic": "Kubernetes operators", "sources": [{"type": "wikipedia"}]})
+    for obj in worker_rbac(owner, spec, "p1"):
         obj["metadata"] = {k: v for k, v in obj["metadata"].items() if k != "ownerReferences"}
         out = create_as(cluster, operator_rbac, obj)
         assert out.returncode == 0, f"{obj['kind']}: {out.stderr}"
-    spec = ResearchJobSpec.model_validate({"topic": "Kubernetes operators", "sources": [{"type": "wikipedia"}]})
+    # A new plan's names replace the Role's (an update, which the same escalation check allows).
+    role = next(o for o in worker_rbac(owner, spec, "p2") if o["kind"] == "Role")
+    role["metadata"] = {k: v for k, v in role["metadata"].items() if k != "ownerReferences"}
+    out = cluster.kubectl("replace", f"--as={operator_rbac}", "-f", "-", input=json.dumps(role), check=False)
+    assert out.returncode == 0, out.stderr
     job = worker_job(owner, spec, Settings(), "p1", Step.PLAN)
     out = create_as(cluster, operator_rbac, job, dry_run=True)
     assert out.returncode == 0, out.stderr

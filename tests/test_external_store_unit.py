@@ -49,7 +49,7 @@ def task_of(job: dict[str, Any]) -> ResearchTask:
 
 
 class FakeCore:
-    """The ConfigMap calls the marker writer makes: create (409 on a repeat) and list by labels."""
+    """The ConfigMap calls the marker writer makes: create (409 on a repeat) and read by name (404)."""
 
     def __init__(self) -> None:
         self.objects: dict[str, dict[str, Any]] = {}
@@ -62,15 +62,10 @@ class FakeCore:
             raise ApiException(status=409, reason="AlreadyExists")
         self.objects[name] = body
 
-    def list_namespaced_config_map(self, namespace: str, label_selector: str) -> Any:
-        def match(labels: dict[str, str]) -> bool:
-            for part in label_selector.split(","):
-                key, eq, value = part.partition("=")
-                if (labels.get(key) != value) if eq else (key not in labels):
-                    return False
-            return True
-
-        return {"items": [b for b in self.objects.values() if match(b["metadata"]["labels"])]}
+    def read_namespaced_config_map(self, name: str, namespace: str) -> Any:
+        if name not in self.objects:
+            raise ApiException(status=404, reason="NotFound")
+        return self.objects[name]
 
 
 class FakePostgres:

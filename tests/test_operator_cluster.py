@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 from kubernetes import client, watch
 
-from research_api.names import configmap_name
+from research_api.names import REPORT_CLAIM, configmap_name
 from research_api.researchjob import GROUP, PLURAL, VERSION
-from research_worker.store.configmaps import REPORT_CLAIM
 from tests.fixtures.cluster import ClusterHandle
 from tests.fixtures.operator import OperatorProcess
 
@@ -495,3 +494,36 @@ def test_ttl_after_finished_deletes_the_researchjob_and_what_it_made(
     while sections(api, namespace):
         assert time.monotonic() < deadline, "the deleted ResearchJob's sections were not garbage-collected"
         time.sleep(0.5)
+
+
+def test_a_workers_token_reads_only_its_own_researchjobs_configmaps(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
+) -> None:
+    """Two ResearchJobs in one namespace: each one's workers (which store and read by name only)
+    finish, and neither's ServiceAccount may read the other's stored ConfigMaps or list any."""
+    from research_operator.builders import Owner, worker_rbac_name
+
+    api = cluster.api_client()
+    for name in ("alpha", "beta"):
+        create(api, namespace, researchjob(name, corpus_configmap, analysts={"count": 2}))
+    objs = {name: wait_phase(api, namespace, name, {"Succeeded", "Failed"}) for name in ("alpha", "beta")}
+    for obj in objs.values():
+        assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    report = {name: obj["status"]["report"]["configMap"] for name, obj in objs.items()}
+    sa = {
+        name: "system:serviceaccount:{}:{}".format(
+            namespace, worker_rbac_name(Owner(namespace, name, obj["metadata"]["uid"]))
+        )
+        for name, obj in objs.items()
+    }
+
+    def can(user: str, *args: str) -> bool:
+        out = cluster.kubectl("auth", "can-i", f"--as={user}", "-n", namespace, *args, check=False)
+        return out.stdout.strip() == "yes"
+
+    assert can(sa["alpha"], "get", f"configmaps/{report['alpha']}")  # its own
+    assert can(sa["alpha"], "get", f"configmaps/{corpus_configmap}")  # the documents it names
+    assert not can(sa["alpha"], "get", f"configmaps/{report['beta']}")
+    assert not can(sa["beta"], "get", f"configmaps/{report['alpha']}")
+    assert not can(sa["alpha"], "list", "configmaps")
+    assert not can(sa["alpha"], "get", "researchjobs.researchops.io/beta")

@@ -344,11 +344,19 @@ def test_kueue_mode_creates_suspended_jobs_with_the_queue_label() -> None:
 
 
 def test_worker_rbac_grants_only_configmaps_in_the_namespace() -> None:
-    sa, role, binding = worker_rbac(Owner("ns", "rj", "u"))
+    docs = {"topic": "tea", "analysts": {"count": 2}, "sources": [{"type": "documents", "configMap": "corpus"}]}
+    sa, role, binding = worker_rbac(Owner("ns", "rj", "u"), ResearchJobSpec.model_validate(docs), "p1")
     assert sa["kind"] == "ServiceAccount" and binding["subjects"][0]["name"] == sa["metadata"]["name"]
     resources = {r for rule in role["rules"] for r in rule["resources"]}
     assert resources == {"configmaps", "researchjobs"}
     assert all("delete" not in rule["verbs"] and "*" not in rule["verbs"] for rule in role["rules"])
+    # Reads only by name: what this plan stores, its endpoint shares and its documents; no list.
+    reads = {n for rule in role["rules"] if "get" in rule["verbs"] for n in rule["resourceNames"]}
+    assert reads == {
+        "rj-p1-analysts", "rj-p1-section-000", "rj-p1-section-001", "rj-p1-report", "rj-p1-report-claim",
+        "rj-endpoint-share", "corpus", "rj",
+    }  # fmt: skip
+    assert not [rule for rule in role["rules"] if {"list", "watch"} & set(rule["verbs"])]
 
 
 def test_settings_configmap_changes_caps_and_rejects_garbage() -> None:
@@ -884,7 +892,9 @@ async def test_a_namespace_being_deleted_is_asked_once_not_once_per_waiting_rese
     for i in range(5):
         owner = Owner("doomed", f"rj-{i}", f"uid-{i}")
         job = worker_job(owner, s, cfg, PID, Step.PLAN)
-        outcomes.append(await admit_and_create(("doomed", f"uid-{i}"), owner, Want("plan", [job], 1), s.worker, cfg))
+        rbac = (PID, worker_rbac(owner, s, PID))
+        want = Want("plan", [job], 1)
+        outcomes.append(await admit_and_create(("doomed", f"uid-{i}"), owner, want, s.worker, cfg, rbac=rbac))
     assert calls == ["ServiceAccount"], calls  # the first ResearchJob's first object; nothing after
     for waiting, created in outcomes:
         assert created == 0 and waiting.refused
@@ -894,9 +904,8 @@ async def test_a_namespace_being_deleted_is_asked_once_not_once_per_waiting_rese
     # Later (a namespace of the same name created again), it is asked again.
     clock[0] += 31
     owner = Owner("doomed", "rj-new", "uid-new")
-    await admit_and_create(
-        ("doomed", "uid-new"), owner, Want("plan", [worker_job(owner, s, cfg, PID, Step.PLAN)], 1), s.worker, cfg
-    )
+    want = Want("plan", [worker_job(owner, s, cfg, PID, Step.PLAN)], 1)
+    await admit_and_create(("doomed", "uid-new"), owner, want, s.worker, cfg, rbac=(PID, worker_rbac(owner, s, PID)))
     assert calls == ["ServiceAccount", "ServiceAccount"]
 
 

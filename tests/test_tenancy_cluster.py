@@ -483,3 +483,55 @@ def test_a_kueue_priority_admins_did_not_define_is_refused_at_apply(
     finally:
         reset = {"kueueQueueName": "", "kueuePriorityClasses": "{}", "allowedWorkloadPriorityClasses": ""}
         core.patch_namespaced_config_map(PARAMS, policy, {"data": reset})
+
+
+def test_a_tenant_cannot_read_another_namespaces_report_through_kubectl_or_the_plugin(
+    cluster: ClusterHandle,
+    operator: OperatorProcess,
+    namespace: str,
+    corpus_configmap: str,
+    tenant_ns: str,
+    tmp_path: Path,
+) -> None:
+    from tests.test_cli_cluster import plugin_env
+    from tests.test_operator_cluster import create as create_rj
+    from tests.test_operator_cluster import researchjob, wait_phase
+
+    admin = cluster.api_client()
+    create_rj(admin, namespace, researchjob("theirs", corpus_configmap, analysts={"count": 1}))
+    obj = wait_phase(admin, namespace, "theirs", {"Succeeded", "Failed"})
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    report = obj["status"]["report"]["configMap"]
+    # The tenant's own credentials: a token of their ServiceAccount in a kubeconfig of their own.
+    token = cluster.kubectl("create", "token", TENANT, "-n", tenant_ns).stdout.strip()
+    config = yaml.safe_load(cluster.kubeconfig.read_text())
+    config["users"] = [{"name": "tenant", "user": {"token": token}}]
+    for ctx in config["contexts"]:
+        ctx["context"]["user"] = "tenant"
+    kubeconfig = tmp_path / "tenant.kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(config))
+
+    def plugin(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**plugin_env(cluster), "KUBECONFIG": str(config_path)}
+        return subprocess.run(["kubectl-research", *args], capture_output=True, text=True, timeout=120, env=env)
+
+    def as_tenant(*args: str) -> subprocess.CompletedProcess[str]:
+        kubectl = [str(cluster.tools / "kubectl"), f"--kubeconfig={kubeconfig}", *args]
+        return subprocess.run(kubectl, capture_output=True, text=True, timeout=60)
+
+    mine = plugin(cluster.kubeconfig, "report", "-n", namespace, "theirs")
+    assert mine.returncode == 0 and mine.stdout.startswith("# "), mine  # the owner's side reads it
+    title = mine.stdout.splitlines()[0]
+    theirs = plugin(kubeconfig, "report", "-n", namespace, "theirs")
+    assert theirs.returncode != 0 and title not in theirs.stdout
+    assert "forbidden" in theirs.stderr.lower() and theirs.stderr.count("\n") == 1, theirs.stderr
+    for what in (
+        ("get", "configmap", report),
+        ("get", "configmaps", "-l", f"{GROUP}/job=theirs"),  # the sections
+        ("get", "researchjobs.researchops.io", "theirs"),
+    ):
+        out = as_tenant(*what, "-n", namespace)
+        assert out.returncode != 0 and "Forbidden" in out.stderr, (what, out.stdout, out.stderr)
+    # The same credentials work in the tenant's own namespace: the refusals above are not a broken login.
+    out = as_tenant("get", "researchjobs.researchops.io", "-n", tenant_ns)
+    assert out.returncode == 0, out.stderr

@@ -48,6 +48,22 @@ def label_value(value: str) -> str:
     return bounded_name(value, MAX_LABEL_VALUE)
 
 
+REPORT_CLAIM = "report-claim"  # the ConfigMap whose creator writes the report (the worker's ``claim_report``)
+STORED_KINDS = ("analysts", "section", "report")  # research_api.records.StoredKind, in plan order
+
+
+def plan_configmap_names(job: str, plan: str, max_analysts: int, kind: str | None = None) -> list[str]:
+    """The names of every ConfigMap a plan's workers may store (``kind``: of that kind only): the
+    worker reads them by name, never by listing, and its Role allows ``get`` on these names alone."""
+    names: list[str] = []
+    for k in STORED_KINDS if kind is None else (kind,):
+        if k == "section":
+            names.extend(configmap_name(job, plan, k, i) for i in range(max_analysts))
+        else:
+            names.append(configmap_name(job, plan, k))
+    return names
+
+
 def configmap_name(job: str, plan: str, kind: str, index: int | None = None) -> str:
     """The deterministic name of a stored object: ``<job>-<plan>-analysts``, ``<job>-<plan>-section-007``."""
     suffix = f"{plan}-{kind}" if index is None else f"{plan}-{kind}-{index:03d}"

@@ -31,7 +31,7 @@ from research_operator.admission import (
     never_fits,
     quota_headroom,
 )
-from research_operator.builders import Owner, add_lease_broker_token, worker_rbac
+from research_operator.builders import Owner, add_lease_broker_token
 from research_operator.finalizer import CLEANUP_STEP
 from research_operator.reconcile import JobView, Waiting, rfc3339, step_noun
 from research_operator.settings import Settings
@@ -117,12 +117,19 @@ def _all_wait_for_deleted_namespace(key: Key, want: Want) -> tuple[Waiting, int]
 
 
 async def admit_and_create(
-    key: Key, owner: Owner, want: Want, worker: WorkerSpec, cfg: Settings, model: ModelSpec | None = None
+    key: Key,
+    owner: Owner,
+    want: Want,
+    worker: WorkerSpec,
+    cfg: Settings,
+    model: ModelSpec | None = None,
+    rbac: tuple[str, list[dict[str, Any]]] | None = None,
 ) -> tuple[Waiting, int]:
     """Admit what fits (caps, fair share, ResourceQuota headroom, the model endpoint's capacity, the
     namespace's token budget), record the admitted Jobs as ours before creating them, create them;
     the number created, and what still waits and why. ``model``: the ResearchJob's model (None for
-    the cleanup Job, which calls no model)."""
+    the cleanup Job, which calls no model); ``rbac``: the plan id and the worker RBAC its pods need
+    (``builders.worker_rbac``), made before the first Job of each plan."""
     namespace = key[0]
     pod = PodResources.from_spec(worker.resources.requests.wire(), worker.resources.limits.wire())
     priority_class = worker.priority_class_name or ""
@@ -173,15 +180,18 @@ async def admit_and_create(
     try:
         if endpoint is not None and admitted:
             await sync_endpoint(endpoint.name)  # the shares ConfigMap exists before the pods read it
-        if admitted and key not in WORLD.rbac_ready and want.step != CLEANUP_STEP:
+        if admitted and rbac is not None and WORLD.rbac_ready.get(key) != rbac[0]:
             if not cfg.worker_service_account:
-                for obj in worker_rbac(owner):
+                for obj in rbac[1]:
                     outcome, _ = await kube.create(obj, terminating)
                     if outcome == kube.Created.TERMINATING:
                         rbac_refused = True
                         break
+                    if outcome == kube.Created.EXISTS and obj["kind"] == "Role":
+                        # Another plan's names (feedback), or this process restarted: this plan's now.
+                        await kube.replace_role(obj)
             if not rbac_refused:
-                WORLD.rbac_ready.add(key)
+                WORLD.rbac_ready[key] = rbac[0]
     except BaseException:
         # Nothing was created: no intent may stay behind as a Job "running" (the pass is retried).
         WORLD.drop_intents(key, names)

@@ -20,6 +20,7 @@ from research_api.leases import (
     TOKEN_VOLUME,
     gateway_url,
 )
+from research_api.names import REPORT_CLAIM, configmap_name, plan_configmap_names
 from research_api.researchjob import (
     GROUP,
     KIND,
@@ -56,6 +57,7 @@ from research_operator.constants import (
     WORKER_UID,
     child_name,
 )
+from research_operator.endpoints import share_configmap_name
 from research_operator.settings import Settings
 
 
@@ -157,9 +159,21 @@ def worker_rbac_name(owner: Owner) -> str:
     return child_name(owner.name, "worker", owner.uid[:8])
 
 
-def worker_rbac(owner: Owner) -> list[dict[str, Any]]:
-    """ServiceAccount, Role and RoleBinding for one ResearchJob's worker pods (least privilege):
-    the ConfigMap store and document ConfigMaps in the job's namespace, nothing else."""
+def worker_configmaps(owner: Owner, spec: ResearchJobSpec, plan: str) -> list[str]:
+    """Every ConfigMap a worker of this plan reads: what the plan's workers store, the endpoint
+    shares the operator writes for them and the documents the spec names."""
+    documents = [s.config_map for s in spec.sources if s.config_map]
+    stored = plan_configmap_names(owner.name, plan, spec.analysts.count)
+    claim = configmap_name(owner.name, plan, REPORT_CLAIM)
+    return sorted({*stored, claim, share_configmap_name(owner.name), *documents})
+
+
+def worker_rbac(owner: Owner, spec: ResearchJobSpec, plan: str) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding for one ResearchJob's worker pods (least privilege): in
+    the job's namespace, ``get`` on exactly the ConfigMaps of this plan (``worker_configmaps``; no
+    ``list``, so a worker never sees another ResearchJob's), ``create`` of ConfigMaps (a create
+    reads nothing; each name is deterministic, so a repeat is a 409) and ``get`` of its own
+    ResearchJob. A new plan (feedback) gets the Role replaced with that plan's names."""
     name = worker_rbac_name(owner)
     meta = {"name": name, "namespace": owner.namespace, "labels": labels(owner), "ownerReferences": [owner.reference()]}
     return [
@@ -169,8 +183,14 @@ def worker_rbac(owner: Owner) -> list[dict[str, Any]]:
             "kind": "Role",
             "metadata": meta,
             "rules": [
-                {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "create", "update", "patch"]},
-                {"apiGroups": [GROUP], "resources": ["researchjobs"], "verbs": ["get"]},
+                {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+                {
+                    "apiGroups": [""],
+                    "resources": ["configmaps"],
+                    "resourceNames": worker_configmaps(owner, spec, plan),
+                    "verbs": ["get"],
+                },
+                {"apiGroups": [GROUP], "resources": ["researchjobs"], "resourceNames": [owner.name], "verbs": ["get"]},
             ],
         },
         {

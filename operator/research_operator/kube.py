@@ -113,6 +113,13 @@ async def create(obj: dict[str, Any], terminating: Callable[[], bool] | None = N
     return Created.CREATED, ""
 
 
+async def replace_role(obj: dict[str, Any]) -> None:
+    """Replace a worker Role (ours alone: the names its pods may read change with the plan)."""
+    rbac = client.RbacAuthorizationV1Api(api())
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    await call("update", "role", rbac.replace_namespaced_role, name, ns, obj)
+
+
 async def delete_job(namespace: str, job: str, uid: str = "", propagation: str = "Background") -> None:
     """Delete a Job; with ``uid``, only that Job (a precondition), never a newer one of the same name."""
     body = client.V1DeleteOptions(

@@ -30,7 +30,7 @@ from research_api.task import Step
 from research_operator import broker, kube, kueue, metrics, tenancy
 from research_operator.admit import Outcome, Want, admit_and_create, pods_blocked, still_blocked, with_detail
 from research_operator.admit import now as _now
-from research_operator.builders import Owner, worker_job
+from research_operator.builders import Owner, worker_job, worker_rbac
 from research_operator.deletion import cleanup_state, finalize_once
 from research_operator.finalizer import decide_cleanup
 from research_operator.reconcile import (
@@ -313,7 +313,8 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         )
     waiting = Waiting()
     if want is not None:
-        waiting, _ = await admit_and_create(key, owner, want, spec.worker, cfg, spec.model)
+        rbac = (plan_id, worker_rbac(owner, spec, plan_id))
+        waiting, _ = await admit_and_create(key, owner, want, spec.worker, cfg, spec.model, rbac)
         if want.step == Step.INTERVIEW.value:
             # In Kueue mode a new Job waits, suspended, until Kueue admits it.
             started = 0 if cfg.kueue_queue else len(want.jobs) - WORLD.waiting.get(key, 0)

@@ -73,7 +73,7 @@ class World:
     bodies: dict[Key, Any] = field(default_factory=dict)  # the latest ResearchJob (kopf.Body) seen by the watch
     settings_data: dict[str, str] = field(default_factory=dict)
     settings_loaded: bool = False  # the settings index was read once (before the first reconcile)
-    rbac_ready: set[Key] = field(default_factory=set)
+    rbac_ready: dict[Key, str] = field(default_factory=dict)  # the plan whose worker RBAC is in place
     failure_details: dict[tuple[str, str], str] = field(default_factory=dict)  # (ns, Job uid) -> pod's last words
     create_failures: dict[str, str] = field(default_factory=dict)  # Job uid -> the Job controller's FailedCreate
     admission_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -252,7 +252,7 @@ class World:
             self.shares_written,
         ):
             d.pop(key, None)
-        self.rbac_ready.discard(key)
+        self.rbac_ready.pop(key, None)
         self.refused.discard(key)
         self.dirty.discard(key)
         self.bump()

@@ -19,8 +19,10 @@ from research_api.names import (
     LABEL_JOB,
     LABEL_KIND,
     LABEL_PLAN,
+    REPORT_CLAIM,
     configmap_name,
     label_value,
+    plan_configmap_names,
 )
 from research_api.records import AnalystPlan, Report, Section, StoredKind, TokenUsage
 from research_api.task import ResearchTask
@@ -31,8 +33,6 @@ from research_worker.store.kube import ConfigMaps
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
-
-REPORT_CLAIM = "report-claim"  # the ConfigMap whose creator writes the report (``claim_report``)
 
 
 def configmap_body(
@@ -77,6 +77,7 @@ class PlanConfigMaps:
         self.plan = task.plan_id
         self.owner = task.job.owner_reference()
         self.base_labels = {LABEL_JOB: label_value(self.job), LABEL_PLAN: self.plan}
+        self.max_analysts = task.max_analysts
 
     def _name(self, kind: StoredKind, index: int | None = None) -> str:
         return configmap_name(self.job, self.plan, kind, index)
@@ -133,22 +134,28 @@ class PlanConfigMaps:
             raise StoreError(f"cannot read ConfigMap {self.ns}/{name}: HTTP {exc.status} {exc.reason}") from None
         return model.model_validate_json((cm.get("data") or {})[CONFIGMAP_DATA_KEY])
 
-    async def _list(self, kind: StoredKind | None) -> list[dict[str, Any]]:
-        """This plan's ConfigMaps of one kind (None: of every kind), of this job uid only."""
+    async def _get(self, name: str) -> dict[str, Any] | None:
+        """ConfigMap ``name`` if it exists and is this job uid's (not a predecessor's of the same name)."""
         from kubernetes.client.exceptions import ApiException
 
-        selector = ",".join(f"{k}={v}" for k, v in self.base_labels.items())
-        selector += f",{LABEL_KIND}" + (f"={kind.value}" if kind is not None else "")
-
         try:
-            resp = await asyncio.to_thread(self.core.list_namespaced_config_map, self.ns, label_selector=selector)
+            cm: dict[str, Any] = await asyncio.to_thread(self.core.read_namespaced_config_map, name, self.ns)
         except ApiException as exc:
-            raise StoreError(f"cannot list ConfigMaps in {self.ns}: HTTP {exc.status} {exc.reason}") from None
-        return [
-            cm
-            for cm in resp.get("items") or []
-            if ((cm.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_JOB_UID) == self.uid
-        ]
+            if exc.status == 404:
+                return None
+            raise StoreError(f"cannot read ConfigMap {self.ns}/{name}: HTTP {exc.status} {exc.reason}") from None
+        except OSError as exc:
+            raise StoreError(f"cannot reach the Kubernetes API to read ConfigMap {self.ns}/{name}: {exc}") from None
+        annotations = (cm.get("metadata") or {}).get("annotations") or {}
+        return cm if annotations.get(ANNOTATION_JOB_UID) == self.uid else None
+
+    async def _list(self, kind: StoredKind | None) -> list[dict[str, Any]]:
+        """This plan's ConfigMaps of one kind (None: of every kind), of this job uid only, each read by
+        its name (concurrently): the worker's Role allows ``get`` on exactly these names and no
+        ``list``, which would show it every ConfigMap of the namespace."""
+        names = plan_configmap_names(self.job, self.plan, self.max_analysts, None if kind is None else kind.value)
+        found = await asyncio.gather(*(self._get(name) for name in names))
+        return [cm for cm in found if cm is not None]
 
 
 class ConfigMapStore(PlanConfigMaps):

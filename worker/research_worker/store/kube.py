@@ -25,7 +25,7 @@ def kube_api_client() -> Any:
 
 
 class ConfigMaps:
-    """The ConfigMap calls a worker makes (create, read, list by labels), through the kubernetes
+    """The ConfigMap calls a worker makes (create, read by name: its Role allows no list), through the kubernetes
     client's generic ``ApiClient.call_api``, with the objects as plain dicts. ``CoreV1Api`` would do
     the same, but importing its module alone costs about 0.6 CPU-seconds, a quarter of a worker
     pod's start-up, paid by every pod of every ResearchJob. Errors are the client's ``ApiException``."""
@@ -52,10 +52,6 @@ class ConfigMaps:
     def read_namespaced_config_map(self, name: str, namespace: str) -> dict[str, Any]:
         path = "/api/v1/namespaces/{namespace}/configmaps/{name}"
         return self._call("GET", path, {"namespace": namespace, "name": name})
-
-    def list_namespaced_config_map(self, namespace: str, label_selector: str) -> dict[str, Any]:
-        path = "/api/v1/namespaces/{namespace}/configmaps"
-        return self._call("GET", path, {"namespace": namespace}, query_params=[("labelSelector", label_selector)])
 
 
 def load_configmap_data(api_client: Any, namespace: str) -> Callable[[str], dict[str, str]]:
