@@ -89,7 +89,7 @@ def run_mode(
             {
                 "LEASE_BROKER_HOST": "127.0.0.1",
                 "LEASE_BROKER_PORT": str(broker_port),
-                "LEASE_BROKER_URL": f"http://127.0.0.1:{broker_port}",
+                "LEASE_BROKER_URL": f"https://127.0.0.1:{broker_port}",
             }
             if args.leases
             else {}

@@ -110,7 +110,7 @@ def run(
         "LEADER_ELECTION": "false",
         "LEASE_BROKER_HOST": "127.0.0.1",
         "LEASE_BROKER_PORT": str(broker),
-        "LEASE_BROKER_URL": f"http://127.0.0.1:{broker}",
+        "LEASE_BROKER_URL": f"https://127.0.0.1:{broker}",
         "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
         **({"PYTHONPATH": pythonpath} if pythonpath else {}),
     }

@@ -433,7 +433,17 @@ def test_lease_broker_role_is_limited_to_its_endpointslice(helm: Path) -> None:
             "resourceNames": ["research-operator-leases"],
             "verbs": ["update"],
         },
+        # TLS: its CA, in one Secret of its own namespace, read by name (made by the first leader)
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["research-operator-broker-ca"],
+            "verbs": ["get"],
+        },
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
     ]
+    plain = find(render(helm, "--set", "operator.leaseBroker.tls=false"), "Role", "research-operator-lease-broker")
+    assert not [r for r in plain["rules"] if "secrets" in r["resources"]]
     off = render(helm, "--set", "operator.leaseBroker.enabled=false")
     assert not [d for d in off if d["metadata"]["name"].endswith(("-lease-broker", "-leases"))]
     assert not [r for r in find(off, "ClusterRole", "research-operator")["rules"] if "tokenreviews" in r["resources"]]
@@ -520,8 +530,9 @@ def test_operator_environment_is_what_settings_read(helm: Path) -> None:
         leader_election=True,
         lease_name="ro-research-operator-leader",
         lease_broker_port=8090,
-        lease_broker_url="http://ro-research-operator-leases.ops.svc:8090",
+        lease_broker_url="https://ro-research-operator-leases.ops.svc:8090",
         lease_broker_service="ro-research-operator-leases",
+        lease_broker_ca_secret="ro-research-operator-broker-ca",
         pod_ip="10.0.0.7",
         admission_policy_binding="ro-research-operator-tenancy",
     )

@@ -267,7 +267,7 @@ def test_worker_pods_hold_leases_from_the_charts_broker(
         p.read_text(errors="replace")
         for p in (release.state_dir / "nodes" / "pods").glob(f"{user_namespace}_leased-*/*.log")
     )
-    assert f"lease broker http://127.0.0.1:{broker_port} answers" in workers
+    assert f"lease broker https://127.0.0.1:{broker_port} answers" in workers
     assert "falling back to this pod's share" not in workers
 
     # The broker's Service, and the EndpointSlice the leader writes for it.

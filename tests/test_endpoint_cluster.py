@@ -303,9 +303,10 @@ def broker_takes_only_its_audience(
     url = operator.env["LEASE_BROKER_URL"] + wire.PATH_HEARTBEAT
     # A Job the pod is not of: authenticated, then refused as such (404), so its session is untouched.
     body = wire.Heartbeat(endpoint="none", job="not-this-job", mode=wire.Mode.FALLBACK).model_dump(by_alias=True)
-    refused = httpx.post(url, json=body, headers={"Authorization": f"Bearer {api_token}"}, timeout=10)
+    tls = operator.broker_ssl()  # the broker serves TLS with a CA of its own
+    refused = httpx.post(url, json=body, headers={"Authorization": f"Bearer {api_token}"}, timeout=10, verify=tls)
     assert refused.status_code == 401 and wire.TOKEN_AUDIENCE in refused.json()["error"], refused.text
-    accepted = httpx.post(url, json=body, headers={"Authorization": f"Bearer {lease_token}"}, timeout=10)
+    accepted = httpx.post(url, json=body, headers={"Authorization": f"Bearer {lease_token}"}, timeout=10, verify=tls)
     assert accepted.status_code == 404, accepted.text
     assert api_token not in operator.log() and lease_token not in operator.log()
     assert "refused a request" in operator.log()

@@ -102,6 +102,9 @@ class ModelSettings(_Model):
     # base_url is the lease broker's gateway to an admin-declared ModelEndpoint: the worker sends its
     # broker token (research_api.leases.TOKEN_PATH), the broker the endpoint's key.
     gateway: bool = False
+    # The lease broker's CA (PEM) when it serves TLS (an https broker URL): the worker trusts it alone
+    # for the broker and the gateway.
+    broker_ca: str | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -191,7 +191,7 @@ def local_values(kube: Kube) -> Path:
         "operator": {
             "metricsPort": metrics,
             "healthPort": health,
-            "leaseBroker": {"port": leases, "url": f"http://127.0.0.1:{leases}"},
+            "leaseBroker": {"port": leases, "url": f"https://127.0.0.1:{leases}"},
         },
         "modelServer": {"port": model, "baseUrl": f"http://127.0.0.1:{model}/v1"},
     }

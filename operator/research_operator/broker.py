@@ -12,12 +12,16 @@ ResearchJob's workers as, and its pod (a bound token names it) a pod of the Job.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import ipaddress
 import logging
+import ssl
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -27,7 +31,7 @@ from pydantic import BaseModel, ValidationError
 
 from research_api import leases as wire
 from research_operator import endpoints as ep
-from research_operator import kube, metrics
+from research_operator import kube, metrics, pki
 from research_operator.builders import Owner, worker_service_account
 from research_operator.leases import Book, LeaseError, Limits, PodRef, Waiter
 from research_operator.world import WORLD, settings
@@ -191,6 +195,43 @@ class Keys:
             self.cache.pop(endpoint.key_secret, None)
 
 
+def _load(ctx: ssl.SSLContext, serving: pki.KeyPair) -> None:
+    """Load a serving certificate into ``ctx`` (new handshakes use it); the files live only as long
+    as the load takes, in a private directory."""
+    with tempfile.TemporaryDirectory(prefix="broker-tls-") as tmp:
+        cert, key = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
+        cert.write_text(serving.cert_pem)
+        key.touch(mode=0o600)
+        key.write_text(serving.key_pem)
+        ctx.load_cert_chain(cert, key)
+
+
+@dataclass
+class Tls:
+    """The broker's TLS: its CA, the names it serves under, the current serving certificate."""
+
+    ca: pki.KeyPair
+    dns_names: list[str]
+    ips: list[str]
+    ctx: ssl.SSLContext
+    serving: pki.KeyPair
+
+    @classmethod
+    def start(cls, ca: pki.KeyPair, dns_names: list[str], ips: list[str]) -> Tls:
+        serving = pki.issue_serving(ca, dns_names, ips, dt.datetime.now(dt.UTC))
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        _load(ctx, serving)
+        return cls(ca, dns_names, ips, ctx, serving)
+
+    def renew_if_due(self, now: dt.datetime) -> bool:
+        if not pki.needs_renewal(self.serving, now):
+            return False
+        self.serving = pki.issue_serving(self.ca, self.dns_names, self.ips, now)
+        _load(self.ctx, self.serving)
+        return True
+
+
 class Broker:
     def __init__(self, book: Book | None = None, auth: Authenticator | None = None) -> None:
         self.book = book or Book(_pods, _limits, started=time.monotonic())
@@ -199,6 +240,7 @@ class Broker:
         self.ticker: asyncio.Task[None] | None = None
         self.keys = Keys()
         self.session: aiohttp.ClientSession | None = None
+        self.tls: Tls | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=256 * 1024)
@@ -425,6 +467,8 @@ class Broker:
                 log.exception("lease broker tick failed")
 
     def tick_once(self) -> None:
+        if self.tls is not None and self.tls.renew_if_due(dt.datetime.now(dt.UTC)):
+            log.info(f"lease broker: new serving certificate, valid until {self.tls.serving.not_after.isoformat()}")
         now = time.monotonic()
         self.book.expire(now)
         for endpoint, n in self.book.expired.items():
@@ -450,10 +494,26 @@ async def start(host: str, port: int, namespace: str = "", service: str = "", po
     point the broker's Service at this pod (in a cluster: ``service`` and ``pod_ip`` set)."""
     global BROKER, _RUNNER
     broker = Broker()
+    cfg = settings()
+    if cfg.lease_broker_tls:
+        try:
+            cert, key = await kube.broker_ca(namespace, cfg.lease_broker_ca_secret, _new_ca, service)
+        except ApiException as e:
+            # Without its CA the broker cannot serve TLS, and workers trust nothing else: they keep
+            # to their shares, and ResearchJobs that name a ModelEndpoint cannot call it.
+            log.error(
+                f"lease broker: cannot read or create its CA in Secret {namespace}/{cfg.lease_broker_ca_secret} "
+                f"(HTTP {e.status} {e.reason}); not serving"
+            )
+            return broker
+        names = ["localhost", *(pki.service_names(service, namespace) if service else [])]
+        ips = sorted({"127.0.0.1", *([pod_ip] if pod_ip else [])})
+        broker.tls = Tls.start(pki.KeyPair(cert, key), names, ips)
+        WORLD.broker_ca = cert
     runner = web.AppRunner(broker.app(), access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=broker.tls.ctx if broker.tls else None).start()
     except OSError as e:
         # The operator still works: every worker keeps to its ConfigMap share (and logs why).
         log.error(f"lease broker cannot listen on {host}:{port} ({e}); workers will use their shares only")
@@ -496,6 +556,11 @@ async def stop() -> None:
     if _RUNNER is not None:
         await _RUNNER.cleanup()
     BROKER, _RUNNER = None, None
+
+
+def _new_ca() -> tuple[str, str]:
+    ca = pki.new_ca(dt.datetime.now(dt.UTC))
+    return ca.cert_pem, ca.key_pem
 
 
 def _loopback(ip: str) -> bool:

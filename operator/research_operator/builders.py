@@ -122,6 +122,7 @@ def build_task(
                 else spec.model.base_url or settings.default_model_base_url
             ),
             gateway=bool(spec.model.endpoint),
+            broker_ca=settings.lease_broker_ca or None,
             temperature=spec.model.temperature,
             max_concurrency=spec.model.max_concurrency,
             requests_per_second=spec.model.requests_per_second,

@@ -361,6 +361,47 @@ async def endpoint_key(namespace: str, name: str, key: str) -> str | None:
     return base64.b64decode(raw).decode() if raw is not None else None
 
 
+async def broker_ca(
+    namespace: str, name: str, make: Callable[[], tuple[str, str]], service: str = ""
+) -> tuple[str, str]:
+    """The lease broker's CA (certificate and key, PEM) from Secret ``namespace/name``; made with
+    ``make`` and stored there when missing (a leader racing another gets theirs: 409, read again).
+    Owned by the broker's Service when there is one, so ``helm uninstall`` takes it too."""
+    core = client.CoreV1Api(api())
+    owners: list[dict[str, Any]] = []
+    if service:
+        svc = await call("get", "service", core.read_namespaced_service, service, namespace)
+        owners = [{"apiVersion": "v1", "kind": "Service", "name": service, "uid": str(svc.metadata.uid)}]
+    for _ in range(3):
+        try:
+            secret = await call("get", "secret", core.read_namespaced_secret, name, namespace)
+            data = secret.data or {}
+            return base64.b64decode(data["tls.crt"]).decode(), base64.b64decode(data["tls.key"]).decode()
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        cert, key = make()
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/tls",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": {"app.kubernetes.io/component": "operator"},
+                "ownerReferences": owners,
+            },
+            "stringData": {"tls.crt": cert, "tls.key": key},
+        }
+        try:
+            await call("create", "secret", core.create_namespaced_secret, namespace, body)
+            return cert, key
+        except ApiException as e:
+            if e.status != 409:
+                raise
+    raise RuntimeError(f"Secret {namespace}/{name} kept appearing and vanishing")
+
+
 async def admission_policy_binding(name: str) -> tuple[str, list[str], dt.datetime | None] | None:
     """The ValidatingAdmissionPolicyBinding ``name``: the policy it binds, its validationActions and
     since when both exist (the later creationTimestamp: what was created before was not checked);

@@ -113,6 +113,10 @@ class Settings:
     # In a cluster: the broker's Service (no selector) whose EndpointSlice the leader points at its
     # own pod IP when it starts serving.
     lease_broker_service: str = ""
+    # TLS (an https lease_broker_url): the Secret of the operator's namespace holding the broker's CA,
+    # and, at run time, that CA's certificate (PEM), which worker tasks carry.
+    lease_broker_ca_secret: str = "research-operator-broker-ca"
+    lease_broker_ca: str = ""
     pod_ip: str = ""
     # Tenancy (research_operator.tenancy, docs/security.md). The ValidatingAdmissionPolicyBinding
     # that checks authors at admission ("": none, tenancy.admissionPolicy.enabled=false); while it
@@ -137,6 +141,10 @@ class Settings:
             kueue_priorities=tuple(name for name, _ in self.kueue_priority_classes) if self.kueue_queue else None,
             workload_priority_classes=self.allowed_workload_priority_classes,
         )
+
+    @property
+    def lease_broker_tls(self) -> bool:
+        return self.lease_broker_url.startswith("https://")
 
     @property
     def caps(self) -> Caps:
@@ -169,6 +177,7 @@ class Settings:
             lease_broker_port=_int(e, "LEASE_BROKER_PORT", d.lease_broker_port),
             lease_broker_url=_broker_url(e),
             lease_broker_service=e.get("LEASE_BROKER_SERVICE", d.lease_broker_service),
+            lease_broker_ca_secret=e.get("LEASE_BROKER_CA_SECRET", d.lease_broker_ca_secret),
             pod_ip=e.get("POD_IP", d.pod_ip),
             admission_policy_binding=e.get("ADMISSION_POLICY_BINDING", d.admission_policy_binding).strip(),
             trust_authors=_bool(e, "TRUST_AUTHORS", d.trust_authors),

@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -80,6 +80,7 @@ class World:
     terminating: dict[str, float] = field(default_factory=dict)  # namespace -> when a create met its deletion
     # The last look at the admission policy binding: (when, its name, its policy and actions or None)
     policy_probe: tuple[float, str, tuple[str, list[str], dt.datetime | None] | None] | None = None
+    broker_ca: str = ""  # the lease broker's CA certificate (PEM), when it serves TLS
     # namespace -> (monotonic time looked, its labels or None: unreadable), for namespaceSelectors
     namespace_labels: dict[str, tuple[float, dict[str, str] | None]] = field(default_factory=dict)
     refused: set[Key] = field(default_factory=set)  # held back by tenancy policy: a settings change may free them
@@ -381,5 +382,7 @@ BASE_SETTINGS = Settings.from_env()
 
 
 def settings() -> Settings:
-    """Static settings from the environment, overridden by the watched settings ConfigMap."""
-    return BASE_SETTINGS.with_configmap(WORLD.settings_data) if WORLD.settings_data else BASE_SETTINGS
+    """Static settings from the environment, overridden by the watched settings ConfigMap (and the
+    lease broker's CA, once the leader has it)."""
+    s = BASE_SETTINGS.with_configmap(WORLD.settings_data) if WORLD.settings_data else BASE_SETTINGS
+    return replace(s, lease_broker_ca=WORLD.broker_ca) if WORLD.broker_ca else s

@@ -230,7 +230,7 @@ async def _main(args: argparse.Namespace) -> int:
             if share_ref.broker_url and share_ref.endpoint:
                 from research_worker.leases import LeaseClient, broker_token
 
-                rt.llm.leases = LeaseClient(share_ref, rt.llm.share, broker_token)
+                rt.llm.leases = LeaseClient(share_ref, rt.llm.share, broker_token, ca=task.model.broker_ca)
                 await rt.llm.leases.start()
                 stack.push_async_callback(rt.llm.leases.close)
         if step == Step.PLAN:

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -55,6 +56,11 @@ DEV_VOLUME_ROOT_ENV = "LOCALKUBE_VOLUME_ROOT"
 def token_path() -> Path:
     root = os.environ.get(DEV_VOLUME_ROOT_ENV)
     return Path(root, wire.TOKEN_PATH.lstrip("/")) if root else Path(wire.TOKEN_PATH)
+
+
+def broker_ssl(ca_pem: str) -> ssl.SSLContext:
+    """A TLS client context that trusts the lease broker's own CA (from the task) and nothing else."""
+    return ssl.create_default_context(cadata=ca_pem)
 
 
 def broker_token() -> str:
@@ -100,6 +106,7 @@ class LeaseClient:
         share: ShareLimiter,
         token: Callable[[], str],
         http: httpx.AsyncClient | None = None,
+        ca: str | None = None,
     ) -> None:
         assert ref.broker_url and ref.endpoint
         self.url = ref.broker_url.rstrip("/")
@@ -107,7 +114,7 @@ class LeaseClient:
         self.job = ref.key
         self.share = share
         self.token = token
-        self.http = http or httpx.AsyncClient(timeout=REQUEST_TIMEOUT)
+        self.http = http or httpx.AsyncClient(timeout=REQUEST_TIMEOUT, verify=broker_ssl(ca) if ca else True)
         self.state = State.CONNECTING
         self.changed = asyncio.Event()
         self.held: dict[str, _Hold] = {}

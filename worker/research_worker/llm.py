@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextvars import ContextVar
@@ -48,7 +49,7 @@ from research_worker.errors import (
     ModelTimeout,
     WorkerConfigError,
 )
-from research_worker.leases import LeaseClient, LeaseLost, broker_token
+from research_worker.leases import LeaseClient, LeaseLost, broker_ssl, broker_token
 from research_worker.share import ShareLimiter
 from research_worker.state import TokenUsage
 
@@ -78,6 +79,11 @@ NO_KEY = "no-key-configured"
 
 # A key, or a callable that returns the current one (the gateway's rotated broker token).
 ApiKey = SecretStr | Callable[[], str]
+
+
+def _verify(settings: ModelSettings) -> ssl.SSLContext | bool:
+    """Through the gateway, trust the lease broker's own CA alone; elsewhere the system's CAs."""
+    return broker_ssl(settings.broker_ca) if settings.gateway and settings.broker_ca else True
 
 
 def _bearer(api_key: ApiKey) -> str:
@@ -133,7 +139,7 @@ async def preflight(settings: ModelSettings, api_key: ApiKey) -> list[str]:
     base = (settings.base_url or "https://api.openai.com/v1").rstrip("/")
     url = f"{base}/models"
     headers = {"Authorization": f"Bearer {_bearer(api_key)}"}
-    async with httpx.AsyncClient(timeout=PREFLIGHT_TIMEOUT) as client:
+    async with httpx.AsyncClient(timeout=PREFLIGHT_TIMEOUT, verify=_verify(settings)) as client:
         for attempt in range(PREFLIGHT_ATTEMPTS):
             try:
                 resp = await client.get(url, headers=headers)
@@ -252,7 +258,7 @@ class LLMClient:
     ) -> None:
         self.settings = settings
         if http_async_client is None:
-            http_async_client = httpx.AsyncClient(timeout=settings.timeout_seconds)
+            http_async_client = httpx.AsyncClient(timeout=settings.timeout_seconds, verify=_verify(settings))
         http_async_client.event_hooks.setdefault("response", []).append(_count_429)  # 429s, counted
         limiter = (
             InMemoryRateLimiter(
