@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from localkube import demo
 from localkube.demo import CHART, LEASE, RELEASE, RELEASE_NAMESPACE, Kube
+from research_api.researchjob import GROUP, PLURAL, VERSION
 from research_operator import kube as operator_kube
 from tests.fixtures.cluster import ClusterHandle
 from tests.test_operator_cluster import JobWatch
@@ -313,6 +314,51 @@ def uninstalled(release: Kube, sample_run: Run) -> Uninstalled:
         assert time.monotonic() < deadline, "the release's pods are still there 90s after helm uninstall"
         time.sleep(1)
     return Uninstalled(release, pods)
+
+
+def test_helm_upgrade_that_replaces_the_operator_keeps_a_running_researchjob_going(
+    release: Kube, user_namespace: str
+) -> None:
+    """An upgrade that changes the operator's pod (here its log level) while a ResearchJob has
+    worker Jobs running: the old operator goes, the new one takes over, and the ResearchJob ends
+    with every section stored."""
+    from kubernetes import client, config
+
+    api = config.new_client_from_config(config_file=str(release.kubeconfig))
+    custom = client.CustomObjectsApi(api)
+    body = sample_researchjob(analysts={"count": 4}, parallelism={"batchSize": 1, "maxActiveJobs": 2})
+    body["metadata"]["name"] = "upgraded"
+    demo.apply_researchjob(release, user_namespace, body)
+    deadline = time.monotonic() + 180
+    while True:  # mid-flight: interviews running
+        st = custom.get_namespaced_custom_object(GROUP, VERSION, user_namespace, PLURAL, "upgraded").get("status") or {}
+        if (st.get("batches") or {}).get("active"):
+            break
+        assert time.monotonic() < deadline and st.get("phase") not in ("Succeeded", "Failed"), st
+        time.sleep(0.3)
+    before = demo.operator_pod(release)
+    release.helm(
+        "upgrade", RELEASE, str(CHART), "-n", RELEASE_NAMESPACE,
+        "--reuse-values", "--set", "operator.logLevel=debug", "--wait", "--timeout", "180s",
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while release.get("pod", before["metadata"]["name"], "-n", RELEASE_NAMESPACE) is not None:
+            assert time.monotonic() < deadline, "the upgrade did not replace the operator pod"
+            time.sleep(0.5)
+        after = demo.operator_pod(release)
+        assert after["metadata"]["uid"] != before["metadata"]["uid"]
+        obj = demo.follow(release, user_namespace, "upgraded", timeout=400, emit=lambda _: None)
+    finally:
+        release.helm(
+            "upgrade", RELEASE, str(CHART), "-n", RELEASE_NAMESPACE,
+            "--reuse-values", "--set", "operator.logLevel=info", "--wait", "--timeout", "180s",
+        )  # fmt: skip
+    assert obj["status"]["phase"] == "Succeeded" and obj["status"]["progress"] == "4/4", obj["status"]
+    # Nothing was lost in the handover: a stored section for each of the four analysts.
+    selector = "researchops.io/job=upgraded,researchops.io/kind=section"
+    cms = release.get("configmaps", "-n", user_namespace, "-l", selector)
+    assert cms is not None and len(cms["items"]) == 4, [c["metadata"]["name"] for c in (cms or {}).get("items", [])]
 
 
 def test_helm_uninstall_removes_the_release_and_keeps_the_crd_and_researchjobs(
