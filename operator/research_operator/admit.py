@@ -113,7 +113,8 @@ def _all_wait_for_deleted_namespace(key: Key, want: Want) -> tuple[Waiting, int]
     WORLD.waiting[key] = len(want.jobs)
     WORLD.blocked.pop(key, None)
     why = f"namespace {key[0]} is being deleted"
-    return Waiting(step_noun(want.step, len(want.jobs)), WaitReason.EXCEEDED_QUOTA, why, refused=True), 0
+    what = step_noun(want.step, len(want.jobs))
+    return Waiting(what, WaitReason.EXCEEDED_QUOTA, why, refused=True, namespace_terminating=True), 0
 
 
 async def admit_and_create(
@@ -207,6 +208,7 @@ async def admit_and_create(
     if adm.reason is not None and adm.reason.is_quota:
         metrics.QUOTA_WAITS.labels(namespace).inc()
     refused: tuple[WaitReason, str] | None = None
+    terminating_ns = False
     created = 0
     for i, job in enumerate(admitted):
         try:
@@ -218,6 +220,7 @@ async def admit_and_create(
             WORLD.drop_intents(key, [rest["metadata"]["name"] for rest in admitted[i:]])
             WORLD.waiting[key] = WORLD.waiting.get(key, 0) + len(admitted) - i
             why = message if outcome == kube.Created.QUOTA else _being_deleted(namespace)
+            terminating_ns = outcome == kube.Created.TERMINATING
             refused = (WaitReason.EXCEEDED_QUOTA, why)
             metrics.QUOTA_WAITS.labels(namespace).inc()
             break
@@ -243,7 +246,8 @@ async def admit_and_create(
     else:
         WORLD.blocked.pop(key, None)
     if refused is not None:
-        return Waiting(step_noun(want.step, still), refused[0], refused[1], refused=True), created
+        what = step_noun(want.step, still)
+        return Waiting(what, refused[0], refused[1], refused=True, namespace_terminating=terminating_ns), created
     if still and adm.reason is not None:
         until = None
         if adm.reason == WaitReason.TOKEN_BUDGET and budget is not None:

@@ -336,6 +336,7 @@ class Waiting:
     pods_blocked: str | None = None
     refused: bool = False  # a 403 from the API server that the computed headroom did not foresee
     until: dt.datetime | None = None  # when the wait ends by itself (a token budget's period rolls over)
+    namespace_terminating: bool = False  # a create was refused: the namespace is being deleted
 
 
 def step_noun(step: str, count: int) -> str:
