@@ -79,6 +79,29 @@ class EndpointShareRef(_Model):
     endpoint: str | None = Field(default=None, min_length=1, max_length=253)
 
 
+SHARES_KEY = "shares.json"  # the key of the shares ConfigMap's data (EndpointShares as JSON)
+
+
+class ShareEntry(_Model):
+    """One admitted Job's share of a shared endpoint: requests in flight, and its part of the
+    endpoint's requests and tokens per minute."""
+
+    concurrency: int = Field(ge=0)
+    requests_per_minute: int | None = Field(default=None, ge=0)
+    tokens_per_minute: int | None = Field(default=None, ge=0)
+
+
+class EndpointShares(_Model):
+    """What the operator writes, and the pods of one ResearchJob poll, under ``SHARES_KEY`` of its
+    shares ConfigMap: each of its admitted Jobs' current share of ModelEndpoint ``endpoint``."""
+
+    endpoint: str = ""
+    jobs: dict[str, ShareEntry] = Field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
 class StructuredOutput(StrEnum):
     """How a structured answer (the analysts, a search query) is asked of the model."""
 

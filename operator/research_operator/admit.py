@@ -18,6 +18,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from research_api.researchjob import ModelSpec, WorkerSpec
+from research_api.task import SHARES_KEY
 from research_operator import broker, kube, metrics
 from research_operator import endpoints as ep
 from research_operator.admission import (
@@ -357,7 +358,7 @@ async def _sync_endpoint(name: str) -> None:
         rj = str(body.get("metadata", {}).get("name"))
         owner = Owner(key[0], rj, key[1])
         cm = ep.shares_configmap(key[0], rj, owner.reference(), name, mine)
-        data = cm["data"][ep.SHARES_KEY]
+        data = cm["data"][SHARES_KEY]
         if WORLD.shares_written.get(key) != data:
             await kube.put_configmap(cm)
             WORLD.shares_written[key] = data
@@ -389,7 +390,12 @@ async def _sync_endpoint(name: str) -> None:
             "pods": len(pods),
             "waitingResearchJobs": waiting,
             "shares": [
-                {"namespace": p.namespace, "researchJob": p.research_job, "job": p.job, **table[p.job].wire()}
+                {
+                    "namespace": p.namespace,
+                    "researchJob": p.research_job,
+                    "job": p.job,
+                    **table[p.job].entry().model_dump(by_alias=True, exclude_none=True),
+                }
                 for _, p in sorted(pods, key=lambda kp: (kp[1].namespace, kp[1].job))
             ]
             or None,
