@@ -34,6 +34,7 @@ from research_operator.reconcile import (
     StoreView,
     Waiting,
     apply_waiting,
+    batches_started,
     continues_steps,
     decide,
 )
@@ -1155,3 +1156,14 @@ def test_the_world_sums_each_namespaces_admitted_and_waiting_demand_at_an_endpoi
     w.bump()
     assert "small" not in w.endpoint_namespaces("shared")  # neither admitted nor waiting there
     assert w.endpoint_namespaces("other") == {}
+
+
+def test_batches_started_in_a_pass_show_as_running_in_the_same_status_write() -> None:
+    st = ResearchJobStatus(sections_done=1)
+    st.batches.queued = 3
+    batches_started(st, 4, 2)
+    assert (st.batches.active, st.batches.queued) == (2, 1)
+    assert st.message == "1/4 sections; 2 batch Jobs running, 1 waiting"
+    before = st.message
+    batches_started(st, 4, 0)  # none started (all wait): what the pass decided stays
+    assert st.message == before

@@ -38,6 +38,7 @@ from research_operator.reconcile import (
     Waiting,
     apply_waiting,
     batches,
+    batches_started,
     condition,
     continues_steps,
     decide,
@@ -318,13 +319,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         if want.step == Step.INTERVIEW.value:
             # In Kueue mode a new Job waits, suspended, until Kueue admits it.
             started = 0 if cfg.kueue_queue else len(want.jobs) - WORLD.waiting.get(key, 0)
-            st.batches.active += started
-            st.batches.queued -= started
-            if started:
-                st.message = (
-                    f"{st.sections_done}/{spec.analysts.count} sections; {st.batches.active} batch Jobs running, "
-                    f"{st.batches.queued} waiting"
-                )
+            batches_started(st, spec.analysts.count, started)
     elif WORLD.waiting.pop(key, None) is not None:
         WORLD.blocked.pop(key, None)
         WORLD.bump()

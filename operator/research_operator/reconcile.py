@@ -235,7 +235,7 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
                 st.message = f"writer Job {writer.name} running"
         else:
             st.phase = Phase.Interviewing
-            st.message = f"{len(done)}/{count} sections; {counts.active} batch Jobs running, {counts.queued} waiting"
+            st.message = interviewing_message(len(done), count, counts.active, counts.queued)
 
     # Budget and deadline: both only grow, so a job that crossed them stays Failed.
     if failure is None and st.phase != Phase.Succeeded:
@@ -337,6 +337,18 @@ class Waiting:
     refused: bool = False  # a 403 from the API server that the computed headroom did not foresee
     until: dt.datetime | None = None  # when the wait ends by itself (a token budget's period rolls over)
     namespace_terminating: bool = False  # a create was refused: the namespace is being deleted
+
+
+def interviewing_message(done: int, count: int, active: int, queued: int) -> str:
+    return f"{done}/{count} sections; {active} batch Jobs running, {queued} waiting"
+
+
+def batches_started(st: ResearchJobStatus, count: int, started: int) -> None:
+    """``started`` interview batch Jobs were created in this pass: the status counts them as running."""
+    st.batches.active += started
+    st.batches.queued -= started
+    if started:
+        st.message = interviewing_message(st.sections_done, count, st.batches.active, st.batches.queued)
 
 
 def step_noun(step: str, count: int) -> str:
