@@ -1167,3 +1167,45 @@ def test_batches_started_in_a_pass_show_as_running_in_the_same_status_write() ->
     before = st.message
     batches_started(st, 4, 0)  # none started (all wait): what the pass decided stays
     assert st.message == before
+
+
+async def test_a_job_whose_pod_a_quota_seen_late_can_never_fit_is_deleted_to_wait(monkeypatch: Any) -> None:
+    """The quota was created moments before the ResearchJob and its watch event came after the
+    planner Job was made: the Job controller keeps failing to create the pod. Once the quota is
+    seen, that Job (no pod ever, its FailedCreate seen) is deleted; the step then waits, saying
+    QuotaTooSmall, like any other. Jobs that have pods, or fit, are left alone."""
+    from research_operator import kube
+    from research_operator import loop as loop_mod
+    from research_operator import world as world_mod
+    from research_operator.admission import QuotaUsage
+    from research_operator.world import World
+
+    w = World()
+    monkeypatch.setattr(world_mod, "WORLD", w)
+    monkeypatch.setattr(loop_mod, "WORLD", w)
+    deleted: list[tuple[str, str, str]] = []
+
+    async def delete_job(namespace: str, name: str, uid: str = "", propagation: str = "Background") -> None:
+        deleted.append((namespace, name, uid))
+
+    monkeypatch.setattr(kube, "delete_job", delete_job)
+    key = ("ns", "uid-rj")
+    blocked = JobView("rj-p-plan", "plan", "p", uid="uid-job", pods=0)
+    running = JobView("rj-p-b1", "interview", "p", batch=1, uid="uid-running", pods=1)
+    w.job_index = {key: [blocked, running]}
+    w.create_failures = {"uid-job": "exceeded quota: tiny", "uid-running": "exceeded quota: tiny"}
+    worker = spec().worker  # requests.cpu 100m by default
+
+    class Log:
+        def info(self, msg: str) -> None:
+            self.last = msg
+
+    log = Log()
+    w.quota_index = {"ns": [QuotaUsage("roomy", {"requests.cpu": "2"}, {})]}
+    await loop_mod.drop_jobs_that_never_fit(key, worker, log)  # type: ignore[arg-type]
+    assert deleted == []  # the quota can hold one: the Job controller will create the pod in time
+    w.quota_index = {"ns": [QuotaUsage("tiny", {"requests.cpu": "50m"}, {})]}
+    await loop_mod.drop_jobs_that_never_fit(key, worker, log)  # type: ignore[arg-type]
+    assert deleted == [("ns", "rj-p-plan", "uid-job")]
+    assert "uid-job" in w.deleted[key] and "rj-p-plan" not in w.jobs_of(key)
+    assert "tiny" in log.last and "requests.cpu" in log.last

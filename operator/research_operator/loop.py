@@ -25,9 +25,11 @@ from research_api.researchjob import (
     Phase,
     ResearchJobSpec,
     ResearchJobStatus,
+    WorkerSpec,
 )
 from research_api.task import Step
 from research_operator import broker, kube, kueue, metrics, tenancy
+from research_operator.admission import PodResources, never_fits
 from research_operator.admit import Outcome, Want, admit_and_create, pods_blocked, still_blocked, with_detail
 from research_operator.admit import now as _now
 from research_operator.builders import Owner, worker_job, worker_rbac
@@ -254,6 +256,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     if add and not await kube.set_finalizer(namespace, name, uid, present=True):
         return Outcome()  # the ResearchJob is gone or was replaced
     now = _now()
+    await drop_jobs_that_never_fit(key, spec.worker, logger)
     jobs = [await with_detail(namespace, j) for j in WORLD.jobs_of(key).values()]
     obs = Observed(
         generation=int(meta.get("generation") or 0),
@@ -374,6 +377,24 @@ def log_decision(logger: kopf.Logger, st: ResearchJobStatus, prev: ResearchJobSt
 
 
 POLICY_PROBE_SECONDS = 10.0  # how long one look at the admission policy binding serves
+
+
+async def drop_jobs_that_never_fit(key: Key, worker: WorkerSpec, logger: kopf.Logger) -> None:
+    """A worker Job created before the operator saw a ResourceQuota its pod can never fit (the quota
+    was created moments before the ResearchJob, and its watch event came after): the Job controller
+    only keeps failing to create the pod. Such a Job (no pod ever, its FailedCreate seen) is deleted,
+    and its step waits as every other one does, saying QuotaTooSmall, until the quota is raised."""
+    namespace = key[0]
+    pod = PodResources.from_spec(worker.resources.requests.wire(), worker.resources.limits.wire())
+    why = never_fits(WORLD.quotas_of(namespace), pod, worker.priority_class_name or "")
+    if why is None:
+        return
+    for job in list(WORLD.jobs_of(key).values()):
+        if job.active and not job.pods and job.uid and job.uid in WORLD.create_failures:
+            WORLD.deleted[key].add(job.uid)  # before the request: the watch may answer first
+            await kube.delete_job(namespace, job.name, job.uid)
+            WORLD.create_failures.pop(job.uid, None)
+            logger.info(f"decision: deleted {job.name}, whose pod can never be created: {why}")
 
 
 async def author_checks(cfg: Settings, logger: kopf.Logger) -> tuple[tenancy.AuthorChecks, dt.datetime | None]:
