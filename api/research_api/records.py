@@ -67,6 +67,64 @@ class AnalystPlan(BaseModel):
     feedback: str | None = None
     analysts: list[Analyst]
     usage: TokenUsage = TokenUsage()
+    # per analyst, the local documents relevant to the topic it is to reach (research_worker.coverage)
+    documents: list[list[str]] = Field(default_factory=list)
+
+
+class CitationCheck(BaseModel):
+    """What checking a writer's cited sentences against the retrieved text found (research_worker.grounding)."""
+
+    checked: int = 0  # sentences that carried a citation, as the model wrote them
+    supported: int = 0  # ... supported by the retrieved text of a source they cite
+    recited: int = 0  # ... not, but by another retrieved source's passage: re-cited to it
+    dropped: int = 0  # ... supported by nothing retrieved: left out
+    failures: list[str] = Field(default_factory=list)  # the first unsupported sentences, and what was done
+    revised: int = 0  # writings done again with their failures as feedback (a quality floor was missed)
+
+    def __add__(self, other: CitationCheck) -> CitationCheck:
+        return CitationCheck(
+            checked=self.checked + other.checked,
+            supported=self.supported + other.supported,
+            recited=self.recited + other.recited,
+            dropped=self.dropped + other.dropped,
+            failures=(self.failures + other.failures)[:20],
+            revised=self.revised + other.revised,
+        )
+
+    @property
+    def accuracy_percent(self) -> int:
+        """Supported cited sentences as written, in whole percent rounded down (100 only when all are)."""
+        return 100 if not self.checked else (100 * self.supported) // self.checked
+
+
+class Evidence(BaseModel):
+    """One passage an interview retrieved: what a citation of ``source`` is checked against."""
+
+    source: str
+    title: str = ""
+    content: str
+
+
+class ReportQuality(BaseModel):
+    """How well a report is supported by its sources and how much of them it covers."""
+
+    sections: CitationCheck = Field(default_factory=CitationCheck)  # the section writers' cited sentences
+    report: CitationCheck = Field(default_factory=CitationCheck)  # introduction, body and conclusion
+    sources_retrieved: int = 0  # distinct sources the interviews retrieved
+    sources_cited: int = 0  # distinct sources the report cites (= its Sources list)
+    relevant: list[str] = Field(default_factory=list)  # local documents relevant to the topic
+    relevant_cited: int = 0
+    unreached: list[str] = Field(default_factory=list)  # relevant documents no interview retrieved
+    uncited: list[str] = Field(default_factory=list)  # relevant documents retrieved but not cited
+
+    @property
+    def total(self) -> CitationCheck:
+        return self.sections + self.report
+
+    @property
+    def coverage_percent(self) -> int:
+        """Relevant documents the report cites, in whole percent rounded down (100 with none relevant)."""
+        return 100 if not self.relevant else (100 * self.relevant_cited) // len(self.relevant)
 
 
 class Section(BaseModel):
@@ -80,6 +138,9 @@ class Section(BaseModel):
     sources: list[str]
     found_sources: bool
     usage: TokenUsage = Field(default_factory=TokenUsage)
+    # every passage the interview retrieved (the report's citations are checked against them too)
+    evidence: list[Evidence] = Field(default_factory=list)
+    check: CitationCheck = Field(default_factory=CitationCheck)
 
 
 class Report(BaseModel):
@@ -90,6 +151,7 @@ class Report(BaseModel):
     sources: list[str]
     sections: list[int]
     usage: TokenUsage = Field(default_factory=TokenUsage)
+    quality: ReportQuality | None = None
 
 
 class SectionMarker(BaseModel):
@@ -111,6 +173,7 @@ class ReportMarker(BaseModel):
     sections: list[int]
     sources: int
     usage: TokenUsage
+    quality: ReportQuality | None = None
 
 
 StoredRecord = AnalystPlan | Section | Report | SectionMarker | ReportMarker

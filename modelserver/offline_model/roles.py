@@ -369,7 +369,17 @@ def section(conv: Conversation) -> str:
                 break
             if p not in chosen and seen.add(p.text):
                 chosen.append(p)
-    chosen = _readable_order(limit_words(chosen, 300), sourced, seen)
+    chosen = limit_words(chosen, 300)
+    # a careful writer uses every document it was given: the most relevant sentence of any not yet used
+    ranked = rank(query, sourced, k=len(sourced))
+    for source in dict.fromkeys(s for p in sourced for s in p.sources[:1]):
+        if any(source in p.sources for p in chosen):
+            continue
+        mine = [p for p in ranked if source in p.sources] or [p for p in sourced if source in p.sources]
+        extra = next((p for p in mine if not leans_back(p.text) and seen.add(p.text)), None)
+        if extra is not None:
+            chosen.append(extra)
+    chosen = _readable_order(chosen, sourced, seen)
     if not chosen:
         return f"## {title}\n\n### Summary\n\nThe source documents for this section contain no usable text."
     cites = Citations()
@@ -441,6 +451,17 @@ def plan_memos(text: str) -> MemoPlan:
         for i, g in enumerate(rest):
             if i != closing and (not chosen or len(chosen) + len(g) <= 4):
                 chosen.extend(g)
+        # every source the memo cites is cited in the report: the body takes a sentence of any the
+        # introduction, the other body sentences and the conclusion leave out
+        used = {id(p) for p in chosen} | {id(p) for p in plan.intro} | {id(p) for p in plan.closing}
+        cited = {s for p in [*chosen, *plan.intro, *plan.closing] for s in p.sources}
+        for g in rest:
+            for p in g:
+                if id(p) not in used and p.sources and not set(p.sources) <= cited:
+                    chosen.extend(g)
+                    used |= {id(q) for q in g}
+                    cited |= {s for q in g for s in q.sources}
+                    break
         plan.body.append(chosen)
     return plan
 
