@@ -163,7 +163,7 @@ def check(marked: str, evidence: Evidence, known: Sequence[str]) -> tuple[str, C
                 kept.append(sentence)
                 continue
             names = ", ".join(known[i] for i in verdict.cited if i < len(known))
-            plain = _MARK.sub("", sentence).strip()
+            plain = re.sub(r"\s+([.!?,;:])", r"\1", _MARK.sub("", sentence)).strip()
             if verdict.recite is not None:
                 result.recited += 1
                 kept.append(_recite(sentence, verdict.recite))
