@@ -16,6 +16,7 @@ from enum import StrEnum
 from pydantic import BaseModel, Field
 
 from research_api.names import CONFIGMAP_DATA_KEY
+from research_api.task import QualityFloor
 
 MARKER_STORE = "postgres"  # the ANNOTATION_STORE value of the PostgreSQL store's markers
 
@@ -125,6 +126,33 @@ class ReportQuality(BaseModel):
     def coverage_percent(self) -> int:
         """Relevant documents the report cites, in whole percent rounded down (100 with none relevant)."""
         return 100 if not self.relevant else (100 * self.relevant_cited) // len(self.relevant)
+
+    def figures(self) -> str:
+        """The figures in one line, for a message."""
+        t = self.total
+        return (
+            f"citation accuracy {t.accuracy_percent}% ({t.supported} of {t.checked} cited sentences supported; "
+            f"{t.recited} re-cited, {t.dropped} dropped), coverage {self.coverage_percent}% ({self.relevant_cited} "
+            f"of {len(self.relevant)} relevant documents cited), {self.sources_cited} of {self.sources_retrieved} "
+            "retrieved sources cited"
+        )
+
+    def misses(self, floor: QualityFloor) -> list[str]:
+        """What of these figures misses ``floor``, in words (empty: it meets it)."""
+        out = []
+        t = self.total
+        if floor.min_citation_accuracy is not None and t.accuracy_percent < floor.min_citation_accuracy:
+            out.append(
+                f"citation accuracy {t.accuracy_percent}% ({t.supported} of {t.checked} cited sentences supported; "
+                f"{t.recited} re-cited, {t.dropped} dropped) is below {floor.min_citation_accuracy}%"
+            )
+        if floor.min_coverage is not None and self.coverage_percent < floor.min_coverage:
+            missing = self.unreached + self.uncited
+            out.append(
+                f"coverage {self.coverage_percent}% ({self.relevant_cited} of {len(self.relevant)} relevant "
+                f"documents cited; not cited: {', '.join(missing)}) is below {floor.min_coverage}%"
+            )
+        return out
 
 
 class Section(BaseModel):

@@ -165,6 +165,15 @@ class QualityFloor(_Model):
     min_citation_accuracy: int | None = Field(default=None, ge=0, le=100)
     min_coverage: int | None = Field(default=None, ge=0, le=100)
 
+    def over(self, default: QualityFloor) -> QualityFloor:
+        """This floor, each unset field taken from ``default`` (the admins')."""
+        return QualityFloor(
+            min_citation_accuracy=self.min_citation_accuracy
+            if self.min_citation_accuracy is not None
+            else default.min_citation_accuracy,
+            min_coverage=self.min_coverage if self.min_coverage is not None else default.min_coverage,
+        )
+
 
 def plan_id(feedback: str | None, job_uid: str = "") -> str:
     """Identifies a plan of one ResearchJob: the same review feedback always gives the same plan id,

@@ -17,7 +17,6 @@ from langgraph.graph import END, StateGraph
 from langgraph.runtime import Runtime
 
 from research_api.records import CitationCheck, ReportQuality
-from research_api.task import QualityFloor
 from research_worker import prompts
 from research_worker.citations import dedupe, memos, number_marks, report_sources, split_listing, to_marks
 from research_worker.configuration import Configuration
@@ -162,30 +161,12 @@ def measure(
     )
 
 
-def below_floor(quality: ReportQuality, floor: QualityFloor) -> list[str]:
-    """What of ``quality`` misses ``floor``, in words (empty: it meets it)."""
-    out = []
-    total = quality.total
-    if floor.min_citation_accuracy is not None and total.accuracy_percent < floor.min_citation_accuracy:
-        out.append(
-            f"citation accuracy {total.accuracy_percent}% ({total.supported} of {total.checked} cited sentences "
-            f"supported; {total.recited} re-cited, {total.dropped} dropped) is below {floor.min_citation_accuracy}%"
-        )
-    if floor.min_coverage is not None and quality.coverage_percent < floor.min_coverage:
-        missing = quality.unreached + quality.uncited
-        out.append(
-            f"coverage {quality.coverage_percent}% ({quality.relevant_cited} of {len(quality.relevant)} relevant "
-            f"documents cited; not cited: {', '.join(missing)}) is below {floor.min_coverage}%"
-        )
-    return out
-
-
 def after_report(state: ReportState, runtime: Runtime[Configuration]) -> str:
     """Once more with feedback when the report misses the quality floor and was not yet written again."""
     report = state.get("report")
     if report is None or report.quality is None or state.get("revised", 0) >= 1:
         return END
-    missed = below_floor(report.quality, runtime.context.quality)
+    missed = report.quality.misses(runtime.context.quality)
     if not missed or (report.quality.report.checked == report.quality.report.supported and not report.quality.uncited):
         return END  # only the sections missed it: another report writing cannot change that
     log.warning("the report misses the quality floor (%s); writing it again", "; ".join(missed))
