@@ -223,10 +223,37 @@ def document_titles(text: str) -> dict[str, str]:
         label = document_label(m.group(1), i)
         lines = [ln.strip() for ln in m.group(2).splitlines() if ln.strip()]
         heads = [ln.lstrip("#").strip() for ln in lines if ln.startswith("#")]
-        heads += [ln for j, ln in enumerate(lines[:-1]) if not ln.startswith("#")
-                  and (is_heading_line(ln, lines[j + 1]) or (lines[j + 1].startswith("#") and len(ln.split()) <= 10))]
+        heads += [
+            ln
+            for j, ln in enumerate(lines[:-1])
+            if not ln.startswith("#")
+            and (is_heading_line(ln, lines[j + 1]) or (lines[j + 1].startswith("#") and len(ln.split()) <= 10))
+        ]
         name = re.sub(r"\.[A-Za-z0-9]{1,5}$", "", re.split(r"[/\\]", label.split(",")[0].rstrip("/"))[-1])
         out[label] = " ".join([*heads, re.sub(r"[-_.]+", " ", name)]).strip()
+    return out
+
+
+def document_names(text: str) -> dict[str, str]:
+    """label -> what a document calls itself, as a phrase: its first heading (or plain title line), else
+    the words of its file name when they say something ("regional-styles.txt" -> "regional styles";
+    never "doc 1"); labels without either are left out."""
+    out: dict[str, str] = {}
+    for i, m in enumerate(_DOC.finditer(unescape_repr(text))):
+        label = document_label(m.group(1), i)
+        lines = [ln.strip() for ln in m.group(2).splitlines() if ln.strip()]
+        first = lines[0] if lines else ""
+        followed = len(lines) > 1 and (
+            is_heading_line(first, lines[1]) or (lines[1].startswith("#") and len(first.split()) <= 10)
+        )
+        if first.startswith("#") or followed:
+            out[label] = first.lstrip("#").strip().rstrip(".:")
+            continue
+        name = re.sub(r"\.[A-Za-z0-9]{1,5}$", "", re.split(r"[/\\]", label.split(",")[0].rstrip("/"))[-1])
+        words = re.sub(r"[-_.]+", " ", name).split()
+        if words and not any(any(c.isdigit() for c in w) for w in words) and any(len(w) >= 4 for w in words):
+            if not (len(words) == 1 and words[0].lower() in ("document", "notes", "untitled", "readme", "text")):
+                out[label] = " ".join(words)
     return out
 
 

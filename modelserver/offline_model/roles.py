@@ -111,10 +111,12 @@ def parse_focus(description: str) -> tuple[str, str, list[str]]:
     text = re.sub(r"\s+", " ", description.strip())
     first = focus_phrase(text, 40)
     theme, setting = first, ""
-    m = re.match(r"(.{3,80}?)\s+(?:in|for|within|across)\s+(.+)$", first)
-    if m and len(m.group(1).split()) <= 8:
+    m = re.match(r"(.{3,200}?),\s+(?:in|for|within|across)\s+(.+)$", first) or re.match(
+        r"(.{3,80}?)\s+(?:in|for|within|across)\s+(.+)$", first
+    )
+    if m and (len(m.group(1).split()) <= 8 or "," in first):
         theme, setting = m.group(1), m.group(2)
-    theme = natural_cut(theme, 8)
+    theme = natural_cut(theme.split(", as well as ")[0], 8)  # a panel's grouped subjects: the lead one
     rest = re.split(r"(?<=[.!?])\s+", text, maxsplit=1)[1:] if text else []
     concerns: list[str] = []
     if rest:

@@ -76,6 +76,12 @@ def split_markdown(source: str, text: str) -> list[Passage]:
     return passages
 
 
+def document_title(text: str) -> str:
+    """The document's own title: its first line when that is a ``#`` heading."""
+    first = text.lstrip().split("\n", 1)[0].strip()
+    return first.lstrip("#").strip() if re.match(r"^#\s", first) else ""
+
+
 def read_folder(path: str | Path) -> dict[str, str]:
     """The text/Markdown files under a folder, by path relative to it."""
     root = Path(path)
@@ -168,6 +174,9 @@ class DocumentsBackend:
             text = "\n\n".join(
                 f"{p.title}\n{p.content}" if p.title else p.content for p in self.passages if p.source == src
             )
+            title = document_title(self.documents.get(src, ""))
+            if title and not text.startswith(title):  # a title over no text of its own heads no passage
+                text = f"{title}\n\n{text}"
             out.append(SearchDoc(source=src, title="", content=text[:chars], backend=self.name))
         return out
 
