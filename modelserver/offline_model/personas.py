@@ -349,6 +349,7 @@ def _document_subjects(passages: list[tuple[str, str]], avoid: set[str], names: 
             if not verbish[t]
             and c[t] >= 2
             and not _ADJECTIVE.search(_surface(forms[t]).lower())
+            and nounish[t] >= 2
             and nounish[t] * 4 >= sum(counts_of(t))  # mostly a thing: "the quorum", "a cavity"
             and heads[t] * 3 >= 2 * sum(counts_of(t))  # that ends its phrase, not a modifier ("thin debris")
         ]
@@ -357,9 +358,6 @@ def _document_subjects(passages: list[tuple[str, str]], avoid: set[str], names: 
         )
         nouns = tuple(("the " if after_the[t] * 2 >= nounish[t] else "") + _surface(forms[t]) for t in things[:6])
         subject = names.get(source, "")
-        said = {w.lower().rstrip("s") for w in words(" ".join(texts[source]))}
-        if not any(len(w) >= 4 and w.lower().rstrip("s") in said for w in words(subject)):
-            subject = ""  # a file name the text never uses ("regional-styles.txt") says too little
         if not subject:
             bare = [_surface(forms[t]) for t in things[:2]]
             subject = " and ".join(bare) if bare else source
@@ -444,6 +442,8 @@ def document_group_themes(
             concerns.append(f"the link between {nouns[2]} and {nouns[3]}")
         if len(nouns) >= 5:
             concerns.append(f"the importance of {nouns[4]}")
+        if len(concerns) < 2 and len(nouns) >= 3:
+            concerns.append(f"the importance of {nouns[2]}")
         concerns += [c.format(t=lead) for c in _GENERIC_CONCERNS][: 3 - len(concerns)]
         words = frozenset(t for d in group for t in sorted(d.vector, key=lambda t: -d.vector[t])[:2])
         themes.append(Theme(phrase, role, tuple(concerns[:3]), words))

@@ -437,6 +437,7 @@ def plan_memos(text: str) -> MemoPlan:
     plan = MemoPlan([], [], [], [], _shared_numbering([b for _, b in memos]))
     for title, body in memos:
         groups = units(distinct(parse(body).passages, seen))  # in the memo's own order: its lead comes first
+        mine = [p for g in groups for p in g]
         plan.titles.append(title)
         singles = [i for i, g in enumerate(groups) if len(g) == 1 and not leans_back(g[0].text)]
         lead = singles[0] if len(groups) >= 2 and singles else None
@@ -453,10 +454,10 @@ def plan_memos(text: str) -> MemoPlan:
         for i, g in enumerate(rest):
             if i != closing and (not chosen or len(chosen) + len(g) <= 4):
                 chosen.extend(g)
-        # every source the memo cites is cited in the report: the body takes a sentence of any the
-        # introduction, the other body sentences and the conclusion leave out
+        # every source the memo cites is cited in the report body (the introduction and conclusion are
+        # cut to length): the body takes a sentence of any its other sentences leave out
         used = {id(p) for p in chosen} | {id(p) for p in plan.intro} | {id(p) for p in plan.closing}
-        cited = {s for p in [*chosen, *plan.intro, *plan.closing] for s in p.sources}
+        cited = {s for p in chosen for s in p.sources}
         for g in rest:
             for p in g:
                 if id(p) not in used and p.sources and not set(p.sources) <= cited:
@@ -464,6 +465,11 @@ def plan_memos(text: str) -> MemoPlan:
                     used |= {id(q) for q in g}
                     cited |= {s for q in g for s in q.sources}
                     break
+        for lst in (plan.intro, plan.closing):  # a source only the lead or the recap cites moves to the body
+            for p in [q for q in lst if q in mine and q.sources and not set(q.sources) <= cited]:
+                lst.remove(p)
+                chosen.append(p)
+                cited |= set(p.sources)
         plan.body.append(chosen)
     return plan
 

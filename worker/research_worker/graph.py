@@ -91,12 +91,15 @@ def _documents_overview(config: Configuration, topic: str, max_analysts: int) ->
     """A look at the local documents for planning (those most relevant to the topic first). Only local
     sources take part: a web search here would cost a call before any analyst exists."""
     docs: list[SearchDoc] = []
+    relevant = set(relevant_documents(config.documents, topic))
     for b in config.backends:
         overview = getattr(b, "overview", None)
         if overview is not None:
             # every document when they fit (the planner should see what the sources hold), else the
             # most relevant ones
-            docs += overview(topic, max(2 * max_analysts, 6, len(getattr(b, "documents", ()))))
+            shown = overview(topic, max(2 * max_analysts, 6, len(getattr(b, "documents", ()))))
+            # the documents relevant to the topic: a stray file does not get an analyst of its own
+            docs += [d for d in shown if d.source in relevant] or shown
     return docs
 
 

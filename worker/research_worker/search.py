@@ -77,9 +77,12 @@ def split_markdown(source: str, text: str) -> list[Passage]:
 
 
 def document_title(text: str) -> str:
-    """The document's own title: its first line when that is a ``#`` heading."""
-    first = text.lstrip().split("\n", 1)[0].strip()
-    return first.lstrip("#").strip() if re.match(r"^#\s", first) else ""
+    """The document's own title: its first line when that is a ``#`` heading or underlined (``===``)."""
+    lines = text.lstrip().split("\n", 2)
+    first = lines[0].strip()
+    if re.match(r"^#\s", first):
+        return first.lstrip("#").strip()
+    return first if len(lines) > 1 and re.fullmatch(r"=+", lines[1].strip()) else ""
 
 
 def read_folder(path: str | Path) -> dict[str, str]:
