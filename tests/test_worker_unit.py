@@ -490,3 +490,12 @@ def test_relevant_documents_leave_out_a_stray_file_and_each_goes_to_the_closest_
     plan = assign(analysts, docs, relevant)
     assert sorted(d for ds in plan for d in ds) == sorted(relevant) and [len(ds) for ds in plan] == [2, 2]
     assert "waggle.md" in plan[0] and "quorum.md" in plan[1]
+
+
+def test_documents_about_what_a_relevant_one_is_about_are_relevant_a_stray_one_is_not() -> None:
+    from research_worker.coverage import relevant_documents
+    from research_worker.search import read_folder
+
+    docs = read_folder(Path(__file__).parent / "corpora" / "monarch-migration" / "docs")
+    # only one document names the oyamel fir; the others are about the same butterflies
+    assert relevant_documents(docs, "Oyamel fir forests") == sorted(d for d in docs if not d.startswith("offtopic"))
