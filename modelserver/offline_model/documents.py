@@ -227,25 +227,6 @@ def parse(text: str, *, numbered_documents: bool = True) -> Corpus:
     return corpus
 
 
-def document_titles(text: str) -> dict[str, str]:
-    """label -> the words a document names itself by: its Markdown headings, plain title lines and the
-    words of its file name or address ("scout-bees.md" -> "scout bees")."""
-    out: dict[str, str] = {}
-    for i, m in enumerate(_DOC.finditer(unescape_repr(text))):
-        label = document_label(m.group(1), i)
-        lines = [ln.strip() for ln in m.group(2).splitlines() if ln.strip()]
-        heads = [ln.lstrip("#").strip() for ln in lines if ln.startswith("#")]
-        heads += [
-            ln
-            for j, ln in enumerate(lines[:-1])
-            if not ln.startswith("#")
-            and (is_heading_line(ln, lines[j + 1]) or (lines[j + 1].startswith("#") and len(ln.split()) <= 10))
-        ]
-        name = re.sub(r"\.[A-Za-z0-9]{1,5}$", "", re.split(r"[/\\]", label.split(",")[0].rstrip("/"))[-1])
-        out[label] = " ".join([*heads, re.sub(r"[-_.]+", " ", name)]).strip()
-    return out
-
-
 def document_names(text: str) -> dict[str, str]:
     """label -> what a document calls itself, as a phrase: its first heading (or plain title line), else
     the words of its file name when they say something ("regional-styles.txt" -> "regional styles";
