@@ -13,7 +13,9 @@ against the offline model server, four times:
 It reports the wall time of the run, the time spent checking citations (research_worker.grounding.check)
 and finding and assigning the relevant documents (research_worker.coverage), the tokens of the run and the
 sentences checked. The checking itself calls no model: its token cost is that of the writings a floor makes
-the writers do again. Prints Markdown.
+the writers do again. Then, for each honest report, its body's citations are each moved to another of
+its sources (true sentences, wrong document: what a model that mixes up its references writes) and checked
+again, to see how many the lexical check catches. Prints Markdown.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import datetime as dt
 import os
+import re
 import statistics
 import sys
 import time
@@ -65,6 +68,26 @@ def instrument() -> tuple[Timer, Timer]:
     return check, coverage
 
 
+def miscited(result: steps.RunResult) -> tuple[int, int]:
+    """The report body with every citation moved to another of its sources (a model that cites the wrong
+    document for a true sentence), checked again: (sentences checked, sentences caught)."""
+    md = result.report.markdown
+    body = md.split("## Insights\n", 1)[1].split("\n---\n", 1)[0]
+    k = len(result.report.sources)
+    rotated = re.sub(r"\[(\d+)\]", lambda m: f"[{int(m.group(1)) % k + 1}]", body)
+    listing = "\n".join(f"[{i}] {src}" for i, src in enumerate(result.report.sources, start=1))
+    state: Any = {
+        "topic": result.report.topic,
+        "sections": result.sections,
+        "introduction": "## Introduction\nMoved citations.",
+        "content": f"## Insights\n{rotated}\n\n## Sources\n{listing}\n",
+        "conclusion": "## Conclusion\nDone.",
+    }
+    q = writing.finalize_report(state).get("report").quality
+    assert q is not None
+    return q.report.checked, q.report.recited + q.report.dropped
+
+
 async def one(base_url: str, corpus: str, analysts: int, floor: bool) -> dict[str, Any]:
     folder = CORPORA / corpus
     task = ResearchTask.model_validate(
@@ -83,7 +106,7 @@ async def one(base_url: str, corpus: str, analysts: int, floor: bool) -> dict[st
     seconds = time.perf_counter() - t0
     q = result.report.quality
     assert q is not None
-    return {"seconds": seconds, "tokens": result.report.usage.total_tokens, "quality": q}
+    return {"seconds": seconds, "tokens": result.report.usage.total_tokens, "quality": q, "result": result}
 
 
 def main() -> int:
@@ -94,6 +117,7 @@ def main() -> int:
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench")
     check, coverage = instrument()
     rows = []
+    swaps: list[tuple[str, int, int]] = []
     with ModelServerProcess() as honest, ModelServerProcess(fault_invent_citation_rate=1.0) as liar:
         for corpus in args.corpora.split(","):
             for label, server, floor in (
@@ -110,6 +134,8 @@ def main() -> int:
                 rows.append(
                     (corpus, label, r["seconds"], check.seconds, check.calls, coverage.seconds, r["tokens"], t, q)
                 )
+                if label == "plain":  # after the timings were taken: its checks are not the run's
+                    swaps.append((corpus, *miscited(r["result"])))
     print(f"# Report quality checking ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {args.analysts} analysts)\n")
     print(
         "| corpus | run | wall s | checking ms (calls) | coverage ms | tokens | cited sentences "
@@ -134,6 +160,12 @@ def main() -> int:
         f"A floor the writers miss costs one more writing each: {extra:.0f} tokens more per ResearchJob "
         f"({100 * extra / plain_tokens:.0f}% of a plain run's {plain_tokens:.0f})."
     )
+    print()
+    print("Citations moved to another source of the report (true sentences, wrong document), checked again:\n")
+    print("| corpus | cited sentences | caught (re-cited or dropped) |")
+    print("| --- | ---: | ---: |")
+    for corpus, checked, caught in swaps:
+        print(f"| {corpus} | {checked} | {caught} ({100 * caught // max(1, checked)}%) |")
     return 0
 
 

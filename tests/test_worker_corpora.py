@@ -280,6 +280,8 @@ def test_an_invented_citation_is_caught_and_a_floor_is_missed_with_the_figures(
     out = _run(server, "violin-making", floored, {"minCitationAccuracy": 100})
     q = ReportQuality.model_validate(out["quality"])
     assert q.sections.revised == 3 and q.report.revised == 1  # each writer ran once more, with the failures
+    # the second writings failed only by the invented sentence again: the feedback is never quoted as material
+    assert q.total.dropped == writings and all("1642" in f for f in q.total.failures), q.total.failures
     assert "writing it again" in out["stderr"]
     missed = q.misses(QualityFloor(min_citation_accuracy=100))
     assert missed and missed[0].startswith(f"citation accuracy {q.total.accuracy_percent}% (")

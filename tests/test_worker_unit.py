@@ -499,3 +499,36 @@ def test_documents_about_what_a_relevant_one_is_about_are_relevant_a_stray_one_i
     docs = read_folder(Path(__file__).parent / "corpora" / "monarch-migration" / "docs")
     # only one document names the oyamel fir; the others are about the same butterflies
     assert relevant_documents(docs, "Oyamel fir forests") == sorted(d for d in docs if not d.startswith("offtopic"))
+
+
+def test_the_report_counts_relevant_documents_no_interview_reached_or_the_text_left_uncited() -> None:
+    from types import SimpleNamespace
+
+    from research_worker.state import Evidence
+
+    docs = {
+        "scouts.md": "Scouts inspect each cavity of the swarm's new nest site.",
+        "dance.md": "A scout dances on the swarm cluster for a nest site.",
+        "quorum.md": "A quorum of scouts at a nest site starts the swarm piping.",
+    }
+    a = Analyst(name="A", role="r", affiliation="f", description="d")
+    section = Section(
+        index=0, analyst=a, title="Scouts", content="", summary="Scouts inspect each cavity [1]. A scout dances [2].",
+        sources=["scouts.md", "dance.md"], found_sources=True,
+        evidence=[Evidence(source=k, content=docs[k]) for k in ("scouts.md", "dance.md")],
+    )  # fmt: skip
+    state: Any = {
+        "topic": "How a honeybee swarm chooses its nest site",
+        "sections": [section],
+        "introduction": "# Nest\n\n## Introduction\nScouts inspect each cavity of the swarm's new nest site [1].",
+        "content": "## Insights\nA scout dances on the swarm cluster for a nest site [1].",  # cites the wrong one
+        "conclusion": "## Conclusion\nDone.",
+    }
+    out = finalize_report(state, SimpleNamespace(context=SimpleNamespace(documents=docs)))  # type: ignore[arg-type]
+    q = out["report"].quality
+    assert out["report"].sources == ["scouts.md", "dance.md"]  # the body's sentence re-cited to dance.md
+    assert "for a nest site [2]." in out["final_report"]
+    assert (q.report.checked, q.report.supported, q.report.recited) == (2, 1, 1)
+    assert q.relevant == ["dance.md", "quorum.md", "scouts.md"] or sorted(q.relevant) == sorted(docs)
+    assert (q.relevant_cited, q.unreached, q.uncited, q.coverage_percent) == (2, ["quorum.md"], [], 66)
+    assert (q.sources_retrieved, q.sources_cited) == (2, 2)

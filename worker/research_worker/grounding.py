@@ -7,7 +7,10 @@ download, and judges the writer's text the same way whichever model wrote it (th
 which copies sentences, or a real LLM, which paraphrases). A sentence is supported by a passage when
 
 * at least ``SUPPORT`` (60%) of the sentence's content terms (lower-cased, stop words removed,
-  plurals and -ing/-ed endings folded) occur in that one passage, and
+  plurals and -ing/-ed endings folded) occur in that one passage, each term weighted by how rare it is
+  among the retrieved passages (``ln((N + 1) / df)``), so the words every passage shares (the subject's
+  own: "swarm", "scout") cannot carry a sentence whose distinctive words ("dance", "cluster") the
+  passage lacks, and
 * every number the sentence states (``1987``, ``40``, ``3.5``) occurs in it.
 
 One passage must carry the claim: the retrieved text of a source is a few heading-delimited
@@ -23,8 +26,10 @@ Sentences are checked in the "marked" form of research_worker.citations (``\\x00
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from research_api.records import CitationCheck
@@ -74,6 +79,17 @@ class Evidence:
     """The retrieved text, by index into the known sources (what a mark names)."""
 
     passages: dict[int, list[str]] = field(default_factory=dict)
+    _df: Counter[str] | None = None
+    _n: int = 0
+
+    def weight(self, term: str) -> float:
+        """How much a term says: ln((N + 1) / df) over the N retrieved passages (a term none holds counts
+        as one that one holds). Words every passage shares (the subject's own) say little about which
+        passage supports a sentence; its distinctive words say most."""
+        if self._df is None:
+            self._df = Counter(t for texts in self.passages.values() for p in texts for t in terms(p))
+            self._n = sum(len(texts) for texts in self.passages.values())
+        return math.log((self._n + 1) / max(1, self._df[term]))
 
     @classmethod
     def of(cls, known: Sequence[str], retrieved: Sequence[tuple[str, str]]) -> Evidence:
@@ -89,8 +105,14 @@ class Evidence:
         return ev
 
 
-def _coverage(sentence_terms: set[str], sentence_numbers: set[str], texts: Sequence[str]) -> float:
-    """The share of the sentence's terms found in ``texts`` taken together; 0 when a number is missing."""
+def _coverage(
+    sentence_terms: set[str],
+    sentence_numbers: set[str],
+    texts: Sequence[str],
+    weight: Callable[[str], float] = lambda t: 1.0,
+) -> float:
+    """The (weighted) share of the sentence's terms found in ``texts`` taken together; 0 when a number
+    is missing."""
     if not sentence_terms:
         return 1.0
     found: set[str] = set()
@@ -100,7 +122,8 @@ def _coverage(sentence_terms: set[str], sentence_numbers: set[str], texts: Seque
         nums |= numbers(t)
     if not sentence_numbers <= nums:
         return 0.0
-    return len(sentence_terms & found) / len(sentence_terms)
+    total = sum(weight(t) for t in sentence_terms)
+    return sum(weight(t) for t in sentence_terms & found) / total if total else 1.0
 
 
 def support(sentence: str, passage: str) -> float:
@@ -117,17 +140,21 @@ class Verdict:
 
 def judge(sentence: str, cited: Sequence[int], evidence: Evidence) -> Verdict:
     st, sn = terms(sentence), numbers(sentence)
+    w = evidence.weight
     best: list[str] = []
     for i in cited:
         texts = evidence.passages.get(i, [])
-        if any(_coverage(st, sn, [t]) >= SUPPORT for t in texts):
+        if any(_coverage(st, sn, [t], w) >= SUPPORT for t in texts):
             return Verdict(tuple(cited), True)
         if texts:
-            best.append(max(texts, key=lambda t: _coverage(st, sn, [t])))
-    if len(best) > 1 and _coverage(st, sn, best) >= SUPPORT:
+            best.append(max(texts, key=lambda t: _coverage(st, sn, [t], w)))
+    if len(best) > 1 and _coverage(st, sn, best, w) >= SUPPORT:
         return Verdict(tuple(cited), True)
     scored = [
-        (_coverage(st, sn, [t]), i) for i, texts in sorted(evidence.passages.items()) if i not in cited for t in texts
+        (_coverage(st, sn, [t], w), i)
+        for i, texts in sorted(evidence.passages.items())
+        if i not in cited
+        for t in texts
     ]
     score, other = max(scored, default=(0.0, -1), key=lambda s: (s[0], -s[1]))
     return Verdict(tuple(cited), False, other if score >= SUPPORT else None)

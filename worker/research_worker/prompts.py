@@ -220,15 +220,19 @@ conclusion_request = "Write the report conclusion"
 # sources say.
 revision_feedback = """
 
+<feedback>
 Your previous draft was checked against the retrieved sources, and these cited statements were not
 supported by the source they cite:
 {failures}
 
 Write it again. Cite a source only for what that source's text says, and leave out any statement the
-sources do not support."""
+sources do not support.
+</feedback>"""
 
 coverage_feedback = """
 
+<feedback>
 These relevant sources appear in the memos but were not cited in your previous draft; cite each of them
 where the memos draw on it:
-{sources}"""
+{sources}
+</feedback>"""
