@@ -270,13 +270,16 @@ def _document_subjects(passages: list[tuple[str, str]], avoid: set[str], names: 
             and nounish[t] * 4 >= sum(counts_of(t))  # mostly a thing: "the quorum", "a cavity"
             and heads[t] * 3 >= 2 * sum(counts_of(t))  # that ends its phrase, not a modifier ("thin debris")
         ]
+        plain = [t for t in ranked if not verbish[t] and not _ADJECTIVE.search(_surface(forms[t]).lower())]
+        # a short document repeats little: a thing seen once after a determiner, ending its phrase
         things = (
-            things or [t for t in ranked if not verbish[t] and not _ADJECTIVE.search(_surface(forms[t]).lower())][:2]
+            things
+            or [t for t in plain if after_the[t] and heads[t] * 3 >= 2 * sum(counts_of(t)) and not t.endswith("st")][:2]
         )
         nouns = tuple(("the " if after_the[t] * 2 >= nounish[t] else "") + _surface(forms[t]) for t in things[:6])
         subject = names.get(source, "")
         if not subject:
-            bare = [_surface(forms[t]) for t in things[:2]]
+            bare = [_surface(forms[t]) for t in (things or plain)[:2]]
             subject = " and ".join(bare) if bare else source
         out.append(_DocSubject(source, subject, nouns, {t: v / norm for t, v in weight.items()}))
     return out
