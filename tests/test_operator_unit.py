@@ -247,6 +247,20 @@ def test_a_report_below_the_quality_floor_fails_the_job_with_the_figures() -> No
     assert decide(floored, observe(store=_reported(_quality(30, 30, 0)))).status.phase == Phase.Succeeded
 
 
+def test_a_report_that_cites_nothing_it_retrieved_is_not_grounded_and_misses_any_accuracy_floor() -> None:
+    silent = ReportQuality(sources_retrieved=5, relevant=["a.md", "b.md"])  # no sentence cites a source
+    d = decide(spec(), observe(store=_reported(silent)))
+    assert d.status.phase == Phase.Succeeded and d.status.quality and d.status.quality.citation_accuracy == 0
+    grounded = {c.type: c for c in d.status.conditions or []}["Grounded"]
+    assert (grounded.status, grounded.reason) == ("False", "NoCitations")
+    d = decide(spec(quality={"minCitationAccuracy": 50}), observe(store=_reported(silent)))
+    assert d.status.phase == Phase.Failed
+    assert d.status.message == (
+        "the report misses the quality floor: the report cites none of the 5 sources retrieved "
+        "(citation accuracy 0%, below 50%)"
+    )
+
+
 def test_the_admins_quality_floor_applies_where_the_spec_sets_none() -> None:
     admin = QualityFloor(min_coverage=100)
     obs = observe(store=_reported(_quality(30, 30, 0, relevant_cited=2)))

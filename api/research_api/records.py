@@ -123,6 +123,17 @@ class ReportQuality(BaseModel):
         return self.sections + self.report
 
     @property
+    def cites_nothing(self) -> bool:
+        """Sources were retrieved but no sentence cites one: nothing in the report is grounded."""
+        return self.total.checked == 0 and self.sources_retrieved > 0
+
+    @property
+    def accuracy_percent(self) -> int:
+        """Cited sentences supported as written, in whole percent; 0 for a report that cites nothing it
+        could have cited (a vacuous 100 would pass any floor)."""
+        return 0 if self.cites_nothing else self.total.accuracy_percent
+
+    @property
     def coverage_percent(self) -> int:
         """Relevant documents the report cites, in whole percent rounded down (100 with none relevant)."""
         return 100 if not self.relevant else (100 * self.relevant_cited) // len(self.relevant)
@@ -131,7 +142,7 @@ class ReportQuality(BaseModel):
         """The figures in one line, for a message."""
         t = self.total
         return (
-            f"citation accuracy {t.accuracy_percent}% ({t.supported} of {t.checked} cited sentences supported; "
+            f"citation accuracy {self.accuracy_percent}% ({t.supported} of {t.checked} cited sentences supported; "
             f"{t.recited} re-cited, {t.dropped} dropped), coverage {self.coverage_percent}% ({self.relevant_cited} "
             f"of {len(self.relevant)} relevant documents cited), {self.sources_cited} of {self.sources_retrieved} "
             "retrieved sources cited"
@@ -141,7 +152,12 @@ class ReportQuality(BaseModel):
         """What of these figures misses ``floor``, in words (empty: it meets it)."""
         out = []
         t = self.total
-        if floor.min_citation_accuracy is not None and t.accuracy_percent < floor.min_citation_accuracy:
+        if floor.min_citation_accuracy is not None and self.cites_nothing:
+            out.append(
+                f"the report cites none of the {self.sources_retrieved} sources retrieved (citation accuracy 0%, "
+                f"below {floor.min_citation_accuracy}%)"
+            )
+        elif floor.min_citation_accuracy is not None and t.accuracy_percent < floor.min_citation_accuracy:
             out.append(
                 f"citation accuracy {t.accuracy_percent}% ({t.supported} of {t.checked} cited sentences supported; "
                 f"{t.recited} re-cited, {t.dropped} dropped) is below {floor.min_citation_accuracy}%"

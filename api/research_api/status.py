@@ -85,7 +85,8 @@ class QualityStatus(ApiModel):
         100,
         ge=0,
         le=100,
-        description="Percent of checked sentences supported as written (rounded down: 100 only when all are).",
+        description="Percent of checked sentences supported as written (rounded down: 100 only when all are; "
+        "0 when the report cites none of the sources retrieved).",
     )
     sources_retrieved: int = Field(0, description="Distinct sources the interviews retrieved.")
     sources_cited: int = Field(0, description="Distinct sources the report cites (its Sources list).")

@@ -134,7 +134,7 @@ def quality_status(q: ReportQuality) -> QualityStatus:
         sentences_supported=t.supported,
         sentences_recited=t.recited,
         sentences_dropped=t.dropped,
-        citation_accuracy=t.accuracy_percent,
+        citation_accuracy=q.accuracy_percent,
         sources_retrieved=q.sources_retrieved,
         sources_cited=q.sources_cited,
         relevant_documents=len(q.relevant),
@@ -153,6 +153,8 @@ def grounded(q: ReportQuality, missed: list[str]) -> tuple[bool, str, str]:
     t = q.total
     if missed:
         return False, "BelowQualityFloor", "; ".join(missed)
+    if q.cites_nothing:
+        return False, "NoCitations", f"the report cites none of the {q.sources_retrieved} sources retrieved"
     if t.supported < t.checked:
         return False, "UnsupportedCitations", q.figures()
     return True, "CitationsSupported", q.figures()

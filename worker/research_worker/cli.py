@@ -273,7 +273,7 @@ def _emit_quality(path: str | None, report: Any) -> None:
         "documents cited (%d%%), %d sources retrieved, %d cited",
         total.supported,
         total.checked,
-        total.accuracy_percent,
+        q.accuracy_percent,
         total.recited,
         total.dropped,
         q.relevant_cited,

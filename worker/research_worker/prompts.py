@@ -236,3 +236,10 @@ These relevant sources appear in the memos but were not cited in your previous d
 where the memos draw on it:
 {sources}
 </feedback>"""
+
+no_citations_feedback = """
+
+<feedback>
+Your previous draft cited none of the sources. Cite each statement with the number of the memo source it
+comes from, in brackets, for example [1] or [2].
+</feedback>"""

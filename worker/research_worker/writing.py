@@ -167,7 +167,8 @@ def after_report(state: ReportState, runtime: Runtime[Configuration]) -> str:
     if report is None or report.quality is None or state.get("revised", 0) >= 1:
         return END
     missed = report.quality.misses(runtime.context.quality)
-    if not missed or (report.quality.report.checked == report.quality.report.supported and not report.quality.uncited):
+    q = report.quality
+    if not missed or (q.report.checked == q.report.supported and not q.uncited and not q.cites_nothing):
         return END  # only the sections missed it: another report writing cannot change that
     log.warning("the report misses the quality floor (%s); writing it again", "; ".join(missed))
     return "revise_report"
@@ -182,6 +183,8 @@ def revise_report(state: ReportState) -> dict[str, Any]:
         feedback += prompts.revision_feedback.format(
             failures="\n".join(f"- {f}" for f in report.quality.report.failures)
         )
+    if report.quality.cites_nothing:
+        feedback += prompts.no_citations_feedback
     if report.quality.uncited:
         numbering = report_sources(state.get("sections", []))
         listed = [f"[{numbering.index(d) + 1}] {d}" for d in report.quality.uncited if d in numbering]
