@@ -202,8 +202,8 @@ def _reported(quality: ReportQuality) -> StoreView:
 
 def _quality(supported: int, checked: int, dropped: int, relevant_cited: int = 3) -> ReportQuality:
     return ReportQuality(
-        sections=CitationCheck(checked=checked - 10, supported=supported - 10, dropped=dropped),
-        report=CitationCheck(checked=10, supported=10),
+        sections=CitationCheck(checked=40, supported=39, recited=1),  # repaired before the report was written
+        report=CitationCheck(checked=checked, supported=supported, dropped=dropped),
         sources_retrieved=4,
         sources_cited=3,
         relevant=["a.md", "b.md", "c.md"],
@@ -219,6 +219,7 @@ def test_a_reports_quality_is_in_the_status_with_a_grounded_condition() -> None:
     assert q is not None
     assert (q.sentences_checked, q.sentences_supported, q.citation_accuracy, q.coverage) == (30, 30, 100, 100)
     assert (q.sources_retrieved, q.sources_cited, q.relevant_documents, q.relevant_cited) == (4, 3, 3, 3)
+    assert (q.section_sentences_checked, q.section_sentences_supported, q.section_sentences_recited) == (40, 39, 1)
     grounded = {c.type: c for c in d.status.conditions or []}["Grounded"]
     assert (grounded.status, grounded.reason) == ("True", "CitationsSupported")
     assert "30 of 30 cited sentences supported" in grounded.message

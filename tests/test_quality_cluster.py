@@ -107,7 +107,7 @@ def test_the_status_and_kubectl_show_how_well_the_report_is_supported(
     assert all(any(norm(s).rstrip(".") in norm(docs[names[n - 1]]) for n in ns) for s, ns in cited)
     assert set(names) == set(docs)
     assert (q["sourcesCited"], q["relevantDocuments"], q["relevantCited"], q["coverage"]) == (6, 6, 6, 100)
-    assert q["citationAccuracy"] == 100 and q["sentencesSupported"] == q["sentencesChecked"] >= len(cited)
+    assert q["citationAccuracy"] == 100 and q["sentencesSupported"] == q["sentencesChecked"] == len(cited)
     assert q["sourcesRetrieved"] == 6 and "unreachedDocuments" not in q
     grounded = conditions(obj)["Grounded"]
     assert (grounded["status"], grounded["reason"]) == ("True", "CitationsSupported")
@@ -135,9 +135,10 @@ def test_invented_citations_are_caught_and_below_the_floor_the_researchjob_fails
     obj = finished(cluster, namespace, "caught")
     status, q = obj["status"], obj["status"]["quality"]
     assert status["phase"] == "Succeeded", status  # no floor: delivered, with what was caught in status
-    writings = 3 + 3  # three sections; the report's introduction, body and conclusion
-    assert q["sentencesDropped"] == writings and q["citationAccuracy"] < 100
-    assert q["sentencesSupported"] == q["sentencesChecked"] - writings
+    # one invented sentence in each of the report's introduction, body and conclusion, and in each section
+    assert q["sentencesDropped"] == 3 and q["sentencesSupported"] == q["sentencesChecked"] - 3
+    assert q["citationAccuracy"] == 100 * (q["sentencesChecked"] - 3) // q["sentencesChecked"] < 100
+    assert q["sectionSentencesDropped"] == 3
     assert any("1642" in f for f in q["failures"])
     report = report_of(cluster, namespace, obj)
     assert "1642" not in report

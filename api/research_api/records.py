@@ -107,7 +107,10 @@ class Evidence(BaseModel):
 
 
 class ReportQuality(BaseModel):
-    """How well a report is supported by its sources and how much of them it covers."""
+    """How well a report is supported by its sources and how much of them it covers. The citation
+    figures that count are the report's own (introduction, body and conclusion as their writers wrote
+    them): that is what is delivered. The sections' are kept beside them: their unsupported sentences
+    were repaired before the report was written from them."""
 
     sections: CitationCheck = Field(default_factory=CitationCheck)  # the section writers' cited sentences
     report: CitationCheck = Field(default_factory=CitationCheck)  # introduction, body and conclusion
@@ -120,48 +123,52 @@ class ReportQuality(BaseModel):
 
     @property
     def total(self) -> CitationCheck:
+        """Every writer's figures together (the sections' and the report's)."""
         return self.sections + self.report
 
     @property
     def cites_nothing(self) -> bool:
-        """Sources were retrieved but no sentence cites one: nothing in the report is grounded."""
-        return self.total.checked == 0 and self.sources_retrieved > 0
+        """Sources were retrieved but no sentence of the report cites one: nothing in it is grounded."""
+        return self.report.checked == 0 and self.sources_retrieved > 0
 
     @property
     def accuracy_percent(self) -> int:
-        """Cited sentences supported as written, in whole percent; 0 for a report that cites nothing it
-        could have cited (a vacuous 100 would pass any floor)."""
-        return 0 if self.cites_nothing else self.total.accuracy_percent
+        """The report's cited sentences supported as written, in whole percent; 0 for a report that cites
+        nothing it could have cited (a vacuous 100 would pass any floor)."""
+        return 0 if self.cites_nothing else self.report.accuracy_percent
 
     @property
     def coverage_percent(self) -> int:
         """Relevant documents the report cites, in whole percent rounded down (100 with none relevant)."""
         return 100 if not self.relevant else (100 * self.relevant_cited) // len(self.relevant)
 
+    def _accuracy(self) -> str:
+        r = self.report
+        return (
+            f"citation accuracy {self.accuracy_percent}% ({r.supported} of {r.checked} cited sentences supported; "
+            f"{r.recited} re-cited, {r.dropped} dropped)"
+        )
+
     def figures(self) -> str:
         """The figures in one line, for a message."""
-        t = self.total
+        s = self.sections
         return (
-            f"citation accuracy {self.accuracy_percent}% ({t.supported} of {t.checked} cited sentences supported; "
-            f"{t.recited} re-cited, {t.dropped} dropped), coverage {self.coverage_percent}% ({self.relevant_cited} "
-            f"of {len(self.relevant)} relevant documents cited), {self.sources_cited} of {self.sources_retrieved} "
-            "retrieved sources cited"
+            f"{self._accuracy()}, coverage {self.coverage_percent}% ({self.relevant_cited} of {len(self.relevant)} "
+            f"relevant documents cited), {self.sources_cited} of {self.sources_retrieved} retrieved sources cited; "
+            f"sections: {s.supported} of {s.checked} cited sentences supported ({s.recited} re-cited, "
+            f"{s.dropped} dropped)"
         )
 
     def misses(self, floor: QualityFloor) -> list[str]:
-        """What of these figures misses ``floor``, in words (empty: it meets it)."""
+        """What of the report's figures misses ``floor``, in words (empty: it meets it)."""
         out = []
-        t = self.total
         if floor.min_citation_accuracy is not None and self.cites_nothing:
             out.append(
                 f"the report cites none of the {self.sources_retrieved} sources retrieved (citation accuracy 0%, "
                 f"below {floor.min_citation_accuracy}%)"
             )
-        elif floor.min_citation_accuracy is not None and t.accuracy_percent < floor.min_citation_accuracy:
-            out.append(
-                f"citation accuracy {t.accuracy_percent}% ({t.supported} of {t.checked} cited sentences supported; "
-                f"{t.recited} re-cited, {t.dropped} dropped) is below {floor.min_citation_accuracy}%"
-            )
+        elif floor.min_citation_accuracy is not None and self.accuracy_percent < floor.min_citation_accuracy:
+            out.append(f"{self._accuracy()} is below {floor.min_citation_accuracy}%")
         if floor.min_coverage is not None and self.coverage_percent < floor.min_coverage:
             missing = self.unreached + self.uncited
             out.append(

@@ -71,10 +71,11 @@ class ReportRef(ApiModel):
 
 class QualityStatus(ApiModel):
     """How well the report is supported by its sources and how much of them it covers. Every sentence
-    a writer gave a citation is checked against the text retrieved from the source it cites."""
+    a writer gave a citation is checked against the text retrieved from the source it cites; the first
+    figures are the report's own (introduction, body and conclusion), the section ones its sections'."""
 
     sentences_checked: int = Field(
-        0, description="Cited sentences the writers wrote (the sections' and the report's), each checked."
+        0, description="Cited sentences of the report (introduction, body, conclusion) as written, each checked."
     )
     sentences_supported: int = Field(0, description="Of those, supported by the passage retrieved from a cited source.")
     sentences_recited: int = Field(
@@ -85,9 +86,13 @@ class QualityStatus(ApiModel):
         100,
         ge=0,
         le=100,
-        description="Percent of checked sentences supported as written (rounded down: 100 only when all are; "
-        "0 when the report cites none of the sources retrieved).",
+        description="Percent of the report's checked sentences supported as written (rounded down: 100 only "
+        "when all are; 0 when the report cites none of the sources retrieved).",
     )
+    section_sentences_checked: int = Field(0, description="Cited sentences the section writers wrote, each checked.")
+    section_sentences_supported: int = Field(0, description="Of those, supported as written.")
+    section_sentences_recited: int = Field(0, description="Of those, re-cited to the source that supports them.")
+    section_sentences_dropped: int = Field(0, description="Of those, left out of their section.")
     sources_retrieved: int = Field(0, description="Distinct sources the interviews retrieved.")
     sources_cited: int = Field(0, description="Distinct sources the report cites (its Sources list).")
     relevant_documents: int = Field(0, description="Documents of the documents sources relevant to the topic.")

@@ -122,6 +122,8 @@ def quality(q: Any) -> str | None:
     ]
     if fixed:
         line += f" [{', '.join(fixed)}]"
+    if q.get("sectionSentencesChecked"):
+        line += f" (sections {q.get('sectionSentencesSupported', 0)}/{q.get('sectionSentencesChecked')})"
     line += f", coverage {q.get('relevantCited', 0)}/{q.get('relevantDocuments', 0)} ({q.get('coverage', 100)}%)"
     line += f", sources {q.get('sourcesCited', 0)} cited of {q.get('sourcesRetrieved', 0)} retrieved"
     missed = list(q.get("unreachedDocuments") or []) + list(q.get("uncitedDocuments") or [])

@@ -128,13 +128,17 @@ def condition(
 
 def quality_status(q: ReportQuality) -> QualityStatus:
     """The status form of a report's quality figures."""
-    t = q.total
+    r, s = q.report, q.sections
     return QualityStatus(
-        sentences_checked=t.checked,
-        sentences_supported=t.supported,
-        sentences_recited=t.recited,
-        sentences_dropped=t.dropped,
+        sentences_checked=r.checked,
+        sentences_supported=r.supported,
+        sentences_recited=r.recited,
+        sentences_dropped=r.dropped,
         citation_accuracy=q.accuracy_percent,
+        section_sentences_checked=s.checked,
+        section_sentences_supported=s.supported,
+        section_sentences_recited=s.recited,
+        section_sentences_dropped=s.dropped,
         sources_retrieved=q.sources_retrieved,
         sources_cited=q.sources_cited,
         relevant_documents=len(q.relevant),
@@ -142,20 +146,19 @@ def quality_status(q: ReportQuality) -> QualityStatus:
         coverage=q.coverage_percent,
         unreached_documents=q.unreached or None,
         uncited_documents=q.uncited or None,
-        rewrites=t.revised,
-        failures=t.failures[:5] or None,
+        rewrites=q.total.revised,
+        failures=(r.failures + s.failures)[:5] or None,
     )
 
 
 def grounded(q: ReportQuality, missed: list[str]) -> tuple[bool, str, str]:
-    """The Grounded condition: (status, reason, message). True when every cited sentence the writers
-    wrote was supported by the passage it cites."""
-    t = q.total
+    """The Grounded condition: (status, reason, message). True when every cited sentence of the report
+    was supported by the passage it cites as its writer wrote it."""
     if missed:
         return False, "BelowQualityFloor", "; ".join(missed)
     if q.cites_nothing:
         return False, "NoCitations", f"the report cites none of the {q.sources_retrieved} sources retrieved"
-    if t.supported < t.checked:
+    if q.report.supported < q.report.checked:
         return False, "UnsupportedCitations", q.figures()
     return True, "CitationsSupported", q.figures()
 

@@ -267,21 +267,7 @@ def _emit_quality(path: str | None, report: Any) -> None:
     q = report.quality
     if q is None:
         return
-    total = q.total
-    log.info(
-        "quality: %d of %d cited sentences supported (%d%%; %d re-cited, %d dropped), %d of %d relevant "
-        "documents cited (%d%%), %d sources retrieved, %d cited",
-        total.supported,
-        total.checked,
-        q.accuracy_percent,
-        total.recited,
-        total.dropped,
-        q.relevant_cited,
-        len(q.relevant),
-        q.coverage_percent,
-        q.sources_retrieved,
-        q.sources_cited,
-    )
+    log.info("quality: %s", q.figures())
     if path:
         Path(path).write_text(q.model_dump_json(indent=2) + "\n", encoding="utf-8")
 

@@ -167,9 +167,8 @@ def after_report(state: ReportState, runtime: Runtime[Configuration]) -> str:
     if report is None or report.quality is None or state.get("revised", 0) >= 1:
         return END
     missed = report.quality.misses(runtime.context.quality)
-    q = report.quality
-    if not missed or (q.report.checked == q.report.supported and not q.uncited and not q.cites_nothing):
-        return END  # only the sections missed it: another report writing cannot change that
+    if not missed:
+        return END
     log.warning("the report misses the quality floor (%s); writing it again", "; ".join(missed))
     return "revise_report"
 
