@@ -1,6 +1,7 @@
 """What checking a report's citations and coverage costs per ResearchJob.
 
     .venv/bin/python bench/quality_bench.py [--corpora swarm-nest-site,roman-aqueducts,...] [--analysts 4]
+    PYTHONPATH=. .venv/bin/python bench/quality_bench.py --llamacpp roman-aqueducts   # a real model (slow)
 
 For each corpus of tests/corpora, the whole ``research-worker run`` (documents only) runs in this process
 against the offline model server, four times:
@@ -27,6 +28,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from offline_model.launcher import ModelServerProcess
-from research_api.task import ResearchTask
+from research_api.task import QualityFloor, ResearchTask
 from research_worker import citations, graph, steps, writing
 
 CORPORA = Path(__file__).resolve().parent.parent / "tests" / "corpora"
@@ -88,16 +90,19 @@ def miscited(result: steps.RunResult) -> tuple[int, int]:
     return q.report.checked, q.report.recited + q.report.dropped
 
 
-async def one(base_url: str, corpus: str, analysts: int, floor: bool) -> dict[str, Any]:
+async def one(
+    base_url: str, corpus: str, analysts: int, floor: bool, model: dict[str, Any] | None = None, **over: Any
+) -> dict[str, Any]:
     folder = CORPORA / corpus
     task = ResearchTask.model_validate(
         {
             "job": {"namespace": "bench", "name": corpus, "uid": str(uuid.uuid4())},
             "topic": (folder / "topic.txt").read_text().strip(),
             "maxAnalysts": analysts,
-            "model": {"name": "offline-research-1", "baseUrl": base_url, "maxConcurrency": 4},
-            "sources": [{"type": "documents", "path": str(folder / "docs")}],
-            **({"quality": {"minCitationAccuracy": 100}} if floor else {}),
+            "model": {"name": "offline-research-1", "baseUrl": base_url, "maxConcurrency": 4, **(model or {})},
+            "sources": [{"type": "documents", "path": str(folder / "docs"), "topK": over.pop("top_k", 3)}],
+            **({"quality": {"minCitationAccuracy": 100 if model is None else 50}} if floor else {}),
+            **over,
         }
     )
     t0 = time.perf_counter()
@@ -109,12 +114,42 @@ async def one(base_url: str, corpus: str, analysts: int, floor: bool) -> dict[st
     return {"seconds": seconds, "tokens": result.report.usage.total_tokens, "quality": q, "result": result}
 
 
+def llamacpp(corpus: str) -> int:
+    """The same with a real model: Gemma 3 270M on llama.cpp's llama-server (CPU), without and with a
+    floor of 50% (2 analysts, 1 turn, 200 output tokens a call)."""
+    from tests.fixtures.llamaserver import LlamaServer, build_llama_server
+
+    binary, gguf = build_llama_server()
+    print(f"# Report quality with Gemma 3 270M on llama-server ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC)\n")
+    print(
+        "| corpus | run | wall s | tokens | report's cited sentences (supported / checked) "
+        "| cited / retrieved | coverage | rewrites |"
+    )
+    print("| --- | --- | ---: | ---: | --- | --- | --- | ---: |")
+    with tempfile.TemporaryDirectory() as tmp, LlamaServer(binary, gguf, Path(tmp) / "llama.log") as server:
+        model = {"name": server.model, "maxOutputTokens": 200, "timeoutSeconds": 600, "maxConcurrency": 2}
+        for label, floor in (("plain", False), ("floor 50%", True)):
+            r = asyncio.run(one(server.base_url, corpus, 2, floor, model, maxTurns=1, top_k=2))
+            q = r["quality"]
+            print(
+                f"| {corpus} | {label} | {r['seconds']:.0f} | {r['tokens']} | {q.report.supported} / "
+                f"{q.report.checked} ({q.accuracy_percent}%) | {q.sources_cited} / {q.sources_retrieved} | "
+                f"{q.relevant_cited}/{len(q.relevant)} | {q.total.revised} |"
+            )
+            if floor:
+                print(f"\nBelow the floor: {'; '.join(q.misses(QualityFloor(min_citation_accuracy=50)))}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpora", default="swarm-nest-site,violin-making,monarch-migration,roman-aqueducts")
     p.add_argument("--analysts", type=int, default=4)
+    p.add_argument("--llamacpp", metavar="CORPUS", help="run with Gemma 3 270M on llama-server instead (slow)")
     args = p.parse_args()
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench")
+    if args.llamacpp:
+        return llamacpp(args.llamacpp)
     check, coverage = instrument()
     rows = []
     swaps: list[tuple[str, int, int]] = []
