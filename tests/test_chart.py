@@ -222,6 +222,8 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
         "kueuePriorityClasses": "{}",
         "kueueDefaultPriorityClass": "",
         "namespaceTokenBudgets": "{}",
+        "qualityMinCitationAccuracy": "",  # no report quality floor unless the admins set one
+        "qualityMinCoverage": "",
         # Tenancy: the policy is on, authors are not trusted, no system priority or toleration.
         "admissionPolicyBinding": "research-operator-tenancy",
         "trustAuthors": "false",
@@ -234,6 +236,16 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
         "allowedWorkloadPriorityClasses": "",
         "allowTenantBaseUrls": "true",
     }
+
+
+def test_a_quality_floor_in_the_values_reaches_the_operators_settings(helm: Path) -> None:
+    from research_operator.settings import Settings
+
+    docs = render(helm, "--set", "settings.quality.minCitationAccuracy=95", "--set", "settings.quality.minCoverage=0")
+    data = find(docs, "ConfigMap")["data"]
+    assert (data["qualityMinCitationAccuracy"], data["qualityMinCoverage"]) == ("95", "0")
+    floor = Settings().with_configmap(data).quality_floor
+    assert (floor.min_citation_accuracy, floor.min_coverage) == (95, 0)
 
 
 def test_services_select_only_their_own_pods(helm: Path) -> None:
@@ -324,6 +336,8 @@ def test_template_guards_explain_themselves(helm: Path) -> None:
         ("kueue.defaultPriorityClass=-x", "at '/kueue/defaultPriorityClass'"),
         ("settings.globalMaxActivejobs=3", "additional properties 'globalMaxActivejobs' not allowed"),
         ("postgres.dsnKey=a/b", "at '/postgres/dsnKey'"),
+        ("settings.quality.minCitationAccuracy=101", "at '/settings/quality/minCitationAccuracy': maximum"),
+        ("settings.quality.minCoverage=-1", "at '/settings/quality/minCoverage': minimum"),
     ],
 )
 def test_schema_rejects_bad_values(helm: Path, value: str, message: str) -> None:

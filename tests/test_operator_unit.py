@@ -9,8 +9,9 @@ from decimal import Decimal
 from typing import Any
 
 from research_api import leases as wire
+from research_api.records import CitationCheck, ReportQuality
 from research_api.researchjob import AnalystStatus, Phase, ReportRef, ResearchJobSpec, ResearchJobStatus, SecretKeyRef
-from research_api.task import ResearchTask, Step
+from research_api.task import QualityFloor, ResearchTask, Step
 from research_operator import endpoints as ep
 from research_operator.admission import (
     BudgetVerdict,
@@ -191,6 +192,87 @@ def test_all_sections_then_writer_then_succeeded() -> None:
     assert {c.type: c.status for c in d.status.conditions or []}["Complete"] == "True"
 
 
+def _reported(quality: ReportQuality) -> StoreView:
+    return StoreView(
+        analysts={PID: analysts(6)},
+        sections={PID: frozenset(range(6))},
+        reports={PID: ReportRef(config_map="rj-report", key="report.md")},
+        qualities={PID: quality},
+    )
+
+
+def _quality(supported: int, checked: int, dropped: int, relevant_cited: int = 3) -> ReportQuality:
+    return ReportQuality(
+        sections=CitationCheck(checked=40, supported=39, recited=1),  # repaired before the report was written
+        report=CitationCheck(checked=checked, supported=supported, dropped=dropped),
+        sources_retrieved=4,
+        sources_cited=3,
+        relevant=["a.md", "b.md", "c.md"],
+        relevant_cited=relevant_cited,
+        uncited=["c.md"] if relevant_cited < 3 else [],
+    )
+
+
+def test_a_reports_quality_is_in_the_status_with_a_grounded_condition() -> None:
+    d = decide(spec(), observe(store=_reported(_quality(30, 30, 0))))
+    assert d.status.phase == Phase.Succeeded
+    q = d.status.quality
+    assert q is not None
+    assert (q.sentences_checked, q.sentences_supported, q.citation_accuracy, q.coverage) == (30, 30, 100, 100)
+    assert (q.sources_retrieved, q.sources_cited, q.relevant_documents, q.relevant_cited) == (4, 3, 3, 3)
+    assert (q.section_sentences_checked, q.section_sentences_supported, q.section_sentences_recited) == (40, 39, 1)
+    grounded = {c.type: c for c in d.status.conditions or []}["Grounded"]
+    assert (grounded.status, grounded.reason) == ("True", "CitationsSupported")
+    assert "30 of 30 cited sentences supported" in grounded.message
+
+
+def test_unsupported_citations_show_in_status_and_without_a_floor_the_job_succeeds() -> None:
+    d = decide(spec(), observe(store=_reported(_quality(28, 30, 2))))
+    assert d.status.phase == Phase.Succeeded
+    assert d.status.quality and d.status.quality.citation_accuracy == 93 and d.status.quality.sentences_dropped == 2
+    grounded = {c.type: c for c in d.status.conditions or []}["Grounded"]
+    assert (grounded.status, grounded.reason) == ("False", "UnsupportedCitations")
+
+
+def test_a_report_below_the_quality_floor_fails_the_job_with_the_figures() -> None:
+    floored = spec(quality={"minCitationAccuracy": 95})
+    d = decide(floored, observe(store=_reported(_quality(28, 30, 2))))
+    assert d.status.phase == Phase.Failed
+    assert d.status.report and d.status.report.config_map == "rj-report"  # still there to read
+    assert d.status.message == (
+        "the report misses the quality floor: citation accuracy 93% (28 of 30 cited sentences supported; "
+        "0 re-cited, 2 dropped) is below 95%"
+    )
+    conds = {c.type: c for c in d.status.conditions or []}
+    assert (conds["Failed"].status, conds["Failed"].reason) == ("True", "BelowQualityFloor")
+    assert (conds["Grounded"].status, conds["Grounded"].reason) == ("False", "BelowQualityFloor")
+    assert decide(floored, observe(store=_reported(_quality(30, 30, 0)))).status.phase == Phase.Succeeded
+
+
+def test_a_report_that_cites_nothing_it_retrieved_is_not_grounded_and_misses_any_accuracy_floor() -> None:
+    silent = ReportQuality(sources_retrieved=5, relevant=["a.md", "b.md"])  # no sentence cites a source
+    d = decide(spec(), observe(store=_reported(silent)))
+    assert d.status.phase == Phase.Succeeded and d.status.quality and d.status.quality.citation_accuracy == 0
+    grounded = {c.type: c for c in d.status.conditions or []}["Grounded"]
+    assert (grounded.status, grounded.reason) == ("False", "NoCitations")
+    d = decide(spec(quality={"minCitationAccuracy": 50}), observe(store=_reported(silent)))
+    assert d.status.phase == Phase.Failed
+    assert d.status.message == (
+        "the report misses the quality floor: the report cites none of the 5 sources retrieved "
+        "(citation accuracy 0%, below 50%)"
+    )
+
+
+def test_the_admins_quality_floor_applies_where_the_spec_sets_none() -> None:
+    admin = QualityFloor(min_coverage=100)
+    obs = observe(store=_reported(_quality(30, 30, 0, relevant_cited=2)))
+    d = decide(spec(), dataclasses.replace(obs, quality_floor=admin))
+    assert d.status.phase == Phase.Failed
+    assert "coverage 66% (2 of 3 relevant documents cited; not cited: c.md) is below 100%" in (d.status.message or "")
+    own = spec(quality={"minCoverage": 50})  # the spec's own floor wins
+    assert decide(own, dataclasses.replace(obs, quality_floor=admin)).status.phase == Phase.Succeeded
+
+
 def test_a_planner_carrying_the_first_batch_holds_it_until_it_ends() -> None:
     store = StoreView(analysts={PID: analysts(6)}, sections={PID: frozenset({0})})
     carrier = JobView("p", "plan", PID, 0)
@@ -300,6 +382,21 @@ def test_worker_job_is_owned_restricted_and_carries_a_valid_task() -> None:
     ignore, fail = job["spec"]["podFailurePolicy"]["rules"]
     assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
     assert fail["action"] == "FailJob" and fail["onExitCodes"]["values"] == [2, 3, 5]
+
+
+def test_the_worker_task_carries_the_quality_floor_spec_first_then_the_admins() -> None:
+    owner = Owner("research", "k8s-batch", "uid-1")
+    admin = Settings(quality_floor=QualityFloor(min_citation_accuracy=90, min_coverage=80))
+
+    def floor_of(s: ResearchJobSpec, settings: Settings) -> QualityFloor:
+        job = worker_job(owner, s, settings, PID, Step.WRITE)
+        env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        return ResearchTask.model_validate(json.loads(env["RESEARCH_TASK"]["value"])).quality
+
+    assert floor_of(spec(), Settings()) == QualityFloor()
+    assert floor_of(spec(), admin) == QualityFloor(min_citation_accuracy=90, min_coverage=80)
+    own = spec(quality={"minCitationAccuracy": 100})
+    assert floor_of(own, admin) == QualityFloor(min_citation_accuracy=100, min_coverage=80)
 
 
 def test_a_planner_that_goes_on_names_its_batch_and_tells_the_worker() -> None:

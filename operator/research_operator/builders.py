@@ -38,6 +38,7 @@ from research_api.task import (
     JobRef,
     ModelSettings,
     PostgresStoreSettings,
+    QualityFloor,
     ResearchTask,
     Step,
     StructuredOutput,
@@ -134,7 +135,14 @@ def build_task(
         sources=sources,
         store=store,
         budget=Budget(max_tokens=spec.budget.max_tokens),
+        quality=quality_floor(spec, settings),
     )
+
+
+def quality_floor(spec: ResearchJobSpec, settings: Settings) -> QualityFloor:
+    """The report quality floor of a ResearchJob: its spec.quality, unset fields the admins' default."""
+    own = QualityFloor(min_citation_accuracy=spec.quality.min_citation_accuracy, min_coverage=spec.quality.min_coverage)
+    return own.over(settings.quality_floor)
 
 
 def labels(owner: Owner, step: str | None = None, plan: str | None = None) -> dict[str, str]:

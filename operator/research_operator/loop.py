@@ -267,6 +267,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         previous=prev,
         uid=uid,
         refusal=refused,
+        quality_floor=cfg.quality_floor,
     )
     d = decide(spec, obs)
     st = d.status

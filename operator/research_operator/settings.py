@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from research_api.task import QualityFloor
 from research_operator.admission import Caps
 from research_operator.endpoints import TokenBudget, parse_budgets
 from research_operator.tenancy import Allowlists, parse_allowlist
@@ -67,6 +68,28 @@ def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
     if raw not in ("true", "false"):
         raise ValueError(f"{key} must be true or false, got {raw!r}")
     return raw == "true"
+
+
+def _percent(env: Mapping[str, str], key: str, default: int | None) -> int | None:
+    """A whole percent 0-100, or none when the key is empty ("": no floor)."""
+    if key not in env:
+        return default
+    raw = env[key].strip()
+    if not raw or raw.lower() in ("null", "none"):
+        return None
+    if not raw.isdigit() or int(raw) > 100:
+        raise ValueError(f"{key} must be a whole percent 0-100 or empty, got {raw!r}")
+    return int(raw)
+
+
+def _floor(env: Mapping[str, str], prefix: str, default: QualityFloor) -> QualityFloor:
+    accuracy, coverage = (f"{prefix}MinCitationAccuracy", f"{prefix}MinCoverage")
+    if prefix.isupper():
+        accuracy, coverage = (f"{prefix}_MIN_CITATION_ACCURACY", f"{prefix}_MIN_COVERAGE")
+    return QualityFloor(
+        min_citation_accuracy=_percent(env, accuracy, default.min_citation_accuracy),
+        min_coverage=_percent(env, coverage, default.min_coverage),
+    )
 
 
 def _allowlist(env: Mapping[str, str], key: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -131,6 +154,9 @@ class Settings:
     # Whether a ResearchJob may name its own spec.model.baseUrl (False: the default endpoint and
     # ModelEndpoints declared by admins only).
     tenant_base_urls: bool = True
+    # The report quality floor of ResearchJobs whose spec.quality leaves it unset (chart value
+    # settings.quality; QUALITY_MIN_* / qualityMin* keys); none by default.
+    quality_floor: QualityFloor = field(default_factory=QualityFloor)
 
     @property
     def allowlists(self) -> Allowlists:
@@ -188,6 +214,7 @@ class Settings:
             allowed_workload_priority_classes=_allowlist(
                 e, "ALLOWED_WORKLOAD_PRIORITY_CLASSES", d.allowed_workload_priority_classes
             ),
+            quality_floor=_floor(e, "QUALITY", d.quality_floor),
         )
 
     def with_configmap(self, data: Mapping[str, str]) -> Settings:
@@ -215,4 +242,5 @@ class Settings:
             allowed_workload_priority_classes=_allowlist(
                 data, "allowedWorkloadPriorityClasses", self.allowed_workload_priority_classes
             ),
+            quality_floor=_floor(data, "quality", self.quality_floor),
         )
