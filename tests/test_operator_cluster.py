@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import threading
@@ -527,3 +528,27 @@ def test_a_workers_token_reads_only_its_own_researchjobs_configmaps(
     assert not can(sa["beta"], "get", f"configmaps/{report['alpha']}")
     assert not can(sa["alpha"], "list", "configmaps")
     assert not can(sa["alpha"], "get", "researchjobs.researchops.io/beta")
+
+
+def test_with_worker_network_policies_each_researchjob_gets_one_for_its_pods(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
+) -> None:
+    """networkPolicy.workers on: the operator makes one NetworkPolicy per ResearchJob, owned by it,
+    selecting its worker pods (no ingress; egress by the chart's rules). The local node enforces no
+    NetworkPolicy, so this shows what is made, not what it blocks."""
+    dns = {"to": [{"namespaceSelector": {}}], "ports": [{"port": 53, "protocol": "UDP"}]}
+    operator.extra_env["WORKER_NETWORK_POLICY_EGRESS"] = json.dumps([dns])
+    operator.restart()
+    try:
+        api = cluster.api_client()
+        create(api, namespace, researchjob("fenced", corpus_configmap, analysts={"count": 1}))
+        obj = wait_phase(api, namespace, "fenced", {"Succeeded", "Failed"})
+    finally:
+        operator.extra_env.pop("WORKER_NETWORK_POLICY_EGRESS")
+        operator.restart()
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    [policy] = client.NetworkingV1Api(api).list_namespaced_network_policy(namespace).items
+    assert policy.metadata.owner_references[0].uid == obj["metadata"]["uid"]
+    assert policy.spec.pod_selector.match_labels["researchops.io/job"] == "fenced"
+    assert policy.spec.policy_types == ["Ingress", "Egress"] and not policy.spec.ingress
+    assert policy.spec.egress[0].ports[0].port == 53

@@ -212,6 +212,29 @@ def worker_rbac(owner: Owner, spec: ResearchJobSpec, plan: str) -> list[dict[str
     ]
 
 
+def worker_network_policy(owner: Owner, egress: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """The NetworkPolicy of one ResearchJob's worker pods: nothing may connect to them (they serve
+    nothing), and they may connect only where ``egress`` allows (the chart's rules: DNS, the lease
+    broker and the bundled model server, plus what admins add: the API server, model endpoints,
+    search). Owned by the ResearchJob, named like its worker RBAC."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": worker_rbac_name(owner),
+            "namespace": owner.namespace,
+            "labels": labels(owner),
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_JOB: owner.name, LABEL_MANAGED_BY: MANAGED_BY}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [],
+            "egress": [dict(rule) for rule in egress],
+        },
+    }
+
+
 RESTRICTED_POD_SC = {
     "runAsNonRoot": True,
     "runAsUser": WORKER_UID,

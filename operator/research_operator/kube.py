@@ -97,6 +97,7 @@ async def create(obj: dict[str, Any], terminating: Callable[[], bool] | None = N
         "ServiceAccount": client.CoreV1Api(api()).create_namespaced_service_account,
         "Role": client.RbacAuthorizationV1Api(api()).create_namespaced_role,
         "RoleBinding": client.RbacAuthorizationV1Api(api()).create_namespaced_role_binding,
+        "NetworkPolicy": client.NetworkingV1Api(api()).create_namespaced_network_policy,
     }
     try:
         await call("create", kind.lower(), fns[kind], ns, obj, skip_if=terminating)

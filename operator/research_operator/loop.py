@@ -32,7 +32,7 @@ from research_operator import broker, kube, kueue, metrics, tenancy
 from research_operator.admission import PodResources, never_fits
 from research_operator.admit import Outcome, Want, admit_and_create, pods_blocked, still_blocked, with_detail
 from research_operator.admit import now as _now
-from research_operator.builders import Owner, worker_job, worker_rbac
+from research_operator.builders import Owner, worker_job, worker_network_policy, worker_rbac
 from research_operator.deletion import cleanup_state, finalize_once
 from research_operator.finalizer import decide_cleanup
 from research_operator.reconcile import (
@@ -318,7 +318,10 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         )
     waiting = Waiting()
     if want is not None:
-        rbac = (plan_id, worker_rbac(owner, spec, plan_id))
+        made = worker_rbac(owner, spec, plan_id)
+        if cfg.worker_egress is not None:
+            made.append(worker_network_policy(owner, cfg.worker_egress))
+        rbac = (plan_id, made)
         waiting, _ = await admit_and_create(key, owner, want, spec.worker, cfg, spec.model, rbac)
         if want.step == Step.INTERVIEW.value:
             # In Kueue mode a new Job waits, suspended, until Kueue admits it.

@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from research_api.task import QualityFloor
 from research_operator.admission import Caps
@@ -96,6 +97,19 @@ def _allowlist(env: Mapping[str, str], key: str, default: tuple[str, ...]) -> tu
     return parse_allowlist(env[key], key) if key in env else default
 
 
+def _egress(raw: str | None) -> tuple[dict[str, Any], ...] | None:
+    """WORKER_NETWORK_POLICY_EGRESS: a JSON list of NetworkPolicy egress rules (unset: no policy)."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        rules = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"WORKER_NETWORK_POLICY_EGRESS is not JSON: {e}") from None
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise ValueError("WORKER_NETWORK_POLICY_EGRESS must be a JSON list of NetworkPolicy egress rules")
+    return tuple(rules)
+
+
 def _broker_url(env: Mapping[str, str]) -> str:
     url = env.get("LEASE_BROKER_URL", "").strip().rstrip("/")
     if url and not re.match(r"^https?://[^/\s]+", url):
@@ -157,6 +171,10 @@ class Settings:
     # The report quality floor of ResearchJobs whose spec.quality leaves it unset (chart value
     # settings.quality; QUALITY_MIN_* / qualityMin* keys); none by default.
     quality_floor: QualityFloor = field(default_factory=QualityFloor)
+    # A NetworkPolicy for each ResearchJob's worker pods (networkPolicy.workers): no ingress, and
+    # egress only by these rules (NetworkPolicyEgressRule objects, as the chart renders them: DNS,
+    # the lease broker, the model server, and what admins add); None: no policy.
+    worker_egress: tuple[dict[str, Any], ...] | None = None
 
     @property
     def allowlists(self) -> Allowlists:
@@ -215,6 +233,7 @@ class Settings:
                 e, "ALLOWED_WORKLOAD_PRIORITY_CLASSES", d.allowed_workload_priority_classes
             ),
             quality_floor=_floor(e, "QUALITY", d.quality_floor),
+            worker_egress=_egress(e.get("WORKER_NETWORK_POLICY_EGRESS")),
         )
 
     def with_configmap(self, data: Mapping[str, str]) -> Settings:
