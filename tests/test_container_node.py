@@ -5,17 +5,21 @@ limits that kill, SIGTERM on delete, and a ResearchJob whose workers all run the
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from kubernetes import client
 
+from localkube.nodeagent import CONTAINER_RUNTIME_LABEL
 from tests.fixtures.cluster import ClusterHandle
 from tests.fixtures.containernode import ContainerNodeHandle
 from tests.fixtures.operator import OperatorProcess
-from tests.test_operator_cluster import create, report_text, researchjob, sections, wait_phase
+from tests.test_operator_cluster import PodEnds, create, report_text, researchjob, sections, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.image]
 
@@ -152,10 +156,10 @@ except OSError:
 """
 
 
-def model_server(core: client.CoreV1Api, namespace: str, node: ContainerNodeHandle) -> None:
+def model_server(core: client.CoreV1Api, namespace: str, node: ContainerNodeHandle, *flags: str) -> None:
     """The offline model server from the image as a pod behind the Service ``model`` (port 80)."""
     container = {
-        "command": ["research-modelserver", "--host", "0.0.0.0", "--port", "8000"],
+        "command": ["research-modelserver", "--host", "0.0.0.0", "--port", "8000", *flags],
         "ports": [{"name": "http", "containerPort": 8000}],
         "readinessProbe": {"httpGet": {"path": "/v1/models", "port": "http"}, "periodSeconds": 1},
         "securityContext": RESTRICTED_SC,
@@ -215,6 +219,27 @@ def test_a_service_resolves_and_routes_and_a_deleted_pod_gets_sigterm(
     )
 
 
+@contextlib.contextmanager
+def placement_allowed(operator: OperatorProcess) -> Iterator[None]:
+    """Tenancy refuses a toleration or node label that admins did not allow: allow the node's."""
+    allowed = {
+        "ALLOWED_TOLERATION_KEYS": CONTAINER_RUNTIME_LABEL,
+        "ALLOWED_NODE_SELECTOR_KEYS": CONTAINER_RUNTIME_LABEL,
+    }
+    operator.extra_env = {**operator.extra_env, **allowed}
+    operator.restart()
+    try:
+        yield
+    finally:
+        operator.extra_env = {k: v for k, v in operator.extra_env.items() if k not in allowed}
+        operator.restart()
+
+
+def worker_placement(node: ContainerNodeHandle) -> dict[str, Any]:
+    placement = node.place({})
+    return {"nodeSelector": placement["nodeSelector"], "tolerations": placement["tolerations"]}
+
+
 def test_a_researchjob_succeeds_with_every_worker_a_container_reaching_the_model_through_its_service(
     cluster: ClusterHandle,
     container_node: ContainerNodeHandle,
@@ -225,28 +250,17 @@ def test_a_researchjob_succeeds_with_every_worker_a_container_reaching_the_model
     api = cluster.api_client()
     core = client.CoreV1Api(api)
     model_server(core, namespace, container_node)
-    placement = container_node.place({})
     body = researchjob(
         "boxed",
         corpus_configmap,
         analysts={"count": 2},
         parallelism={"batchSize": 2, "maxActiveJobs": 1},
         model={"baseUrl": f"http://model.{namespace}.svc/v1"},
-        worker={"nodeSelector": placement["nodeSelector"], "tolerations": placement["tolerations"]},
+        worker=worker_placement(container_node),
     )
-    # Tenancy refuses a toleration or node label that admins did not allow; allow the node's.
-    allowed = {
-        "ALLOWED_TOLERATION_KEYS": "localkube.dev/runtime",
-        "ALLOWED_NODE_SELECTOR_KEYS": "localkube.dev/runtime",
-    }
-    operator.extra_env = {**operator.extra_env, **allowed}
-    operator.restart()
-    try:
+    with placement_allowed(operator):
         create(api, namespace, body)
         obj = wait_phase(api, namespace, "boxed", {"Succeeded", "Failed"}, timeout=240)
-    finally:
-        operator.extra_env = {k: v for k, v in operator.extra_env.items() if k not in allowed}
-        operator.restart()
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
     assert len(sections(api, namespace)) == 2
     assert "Introduction" in report_text(api, namespace, obj)
@@ -255,3 +269,63 @@ def test_a_researchjob_succeeds_with_every_worker_a_container_reaching_the_model
     for p in workers:
         assert p.status.container_statuses[0].container_id.startswith("runc://")
         assert p.status.pod_ip.startswith("10.244.")
+
+
+def test_a_worker_container_deleted_mid_interview_stops_on_sigterm_as_pid_one_and_nothing_is_done_twice(
+    cluster: ClusterHandle,
+    container_node: ContainerNodeHandle,
+    operator: OperatorProcess,
+    namespace: str,
+    corpus_configmap: str,
+) -> None:
+    """The worker is its container's pid 1 here, where an unhandled SIGTERM is ignored until the
+    SIGKILL at the end of the grace period (30 s): it must stop by itself, keep what it stored,
+    and its retried pod must redo none of it."""
+    api = cluster.api_client()
+    core = client.CoreV1Api(api)
+    # One request at a time, 0.7 s each: the four interviews take turns and store their sections
+    # one by one at the end, so the pod can be deleted between the first and the last.
+    model_server(core, namespace, container_node, "--ttft-ms", "700")
+    ends = PodEnds(api, namespace)
+    ends.start()
+    body = researchjob(
+        "stopped",
+        corpus_configmap,
+        analysts={"count": 4},
+        interview={"maxTurns": 2},
+        parallelism={"batchSize": 4, "maxActiveJobs": 1},
+        model={"baseUrl": f"http://model.{namespace}.svc/v1", "maxConcurrency": 1},
+        worker=worker_placement(container_node),
+    )
+    with placement_allowed(operator):
+        create(api, namespace, body)
+        deadline = time.monotonic() + 240
+        while not sections(api, namespace):
+            assert time.monotonic() < deadline, "no section was ever stored"
+            time.sleep(0.1)
+        running = [
+            p
+            for p in core.list_namespaced_pod(namespace, label_selector="researchops.io/step").items
+            if p.status.phase == "Running"
+        ]
+        assert len(running) == 1, [p.metadata.name for p in running]
+        victim = running[0].metadata.name
+        assert len(sections(api, namespace)) < 4, "the pod was deleted only after every section was stored"
+        core.delete_namespaced_pod(victim, namespace)  # grace period 30 s
+        obj = wait_phase(api, namespace, "stopped", {"Succeeded", "Failed"}, timeout=240)
+    ends.stop()
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    term = ends.terminated[victim]
+    assert term.exit_code == 143, term  # its own exit on SIGTERM; ignored, it would be SIGKILLed (137)
+    logs = {pod: container_node.pod_log(namespace, pod) for pod in ends.terminated if pod != "model"}
+    assert "SIGTERM: stopping; no further model calls, what is stored stays stored" in logs[victim]
+    stored_by = [
+        (pod, int(m))
+        for pod, text in logs.items()
+        for m in re.findall(r"analyst (\d+) \(.*?\): section stored", text)
+    ]
+    assert sorted(i for _, i in stored_by) == [0, 1, 2, 3], stored_by  # each section computed and stored once
+    first = sorted(i for pod, i in stored_by if pod == victim)
+    assert any(f"analysts {first} already have sections; skipping them" in text for text in logs.values()), logs
+    assert len(sections(api, namespace)) == 4
+    assert "Introduction" in report_text(api, namespace, obj)
