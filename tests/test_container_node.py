@@ -320,12 +320,44 @@ def test_a_worker_container_deleted_mid_interview_stops_on_sigterm_as_pid_one_an
     logs = {pod: container_node.pod_log(namespace, pod) for pod in ends.terminated if pod != "model"}
     assert "SIGTERM: stopping; no further model calls, what is stored stays stored" in logs[victim]
     stored_by = [
-        (pod, int(m))
-        for pod, text in logs.items()
-        for m in re.findall(r"analyst (\d+) \(.*?\): section stored", text)
+        (pod, int(m)) for pod, text in logs.items() for m in re.findall(r"analyst (\d+) \(.*?\): section stored", text)
     ]
     assert sorted(i for _, i in stored_by) == [0, 1, 2, 3], stored_by  # each section computed and stored once
     first = sorted(i for pod, i in stored_by if pod == victim)
     assert any(f"analysts {first} already have sections; skipping them" in text for text in logs.values()), logs
     assert len(sections(api, namespace)) == 4
     assert "Introduction" in report_text(api, namespace, obj)
+
+
+def test_a_worker_over_its_memory_limit_is_oomkilled_retried_and_the_researchjob_says_so(
+    cluster: ClusterHandle,
+    container_node: ContainerNodeHandle,
+    operator: OperatorProcess,
+    namespace: str,
+    corpus_configmap: str,
+) -> None:
+    api = cluster.api_client()
+    core = client.CoreV1Api(api)
+    model_server(core, namespace, container_node)
+    resources = {"requests": {"cpu": "100m", "memory": "32Mi"}, "limits": {"cpu": "1", "memory": "48Mi"}}
+    body = researchjob(
+        "tight",
+        corpus_configmap,
+        analysts={"count": 1},
+        retries={"backoffLimit": 1},
+        model={"baseUrl": f"http://model.{namespace}.svc/v1"},
+        worker={**worker_placement(container_node), "resources": resources},
+    )
+    with placement_allowed(operator):
+        create(api, namespace, body)
+        obj = wait_phase(api, namespace, "tight", {"Succeeded", "Failed"}, timeout=180)
+    assert obj["status"]["phase"] == "Failed", obj["status"]
+    failed = [c for c in obj["status"]["conditions"] if c["type"] == "Failed"]
+    assert failed and failed[0]["status"] == "True"
+    said = "OOMKilled: the worker went over its memory limit of 48Mi; raise spec.worker.resources.limits.memory"
+    assert said in failed[0]["message"] and said in obj["status"]["message"], obj["status"]
+    workers = core.list_namespaced_pod(namespace, label_selector="researchops.io/step").items
+    assert len(workers) == 2, [p.metadata.name for p in workers]  # the first, and its one retry
+    for p in workers:
+        term = p.status.container_statuses[0].state.terminated
+        assert (term.reason, term.exit_code) == ("OOMKilled", 137), term

@@ -28,6 +28,7 @@ from research_operator.admission import (
 )
 from research_operator.builders import Owner, add_lease_broker_token, cleanup_job, worker_job, worker_rbac
 from research_operator.constants import plan_id
+from research_operator.kube import termination_detail
 from research_operator.reconcile import (
     JobView,
     Observed,
@@ -1146,3 +1147,13 @@ def test_the_world_sums_each_namespaces_admitted_and_waiting_demand_at_an_endpoi
     w.bump()
     assert "small" not in w.endpoint_namespaces("shared")  # neither admitted nor waiting there
     assert w.endpoint_namespaces("other") == {}
+
+
+def test_an_oom_killed_worker_is_named_with_the_limit_to_raise_and_other_failures_by_their_last_line() -> None:
+    assert termination_detail("OOMKilled", "Traceback ...\n  half a line", "48Mi") == (
+        "OOMKilled: the worker went over its memory limit of 48Mi; raise spec.worker.resources.limits.memory"
+    )
+    assert termination_detail("Error", "Traceback (most recent call last):\nboom: the store is gone\n\n", "1Gi") == (
+        "boom: the store is gone"
+    )
+    assert termination_detail("Error", None, None) == ""
