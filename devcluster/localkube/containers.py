@@ -483,6 +483,20 @@ class Container:
         self.delete()
 
 
+def remove_all(state_dir: Path) -> list[str]:
+    """Delete every container runc knows under ``state_dir`` (what an agent that was killed left
+    running: without its ``runc run`` parent a container lives on) and their bundles."""
+    runc_root = state_dir / "runc"
+    if not runc_root.is_dir():
+        return []
+    listed = subprocess.run([RUNC, "--root", str(runc_root), "list", "-q"], capture_output=True, text=True, timeout=60)
+    removed = [cid for cid in listed.stdout.split() if cid]
+    for cid in removed:
+        subprocess.run([RUNC, "--root", str(runc_root), "delete", "--force", cid], capture_output=True, timeout=60)
+        shutil.rmtree(state_dir / "bundles" / cid, ignore_errors=True)
+    return removed
+
+
 def run(image: Image, spec: ContainerSpec, *, timeout: float = 120.0, state_dir: Path | None = None) -> Result:
     """Run a container to completion and return how it ended; SIGKILL after ``timeout`` seconds."""
     with Container(image, spec, state_dir=state_dir) as container:

@@ -34,7 +34,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
-from localkube.containers import load_image
+from localkube.containers import load_image, remove_all
 from localkube.controlplane import SERVICE_CIDR
 from localkube.nodenet import (
     API_RELAY_PORT,
@@ -406,6 +406,9 @@ class NodeAgent:
     # -- a container node's network --------------------------------------------------------------
     def _start_node_network(self, node: ContainerNode) -> None:
         """The node's namespace and bridge, the relay to the API server, DNS and the Service rules."""
+        left = remove_all(node.runtime_dir)
+        if left:
+            log.warning("removed %d containers an earlier agent left running: %s", len(left), ", ".join(left))
         net = node.network
         net.up()
         api_port = self.rt.apiserver_port
