@@ -317,7 +317,9 @@ def test_a_worker_container_deleted_mid_interview_stops_on_sigterm_as_pid_one_an
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
     term = ends.terminated[victim]
     assert term.exit_code == 143, term  # its own exit on SIGTERM; ignored, it would be SIGKILLed (137)
-    logs = {pod: container_node.pod_log(namespace, pod) for pod in ends.terminated if pod != "model"}
+    # The deleted pod is gone from the API; the others may still be ending when the report is stored.
+    workers = {p.metadata.name for p in core.list_namespaced_pod(namespace, label_selector="researchops.io/step").items}
+    logs = {pod: container_node.pod_log(namespace, pod) for pod in (set(ends.terminated) | workers) - {"model"}}
     assert "SIGTERM: stopping; no further model calls, what is stored stays stored" in logs[victim]
     stored_by = [
         (pod, int(m)) for pod, text in logs.items() for m in re.findall(r"analyst (\d+) \(.*?\): section stored", text)

@@ -534,16 +534,17 @@ def test_a_worker_pod_deleted_mid_interview_stops_on_sigterm_and_its_retry_redoe
     ends.stop()
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
     assert ends.terminated[victim].exit_code == 143, ends.terminated[victim]  # its own exit, not a SIGKILL (137)
-    logs = {pod: cluster.pod_log(namespace, pod) for pod in ends.terminated}
+    # The deleted pod is gone from the API; the others may still be ending when the report is stored.
+    pods = set(ends.terminated) | {p.metadata.name for p in core.list_namespaced_pod(namespace).items}
+    logs = {pod: cluster.pod_log(namespace, pod) for pod in pods}
     assert "SIGTERM: stopping; no further model calls, what is stored stays stored" in logs[victim]
     stored_by = [
         (pod, int(m)) for pod, text in logs.items() for m in re.findall(r"analyst (\d+) \(.*?\): section stored", text)
     ]
     assert sorted(i for _, i in stored_by) == [0, 1, 2, 3], stored_by  # each section computed and stored once
-    retried = [pod for pod in logs if pod != victim and "already have sections; skipping them" in logs[pod]]
-    assert retried, {pod: text[-2000:] for pod, text in logs.items()}
     first = sorted(i for pod, i in stored_by if pod == victim)
-    assert f"analysts {first} already have sections; skipping them" in logs[retried[0]]
+    skipped = f"analysts {first} already have sections; skipping them"  # by the retried pod
+    assert any(skipped in text for pod, text in logs.items() if pod != victim), {p: t[-2000:] for p, t in logs.items()}
     assert len(sections(api, namespace)) == 4
     assert "Introduction" in report_text(api, namespace, obj)
 
