@@ -29,6 +29,7 @@ from research_operator.admission import (
 )
 from research_operator.builders import Owner, add_lease_broker_token, cleanup_job, worker_job, worker_rbac
 from research_operator.constants import plan_id
+from research_operator.kube import termination_detail
 from research_operator.reconcile import (
     JobView,
     Observed,
@@ -1306,3 +1307,13 @@ async def test_a_job_whose_pod_a_quota_seen_late_can_never_fit_is_deleted_to_wai
     assert deleted == [("ns", "rj-p-plan", "uid-job")]
     assert "uid-job" in w.deleted[key] and "rj-p-plan" not in w.jobs_of(key)
     assert "tiny" in log.last and "requests.cpu" in log.last
+
+
+def test_an_oom_killed_worker_is_named_with_the_limit_to_raise_and_other_failures_by_their_last_line() -> None:
+    assert termination_detail("OOMKilled", "Traceback ...\n  half a line", "48Mi") == (
+        "OOMKilled: the worker went over its memory limit of 48Mi; raise spec.worker.resources.limits.memory"
+    )
+    assert termination_detail("Error", "Traceback (most recent call last):\nboom: the store is gone\n\n", "1Gi") == (
+        "boom: the store is gone"
+    )
+    assert termination_detail("Error", None, None) == ""

@@ -36,6 +36,7 @@ from research_api.task import (
     Step,
 )
 from research_worker.errors import WorkerConfigError, WorkerError
+from research_worker.stopping import Stop
 
 SHOW_REPORT = "show-report"
 log = logging.getLogger("research_worker")
@@ -206,8 +207,11 @@ async def _main(args: argparse.Namespace) -> int:
     api_client = kube_api_client() if needs_cluster else None
     loader = load_configmap_data(api_client, task.job.namespace) if api_client is not None else None
 
+    stop = Stop()
+    stop.install()  # SIGTERM (a pod delete, preemption, eviction): stop calling the model, keep what is stored
     if step == Step.RUN:
         rt = await steps.prepare(task, load_configmap=loader)
+        rt.llm.stop = stop
         result = await steps.run(rt, ask_feedback=_ask_on_terminal if args.review else None)
         report = result.report
         if args.sections_dir:
@@ -221,6 +225,7 @@ async def _main(args: argparse.Namespace) -> int:
     async with opened(task, api_client) as store, contextlib.AsyncExitStack() as stack:
         used = sum(u.total_tokens for u in (await store.usage()).values())
         rt = await steps.prepare(task, tokens_used_before=used, load_configmap=loader)
+        rt.llm.stop = stop
         share_ref = task.model.share
         if share_ref is not None and rt.llm.share is not None and api_client is not None:
             from research_worker.share import follow
