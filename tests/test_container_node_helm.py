@@ -115,6 +115,6 @@ def test_the_chart_runs_on_the_container_node_and_a_researchjob_succeeds_through
         assert p["spec"]["nodeName"] == container_node.name
         logs += container_node.pod_log(namespace, p["metadata"]["name"])
     # Every worker reached the broker through its Service name (DNS, then the leader's EndpointSlice).
-    assert f"lease broker http://{LEASES_SERVICE}.{RELEASE_NAMESPACE}.svc:{broker_port} answers" in logs, logs[-3000:]
+    assert f"lease broker https://{LEASES_SERVICE}.{RELEASE_NAMESPACE}.svc:{broker_port} answers" in logs, logs[-3000:]
     assert "falling back to this pod's share" not in logs
     kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
