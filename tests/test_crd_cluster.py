@@ -295,6 +295,7 @@ def test_kubectl_get_shows_the_printer_columns(crd: ClusterHandle, namespace: st
         "tokensUsed": 12345,
         "message": "interviewing 2 analysts",
         "waitingFor": "EndpointCapacity",
+        "quality": {"citationAccuracy": 95, "coverage": 80, "sourcesCited": 6},
     }
     code, out = patch(crd, namespace, "demo", {"status": status}, status=True)
     assert code == 0, out
@@ -308,8 +309,12 @@ def test_kubectl_get_shows_the_printer_columns(crd: ClusterHandle, namespace: st
     assert row[:5] == ["demo", "Interviewing", "1/3", "1", "EndpointCapacity"]
 
     header, row = table("rj", "-o", "wide")
-    assert header == ["NAME", "PHASE", "PROGRESS", "ACTIVE", "WAITING", "TOKENS", "MESSAGE", "AGE"]
-    assert row[:7] == ["demo", "Interviewing", "1/3", "1", "EndpointCapacity", "12345", "interviewing 2 analysts"]
+    assert header == [
+        "NAME", "PHASE", "PROGRESS", "ACTIVE", "WAITING", "TOKENS", "CITED", "COVERAGE", "SOURCES", "MESSAGE", "AGE",
+    ]  # fmt: skip
+    assert row[:10] == [
+        "demo", "Interviewing", "1/3", "1", "EndpointCapacity", "12345", "95", "80", "6", "interviewing 2 analysts",
+    ]  # fmt: skip
 
     # The category: `kubectl get research` lists ResearchJobs too.
     assert "researchjob.researchops.io/demo" in crd.kubectl("-n", namespace, "get", "research", "-o", "name").stdout
