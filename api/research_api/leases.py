@@ -55,6 +55,28 @@ class _Wire(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
 
+class BudgetKind(StrEnum):
+    """The budgets a model call is reserved against (research_operator.ledger)."""
+
+    RESEARCH_JOB = "researchJob"  # the ResearchJob's spec.budget.maxTokens / maxCost
+    NAMESPACE = "namespace"  # the namespace's budget for the current period (operator settings)
+
+
+class Reserve(_Wire):
+    """A call's worst case, reserved against every budget it falls under before it is sent: an upper
+    bound of its prompt's tokens and its output bound (spec.model.maxOutputTokens)."""
+
+    input_tokens: int = Field(ge=0, le=100_000_000)
+    output_tokens: int = Field(ge=1, le=100_000_000)
+
+
+class CallUsage(_Wire):
+    """What a call really used, as the endpoint reported it; its reservation is settled to it."""
+
+    input_tokens: int = Field(default=0, ge=0)
+    output_tokens: int = Field(default=0, ge=0)
+
+
 class Heartbeat(_Wire):
     endpoint: str = Field(min_length=1, max_length=253)  # the ModelEndpoint's name
     job: str = Field(min_length=1, max_length=253)  # the worker Job's name
@@ -63,6 +85,9 @@ class Heartbeat(_Wire):
     held: list[str] = Field(default_factory=list, max_length=1024)  # lease ids held
     seen: int = Field(default=0, ge=0)  # the highest grant number received
     tokens: int = Field(default=0, ge=0)  # tokens used since the last heartbeat the broker answered
+    # The reservation of each held lease, so that a restarted broker re-declares them against the
+    # budgets as it re-declares the leases.
+    reserved: dict[str, Reserve] = Field(default_factory=dict, max_length=1024)
 
 
 class HeartbeatReply(_Wire):
@@ -73,15 +98,31 @@ class Acquire(_Wire):
     endpoint: str = Field(min_length=1, max_length=253)
     job: str = Field(min_length=1, max_length=253)
     wait_seconds: float = Field(default=MAX_WAIT_SECONDS, gt=0, le=MAX_WAIT_SECONDS)
+    reserve: Reserve | None = None  # None: a worker that reserves nothing (counted when it stores results)
+
+
+class BudgetNote(_Wire):
+    """Why a call was not granted for a budget: refused (it can never fit: the worker fails with
+    the budget-exceeded exit code) or waiting (until other reservations settle, the period rolls
+    over at ``until`` or the admins raise the budget)."""
+
+    budget: BudgetKind
+    message: str
+    until: float | None = None  # seconds from now until the period rolls over (a namespace budget)
 
 
 class AcquireReply(_Wire):
-    lease: str | None = None  # None: none free within the wait; ask again
+    lease: str | None = None  # None: none free within the wait; ask again (or see refused / waiting)
     seq: int = 0
+    refused: BudgetNote | None = None  # the call can never be paid by this budget: do not send it
+    waiting: BudgetNote | None = None  # the call waits for a budget, not for the endpoint
 
 
 class Release(_Wire):
     lease: str = Field(min_length=1, max_length=64)
+    # What the call used; None: unknown (it failed or was cut short after it may have been sent),
+    # so its reservation is settled at its worst case.
+    usage: CallUsage | None = None
 
 
 class Close(_Wire):

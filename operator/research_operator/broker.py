@@ -34,6 +34,7 @@ from research_operator import endpoints as ep
 from research_operator import kube, metrics, pki
 from research_operator.builders import Owner, worker_service_account
 from research_operator.leases import Book, LeaseError, Limits, PodRef, Waiter
+from research_operator.ledger import Amount, Budgets, Ledger, Limit, Prices, RjKey
 from research_operator.world import WORLD, settings
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,68 @@ def _pods(endpoint: str) -> list[PodRef]:
     pods = WORLD.endpoint_pods(endpoint)
     table = ep.shares(e, [p for _, p in pods]) if e is not None else {}
     return [
-        PodRef(p.namespace, p.research_job, p.job, table[p.job].concurrency if p.job in table else 0) for _, p in pods
+        PodRef(p.namespace, p.research_job, p.job, table[p.job].concurrency if p.job in table else 0, key[1])
+        for key, p in pods
     ]
+
+
+def _prices(endpoint: str) -> Prices:
+    e = WORLD.endpoints.get(endpoint)
+    return e.prices if e is not None and e.prices is not None else Prices()
+
+
+def _prices_of(key: RjKey) -> Prices:
+    """The prices of the endpoint a ResearchJob's Jobs were admitted against (none: calls cost nothing)."""
+    for job in WORLD.jobs_of(key).values():
+        if job.endpoint:
+            return _prices(job.endpoint)
+    return Prices()
+
+
+def _stored(key: RjKey, since: dt.datetime | None = None) -> Amount:
+    """What a ResearchJob's stored results used (since ``since``), at its endpoint's prices."""
+    prices = _prices_of(key)
+    total = Amount()
+    for obj in (WORLD.stored_index or {}).get(key, []):
+        if since is None or (obj.created is not None and obj.created >= since):
+            total = total + Amount(obj.tokens, prices.amount(obj.input_tokens, obj.output_tokens).cost)
+    return total
+
+
+def _budgets(namespace: str, research_job: str, uid: str, now: float) -> Budgets:
+    """The budgets a call of ResearchJob ``namespace/research_job`` falls under now: its spec.budget and
+    its namespace's budget for the current period (operator settings)."""
+    key = (namespace, uid)
+    body = WORLD.bodies.get(key) or {}
+    spec_budget = (body.get("spec") or {}).get("budget") or {}
+    job = ep.spec_limit(spec_budget)
+    b = settings().token_budgets.get(namespace)
+    if b is None:
+        return Budgets(key, research_job, job)
+    wall = dt.datetime.now(dt.UTC)
+    start, end = ep.window(wall, b.seconds)
+    stored = sum((_stored(k, start) for k in (WORLD.stored_index or {}) if k[0] == namespace), Amount())
+    return Budgets(
+        key,
+        research_job,
+        job,
+        Limit(b.tokens, b.cost),
+        stored,
+        b.period,
+        (end - wall).total_seconds(),
+        end.isoformat().replace("+00:00", "Z"),
+    )
+
+
+def namespace_use(namespace: str, since: dt.datetime) -> tuple[Amount, Amount | None]:
+    """What ``namespace`` spent since ``since``: what its results stored since then used, plus (with the
+    lease broker) the model calls settled that are not stored yet; and what a model call of the
+    namespace that its budget cannot pay this period needs (None: no call waits so)."""
+    stored = sum((_stored(k, since) for k in (WORLD.stored_index or {}) if k[0] == namespace), Amount())
+    ledger = BROKER.book.ledger if BROKER is not None else None
+    if ledger is None:
+        return stored, None
+    return ledger.namespace_spent(namespace, stored), ledger.namespace_short(namespace, time.monotonic())
 
 
 def _limits(endpoint: str) -> Limits | None:
@@ -234,7 +295,14 @@ class Tls:
 
 class Broker:
     def __init__(self, book: Book | None = None, auth: Authenticator | None = None) -> None:
-        self.book = book or Book(_pods, _limits, started=time.monotonic())
+        self.book = book or Book(
+            _pods,
+            _limits,
+            started=time.monotonic(),
+            ledger=Ledger(_stored),
+            budgets=_budgets,
+            prices=_prices,
+        )
         self.auth = auth or Authenticator()
         self.events: dict[int, asyncio.Event] = {}
         self.ticker: asyncio.Task[None] | None = None
@@ -393,6 +461,7 @@ class Broker:
             held=body.held,
             seen=body.seen,
             tokens=body.tokens,
+            reserved=body.reserved,
         )
         if lost:
             log.info(f"lease broker: {ident.namespace}/{ident.pod} holds {len(lost)} leases it does not know: lost")
@@ -403,7 +472,7 @@ class Broker:
         body = wire.Acquire.model_validate(await request.json())
         self._check(ident, body.endpoint, body.job)
         start = time.monotonic()
-        w = self.book.enqueue(body.endpoint, ident.namespace, body.job, ident.pod, start)
+        w = self.book.enqueue(body.endpoint, ident.namespace, body.job, ident.pod, start, body.reserve)
         event = self.events.setdefault(w.order, asyncio.Event())
         try:
             self._grant(body.endpoint)
@@ -416,10 +485,20 @@ class Broker:
             if w.granted is None:
                 w.gone = True
         lease = w.granted
+        if w.refused is not None and w.refused.budget is not None:
+            log.info(f"lease broker: refused a model call of {ident.namespace}/{ident.pod}: {w.refused.message}")
+            metrics.BUDGET_REFUSED.labels(ident.namespace).inc()
+            return wire.AcquireReply(refused=wire.BudgetNote(budget=w.refused.budget, message=w.refused.message))
         if lease is None:
+            note = w.note
+            if note is not None and note.budget is not None:
+                return wire.AcquireReply(
+                    waiting=wire.BudgetNote(budget=note.budget, message=note.message, until=note.until)
+                )
             return wire.AcquireReply()
         if request.transport is None or request.transport.is_closing():
-            self.book.release(ident.namespace, ident.pod, lease.id)  # the worker is no longer listening
+            # the worker is no longer listening: the call is not made
+            self.book.release(ident.namespace, ident.pod, lease.id, wire.CallUsage())
             self.kick(body.endpoint)
             return wire.AcquireReply()
         metrics.LEASE_WAIT_SECONDS.labels(body.endpoint).observe(time.monotonic() - start)
@@ -428,7 +507,7 @@ class Broker:
     async def release(self, request: web.Request, ident: Identity) -> BaseModel | None:
         body = wire.Release.model_validate(await request.json())
         s = self.book.sessions.get((ident.namespace, ident.pod))
-        if self.book.release(ident.namespace, ident.pod, body.lease) and s is not None:
+        if self.book.release(ident.namespace, ident.pod, body.lease, body.usage) and s is not None:
             self.kick(s.endpoint)
         return None
 
@@ -451,8 +530,8 @@ class Broker:
             event.set()
         else:  # the request is gone: give the lease back
             w.gone = True
-            if w.granted is not None:
-                self.book.release(w.session[0], w.session[1], w.granted.id)
+            if w.granted is not None:  # never sent: nothing was used
+                self.book.release(w.session[0], w.session[1], w.granted.id, wire.CallUsage())
 
     def kick(self, endpoint: str) -> None:
         """Something changed at ``endpoint`` (a lease returned, a session came or went): grant now."""
@@ -476,6 +555,10 @@ class Broker:
                 metrics.LEASES_EXPIRED.labels(endpoint).inc(n)
                 log.info(f"lease broker: {n} leases of ModelEndpoint {endpoint} expired (their pods stopped)")
         self.book.expired.clear()
+        if self.book.ledger is not None:
+            if WORLD.job_index is not None:
+                self.book.ledger.forget(WORLD.bodies)
+            metrics.BUDGET_OVERRUN_TOKENS.set(self.book.ledger.overrun.tokens)
         for endpoint in {w.endpoint for w in self.book.waiters}:
             self._grant(endpoint)
         for endpoint in WORLD.endpoints:

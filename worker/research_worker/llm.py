@@ -36,6 +36,7 @@ from langchain_core.rate_limiters import InMemoryRateLimiter
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, SecretStr, ValidationError
 
+from research_api import leases as wire
 from research_api.task import ModelSettings
 from research_worker.bounds import bounded, strict_subset_only
 from research_worker.errors import (
@@ -49,7 +50,7 @@ from research_worker.errors import (
     ModelTimeout,
     WorkerConfigError,
 )
-from research_worker.leases import LeaseClient, LeaseLost, broker_ssl, broker_token
+from research_worker.leases import LeaseClient, LeaseLost, Ticket, broker_ssl, broker_token
 from research_worker.share import ShareLimiter
 from research_worker.state import TokenUsage
 
@@ -60,6 +61,23 @@ T = TypeVar("T", bound=BaseModel)
 PREFLIGHT_TIMEOUT = 5.0
 LEASE_LOST_ATTEMPTS = 5  # a call whose lease is lost (the broker unreachable) is made again
 PREFLIGHT_ATTEMPTS = 4
+# A call without an output bound (max_output_tokens None) reserves what the ResearchJob CRD allows at most.
+UNBOUNDED_OUTPUT_TOKENS = 1_000_000
+MESSAGE_FRAMING_TOKENS = 16  # a chat template's role markers and separators, per message (generous)
+SCHEMA_FRAMING_TOKENS = 512  # the response_format / tool wrapper around a structured call's schema
+
+
+def prompt_bound(messages: Sequence[BaseMessage], schema: str = "") -> int:
+    """An upper bound of a request's prompt tokens, for its budget reservation: the UTF-8 bytes of
+    every message (a byte-level BPE or SentencePiece tokenizer with byte fallback makes at most one
+    token per byte) plus each message's framing, and the structured answer's schema. Generous (about
+    four times the tokens of English prose), so a reservation is settled below it, never above."""
+    total = MESSAGE_FRAMING_TOKENS
+    for m in messages:
+        total += len(_text(m.content).encode()) + MESSAGE_FRAMING_TOKENS
+    if schema:
+        total += len(schema.encode()) + SCHEMA_FRAMING_TOKENS
+    return total
 
 
 def usage_of(message: BaseMessage | None) -> TokenUsage:
@@ -306,16 +324,16 @@ class LLMClient:
         self.usage = self.usage + usage
 
     @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
+    async def _slot(self, reserve: wire.Reserve) -> AsyncIterator[Ticket]:
         if self.leases is not None:
-            async with self._sem, self.leases.slot():
-                yield
+            async with self._sem, self.leases.slot(reserve) as ticket:
+                yield ticket
         elif self.share is not None:
             async with self.share.slot():
-                yield
+                yield Ticket()
         else:
             async with self._sem:
-                yield
+                yield Ticket()
 
     def _tally(self, usage: TokenUsage, box: list[int]) -> TokenUsage:
         self.rate_limited += box[0]
@@ -325,27 +343,56 @@ class LLMClient:
             self.leases.spent(usage.total_tokens)
         return usage.model_copy(update={"rate_limited": box[0]}) if box[0] else usage
 
-    async def _call(self, runnable: Any, messages: Sequence[BaseMessage], what: str, box: list[int]) -> Any:
+    async def _call(
+        self,
+        runnable: Any,
+        messages: Sequence[BaseMessage],
+        what: str,
+        box: list[int],
+        answer: Callable[[Any], BaseMessage | None] = lambda out: out,
+        schema: str = "",
+    ) -> Any:
+        """One model call: ``answer`` picks the message with the usage out of the result, ``schema`` is
+        the structured answer's JSON schema (part of the prompt's worst case)."""
         for attempt in range(LEASE_LOST_ATTEMPTS):
             try:
-                return await self._call_once(runnable, messages, what, box)
+                return await self._call_once(runnable, messages, what, box, answer, schema)
             except LeaseLost as exc:
                 log.warning("%s: %s (attempt %d of %d)", what, exc, attempt + 1, LEASE_LOST_ATTEMPTS)
         raise ModelEndpointError(f"{what}: the endpoint lease was lost {LEASE_LOST_ATTEMPTS} times in a row")
 
-    async def _call_once(self, runnable: Any, messages: Sequence[BaseMessage], what: str, box: list[int]) -> Any:
+    async def _call_once(
+        self,
+        runnable: Any,
+        messages: Sequence[BaseMessage],
+        what: str,
+        box: list[int],
+        answer: Callable[[Any], BaseMessage | None],
+        schema: str,
+    ) -> Any:
         self._check_budget()
         base = self.settings.base_url or "https://api.openai.com/v1"
-        async with self._slot():
+        sent = alternate_roles(messages)
+        reserve = wire.Reserve(
+            input_tokens=prompt_bound(sent, schema),
+            output_tokens=self.settings.max_output_tokens or UNBOUNDED_OUTPUT_TOKENS,
+        )
+        async with self._slot(reserve) as ticket:
             _RATE_LIMITED.set(box)
             start = time.monotonic()
             try:
-                return await runnable.ainvoke(alternate_roles(messages))
+                out = await runnable.ainvoke(sent)
+                used = usage_of(answer(out))
+                if used.total_tokens > 0:  # an endpoint that reports no usage: settled at the worst case
+                    ticket.usage = wire.CallUsage(input_tokens=used.input_tokens, output_tokens=used.output_tokens)
+                return out
             except openai.AuthenticationError:
+                ticket.usage = wire.CallUsage()  # refused at once: nothing was generated
                 raise ModelAuthError(
                     f"model endpoint rejected the API key from ${self.settings.api_key_env} (HTTP 401)"
                 ) from None
             except openai.NotFoundError as exc:
+                ticket.usage = wire.CallUsage()
                 raise ModelEndpointError(f"model {self.settings.name!r} not found: {_status_detail(exc)}") from None
             except openai.APITimeoutError:
                 raise ModelTimeout(
@@ -360,6 +407,8 @@ class LLMClient:
                     f"gave up after {self.settings.max_retries} retries"
                 ) from None
             except openai.APIStatusError as exc:
+                if exc.status_code not in _RETRIED_STATUSES and exc.status_code < 500:
+                    ticket.usage = wire.CallUsage()  # answered to the first attempt: nothing was generated
                 detail = _status_detail(exc)
                 if exc.status_code in (400, 413, 422) and _CONTEXT_OVERFLOW.search(f"{detail} {exc.body}"):
                     raise ModelContextExceeded(
@@ -376,6 +425,10 @@ class LLMClient:
                 ) from None
             except openai.LengthFinishReasonError as exc:
                 usage = exc.completion.usage
+                if usage is not None:
+                    ticket.usage = wire.CallUsage(
+                        input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens
+                    )
                 got = f" after {usage.completion_tokens} tokens" if usage else ""
                 raise ModelAnswerError(
                     f"{what}: the answer was cut off{got} at spec.model.maxOutputTokens "
@@ -390,7 +443,7 @@ class LLMClient:
 
     async def chat(self, messages: Sequence[BaseMessage]) -> tuple[AIMessage, TokenUsage]:
         box = [0]
-        msg = await self._call(self.model, messages, "chat call", box)
+        msg = await self._call(self.model, messages, "chat call", box, lambda out: out)
         assert isinstance(msg, AIMessage)
         usage = self._tally(usage_of(msg), box)
         self._account(usage)
@@ -414,7 +467,8 @@ class LLMClient:
             self._structured[schema] = runnable
         what = f"structured call for {schema.__name__} ({self.settings.structured_output.value})"
         box = [0]
-        out = await self._call(runnable, messages, what, box)
+        schema_text = json.dumps(schema.model_json_schema())
+        out = await self._call(runnable, messages, what, box, lambda out: out.get("raw"), schema_text)
         raw = out.get("raw")
         usage = self._tally(usage_of(raw), box)
         self._account(usage)

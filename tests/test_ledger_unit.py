@@ -1,0 +1,315 @@
+"""Budgets that cannot be overshot: the ledger (pure) and the lease broker's book with it.
+
+A call reserves its worst case against every budget it falls under before it is sent and is settled
+to what it used when it returns; these tests show what a user of a budget sees: calls that fit go,
+calls that would overshoot wait or are refused with a reason, and what is spent never passes the limit.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from decimal import Decimal
+
+from research_api import leases as wire
+from research_operator.leases import Book, Limits, PodRef, Waiter
+from research_operator.ledger import (
+    Amount,
+    Budgets,
+    Decision,
+    Ledger,
+    Limit,
+    Prices,
+    Reservation,
+    RjKey,
+)
+
+RJ: RjKey = ("team", "uid-a")
+FREE = Prices()  # an endpoint without prices
+
+
+def call(rid: str, input_tokens: int, output_tokens: int, prices: Prices = FREE, rj: RjKey = RJ) -> Reservation:
+    return Reservation(rid, rj, prices.amount(input_tokens, output_tokens), prices, input_tokens, output_tokens)
+
+
+def stored_of(table: dict[RjKey, Amount]) -> Ledger:
+    return Ledger(lambda rj: table.get(rj, Amount()))
+
+
+def test_a_call_reserves_its_worst_case_and_settles_to_what_it_used() -> None:
+    ledger = stored_of({})
+    budgets = Budgets(RJ, "a", job=Limit(tokens=1000))
+    first = call("1", 300, 400)  # worst case 700
+    assert ledger.check(budgets, first).decision == Decision.GRANT
+    ledger.reserve(first)
+    # A second call of 700 would fit the 300 left only if the first used less than it may: it waits.
+    second = call("2", 300, 400)
+    verdict = ledger.check(budgets, second)
+    assert verdict.decision == Decision.WAIT and verdict.budget == wire.BudgetKind.RESEARCH_JOB
+    assert "700 tokens reserved" in verdict.message
+    assert ledger.settle("1", 250, 50) == Amount(300)  # it used 300 of its 700
+    assert ledger.spent(RJ) == Amount(300)
+    assert ledger.check(budgets, second).decision == Decision.GRANT  # 300 + 700 <= 1000
+
+
+def test_a_call_no_budget_can_pay_is_refused_and_says_why() -> None:
+    ledger = stored_of({RJ: Amount(600)})  # what its stored results used
+    verdict = ledger.check(Budgets(RJ, "a", job=Limit(tokens=1000)), call("1", 120, 4096))
+    assert verdict.decision == Decision.REFUSE and verdict.budget == wire.BudgetKind.RESEARCH_JOB
+    assert verdict.message == (
+        "the budget of ResearchJob team/a (spec.budget) cannot pay the next model call: 600 of 1000 tokens spent, "
+        "and the call may use up to 4216 tokens (a prompt of at most 120 tokens and an answer of at most 4096)"
+    )
+
+
+def test_a_call_the_namespace_cannot_pay_this_period_waits_for_the_roll_over() -> None:
+    ledger = stored_of({})
+    budgets = Budgets(
+        RJ,
+        "a",
+        namespace=Limit(tokens=5000),
+        namespace_stored=Amount(4500),
+        period="24h",
+        resets_in=3600.0,
+        resets_at="2026-12-07T00:00:00Z",
+    )
+    verdict = ledger.check(budgets, call("1", 100, 1000), now=10.0)
+    assert verdict.decision == Decision.WAIT and verdict.budget == wire.BudgetKind.NAMESPACE
+    assert verdict.until == 3600.0 and "rolls over at 2026-12-07T00:00:00Z" in verdict.message
+    # so the operator starts no worker Job in the namespace meanwhile
+    assert ledger.namespace_short("team", 11.0) == Amount(1100)
+    assert ledger.namespace_short("team", 11.0 + 3600) is None  # nobody asked since
+
+
+def test_the_calls_of_a_pod_that_died_are_settled_at_their_worst_case() -> None:
+    ledger = stored_of({})
+    ledger.reserve(call("1", 100, 900))
+    ledger.reserve(call("2", 100, 900))
+    assert ledger.settle_all(["1", "2"]) == Amount(2000)  # the endpoint may have done the work
+    assert ledger.spent(RJ) == Amount(2000) and ledger.reservations == {}
+    assert ledger.settle("1", 10, 10) is None  # a late release changes nothing
+
+
+def test_settled_calls_count_once_before_and_after_their_results_are_stored() -> None:
+    table: dict[RjKey, Amount] = {RJ: Amount(100)}
+    ledger = stored_of(table)
+    ledger.reserve(call("1", 100, 100))
+    ledger.settle("1", 50, 30)
+    assert ledger.spent(RJ) == Amount(180)  # not stored yet: the ledger knows
+    table[RJ] = Amount(180)  # the worker stored the section with the call's usage
+    assert ledger.spent(RJ) == Amount(180)
+    assert ledger.namespace_spent("team", Amount(180)) == Amount(180)
+    # A restarted operator starts from what is stored; nothing stored is lost.
+    assert stored_of(table).spent(RJ) == Amount(180)
+
+
+def test_a_namespace_counts_its_researchjobs_unstored_calls_once() -> None:
+    other: RjKey = ("team", "uid-b")
+    table: dict[RjKey, Amount] = {RJ: Amount(0), other: Amount(500)}  # b calls no broker: only stored
+    ledger = stored_of(table)
+    ledger.reserve(call("1", 100, 200))
+    ledger.settle("1", 100, 100)
+    assert ledger.namespace_spent("team", Amount(500)) == Amount(700)
+
+
+def test_money_budgets_use_the_endpoints_prices() -> None:
+    prices = Prices(Decimal("2.50"), Decimal("10"))  # per million tokens
+    ledger = stored_of({})
+    budgets = Budgets(RJ, "a", job=Limit(cost=Decimal("0.05")))
+    first = call("1", 1000, 4000, prices)  # worst 0.0025 + 0.04 = 0.0425
+    assert first.worst == Amount(5000, Decimal("0.0425"))
+    assert ledger.check(budgets, first).decision == Decision.GRANT
+    ledger.reserve(first)
+    assert ledger.check(budgets, call("2", 1000, 4000, prices)).decision == Decision.WAIT
+    ledger.settle("1", 800, 200)  # 0.002 + 0.002
+    assert ledger.spent(RJ) == Amount(1000, Decimal("0.004"))
+    assert ledger.check(budgets, call("2", 1000, 4000, prices)).decision == Decision.GRANT
+    verdict = ledger.check(budgets, call("3", 1000, 40_000, prices))  # 0.4025: never fits
+    assert verdict.decision == Decision.REFUSE and "0.004 of 0.05 in cost spent" in verdict.message
+
+
+def test_the_book_grants_only_what_the_budgets_can_pay_and_settles_at_release() -> None:
+    pods = [PodRef("team", "a", "a-b0", 0, "uid-a")]
+    ledger = stored_of({})
+    book = Book(
+        lambda e: pods,
+        lambda e: Limits(8),
+        started=-100.0,
+        ledger=ledger,
+        budgets=lambda ns, name, uid, now: Budgets((ns, uid), name, job=Limit(tokens=3000)),
+    )
+    book.heartbeat("ep", "team", "a-b0", "a-b0-x", 0.0, mode=wire.Mode.LEASE, carried=0, held=[], seen=0)
+    reserve = wire.Reserve(input_tokens=200, output_tokens=1000)
+    waiters = [book.enqueue("ep", "team", "a-b0", "a-b0-x", 0.0, reserve) for _ in range(4)]
+    book.grant("ep", 0.0)
+    granted = [w for w in waiters if w.granted is not None]
+    assert len(granted) == 2  # 2 x 1200 fit 3000; a third would not, whatever the capacity
+    assert all(w.note is not None and w.note.decision == Decision.WAIT for w in waiters if w.granted is None)
+    assert granted[0].granted is not None
+    book.release("team", "a-b0-x", granted[0].granted.id, wire.CallUsage(input_tokens=150, output_tokens=50))
+    book.grant("ep", 0.1)
+    assert sum(w.granted is not None for w in waiters) == 3  # 200 spent + 1200 + 1200 reserved
+    # The pod dies holding two leases: they lapse with its session, settled at their worst case.
+    book.expire(book.ttl + 1)
+    assert ledger.spent(("team", "uid-a")) == Amount(200 + 2 * 1200)
+    book.heartbeat("ep", "team", "a-b0", "a-b0-y", book.ttl + 2, mode=wire.Mode.LEASE, carried=0, held=[], seen=0)
+    refused = book.enqueue("ep", "team", "a-b0", "a-b0-y", book.ttl + 2, reserve)
+    book.grant("ep", book.ttl + 2)
+    assert refused.granted is None and refused.refused is not None  # 2600 spent: 1200 more never fit 3000
+
+
+def test_a_restarted_broker_takes_the_redeclared_reservations_against_the_budgets() -> None:
+    pods = [PodRef("team", "a", "a-b0", 0, "uid-a")]
+    ledger = stored_of({("team", "uid-a"): Amount(1000)})
+    book = Book(
+        lambda e: pods,
+        lambda e: Limits(8),
+        started=0.0,
+        ledger=ledger,
+        budgets=lambda ns, name, uid, now: Budgets((ns, uid), name, job=Limit(tokens=3000)),
+    )
+    held = {"old": wire.Reserve(input_tokens=500, output_tokens=1000)}
+    book.heartbeat(
+        "ep", "team", "a-b0", "a-b0-x", 1.0, mode=wire.Mode.LEASE, carried=0, held=["old"], seen=3, reserved=held
+    )
+    assert ledger.reserved(("team", "uid-a")) == Amount(1500)
+    after = book.recovery + 1
+    t = 1.0
+    while t < after:  # heartbeats every 2 s
+        t = min(after, t + wire.HEARTBEAT_SECONDS)
+        book.heartbeat(
+            "ep", "team", "a-b0", "a-b0-x", t, mode=wire.Mode.LEASE, carried=0, held=["old"], seen=3, reserved=held
+        )
+    w = book.enqueue("ep", "team", "a-b0", "a-b0-x", after, wire.Reserve(input_tokens=100, output_tokens=500))
+    book.grant("ep", after)
+    assert w.granted is None and w.note is not None  # 1000 spent + 1500 re-declared + 600 > 3000
+    book.release("team", "a-b0-x", "old", wire.CallUsage(input_tokens=400, output_tokens=100))
+    book.grant("ep", after)
+    assert w.granted is not None
+    assert ledger.spent(("team", "uid-a")) == Amount(1500)
+
+
+# -- property: budgets are never overshot -------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    pod: int
+    rj: int
+    reserve: wire.Reserve
+    used: tuple[int, int]  # what the endpoint would really use (at most the reservation)
+    waiter: Waiter | None = None
+    sent_at: float | None = None
+    duration: float = 0.0
+    done: bool = False
+
+
+def _overshoot_run(seed: int) -> tuple[int, int, bool]:
+    """50 calls from 12 pods of 3 ResearchJobs in one namespace, at random moments and durations, with
+    random pod deaths; returns (worst overshoot of any budget seen at any moment, calls sent, whether a
+    budget held a call back). The truth
+    counts a call's real usage from the moment it is sent (the endpoint works on it whether or not its
+    pod lives to report it)."""
+    rng = random.Random(seed)
+    prices = Prices(Decimal(rng.choice(["0", "0.5", "3"])), Decimal(rng.choice(["0", "2", "15"])))
+    ns_limit = Limit(
+        tokens=rng.randint(8_000, 60_000) if rng.random() < 0.8 else None,
+        cost=Decimal(rng.randint(20, 200)) / 1000 if rng.random() < 0.5 else None,
+    )
+    job_limits = [Limit(tokens=rng.randint(5_000, 30_000)) if rng.random() < 0.7 else None for _ in range(3)]
+    uids = [f"uid-{i}" for i in range(3)]
+    pods = [PodRef("team", f"rj{i % 3}", f"rj{i % 3}-b{i}", 0, uids[i % 3]) for i in range(12)]
+    stored: dict[RjKey, Amount] = {}
+    ledger = Ledger(lambda rj: stored.get(rj, Amount()))
+
+    def budgets(ns: str, name: str, uid: str, now: float) -> Budgets:
+        ns_stored = sum(stored.values(), Amount())
+        return Budgets((ns, uid), name, job_limits[uids.index(uid)], ns_limit, ns_stored, "24h", 3600.0, "later")
+
+    book = Book(lambda e: pods, lambda e: Limits(rng.randint(2, 12)), started=-100.0, ledger=ledger, budgets=budgets)
+    book.prices = lambda endpoint: prices
+    alive = [True] * len(pods)
+    truth_rj = [Amount()] * 3
+    calls: list[_Call] = []
+    for _ in range(50):
+        pod = rng.randrange(len(pods))
+        reserve = wire.Reserve(input_tokens=rng.randint(50, 3000), output_tokens=rng.randint(16, 4096))
+        used = (rng.randint(0, reserve.input_tokens), rng.randint(0, reserve.output_tokens))
+        calls.append(_Call(pod, pod % 3, reserve, used))
+    overshoot = 0
+    sent = 0
+    held = False
+    now = 0.0
+    for p in range(len(pods)):
+        book.heartbeat(
+            "ep", "team", pods[p].job, f"{pods[p].job}-x", now, mode=wire.Mode.LEASE, carried=0, held=[], seen=0
+        )
+    while now < 60.0 and not all(c.done for c in calls):
+        now += rng.uniform(0.05, 1.0)
+        for p, pod in enumerate(pods):  # live pods' heartbeats (declaring what they hold)
+            if alive[p]:
+                s = book.sessions[("team", f"{pod.job}-x")]
+                book.heartbeat(
+                    "ep",
+                    "team",
+                    pod.job,
+                    f"{pod.job}-x",
+                    now,
+                    mode=wire.Mode.LEASE,
+                    carried=0,
+                    held=list(s.leases),
+                    seen=s.seq,
+                )
+        if rng.random() < 0.04:  # a pod dies, holding whatever it holds
+            alive[rng.randrange(len(pods))] = False
+        for c in calls:
+            if c.done:
+                continue
+            if not alive[c.pod]:
+                c.done = True  # its calls in flight are never reported; the others are never made
+                continue
+            session = f"{pods[c.pod].job}-x"
+            if c.waiter is None and rng.random() < 0.5:
+                c.waiter = book.enqueue("ep", "team", pods[c.pod].job, session, now, c.reserve)
+            elif c.sent_at is not None and now - c.sent_at >= c.duration:
+                assert c.waiter is not None and c.waiter.granted is not None
+                fails = rng.random() < 0.1  # unknown usage: settled at the worst case
+                usage = None if fails else wire.CallUsage(input_tokens=c.used[0], output_tokens=c.used[1])
+                book.release("team", session, c.waiter.granted.id, usage)
+                if usage is not None and rng.random() < 0.7:  # its result is stored with its usage
+                    key = ("team", uids[c.rj])
+                    stored[key] = stored.get(key, Amount()) + prices.amount(*c.used)
+                c.done = True
+        book.expire(now)
+        book.grant("ep", now)
+        for c in calls:
+            w = c.waiter
+            held = held or (w is not None and (w.refused is not None or w.note is not None))
+            if w is not None and w.refused is not None:
+                c.done = True
+            elif w is not None and w.granted is not None and c.sent_at is None:
+                c.sent_at, c.duration = now, rng.uniform(0.1, 8.0)
+                truth_rj[c.rj] = truth_rj[c.rj] + prices.amount(*c.used)  # the endpoint works on it now
+                sent += 1
+            elif w is not None and w.granted is None and w.refused is None and rng.random() < 0.3:
+                w.gone, c.waiter = True, None  # the acquire timed out; it asks again later
+        for i, limit in enumerate(job_limits):
+            if limit is not None:
+                overshoot = max(overshoot, _over(truth_rj[i], limit))
+        overshoot = max(overshoot, _over(sum(truth_rj, Amount()), ns_limit))
+    return overshoot, sent, held
+
+
+def _over(spent: Amount, limit: Limit) -> int:
+    """By how much ``spent`` passes ``limit``: tokens, or millionths of money."""
+    tokens = max(0, spent.tokens - limit.tokens) if limit.tokens is not None else 0
+    cost = max(Decimal(0), spent.cost - limit.cost) * 1_000_000 if limit.cost is not None else Decimal(0)
+    return max(tokens, int(cost.to_integral_value(rounding="ROUND_CEILING")))
+
+
+def test_fifty_concurrent_calls_never_overshoot_a_budget_over_many_seeds() -> None:
+    results = [_overshoot_run(seed) for seed in range(120)]
+    assert [seed for seed, (over, _, _) in enumerate(results) if over] == []
+    # Calls were sent (most runs), and in most runs a budget, not the endpoint, held calls back.
+    assert sum(1 for _, sent, _ in results if sent >= 5) > len(results) * 3 // 4
+    assert sum(1 for _, _, held in results if held) > len(results) // 2
