@@ -7,11 +7,18 @@ calls that would overshoot wait or are refused with a reason, and what is spent 
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass
 from decimal import Decimal
 
+import httpx
+import pytest
+from aiohttp import web
+
 from research_api import leases as wire
+from research_api.task import EndpointShareRef
+from research_operator.broker import Authenticator, Broker
 from research_operator.leases import Book, Limits, PodRef, Waiter
 from research_operator.ledger import (
     Amount,
@@ -23,6 +30,10 @@ from research_operator.ledger import (
     Reservation,
     RjKey,
 )
+from research_worker.errors import BudgetExceeded
+from research_worker.leases import LeaseClient
+from research_worker.share import ShareLimiter
+from tests.test_leases_unit import api_server, token
 
 RJ: RjKey = ("team", "uid-a")
 FREE = Prices()  # an endpoint without prices
@@ -313,3 +324,118 @@ def test_fifty_concurrent_calls_never_overshoot_a_budget_over_many_seeds() -> No
     # Calls were sent (most runs), and in most runs a budget, not the endpoint, held calls back.
     assert sum(1 for _, sent, _ in results if sent >= 5) > len(results) * 3 // 4
     assert sum(1 for _, _, held in results if held) > len(results) // 2
+
+
+# -- the same against the real broker server and many pods' lease clients -------------------------------
+
+
+def _dead_http() -> httpx.AsyncClient:
+    """A killed pod's connection: nothing it sends arrives (no release, no heartbeat)."""
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("the pod is gone", request=request)
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(refuse))
+
+
+@pytest.mark.parametrize(("seed", "money"), [(seed, seed % 2 == 1) for seed in range(10)])
+async def test_fifty_calls_of_many_pods_through_the_broker_never_overshoot(
+    seed: int, money: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """50 concurrent model calls from 10 worker pods of one ResearchJob, over the real broker server
+    (aiohttp on loopback, a fake TokenReview) and the workers' LeaseClients, against a budget of N
+    tokens (or of money at the endpoint's prices); 3 pods are killed while their calls hold
+    reservations. What the endpoint was asked to do never passes the budget."""
+    monkeypatch.setattr(wire, "HEARTBEAT_SECONDS", 0.2)
+    monkeypatch.setattr(wire, "SESSION_TTL_SECONDS", 1.0)
+    monkeypatch.setattr(wire, "QUIET_MARGIN_SECONDS", 0.2)
+    rng = random.Random(seed)
+    prices = Prices(Decimal("3"), Decimal("15")) if money else FREE
+    limit = Limit(cost=Decimal(rng.randint(200, 500)) / 1000) if money else Limit(tokens=rng.randint(15_000, 40_000))
+    pods = [PodRef("ns", "rj", f"rj-b{i}", 0, "uid-rj") for i in range(10)]
+    ledger = Ledger(lambda rj: Amount())
+    b = Book(
+        lambda e: pods,
+        lambda e: Limits(16),
+        started=-100.0,
+        ttl=1.0,
+        recovery=0.0,
+        ledger=ledger,
+        budgets=lambda ns, name, uid, now: Budgets((ns, uid), name, job=limit),
+        prices=lambda endpoint: prices,
+    )
+    broker = Broker(b, Authenticator(api_server()))
+    broker._check = lambda ident, endpoint, job: None  # type: ignore[method-assign]  # the world is the test's
+    runner = web.AppRunner(broker.app(), handler_cancellation=True)  # as the operator serves it
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{list(runner.addresses)[0][1]}"
+    ticker = asyncio.create_task(_tick(broker))
+    clients = []
+    for p in pods:
+        ref = EndpointShareRef(configMap="cm", key=p.job, concurrency=0, brokerUrl=url, endpoint="ep")
+        c = LeaseClient(ref, ShareLimiter(1, None, None), lambda pod=f"{p.job}-x": token(pod))
+        await c.start()
+        clients.append(c)
+    truth = Amount()  # what the endpoint was asked to do, counted when a call is sent
+    outcome = {"settled": 0, "refused": 0, "killed": 0}
+    sending: dict[int, list[asyncio.Task[None]]] = {i: [] for i in range(len(pods))}
+
+    victims: set[int] = set()
+
+    async def one(pod: int) -> None:
+        nonlocal truth
+        reserve = wire.Reserve(input_tokens=rng.randint(100, 2500), output_tokens=rng.randint(16, 4096))
+        used = (rng.randint(0, reserve.input_tokens), rng.randint(0, reserve.output_tokens))
+        try:
+            async with clients[pod].slot(reserve) as ticket:
+                truth = truth + prices.amount(*used)  # sent: the endpoint works on it
+                if pod in victims:
+                    kill(pod)  # the pod dies while this call holds its reservation
+                await asyncio.sleep(rng.uniform(0.0, 0.3))
+                ticket.usage = wire.CallUsage(input_tokens=used[0], output_tokens=used[1])
+            outcome["settled"] += 1
+        except BudgetExceeded:
+            outcome["refused"] += 1
+        except asyncio.CancelledError:
+            outcome["killed"] += 1
+
+    def kill(pod: int) -> None:
+        """Its heartbeats and releases stop arriving, and its calls stop."""
+        victims.discard(pod)
+        c = clients[pod]
+        c.http = _dead_http()
+        if c.loop_task is not None:
+            c.loop_task.cancel()
+        for t in sending[pod]:
+            t.cancel()
+
+    for _ in range(50):
+        pod = rng.randrange(len(pods))
+        sending[pod].append(asyncio.create_task(one(pod)))
+    dead = rng.sample([p for p in sending if sending[p]], 3)
+    victims.update(dead)
+    await asyncio.wait_for(asyncio.gather(*(t for ts in sending.values() for t in ts)), 60)
+    for _ in range(30):  # the dead pods' sessions lapse: their reservations are settled at worst case
+        if not ledger.reservations:
+            break
+        await asyncio.sleep(0.1)
+    ticker.cancel()
+    for i, c in enumerate(clients):
+        if i not in dead:
+            await c.close()
+    await runner.cleanup()
+
+    assert outcome["settled"] + outcome["refused"] + outcome["killed"] == 50
+    assert outcome["killed"] > 0 and outcome["settled"] > 0 and len(victims) < len(dead)  # pods died holding some
+    assert limit.admits(truth), (truth, limit)  # overshoot 0
+    assert ledger.reservations == {}
+    spent = ledger.spent(("ns", "uid-rj"))
+    assert truth.within(spent) and limit.admits(spent)  # what the ledger counts covers what was used
+
+
+async def _tick(broker: Broker) -> None:
+    while True:
+        await asyncio.sleep(0.1)
+        broker.tick_once()

@@ -480,6 +480,13 @@ class Broker:
                 await asyncio.wait_for(event.wait(), body.wait_seconds)
             except TimeoutError:
                 pass
+        except asyncio.CancelledError:
+            # The worker hung up (the server cancels the handler): a lease granted meanwhile is not
+            # received, and its call is not made.
+            if w.granted is not None:
+                self.book.release(ident.namespace, ident.pod, w.granted.id, wire.CallUsage())
+                self.kick(body.endpoint)
+            raise
         finally:
             self.events.pop(w.order, None)
             if w.granted is None:
@@ -593,7 +600,8 @@ async def start(host: str, port: int, namespace: str = "", service: str = "", po
         ips = sorted({"127.0.0.1", *([pod_ip] if pod_ip else [])})
         broker.tls = Tls.start(pki.KeyPair(cert, key), names, ips)
         WORLD.broker_ca = cert
-    runner = web.AppRunner(broker.app(), access_log=None)
+    # handler_cancellation: an acquire whose worker hung up (a pod killed mid-wait) stops waiting at once.
+    runner = web.AppRunner(broker.app(), access_log=None, handler_cancellation=True)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, ssl_context=broker.tls.ctx if broker.tls else None).start()
