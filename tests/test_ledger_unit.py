@@ -11,13 +11,18 @@ import asyncio
 import random
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
 from aiohttp import web
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from pydantic import SecretStr
 
+from offline_model.tokens import count_message_tokens
 from research_api import leases as wire
-from research_api.task import EndpointShareRef
+from research_api.exitcodes import EXIT_BUDGET
+from research_api.task import EndpointShareRef, ModelSettings
 from research_operator.broker import Authenticator, Broker
 from research_operator.leases import Book, Limits, PodRef, Waiter
 from research_operator.ledger import (
@@ -32,6 +37,7 @@ from research_operator.ledger import (
 )
 from research_worker.errors import BudgetExceeded
 from research_worker.leases import LeaseClient
+from research_worker.llm import LLMClient, prompt_bound
 from research_worker.share import ShareLimiter
 from tests.test_leases_unit import api_server, token
 
@@ -439,3 +445,100 @@ async def _tick(broker: Broker) -> None:
     while True:
         await asyncio.sleep(0.1)
         broker.tick_once()
+
+
+# -- the worker's side: what a model call reserves, and what it settles ---------------------------------
+
+
+def test_the_prompt_bound_is_above_what_a_tokenizer_counts() -> None:
+    messages = [
+        SystemMessage(content="You are an expert on queues. Answer with sources."),
+        HumanMessage(content="Wie lässt Kueue einen Job zu? 日本語のテキスト、絵文字 🚀🚀 and code: f(x)=x**2;"),
+        AIMessage(content="It admits a workload when its quota fits. " * 50),
+    ]
+    wire_messages = [{"role": m.type, "content": str(m.content)} for m in messages]
+    assert prompt_bound(messages) >= count_message_tokens(wire_messages)
+    schema = '{"type": "object", "properties": {"query": {"type": "string", "maxLength": 400}}}'
+    assert prompt_bound(messages, schema) >= count_message_tokens(wire_messages, [schema])
+
+
+async def _worker_against_a_broker(limit: Limit, answer: httpx.Response) -> tuple[Ledger, Any, list[Any]]:
+    """One chat call of a worker whose pod takes leases from a served broker (with a ledger and the
+    ResearchJob's budget ``limit``); the model endpoint answers ``answer``. Returns the ledger, the
+    call's result or exception, and the requests the endpoint got."""
+    pods = [PodRef("ns", "rj", "rj-b0", 1, "uid-rj")]
+    ledger = Ledger(lambda rj: Amount())
+    book = Book(
+        lambda e: pods,
+        lambda e: Limits(4),
+        started=-100.0,
+        ledger=ledger,
+        budgets=lambda ns, name, uid, now: Budgets((ns, uid), name, job=limit),
+    )
+    broker = Broker(book, Authenticator(api_server()))
+    broker._check = lambda ident, endpoint, job: None  # type: ignore[method-assign]  # the world is the test's
+    runner = web.AppRunner(broker.app(), handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{list(runner.addresses)[0][1]}"
+    sent: list[Any] = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return answer
+
+    settings = ModelSettings(name="m", base_url="http://llm.test/v1", max_retries=0, max_output_tokens=300)
+    llm = LLMClient(
+        settings, SecretStr("k"), http_async_client=httpx.AsyncClient(transport=httpx.MockTransport(endpoint))
+    )
+    ref = EndpointShareRef(configMap="cm", key="rj-b0", concurrency=1, brokerUrl=url, endpoint="ep")
+    llm.leases = LeaseClient(ref, ShareLimiter(1, None, None), lambda: token("rj-b0-x"))
+    await llm.leases.start()
+    result: Any
+    try:
+        result = await llm.chat([HumanMessage(content="How does Kueue admit a Job?")])
+    except Exception as exc:  # noqa: BLE001 - the test looks at what the worker raised
+        result = exc
+    await llm.leases.close()
+    await runner.cleanup()
+    return ledger, result, sent
+
+
+def _answer(usage: dict[str, int] | None, status: int = 200) -> httpx.Response:
+    body: dict[str, Any] = {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}, "finish_reason": "stop"}],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    if status != 200:
+        body = {"error": {"message": "unsupported parameter", "type": "invalid_request_error"}}
+    return httpx.Response(status, json=body)
+
+
+async def test_a_calls_reservation_is_settled_to_the_usage_the_endpoint_reported() -> None:
+    usage = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+    ledger, result, sent = await _worker_against_a_broker(Limit(tokens=10_000), _answer(usage))
+    assert len(sent) == 1 and result[1].total_tokens == 18
+    assert ledger.spent(("ns", "uid-rj")) == Amount(18) and ledger.reservations == {}
+
+
+async def test_an_answer_without_usage_is_settled_at_the_worst_case_and_a_refused_request_at_nothing() -> None:
+    ledger, _, _ = await _worker_against_a_broker(Limit(tokens=10_000), _answer(None))
+    spent = ledger.spent(("ns", "uid-rj")).tokens
+    assert spent > 300  # the prompt bound and maxOutputTokens (300): the endpoint said nothing
+    ledger, result, sent = await _worker_against_a_broker(Limit(tokens=10_000), _answer(None, status=400))
+    assert len(sent) == 1 and "refused the request with HTTP 400" in str(result)
+    assert ledger.spent(("ns", "uid-rj")) == Amount()
+
+
+async def test_a_call_the_researchjobs_budget_cannot_pay_is_never_sent_and_fails_the_step() -> None:
+    _, result, sent = await _worker_against_a_broker(Limit(tokens=200), _answer({"prompt_tokens": 1}))
+    assert sent == []  # the endpoint never saw it
+    assert isinstance(result, BudgetExceeded) and result.exit_code == EXIT_BUDGET
+    assert "the budget of ResearchJob ns/rj (spec.budget) cannot pay the next model call: 0 of 200 tokens" in str(
+        result
+    )
