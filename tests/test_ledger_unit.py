@@ -8,8 +8,9 @@ calls that would overshoot wait or are refused with a reason, and what is spent 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
@@ -22,8 +23,12 @@ from pydantic import SecretStr
 from offline_model.tokens import count_message_tokens
 from research_api import leases as wire
 from research_api.exitcodes import EXIT_BUDGET
+from research_api.researchjob import ResearchJobSpec, ResearchJobStatus
 from research_api.task import EndpointShareRef, ModelSettings
+from research_operator import endpoints as ep
+from research_operator.admission import BudgetVerdict
 from research_operator.broker import Authenticator, Broker
+from research_operator.constants import plan_id
 from research_operator.leases import Book, Limits, PodRef, Waiter
 from research_operator.ledger import (
     Amount,
@@ -35,6 +40,7 @@ from research_operator.ledger import (
     Reservation,
     RjKey,
 )
+from research_operator.reconcile import Observed, StepTokens, StoreView, decide
 from research_worker.errors import BudgetExceeded
 from research_worker.leases import LeaseClient
 from research_worker.llm import LLMClient, prompt_bound
@@ -42,6 +48,10 @@ from research_worker.share import ShareLimiter
 from tests.test_leases_unit import api_server, token
 
 RJ: RjKey = ("team", "uid-a")
+T0 = dt.datetime(2026, 12, 6, 9, 0, tzinfo=dt.UTC)
+SPEC = ResearchJobSpec.model_validate(
+    {"topic": "How Kueue admits", "analysts": {"count": 2}, "sources": [{"type": "documents", "configMap": "c"}]}
+)
 FREE = Prices()  # an endpoint without prices
 
 
@@ -542,3 +552,65 @@ async def test_a_call_the_researchjobs_budget_cannot_pay_is_never_sent_and_fails
     assert "the budget of ResearchJob ns/rj (spec.budget) cannot pay the next model call: 0 of 200 tokens" in str(
         result
     )
+
+
+# -- money: prices, money budgets, status ------------------------------------------------------------
+
+
+def test_an_endpoint_declares_its_prices_and_a_namespace_budget_may_be_in_money() -> None:
+    endpoint = ep.endpoint_from(
+        {
+            "metadata": {"name": "gpt"},
+            "spec": {
+                "baseUrl": "https://api.example.com/v1",
+                "maxConcurrentRequests": 4,
+                "prices": {"inputPerMillion": "2.50", "outputPerMillion": "10"},
+            },
+        }
+    )
+    assert endpoint is not None and endpoint.prices == Prices(Decimal("2.50"), Decimal("10"))
+    budgets = ep.parse_budgets(
+        '{"a": {"tokens": 5000, "period": "1h"}, "b": {"cost": "25.00", "period": "7d"},'
+        ' "c": {"tokens": 100000, "cost": "3"}}'
+    )
+    assert budgets["a"] == ep.TokenBudget(5000, "1h")  # the existing format, unchanged
+    assert budgets["b"] == ep.TokenBudget(None, "7d", Decimal("25.00"))
+    assert budgets["c"] == ep.TokenBudget(100000, "24h", Decimal("3"))
+    assert [ep.describe_budget(budgets[n]) for n in "abc"] == ["5000/1h", "cost 25.00/7d", "100000,cost 3/24h"]
+    for bad in ('{"x": {"period": "1h"}}', '{"x": {"cost": "lots"}}', '{"x": {"cost": "-1"}}'):
+        with pytest.raises(ValueError, match=r"namespaceTokenBudgets\[x\]"):
+            ep.parse_budgets(bad)
+    assert ep.spec_limit({"maxTokens": 20000, "maxCost": "1.5"}) == Limit(20000, Decimal("1.5"))
+    assert ep.spec_limit({"deadlineSeconds": 600}) is None
+
+
+def test_a_namespace_money_budget_holds_its_worker_jobs_and_says_what_was_spent() -> None:
+    spent = BudgetVerdict("team", None, 90_000, "7d", "2026-12-14T00:00:00Z", Decimal("25"), Decimal("25.0012"))
+    assert spent.exhausted
+    assert spent.message == (
+        "namespace team spent 25.0012 of 25 in cost per 7d; no new worker Job starts before the period rolls over "
+        "at 2026-12-14T00:00:00Z"
+    )
+    short = BudgetVerdict("team", 100_000, 90_000, "24h", "2026-12-07T00:00:00Z", short=Amount(12_000))
+    assert short.exhausted and "(a model call waits that may use up to 12000 tokens)" in short.message
+    assert not BudgetVerdict("team", 100_000, 90_000, "24h", "2026-12-07T00:00:00Z").exhausted
+
+
+def test_status_shows_tokens_and_cost_per_researchjob_and_per_step() -> None:
+    pid = plan_id(None)
+    steps = [
+        StepTokens("interview", 1, 3000, 1000, 4000),
+        StepTokens("plan", None, 800, 200, 1000),
+        StepTokens("interview", 0, 2000, 500, 2500),
+    ]
+    store = StoreView(tokens=7500, input_tokens=5800, output_tokens=1700, steps={pid: steps})
+    obs = Observed(1, T0, T0, [], store, ResearchJobStatus(), prices=Prices(Decimal("2.50"), Decimal("10")))
+    st = decide(SPEC, obs).status
+    assert st.tokens_used == 7500 and st.cost == "0.0315"  # 5800 x 2.50 + 1700 x 10, per million
+    assert [(u.step, u.analyst, u.tokens, u.cost) for u in st.usage or []] == [
+        ("plan", None, 1000, "0.004"),
+        ("interview", 0, 2500, "0.01"),
+        ("interview", 1, 4000, "0.0175"),
+    ]
+    free = decide(SPEC, replace(obs, prices=None)).status
+    assert free.cost is None and [u.cost for u in free.usage or []] == [None, None, None]

@@ -69,6 +69,15 @@ class ReportRef(ApiModel):
     title: str | None = Field(None, description="Title of the report.")
 
 
+class StepUsage(ApiModel):
+    """What one step of the current plan used (its stored result's usage)."""
+
+    step: str = Field(description="plan, interview or write.")
+    analyst: int | None = Field(None, description="For an interview: the analyst's index.")
+    tokens: int = Field(0, description="LLM tokens (prompt + completion).")
+    cost: str | None = Field(None, description="Their cost at the ModelEndpoint's prices; absent without prices.")
+
+
 class ResearchJobStatus(ApiModel):
     """Observed state, rebuilt from the child Jobs and the store on every pass."""
 
@@ -83,6 +92,13 @@ class ResearchJobStatus(ApiModel):
     batches: BatchCounts = Field(default_factory=BatchCounts, description="Worker batches by state.")
     active_jobs: list[str] | None = Field(None, description="Names of the running worker Jobs.")
     tokens_used: int = Field(0, description="LLM tokens used so far.")
+    cost: str | None = Field(
+        None,
+        description="What tokensUsed cost at the ModelEndpoint's prices (its spec.prices); absent when it has none.",
+    )
+    usage: list[StepUsage] | None = Field(
+        None, description="Tokens and cost of each stored step of the current plan: plan, each interview, write."
+    )
     report: ReportRef | None = Field(None, description="Where the finished report is.")
     failed_analysts: list[str] | None = Field(None, description="Analysts whose interviews failed.")
     message: str | None = Field(None, description="What is happening now, for humans.")

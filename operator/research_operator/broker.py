@@ -111,17 +111,19 @@ def _prices(endpoint: str) -> Prices:
     return e.prices if e is not None and e.prices is not None else Prices()
 
 
-def _prices_of(key: RjKey) -> Prices:
-    """The prices of the endpoint a ResearchJob's Jobs were admitted against (none: calls cost nothing)."""
+def prices_of(key: RjKey) -> Prices | None:
+    """The prices of the ModelEndpoint a ResearchJob's Jobs were admitted against (None: no endpoint,
+    or one without prices)."""
     for job in WORLD.jobs_of(key).values():
         if job.endpoint:
-            return _prices(job.endpoint)
-    return Prices()
+            e = WORLD.endpoints.get(job.endpoint)
+            return e.prices if e is not None else None
+    return None
 
 
 def _stored(key: RjKey, since: dt.datetime | None = None) -> Amount:
     """What a ResearchJob's stored results used (since ``since``), at its endpoint's prices."""
-    prices = _prices_of(key)
+    prices = prices_of(key) or Prices()
     total = Amount()
     for obj in (WORLD.stored_index or {}).get(key, []):
         if since is None or (obj.created is not None and obj.created >= since):

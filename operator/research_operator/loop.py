@@ -263,6 +263,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         previous=prev,
         uid=uid,
         refusal=refused,
+        prices=broker.prices_of(key),
     )
     d = decide(spec, obs)
     st = d.status
