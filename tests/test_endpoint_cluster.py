@@ -379,3 +379,51 @@ def test_an_operator_restart_mid_run_never_lets_more_than_the_capacity_in_flight
     assert stats["max_running"] <= capacity, stats
     assert "lease broker listening" in operator.log()
     assert metric(operator, "research_operator_endpoint_leases_granted_total", name) > 0  # leases again after it
+
+
+def test_a_researchjob_budget_is_reserved_before_each_call_and_status_shows_the_cost(
+    cluster: ClusterHandle,
+    operator: OperatorProcess,
+    namespace: str,
+    corpus_configmap: str,
+    modelserver_factory: Callable[..., ModelServerProcess],
+    endpoint: Callable[..., str],
+) -> None:
+    """Budgets that cannot be overshot: with a ModelEndpoint (and the operator's lease broker), a
+    ResearchJob whose budget cannot pay its first call's worst case (its prompt and maxOutputTokens)
+    fails before any token is spent, saying why; one with room succeeds and shows what it cost, per
+    step, at the endpoint's prices."""
+    api = cluster.api_client()
+    server = modelserver_factory(max_concurrency=64)
+    endpoint(server.base_url, 4, prices={"inputPerMillion": "2.50", "outputPerMillion": "10"})
+    model = {"baseUrl": server.base_url, "maxOutputTokens": 4096}
+    create(
+        api,
+        namespace,
+        researchjob("tight", corpus_configmap, analysts={"count": 2}, model=model, budget={"maxTokens": 3000}),
+    )
+    create(
+        api,
+        namespace,
+        researchjob(
+            "roomy",
+            corpus_configmap,
+            analysts={"count": 2},
+            model=model,
+            budget={"maxTokens": 10_000_000, "maxCost": "100"},
+        ),
+    )
+    tight = wait_phase(api, namespace, "tight", {"Succeeded", "Failed"})["status"]
+    assert tight["phase"] == "Failed", tight
+    assert "cannot pay the next model call" in tight["message"] and "0 of 3000 tokens spent" in tight["message"]
+    assert tight["tokensUsed"] == 0  # refused before it was sent: nothing spent, nothing overshot
+    roomy = wait_phase(api, namespace, "roomy", {"Succeeded", "Failed"}, timeout=400)["status"]
+    assert roomy["phase"] == "Succeeded", roomy
+    assert [(u["step"], u.get("analyst")) for u in roomy["usage"]] == [
+        ("plan", None),
+        ("interview", 0),
+        ("interview", 1),
+        ("write", None),
+    ]
+    assert sum(u["tokens"] for u in roomy["usage"]) == roomy["tokensUsed"] > 0
+    assert float(roomy["cost"]) > 0 and abs(sum(float(u["cost"]) for u in roomy["usage"]) - float(roomy["cost"])) < 1e-5
