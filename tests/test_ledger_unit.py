@@ -23,8 +23,10 @@ from pydantic import SecretStr
 from offline_model.tokens import count_message_tokens
 from research_api import leases as wire
 from research_api.exitcodes import EXIT_BUDGET
+from research_api.modelendpoint import NamespaceSelector
 from research_api.researchjob import ResearchJobSpec, ResearchJobStatus
-from research_api.task import EndpointShareRef, ModelSettings
+from research_api.task import EndpointShareRef, ModelSettings, StructuredOutput
+from research_operator import broker as broker_module
 from research_operator import endpoints as ep
 from research_operator.admission import BudgetVerdict
 from research_operator.broker import Authenticator, Broker
@@ -41,10 +43,12 @@ from research_operator.ledger import (
     RjKey,
 )
 from research_operator.reconcile import Observed, StepTokens, StoreView, decide
+from research_operator.world import WORLD
 from research_worker.errors import BudgetExceeded
 from research_worker.leases import LeaseClient
 from research_worker.llm import LLMClient, prompt_bound
 from research_worker.share import ShareLimiter
+from research_worker.state import SearchQuery
 from tests.test_leases_unit import api_server, token
 
 RJ: RjKey = ("team", "uid-a")
@@ -614,3 +618,114 @@ def test_status_shows_tokens_and_cost_per_researchjob_and_per_step() -> None:
     ]
     free = decide(SPEC, replace(obs, prices=None)).status
     assert free.cost is None and [u.cost for u in free.usage or []] == [None, None, None]
+
+
+# -- the model gateway forwards only what a reservation covers --------------------------------------------
+
+
+@pytest.mark.parametrize("method", list(StructuredOutput))
+async def test_the_gateway_forwards_a_budgeted_pods_calls_only_under_a_lease_that_covers_them(
+    monkeypatch: pytest.MonkeyPatch, method: StructuredOutput
+) -> None:
+    """A worker of a ResearchJob with a budget calls an admin endpoint through the gateway: its chat and
+    structured calls (each way of asking for structure) name their lease and fit its reservation, so
+    they are forwarded; a request that names no lease, or asks for more than its lease reserved (a
+    modified worker calling the gateway directly), is refused before it reaches the endpoint."""
+    seen: list[dict[str, Any]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(body)
+        if body.get("tools"):
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {
+                            "name": body["tools"][0]["function"]["name"],
+                            "arguments": '{"search_query": "kueue"}',
+                        },
+                    }
+                ],
+            }
+        else:
+            message = {"role": "assistant", "content": '{"search_query": "kueue"}'}
+        usage = {"prompt_tokens": 40, "completion_tokens": 9, "total_tokens": 49}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return web.json_response(
+            {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [choice], "usage": usage}
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    model_runner = web.AppRunner(app)
+    await model_runner.setup()
+    await web.TCPSite(model_runner, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{list(model_runner.addresses)[0][1]}/v1"
+
+    endpoint = ep.Endpoint("team-llm", base, 4, namespace_selector=NamespaceSelector())
+    monkeypatch.setattr(WORLD, "endpoint_index", {"team-llm": [endpoint]})
+    monkeypatch.setattr(WORLD, "job_index", {})
+    monkeypatch.setattr(WORLD, "namespace_labels", {"ns": (1e18, {})})
+    monkeypatch.setattr(broker_module, "names_endpoint", lambda ident, name: True)
+    monkeypatch.setattr(broker_module, "worker_of", lambda ident, name: (("ns", "uid-rj"), "rj"))
+    pods = [PodRef("ns", "rj", "rj-b0", 1, "uid-rj")]
+    ledger = Ledger(lambda rj: Amount())
+    book = Book(
+        lambda e: pods,
+        lambda e: Limits(4),
+        started=-100.0,
+        ledger=ledger,
+        budgets=lambda ns, name, uid, now: Budgets((ns, uid), name, job=Limit(tokens=100_000)),
+    )
+    broker = Broker(book, Authenticator(api_server()))
+    broker._check = lambda ident, endpoint, job: None  # type: ignore[method-assign]  # the world is the test's
+    runner = web.AppRunner(broker.app(), handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{list(runner.addresses)[0][1]}"
+    settings = ModelSettings(
+        name="m",
+        base_url=wire.gateway_url(url, "team-llm"),
+        gateway=True,
+        max_retries=0,
+        max_output_tokens=300,
+        structured_output=method,
+    )
+    llm = LLMClient(settings, SecretStr(token("rj-b0-x")))
+    ref = EndpointShareRef(configMap="cm", key="rj-b0", concurrency=1, brokerUrl=url, endpoint="team-llm")
+    llm.leases = LeaseClient(ref, ShareLimiter(1, None, None), lambda: token("rj-b0-x"))
+    await llm.leases.start()
+    try:
+        _, usage = await llm.chat([SystemMessage(content="Be brief."), HumanMessage(content="What is Kueue?")])
+        query, _ = await llm.structured(SearchQuery, [HumanMessage(content="Ask about Kueue " + "ü" * 500)])
+        assert usage.total_tokens == 49 and query.search_query == "kueue" and len(seen) == 2
+        assert ledger.spent(("ns", "uid-rj")) == Amount(98)  # both settled to what the endpoint reported
+        async with httpx.AsyncClient() as http:
+            direct = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 5}
+            bare = await http.post(
+                f"{settings.base_url}/chat/completions",
+                json=direct,
+                headers={"Authorization": f"Bearer {token('rj-b0-x')}"},
+            )
+            assert bare.status_code == 403 and wire.LEASE_HEADER in bare.json()["error"]["message"]
+            async with llm.leases.slot(wire.Reserve(input_tokens=100, output_tokens=10)) as ticket:
+                big = await http.post(
+                    f"{settings.base_url}/chat/completions",
+                    json={**direct, "max_completion_tokens": 4096},
+                    headers={"Authorization": f"Bearer {token('rj-b0-x')}", wire.LEASE_HEADER: str(ticket.lease)},
+                )
+                ticket.usage = wire.CallUsage()
+            assert (
+                big.status_code == 403 and "larger than the reservation of its lease" in big.json()["error"]["message"]
+            )
+        assert len(seen) == 2  # neither reached the endpoint
+    finally:
+        await llm.leases.close()
+        if broker.session is not None:
+            await broker.session.close()
+        await runner.cleanup()
+        await model_runner.cleanup()

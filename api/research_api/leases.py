@@ -11,7 +11,10 @@ against the endpoint.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -24,6 +27,9 @@ PATH_CLOSE = "/v1/close"
 # with the endpoint's API key (an admin-declared ModelEndpoint with apiKeySecretRef), for pods whose
 # ResearchJob names that endpoint. The pod authenticates with the same broker token.
 PATH_GATEWAY = "/gateway"
+# A request through the gateway of a ResearchJob under a budget names the lease (and so the
+# reservation) that covers it; the gateway forwards it only if that reservation covers its worst case.
+LEASE_HEADER = "X-Researchops-Lease"
 
 HEARTBEAT_SECONDS = 2.0  # a worker's heartbeat period
 SESSION_TTL_SECONDS = 10.0  # a session (and its leases) lapses this long after the last heartbeat
@@ -39,6 +45,60 @@ TOKEN_VOLUME = "lease-broker-token"
 TOKEN_DIR = "/var/run/secrets/researchops.io/lease-broker"  # the volume's mountPath (read-only)
 TOKEN_FILE = "token"  # the source's path in the volume
 TOKEN_PATH = f"{TOKEN_DIR}/{TOKEN_FILE}"
+
+
+# The prompt bound (both sides): a byte-level BPE or SentencePiece tokenizer with byte fallback makes at
+# most one token per UTF-8 byte; a chat template adds a few tokens per message; a structured answer's
+# schema (response_format or tools) is part of the prompt, with its wrapper.
+MESSAGE_FRAMING_TOKENS = 16
+SCHEMA_FRAMING_TOKENS = 512
+
+
+def prompt_bound(texts: Iterable[str], schema: str = "") -> int:
+    """An upper bound of the prompt tokens of a request whose messages hold ``texts`` and whose
+    structured answer has JSON schema ``schema``."""
+    total = MESSAGE_FRAMING_TOKENS + sum(len(t.encode()) + MESSAGE_FRAMING_TOKENS for t in texts)
+    return total + (len(schema.encode()) + SCHEMA_FRAMING_TOKENS if schema else 0)
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p if isinstance(p, str) else str((p or {}).get("text", "")) for p in content)
+    return ""
+
+
+def request_bound(body: bytes) -> tuple[int, int | None] | None:
+    """The worst case of an OpenAI chat request as the gateway forwards it: (the prompt bound, the
+    output bound: max_completion_tokens or max_tokens, None when the request sets none); None when the
+    body is not a chat request. The schemas of response_format and tools count with their bytes, and
+    without the framing a worker's reservation adds for them (``SCHEMA_FRAMING_TOKENS``), which so
+    covers how the client library words the schema it was given."""
+    try:
+        data = json.loads(body or b"{}")
+        messages = data.get("messages")
+        if not isinstance(messages, list):
+            return None
+        texts = [_content_text(m.get("content")) if isinstance(m, dict) else "" for m in messages]
+        extra = {k: data[k] for k in ("response_format", "tools") if data.get(k)}
+        schema = len(json.dumps(_schemas(extra)).encode()) if extra else 0
+        out = data.get("max_completion_tokens", data.get("max_tokens"))
+        return prompt_bound(texts) + schema, int(out) if out is not None else None
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _schemas(extra: dict[str, Any]) -> list[Any]:
+    """The JSON schemas a request's response_format and tools carry (what the worker measured)."""
+    out: list[Any] = []
+    fmt = extra.get("response_format")
+    if isinstance(fmt, dict):
+        out.append((fmt.get("json_schema") or {}).get("schema") if fmt.get("type") == "json_schema" else fmt)
+    for tool in extra.get("tools") or []:
+        if isinstance(tool, dict):
+            out.append((tool.get("function") or {}).get("parameters"))
+    return out
 
 
 def gateway_url(broker_url: str, endpoint: str) -> str:

@@ -203,6 +203,14 @@ async def namespace_labels(namespace: str) -> dict[str, str] | None:
     return labels
 
 
+def worker_of(ident: Identity, endpoint: str) -> tuple[RjKey, str] | None:
+    """The ResearchJob (its key and name) of a worker pod admitted against ``endpoint``."""
+    for key, p in WORLD.endpoint_pods(endpoint):
+        if p.namespace == ident.namespace and ident.pod.startswith(f"{p.job}-"[:GENERATED_PREFIX_MAX]):
+            return key, p.research_job
+    return None
+
+
 def names_endpoint(ident: Identity, endpoint: str) -> bool:
     """Whether the pod is a worker pod of a ResearchJob that names ``endpoint`` (spec.model.endpoint):
     one of the Jobs admitted against it, run as its ResearchJob's worker ServiceAccount. A pod whose
@@ -350,6 +358,8 @@ class Broker:
             if not names_endpoint(ident, name):
                 pod = f"{ident.namespace}/{ident.pod}"
                 raise LeaseError(403, f"pod {pod} is not a worker of a ResearchJob that names ModelEndpoint {name}")
+            body = await request.read()
+            self._covered(ident, name, request.headers.get(wire.LEASE_HEADER), body)
             key = await self.keys.get(endpoint)
             headers = {k: v for k, v in request.headers.items() if k.lower() in GATEWAY_REQUEST_HEADERS}
             if key is not None:
@@ -362,7 +372,7 @@ class Broker:
                 request.method,
                 url,
                 params=request.query,
-                data=await request.read(),
+                data=body,
                 headers=headers,
                 allow_redirects=False,
             ) as upstream:
@@ -398,6 +408,35 @@ class Broker:
             )
         finally:
             metrics.BROKER_REQUESTS.labels(wire.PATH_GATEWAY, str(code)).inc()
+
+    def _covered(self, ident: Identity, endpoint: str, lease: str | None, body: bytes) -> None:
+        """A pod of a ResearchJob under a budget may send through the gateway only what a reservation
+        covers: the request names a lease the pod holds, and its worst case (prompt bound and output
+        bound, ``wire.request_bound``) is within that lease's reservation. Raises LeaseError (403)."""
+        ledger = self.book.ledger
+        found = worker_of(ident, endpoint) if ledger is not None and self.book.budgets is not None else None
+        if ledger is None or self.book.budgets is None or found is None:
+            return
+        (namespace, uid), research_job = found
+        b = self.book.budgets(namespace, research_job, uid, time.monotonic())
+        if b.job is None and b.namespace is None:
+            return
+        session = self.book.sessions.get((ident.namespace, ident.pod))
+        r = ledger.reservations.get(lease or "")
+        if r is None or session is None or lease not in session.leases:
+            raise LeaseError(
+                403,
+                f"ResearchJob {namespace}/{research_job} has a budget: a request through the gateway must name a "
+                f"lease this pod holds ({wire.LEASE_HEADER}), whose reservation covers it",
+            )
+        need = wire.request_bound(body)
+        if need is None or need[1] is None or need[0] > r.input_tokens or need[1] > r.output_tokens:
+            asked = "no output bound" if need is not None and need[1] is None else f"worst case {need}"
+            raise LeaseError(
+                403,
+                f"the request ({asked if need is not None else 'not a chat request'}) is larger than the "
+                f"reservation of its lease (a prompt of {r.input_tokens} tokens, an answer of {r.output_tokens})",
+            )
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"recovering": self.book.recovering(time.monotonic())})

@@ -111,6 +111,7 @@ class Ticket:
     settled to it. Left None, the reservation is settled at its worst case."""
 
     usage: wire.CallUsage | None = None
+    lease: str | None = None  # the lease it holds (None: under the share, or no broker)
 
 
 class LeaseClient:
@@ -353,6 +354,7 @@ class LeaseClient:
                     continue
                 hold = _Hold(lid, asyncio.current_task(), reserve=reserve)
                 self.held[lid] = hold
+                ticket.lease = lid
                 try:
                     yield ticket
                 except asyncio.CancelledError:

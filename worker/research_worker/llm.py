@@ -63,21 +63,24 @@ LEASE_LOST_ATTEMPTS = 5  # a call whose lease is lost (the broker unreachable) i
 PREFLIGHT_ATTEMPTS = 4
 # A call without an output bound (max_output_tokens None) reserves what the ResearchJob CRD allows at most.
 UNBOUNDED_OUTPUT_TOKENS = 1_000_000
-MESSAGE_FRAMING_TOKENS = 16  # a chat template's role markers and separators, per message (generous)
-SCHEMA_FRAMING_TOKENS = 512  # the response_format / tool wrapper around a structured call's schema
 
 
 def prompt_bound(messages: Sequence[BaseMessage], schema: str = "") -> int:
-    """An upper bound of a request's prompt tokens, for its budget reservation: the UTF-8 bytes of
-    every message (a byte-level BPE or SentencePiece tokenizer with byte fallback makes at most one
-    token per byte) plus each message's framing, and the structured answer's schema. Generous (about
-    four times the tokens of English prose), so a reservation is settled below it, never above."""
-    total = MESSAGE_FRAMING_TOKENS
-    for m in messages:
-        total += len(_text(m.content).encode()) + MESSAGE_FRAMING_TOKENS
-    if schema:
-        total += len(schema.encode()) + SCHEMA_FRAMING_TOKENS
-    return total
+    """An upper bound of a request's prompt tokens, for its budget reservation
+    (``research_api.leases.prompt_bound``: the UTF-8 bytes of every message and of the structured
+    answer's schema, with framing). Generous (about four times the tokens of English prose), so a
+    reservation is settled below it, never above."""
+    return wire.prompt_bound([_text(m.content) for m in messages], schema)
+
+
+# The lease of the call in progress: a request through the operator's gateway names it (wire.LEASE_HEADER).
+_LEASE: ContextVar[str | None] = ContextVar("lease", default=None)
+
+
+async def _name_lease(request: httpx.Request) -> None:
+    lease = _LEASE.get()
+    if lease is not None:
+        request.headers[wire.LEASE_HEADER] = lease
 
 
 def usage_of(message: BaseMessage | None) -> TokenUsage:
@@ -278,6 +281,8 @@ class LLMClient:
         if http_async_client is None:
             http_async_client = httpx.AsyncClient(timeout=settings.timeout_seconds, verify=_verify(settings))
         http_async_client.event_hooks.setdefault("response", []).append(_count_429)  # 429s, counted
+        if settings.gateway:
+            http_async_client.event_hooks.setdefault("request", []).append(_name_lease)
         limiter = (
             InMemoryRateLimiter(
                 requests_per_second=settings.requests_per_second,
@@ -299,7 +304,7 @@ class LLMClient:
             stream_usage=True,
             http_async_client=http_async_client,
         )
-        self._structured: dict[type[BaseModel], Any] = {}
+        self._structured: dict[type[BaseModel], tuple[Any, str]] = {}  # the runnable, its schema's JSON
         self._sem = asyncio.Semaphore(settings.max_concurrency)
         share = settings.share
         self.share: ShareLimiter | None = (
@@ -379,6 +384,7 @@ class LLMClient:
         )
         async with self._slot(reserve) as ticket:
             _RATE_LIMITED.set(box)
+            _LEASE.set(ticket.lease)
             start = time.monotonic()
             try:
                 out = await runnable.ainvoke(sent)
@@ -455,8 +461,8 @@ class LLMClient:
         return msg, usage
 
     async def structured(self, schema: type[T], messages: Sequence[BaseMessage]) -> tuple[T, TokenUsage]:
-        runnable = self._structured.get(schema)
-        if runnable is None:
+        cached = self._structured.get(schema)
+        if cached is None:
             # The strings' maxLength lets a grammar-constrained endpoint end the answer within the
             # output bound (research_worker.bounds); OpenAI's strict mode refuses the keyword.
             limit = self.settings.max_output_tokens
@@ -464,10 +470,11 @@ class LLMClient:
             runnable = self.model.with_structured_output(
                 asked, method=self.settings.structured_output.value, include_raw=True
             )
-            self._structured[schema] = runnable
+            # what the request carries, for its prompt bound
+            cached = self._structured[schema] = (runnable, json.dumps(asked.model_json_schema()))
+        runnable, schema_text = cached
         what = f"structured call for {schema.__name__} ({self.settings.structured_output.value})"
         box = [0]
-        schema_text = json.dumps(schema.model_json_schema())
         out = await self._call(runnable, messages, what, box, lambda out: out.get("raw"), schema_text)
         raw = out.get("raw")
         usage = self._tally(usage_of(raw), box)
