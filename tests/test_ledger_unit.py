@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import random
 from dataclasses import dataclass, replace
 from decimal import Decimal
@@ -729,3 +730,56 @@ async def test_the_gateway_forwards_a_budgeted_pods_calls_only_under_a_lease_tha
             await broker.session.close()
         await runner.cleanup()
         await model_runner.cleanup()
+
+
+def test_a_restarted_broker_counts_what_live_pods_spent_and_did_not_store_yet() -> None:
+    """The operator restarts mid-interview: the new broker knows only the stored usage; each live pod
+    declares, once, what its calls used that it has not stored (an interview in progress), so the
+    budget still sees it (a restart loses nothing of what was spent)."""
+    table: dict[RjKey, Amount] = {("team", "uid-a"): Amount(1000)}  # the plan, stored
+    ledger = stored_of(table)
+    book = Book(
+        lambda e: [PodRef("team", "a", "a-b0", 0, "uid-a")],
+        lambda e: Limits(8),
+        started=0.0,
+        ledger=ledger,
+        budgets=lambda ns, name, uid, now: Budgets((ns, uid), name, job=Limit(tokens=5000)),
+    )
+    unstored = wire.CallUsage(input_tokens=1500, output_tokens=500)
+    for t in (1.0, 3.0):  # declared once, however many heartbeats say it during the recovery
+        book.heartbeat(
+            "ep", "team", "a-b0", "a-b0-x", t, mode=wire.Mode.LEASE, carried=0, held=[], seen=0, unstored=unstored
+        )
+    assert ledger.spent(("team", "uid-a")) == Amount(3000)
+    table[("team", "uid-a")] = Amount(3000)  # the section is stored with that usage: counted once
+    assert ledger.spent(("team", "uid-a")) == Amount(3000)
+    after = book.recovery + 1
+    book.heartbeat("ep", "team", "a-b0", "a-b0-x", after - 1, mode=wire.Mode.LEASE, carried=0, held=[], seen=0)
+    w = book.enqueue("ep", "team", "a-b0", "a-b0-x", after, wire.Reserve(input_tokens=1000, output_tokens=1000))
+    more = book.enqueue("ep", "team", "a-b0", "a-b0-x", after, wire.Reserve(input_tokens=0, output_tokens=1))
+    book.grant("ep", after)
+    assert w.granted is not None  # 3000 spent + 2000 reserved: exactly the budget
+    assert more.granted is None and more.note is not None and "2000 tokens reserved" in more.note.message
+
+
+async def test_a_worker_declares_what_it_used_and_has_not_stored_yet() -> None:
+    usage = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: _answer(usage)))
+    llm = LLMClient(ModelSettings(name="m", base_url="http://llm.test/v1"), SecretStr("k"), http_async_client=http)
+    _, first = await llm.chat([HumanMessage(content="one")])
+    await llm.chat([HumanMessage(content="two")])
+    assert llm.unstored() == wire.CallUsage(input_tokens=22, output_tokens=14)
+    llm.stored(first)  # the section holding the first call's usage is stored
+    assert llm.unstored() == wire.CallUsage(input_tokens=11, output_tokens=7)
+    ref = EndpointShareRef(configMap="cm", key="a-b0", concurrency=1, brokerUrl="http://127.0.0.1:9", endpoint="ep")
+    leases = LeaseClient(ref, ShareLimiter(1, None, None), lambda: token())
+    leases.unstored = llm.unstored
+    sent: list[dict[str, Any]] = []
+
+    def broker(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, json={})
+
+    leases.http = httpx.AsyncClient(transport=httpx.MockTransport(broker))
+    await leases._beat()
+    assert wire.Heartbeat.model_validate(sent[0]).unstored == wire.CallUsage(input_tokens=11, output_tokens=7)

@@ -148,6 +148,9 @@ class Heartbeat(_Wire):
     # The reservation of each held lease, so that a restarted broker re-declares them against the
     # budgets as it re-declares the leases.
     reserved: dict[str, Reserve] = Field(default_factory=dict, max_length=1024)
+    # What this pod's calls used that no result it stored holds yet, so that a restarted broker, which
+    # knows only the stored usage, counts it against the budgets (taken while it recovers).
+    unstored: CallUsage | None = None
 
 
 class HeartbeatReply(_Wire):

@@ -503,6 +503,7 @@ class Broker:
             seen=body.seen,
             tokens=body.tokens,
             reserved=body.reserved,
+            unstored=body.unstored,
         )
         if lost:
             log.info(f"lease broker: {ident.namespace}/{ident.pod} holds {len(lost)} leases it does not know: lost")

@@ -166,6 +166,7 @@ class Book:
     # Budgets (None: none enforced here): the ledger, each ResearchJob's budgets (namespace, name,
     # uid, now) and each endpoint's prices.
     ledger: Ledger | None = None
+    declared: set[SessionKey] = field(default_factory=set)  # pods whose unstored usage was taken (recovery)
     budgets: Callable[[str, str, str, float], Budgets] | None = None
     prices: Callable[[str], Prices] = field(default=lambda endpoint: Prices())
 
@@ -232,6 +233,7 @@ class Book:
         seen: int,
         tokens: int = 0,
         reserved: Mapping[str, Reserve] | None = None,
+        unstored: CallUsage | None = None,
     ) -> list[str]:
         """A worker's heartbeat: it is alive, in ``mode``, with ``carried`` calls under its share and
         the leases ``held``; ``seen`` is the last grant number it received. Returns the held leases
@@ -247,6 +249,11 @@ class Book:
         s.last_seen, s.mode, s.carried = now, mode, max(0, carried)
         s.seq = max(s.seq, seen)  # a restarted broker numbers its grants after what the worker has seen
         self._buckets(endpoint)[1].take(max(0, tokens), now)  # tokens are charged when calls return
+        if self.ledger is not None and unstored is not None and self.recovering(now) and key not in self.declared:
+            # what the pod's calls used under a predecessor that no stored result holds yet
+            self.declared.add(key)
+            used = self.prices(endpoint).amount(unstored.input_tokens, unstored.output_tokens)
+            self.ledger.redeclare_spent((namespace, ref.uid), used)
         held = set(held)
         lost = []
         for lid in sorted(held - s.leases.keys()):

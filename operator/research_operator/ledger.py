@@ -20,7 +20,8 @@ settled since)``: its settled calls are in the second term before their results 
 first after, never twice. A namespace's spent in a period is what its results stored in the period
 used, plus every ResearchJob's settled calls not stored yet. A restarted broker starts from the
 stored usage; the reservations in flight are re-declared by the workers' heartbeats with their
-leases (``redeclare``).
+leases, and so is what each live pod's calls used that its stored results do not hold yet
+(``redeclare_spent``).
 
 *Verdicts.* A call that fits every budget is reserved. One that would fit once other reservations
 settle (below their worst case, as most do) waits. One that cannot fit even with nothing else
@@ -256,6 +257,12 @@ class Ledger:
                 self.overrun = self.overrun + over
         self.settled[r.rj] = self.settled.get(r.rj, Amount()) + used
         return used
+
+    def redeclare_spent(self, rj: RjKey, amount: Amount) -> None:
+        """A live pod of ``rj`` says what its calls used that no stored result holds yet (to a broker
+        that just started and knows only the stored usage): counted as settled."""
+        self._see(rj)
+        self.settled[rj] = self.settled.get(rj, Amount()) + amount
 
     def settle_all(self, reservation_ids: Iterable[str]) -> Amount:
         """Reservations whose pod is gone (a lapsed session): settled at their worst case."""

@@ -142,6 +142,8 @@ class LeaseClient:
         self.last_maybe = float("-inf")  # when the last heartbeat that may have arrived was sent
         self.last_error = ""
         self.loop_task: asyncio.Task[None] | None = None
+        # What this pod's calls used that no result it stored holds yet (declared in heartbeats).
+        self.unstored: Callable[[], wire.CallUsage] | None = None
 
     # -- the session ------------------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -190,6 +192,7 @@ class LeaseClient:
             seen=self.seen,
             tokens=self.tokens,
             reserved={lid: h.reserve for lid, h in self.held.items() if not h.lost and h.reserve is not None},
+            unstored=self.unstored() if self.unstored is not None else None,
         )
         sent = time.monotonic()
         tokens = self.tokens

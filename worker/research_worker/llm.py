@@ -319,6 +319,19 @@ class LLMClient:
         self.budget = max_tokens_budget
         self.used_before = tokens_used_before
         self.usage = TokenUsage()
+        self.stored_usage = TokenUsage()  # of ``usage``, what results this process stored hold
+
+    def stored(self, usage: TokenUsage) -> None:
+        """A result holding ``usage`` was stored by this process."""
+        self.stored_usage = self.stored_usage + usage
+
+    def unstored(self) -> wire.CallUsage:
+        """What this process's calls used that no result it stored holds yet (the lease broker counts
+        it against the budgets after a restart)."""
+        return wire.CallUsage(
+            input_tokens=max(0, self.usage.input_tokens - self.stored_usage.input_tokens),
+            output_tokens=max(0, self.usage.output_tokens - self.stored_usage.output_tokens),
+        )
 
     def _check_budget(self) -> None:
         used = self.used_before + self.usage.total_tokens
