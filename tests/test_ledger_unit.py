@@ -111,6 +111,8 @@ def test_a_call_the_namespace_cannot_pay_this_period_waits_for_the_roll_over() -
     # so the operator starts no worker Job in the namespace meanwhile
     assert ledger.namespace_short("team", 11.0) == Amount(1100)
     assert ledger.namespace_short("team", 11.0 + 3600) is None  # nobody asked since
+    why = ledger.waits_for_namespace(RJ, 11.0)  # what the ResearchJob's status says meanwhile
+    assert why is not None and why.startswith("namespace team spent 4500 of 5000 tokens of its budget per 24h")
 
 
 def test_the_calls_of_a_pod_that_died_are_settled_at_their_worst_case() -> None:

@@ -34,7 +34,7 @@ from research_operator import endpoints as ep
 from research_operator import kube, metrics, pki
 from research_operator.builders import Owner, worker_service_account
 from research_operator.leases import Book, LeaseError, Limits, PodRef, Waiter
-from research_operator.ledger import Amount, Budgets, Ledger, Limit, Prices, RjKey
+from research_operator.ledger import SHORT_SECONDS, Amount, Budgets, Ledger, Limit, Prices, RjKey
 from research_operator.world import WORLD, settings
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,13 @@ def _budgets(namespace: str, research_job: str, uid: str, now: float) -> Budgets
         (end - wall).total_seconds(),
         end.isoformat().replace("+00:00", "Z"),
     )
+
+
+def budget_wait(key: RjKey) -> str | None:
+    """Why a model call of a running pod of ResearchJob ``key`` waits for its namespace's budget (None:
+    none does), for its status."""
+    ledger = BROKER.book.ledger if BROKER is not None else None
+    return ledger.waits_for_namespace(key, time.monotonic()) if ledger is not None else None
 
 
 def namespace_use(namespace: str, since: dt.datetime) -> tuple[Amount, Amount | None]:
@@ -569,9 +576,17 @@ class Broker:
 
     # -- granting -------------------------------------------------------------------------------
     def _grant(self, endpoint: str) -> None:
-        for w in self.book.grant(endpoint, time.monotonic()):
-            metrics.LEASES_GRANTED.labels(endpoint).inc()
+        ledger = self.book.ledger
+        before = {k: v[0] for k, v in ledger.waiting.items()} if ledger is not None else {}
+        now = time.monotonic()
+        for w in self.book.grant(endpoint, now):
+            if w.granted is not None:
+                metrics.LEASES_GRANTED.labels(endpoint).inc()
             self._wake(w)
+        if ledger is not None:  # a ResearchJob whose call began to wait for its namespace's budget says so
+            for rj, (seen, _) in ledger.waiting.items():
+                if seen == now and (rj not in before or now - before[rj] >= SHORT_SECONDS):
+                    WORLD.wake(rj)
 
     def _wake(self, w: Waiter) -> None:
         event = self.events.get(w.order)

@@ -156,6 +156,8 @@ class Ledger:
     floors: dict[RjKey, Amount] = field(default_factory=dict)  # stored when first seen
     settled: dict[RjKey, Amount] = field(default_factory=dict)  # settled here since
     short: dict[str, tuple[float, Amount]] = field(default_factory=dict)  # namespace -> (when, what did not fit)
+    # ResearchJob -> (when, why) a call of its last waited for its namespace's budget this period
+    waiting: dict[RjKey, tuple[float, str]] = field(default_factory=dict)
     overrun: Amount = Amount()  # used beyond reservations (a prompt bound that was not one): counted, logged
 
     # -- what is spent and reserved ---------------------------------------------------------------
@@ -184,6 +186,12 @@ class Ledger:
         """A namespace's spent in the current period: its results stored in the period, and the calls
         its ResearchJobs settled that are not stored yet."""
         return sum((self.unstored(rj) for rj in self.floors if rj[0] == namespace), stored_in_period)
+
+    def waits_for_namespace(self, rj: RjKey, now: float) -> str | None:
+        """Why a model call of ``rj`` waits for its namespace's budget this period, if one asked
+        within ``SHORT_SECONDS`` (its status says so: the call is in a running pod)."""
+        seen = self.waiting.get(rj)
+        return seen[1] if seen is not None and now - seen[0] < SHORT_SECONDS else None
 
     def namespace_short(self, namespace: str, now: float) -> Amount | None:
         """What a call of the namespace needed that its budget could not pay in this period, if one
@@ -219,14 +227,13 @@ class Ledger:
             reserved = self.namespace_reserved(b.rj[0])
             if not b.namespace.admits(spent + worst):
                 self.short[b.rj[0]] = (now, worst)
-                return Verdict(
-                    Decision.WAIT,
-                    BudgetKind.NAMESPACE,
+                message = (
                     f"namespace {b.rj[0]} spent {b.namespace.describe(spent)} of its budget per {b.period}, and "
                     f"the next model call may use up to {_worst(worst, reservation)}: it waits until the period "
-                    f"rolls over at {b.resets_at} or the budget is raised",
-                    b.resets_in,
+                    f"rolls over at {b.resets_at} or the budget is raised"
                 )
+                self.waiting[b.rj] = (now, message)
+                return Verdict(Decision.WAIT, BudgetKind.NAMESPACE, message, b.resets_in)
             if not b.namespace.admits(spent + reserved + worst):
                 return Verdict(
                     Decision.WAIT,
@@ -275,6 +282,8 @@ class Ledger:
         for rj in [k for k in self.floors if k not in keep]:
             self.floors.pop(rj, None)
             self.settled.pop(rj, None)
+        for rj in [k for k in self.waiting if k not in keep]:
+            del self.waiting[rj]
 
 
 def _amount(a: Amount) -> str:
