@@ -57,7 +57,7 @@ test-llamacpp: venv cluster-build tools llama-build ## Only the llama.cpp tier: 
 	$(PY) -m pytest -m llamacpp $(PYTEST_ARGS)
 
 .PHONY: test-image
-test-image: venv image-build ## Only the image tier: the image built with buildah, run as containers by runc (root).
+test-image: venv cluster-build image-build tools ## Only the image tier: the image built with buildah, run by runc, and the container node on the local cluster (root).
 	$(PY) -m pytest -m image $(PYTEST_ARGS)
 
 .PHONY: test-repeat

@@ -129,6 +129,7 @@ key="$(
 OUT="$IMG_CACHE/research-operator-$key"
 if [[ $KEY_ONLY == 1 ]]; then echo "$key"; exit 0; fi
 if [[ -f "$OUT/.complete" ]] && "${B[@]}" inspect --type image "localhost/$IMAGE" >/dev/null 2>&1; then
+  touch "$OUT"  # used now: the last to be evicted
   log "cached: $OUT"
   echo "$OUT"
   exit 0
@@ -157,10 +158,14 @@ echo "$(( built - start ))" > "$OUT.tmp/build-seconds"
 rm -rf "$OUT"
 mv "$OUT.tmp" "$OUT"
 touch "$OUT/.complete"
-# Keep only this export (each is ~600 MB); buildah's storage keeps the images themselves.
-for old in "$IMG_CACHE"/research-operator-*; do
-  [[ "$old" == "$OUT" ]] || rm -rf "$old"
-done
+touch "$OUT"
+# Keep the KEEP_EXPORTS most recently used exports (each is ~600 MB), so checkouts side by side (a
+# worktree, a fresh clone of CI's) each keep theirs between `make image-build` and their tests;
+# keeping only the newest made one checkout's build delete the other's export mid-run.
+# buildah's storage keeps the images themselves.
+# shellcheck disable=SC2012 # names are ours: research-operator-<hex key>
+ls -1dt "$IMG_CACHE"/research-operator-*/ | grep -v '\.tmp/$' | tail -n +"$(( ${KEEP_EXPORTS:-3} + 1 ))" \
+  | xargs -r rm -rf  # never another build's export in progress (.tmp)
 "${B[@]}" rmi --prune >/dev/null 2>&1 || true
 log "built in $(( built - start ))s, exported in $(( $(date +%s) - built ))s: $OUT"
 echo "$OUT"

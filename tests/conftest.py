@@ -11,6 +11,7 @@ pytest_plugins: list[str] = [
     "tests.fixtures.modelserver",
     "tests.fixtures.postgres",
     "tests.fixtures.llamaserver",
+    "tests.fixtures.containernode",
 ]
 
 

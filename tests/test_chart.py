@@ -7,6 +7,7 @@ that the environment and command lines the chart renders mean what the programs 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ from localkube.controlplane import kube_tools_dir
 from offline_model.config import settings_from
 from research_api.researchjob import ResearchJobSpec
 from research_api.task import Step
-from research_operator.builders import Owner, worker_job, worker_rbac
+from research_operator.builders import Owner, worker_job, worker_network_policy, worker_rbac
 from research_operator.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,6 +223,8 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
         "kueuePriorityClasses": "{}",
         "kueueDefaultPriorityClass": "",
         "namespaceTokenBudgets": "{}",
+        "qualityMinCitationAccuracy": "",  # no report quality floor unless the admins set one
+        "qualityMinCoverage": "",
         # Tenancy: the policy is on, authors are not trusted, no system priority or toleration.
         "admissionPolicyBinding": "research-operator-tenancy",
         "trustAuthors": "false",
@@ -234,6 +237,16 @@ def test_defaults_render_the_operator_the_model_server_and_their_plumbing(helm: 
         "allowedWorkloadPriorityClasses": "",
         "allowTenantBaseUrls": "true",
     }
+
+
+def test_a_quality_floor_in_the_values_reaches_the_operators_settings(helm: Path) -> None:
+    from research_operator.settings import Settings
+
+    docs = render(helm, "--set", "settings.quality.minCitationAccuracy=95", "--set", "settings.quality.minCoverage=0")
+    data = find(docs, "ConfigMap")["data"]
+    assert (data["qualityMinCitationAccuracy"], data["qualityMinCoverage"]) == ("95", "0")
+    floor = Settings().with_configmap(data).quality_floor
+    assert (floor.min_citation_accuracy, floor.min_coverage) == (95, 0)
 
 
 def test_services_select_only_their_own_pods(helm: Path) -> None:
@@ -324,6 +337,8 @@ def test_template_guards_explain_themselves(helm: Path) -> None:
         ("kueue.defaultPriorityClass=-x", "at '/kueue/defaultPriorityClass'"),
         ("settings.globalMaxActivejobs=3", "additional properties 'globalMaxActivejobs' not allowed"),
         ("postgres.dsnKey=a/b", "at '/postgres/dsnKey'"),
+        ("settings.quality.minCitationAccuracy=101", "at '/settings/quality/minCitationAccuracy': maximum"),
+        ("settings.quality.minCoverage=-1", "at '/settings/quality/minCoverage': minimum"),
     ],
 )
 def test_schema_rejects_bad_values(helm: Path, value: str, message: str) -> None:
@@ -824,3 +839,45 @@ def test_network_policies_let_only_workers_reach_the_broker_and_the_model_server
     assert "researchops.io/job" in pod_labels
     off = render(helm, "--set", "networkPolicy.enabled=false")
     assert not [d for d in off if d["kind"] == "NetworkPolicy"]
+
+
+def test_worker_network_policies_are_off_by_default_and_when_on_allow_dns_broker_model_server_and_what_admins_add(
+    helm: Path,
+) -> None:
+    docs = render(helm)
+    container = find(docs, "Deployment", "research-operator")["spec"]["template"]["spec"]["containers"][0]
+    assert Settings.from_env(env_of(container, find(docs, "ConfigMap"), "pod", "research-system")).worker_egress is None
+    api_server = {"to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}], "ports": [{"port": 6443, "protocol": "TCP"}]}
+    docs = render(
+        helm,
+        "--set", "networkPolicy.workers.enabled=true",
+        "--set-json", f"networkPolicy.workers.egress=[{json.dumps(api_server)}]",
+    )  # fmt: skip
+    container = find(docs, "Deployment", "research-operator")["spec"]["template"]["spec"]["containers"][0]
+    egress = Settings.from_env(env_of(container, find(docs, "ConfigMap"), "pod", "research-system")).worker_egress
+    assert egress is not None
+    dns, broker, model, extra = egress
+    assert dns["ports"] == [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
+    assert dns["to"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
+    op_pods = find(docs, "Deployment", "research-operator")["spec"]["template"]["metadata"]["labels"]
+    ms_pods = find(docs, "Deployment", "research-operator-modelserver")["spec"]["template"]["metadata"]["labels"]
+    release = {"kubernetes.io/metadata.name": "research-system"}
+    assert broker["to"][0]["namespaceSelector"]["matchLabels"] == release
+    assert broker["to"][0]["podSelector"]["matchLabels"].items() <= op_pods.items()
+    assert broker["ports"] == [{"port": 8090, "protocol": "TCP"}]
+    assert model["to"][0]["podSelector"]["matchLabels"].items() <= ms_pods.items()
+    assert model["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    assert extra == api_server
+    rules = find(docs, "ClusterRole", "research-operator")["rules"]
+    assert {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create"]} in rules
+    # The policy the operator makes from them selects exactly the ResearchJob's worker pods.
+    owner = Owner("team-a", "demo", "0d5c6f3c-1111-2222-3333-444455556666")
+    policy = worker_network_policy(owner, egress)
+    spec = ResearchJobSpec.model_validate({"topic": "tea", "sources": [{"type": "wikipedia"}]})
+    pod_labels = worker_job(owner, spec, Settings(), "p1", Step.PLAN)["spec"]["template"]["metadata"]["labels"]
+    other = worker_job(Owner("team-a", "other", "u2"), spec, Settings(), "p1", Step.PLAN)
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items()
+    assert not selector.items() <= other["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["spec"]["ingress"] == [] and policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["metadata"]["ownerReferences"][0]["name"] == "demo"

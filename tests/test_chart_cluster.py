@@ -22,7 +22,7 @@ import yaml
 
 from research_api.researchjob import ResearchJobSpec
 from research_api.task import Step
-from research_operator.builders import Owner, worker_job, worker_rbac
+from research_operator.builders import Owner, worker_job, worker_network_policy, worker_rbac
 from research_operator.settings import Settings
 from tests.fixtures.cluster import ClusterHandle
 
@@ -323,3 +323,29 @@ def test_default_roles_grant_researchjobs_by_aggregation_and_only_platform_admin
     ):
         out = cluster.kubectl("auth", "can-i", *admin, *ask, check=False)
         assert out.stdout.strip() == "no", (ask, out.stdout, out.stderr)
+
+
+def test_with_worker_network_policies_on_the_operator_may_create_one_the_api_server_accepts(
+    cluster: ClusterHandle, chart_crd: None, namespace: str
+) -> None:
+    release = f"ro-{uuid.uuid4().hex[:6]}"
+    docs = docs_of(render(cluster, release, namespace, "--set", "networkPolicy.workers.enabled=true"))
+    rbac = [d for d in docs if d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")]
+    rbac = [d for d in rbac if d["metadata"]["name"] == f"{release}-research-operator"]
+    manifest = yaml.safe_dump_all(rbac)
+    cluster.kubectl("apply", "-f", "-", input=manifest)
+    try:
+        env = next(
+            e["value"]
+            for d in docs
+            if d["kind"] == "Deployment" and d["metadata"]["name"] == f"{release}-research-operator"
+            for e in d["spec"]["template"]["spec"]["containers"][0]["env"]
+            if e["name"] == "WORKER_NETWORK_POLICY_EGRESS"
+        )
+        policy = worker_network_policy(Owner(namespace, "demo", str(uuid.uuid4())), tuple(json.loads(env)))
+        policy["metadata"].pop("ownerReferences")  # its owner does not exist here
+        sa = f"system:serviceaccount:{namespace}:{release}-research-operator"
+        out = create_as(cluster, sa, policy)
+        assert out.returncode == 0, out.stderr
+    finally:
+        cluster.kubectl("delete", "--ignore-not-found", "-f", "-", input=manifest, check=False)

@@ -44,6 +44,8 @@ def flags(**over: Any) -> SimpleNamespace:
         postgres_dsn_secret=None,
         review=False,
         ttl=None,
+        min_citation_accuracy=None,
+        min_coverage=None,
     )
     base.update(over)
     return SimpleNamespace(**base)
@@ -97,6 +99,14 @@ def test_flags_become_a_researchjob_with_its_documents_source(tmp_path: Path) ->
     assert spec["budget"] == {"maxTokens": 5000}
 
 
+def test_quality_floor_flags_become_spec_quality() -> None:
+    body = submit.researchjob_manifest("gpu", "team-a", flags(wikipedia=True, min_citation_accuracy=95))
+    assert body["spec"]["quality"] == {"minCitationAccuracy": 95}
+    assert "quality" not in submit.researchjob_manifest("gpu", "team-a", flags(wikipedia=True))["spec"]
+    with pytest.raises(UsageError, match="quality.minCoverage"):
+        submit.researchjob_manifest("gpu", "team-a", flags(wikipedia=True, min_coverage=101))
+
+
 def test_flags_the_api_refuses_are_refused_before_sending() -> None:
     with pytest.raises(UsageError, match="analysts.count"):
         submit.researchjob_manifest("gpu", "team-a", flags(analysts=51, wikipedia=True))
@@ -136,6 +146,30 @@ def test_watch_shows_the_cost_against_a_money_budget_and_submit_sets_one() -> No
     assert args.max_cost == "5.00"
     with pytest.raises(UsageError, match="not an amount of money: 'five'"):
         cli.build_parser().parse_args(["submit", "gpu", "--topic", "GPUs", "--documents", ".", "--max-cost", "five"])
+
+
+def test_a_finished_jobs_line_and_panel_show_its_quality_figures() -> None:
+    quality = {
+        "sentencesChecked": 30,
+        "sentencesSupported": 28,
+        "sentencesRecited": 1,
+        "sentencesDropped": 1,
+        "citationAccuracy": 93,
+        "sourcesRetrieved": 7,
+        "sourcesCited": 5,
+        "relevantDocuments": 6,
+        "relevantCited": 5,
+        "coverage": 83,
+        "unreachedDocuments": ["dances.md"],
+    }
+    snap = progress.snapshot(rj("gpu", phase="Succeeded", quality=quality), NOW)
+    expected = (
+        "cited 28/30 supported (93%) [1 re-cited, 1 dropped], coverage 5/6 (83%), sources 5 cited of 7 retrieved; "
+        "not cited: dances.md"
+    )
+    assert f"quality {expected}" in progress.line(snap)
+    assert f"  quality   {expected}" in progress.panel("team-a", "gpu", snap)
+    assert "quality" not in progress.line(progress.snapshot(rj("gpu", phase="Writing"), NOW))
 
 
 def test_only_what_the_job_did_counts_as_a_change() -> None:

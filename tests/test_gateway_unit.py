@@ -53,7 +53,7 @@ async def upstream() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
         await answer.write_eof()
         return answer
 
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024 * 1024)  # a model endpoint takes long prompts
     app.router.add_route("*", "/{tail:.*}", handle)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -249,3 +249,15 @@ def test_a_worker_of_a_named_endpoint_calls_the_gateway_with_its_broker_token_an
     assert task["model"]["baseUrl"] == "http://broker:8090/gateway/team-llm" and task["model"]["gateway"] is True
     assert not [e for e in env if "valueFrom" in e]  # no Secret reaches the pod
     assert any(v["name"] == wire.TOKEN_VOLUME for v in pod["volumes"])  # the token the gateway knows it by
+
+
+async def test_a_long_prompt_goes_through_the_gateway_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request carries its whole prompt, retrieved passages included: megabytes, not kilobytes."""
+    body = b'{"messages": "' + b"x" * (3 * 1024 * 1024) + b'"}'
+    async with upstream() as (base, seen), gateway(monkeypatch, base, {"team": "a"}) as url:
+        async with httpx.AsyncClient(timeout=30) as http:
+            answer = await http.post(
+                f"{url}/chat/completions", content=body, headers={"Authorization": f"Bearer {token()}"}
+            )
+    assert answer.status_code == 200, answer.text
+    assert seen[0]["body"] == body

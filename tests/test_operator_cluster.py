@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import signal
 import threading
 import time
@@ -473,6 +475,80 @@ def test_a_worker_pod_killed_mid_run_is_replaced_and_the_job_still_succeeds(
     assert len(sections(api, namespace)) == 4
 
 
+class PodEnds(threading.Thread):
+    """Watches the namespace's pods and keeps each one's worker container's terminated state."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        super().__init__(daemon=True)
+        self.core = client.CoreV1Api(api)
+        self.namespace = namespace
+        self.terminated: dict[str, Any] = {}  # pod name -> V1ContainerStateTerminated
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            for ev in watch.Watch().stream(self.core.list_namespaced_pod, self.namespace, timeout_seconds=5):
+                for cs in ev["object"].status.container_statuses or []:
+                    if cs.name == "worker" and cs.state.terminated is not None:
+                        self.terminated[ev["object"].metadata.name] = cs.state.terminated
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.join(timeout=10)
+
+
+def test_a_worker_pod_deleted_mid_interview_stops_on_sigterm_and_its_retry_redoes_no_stored_section(
+    cluster: ClusterHandle,
+    operator: OperatorProcess,
+    namespace: str,
+    corpus_configmap: str,
+    modelserver_factory: Any,
+) -> None:
+    api = cluster.api_client()
+    core = client.CoreV1Api(api)
+    # One request at a time, 0.7 s each: the four interviews take turns, so their sections are
+    # stored one by one at the end and the pod can be deleted between the first and the last.
+    slow = modelserver_factory(ttft_ms=700)
+    ends = PodEnds(api, namespace)
+    ends.start()
+    body = researchjob(
+        "sigterm",
+        corpus_configmap,
+        analysts={"count": 4},
+        interview={"maxTurns": 2},
+        parallelism={"batchSize": 4, "maxActiveJobs": 1},
+        model={"baseUrl": slow.base_url, "maxConcurrency": 1},
+    )
+    create(api, namespace, body)
+    deadline = time.monotonic() + 240
+    while not sections(api, namespace):
+        assert time.monotonic() < deadline, "no section was ever stored"
+        time.sleep(0.1)
+    running = [p for p in core.list_namespaced_pod(namespace).items if p.status.phase == "Running"]
+    assert len(running) == 1, [p.metadata.name for p in running]
+    victim = running[0].metadata.name
+    stored_before = {cm.metadata.name for cm in sections(api, namespace)}
+    assert len(stored_before) < 4, "the pod was deleted only after every section was stored"
+    core.delete_namespaced_pod(victim, namespace)  # the pod's grace period: 30 s, then SIGKILL
+    obj = wait_phase(api, namespace, "sigterm", {"Succeeded", "Failed"})
+    ends.stop()
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert ends.terminated[victim].exit_code == 143, ends.terminated[victim]  # its own exit, not a SIGKILL (137)
+    # The deleted pod is gone from the API; the others may still be ending when the report is stored.
+    pods = set(ends.terminated) | {p.metadata.name for p in core.list_namespaced_pod(namespace).items}
+    logs = {pod: cluster.pod_log(namespace, pod) for pod in pods}
+    assert "SIGTERM: stopping; no further model calls, what is stored stays stored" in logs[victim]
+    stored_by = [
+        (pod, int(m)) for pod, text in logs.items() for m in re.findall(r"analyst (\d+) \(.*?\): section stored", text)
+    ]
+    assert sorted(i for _, i in stored_by) == [0, 1, 2, 3], stored_by  # each section computed and stored once
+    first = sorted(i for pod, i in stored_by if pod == victim)
+    skipped = f"analysts {first} already have sections; skipping them"  # by the retried pod
+    assert any(skipped in text for pod, text in logs.items() if pod != victim), {p: t[-2000:] for p, t in logs.items()}
+    assert len(sections(api, namespace)) == 4
+    assert "Introduction" in report_text(api, namespace, obj)
+
+
 def test_ttl_after_finished_deletes_the_researchjob_and_what_it_made(
     cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
 ) -> None:
@@ -527,3 +603,27 @@ def test_a_workers_token_reads_only_its_own_researchjobs_configmaps(
     assert not can(sa["beta"], "get", f"configmaps/{report['alpha']}")
     assert not can(sa["alpha"], "list", "configmaps")
     assert not can(sa["alpha"], "get", "researchjobs.researchops.io/beta")
+
+
+def test_with_worker_network_policies_each_researchjob_gets_one_for_its_pods(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
+) -> None:
+    """networkPolicy.workers on: the operator makes one NetworkPolicy per ResearchJob, owned by it,
+    selecting its worker pods (no ingress; egress by the chart's rules). The local node enforces no
+    NetworkPolicy, so this shows what is made, not what it blocks."""
+    dns = {"to": [{"namespaceSelector": {}}], "ports": [{"port": 53, "protocol": "UDP"}]}
+    operator.extra_env["WORKER_NETWORK_POLICY_EGRESS"] = json.dumps([dns])
+    operator.restart()
+    try:
+        api = cluster.api_client()
+        create(api, namespace, researchjob("fenced", corpus_configmap, analysts={"count": 1}))
+        obj = wait_phase(api, namespace, "fenced", {"Succeeded", "Failed"})
+    finally:
+        operator.extra_env.pop("WORKER_NETWORK_POLICY_EGRESS")
+        operator.restart()
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    [policy] = client.NetworkingV1Api(api).list_namespaced_network_policy(namespace).items
+    assert policy.metadata.owner_references[0].uid == obj["metadata"]["uid"]
+    assert policy.spec.pod_selector.match_labels["researchops.io/job"] == "fenced"
+    assert policy.spec.policy_types == ["Ingress", "Egress"] and not policy.spec.ingress
+    assert policy.spec.egress[0].ports[0].port == 53

@@ -9,8 +9,9 @@ from decimal import Decimal
 from typing import Any
 
 from research_api import leases as wire
+from research_api.records import CitationCheck, ReportQuality
 from research_api.researchjob import AnalystStatus, Phase, ReportRef, ResearchJobSpec, ResearchJobStatus, SecretKeyRef
-from research_api.task import ResearchTask, Step
+from research_api.task import QualityFloor, ResearchTask, Step
 from research_operator import endpoints as ep
 from research_operator.admission import (
     BudgetVerdict,
@@ -28,12 +29,14 @@ from research_operator.admission import (
 )
 from research_operator.builders import Owner, add_lease_broker_token, cleanup_job, worker_job, worker_rbac
 from research_operator.constants import plan_id
+from research_operator.kube import termination_detail
 from research_operator.reconcile import (
     JobView,
     Observed,
     StoreView,
     Waiting,
     apply_waiting,
+    batches_started,
     continues_steps,
     decide,
 )
@@ -190,6 +193,87 @@ def test_all_sections_then_writer_then_succeeded() -> None:
     assert {c.type: c.status for c in d.status.conditions or []}["Complete"] == "True"
 
 
+def _reported(quality: ReportQuality) -> StoreView:
+    return StoreView(
+        analysts={PID: analysts(6)},
+        sections={PID: frozenset(range(6))},
+        reports={PID: ReportRef(config_map="rj-report", key="report.md")},
+        qualities={PID: quality},
+    )
+
+
+def _quality(supported: int, checked: int, dropped: int, relevant_cited: int = 3) -> ReportQuality:
+    return ReportQuality(
+        sections=CitationCheck(checked=40, supported=39, recited=1),  # repaired before the report was written
+        report=CitationCheck(checked=checked, supported=supported, dropped=dropped),
+        sources_retrieved=4,
+        sources_cited=3,
+        relevant=["a.md", "b.md", "c.md"],
+        relevant_cited=relevant_cited,
+        uncited=["c.md"] if relevant_cited < 3 else [],
+    )
+
+
+def test_a_reports_quality_is_in_the_status_with_a_grounded_condition() -> None:
+    d = decide(spec(), observe(store=_reported(_quality(30, 30, 0))))
+    assert d.status.phase == Phase.Succeeded
+    q = d.status.quality
+    assert q is not None
+    assert (q.sentences_checked, q.sentences_supported, q.citation_accuracy, q.coverage) == (30, 30, 100, 100)
+    assert (q.sources_retrieved, q.sources_cited, q.relevant_documents, q.relevant_cited) == (4, 3, 3, 3)
+    assert (q.section_sentences_checked, q.section_sentences_supported, q.section_sentences_recited) == (40, 39, 1)
+    grounded = {c.type: c for c in d.status.conditions or []}["Grounded"]
+    assert (grounded.status, grounded.reason) == ("True", "CitationsSupported")
+    assert "30 of 30 cited sentences supported" in grounded.message
+
+
+def test_unsupported_citations_show_in_status_and_without_a_floor_the_job_succeeds() -> None:
+    d = decide(spec(), observe(store=_reported(_quality(28, 30, 2))))
+    assert d.status.phase == Phase.Succeeded
+    assert d.status.quality and d.status.quality.citation_accuracy == 93 and d.status.quality.sentences_dropped == 2
+    grounded = {c.type: c for c in d.status.conditions or []}["Grounded"]
+    assert (grounded.status, grounded.reason) == ("False", "UnsupportedCitations")
+
+
+def test_a_report_below_the_quality_floor_fails_the_job_with_the_figures() -> None:
+    floored = spec(quality={"minCitationAccuracy": 95})
+    d = decide(floored, observe(store=_reported(_quality(28, 30, 2))))
+    assert d.status.phase == Phase.Failed
+    assert d.status.report and d.status.report.config_map == "rj-report"  # still there to read
+    assert d.status.message == (
+        "the report misses the quality floor: citation accuracy 93% (28 of 30 cited sentences supported; "
+        "0 re-cited, 2 dropped) is below 95%"
+    )
+    conds = {c.type: c for c in d.status.conditions or []}
+    assert (conds["Failed"].status, conds["Failed"].reason) == ("True", "BelowQualityFloor")
+    assert (conds["Grounded"].status, conds["Grounded"].reason) == ("False", "BelowQualityFloor")
+    assert decide(floored, observe(store=_reported(_quality(30, 30, 0)))).status.phase == Phase.Succeeded
+
+
+def test_a_report_that_cites_nothing_it_retrieved_is_not_grounded_and_misses_any_accuracy_floor() -> None:
+    silent = ReportQuality(sources_retrieved=5, relevant=["a.md", "b.md"])  # no sentence cites a source
+    d = decide(spec(), observe(store=_reported(silent)))
+    assert d.status.phase == Phase.Succeeded and d.status.quality and d.status.quality.citation_accuracy == 0
+    grounded = {c.type: c for c in d.status.conditions or []}["Grounded"]
+    assert (grounded.status, grounded.reason) == ("False", "NoCitations")
+    d = decide(spec(quality={"minCitationAccuracy": 50}), observe(store=_reported(silent)))
+    assert d.status.phase == Phase.Failed
+    assert d.status.message == (
+        "the report misses the quality floor: the report cites none of the 5 sources retrieved "
+        "(citation accuracy 0%, below 50%)"
+    )
+
+
+def test_the_admins_quality_floor_applies_where_the_spec_sets_none() -> None:
+    admin = QualityFloor(min_coverage=100)
+    obs = observe(store=_reported(_quality(30, 30, 0, relevant_cited=2)))
+    d = decide(spec(), dataclasses.replace(obs, quality_floor=admin))
+    assert d.status.phase == Phase.Failed
+    assert "coverage 66% (2 of 3 relevant documents cited; not cited: c.md) is below 100%" in (d.status.message or "")
+    own = spec(quality={"minCoverage": 50})  # the spec's own floor wins
+    assert decide(own, dataclasses.replace(obs, quality_floor=admin)).status.phase == Phase.Succeeded
+
+
 def test_a_planner_carrying_the_first_batch_holds_it_until_it_ends() -> None:
     store = StoreView(analysts={PID: analysts(6)}, sections={PID: frozenset({0})})
     carrier = JobView("p", "plan", PID, 0)
@@ -299,6 +383,21 @@ def test_worker_job_is_owned_restricted_and_carries_a_valid_task() -> None:
     ignore, fail = job["spec"]["podFailurePolicy"]["rules"]
     assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
     assert fail["action"] == "FailJob" and fail["onExitCodes"]["values"] == [2, 3, 5]
+
+
+def test_the_worker_task_carries_the_quality_floor_spec_first_then_the_admins() -> None:
+    owner = Owner("research", "k8s-batch", "uid-1")
+    admin = Settings(quality_floor=QualityFloor(min_citation_accuracy=90, min_coverage=80))
+
+    def floor_of(s: ResearchJobSpec, settings: Settings) -> QualityFloor:
+        job = worker_job(owner, s, settings, PID, Step.WRITE)
+        env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        return ResearchTask.model_validate(json.loads(env["RESEARCH_TASK"]["value"])).quality
+
+    assert floor_of(spec(), Settings()) == QualityFloor()
+    assert floor_of(spec(), admin) == QualityFloor(min_citation_accuracy=90, min_coverage=80)
+    own = spec(quality={"minCitationAccuracy": 100})
+    assert floor_of(own, admin) == QualityFloor(min_citation_accuracy=100, min_coverage=80)
 
 
 def test_a_planner_that_goes_on_names_its_batch_and_tells_the_worker() -> None:
@@ -1155,3 +1254,66 @@ def test_the_world_sums_each_namespaces_admitted_and_waiting_demand_at_an_endpoi
     w.bump()
     assert "small" not in w.endpoint_namespaces("shared")  # neither admitted nor waiting there
     assert w.endpoint_namespaces("other") == {}
+
+
+def test_batches_started_in_a_pass_show_as_running_in_the_same_status_write() -> None:
+    st = ResearchJobStatus(sections_done=1)
+    st.batches.queued = 3
+    batches_started(st, 4, 2)
+    assert (st.batches.active, st.batches.queued) == (2, 1)
+    assert st.message == "1/4 sections; 2 batch Jobs running, 1 waiting"
+    before = st.message
+    batches_started(st, 4, 0)  # none started (all wait): what the pass decided stays
+    assert st.message == before
+
+
+async def test_a_job_whose_pod_a_quota_seen_late_can_never_fit_is_deleted_to_wait(monkeypatch: Any) -> None:
+    """The quota was created moments before the ResearchJob and its watch event came after the
+    planner Job was made: the Job controller keeps failing to create the pod. Once the quota is
+    seen, that Job (no pod ever, its FailedCreate seen) is deleted; the step then waits, saying
+    QuotaTooSmall, like any other. Jobs that have pods, or fit, are left alone."""
+    from research_operator import kube
+    from research_operator import loop as loop_mod
+    from research_operator import world as world_mod
+    from research_operator.admission import QuotaUsage
+    from research_operator.world import World
+
+    w = World()
+    monkeypatch.setattr(world_mod, "WORLD", w)
+    monkeypatch.setattr(loop_mod, "WORLD", w)
+    deleted: list[tuple[str, str, str]] = []
+
+    async def delete_job(namespace: str, name: str, uid: str = "", propagation: str = "Background") -> None:
+        deleted.append((namespace, name, uid))
+
+    monkeypatch.setattr(kube, "delete_job", delete_job)
+    key = ("ns", "uid-rj")
+    blocked = JobView("rj-p-plan", "plan", "p", uid="uid-job", pods=0)
+    running = JobView("rj-p-b1", "interview", "p", batch=1, uid="uid-running", pods=1)
+    w.job_index = {key: [blocked, running]}
+    w.create_failures = {"uid-job": "exceeded quota: tiny", "uid-running": "exceeded quota: tiny"}
+    worker = spec().worker  # requests.cpu 100m by default
+
+    class Log:
+        def info(self, msg: str) -> None:
+            self.last = msg
+
+    log = Log()
+    w.quota_index = {"ns": [QuotaUsage("roomy", {"requests.cpu": "2"}, {})]}
+    await loop_mod.drop_jobs_that_never_fit(key, worker, log)  # type: ignore[arg-type]
+    assert deleted == []  # the quota can hold one: the Job controller will create the pod in time
+    w.quota_index = {"ns": [QuotaUsage("tiny", {"requests.cpu": "50m"}, {})]}
+    await loop_mod.drop_jobs_that_never_fit(key, worker, log)  # type: ignore[arg-type]
+    assert deleted == [("ns", "rj-p-plan", "uid-job")]
+    assert "uid-job" in w.deleted[key] and "rj-p-plan" not in w.jobs_of(key)
+    assert "tiny" in log.last and "requests.cpu" in log.last
+
+
+def test_an_oom_killed_worker_is_named_with_the_limit_to_raise_and_other_failures_by_their_last_line() -> None:
+    assert termination_detail("OOMKilled", "Traceback ...\n  half a line", "48Mi") == (
+        "OOMKilled: the worker went over its memory limit of 48Mi; raise spec.worker.resources.limits.memory"
+    )
+    assert termination_detail("Error", "Traceback (most recent call last):\nboom: the store is gone\n\n", "1Gi") == (
+        "boom: the store is gone"
+    )
+    assert termination_detail("Error", None, None) == ""

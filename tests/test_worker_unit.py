@@ -395,3 +395,140 @@ def test_a_share_of_zero_pauses_and_a_tokens_per_minute_share_paces() -> None:
     paused, waited = asyncio.run(scenario())
     assert paused
     assert 0.4 < waited < 2.0  # 6 tokens at 10 tokens/s
+
+
+# ---------------------------------------------------------------- citation checking and coverage
+
+
+def test_cited_sentences_are_checked_against_the_passage_of_the_source_they_cite() -> None:
+    from research_worker.grounding import Evidence, check
+
+    known = ["scouts.md", "quorum.md"]
+    evidence = Evidence.of(
+        known,
+        [
+            ("scouts.md", "Scouts prefer a cavity of about forty litres with a small entrance facing south."),
+            ("quorum.md", "When about fifteen scouts are present at one site, they reach a quorum and begin piping."),
+        ],
+    )
+    marked = (
+        "## Findings\n"
+        "Scouts prefer a cavity of about forty litres with a small entrance \x000\x00. "  # verbatim: kept
+        "Scouts favour a small south-facing entrance on a cavity of forty litres \x000\x00. "  # paraphrase: kept
+        "About fifteen scouts at one site reach a quorum and begin piping \x000\x00. "  # wrong source: re-cited
+        "A survey in 1642 recorded 317 swarms in Uppsala \x001\x00. "  # invented: dropped
+        "Uncited sentences are left alone."
+    )
+    text, result = check(marked, evidence, known)
+    assert text.startswith("## Findings\n")  # headings untouched
+    assert "forty litres with a small entrance \x000\x00." in text
+    assert "south-facing entrance on a cavity of forty litres \x000\x00." in text
+    assert "begin piping \x001\x00." in text and "1642" not in text
+    assert text.endswith("Uncited sentences are left alone.")
+    assert (result.checked, result.supported, result.recited, result.dropped) == (4, 2, 1, 1)
+    assert result.accuracy_percent == 50
+    assert result.failures == [
+        "'About fifteen scouts at one site reach a quorum and begin piping.' is not supported by what was "
+        "retrieved from scouts.md (re-cited to quorum.md)",
+        "'A survey in 1642 recorded 317 swarms in Uppsala.' is not supported by what was retrieved from "
+        "quorum.md (dropped)",
+    ]
+
+
+def test_a_number_the_passage_lacks_makes_a_sentence_unsupported() -> None:
+    from research_worker.grounding import support
+
+    passage = "The aqueduct fell about twelve metres over fifty kilometres, less than 1 metre per kilometre."
+    assert support("The aqueduct fell less than 1 metre per kilometre.", passage) == 1.0
+    assert support("The aqueduct fell less than 3 metres per kilometre.", passage) == 0.0
+
+
+def test_a_sentence_citing_two_sources_may_draw_on_both() -> None:
+    from research_worker.grounding import Evidence, check
+
+    known = ["a.md", "b.md"]
+    evidence = Evidence.of(known, [("a.md", "Spruce tops are light and stiff."), ("b.md", "Maple backs show a flame.")])
+    text, result = check(
+        "Spruce tops are light and stiff, and maple backs show a flame \x000\x00\x001\x00.", evidence, known
+    )
+    assert (result.checked, result.supported) == (1, 1) and "\x000\x00\x001\x00" in text
+
+
+def test_a_section_lists_exactly_the_sources_its_checked_text_cites() -> None:
+    from research_worker.citations import check_section
+
+    written = (
+        "## Nest sites\n\n### Summary\nScouts prefer a cavity of about forty litres [1]. "
+        "The queen chose the site by herself in 1642 [2].\n\n### Sources\n[1] scouts.md\n[2] queen.md\n"
+    )
+    retrieved = [("scouts.md", "Scouts prefer a cavity of about forty litres."), ("queen.md", "The queen flies.")]
+    title, summary, sources, result = check_section(written, ["scouts.md", "queen.md"], "x", retrieved)
+    assert (title, summary, sources) == (
+        "Nest sites",
+        "Scouts prefer a cavity of about forty litres [1].",
+        ["scouts.md"],
+    )
+    assert (result.checked, result.dropped) == (2, 1)
+
+
+def test_relevant_documents_leave_out_a_stray_file_and_each_goes_to_the_closest_analyst() -> None:
+    from research_worker.coverage import assign, relevant_documents
+
+    docs = {
+        "dance.md": "A scout dances on the swarm cluster for a good nest cavity; other scouts follow the dance.",
+        "stop.md": "Scouts head-butt dancers for rival sites with a stop signal, so the swarm breaks ties.",
+        "quorum.md": "A quorum of scouts at one nest site starts piping, and the swarm warms up to fly.",
+        "waggle.md": "The waggle run gives the direction of the cavity; followers of the dance inspect it.",
+        "starter.md": "A sourdough starter of flour and water is fed daily and kept in a jar.",
+    }
+    relevant = relevant_documents(docs, "How a honeybee swarm chooses its nest")
+    assert relevant == ["dance.md", "stop.md", "quorum.md", "waggle.md"]  # waggle.md by its likeness to dance.md
+    analysts = [
+        Analyst(name="A", role="Dance Specialist", affiliation="x", description="Focuses on the waggle dance."),
+        Analyst(name="B", role="Quorum Specialist", affiliation="x", description="Focuses on quorum and piping."),
+    ]
+    plan = assign(analysts, docs, relevant)
+    assert sorted(d for ds in plan for d in ds) == sorted(relevant) and [len(ds) for ds in plan] == [2, 2]
+    assert "waggle.md" in plan[0] and "quorum.md" in plan[1]
+
+
+def test_documents_about_what_a_relevant_one_is_about_are_relevant_a_stray_one_is_not() -> None:
+    from research_worker.coverage import relevant_documents
+    from research_worker.search import read_folder
+
+    docs = read_folder(Path(__file__).parent / "corpora" / "monarch-migration" / "docs")
+    # only one document names the oyamel fir; the others are about the same butterflies
+    assert relevant_documents(docs, "Oyamel fir forests") == sorted(d for d in docs if not d.startswith("offtopic"))
+
+
+def test_the_report_counts_relevant_documents_no_interview_reached_or_the_text_left_uncited() -> None:
+    from types import SimpleNamespace
+
+    from research_worker.state import Evidence
+
+    docs = {
+        "scouts.md": "Scouts inspect each cavity of the swarm's new nest site.",
+        "dance.md": "A scout dances on the swarm cluster for a nest site.",
+        "quorum.md": "A quorum of scouts at a nest site starts the swarm piping.",
+    }
+    a = Analyst(name="A", role="r", affiliation="f", description="d")
+    section = Section(
+        index=0, analyst=a, title="Scouts", content="", summary="Scouts inspect each cavity [1]. A scout dances [2].",
+        sources=["scouts.md", "dance.md"], found_sources=True,
+        evidence=[Evidence(source=k, content=docs[k]) for k in ("scouts.md", "dance.md")],
+    )  # fmt: skip
+    state: Any = {
+        "topic": "How a honeybee swarm chooses its nest site",
+        "sections": [section],
+        "introduction": "# Nest\n\n## Introduction\nScouts inspect each cavity of the swarm's new nest site [1].",
+        "content": "## Insights\nA scout dances on the swarm cluster for a nest site [1].",  # cites the wrong one
+        "conclusion": "## Conclusion\nDone.",
+    }
+    out = finalize_report(state, SimpleNamespace(context=SimpleNamespace(documents=docs)))  # type: ignore[arg-type]
+    q = out["report"].quality
+    assert out["report"].sources == ["scouts.md", "dance.md"]  # the body's sentence re-cited to dance.md
+    assert "for a nest site [2]." in out["final_report"]
+    assert (q.report.checked, q.report.supported, q.report.recited) == (2, 1, 1)
+    assert q.relevant == ["dance.md", "quorum.md", "scouts.md"] or sorted(q.relevant) == sorted(docs)
+    assert (q.relevant_cited, q.unreached, q.uncited, q.coverage_percent) == (2, ["quorum.md"], [], 66)
+    assert (q.sources_retrieved, q.sources_cited) == (2, 2)

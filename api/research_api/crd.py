@@ -97,6 +97,27 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "description": "LLM tokens used so far.",
     },
     {
+        "name": "Cited",
+        "type": "integer",
+        "jsonPath": ".status.quality.citationAccuracy",
+        "priority": 1,
+        "description": "Percent of cited sentences supported by the passage they cite.",
+    },
+    {
+        "name": "Coverage",
+        "type": "integer",
+        "jsonPath": ".status.quality.coverage",
+        "priority": 1,
+        "description": "Percent of the documents relevant to the topic that the report cites.",
+    },
+    {
+        "name": "Sources",
+        "type": "integer",
+        "jsonPath": ".status.quality.sourcesCited",
+        "priority": 1,
+        "description": "Sources the report cites.",
+    },
+    {
         "name": "Message",
         "type": "string",
         "jsonPath": ".status.message",

@@ -10,5 +10,6 @@ EXIT_MODEL = 3  # the model endpoint refused the key, the model name or the requ
 EXIT_STORE = 4  # the store (Kubernetes API, PostgreSQL) failed: retried
 EXIT_BUDGET = 5  # the token budget is spent
 EXIT_SEARCH = 6  # a search backend failed: retried
+EXIT_STOPPED = 143  # stopped by SIGTERM (128 + 15) before the step was done: retried, resumes
 
 NON_RETRYABLE_EXIT_CODES = (EXIT_CONFIG, EXIT_MODEL, EXIT_BUDGET)

@@ -31,6 +31,9 @@ from research_api.status import (
     Phase as Phase,
 )
 from research_api.status import (
+    QualityStatus as QualityStatus,
+)
+from research_api.status import (
     ReportRef as ReportRef,
 )
 from research_api.status import (
@@ -281,6 +284,30 @@ class BudgetSpec(ApiModel):
     )
 
 
+class QualitySpec(ApiModel):
+    """The least the report must reach; unset fields take the admins' default (chart value quality)."""
+
+    min_citation_accuracy: int | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description=(
+            "Percent of cited sentences that must be supported by the passage retrieved from the source "
+            "they cite (0-100). Below it a writer runs once more with the failures as feedback; a report "
+            "still below it fails the ResearchJob with the figures in its message."
+        ),
+    )
+    min_coverage: int | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description=(
+            "Percent of the documents relevant to the topic that the report must cite (0-100); the report "
+            "writer runs once more naming the ones left out, then the ResearchJob fails below it."
+        ),
+    )
+
+
 class StoreType(StrEnum):
     configmap = "configmap"
     postgres = "postgres"
@@ -349,6 +376,7 @@ class ResearchJobSpec(ApiModel):
     parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec, description="Batching and parallelism.")
     worker: WorkerSpec = Field(default_factory=WorkerSpec, description="Worker pod settings.")
     budget: BudgetSpec = Field(default_factory=BudgetSpec, description="Token and time budget.")
+    quality: QualitySpec = Field(default_factory=QualitySpec, description="The report quality floor.")
     store: StoreSpec = Field(default_factory=StoreSpec, description="Where results are stored.")
     retries: RetriesSpec = Field(default_factory=RetriesSpec, description="Retry policy.")
     priority: str | None = Field(

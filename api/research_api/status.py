@@ -32,7 +32,7 @@ class Condition(ApiModel):
 
     type: str = Field(
         description="Condition type: Planned, AwaitingReview, QuotaExceeded, Throttled, WaitingForEndpoint, "
-        "TokenBudgetExhausted, WorkerPodsBlocked, PolicyViolation, Complete, Failed, CleanupFailed."
+        "TokenBudgetExhausted, WorkerPodsBlocked, PolicyViolation, Complete, Grounded, Failed, CleanupFailed."
     )
     status: str = Field(description="True, False or Unknown.", pattern=r"^(True|False|Unknown)$")
     reason: str = Field(description="CamelCase reason for the last transition.")
@@ -78,6 +78,47 @@ class StepUsage(ApiModel):
     cost: str | None = Field(None, description="Their cost at the ModelEndpoint's prices; absent without prices.")
 
 
+class QualityStatus(ApiModel):
+    """How well the report is supported by its sources and how much of them it covers. Every sentence
+    a writer gave a citation is checked against the text retrieved from the source it cites; the first
+    figures are the report's own (introduction, body and conclusion), the section ones its sections'."""
+
+    sentences_checked: int = Field(
+        0, description="Cited sentences of the report (introduction, body, conclusion) as written, each checked."
+    )
+    sentences_supported: int = Field(0, description="Of those, supported by the passage retrieved from a cited source.")
+    sentences_recited: int = Field(
+        0, description="Unsupported ones re-cited to the retrieved source whose passage supports them."
+    )
+    sentences_dropped: int = Field(0, description="Unsupported ones left out of the report (supported by nothing).")
+    citation_accuracy: int = Field(
+        100,
+        ge=0,
+        le=100,
+        description="Percent of the report's checked sentences supported as written (rounded down: 100 only "
+        "when all are; 0 when the report cites none of the sources retrieved).",
+    )
+    section_sentences_checked: int = Field(0, description="Cited sentences the section writers wrote, each checked.")
+    section_sentences_supported: int = Field(0, description="Of those, supported as written.")
+    section_sentences_recited: int = Field(0, description="Of those, re-cited to the source that supports them.")
+    section_sentences_dropped: int = Field(0, description="Of those, left out of their section.")
+    sources_retrieved: int = Field(0, description="Distinct sources the interviews retrieved.")
+    sources_cited: int = Field(0, description="Distinct sources the report cites (its Sources list).")
+    relevant_documents: int = Field(0, description="Documents of the documents sources relevant to the topic.")
+    relevant_cited: int = Field(0, description="Of those, cited by the report.")
+    coverage: int = Field(
+        100, ge=0, le=100, description="Percent of relevant documents the report cites (rounded down)."
+    )
+    unreached_documents: list[str] | None = Field(
+        None, description="Relevant documents no analyst's interview retrieved."
+    )
+    uncited_documents: list[str] | None = Field(
+        None, description="Relevant documents retrieved but not cited by the report."
+    )
+    rewrites: int = Field(0, description="Writings done again, with their failures as feedback, to meet the floor.")
+    failures: list[str] | None = Field(None, description="The first unsupported sentences and what was done with them.")
+
+
 class ResearchJobStatus(ApiModel):
     """Observed state, rebuilt from the child Jobs and the store on every pass."""
 
@@ -100,6 +141,7 @@ class ResearchJobStatus(ApiModel):
         None, description="Tokens and cost of each stored step of the current plan: plan, each interview, write."
     )
     report: ReportRef | None = Field(None, description="Where the finished report is.")
+    quality: QualityStatus | None = Field(None, description="How well the report is supported by its sources.")
     failed_analysts: list[str] | None = Field(None, description="Analysts whose interviews failed.")
     message: str | None = Field(None, description="What is happening now, for humans.")
     waiting_for: str | None = Field(

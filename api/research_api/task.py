@@ -79,6 +79,29 @@ class EndpointShareRef(_Model):
     endpoint: str | None = Field(default=None, min_length=1, max_length=253)
 
 
+SHARES_KEY = "shares.json"  # the key of the shares ConfigMap's data (EndpointShares as JSON)
+
+
+class ShareEntry(_Model):
+    """One admitted Job's share of a shared endpoint: requests in flight, and its part of the
+    endpoint's requests and tokens per minute."""
+
+    concurrency: int = Field(ge=0)
+    requests_per_minute: int | None = Field(default=None, ge=0)
+    tokens_per_minute: int | None = Field(default=None, ge=0)
+
+
+class EndpointShares(_Model):
+    """What the operator writes, and the pods of one ResearchJob poll, under ``SHARES_KEY`` of its
+    shares ConfigMap: each of its admitted Jobs' current share of ModelEndpoint ``endpoint``."""
+
+    endpoint: str = ""
+    jobs: dict[str, ShareEntry] = Field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
 class StructuredOutput(StrEnum):
     """How a structured answer (the analysts, a search query) is asked of the model."""
 
@@ -164,6 +187,23 @@ class Budget(_Model):
     max_tokens: int | None = Field(default=None, ge=1)
 
 
+class QualityFloor(_Model):
+    """The least a writing must reach (whole percent; None: no floor). Below it a writer runs once more
+    with its failures as feedback; the operator fails a ResearchJob whose report stays below it."""
+
+    min_citation_accuracy: int | None = Field(default=None, ge=0, le=100)
+    min_coverage: int | None = Field(default=None, ge=0, le=100)
+
+    def over(self, default: QualityFloor) -> QualityFloor:
+        """This floor, each unset field taken from ``default`` (the admins')."""
+        return QualityFloor(
+            min_citation_accuracy=self.min_citation_accuracy
+            if self.min_citation_accuracy is not None
+            else default.min_citation_accuracy,
+            min_coverage=self.min_coverage if self.min_coverage is not None else default.min_coverage,
+        )
+
+
 def plan_id(feedback: str | None, job_uid: str = "") -> str:
     """Identifies a plan of one ResearchJob: the same review feedback always gives the same plan id,
     and another ResearchJob (another uid, even under the same name) another one, so the names of its
@@ -189,6 +229,7 @@ class ResearchTask(_Model):
     sources: list[Source] = Field(min_length=1)
     store: StoreSettings = Field(default_factory=ConfigMapStoreSettings)
     budget: Budget = Field(default_factory=Budget)
+    quality: QualityFloor = Field(default_factory=QualityFloor)
 
     @model_validator(mode="after")
     def _check(self) -> ResearchTask:

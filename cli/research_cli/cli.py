@@ -131,6 +131,18 @@ def build_parser() -> Parser:
         help="money budget of the whole job at its ModelEndpoint's prices, e.g. 5.00",
     )
     m.add_argument("--deadline", type=_positive, metavar="SECONDS", help="fail when not finished in time (>= 60)")
+    m.add_argument(
+        "--min-citation-accuracy",
+        type=int,
+        metavar="PERCENT",
+        help="quality floor: percent of cited sentences the passage they cite must support (0-100)",
+    )
+    m.add_argument(
+        "--min-coverage",
+        type=int,
+        metavar="PERCENT",
+        help="quality floor: percent of the documents relevant to the topic the report must cite (0-100)",
+    )
     m.add_argument("--postgres", dest="postgres_dsn_secret", metavar="SECRET[:KEY]", help="postgres store (dsn)")
     m.add_argument("--review", action="store_true", help="wait for approval of the analysts (kubectl research approve)")
     m.add_argument("--ttl", type=_nonnegative, metavar="SECONDS", help="delete it this long after it finished")

@@ -75,6 +75,7 @@ class Snapshot:
     waiting: str | None
     cost: str | None = None  # status.cost, at the ModelEndpoint's prices
     max_cost: str | None = None  # spec.budget.maxCost
+    quality: str | None = None  # the report's quality figures, once there is a report
 
     @property
     def finished(self) -> bool:
@@ -106,7 +107,33 @@ def snapshot(obj: dict[str, Any], now: dt.datetime) -> Snapshot:
         waiting=waiting_for(obj),
         cost=status.get("cost"),
         max_cost=(spec.get("budget") or {}).get("maxCost"),
+        quality=quality(status.get("quality")),
     )
+
+
+def quality(q: Any) -> str | None:
+    """status.quality in a line: "cited 61/61 supported (100%), coverage 6/6 (100%), sources 6 of 6 retrieved"."""
+    if not isinstance(q, dict):
+        return None
+    line = (
+        f"cited {q.get('sentencesSupported', 0)}/{q.get('sentencesChecked', 0)} supported "
+        f"({q.get('citationAccuracy', 100)}%)"
+    )
+    fixed = [
+        f"{n} {what}"
+        for what, n in (("re-cited", q.get("sentencesRecited")), ("dropped", q.get("sentencesDropped")))
+        if n
+    ]
+    if fixed:
+        line += f" [{', '.join(fixed)}]"
+    if q.get("sectionSentencesChecked"):
+        line += f" (sections {q.get('sectionSentencesSupported', 0)}/{q.get('sectionSentencesChecked')})"
+    line += f", coverage {q.get('relevantCited', 0)}/{q.get('relevantDocuments', 0)} ({q.get('coverage', 100)}%)"
+    line += f", sources {q.get('sourcesCited', 0)} cited of {q.get('sourcesRetrieved', 0)} retrieved"
+    missed = list(q.get("unreachedDocuments") or []) + list(q.get("uncitedDocuments") or [])
+    if missed:
+        line += f"; not cited: {', '.join(missed)}"
+    return line
 
 
 def duration(seconds: float) -> str:
@@ -144,6 +171,8 @@ def body(s: Snapshot) -> str:
         f"tokens {tokens(s)}",
         *([f"cost {c}"] if (c := cost(s)) else []),
     ]
+    if s.quality:
+        parts.append(f"quality {s.quality}")
     tail = f"waiting for {s.waiting}" if s.waiting and s.queued else s.message
     return "  ".join(parts) + (f"  {tail}" if tail else "")
 
@@ -164,6 +193,8 @@ def panel(namespace: str, name: str, s: Snapshot) -> list[str]:
         *([f"  cost      {c}"] if (c := cost(s)) else []),
         f"  elapsed   {duration(s.elapsed)}",
     ]
+    if s.quality:
+        lines.append(f"  quality   {s.quality}")
     if s.waiting:
         lines.append(f"  waiting   for {s.waiting}")
     if s.message:

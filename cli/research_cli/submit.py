@@ -137,6 +137,10 @@ def researchjob_manifest(name: str, namespace: str, args: Any) -> dict[str, Any]
     }
     if budget:
         spec["budget"] = budget
+    floor = (("minCitationAccuracy", args.min_citation_accuracy), ("minCoverage", args.min_coverage))
+    quality = {k: v for k, v in floor if v is not None}
+    if quality:
+        spec["quality"] = quality
     if args.postgres_dsn_secret:
         spec["store"] = {"type": "postgres", "dsnSecretRef": _secret_ref(args.postgres_dsn_secret, "--postgres", "dsn")}
     if args.ttl is not None:

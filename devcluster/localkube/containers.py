@@ -55,6 +55,8 @@ MASKED_PATHS = (
     "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
 )
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+# Where a container without readOnlyRootFilesystem may write (tmpfs each; /tmp always is one).
+WRITABLE_DIRS = ("/var/tmp", "/run", "/home")
 
 
 class ContainerError(Exception):
@@ -113,6 +115,15 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Mount:
+    """A bind mount of a host path (a pod volume's directory or one of its files) into the container."""
+
+    destination: str
+    source: Path
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     """What to run, with Kubernetes' rules for ``command`` and ``args`` over the image's
     Entrypoint and Cmd (see :func:`container_argv`)."""
@@ -127,6 +138,12 @@ class ContainerSpec:
     netns: Path | None = None  # None: the host's network namespace
     ip: str | None = None  # the container's address in netns, for /etc/hosts (as the kubelet writes it)
     rlimits: tuple[tuple[str, int], ...] = DEFAULT_RLIMITS
+    mounts: tuple[Mount, ...] = ()  # pod volumes (bind mounts), after the container's own mounts
+    readonly_root: bool = True  # a pod's readOnlyRootFilesystem (the image's rootfs is shared: never written)
+    no_new_privileges: bool = True  # allowPrivilegeEscalation: false
+    cwd: str | None = None  # None: the image's WorkingDir
+    groups: tuple[int, ...] = ()  # supplementalGroups and fsGroup, besides the primary group
+    resolv_conf: str | None = None  # None: the host's /etc/resolv.conf
 
 
 def container_argv(image: Image, command: Sequence[str], args: Sequence[str]) -> list[str]:
@@ -176,14 +193,17 @@ def runtime_spec(image: Image, spec: ContainerSpec, bundle: Path, cgroups_path: 
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
-            "user": {"uid": uid, "gid": gid, "additionalGids": [gid]},
+            "user": {"uid": uid, "gid": gid, "additionalGids": sorted({gid, *spec.groups})},
             "args": container_argv(image, spec.command, spec.args),
             "env": _merged_env(image.env, spec.env, spec.hostname),
-            "cwd": image.working_dir,
+            "cwd": spec.cwd or image.working_dir,
             "capabilities": {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")},
             "rlimits": [{"type": t, "hard": v, "soft": v} for t, v in spec.rlimits],
-            "noNewPrivileges": True,
+            "noNewPrivileges": spec.no_new_privileges,
         },
+        # The rootfs is shared by every container of the image, so it is mounted read-only whatever
+        # the pod says; a pod without readOnlyRootFilesystem gets writable tmpfs over the few
+        # places a program writes to (see writable_dirs).
         "root": {"path": str(image.rootfs), "readonly": True},
         "hostname": spec.hostname,
         "mounts": [
@@ -204,6 +224,16 @@ def runtime_spec(image: Image, spec: ContainerSpec, bundle: Path, cgroups_path: 
             {"destination": "/etc/hostname", "type": "bind", "source": str(bundle / "hostname"), "options": ro_file},
             {"destination": "/etc/resolv.conf", "type": "bind", "source": str(bundle / "resolv.conf"),
              "options": ro_file},
+            *(
+                {"destination": d, "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "nodev", "mode=1777", f"size={spec.tmp_size_bytes}"]}
+                for d in ([] if spec.readonly_root else list(WRITABLE_DIRS))
+            ),
+            *(
+                {"destination": m.destination, "type": "bind", "source": str(m.source),
+                 "options": ["rbind", "nosuid", "nodev", "ro" if m.readonly else "rw"]}
+                for m in spec.mounts
+            ),
         ],
         "linux": {
             "namespaces": namespaces,
@@ -316,7 +346,7 @@ class Container:
     (``logs()`` reads them while it runs)."""
 
     def __init__(self, image: Image, spec: ContainerSpec, *, name: str | None = None,
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, log_path: Path | None = None) -> None:
         self.image = image
         self.spec = spec
         self.id = name or f"ro-{uuid.uuid4().hex[:12]}"
@@ -327,6 +357,7 @@ class Container:
         self._proc: subprocess.Popen[bytes] | None = None
         self._started = 0.0
         self._result: Result | None = None
+        self.log_path = log_path  # stdout and stderr appended to one file (a pod's log), else two in the bundle
 
     def _runc(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([RUNC, "--root", str(self.runc_root), *args],
@@ -341,8 +372,14 @@ class Container:
         own = self.spec.ip or "127.0.1.1"
         (self.bundle / "hosts").write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost\n{own}\t{self.spec.hostname}\n")
         resolv = Path("/etc/resolv.conf")
-        (self.bundle / "resolv.conf").write_text(resolv.read_text() if resolv.exists() else "")
-        with open(self.bundle / "stdout", "wb") as out, open(self.bundle / "stderr", "wb") as err:
+        if self.spec.resolv_conf is not None:
+            (self.bundle / "resolv.conf").write_text(self.spec.resolv_conf)
+        else:
+            (self.bundle / "resolv.conf").write_text(resolv.read_text() if resolv.exists() else "")
+        out_path, err_path = self.bundle / "stdout", self.bundle / "stderr"
+        if self.log_path is not None:
+            out_path = err_path = self.log_path
+        with open(out_path, "ab") as out, open(err_path, "ab") as err:
             self._proc = subprocess.Popen(
                 [RUNC, "--root", str(self.runc_root), "run", "--keep", "--pid-file", str(self.bundle / "pid"),
                  "--bundle", str(self.bundle), self.id],
@@ -352,8 +389,16 @@ class Container:
         log.info("container %s started: %s", self.id, " ".join(config["process"]["args"]))
 
     def logs(self) -> tuple[str, str]:
+        if self.log_path is not None:
+            return self.log_path.read_text(errors="replace"), ""
         return ((self.bundle / "stdout").read_text(errors="replace"),
                 (self.bundle / "stderr").read_text(errors="replace"))
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """``runc run`` in the foreground: it exits with the container's exit status (128 + n for
+        signal n) and forwards the signals it gets to the container's init."""
+        return self._proc
 
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -376,6 +421,22 @@ class Container:
         oom = _oom_kills(_memory_cgroup_dir(self.cgroups_path)) > 0
         self._result = Result(exit_code=code, oom_killed=oom, stdout=stdout, stderr=stderr, seconds=seconds)
         return self._result
+
+    def started(self) -> bool:
+        """Whether the container's process ran (runc writes the pid file only then)."""
+        return (self.bundle / "pid").exists()
+
+    def oom_killed(self) -> bool:
+        """Whether the memory controller OOM-killed a process of the container (before ``delete``)."""
+        return _oom_kills(_memory_cgroup_dir(self.cgroups_path)) > 0
+
+    def exec(self, argv: Sequence[str], timeout: float) -> tuple[int, str]:
+        """Run ``argv`` in the running container (its namespaces, user and cgroup): exit code, output."""
+        done = subprocess.run(
+            [RUNC, "--root", str(self.runc_root), "exec", self.id, *argv],
+            capture_output=True, text=True, timeout=timeout,
+        )
+        return done.returncode, done.stdout + done.stderr
 
     def status(self) -> str | None:
         """runc's view of the container: created, running, stopped (or None: no such container)."""
@@ -420,6 +481,20 @@ class Container:
 
     def __exit__(self, *exc: object) -> None:
         self.delete()
+
+
+def remove_all(state_dir: Path) -> list[str]:
+    """Delete every container runc knows under ``state_dir`` (what an agent that was killed left
+    running: without its ``runc run`` parent a container lives on) and their bundles."""
+    runc_root = state_dir / "runc"
+    if not runc_root.is_dir():
+        return []
+    listed = subprocess.run([RUNC, "--root", str(runc_root), "list", "-q"], capture_output=True, text=True, timeout=60)
+    removed = [cid for cid in listed.stdout.split() if cid]
+    for cid in removed:
+        subprocess.run([RUNC, "--root", str(runc_root), "delete", "--force", cid], capture_output=True, timeout=60)
+        shutil.rmtree(state_dir / "bundles" / cid, ignore_errors=True)
+    return removed
 
 
 def run(image: Image, spec: ContainerSpec, *, timeout: float = 120.0, state_dir: Path | None = None) -> Result:

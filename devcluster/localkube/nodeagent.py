@@ -34,6 +34,19 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
+from localkube.containers import load_image, remove_all
+from localkube.controlplane import SERVICE_CIDR
+from localkube.nodenet import (
+    API_RELAY_PORT,
+    DNS_PORT,
+    DnsServer,
+    NodeAddresses,
+    NodeNetwork,
+    ServiceSync,
+    TcpRelay,
+    first_service_ip,
+)
+from localkube.podcontainer import ContainerNode
 from localkube.podrunner import PodWorker, Runtime, pod_log_path, raw_json, usable_by
 from localkube.podstatus import TERMINAL_PHASES, rfc3339
 
@@ -47,6 +60,7 @@ NODE_STATUS_SECONDS = 60.0
 WATCH_SECONDS = 300
 AGENT_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
 DEFAULT_CAPACITY = {"cpu": "8", "memory": "16Gi", "pods": "110"}
+IMAGE_NAME = os.environ.get("IMAGE", "research-operator:0.1.0")  # what hack/build-image.sh builds
 
 __all__ = [
     "NodeAgent",
@@ -90,6 +104,19 @@ def _os_image() -> str:
         if line.startswith("PRETTY_NAME="):
             return line.split("=", 1)[1].strip('"')
     return "Linux"
+
+
+CONTAINER_RUNTIME_LABEL = "localkube.dev/runtime"
+# Pods land on a container node only when they tolerate this taint (or select its label).
+CONTAINER_TAINT = {"key": CONTAINER_RUNTIME_LABEL, "value": "runc", "effect": "NoSchedule"}
+
+
+def container_node_manifest(name: str, pod_cidr: str) -> dict[str, Any]:
+    """A container node: labelled and tainted ``localkube.dev/runtime=runc``, with its pods' CIDR."""
+    node = node_manifest(name)
+    node["metadata"]["labels"][CONTAINER_RUNTIME_LABEL] = "runc"
+    node["spec"] = {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr], "taints": [dict(CONTAINER_TAINT)]}
+    return node
 
 
 def node_manifest(name: str) -> dict[str, Any]:
@@ -141,7 +168,10 @@ def node_conditions(previous: list[dict[str, Any]] | None = None, now: str | Non
 
 
 def node_status(
-    name: str, capacity: Mapping[str, str], previous_conditions: list[dict[str, Any]] | None = None
+    name: str,
+    capacity: Mapping[str, str],
+    previous_conditions: list[dict[str, Any]] | None = None,
+    runtime: str = "localproc://0.1.0",
 ) -> dict[str, Any]:
     """The Node status this agent reports: capacity = allocatable, loopback address, Ready."""
     return {
@@ -156,7 +186,7 @@ def node_status(
             "bootID": _read("/proc/sys/kernel/random/boot_id"),
             "kernelVersion": platform.release(),
             "osImage": _os_image(),
-            "containerRuntimeVersion": "localproc://0.1.0",
+            "containerRuntimeVersion": runtime,
             "kubeletVersion": KUBELET_VERSION,
             "kubeProxyVersion": "",
             "operatingSystem": "linux",
@@ -261,9 +291,14 @@ class NodeAgent:
         max_grace: float = 30.0,
         backoff_base: float = 10.0,
         run_root: Path | None = None,
+        containers: Path | None = None,
     ) -> None:
+        """``containers``: an image export (``hack/build-image.sh``); the node then runs its pods as
+        containers of that image with runc, on a network of its own (one node only)."""
         if not node_names:
             raise ValueError("at least one node name is needed")
+        if containers is not None and len(node_names) != 1:
+            raise ValueError("a container node agent serves exactly one node")
         self.kubeconfig = kubeconfig
         self.node_names = list(node_names)
         self.state_dir = Path(state_dir)
@@ -291,6 +326,19 @@ class NodeAgent:
             read_service_account=self.lookup.service_account,
             run_root=run_root or pod_run_root(self.state_dir),
         )
+        self.container_node: ContainerNode | None = None
+        self._node_services: list[Any] = []  # relay, DNS, Service sync of a container node
+        if containers is not None:
+            image = load_image(containers)
+            addresses = NodeAddresses.for_key(f"{self.state_dir.resolve()}:{node_names[0]}")
+            self.container_node = ContainerNode(
+                image=image,
+                image_name=IMAGE_NAME,
+                network=NodeNetwork(addresses),
+                runtime_dir=self.state_dir / "runc",
+                api_service_ip=first_service_ip(SERVICE_CIDR),
+            )
+            self.rt.containers = self.container_node
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._workers: dict[str, PodWorker] = {}
@@ -316,6 +364,8 @@ class NodeAgent:
 
     def start(self) -> None:
         """Register nodes and start the heartbeat and pod-watch threads (non-blocking)."""
+        if self.container_node is not None:
+            self._start_node_network(self.container_node)
         for name in self.node_names:
             self._register(name)
         threads = [threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)]
@@ -347,11 +397,51 @@ class NodeAgent:
             worker.shutdown()
         for worker in workers:
             worker.join(timeout=15)
+        for service in self._node_services:
+            service.stop()
+        if self.container_node is not None:
+            self.container_node.network.down()
         log.info("node agent stopped (%d pod workers ended)", len(workers))
 
+    # -- a container node's network --------------------------------------------------------------
+    def _start_node_network(self, node: ContainerNode) -> None:
+        """The node's namespace and bridge, the relay to the API server, DNS and the Service rules."""
+        left = remove_all(node.runtime_dir)
+        if left:
+            log.warning("removed %d containers an earlier agent left running: %s", len(left), ", ".join(left))
+        net = node.network
+        net.up()
+        api_port = self.rt.apiserver_port
+        relay = TcpRelay((net.addr.host_ip, API_RELAY_PORT), ("127.0.0.1", api_port))
+        api_relay = (node.api_service_ip, net.addr.host_ip, API_RELAY_PORT)
+        sync = ServiceSync(net, self._services_and_slices, api_relay)
+        dns = DnsServer(net.addr.host_ip, DNS_PORT, sync.names)
+        self._node_services = [relay, sync, dns]
+        for t in self._node_services:
+            t.start()
+        sync.synced.wait(10)
+        log.info(
+            "container node: pods in %s, image %s, API server at %s:443, DNS at %s",
+            net.addr.pod_cidr,
+            node.image.directory,
+            node.api_service_ip,
+            net.addr.host_ip,
+        )
+
+    def _services_and_slices(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        services = _json(self.core.list_service_for_all_namespaces(_preload_content=False)).get("items") or []
+        discovery = client.DiscoveryV1Api(self.api)
+        slices = _json(discovery.list_endpoint_slice_for_all_namespaces(_preload_content=False)).get("items") or []
+        return services, slices
+
     # -- nodes ----------------------------------------------------------------------------------
+    def _manifest(self, name: str) -> dict[str, Any]:
+        if self.container_node is not None:
+            return container_node_manifest(name, self.container_node.network.addr.pod_cidr)
+        return node_manifest(name)
+
     def _register(self, name: str) -> None:
-        manifest = client.V1Node.from_dict(node_manifest(name))
+        manifest = client.V1Node.from_dict(self._manifest(name))
         assert manifest is not None
         try:
             node = _json(self.core.create_node(manifest, _preload_content=False))
@@ -359,7 +449,7 @@ class NodeAgent:
         except ApiException as e:
             if e.status != 409:
                 raise
-            labels = node_manifest(name)["metadata"]["labels"]
+            labels = self._manifest(name)["metadata"]["labels"]
             node = _json(self.core.patch_node(name, {"metadata": {"labels": labels}}, _preload_content=False))
             log.info("node %s already registered; taking it over", name)
         self._node_uids[name] = node["metadata"]["uid"]
@@ -369,7 +459,8 @@ class NodeAgent:
         self._untaint(name)
 
     def _post_status(self, name: str) -> None:
-        status = node_status(name, self.capacity, self._conditions.get(name))
+        runtime = "runc://1.1.5" if self.container_node is not None else "localproc://0.1.0"
+        status = node_status(name, self.capacity, self._conditions.get(name), runtime)
         resp = self.core.patch_node_status(
             name,
             {"status": status},
@@ -594,6 +685,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-grace", type=float, default=30.0, help="cap on termination grace periods (s)")
     parser.add_argument("--backoff", type=float, default=10.0, help="first restart back-off (s), doubling up to 300")
+    parser.add_argument(
+        "--containers",
+        type=Path,
+        default=None,
+        metavar="IMAGE_EXPORT",
+        help="run pods as runc containers of this image export (hack/build-image.sh); one node, root only",
+    )
     parser.add_argument("--log-level", default=os.environ.get("LOCALKUBE_AGENT_LOG", "INFO"))
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
@@ -608,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         python_bin_dir=args.python_bin_dir,
         max_grace=args.max_grace,
         backoff_base=args.backoff,
+        containers=args.containers,
     )
     agent.run()
     return 0

@@ -86,7 +86,7 @@ def expand_argv(argv: list[str], env: Mapping[str, str]) -> list[str]:
 _META_KEY = re.compile(r"^metadata\.(labels|annotations)\['(.+)'\]$")
 
 
-def field_ref_value(pod: Mapping[str, Any], field_path: str) -> str:
+def field_ref_value(pod: Mapping[str, Any], field_path: str, pod_ip: str = POD_IP) -> str:
     """The value of a ``fieldRef`` for env (the paths the kubelet supports for env vars)."""
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
@@ -98,8 +98,8 @@ def field_ref_value(pod: Mapping[str, Any], field_path: str) -> str:
         "spec.serviceAccountName": lambda: str(spec.get("serviceAccountName") or "default"),
         "status.hostIP": lambda: HOST_IP,
         "status.hostIPs": lambda: HOST_IP,
-        "status.podIP": lambda: POD_IP,
-        "status.podIPs": lambda: POD_IP,
+        "status.podIP": lambda: pod_ip,
+        "status.podIPs": lambda: pod_ip,
     }
     if field_path in simple:
         return simple[field_path]()
@@ -140,18 +140,19 @@ def resource_field_value(
 # -- the whole environment ------------------------------------------------------------------
 
 
-def service_env(apiserver_port: int) -> dict[str, str]:
-    """The variables every pod gets for the ``default/kubernetes`` Service, pointing at loopback."""
+def service_env(apiserver_port: int, host: str = HOST_IP) -> dict[str, str]:
+    """The variables every pod gets for the ``default/kubernetes`` Service: loopback and the API
+    server's port for process pods, the Service's ClusterIP and 443 for container pods."""
     p = str(apiserver_port)
     return {
-        "KUBERNETES_SERVICE_HOST": HOST_IP,
+        "KUBERNETES_SERVICE_HOST": host,
         "KUBERNETES_SERVICE_PORT": p,
         "KUBERNETES_SERVICE_PORT_HTTPS": p,
-        "KUBERNETES_PORT": f"tcp://{HOST_IP}:{p}",
-        f"KUBERNETES_PORT_{p}_TCP": f"tcp://{HOST_IP}:{p}",
+        "KUBERNETES_PORT": f"tcp://{host}:{p}",
+        f"KUBERNETES_PORT_{p}_TCP": f"tcp://{host}:{p}",
         f"KUBERNETES_PORT_{p}_TCP_PROTO": "tcp",
         f"KUBERNETES_PORT_{p}_TCP_PORT": p,
-        f"KUBERNETES_PORT_{p}_TCP_ADDR": HOST_IP,
+        f"KUBERNETES_PORT_{p}_TCP_ADDR": host,
     }
 
 
@@ -176,6 +177,7 @@ def resolve_env(
     lookup: ObjectLookup,
     base_env: Mapping[str, str] | None = None,
     allocatable: Mapping[str, str] | None = None,
+    pod_ip: str = POD_IP,
 ) -> dict[str, str]:
     """The container's variables (``base_env`` first, then ``envFrom``, then ``env``).
 
@@ -217,7 +219,7 @@ def resolve_env(
             cm = lookup.config_map(namespace, str(ref.get("name", "")))
             resolved = _key_from("ConfigMap", cm, namespace, ref)
         elif "fieldRef" in value_from:
-            resolved = field_ref_value(pod, str(value_from["fieldRef"].get("fieldPath", "")))
+            resolved = field_ref_value(pod, str(value_from["fieldRef"].get("fieldPath", "")), pod_ip)
         elif "resourceFieldRef" in value_from:
             resolved = resource_field_value(pod, container, value_from["resourceFieldRef"], allocatable or {})
         else:

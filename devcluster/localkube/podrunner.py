@@ -38,9 +38,21 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from localkube import containers as runc
 from localkube.images import ImageNotMapped, container_argv
+from localkube.nodenet import NetworkError, call_in_netns
+from localkube.podcontainer import (
+    ContainerNode,
+    PodContainerProcess,
+    container_mounts,
+    container_spec,
+    image_argv,
+    user_of,
+    write_volumes,
+)
 from localkube.podenv import (
     HOST_IP,
+    POD_IP,
     ContainerConfigError,
     ObjectLookup,
     expand_argv,
@@ -108,6 +120,7 @@ class Runtime:
     read_service_account: Callable[[str, str], dict[str, Any] | None] = lambda namespace, name: None
     run_root: Path | None = None
     config_retry: float = CONFIG_RETRY
+    containers: ContainerNode | None = None  # set: pods run as containers of the node's image (runc)
 
     @property
     def pod_run_root(self) -> Path:
@@ -311,7 +324,7 @@ class Container:
     spec: dict[str, Any]
     status: ContainerState
     init: bool = False
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes] | PodContainerProcess | None = None
     started_mono: float = 0.0
     started_at: str | None = None
     retry_at: float = 0.0
@@ -401,6 +414,9 @@ class PodWorker(threading.Thread):
         self._sa_env: dict[str, str] = {}
         self._projected = projected_tokens(pod)
         self._identity_warned: set[str] = set()
+        self.pod_ip = POD_IP
+        self.netns: Path | None = None  # container mode: the pod's network namespace
+        self._restarts = 0
 
     def _make(self, spec: dict[str, Any], init: bool, status: Mapping[str, Any]) -> Container:
         key = "initContainerStatuses" if init else "containerStatuses"
@@ -459,10 +475,14 @@ class PodWorker(threading.Thread):
             log.exception("pod worker %s/%s crashed", self.namespace, self.pod_name)
             self._kill_all(0)
         finally:
+            if self.rt.containers is not None:
+                self.rt.containers.network.remove_pod(self.uid)
             self.rt.on_done(self.uid, phase)
 
     def _run(self) -> str | None:
         self._prepare_dirs()
+        if self.rt.containers is not None:
+            self._sandbox()
         recovered = [c for c in self.init_containers + self.containers if c.status.terminated is not None]
         for c in recovered:
             self._after_exit(c, recovered=True)
@@ -526,6 +546,20 @@ class PodWorker(threading.Thread):
                     self._probe(pod, c)
 
     # -- starting -------------------------------------------------------------------------------
+    def _sandbox(self) -> None:
+        """Container mode: the pod's network namespace and IP (the CNI plugin's work), retried
+        until it works or the pod goes."""
+        assert self.rt.containers is not None
+        while not (self._gone or self._shutdown or self.pod["metadata"].get("deletionTimestamp")):
+            try:
+                self.netns, self.pod_ip = self.rt.containers.network.add_pod(self.uid)
+                return
+            except NetworkError as e:
+                log.warning("%s/%s: pod network: %s", self.namespace, self.pod_name, e)
+                self.rt.event(self.pod, "Warning", "FailedCreatePodSandBox", f"Failed to create pod sandbox: {e}")
+                self._wake.wait(3.0)
+                self._wake.clear()
+
     def _prepare_dirs(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o711)
@@ -533,6 +567,9 @@ class PodWorker(threading.Thread):
         self.run_dir.chmod(0o711)
 
     def _start(self, pod: dict[str, Any], c: Container) -> None:
+        if self.rt.containers is not None:
+            self._start_container(pod, c, self.rt.containers)
+            return
         spec = c.spec
         try:
             sa_env = self._service_account_env(pod)
@@ -617,6 +654,93 @@ class PodWorker(threading.Thread):
             p.successes = p.failures = 0
             p.next_at = c.started_mono + float(p.spec.get("initialDelaySeconds") or 0)
         log.info("started %s/%s container %s (pid %d)", self.namespace, self.pod_name, c.name, c.proc.pid)
+        self.rt.event(pod, "Normal", "Started", f"Started container {c.name}")
+
+    def _start_container(self, pod: dict[str, Any], c: Container, node: ContainerNode) -> None:
+        """Container mode: the pod's volumes, then the container with runc in the pod's network
+        namespace (see localkube.podcontainer)."""
+        spec = c.spec
+        image = str(spec.get("image") or "")
+        if not node.serves(image):
+            msg = f'Container image "{image}" is not present with pull policy of Never (the node has {node.image_name})'
+            self._waiting(pod, c, "ErrImageNeverPull", msg, 10.0)
+            return
+        if self.netns is None:
+            self._waiting(pod, c, "ContainerCreating", "the pod network is not ready", 1.0)
+            return
+        try:
+            uid, gid = user_of(pod, spec, node.image)
+            fs_group = (pod["spec"].get("securityContext") or {}).get("fsGroup")
+            group = None if fs_group is None else int(fs_group)
+            volumes, _ = write_volumes(pod, self.run_dir / "volumes", self.rt.lookup, uid, group, self.pod_ip)
+            work = self.run_dir / "work"
+            os.chown(work, uid, gid)  # token files follow the work dir's owner (_write_projected)
+            for ts in self._projected.values():
+                for t in ts:
+                    if not t.written:
+                        self._write_projected(pod, t)
+            env = resolve_env(
+                pod,
+                spec,
+                self.rt.lookup,
+                base_env=service_env(443, node.api_service_ip),
+                allocatable=self.rt.allocatable,
+                pod_ip=self.pod_ip,
+            )
+            argv = expand_argv(image_argv(spec, node.image), env)
+            cspec = container_spec(
+                pod,
+                spec,
+                node.image,
+                argv,
+                env,
+                mounts=container_mounts(spec, volumes),
+                netns=self.netns,
+                pod_ip=self.pod_ip,
+                resolv_conf=node.network.resolv_conf(self.namespace),
+            )
+        except ContainerConfigError as e:
+            self._waiting(pod, c, "CreateContainerConfigError", str(e), self.rt.config_retry)
+            return
+        except (ApiException, OSError, urllib3.exceptions.HTTPError) as e:
+            reason = f"{e.status} {e.reason}" if isinstance(e, ApiException) else str(e)
+            self._waiting(
+                pod, c, "CreateContainerConfigError", f"reading the pod's configuration: {reason}", self.rt.config_retry
+            )
+            return
+        self._restarts += 1
+        cid = f"{self.uid.replace('-', '')[:12]}-{c.name}-{self._restarts}"[:60]
+        container = runc.Container(
+            node.image, cspec, name=cid, state_dir=node.runtime_dir, log_path=self.dir / f"{c.name}.log"
+        )
+        now = rfc3339()
+        c.log_offset = (self.dir / f"{c.name}.log").stat().st_size if (self.dir / f"{c.name}.log").exists() else 0
+        try:
+            container.start()
+        except OSError as e:
+            container.delete()
+            self._start_error(pod, c, now, f"failed to create the container: {e}")
+            return
+        c.proc = PodContainerProcess(container)
+        if c.status.ever_ran and (c.status.terminated is not None or c.status.last_state):
+            if c.status.terminated is not None:
+                c.status.last_state = c.status.state
+            c.status.restart_count += 1
+        c.started_mono = time.monotonic()
+        c.started_at = now
+        c.retry_at = 0.0
+        c.last_waiting_message = ""
+        c.status.state = running_state(now)
+        c.status.container_id = f"runc://{cid}"
+        c.status.image_ref = f"localhost/{node.image_name}@{node.image.directory.name}"
+        startup = c.probe("startup")
+        c.status.started = startup is None
+        c.status.ready = not c.init and c.probe("readiness") is None and c.status.started
+        for p in c.probes:
+            p.ok = p.kind == "liveness"
+            p.successes = p.failures = 0
+            p.next_at = c.started_mono + float(p.spec.get("initialDelaySeconds") or 0)
+        log.info("started %s/%s container %s (runc %s, uid %s)", self.namespace, self.pod_name, c.name, cid, uid)
         self.rt.event(pod, "Normal", "Started", f"Started container {c.name}")
 
     def _identity(self, pod: dict[str, Any], c: Container, argv: list[str], env: dict[str, str]) -> Identity | None:
@@ -851,10 +975,10 @@ class PodWorker(threading.Thread):
         assert c.proc is not None
         rc = c.proc.poll()
         if c.kill_at is not None and rc is None and time.monotonic() >= c.kill_at:
-            _killpg(c.proc.pid, signal.SIGKILL)
+            _signal(c.proc, signal.SIGKILL)
         if rc is None:
             return
-        _killpg(c.proc.pid, signal.SIGKILL)  # whatever the container left behind in its group
+        _signal(c.proc, signal.SIGKILL)  # whatever the container left behind in its group
         self._record_exit(c, rc)
         self._after_exit(c)
 
@@ -864,8 +988,13 @@ class PodWorker(threading.Thread):
         message = ""
         if code != 0 or c.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             message = self._log_tail(c) if code != 0 else ""
+        reason: str | None = None
+        if isinstance(c.proc, PodContainerProcess):
+            reason, runc_message = c.proc.finish()
+            if reason == "StartError":
+                code, message = 128, runc_message
         c.status.state = terminated_state(
-            code, c.started_at, rfc3339(), container_id=c.status.container_id, message=message
+            code, c.started_at, rfc3339(), container_id=c.status.container_id, message=message, reason=reason
         )
         c.status.ready = False
         c.status.started = False
@@ -939,11 +1068,13 @@ class PodWorker(threading.Thread):
             return
         grace = min(float(pod["spec"].get("terminationGracePeriodSeconds") or 30), self.rt.max_grace)
         self.rt.event(pod, "Normal", "Killing", f"Container {c.name} failed {kind} probe, will be restarted")
-        _killpg(c.proc.pid, signal.SIGTERM)
+        _signal(c.proc, signal.SIGTERM)
         c.kill_at = time.monotonic() + grace
 
     def _run_probe(self, c: Container, p: Probe) -> tuple[bool, str]:
         spec = p.spec
+        if isinstance(c.proc, PodContainerProcess) and self.netns is not None:
+            return self._container_probe(c.proc, c, p)
         try:
             if "exec" in spec:
                 return self._exec_probe(c, spec, p.timeout)
@@ -954,6 +1085,28 @@ class PodWorker(threading.Thread):
         except ValueError as e:
             return False, str(e)
         # grpc probes are not supported: count them as passing rather than wedging the pod.
+        return True, ""
+
+    def _container_probe(self, proc: PodContainerProcess, c: Container, p: Probe) -> tuple[bool, str]:
+        """Container mode: exec probes through ``runc exec``; HTTP and TCP probes to the pod's IP
+        from a thread in the pod's network namespace (the host has no route to pods)."""
+        spec = p.spec
+        assert self.netns is not None
+        try:
+            if "exec" in spec:
+                argv = [str(a) for a in spec["exec"].get("command") or []]
+                if not argv:
+                    return False, "exec probe has no command"
+                code, out = proc.container.exec(argv, p.timeout)
+                return code == 0, out[-200:]
+            if "httpGet" in spec:
+                get = {**spec["httpGet"], "host": spec["httpGet"].get("host") or self.pod_ip}
+                return call_in_netns(self.netns, lambda: http_probe({**spec, "httpGet": get}, c.spec, p.timeout))
+            if "tcpSocket" in spec:
+                sock = {**spec["tcpSocket"], "host": spec["tcpSocket"].get("host") or self.pod_ip}
+                return call_in_netns(self.netns, lambda: tcp_probe({**spec, "tcpSocket": sock}, c.spec, p.timeout))
+        except (ValueError, OSError, subprocess.TimeoutExpired) as e:
+            return False, str(e)
         return True, ""
 
     def _exec_probe(self, c: Container, spec: Mapping[str, Any], timeout: float) -> tuple[bool, str]:
@@ -991,13 +1144,13 @@ class PodWorker(threading.Thread):
         procs = [c for c in self.init_containers + self.containers if c.proc is not None]
         for c in procs:
             assert c.proc is not None
-            _killpg(c.proc.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
+            _signal(c.proc, signal.SIGTERM if grace > 0 else signal.SIGKILL)
         deadline = time.monotonic() + grace
         while grace > 0 and time.monotonic() < deadline and any(c.proc and c.proc.poll() is None for c in procs):
             time.sleep(0.05)
         for c in procs:
             assert c.proc is not None
-            _killpg(c.proc.pid, signal.SIGKILL)
+            _signal(c.proc, signal.SIGKILL)
             rc = c.proc.wait()
             self._record_exit(c, rc)
 
@@ -1082,6 +1235,7 @@ class PodWorker(threading.Thread):
             readiness_gates_ok=all(current.get(g) == "True" for g in gates),
             reason=reason,
             message=message,
+            pod_ip=self.pod_ip,
         )
         if status == self._last_status:
             return True
@@ -1126,6 +1280,14 @@ def _age(timestamp: str) -> float:
     except ValueError:
         return 0.0
     return max(0.0, (dt.datetime.now(dt.UTC) - then).total_seconds())
+
+
+def _signal(proc: subprocess.Popen[bytes] | PodContainerProcess, sig: int) -> None:
+    """Signal a container: its process group (a process pod) or its init through runc."""
+    if isinstance(proc, PodContainerProcess):
+        proc.signal(sig)
+    else:
+        _killpg(proc.pid, sig)
 
 
 def _killpg(pid: int, sig: int) -> None:

@@ -79,6 +79,7 @@ class ContainerState:
     ready: bool = False
     started: bool = False
     container_id: str | None = None
+    image_ref: str | None = None  # a container node's imageID (the export's cache key); None: a process
 
     @property
     def running(self) -> bool:
@@ -102,7 +103,7 @@ class ContainerState:
         status: dict[str, Any] = {
             "name": self.name,
             "image": self.image,
-            "imageID": image_id(self.image),
+            "imageID": self.image_ref or image_id(self.image),
             "state": self.state,
             "lastState": self.last_state,
             "ready": self.ready,
@@ -196,6 +197,7 @@ def pod_status(
     readiness_gates_ok: bool = True,
     reason: str | None = None,
     message: str | None = None,
+    pod_ip: str = POD_IP,
 ) -> dict[str, Any]:
     """A complete ``status`` object for a patch of the ``pods/status`` subresource."""
     terminal = phase in TERMINAL_PHASES
@@ -232,8 +234,8 @@ def pod_status(
         "conditions": conditions.as_list(),
         "hostIP": HOST_IP,
         "hostIPs": [{"ip": HOST_IP}],
-        "podIP": POD_IP,
-        "podIPs": [{"ip": POD_IP}],
+        "podIP": pod_ip,
+        "podIPs": [{"ip": pod_ip}],
         "startTime": start_time,
         "containerStatuses": [c.to_status() for c in containers],
     }

@@ -19,7 +19,7 @@ from starlette.routing import Route
 from .completions import Completion, complete, sse_pieces, validate
 from .config import Settings
 from .errors import APIError, invalid, mask_key
-from .faults import FAULTS, FaultInjector
+from .faults import FAULTS, INVENT_CITATION, FaultInjector, invent_citation
 from .metrics import Metrics
 from .tokens import count_tokens, pieces
 
@@ -116,8 +116,10 @@ class Server:
             ttft = self.knob(request, "x-offline-latency-ttft-ms", self.settings.ttft_ms) / 1000
             per_token = self.knob(request, "x-offline-latency-token-ms", self.settings.token_ms) / 1000
             forced = request.headers.get("x-offline-fault")
-            if forced is not None and forced not in (*FAULTS, "none"):
-                raise invalid(f"Invalid header X-Offline-Fault: {forced!r} (one of {', '.join(FAULTS)}, none).")
+            if forced is not None and forced not in (*FAULTS, INVENT_CITATION, "none"):
+                raise invalid(
+                    f"Invalid header X-Offline-Fault: {forced!r} (one of {', '.join(FAULTS)}, {INVENT_CITATION}, none)."
+                )
         except APIError as exc:
             self.metrics.record(kind=kind, status=exc.status, model=model, seconds=time.perf_counter() - t0)
             return exc.response()
@@ -154,6 +156,9 @@ class Server:
             except APIError as exc:
                 self.metrics.record(kind=kind, status=exc.status, model=model, seconds=time.perf_counter() - t0)
                 return exc.response()
+            invented = completion.content is not None and self.faults.invents(kind, forced)
+            if invented:
+                completion = completion.with_content(invent_citation(completion.content or ""))
             created = int(time.time())
             cid = "chatcmpl-" + completion.digest[:29]
             if req.stream:
@@ -178,6 +183,7 @@ class Server:
                 "usage": _usage(completion, req.n),
             }
             self.metrics.record(kind=kind, status=200, model=model, seconds=time.perf_counter() - t0,
+                                fault=INVENT_CITATION if invented else None,
                                 prompt_tokens=completion.prompt_tokens,
                                 completion_tokens=completion.completion_tokens * req.n)
             return JSONResponse(body_out, headers={"x-request-id": cid})

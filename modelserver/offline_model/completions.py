@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -34,6 +35,10 @@ class Completion:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+
+    def with_content(self, content: str) -> Completion:
+        """This completion with other text (its token count follows)."""
+        return dataclasses.replace(self, content=content, completion_tokens=count_tokens(content))
 
     def message(self) -> dict[str, Any]:
         msg: dict[str, Any] = {"role": "assistant", "content": self.content, "refusal": None}

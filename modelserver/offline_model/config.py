@@ -30,6 +30,7 @@ class Settings:
     fault_500_rate: float = 0.0
     fault_503_rate: float = 0.0
     fault_hang_rate: float = 0.0
+    fault_invent_citation_rate: float = 0.0  # writing answers with one invented cited sentence
     fault_seed: int = 0
     hang_seconds: float = 600.0
     # request log
@@ -41,7 +42,13 @@ class Settings:
         return (self.model, *[a for a in self.aliases if a != self.model])
 
     def __post_init__(self) -> None:
-        for name in ("fault_429_rate", "fault_500_rate", "fault_503_rate", "fault_hang_rate"):
+        for name in (
+            "fault_429_rate",
+            "fault_500_rate",
+            "fault_503_rate",
+            "fault_hang_rate",
+            "fault_invent_citation_rate",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {value}")
@@ -68,6 +75,7 @@ _PARSERS = {
     "fault_500_rate": float,
     "fault_503_rate": float,
     "fault_hang_rate": float,
+    "fault_invent_citation_rate": float,
     "fault_seed": int,
     "hang_seconds": float,
 }
@@ -86,6 +94,8 @@ _HELP = {
     "fault_500_rate": "share of chat completions answered 500 server_error",
     "fault_503_rate": "share of chat completions answered 503 (overloaded)",
     "fault_hang_rate": "share of chat completions that never answer (until --hang-seconds)",
+    "fault_invent_citation_rate": "share of writing answers (section, report, intro, conclusion) that carry one "
+    "invented sentence citing a real source",
     "fault_seed": "seed of the fault sequence (the Nth request's fate depends only on seed and N)",
     "hang_seconds": "how long a hung response hangs before the server gives up on it",
     "request_log": "append one JSON line per request to this file",

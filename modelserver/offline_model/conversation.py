@@ -35,12 +35,17 @@ class Persona:
     description: str
 
 
+# A reviewer's notes on an earlier draft (the research worker's rewrite after a missed quality floor):
+# what to leave out, never material to quote, so the extractive writers do not read it.
+_FEEDBACK = re.compile(r"\s*<feedback>.*?(?:</feedback>|\Z)", re.S | re.I)
+
+
 class Conversation:
     def __init__(self, messages: Sequence[dict[str, Any]]) -> None:
         self.messages = [
             Message(
                 role=str(m.get("role", "user")),
-                text=content_text(m.get("content")),
+                text=_FEEDBACK.sub("", content_text(m.get("content"))),
                 name=str(m.get("name") or ""),
             )
             for m in messages

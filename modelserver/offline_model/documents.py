@@ -97,7 +97,15 @@ def is_heading_line(line: str, following: str) -> bool:
         return True
     if re.search(r"[.!?;:,]$|[.!?]\s", s) or words[-1].lower() in _HEADING_END_WORDS:
         return False
+    if following.strip().startswith("#"):  # a title over a sub-heading ("The Little Ice Age" / "### A high stand")
+        return s[:1].isupper() or s[:1].isdigit()
     return bool(re.match(r"[\"'(`]?[A-Z0-9]", following.strip()))
+
+
+def _is_title(line: str) -> bool:
+    """A short line with no sentence punctuation and no citation: what a title looks like."""
+    s = line.strip()
+    return len(s.split()) <= 10 and not re.search(r"[.!?:;]$|\[\d+\]", s) and s[:1].isupper()
 
 
 def split_sentences(text: str) -> list[str]:
@@ -116,9 +124,13 @@ def split_sentences(text: str) -> list[str]:
                 continue
             if i + 1 < len(lines) and is_heading_line(s, lines[i + 1]):
                 continue
+            if i + 1 < len(lines) and re.fullmatch(r"=+|-+", lines[i + 1].strip()):  # a setext heading
+                continue
             kept.append(_BULLET.sub("", s))
         if not kept:
             continue
+        if len(kept) == 1 and not _BULLET.match(lines[0].strip()) and _is_title(kept[0]):
+            continue  # a line alone, with no sentence in it: a title ("The Little Ice Age" above "### ...")
         joined = " ".join(kept)
         parts = _SENT_SPLIT.split(joined)
         merged: list[str] = []
@@ -215,18 +227,32 @@ def parse(text: str, *, numbered_documents: bool = True) -> Corpus:
     return corpus
 
 
-def document_titles(text: str) -> dict[str, str]:
-    """label -> the words a document names itself by: its Markdown headings, plain title lines and the
-    words of its file name or address ("scout-bees.md" -> "scout bees")."""
+def document_names(text: str) -> dict[str, str]:
+    """label -> what a document calls itself, as a phrase: its first heading (or plain title line), else
+    the words of its file name when they say something ("regional-styles.txt" -> "regional styles";
+    never "doc 1"); labels without either are left out."""
     out: dict[str, str] = {}
     for i, m in enumerate(_DOC.finditer(unescape_repr(text))):
         label = document_label(m.group(1), i)
         lines = [ln.strip() for ln in m.group(2).splitlines() if ln.strip()]
-        heads = [ln.lstrip("#").strip() for ln in lines if ln.startswith("#")]
-        heads += [ln for j, ln in enumerate(lines[:-1]) if not ln.startswith("#")
-                  and (is_heading_line(ln, lines[j + 1]) or (lines[j + 1].startswith("#") and len(ln.split()) <= 10))]
+        first = lines[0] if lines else ""
+        nxt = lines[1] if len(lines) > 1 else ""
+        underlined = bool(re.fullmatch(r"=+|-+", nxt))  # a setext heading
+        followed = bool(nxt) and (is_heading_line(first, nxt) or (nxt.startswith("#") and len(first.split()) <= 10))
+        if first.startswith("#") or underlined or followed:
+            out[label] = first.lstrip("#").strip().rstrip(".:")
+            continue
+        said = {w.lower().rstrip("s") for w in re.findall(r"[A-Za-z]+", m.group(2))}
         name = re.sub(r"\.[A-Za-z0-9]{1,5}$", "", re.split(r"[/\\]", label.split(",")[0].rstrip("/"))[-1])
-        out[label] = " ".join([*heads, re.sub(r"[-_.]+", " ", name)]).strip()
+        words = re.sub(r"[-_.]+", " ", name).split()
+        # a file name says what the document is about only in words the document itself uses
+        if (
+            words
+            and not any(any(c.isdigit() for c in w) for w in words)
+            and any(len(w) >= 4 and w.lower().rstrip("s") in said for w in words)
+        ):
+            if not (len(words) == 1 and words[0].lower() in ("document", "notes", "untitled", "readme", "text")):
+                out[label] = " ".join(words)
     return out
 
 

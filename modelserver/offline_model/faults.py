@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import random
+import re
 import threading
 
 from .config import Settings
 from .errors import APIError
 
 FAULTS = ("429", "500", "503", "hang")
+# A fault of content, not of transport: a writing answer (a section, the report body, its introduction
+# or conclusion) carries one invented sentence with a citation, as a model that makes up a reference does.
+INVENT_CITATION = "invent-citation"
+WRITING_KINDS = frozenset({"section", "report", "intro", "conclusion"})
+# The invented claim: a date, numbers and names no source of a test corpus holds, so a checker that reads
+# the cited passage finds it unsupported, whatever the subject.
+INVENTED = "A survey in 1642 by the Royal Society recorded 317 such cases in the archives of Uppsala"
 
 
 class FaultInjector:
@@ -21,12 +29,29 @@ class FaultInjector:
             ("hang", settings.fault_hang_rate),
         )
         self.retry_after_ms = settings.retry_after_ms
+        self.invent_rate = settings.fault_invent_citation_rate
         self._n = 0
+        self._writings = 0
         self._lock = threading.Lock()
 
     def reset(self) -> None:
         with self._lock:
             self._n = 0
+            self._writings = 0
+
+    def invents(self, kind: str, forced: str | None = None) -> bool:
+        """Whether this answer of ``kind`` gets an invented citation: forced by X-Offline-Fault, or drawn
+        for the Nth writing answer from (seed, N) at --fault-invent-citation-rate."""
+        if kind not in WRITING_KINDS:
+            return False
+        if forced is not None:
+            return forced == INVENT_CITATION
+        if self.invent_rate <= 0:
+            return False
+        with self._lock:
+            n = self._writings
+            self._writings += 1
+        return random.Random(f"{self.seed}:invent:{n}").random() < self.invent_rate
 
     def draw(self, forced: str | None = None) -> str | None:
         """The fault for the next request, or None. ``forced`` (from X-Offline-Fault) overrides the draw."""
@@ -34,7 +59,7 @@ class FaultInjector:
             n = self._n
             self._n += 1
         if forced is not None:
-            return None if forced == "none" else forced
+            return None if forced in ("none", INVENT_CITATION) else forced
         r = random.Random(f"{self.seed}:{n}").random()
         edge = 0.0
         for fault, rate in self.rates:
@@ -70,3 +95,24 @@ class FaultInjector:
             type="server_error",
             code="internal_error",
         )
+
+
+_CITED = re.compile(r"[^.!?\n]*?(\s*\[\d+\])+[.!?]")
+
+
+def invent_citation(text: str) -> str:
+    """``text`` with an invented sentence after its first cited sentence outside a heading or Sources
+    list, citing what that sentence cites (a real source that does not say it). Unchanged without one."""
+    offset = 0
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped.startswith("#") or re.match(r"^\[\d+\]\s", stripped):
+            offset += len(line)
+            continue
+        m = _CITED.search(line)
+        if m:
+            marks = "".join(re.findall(r"\[\d+\]", m.group(0)))
+            at = offset + m.end()
+            return f"{text[:at]} {INVENTED} {marks}.{text[at:]}"
+        offset += len(line)
+    return text

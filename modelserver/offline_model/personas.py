@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from .conversation import Conversation
-from .documents import document_titles
+from .documents import document_names
 from .extractive import title_case
 from .tokens import FILLER, STOPWORDS, stem, terms, words
 
@@ -27,7 +27,10 @@ _COUNT_PATTERNS = [
         r"\b(?:create|generate|pick|make|produce|select|choose|propose|list|give me|need|want|build|assemble)\s+"
         r"(?:me\s+|us\s+)?(?:the\s+)?"
         r"(?:top\s+|exactly\s+|at most\s+|up to\s+|no more than\s+|a set of\s+|a team of\s+)?"
-        + _NUM + r"\s+(?:[\w-]+\s+){0,3}?" + _NOUNS + r"\b",
+        + _NUM
+        + r"\s+(?:[\w-]+\s+){0,3}?"
+        + _NOUNS
+        + r"\b",
         re.I,
     ),
     re.compile(r"\b(?:at most|up to|no more than|exactly|a maximum of|maximum of)\s+" + _NUM + r"\b", re.I),
@@ -151,7 +154,7 @@ def _theme_for(phrase: str) -> Theme:
 
 
 def _singular(phrase: str) -> str:
-    """"cost and quotas" -> "cost and quota", "gases" -> "gas", "colonies" -> "colony" (for a role title)."""
+    """ "cost and quotas" -> "cost and quota", "gases" -> "gas", "colonies" -> "colony" (for a role title)."""
 
     def one(w: str) -> str:
         if len(w) <= 4 or not w.endswith("s") or w.endswith(("ss", "us", "is")):
@@ -209,85 +212,161 @@ def _scan(text: str) -> list[tuple[str, int, bool]]:
     return out
 
 
-def document_themes(
-    passages: list[tuple[str, str]], avoid: set[str], titles: dict[str, str] | None = None
-) -> list[Theme]:
-    """One theme per document (in the order given): the terms that set it apart from the other documents
-    (frequent in it, rare in the rest; tf-idf), two for the theme and three more for the concerns, so each
-    analyst's questions lead the search to a different part of the material. ``avoid``: stemmed words
-    shared by every theme (the topic's), which would make all themes alike. ``titles``: words a document
-    names itself by (headings, file name), which weigh three times as much."""
+@dataclass(frozen=True)
+class _DocSubject:
+    source: str
+    subject: str  # what the document is about, as a phrase ("scout bees and the new home")
+    nouns: tuple[str, ...]  # its distinctive things as noun phrases ("the quorum", "scouts"), best first
+    vector: dict[str, float]  # tf-idf over stemmed theme words, unit length
+
+
+def _document_subjects(passages: list[tuple[str, str]], avoid: set[str], names: dict[str, str]) -> list[_DocSubject]:
+    """Per document (in the order given): what it calls itself (its title or file name), else its two most
+    distinctive things; and its distinctive things as noun phrases (words seen after a determiner and
+    never after "to" or a modal), each with "the" when the text mostly says "the ..."."""
     texts: dict[str, list[str]] = {}
     for source, text in passages:
         texts.setdefault(source, []).append(text)
-    stems: dict[str, list[str]] = {}
+    counts: dict[str, Counter[str]] = {}
     forms: dict[str, Counter[str]] = {}
-    nounish: Counter[str] = Counter()  # how often a term follows a determiner: things, not actions
-    verbish: Counter[str] = Counter()  # ... follows "to" or a modal: actions
-    pairs: dict[str, Counter[tuple[str, str]]] = {}
+    after_the: Counter[str] = Counter()
+    nounish: Counter[str] = Counter()
+    verbish: Counter[str] = Counter()
+    heads: Counter[str] = Counter()  # ends a noun phrase: not followed by another content word
     for source, parts in texts.items():
-        out: list[str] = []
-        pairs[source] = Counter()
-        last = ""
-        for w, before, sentence_start in _scan(" ".join(parts)):
-            if not _is_theme_word(w):
-                last = ""
-                continue
-            s = stem(w)
-            if s in avoid:
-                last = ""
-                continue
-            out.append(s)
-            forms.setdefault(s, Counter())[w if not sentence_start else w.lower()] += 1
-            nounish[s] += before > 0
-            verbish[s] += before < 0
-            if last:
-                pairs[source][(last, s)] += 1
-            last = s
-        stems[source] = out
-    df = Counter(s for ts in stems.values() for s in set(ts))
-    n_docs = len(stems)
-    themes: list[Theme] = []
-    heads: set[str] = set()
-    for source, ts in stems.items():
-        tf = Counter(ts)
-        first = {s: i for i, s in reversed(list(enumerate(ts)))}
-        named = {stem(w) for w in words((titles or {}).get(source, ""))}
+        c: Counter[str] = Counter()
+        prev = ""
+        scanned = _scan(" ".join(parts))
+        ends = _phrase_ends(" ".join(parts))
+        for k, (w, before, start) in enumerate(scanned):
+            if _is_theme_word(w) and stem(w) not in avoid and not re.search(r"(?:ly|ing|ed)$", w.lower()):
+                st = stem(w)
+                c[st] += 1
+                forms.setdefault(st, Counter())[w if not start else w.lower()] += 1
+                nounish[st] += before > 0
+                verbish[st] += before < 0
+                after_the[st] += prev.lower() == "the"
+                heads[st] += ends[k]
+            prev = w
+        counts[source] = c
+    df = Counter(t for c in counts.values() for t in c)
+    n = len(counts)
 
-        weight = {
-            s: n * (1.0 + math.log((n_docs + 1) / df[s]))
-            * (1.5 if nounish[s] else (0.4 if verbish[s] or re.search(r"(?:ed|ly|ing)$", s) else 1.0))
-            * (3.0 if s in named else 1.0)
-            for s, n in tf.items()
-        }
-        ranked = sorted(tf, key=lambda s: (-weight[s], first[s]))
-        ranked = [s for s in ranked if tf[s] >= 2 or s in named or n_docs == 1] or ranked
-        fresh = [s for s in ranked if s not in heads]
-        if len(fresh) < 2:
+    def counts_of(t: str) -> list[int]:
+        return [c[t] for c in counts.values()]
+
+    out: list[_DocSubject] = []
+    for source, c in counts.items():
+        weight = {t: f * math.log((n + 1) / df[t]) + 0.01 * f for t, f in c.items()}
+        norm = math.sqrt(sum(v * v for v in weight.values())) or 1.0
+        ranked = sorted(c, key=lambda t: -weight[t])
+        things = [
+            t
+            for t in ranked
+            if not verbish[t]
+            and c[t] >= 2
+            and not _ADJECTIVE.search(_surface(forms[t]).lower())
+            and nounish[t] >= 2
+            and nounish[t] * 4 >= sum(counts_of(t))  # mostly a thing: "the quorum", "a cavity"
+            and heads[t] * 3 >= 2 * sum(counts_of(t))  # that ends its phrase, not a modifier ("thin debris")
+        ]
+        plain = [t for t in ranked if not verbish[t] and not _ADJECTIVE.search(_surface(forms[t]).lower())]
+        # a short document repeats little: a thing seen once after a determiner, ending its phrase
+        things = (
+            things
+            or [t for t in plain if after_the[t] and heads[t] * 3 >= 2 * sum(counts_of(t)) and not t.endswith("st")][:2]
+        )
+        nouns = tuple(("the " if after_the[t] * 2 >= nounish[t] else "") + _surface(forms[t]) for t in things[:6])
+        subject = names.get(source, "")
+        if not subject:
+            bare = [_surface(forms[t]) for t in (things or plain)[:2]]
+            subject = " and ".join(bare) if bare else source
+        out.append(_DocSubject(source, subject, nouns, {t: v / norm for t, v in weight.items()}))
+    return out
+
+
+# endings of adjectives, never things ("central", "recent", "poorer", "volcanic")
+_ADJECTIVE = re.compile(r"(?:al|ous|ive|ful|less|able|ible|ent|ant|est|ic|ier|orer|act)$")
+
+
+def _phrase_ends(text: str) -> list[bool]:
+    """For each word ``_scan`` yields: whether it ends a phrase (what follows is punctuation, the end, or a
+    function word), as a noun does and a modifier ("thin debris", "virgin queen") does not."""
+    tokens = re.findall(r"[A-Za-z][A-Za-z'-]*|[^\sA-Za-z]", text)
+    out: list[bool] = []
+    for i, t in enumerate(tokens):
+        if not t[0].isalpha():
             continue
-        a = fresh[0]
-        # the head term's most frequent neighbour forms a phrase when they recur together ("royal jelly")
-        together = [(n, pair) for pair, n in pairs[source].items() if a in pair and n >= 2 and pair[0] != pair[1]]
-        if together:
-            pair = max(together)[1]
-            b = pair[1] if pair[0] == a else pair[0]
-            phrase = f"{_surface(forms[pair[0]])} {_surface(forms[pair[1]])}"
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else "."
+        out.append(not nxt[0].isalpha() or nxt.lower() in STOPWORDS or nxt.lower() in FILLER)
+    return out
+
+
+def _cosine(a: dict[str, float], b: dict[str, float]) -> float:
+    return sum(v * b.get(t, 0.0) for t, v in a.items())
+
+
+def _group(subjects: list[_DocSubject], slots: int) -> list[list[_DocSubject]]:
+    """``subjects`` in at most ``slots`` groups of related documents (most similar pairs merged first, no
+    group over ceil(documents / slots)), every document in one; groups in the documents' order."""
+    groups = [[d] for d in subjects]
+    cap = math.ceil(len(subjects) / max(1, slots))
+    while len(groups) > slots:
+        best: tuple[float, int, int] | None = None
+        for i in range(len(groups)):
+            for j in range(i + 1, len(groups)):
+                if len(groups[i]) + len(groups[j]) > cap:
+                    continue
+                sim = sum(_cosine(a.vector, b.vector) for a in groups[i] for b in groups[j])
+                sim /= len(groups[i]) * len(groups[j])
+                if best is None or sim > best[0]:
+                    best = (sim, i, j)
+        if best is None:  # only possible with uneven leftovers: merge the two smallest
+            i, j = sorted(sorted(range(len(groups)), key=lambda k: len(groups[k]))[:2])
         else:
-            b = next((s for s in fresh[1:4] if nounish[s] and not verbish[s]), fresh[1])
-            phrase = f"{_surface(forms[a])} and {_surface(forms[b])}"
-        heads.update((a, b))
-        wa = _surface(forms[a])
-        taken = {w.lower() for w in phrase.split()}
-        shown: list[str] = []
-        for s in ranked:
-            w = _surface(forms[s])
-            if s not in (a, b) and w.lower() not in taken:
-                taken.add(w.lower())
-                shown.append(w)
-        templates = (f"what {{}} has to do with {wa}", "what part {} plays", "why {} matters")
-        concerns = tuple(t.format(w) for t, w in zip(templates, shown, strict=False))
-        concerns += tuple(c.format(t=phrase) for c in _GENERIC_CONCERNS)[: 3 - len(concerns)]
-        themes.append(Theme(phrase, f"{title_case(_singular(phrase))} Specialist", concerns, frozenset((a, b))))
+            _, i, j = best
+        groups[i] = groups[i] + groups[j]
+        del groups[j]
+    return groups
+
+
+def _series(items: list[str]) -> str:
+    """ "a", "a and b", "a, b, as well as c": subjects may hold an "and" of their own."""
+    if len(items) <= 1:
+        return "".join(items)
+    if len(items) == 2 and not any(" and " in i for i in items):
+        return f"{items[0]} and {items[1]}"
+    return ", ".join(items[:-1]) + ", as well as " + items[-1]
+
+
+def document_group_themes(
+    passages: list[tuple[str, str]], avoid: set[str], names: dict[str, str], slots: int
+) -> list[Theme]:
+    """Themes that together cover every document of the prompt: the documents in at most ``slots`` groups of
+    related ones, each theme naming its documents' subjects in their own words, its concerns asking about
+    the distinctive things of each of them in turn (so the interview's questions reach every document)."""
+    subjects = _document_subjects(passages, avoid, names)
+    if not subjects or slots < 1:
+        return []
+    themes: list[Theme] = []
+    for group in _group(subjects, slots):
+        phrase = _series([embed(d.subject) for d in group])
+        lead = embed(group[0].subject)
+        role = f"Specialist in {lead}"
+        nouns = [n for k in range(6) for d in group for n in d.nouns[k : k + 1]]  # each document in turn
+        nouns = list(dict.fromkeys(nouns))
+        concerns: list[str] = []
+        if len(nouns) >= 2:
+            concerns.append(f"what the sources say about {nouns[0]} and {nouns[1]}")
+        if len(nouns) >= 4:
+            concerns.append(f"the link between {nouns[2]} and {nouns[3]}")
+        if len(nouns) >= 5:
+            concerns.append(f"the importance of {nouns[4]}")
+        if len(concerns) < 2 and len(nouns) >= 3:
+            concerns.append(f"the importance of {nouns[2]}")
+        concerns += [c.format(t=lead) for c in _GENERIC_CONCERNS][: 3 - len(concerns)]
+        words = frozenset(t for d in group for t in sorted(d.vector, key=lambda t: -d.vector[t])[:2])
+        themes.append(Theme(phrase, role, tuple(concerns[:3]), words))
     return themes
 
 
@@ -326,11 +405,18 @@ def topic_themes(topic: str) -> list[Theme]:
     out: list[Theme] = []
     for i, (phrase, role, concerns) in enumerate(_ANGLES):
         k = keys[i % len(keys)]
-        k = " ".join(w if w.isupper() or (w[:1].isupper() and not topic.startswith(w)) else w.lower()
-                     for w in k.split())
+        k = " ".join(
+            w if w.isupper() or (w[:1].isupper() and not topic.startswith(w)) else w.lower() for w in k.split()
+        )
         fill = {"k": k, "K": title_case(k)}
-        out.append(Theme(phrase.format(**fill), role.format(**fill), tuple(c.format(**fill) for c in concerns),
-                         frozenset({f"angle{i}"})))
+        out.append(
+            Theme(
+                phrase.format(**fill),
+                role.format(**fill),
+                tuple(c.format(**fill) for c in concerns),
+                frozenset({f"angle{i}"}),
+            )
+        )
     return out
 
 
@@ -372,8 +458,12 @@ class PersonaPlanner:
 
     @cached_property
     def themes(self) -> list[Theme]:
-        """Distinct themes, most specific first: what the feedback asks for, what sets each document in the
-        prompt apart from the others, then the topic's own words seen from different angles."""
+        return self.themes_for(None)
+
+    def themes_for(self, n: int | None) -> list[Theme]:
+        """Distinct themes, most specific first: what the feedback asks for; the documents in the prompt,
+        in as many groups of related ones as analysts remain (``n``; None: one theme per document), so the
+        panel together covers every document; then the topic's own words seen from different angles."""
         out: list[Theme] = []
 
         def take(theme: Theme) -> None:
@@ -387,7 +477,8 @@ class PersonaPlanner:
             take(_theme_for(phrase))
         passages = [(p.sources[0], p.text) for p in self.conv.sourced.passages if p.sources]
         avoid = {stem(w) for w in words(self.topic)}
-        for theme in document_themes(passages, avoid, document_titles(self.conv.all_text)):
+        slots = len({src for src, _ in passages}) if n is None else n - len(out)
+        for theme in document_group_themes(passages, avoid, document_names(self.conv.all_text), slots):
             take(theme)
         for theme in topic_themes(self.topic):
             take(theme)
@@ -395,7 +486,7 @@ class PersonaPlanner:
 
     def plan(self, n: int) -> list[PersonaSpec]:
         seed = _digest(self.topic + "\n" + self.feedback)
-        themes = self.themes
+        themes = self.themes_for(n)
         out: list[PersonaSpec] = []
         for i in range(n):
             theme = themes[i % len(themes)]
@@ -404,9 +495,9 @@ class PersonaPlanner:
                 role, phrase = f"Senior {role}", f"{phrase} (second perspective)"
             concerns = theme.concerns[(i // len(themes)) % len(theme.concerns) :] + theme.concerns
             concerns = tuple(dict.fromkeys(concerns))[:3]
+            # ", in" sets the topic apart from a subject that has an "in" of its own
             description = (
-                f"Focuses on {embed(phrase)} in {embed(self.topic)}. "
-                f"Wants to know {_join(list(concerns), ';')}."
+                f"Focuses on {embed(phrase)}, in {embed(self.topic)}. Wants to know {_join(list(concerns), ';')}."
             )
             name = f"{_FIRST[(seed + 7 * i) % len(_FIRST)]} {_LAST[(seed // 7 + 11 * i) % len(_LAST)]}"
             affiliation = _AFFILIATIONS[(seed // 13 + 5 * i) % len(_AFFILIATIONS)]

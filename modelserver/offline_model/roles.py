@@ -111,10 +111,12 @@ def parse_focus(description: str) -> tuple[str, str, list[str]]:
     text = re.sub(r"\s+", " ", description.strip())
     first = focus_phrase(text, 40)
     theme, setting = first, ""
-    m = re.match(r"(.{3,80}?)\s+(?:in|for|within|across)\s+(.+)$", first)
-    if m and len(m.group(1).split()) <= 8:
+    m = re.match(r"(.{3,200}?),\s+(?:in|for|within|across)\s+(.+)$", first) or re.match(
+        r"(.{3,80}?)\s+(?:in|for|within|across)\s+(.+)$", first
+    )
+    if m and (len(m.group(1).split()) <= 8 or "," in first):
         theme, setting = m.group(1), m.group(2)
-    theme = natural_cut(theme, 8)
+    theme = natural_cut(theme.split(", as well as ")[0], 8)  # a panel's grouped subjects: the lead one
     rest = re.split(r"(?<=[.!?])\s+", text, maxsplit=1)[1:] if text else []
     concerns: list[str] = []
     if rest:
@@ -369,7 +371,17 @@ def section(conv: Conversation) -> str:
                 break
             if p not in chosen and seen.add(p.text):
                 chosen.append(p)
-    chosen = _readable_order(limit_words(chosen, 300), sourced, seen)
+    chosen = limit_words(chosen, 300)
+    # a careful writer uses every document it was given: the most relevant sentence of any not yet used
+    ranked = rank(query, sourced, k=len(sourced))
+    for source in dict.fromkeys(s for p in sourced for s in p.sources[:1]):
+        if any(source in p.sources for p in chosen):
+            continue
+        mine = [p for p in ranked if source in p.sources] or [p for p in sourced if source in p.sources]
+        extra = next((p for p in mine if not leans_back(p.text) and seen.add(p.text)), None)
+        if extra is not None:
+            chosen.append(extra)
+    chosen = _readable_order(chosen, sourced, seen)
     if not chosen:
         return f"## {title}\n\n### Summary\n\nThe source documents for this section contain no usable text."
     cites = Citations()
@@ -425,6 +437,7 @@ def plan_memos(text: str) -> MemoPlan:
     plan = MemoPlan([], [], [], [], _shared_numbering([b for _, b in memos]))
     for title, body in memos:
         groups = units(distinct(parse(body).passages, seen))  # in the memo's own order: its lead comes first
+        mine = [p for g in groups for p in g]
         plan.titles.append(title)
         singles = [i for i, g in enumerate(groups) if len(g) == 1 and not leans_back(g[0].text)]
         lead = singles[0] if len(groups) >= 2 and singles else None
@@ -441,6 +454,22 @@ def plan_memos(text: str) -> MemoPlan:
         for i, g in enumerate(rest):
             if i != closing and (not chosen or len(chosen) + len(g) <= 4):
                 chosen.extend(g)
+        # every source the memo cites is cited in the report body (the introduction and conclusion are
+        # cut to length): the body takes a sentence of any its other sentences leave out
+        used = {id(p) for p in chosen} | {id(p) for p in plan.intro} | {id(p) for p in plan.closing}
+        cited = {s for p in chosen for s in p.sources}
+        for g in rest:
+            for p in g:
+                if id(p) not in used and p.sources and not set(p.sources) <= cited:
+                    chosen.extend(g)
+                    used |= {id(q) for q in g}
+                    cited |= {s for q in g for s in q.sources}
+                    break
+        for lst in (plan.intro, plan.closing):  # a source only the lead or the recap cites moves to the body
+            for p in [q for q in lst if q in mine and q.sources and not set(q.sources) <= cited]:
+                lst.remove(p)
+                chosen.append(p)
+                cited |= set(p.sources)
         plan.body.append(chosen)
     return plan
 

@@ -347,7 +347,13 @@ class SchemaFiller:
         hi = schema.get("maxLength")
         if hi is not None and len(value) > int(hi):
             cut = value[: int(hi)]
-            value = cut.rsplit(" ", 1)[0] if " " in cut and len(cut.rsplit(" ", 1)[0]) >= lo else cut
+            # a description of sentences and clauses ends where one does, never mid-phrase
+            ends = [m.start() for m in re.finditer(r"[.;](?=\s)", cut)]
+            whole = cut[: ends[-1]].rstrip(" ;,") + "." if ends else ""
+            if len(whole) >= max(lo, int(hi) // 2):
+                value = whole
+            else:
+                value = cut.rsplit(" ", 1)[0] if " " in cut and len(cut.rsplit(" ", 1)[0]) >= lo else cut
         if len(value) < lo:
             filler = " ".join(p.text for p in self.conv.content.passages) or value or "x"
             while len(value) < lo:

@@ -18,6 +18,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from research_api.researchjob import ModelSpec, WorkerSpec
+from research_api.task import SHARES_KEY
 from research_operator import broker, kube, metrics
 from research_operator import endpoints as ep
 from research_operator.admission import (
@@ -116,7 +117,8 @@ def _all_wait_for_deleted_namespace(key: Key, want: Want) -> tuple[Waiting, int]
     WORLD.waiting[key] = len(want.jobs)
     WORLD.blocked.pop(key, None)
     why = f"namespace {key[0]} is being deleted"
-    return Waiting(step_noun(want.step, len(want.jobs)), WaitReason.EXCEEDED_QUOTA, why, refused=True), 0
+    what = step_noun(want.step, len(want.jobs))
+    return Waiting(what, WaitReason.EXCEEDED_QUOTA, why, refused=True, namespace_terminating=True), 0
 
 
 async def admit_and_create(
@@ -210,6 +212,7 @@ async def admit_and_create(
     if adm.reason is not None and adm.reason.is_quota:
         metrics.QUOTA_WAITS.labels(namespace).inc()
     refused: tuple[WaitReason, str] | None = None
+    terminating_ns = False
     created = 0
     for i, job in enumerate(admitted):
         try:
@@ -221,6 +224,7 @@ async def admit_and_create(
             WORLD.drop_intents(key, [rest["metadata"]["name"] for rest in admitted[i:]])
             WORLD.waiting[key] = WORLD.waiting.get(key, 0) + len(admitted) - i
             why = message if outcome == kube.Created.QUOTA else _being_deleted(namespace)
+            terminating_ns = outcome == kube.Created.TERMINATING
             refused = (WaitReason.EXCEEDED_QUOTA, why)
             metrics.QUOTA_WAITS.labels(namespace).inc()
             break
@@ -246,7 +250,8 @@ async def admit_and_create(
     else:
         WORLD.blocked.pop(key, None)
     if refused is not None:
-        return Waiting(step_noun(want.step, still), refused[0], refused[1], refused=True), created
+        what = step_noun(want.step, still)
+        return Waiting(what, refused[0], refused[1], refused=True, namespace_terminating=terminating_ns), created
     if still and adm.reason is not None:
         until = None
         if adm.reason == WaitReason.TOKEN_BUDGET and budget is not None:
@@ -356,7 +361,7 @@ async def _sync_endpoint(name: str) -> None:
         rj = str(body.get("metadata", {}).get("name"))
         owner = Owner(key[0], rj, key[1])
         cm = ep.shares_configmap(key[0], rj, owner.reference(), name, mine)
-        data = cm["data"][ep.SHARES_KEY]
+        data = cm["data"][SHARES_KEY]
         if WORLD.shares_written.get(key) != data:
             await kube.put_configmap(cm)
             WORLD.shares_written[key] = data
@@ -388,7 +393,12 @@ async def _sync_endpoint(name: str) -> None:
             "pods": len(pods),
             "waitingResearchJobs": waiting,
             "shares": [
-                {"namespace": p.namespace, "researchJob": p.research_job, "job": p.job, **table[p.job].wire()}
+                {
+                    "namespace": p.namespace,
+                    "researchJob": p.research_job,
+                    "job": p.job,
+                    **table[p.job].entry().model_dump(by_alias=True, exclude_none=True),
+                }
                 for _, p in sorted(pods, key=lambda kp: (kp[1].namespace, kp[1].job))
             ]
             or None,

@@ -192,6 +192,10 @@ KEY_CACHE_SECONDS = 60.0  # how long a ModelEndpoint's key serves (a rotated key
 # cookies or the endpoint's own hop-by-hop headers).
 GATEWAY_REQUEST_HEADERS = ("content-type", "accept", "user-agent", "openai-beta")
 GATEWAY_ANSWER_HEADERS = ("content-type", "retry-after", "retry-after-ms", "x-request-id")
+GATEWAY_MAX_BODY = 32 * 1024 * 1024  # bytes of one request to the broker (a lease request is tiny)
+# The endpoint must answer (or stream a chunk) within this; the worker's own timeout
+# (spec.model.timeoutSeconds, at most 3600 s) normally hangs up first.
+GATEWAY_READ_TIMEOUT = 3600.0
 
 
 async def namespace_labels(namespace: str) -> dict[str, str] | None:
@@ -328,7 +332,8 @@ class Broker:
         self.tls: Tls | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=256 * 1024)
+        # A model request through the gateway carries its whole prompt (retrieved passages included).
+        app = web.Application(client_max_size=GATEWAY_MAX_BODY)
         app.router.add_post(wire.PATH_HEARTBEAT, self._route(wire.PATH_HEARTBEAT, self.heartbeat))
         app.router.add_post(wire.PATH_ACQUIRE, self._route(wire.PATH_ACQUIRE, self.acquire))
         app.router.add_post(wire.PATH_RELEASE, self._route(wire.PATH_RELEASE, self.release))
@@ -374,7 +379,8 @@ class Broker:
             url = f"{endpoint.base_url.rstrip('/')}/{request.match_info['path']}"
             if self.session is None:
                 # No total timeout: the worker bounds each call (spec.model.timeoutSeconds) and hangs up.
-                self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
+                timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=GATEWAY_READ_TIMEOUT)
+                self.session = aiohttp.ClientSession(timeout=timeout)
             async with self.session.request(
                 request.method,
                 url,
@@ -391,9 +397,12 @@ class Broker:
                     headers={k: v for k, v in upstream.headers.items() if k.lower() in GATEWAY_ANSWER_HEADERS},
                 )
                 await answer.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await answer.write(chunk)
-                await answer.write_eof()
+                try:
+                    async for chunk in upstream.content.iter_any():
+                        await answer.write(chunk)
+                    await answer.write_eof()
+                except ConnectionResetError:  # the worker hung up (its own timeout): stop reading too
+                    log.info(f"model gateway: {ident.namespace}/{ident.pod} hung up during the answer of {name}")
                 return answer
         except LeaseError as e:
             code = e.status

@@ -38,6 +38,7 @@ from research_api.task import (
     JobRef,
     ModelSettings,
     PostgresStoreSettings,
+    QualityFloor,
     ResearchTask,
     Step,
     StructuredOutput,
@@ -134,7 +135,14 @@ def build_task(
         sources=sources,
         store=store,
         budget=Budget(max_tokens=spec.budget.max_tokens),
+        quality=quality_floor(spec, settings),
     )
+
+
+def quality_floor(spec: ResearchJobSpec, settings: Settings) -> QualityFloor:
+    """The report quality floor of a ResearchJob: its spec.quality, unset fields the admins' default."""
+    own = QualityFloor(min_citation_accuracy=spec.quality.min_citation_accuracy, min_coverage=spec.quality.min_coverage)
+    return own.over(settings.quality_floor)
 
 
 def labels(owner: Owner, step: str | None = None, plan: str | None = None) -> dict[str, str]:
@@ -202,6 +210,29 @@ def worker_rbac(owner: Owner, spec: ResearchJobSpec, plan: str) -> list[dict[str
             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
         },
     ]
+
+
+def worker_network_policy(owner: Owner, egress: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """The NetworkPolicy of one ResearchJob's worker pods: nothing may connect to them (they serve
+    nothing), and they may connect only where ``egress`` allows (the chart's rules: DNS, the lease
+    broker and the bundled model server, plus what admins add: the API server, model endpoints,
+    search). Owned by the ResearchJob, named like its worker RBAC."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": worker_rbac_name(owner),
+            "namespace": owner.namespace,
+            "labels": labels(owner),
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_JOB: owner.name, LABEL_MANAGED_BY: MANAGED_BY}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [],
+            "egress": [dict(rule) for rule in egress],
+        },
+    }
 
 
 RESTRICTED_POD_SC = {

@@ -76,7 +76,7 @@ async def finalize_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outco
         waiting, started = await admit_and_create(
             key, owner, Want(CLEANUP_STEP, [cleaner], 1), worker or WorkerSpec(), settings()
         )
-        if waiting.message.startswith(f"namespace {namespace} is being deleted"):
+        if waiting.namespace_terminating:
             d.skipped = (
                 f"namespace {namespace} is being deleted, so no cleanup Job can start there; the PostgreSQL "
                 f"rows of job uid {uid} are left: delete them with `research-worker cleanup --job-uid {uid}`"

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from research_api.environment import TASK_ENV
 from research_api.modelendpoint import NamespaceSelector, normalize_url
 from research_api.researchjob import GROUP
-from research_api.task import Step
+from research_api.task import SHARES_KEY, EndpointShareRef, EndpointShares, ResearchTask, ShareEntry, Step
 from research_operator.constants import child_name
 from research_operator.ledger import Limit, Prices
 
@@ -33,7 +34,6 @@ ANNOTATION_ENDPOINT = f"{GROUP}/model-endpoint"  # the ModelEndpoint a worker Jo
 ANNOTATION_CONCURRENCY = f"{GROUP}/endpoint-concurrency"  # requests in flight its pod may need
 ANNOTATION_ADMITTED = f"{GROUP}/endpoint-admitted"  # when (order of admission: earlier pods go first)
 LABEL_SHARES = f"{GROUP}/endpoint-shares"  # on the shares ConfigMap (not researchops.io/kind: unwatched)
-SHARES_KEY = "shares.json"
 SHARE_POLL_SECONDS = 2.0
 WRITER_CALLS = 3  # the writer writes the body, introduction and conclusion at once
 
@@ -152,13 +152,13 @@ class Share:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
 
-    def wire(self) -> dict[str, int]:
-        out = {"concurrency": self.concurrency}
-        if self.requests_per_minute is not None:
-            out["requestsPerMinute"] = self.requests_per_minute
-        if self.tokens_per_minute is not None:
-            out["tokensPerMinute"] = self.tokens_per_minute
-        return out
+    def entry(self) -> ShareEntry:
+        """As the wire has it (research_api.task.ShareEntry)."""
+        return ShareEntry(
+            concurrency=self.concurrency,
+            requests_per_minute=self.requests_per_minute,
+            tokens_per_minute=self.tokens_per_minute,
+        )
 
 
 def _split(total: int, weights: list[int]) -> list[int]:
@@ -212,7 +212,7 @@ def shares_configmap(
     namespace: str, research_job: str, owner_ref: dict[str, Any], endpoint: str, mine: Mapping[str, Share]
 ) -> dict[str, Any]:
     """The ConfigMap the pods of one ResearchJob poll for their shares (owned by the ResearchJob)."""
-    data = {"endpoint": endpoint, "jobs": {job: s.wire() for job, s in sorted(mine.items())}}
+    data = EndpointShares(endpoint=endpoint, jobs={job: s.entry() for job, s in sorted(mine.items())})
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -222,7 +222,7 @@ def shares_configmap(
             "labels": {LABEL_SHARES: "true"},
             "ownerReferences": [owner_ref],
         },
-        "data": {SHARES_KEY: json.dumps(data, sort_keys=True)},
+        "data": {SHARES_KEY: data.to_json()},
     }
 
 
@@ -246,18 +246,21 @@ def stamp(
         ANNOTATION_CONCURRENCY: str(need),
         ANNOTATION_ADMITTED: admitted,
     }
+    ref = EndpointShareRef(
+        config_map=configmap,
+        key=meta["name"],
+        poll_seconds=SHARE_POLL_SECONDS,
+        concurrency=share.concurrency,
+        requests_per_minute=share.requests_per_minute,
+        tokens_per_minute=share.tokens_per_minute,
+        broker_url=broker_url or None,
+        endpoint=endpoint.name if broker_url else None,
+    )
     container = job["spec"]["template"]["spec"]["containers"][0]
     for env in container["env"]:
-        if env["name"] == "RESEARCH_TASK":
-            task = json.loads(env["value"])
-            task["model"]["share"] = {
-                "configMap": configmap,
-                "key": meta["name"],
-                "pollSeconds": SHARE_POLL_SECONDS,
-                **share.wire(),
-                **({"brokerUrl": broker_url, "endpoint": endpoint.name} if broker_url else {}),
-            }
-            env["value"] = json.dumps(task)
+        if env["name"] == TASK_ENV:
+            task = ResearchTask.model_validate_json(env["value"])
+            env["value"] = task.model_copy(update={"model": task.model.model_copy(update={"share": ref})}).to_json()
     return job
 
 

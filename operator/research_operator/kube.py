@@ -97,6 +97,7 @@ async def create(obj: dict[str, Any], terminating: Callable[[], bool] | None = N
         "ServiceAccount": client.CoreV1Api(api()).create_namespaced_service_account,
         "Role": client.RbacAuthorizationV1Api(api()).create_namespaced_role,
         "RoleBinding": client.RbacAuthorizationV1Api(api()).create_namespaced_role_binding,
+        "NetworkPolicy": client.NetworkingV1Api(api()).create_namespaced_network_policy,
     }
     try:
         await call("create", kind.lower(), fns[kind], ns, obj, skip_if=terminating)
@@ -151,6 +152,17 @@ async def delete_researchjob(namespace: str, name: str, uid: str) -> None:
             raise
 
 
+def termination_detail(reason: str | None, message: str | None, memory_limit: str | None) -> str:
+    """What a failed worker container's termination says, in one line for the status message: an
+    OOM kill (whose log, cut off by SIGKILL, says nothing useful) names the limit to raise; otherwise
+    the last line of its termination message (the worker's error)."""
+    if reason == "OOMKilled":
+        limit = f" of {memory_limit}" if memory_limit else ""
+        return f"OOMKilled: the worker went over its memory limit{limit}; raise spec.worker.resources.limits.memory"
+    lines = [ln for ln in (message or "").strip().splitlines() if ln.strip()]
+    return lines[-1][:400] if lines else ""
+
+
 async def pod_failure_detail(namespace: str, job: str) -> str:
     """The termination message of a failed Job's last pod (its error, for the status message)."""
     pods = await call(
@@ -158,11 +170,13 @@ async def pod_failure_detail(namespace: str, job: str) -> str:
     )
     detail = ""
     for pod in sorted(pods.items, key=lambda p: p.metadata.creation_timestamp):
+        limits = {
+            c.name: ((c.resources and c.resources.limits) or {}).get("memory") for c in (pod.spec.containers or [])
+        }
         for cs in (pod.status and pod.status.container_statuses) or []:
             term = cs.state and cs.state.terminated
-            if term is not None and term.exit_code != 0 and term.message:
-                lines = [ln for ln in term.message.strip().splitlines() if ln.strip()]
-                detail = lines[-1][:400] if lines else detail
+            if term is not None and term.exit_code != 0:
+                detail = termination_detail(term.reason, term.message, limits.get(cs.name)) or detail
     return detail
 
 

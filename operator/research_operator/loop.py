@@ -25,13 +25,14 @@ from research_api.researchjob import (
     Phase,
     ResearchJobSpec,
     ResearchJobStatus,
+    WorkerSpec,
 )
 from research_api.task import Step
 from research_operator import broker, kube, kueue, metrics, tenancy
-from research_operator.admission import WaitReason
+from research_operator.admission import PodResources, WaitReason, never_fits
 from research_operator.admit import Outcome, Want, admit_and_create, pods_blocked, still_blocked, with_detail
 from research_operator.admit import now as _now
-from research_operator.builders import Owner, worker_job, worker_rbac
+from research_operator.builders import Owner, worker_job, worker_network_policy, worker_rbac
 from research_operator.deletion import cleanup_state, finalize_once
 from research_operator.finalizer import decide_cleanup
 from research_operator.ledger import SHORT_SECONDS
@@ -40,6 +41,7 @@ from research_operator.reconcile import (
     Waiting,
     apply_waiting,
     batches,
+    batches_started,
     condition,
     continues_steps,
     decide,
@@ -255,6 +257,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     if add and not await kube.set_finalizer(namespace, name, uid, present=True):
         return Outcome()  # the ResearchJob is gone or was replaced
     now = _now()
+    await drop_jobs_that_never_fit(key, spec.worker, logger)
     jobs = [await with_detail(namespace, j) for j in WORLD.jobs_of(key).values()]
     obs = Observed(
         generation=int(meta.get("generation") or 0),
@@ -266,6 +269,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         uid=uid,
         refusal=refused,
         prices=broker.prices_of(key),
+        quality_floor=cfg.quality_floor,
     )
     d = decide(spec, obs)
     st = d.status
@@ -316,18 +320,15 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         )
     waiting = Waiting()
     if want is not None:
-        rbac = (plan_id, worker_rbac(owner, spec, plan_id))
+        made = worker_rbac(owner, spec, plan_id)
+        if cfg.worker_egress is not None:
+            made.append(worker_network_policy(owner, cfg.worker_egress))
+        rbac = (plan_id, made)
         waiting, _ = await admit_and_create(key, owner, want, spec.worker, cfg, spec.model, rbac)
         if want.step == Step.INTERVIEW.value:
             # In Kueue mode a new Job waits, suspended, until Kueue admits it.
             started = 0 if cfg.kueue_queue else len(want.jobs) - WORLD.waiting.get(key, 0)
-            st.batches.active += started
-            st.batches.queued -= started
-            if started:
-                st.message = (
-                    f"{st.sections_done}/{spec.analysts.count} sections; {st.batches.active} batch Jobs running, "
-                    f"{st.batches.queued} waiting"
-                )
+            batches_started(st, spec.analysts.count, started)
     elif WORLD.waiting.pop(key, None) is not None:
         WORLD.blocked.pop(key, None)
         WORLD.bump()
@@ -387,6 +388,24 @@ def log_decision(logger: kopf.Logger, st: ResearchJobStatus, prev: ResearchJobSt
 
 
 POLICY_PROBE_SECONDS = 10.0  # how long one look at the admission policy binding serves
+
+
+async def drop_jobs_that_never_fit(key: Key, worker: WorkerSpec, logger: kopf.Logger) -> None:
+    """A worker Job created before the operator saw a ResourceQuota its pod can never fit (the quota
+    was created moments before the ResearchJob, and its watch event came after): the Job controller
+    only keeps failing to create the pod. Such a Job (no pod ever, its FailedCreate seen) is deleted,
+    and its step waits as every other one does, saying QuotaTooSmall, until the quota is raised."""
+    namespace = key[0]
+    pod = PodResources.from_spec(worker.resources.requests.wire(), worker.resources.limits.wire())
+    why = never_fits(WORLD.quotas_of(namespace), pod, worker.priority_class_name or "")
+    if why is None:
+        return
+    for job in list(WORLD.jobs_of(key).values()):
+        if job.active and not job.pods and job.uid and job.uid in WORLD.create_failures:
+            WORLD.deleted[key].add(job.uid)  # before the request: the watch may answer first
+            await kube.delete_job(namespace, job.name, job.uid)
+            WORLD.create_failures.pop(job.uid, None)
+            logger.info(f"decision: deleted {job.name}, whose pod can never be created: {why}")
 
 
 async def author_checks(cfg: Settings, logger: kopf.Logger) -> tuple[tenancy.AuthorChecks, dt.datetime | None]:

@@ -8,16 +8,19 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
+from research_api.records import ReportQuality
 from research_api.researchjob import (
     AnalystStatus,
     BatchCounts,
     Condition,
     Phase,
+    QualityStatus,
     ReportRef,
     ResearchJobSpec,
     ResearchJobStatus,
     StepUsage,
 )
+from research_api.task import QualityFloor
 from research_operator.admission import PodResources, WaitReason
 from research_operator.constants import plan_id
 from research_operator.ledger import Prices, money
@@ -65,6 +68,7 @@ class StoreView:
     analysts: dict[str, list[AnalystStatus]] = field(default_factory=dict)
     sections: dict[str, frozenset[int]] = field(default_factory=dict)
     reports: dict[str, ReportRef] = field(default_factory=dict)
+    qualities: dict[str, ReportQuality] = field(default_factory=dict)  # the reports' quality figures
     tokens: int = 0
     input_tokens: int = 0  # of ``tokens``, in prompts (cost follows the endpoint's prices)
     output_tokens: int = 0
@@ -93,6 +97,7 @@ class Observed:
     uid: str = ""  # the ResearchJob's uid (part of its plan ids)
     refusal: Refusal | None = None  # why no worker Job may be created for it (tenancy)
     prices: Prices | None = None  # its ModelEndpoint's prices (None: none declared)
+    quality_floor: QualityFloor = QualityFloor()  # the admins' default (settings.quality)
 
 
 @dataclass
@@ -156,6 +161,43 @@ def step_usage(steps: list[StepTokens], prices: Prices | None) -> list[StepUsage
     ]
 
 
+def quality_status(q: ReportQuality) -> QualityStatus:
+    """The status form of a report's quality figures."""
+    r, s = q.report, q.sections
+    return QualityStatus(
+        sentences_checked=r.checked,
+        sentences_supported=r.supported,
+        sentences_recited=r.recited,
+        sentences_dropped=r.dropped,
+        citation_accuracy=q.accuracy_percent,
+        section_sentences_checked=s.checked,
+        section_sentences_supported=s.supported,
+        section_sentences_recited=s.recited,
+        section_sentences_dropped=s.dropped,
+        sources_retrieved=q.sources_retrieved,
+        sources_cited=q.sources_cited,
+        relevant_documents=len(q.relevant),
+        relevant_cited=q.relevant_cited,
+        coverage=q.coverage_percent,
+        unreached_documents=q.unreached or None,
+        uncited_documents=q.uncited or None,
+        rewrites=q.total.revised,
+        failures=(r.failures + s.failures)[:5] or None,
+    )
+
+
+def grounded(q: ReportQuality, missed: list[str]) -> tuple[bool, str, str]:
+    """The Grounded condition: (status, reason, message). True when every cited sentence of the report
+    was supported by the passage it cites as its writer wrote it."""
+    if missed:
+        return False, "BelowQualityFloor", "; ".join(missed)
+    if q.cites_nothing:
+        return False, "NoCitations", f"the report cites none of the {q.sources_retrieved} sources retrieved"
+    if q.report.supported < q.report.checked:
+        return False, "UnsupportedCitations", q.figures()
+    return True, "CitationsSupported", q.figures()
+
+
 def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
     pid = plan_id(spec.analysts.feedback, obs.uid)
     prev = obs.previous
@@ -172,6 +214,11 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
     analysts = obs.store.analysts.get(pid)
     done = obs.store.sections.get(pid, frozenset())
     report = obs.store.reports.get(pid)
+    quality = obs.store.qualities.get(pid)
+    floor = QualityFloor(
+        min_citation_accuracy=spec.quality.min_citation_accuracy, min_coverage=spec.quality.min_coverage
+    ).over(obs.quality_floor)
+    missed = quality.misses(floor) if quality is not None and report is not None else []
     count = spec.analysts.count
 
     st = ResearchJobStatus(
@@ -202,6 +249,10 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
                 f"`research-worker show-report --postgres-id {report.postgres_id}` and the DSN in $RESEARCH_PG_DSN)"
             )
         d.delete_jobs += [j.name for j in jobs if not j.active]  # the writer's work is stored
+        if quality is not None:
+            st.quality = quality_status(quality)
+        if missed:  # the report stays named in status, for a look at what fell short
+            failure = ("BelowQualityFloor", "the report misses the quality floor: " + "; ".join(missed))
     elif analysts is None:
         st.phase = Phase.Planning
         if plan_job is None:
@@ -272,7 +323,7 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
                 st.message = f"writer Job {writer.name} running"
         else:
             st.phase = Phase.Interviewing
-            st.message = f"{len(done)}/{count} sections; {counts.active} batch Jobs running, {counts.queued} waiting"
+            st.message = interviewing_message(len(done), count, counts.active, counts.queued)
 
     # Budget and deadline: both only grow, so a job that crossed them stays Failed.
     if failure is None and st.phase != Phase.Succeeded:
@@ -328,6 +379,11 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
         condition(prev, "Planned", analysts is not None, "AnalystsStored" if analysts else "Planning", "", gen, now),
         while_in("AwaitingReview", Phase.AwaitingReview, "ReviewRequested", "NotWaiting"),
         while_in("Complete", Phase.Succeeded, "ReportWritten", "InProgress"),
+        *(
+            [condition(prev, "Grounded", *grounded(quality, missed), gen, now)]
+            if quality is not None and report is not None
+            else []
+        ),
         condition(
             prev,
             "PolicyViolation",
@@ -373,6 +429,19 @@ class Waiting:
     pods_blocked: str | None = None
     refused: bool = False  # a 403 from the API server that the computed headroom did not foresee
     until: dt.datetime | None = None  # when the wait ends by itself (a token budget's period rolls over)
+    namespace_terminating: bool = False  # a create was refused: the namespace is being deleted
+
+
+def interviewing_message(done: int, count: int, active: int, queued: int) -> str:
+    return f"{done}/{count} sections; {active} batch Jobs running, {queued} waiting"
+
+
+def batches_started(st: ResearchJobStatus, count: int, started: int) -> None:
+    """``started`` interview batch Jobs were created in this pass: the status counts them as running."""
+    st.batches.active += started
+    st.batches.queued -= started
+    if started:
+        st.message = interviewing_message(st.sections_done, count, st.batches.active, st.batches.queued)
 
 
 def step_noun(step: str, count: int) -> str:

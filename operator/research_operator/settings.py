@@ -15,7 +15,9 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
+from research_api.task import QualityFloor
 from research_operator.admission import Caps
 from research_operator.endpoints import TokenBudget, parse_budgets
 from research_operator.tenancy import Allowlists, parse_allowlist
@@ -69,8 +71,43 @@ def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
     return raw == "true"
 
 
+def _percent(env: Mapping[str, str], key: str, default: int | None) -> int | None:
+    """A whole percent 0-100, or none when the key is empty ("": no floor)."""
+    if key not in env:
+        return default
+    raw = env[key].strip()
+    if not raw or raw.lower() in ("null", "none"):
+        return None
+    if not raw.isdigit() or int(raw) > 100:
+        raise ValueError(f"{key} must be a whole percent 0-100 or empty, got {raw!r}")
+    return int(raw)
+
+
+def _floor(env: Mapping[str, str], prefix: str, default: QualityFloor) -> QualityFloor:
+    accuracy, coverage = (f"{prefix}MinCitationAccuracy", f"{prefix}MinCoverage")
+    if prefix.isupper():
+        accuracy, coverage = (f"{prefix}_MIN_CITATION_ACCURACY", f"{prefix}_MIN_COVERAGE")
+    return QualityFloor(
+        min_citation_accuracy=_percent(env, accuracy, default.min_citation_accuracy),
+        min_coverage=_percent(env, coverage, default.min_coverage),
+    )
+
+
 def _allowlist(env: Mapping[str, str], key: str, default: tuple[str, ...]) -> tuple[str, ...]:
     return parse_allowlist(env[key], key) if key in env else default
+
+
+def _egress(raw: str | None) -> tuple[dict[str, Any], ...] | None:
+    """WORKER_NETWORK_POLICY_EGRESS: a JSON list of NetworkPolicy egress rules (unset: no policy)."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        rules = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"WORKER_NETWORK_POLICY_EGRESS is not JSON: {e}") from None
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise ValueError("WORKER_NETWORK_POLICY_EGRESS must be a JSON list of NetworkPolicy egress rules")
+    return tuple(rules)
 
 
 def _broker_url(env: Mapping[str, str]) -> str:
@@ -131,6 +168,13 @@ class Settings:
     # Whether a ResearchJob may name its own spec.model.baseUrl (False: the default endpoint and
     # ModelEndpoints declared by admins only).
     tenant_base_urls: bool = True
+    # The report quality floor of ResearchJobs whose spec.quality leaves it unset (chart value
+    # settings.quality; QUALITY_MIN_* / qualityMin* keys); none by default.
+    quality_floor: QualityFloor = field(default_factory=QualityFloor)
+    # A NetworkPolicy for each ResearchJob's worker pods (networkPolicy.workers): no ingress, and
+    # egress only by these rules (NetworkPolicyEgressRule objects, as the chart renders them: DNS,
+    # the lease broker, the model server, and what admins add); None: no policy.
+    worker_egress: tuple[dict[str, Any], ...] | None = None
 
     @property
     def allowlists(self) -> Allowlists:
@@ -188,6 +232,8 @@ class Settings:
             allowed_workload_priority_classes=_allowlist(
                 e, "ALLOWED_WORKLOAD_PRIORITY_CLASSES", d.allowed_workload_priority_classes
             ),
+            quality_floor=_floor(e, "QUALITY", d.quality_floor),
+            worker_egress=_egress(e.get("WORKER_NETWORK_POLICY_EGRESS")),
         )
 
     def with_configmap(self, data: Mapping[str, str]) -> Settings:
@@ -215,4 +261,5 @@ class Settings:
             allowed_workload_priority_classes=_allowlist(
                 data, "allowedWorkloadPriorityClasses", self.allowed_workload_priority_classes
             ),
+            quality_floor=_floor(data, "quality", self.quality_floor),
         )

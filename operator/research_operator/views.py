@@ -17,6 +17,7 @@ from research_api.records import (
     AnalystPlan,
     Report,
     ReportMarker,
+    ReportQuality,
     StoredKind,
     markdown_title,
     stored_record,
@@ -119,6 +120,7 @@ class StoredObject:
     output_tokens: int = 0
     created: dt.datetime | None = None  # when the worker stored it (token budgets count by it)
     rate_limited: int = 0  # 429 answers the worker saw while making it
+    quality: ReportQuality | None = None  # a report's (or report marker's) quality figures
 
 
 def stored_object(body: Mapping[str, Any]) -> StoredObject | None:
@@ -157,7 +159,9 @@ def stored_object(body: Mapping[str, Any]) -> StoredObject | None:
     elif isinstance(record, ReportMarker):
         obj.postgres_id = str(annotations.get(ANNOTATION_POSTGRES_REPORT) or record.postgres_id)
         obj.title = record.title or None
+        obj.quality = record.quality
     elif isinstance(record, Report):
         obj.report_key = CONFIGMAP_REPORT_KEY if CONFIGMAP_REPORT_KEY in data else CONFIGMAP_DATA_KEY
         obj.title = markdown_title(record.markdown or data.get(CONFIGMAP_REPORT_KEY) or "")
+        obj.quality = record.quality
     return obj

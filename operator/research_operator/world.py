@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
+from research_api.records import ReportQuality
 from research_api.researchjob import AnalystStatus, ReportRef
 from research_operator.admission import POD_RESOURCES, Demand, PodResources, QuotaUsage
 from research_operator.endpoints import (
@@ -270,6 +271,7 @@ class World:
         analysts: dict[str, list[AnalystStatus]] = {}
         sections: dict[str, set[int]] = defaultdict(set)
         reports: dict[str, ReportRef] = {}
+        qualities: dict[str, ReportQuality] = {}
         tokens = input_tokens = output_tokens = 0
         steps: dict[str, list[StepTokens]] = defaultdict(list)
         for obj in (self.stored_index or {}).get(key, []):
@@ -296,10 +298,13 @@ class World:
                 reports[obj.plan] = ReportRef(postgres_id=obj.postgres_id, title=obj.title)
             elif obj.kind == "report":
                 reports[obj.plan] = ReportRef(config_map=obj.name, key=obj.report_key, title=obj.title)
+            if obj.kind == "report" and obj.quality is not None:
+                qualities[obj.plan] = obj.quality
         return StoreView(
             analysts=analysts,
             sections={p: frozenset(s) for p, s in sections.items()},
             reports=reports,
+            qualities=qualities,
             tokens=tokens,
             input_tokens=input_tokens,
             output_tokens=output_tokens,

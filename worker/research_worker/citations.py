@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from research_api.records import CitationCheck
+from research_worker.grounding import Evidence, check
 from research_worker.state import Section
 
 _CITE = re.compile(r"\[(\d+(?:\s*[,;]\s*\d+)*)\](?!\()")
@@ -109,7 +111,16 @@ def sources_block(sources: Sequence[str], heading: str = "### Sources") -> str:
 
 def parse_section(markdown: str, context_sources: Sequence[str], fallback_title: str) -> tuple[str, str, list[str]]:
     """(title, summary, sources) of a section the model wrote, its citations resolved against the
-    retrieved sources. A section that cites nothing lists the documents it was written from."""
+    retrieved sources; its Sources are exactly what it cites."""
+    title, summary, sources, _ = check_section(markdown, context_sources, fallback_title, [])
+    return title, summary, sources
+
+
+def check_section(
+    markdown: str, context_sources: Sequence[str], fallback_title: str, retrieved: Sequence[tuple[str, str]]
+) -> tuple[str, str, list[str], CitationCheck]:
+    """``parse_section`` with every cited sentence checked against ``retrieved`` ((source, passage)
+    pairs; research_worker.grounding): unsupported ones re-cited or dropped, and the figures."""
     text = markdown.strip()
     title = fallback_title
     m = re.search(r"^\s*#{1,2}\s+(?!Summary\b)(.+?)\s*$", text, re.MULTILINE)
@@ -118,8 +129,12 @@ def parse_section(markdown: str, context_sources: Sequence[str], fallback_title:
         text = text[m.end() :]
     text = re.sub(r"^\s*#{2,3}\s*Summary\s*$", "", text, count=1, flags=re.IGNORECASE | re.MULTILINE).strip()
     known = dedupe(context_sources)
-    summary, cited = cite(text, known)
-    return title, summary.strip(), cited or known
+    marked = to_marks(text, known)
+    result = CitationCheck()
+    if retrieved:
+        marked, result = check(marked, Evidence.of(known, retrieved), known)
+    texts, cited = number_marks([marked], known)
+    return title, texts[0].strip(), cited, result
 
 
 def section_markdown(title: str, summary: str, sources: Sequence[str]) -> str:

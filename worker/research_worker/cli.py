@@ -36,6 +36,7 @@ from research_api.task import (
     Step,
 )
 from research_worker.errors import WorkerConfigError, WorkerError
+from research_worker.stopping import Stop
 
 SHOW_REPORT = "show-report"
 log = logging.getLogger("research_worker")
@@ -206,20 +207,25 @@ async def _main(args: argparse.Namespace) -> int:
     api_client = kube_api_client() if needs_cluster else None
     loader = load_configmap_data(api_client, task.job.namespace) if api_client is not None else None
 
+    stop = Stop()
+    stop.install()  # SIGTERM (a pod delete, preemption, eviction): stop calling the model, keep what is stored
     if step == Step.RUN:
         rt = await steps.prepare(task, load_configmap=loader)
+        rt.llm.stop = stop
         result = await steps.run(rt, ask_feedback=_ask_on_terminal if args.review else None)
         report = result.report
         if args.sections_dir:
             _write_sections(Path(args.sections_dir), result.sections)
         _emit(args.output, report.markdown)
         _emit_usage(args.usage_file, {"run": report.usage.model_dump()})
+        _emit_quality(args.quality_file, report)
         log.info("report written: %d sources, %d tokens", len(report.sources), report.usage.total_tokens)
         return 0
 
     async with opened(task, api_client) as store, contextlib.AsyncExitStack() as stack:
         used = sum(u.total_tokens for u in (await store.usage()).values())
         rt = await steps.prepare(task, tokens_used_before=used, load_configmap=loader)
+        rt.llm.stop = stop
         share_ref = task.model.share
         if share_ref is not None and rt.llm.share is not None and api_client is not None:
             from research_worker.share import follow
@@ -246,6 +252,7 @@ async def _main(args: argparse.Namespace) -> int:
                 _emit(args.output, report.markdown)
             if args.sections_dir:
                 _write_sections(Path(args.sections_dir), await store.list_sections())
+            _emit_quality(args.quality_file, report)
             print(json.dumps({"sources": len(report.sources), "sections": report.sections}))
         elif task.continue_steps:
             await _write_if_last(rt, store)
@@ -259,6 +266,16 @@ async def _main(args: argparse.Namespace) -> int:
                 args.usage_file, {k: v.model_dump() for k, v in usage_of_results(plan_, sections, report_).items()}
             )
     return 0
+
+
+def _emit_quality(path: str | None, report: Any) -> None:
+    """Log the report's quality in one line and, with --quality-file, write it there as JSON."""
+    q = report.quality
+    if q is None:
+        return
+    log.info("quality: %s", q.figures())
+    if path:
+        Path(path).write_text(q.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
 
 async def _write_if_last(rt: Any, store: Any) -> None:
@@ -314,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sections-dir", help="run/write: also write each section as JSON into this folder")
     p.add_argument("--usage-file", help="write token usage by step/analyst as JSON here")
+    p.add_argument("--quality-file", help="run/write: write the report's quality figures as JSON here")
     p.add_argument("--review", action="store_true", help="run: show the analysts and ask for feedback on stdin")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p

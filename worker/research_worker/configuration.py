@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from research_api.task import DEFAULT_MAX_ANALYSTS, DEFAULT_MAX_TURNS, ResearchTask
+from research_api.task import DEFAULT_MAX_ANALYSTS, DEFAULT_MAX_TURNS, QualityFloor, ResearchTask
 from research_worker.llm import LLMClient
 from research_worker.search import SearchBackend
 
@@ -18,10 +18,19 @@ class Configuration:
     max_analysts: int = DEFAULT_MAX_ANALYSTS
     max_num_turns: int = DEFAULT_MAX_TURNS
     human_review: bool = False  # interrupt after planning for feedback (``run --review``)
+    quality: QualityFloor = field(default_factory=QualityFloor)  # below it a writer runs once more
 
     @property
     def backend_names(self) -> list[str]:
         return [b.name for b in self.backends]
+
+    @property
+    def documents(self) -> dict[str, str]:
+        """The local documents (of the documents source), by name."""
+        out: dict[str, str] = {}
+        for b in self.backends:
+            out.update(getattr(b, "documents", None) or {})
+        return out
 
     def backend(self, name: str) -> SearchBackend:
         for b in self.backends:
@@ -39,4 +48,5 @@ class Configuration:
             max_analysts=task.max_analysts,
             max_num_turns=task.max_turns,
             human_review=human_review,
+            quality=task.quality,
         )

@@ -4,7 +4,15 @@ that retrying cannot fix (2: bad task or config, 3: model key/endpoint/model nam
 
 from __future__ import annotations
 
-from research_api.exitcodes import EXIT_BUDGET, EXIT_CONFIG, EXIT_MODEL, EXIT_SEARCH, EXIT_STORE, EXIT_UNEXPECTED
+from research_api.exitcodes import (
+    EXIT_BUDGET,
+    EXIT_CONFIG,
+    EXIT_MODEL,
+    EXIT_SEARCH,
+    EXIT_STOPPED,
+    EXIT_STORE,
+    EXIT_UNEXPECTED,
+)
 
 
 class WorkerError(Exception):
@@ -61,3 +69,10 @@ class BudgetExceeded(WorkerError):
 
 class SearchError(WorkerError):
     exit_code = EXIT_SEARCH
+
+
+class WorkerStopped(WorkerError):
+    """SIGTERM came (preemption, eviction, a pod delete): the step stopped calling the model and
+    kept what it stored; the retried pod goes on from there (research_worker.stopping)."""
+
+    exit_code = EXIT_STOPPED

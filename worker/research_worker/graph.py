@@ -23,16 +23,19 @@ from typing_extensions import TypedDict
 
 from research_worker import prompts
 from research_worker.citations import (
+    check_section,
     cite,
-    parse_section,
     section_markdown,
     sources_block,
 )
 from research_worker.configuration import Configuration
+from research_worker.coverage import assign, relevant_documents
 from research_worker.errors import ModelAnswerError
 from research_worker.search import format_context, number_sources, searchable
 from research_worker.state import (
     Analyst,
+    CitationCheck,
+    Evidence,
     GenerateAnalystsState,
     InterviewState,
     ReportState,
@@ -71,17 +74,32 @@ async def create_analysts(state: GenerateAnalystsState, runtime: Runtime[Configu
     analysts = perspectives.analysts[:max_analysts]
     if not analysts:
         raise ModelAnswerError("the model's answer listed no analysts (an empty list) for the topic")
-    return {"analysts": analysts, "usage": usage}
+    return {
+        "analysts": analysts,
+        "documents": plan_documents(runtime.context, state["topic"], analysts),
+        "usage": usage,
+    }
+
+
+def plan_documents(config: Configuration, topic: str, analysts: list[Analyst]) -> list[list[str]]:
+    """Per analyst, the relevant local documents its interview is to reach (research_worker.coverage)."""
+    documents = config.documents
+    return assign(analysts, documents, relevant_documents(documents, topic))
 
 
 def _documents_overview(config: Configuration, topic: str, max_analysts: int) -> list[SearchDoc]:
     """A look at the local documents for planning (those most relevant to the topic first). Only local
     sources take part: a web search here would cost a call before any analyst exists."""
     docs: list[SearchDoc] = []
+    relevant = set(relevant_documents(config.documents, topic))
     for b in config.backends:
         overview = getattr(b, "overview", None)
         if overview is not None:
-            docs += overview(topic, max(2 * max_analysts, 6))
+            # every document when they fit (the planner should see what the sources hold), else the
+            # most relevant ones
+            shown = overview(topic, max(2 * max_analysts, 6, len(getattr(b, "documents", ()))))
+            # the documents relevant to the topic: a stray file does not get an analyst of its own
+            docs += [d for d in shown if d.source in relevant] or shown
     return docs
 
 
@@ -146,8 +164,19 @@ def _last_question(state: InterviewState) -> str:
 def make_search_node(backend: str) -> Any:
     async def search(state: InterviewState, runtime: Runtime[Configuration]) -> dict[str, Any]:
         query = state["search_queries"][-1]
-        docs = await runtime.context.backend(backend).search(query)
+        found = runtime.context.backend(backend)
+        docs = await found.search(query)
         log.debug("search %s %r: %d passages", backend, query, len(docs))
+        # the analyst's own documents (the plan's coverage): one passage of each not yet retrieved
+        best_passage = getattr(found, "best_passage", None)
+        if best_passage is not None:
+            have = {d.source for d in [*state.get("context", []), *docs]}
+            for source in state.get("assigned", []):
+                if source not in have:
+                    passage = best_passage(source, query, state["analyst"].description)
+                    if passage is not None:
+                        docs.append(passage)
+                        have.add(source)
         return {"context": docs}
 
     search.__name__ = f"search_{backend}"
@@ -189,18 +218,27 @@ async def write_section(state: InterviewState, runtime: Runtime[Configuration]) 
     sources = number_sources(context)
     fallback_title = theme_of(analyst)
     usage = TokenUsage()
+    checked = CitationCheck()
     if not context:
         summary = prompts.no_sources_summary if searchable(runtime.context.backends) else prompts.no_documents_summary
         title, cited = fallback_title, list[str]()
     else:
+        retrieved = [(d.source, f"{d.title}\n{d.content}" if d.title else d.content) for d in context]
         system = prompts.section_writer_instructions.format(focus=analyst.description)
-        msg, usage = await runtime.context.llm.chat(
-            [
-                SystemMessage(content=system),
-                HumanMessage(content=prompts.section_request.format(context=format_context(context))),
-            ]
-        )
-        title, summary, cited = parse_section(str(msg.content), sources, fallback_title)
+        request = HumanMessage(content=prompts.section_request.format(context=format_context(context)))
+        msg, usage = await runtime.context.llm.chat([SystemMessage(content=system), request])
+        title, summary, cited, checked = check_section(str(msg.content), sources, fallback_title, retrieved)
+        floor = runtime.context.quality.min_citation_accuracy
+        if floor is not None and checked.accuracy_percent < floor:
+            # below the floor: written once more, told what was not supported
+            log.warning(
+                "section %r: citation accuracy %d%% < %d%%; writing it again", title, checked.accuracy_percent, floor
+            )
+            again = prompts.revision_feedback.format(failures="\n".join(f"- {f}" for f in checked.failures))
+            msg, more = await runtime.context.llm.chat([SystemMessage(content=system + again), request])
+            usage = usage + more
+            title, summary, cited, checked = check_section(str(msg.content), sources, fallback_title, retrieved)
+            checked.revised = 1
     total = (state.get("usage") or TokenUsage()) + usage
     section = Section(
         index=state.get("analyst_index", 0),
@@ -211,6 +249,8 @@ async def write_section(state: InterviewState, runtime: Runtime[Configuration]) 
         sources=cited,
         found_sources=bool(context),
         usage=total,
+        evidence=[Evidence(source=d.source, title=d.title, content=d.content) for d in context],
+        check=checked,
     )
     return {"sections": [section], "usage": usage}
 
@@ -241,10 +281,13 @@ def route_start(state: InterviewState, runtime: Runtime[Configuration]) -> Liter
     return "ask_question" if searchable(runtime.context.backends) else "write_section"
 
 
-def interview_input(analyst: Analyst, index: int, topic: str, max_num_turns: int) -> dict[str, Any]:
+def interview_input(
+    analyst: Analyst, index: int, topic: str, max_num_turns: int, assigned: list[str] | None = None
+) -> dict[str, Any]:
     return {
         "analyst": analyst,
         "analyst_index": index,
+        "assigned": list(assigned or []),
         "max_num_turns": max_num_turns,
         "messages": [HumanMessage(content=prompts.interview_opening.format(topic=topic))],
     }
@@ -312,8 +355,12 @@ def build_research_graph(
         if state.get("human_analyst_feedback"):
             return "create_analysts"
         turns = state.get("max_num_turns", runtime.context.max_num_turns)
+        documents = state.get("documents") or []
         return [
-            Send("conduct_interview", interview_input(a, i, state["topic"], turns))
+            Send(
+                "conduct_interview",
+                interview_input(a, i, state["topic"], turns, documents[i] if i < len(documents) else []),
+            )
             for i, a in enumerate(state["analysts"])
         ]
 

@@ -53,6 +53,7 @@ from research_worker.errors import (
 from research_worker.leases import LeaseClient, LeaseLost, Ticket, broker_ssl, broker_token
 from research_worker.share import ShareLimiter
 from research_worker.state import TokenUsage
+from research_worker.stopping import Stop
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +316,7 @@ class LLMClient:
             else None
         )
         self.leases: LeaseClient | None = None  # set when the operator runs a lease broker (share.brokerUrl)
+        self.stop: Stop | None = None  # set by the CLI: SIGTERM stops the model calls (research_worker.stopping)
         self.rate_limited = 0  # 429 answers seen by this process
         self.budget = max_tokens_budget
         self.used_before = tokens_used_before
@@ -374,6 +376,8 @@ class LLMClient:
         the structured answer's JSON schema (part of the prompt's worst case)."""
         for attempt in range(LEASE_LOST_ATTEMPTS):
             try:
+                if self.stop is not None:  # SIGTERM: no new call, the one in flight (or waiting) cancelled
+                    return await self.stop.race(self._call_once(runnable, messages, what, box, answer, schema))
                 return await self._call_once(runnable, messages, what, box, answer, schema)
             except LeaseLost as exc:
                 log.warning("%s: %s (attempt %d of %d)", what, exc, attempt + 1, LEASE_LOST_ATTEMPTS)

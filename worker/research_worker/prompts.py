@@ -214,3 +214,32 @@ Here are the sections to reflect on for writing: {formatted_str_sections}"""
 
 introduction_request = "Write the report introduction"
 conclusion_request = "Write the report conclusion"
+
+# Appended to a writer's instructions when its first writing missed the quality floor
+# (research_worker.grounding): what was not supported, so the second writing cites only what its
+# sources say.
+revision_feedback = """
+
+<feedback>
+Your previous draft was checked against the retrieved sources, and these cited statements were not
+supported by the source they cite:
+{failures}
+
+Write it again. Cite a source only for what that source's text says, and leave out any statement the
+sources do not support.
+</feedback>"""
+
+coverage_feedback = """
+
+<feedback>
+These relevant sources appear in the memos but were not cited in your previous draft; cite each of them
+where the memos draw on it:
+{sources}
+</feedback>"""
+
+no_citations_feedback = """
+
+<feedback>
+Your previous draft cited none of the sources. Cite each statement with the number of the memo source it
+comes from, in brackets, for example [1] or [2].
+</feedback>"""

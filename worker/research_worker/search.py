@@ -76,6 +76,15 @@ def split_markdown(source: str, text: str) -> list[Passage]:
     return passages
 
 
+def document_title(text: str) -> str:
+    """The document's own title: its first line when that is a ``#`` heading or underlined (``===``)."""
+    lines = text.lstrip().split("\n", 2)
+    first = lines[0].strip()
+    if re.match(r"^#\s", first):
+        return first.lstrip("#").strip()
+    return first if len(lines) > 1 and re.fullmatch(r"=+", lines[1].strip()) else ""
+
+
 def read_folder(path: str | Path) -> dict[str, str]:
     """The text/Markdown files under a folder, by path relative to it."""
     root = Path(path)
@@ -100,6 +109,7 @@ class DocumentsBackend:
     name = "documents"
 
     def __init__(self, documents: Mapping[str, str], top_k: int = 3) -> None:
+        self.documents = dict(sorted(documents.items()))
         self.passages = [p for src, text in sorted(documents.items()) for p in split_markdown(src, text)]
         self.top_k = top_k
         corpus = [tokenize(f"{p.title} {p.source} {p.content}") for p in self.passages]
@@ -121,6 +131,27 @@ class DocumentsBackend:
         return [
             SearchDoc(source=p.source, title=p.title, content=p.content, backend=self.name) for _, p in self.rank(query)
         ]
+
+    def best_passage(self, source: str, *queries: str) -> SearchDoc | None:
+        """The passage of ``source`` that best matches the first of ``queries`` any of its passages
+        matches (BM25), else its first passage: how an analyst's assigned document is reached."""
+        if self._bm25 is None:
+            return None
+        mine = [i for i, p in enumerate(self.passages) if p.source == source]
+        if not mine:
+            return None
+        best = mine[0]
+        for query in queries:
+            terms = tokenize(query)
+            if not terms:
+                continue
+            scores = self._bm25.get_scores(terms)
+            top = max(mine, key=lambda i: (scores[i], -i))
+            if scores[top] > 0:
+                best = top
+                break
+        p = self.passages[best]
+        return SearchDoc(source=p.source, title=p.title, content=p.content, backend=self.name)
 
     @property
     def empty(self) -> bool:
@@ -146,6 +177,9 @@ class DocumentsBackend:
             text = "\n\n".join(
                 f"{p.title}\n{p.content}" if p.title else p.content for p in self.passages if p.source == src
             )
+            title = document_title(self.documents.get(src, ""))
+            if title and not text.startswith(title):  # a title over no text of its own heads no passage
+                text = f"{title}\n\n{text}"
             out.append(SearchDoc(source=src, title="", content=text[:chars], backend=self.name))
         return out
 

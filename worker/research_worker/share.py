@@ -7,18 +7,16 @@ ConfigMap store already uses (the worker's Role allows ``get`` on ConfigMaps, no
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
-from research_api.task import EndpointShareRef
+from research_api.task import SHARES_KEY, EndpointShareRef, EndpointShares
 from research_worker.errors import WorkerError
 
 log = logging.getLogger(__name__)
 
-SHARES_KEY = "shares.json"
 TOKEN_BURST_SECONDS = 10.0  # a token bucket holds at most this many seconds of its rate
 
 
@@ -123,17 +121,10 @@ class ShareLimiter:
 def parse_share(data: Mapping[str, str], key: str) -> tuple[int, int | None, int | None] | None:
     """This Job's entry of the shares ConfigMap's data, or None when it has none (yet)."""
     try:
-        entry = json.loads(data.get(SHARES_KEY) or "{}").get("jobs", {}).get(key)
-    except (ValueError, AttributeError):
+        entry = EndpointShares.model_validate_json(data.get(SHARES_KEY) or "{}").jobs.get(key)
+    except ValueError:  # pydantic's ValidationError: not (yet) what the operator writes
         return None
-    if not isinstance(entry, dict) or not isinstance(entry.get("concurrency"), int):
-        return None
-    rpm, tpm = entry.get("requestsPerMinute"), entry.get("tokensPerMinute")
-    return (
-        int(entry["concurrency"]),
-        int(rpm) if isinstance(rpm, int) else None,
-        int(tpm) if isinstance(tpm, int) else None,
-    )
+    return None if entry is None else (entry.concurrency, entry.requests_per_minute, entry.tokens_per_minute)
 
 
 PAUSED_POLL_SECONDS = 0.5  # a paused pod (share 0) looks more often: its share is idle until it sees it

@@ -10,10 +10,10 @@ from langchain_core.messages import AnyMessage
 from langgraph.graph import MessagesState
 from pydantic import BaseModel, Field, create_model
 
-from research_api.records import Analyst, Report, Section, TokenUsage
+from research_api.records import Analyst, CitationCheck, Evidence, Report, ReportQuality, Section, TokenUsage
 
 # The stored records are part of the graph state; importers of this module find them here too.
-__all__ = ["Analyst", "Report", "Section", "TokenUsage"]
+__all__ = ["Analyst", "CitationCheck", "Evidence", "Report", "ReportQuality", "Section", "TokenUsage"]
 
 # ---------------------------------------------------------------- structured outputs
 
@@ -87,6 +87,7 @@ class GenerateAnalystsState(TypedDict, total=False):
     max_analysts: int
     human_analyst_feedback: str | None
     analysts: list[Analyst]
+    documents: list[list[str]]  # per analyst, the relevant local documents it is to reach
     usage: Annotated[TokenUsage, add_usage]
 
 
@@ -96,6 +97,7 @@ class InterviewState(MessagesState, total=False):
     search_queries: Annotated[list[str], operator.add]
     analyst: Analyst
     analyst_index: int
+    assigned: list[str]  # local documents this analyst is to reach
     interview: str
     sections: list[Section]
     usage: Annotated[TokenUsage, add_usage]
@@ -107,7 +109,10 @@ class ResearchGraphState(TypedDict, total=False):
     max_num_turns: int
     human_analyst_feedback: str | None
     analysts: list[Analyst]
+    documents: list[list[str]]
     sections: Annotated[list[Section], operator.add]
+    revision: str
+    revised: int
     introduction: str
     content: str
     conclusion: str
@@ -119,6 +124,8 @@ class ResearchGraphState(TypedDict, total=False):
 class ReportState(TypedDict, total=False):
     topic: str
     sections: list[Section]
+    revision: str  # the failures of the first writing, as feedback for a second one
+    revised: int
     introduction: str
     content: str
     conclusion: str

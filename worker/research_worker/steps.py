@@ -68,6 +68,7 @@ async def plan(rt: Runtime, store: Store) -> AnalystPlan:
         feedback=rt.task.feedback,
         analysts=state["analysts"],
         usage=state.get("usage") or TokenUsage(),
+        documents=state.get("documents") or [],
     )
     if not await store.save_analysts(result):  # another pod stored it first: theirs wins
         stored = await store.load_analysts()
@@ -111,7 +112,8 @@ async def interview(rt: Runtime, store: Store) -> InterviewOutcome:
     async def one(i: int) -> None:
         async with limit:
             analyst = analysts[i]
-            inputs: Any = interview_input(analyst, i, rt.task.topic, rt.task.max_turns)
+            assigned = stored_plan.documents[i] if i < len(stored_plan.documents) else []
+            inputs: Any = interview_input(analyst, i, rt.task.topic, rt.task.max_turns, assigned)
             config: RunnableConfig = {}
             out: dict[str, Any] | None = None
             if checkpointer is not None:

@@ -128,3 +128,24 @@ The image worker Jobs run: settings.workerImage, else the operator's own image.
 {{- define "research-operator.workerImage" -}}
 {{- default (include "research-operator.image" .) .Values.settings.workerImage }}
 {{- end }}
+
+{{/*
+The egress rules of the worker pods' NetworkPolicy (networkPolicy.workers), as JSON: DNS anywhere
+in the cluster, the lease broker (the operator's pods) and the bundled model server, then the
+rules admins add (the API server, model endpoints, search, PostgreSQL).
+*/}}
+{{- define "research-operator.workerEgress" -}}
+{{- $rules := list -}}
+{{- $dns := dict "to" (list (dict "namespaceSelector" (dict) "podSelector" (dict "matchLabels" .Values.networkPolicy.workers.dnsPodLabels))) "ports" (list (dict "port" 53 "protocol" "UDP") (dict "port" 53 "protocol" "TCP")) -}}
+{{- $rules = append $rules $dns -}}
+{{- $release := dict "kubernetes.io/metadata.name" .Release.Namespace -}}
+{{- if .Values.operator.leaseBroker.enabled -}}
+{{- $operator := fromYaml (include "research-operator.operatorSelectorLabels" .) -}}
+{{- $rules = append $rules (dict "to" (list (dict "namespaceSelector" (dict "matchLabels" $release) "podSelector" (dict "matchLabels" $operator))) "ports" (list (dict "port" (int .Values.operator.leaseBroker.port) "protocol" "TCP"))) -}}
+{{- end -}}
+{{- if .Values.modelServer.enabled -}}
+{{- $model := fromYaml (include "research-operator.modelServerSelectorLabels" .) -}}
+{{- $rules = append $rules (dict "to" (list (dict "namespaceSelector" (dict "matchLabels" $release) "podSelector" (dict "matchLabels" $model))) "ports" (list (dict "port" (int .Values.modelServer.port) "protocol" "TCP"))) -}}
+{{- end -}}
+{{- concat $rules .Values.networkPolicy.workers.egress | toJson -}}
+{{- end }}

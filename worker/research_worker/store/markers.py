@@ -63,6 +63,7 @@ class MarkerWriter(PlanConfigMaps):
             sections=report.sections,
             sources=len(report.sources),
             usage=report.usage,
+            quality=report.quality,
         )
         annotations = self._annotations(**{ANNOTATION_POSTGRES_REPORT: report_id})
         return await self._create(StoredKind.REPORT, marker, annotations=annotations)

@@ -1,0 +1,72 @@
+"""Stopping on SIGTERM (preemption, eviction, scale-down, a pod delete) within the grace period.
+
+The kubelet sends SIGTERM, waits the pod's ``terminationGracePeriodSeconds`` and then SIGKILLs. A
+Python program that is a container's pid 1 ignores SIGTERM unless it handles it (the kernel
+delivers only handled signals to a pid namespace's init), so without a handler every stop costs
+the whole grace period and ends in SIGKILL, which may cut a store write in half.
+
+With the handler the worker stops calling the model: no new call starts, and the calls in flight
+are cancelled (their answers would only lead to further calls). What is computed and being stored
+is stored: a store write is never cancelled. The step then ends with ``WorkerStopped`` (exit code
+143, retried by the Job) and the retried pod skips whatever is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from research_worker.errors import WorkerStopped
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Stop:
+    """Set once, by SIGTERM (``install``) or by hand; model calls check it (``LLMClient.stop``)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.reason = ""
+
+    def set(self, reason: str) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            log.warning("%s: stopping; no further model calls, what is stored stays stored", reason)
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        """Raise ``WorkerStopped`` if stopping."""
+        if self._event.is_set():
+            raise WorkerStopped(f"{self.reason}: stopped before the next model call")
+
+    async def race(self, work: Coroutine[Any, Any, T]) -> T:
+        """Await ``work`` unless the stop comes first; then cancel it and raise ``WorkerStopped``."""
+        if self._event.is_set():
+            work.close()
+            self.check()
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self._event.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+        if not task.done() or task.cancelled():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise WorkerStopped(f"{self.reason}: a model call in flight was cancelled")
+        return task.result()
+
+    def install(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Make SIGTERM set this stop (the loop's signal handler; main thread only)."""
+        (loop or asyncio.get_running_loop()).add_signal_handler(signal.SIGTERM, self.set, "SIGTERM")
