@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from research_api.names import CONFIGMAP_DATA_LIMIT
-from research_cli import admin, progress, submit
+from research_cli import admin, cli, progress, submit
 from research_cli.errors import CliError, UsageError
 
 PLUGIN = Path(sys.executable).parent / "kubectl-research"
@@ -132,6 +132,20 @@ def test_a_progress_line_shows_sections_batches_tokens_and_why_batches_wait() ->
     assert "running 1 queued 2" in line and "tokens 1200/10000 (12%)" in line
     assert "waiting for QuotaExceeded: ResourceQuota q: pods 1/1" in line
     assert line.lstrip().startswith("30s")
+
+
+def test_watch_shows_the_cost_against_a_money_budget_and_submit_sets_one() -> None:
+    obj = rj("gpu", phase="Interviewing", tokensUsed=1200, cost="0.0315")
+    obj["spec"]["budget"] = {"maxCost": "5.00"}
+    s = progress.snapshot(obj, NOW)
+    assert "cost 0.0315/5.00" in progress.line(s)
+    assert "  cost      0.0315/5.00" in progress.panel("team-a", "gpu", s)
+    plain = progress.snapshot(rj("gpu", phase="Interviewing", tokensUsed=1200), NOW)
+    assert "cost" not in progress.line(plain)  # an endpoint without prices: nothing to show
+    args = cli.build_parser().parse_args(["submit", "gpu", "--topic", "GPUs", "--documents", ".", "--max-cost", "5.00"])
+    assert args.max_cost == "5.00"
+    with pytest.raises(UsageError, match="not an amount of money: 'five'"):
+        cli.build_parser().parse_args(["submit", "gpu", "--topic", "GPUs", "--documents", ".", "--max-cost", "five"])
 
 
 def test_a_finished_jobs_line_and_panel_show_its_quality_figures() -> None:

@@ -379,3 +379,103 @@ def test_an_operator_restart_mid_run_never_lets_more_than_the_capacity_in_flight
     assert stats["max_running"] <= capacity, stats
     assert "lease broker listening" in operator.log()
     assert metric(operator, "research_operator_endpoint_leases_granted_total", name) > 0  # leases again after it
+
+
+def test_a_researchjob_budget_is_reserved_before_each_call_and_status_shows_the_cost(
+    cluster: ClusterHandle,
+    operator: OperatorProcess,
+    namespace: str,
+    corpus_configmap: str,
+    modelserver_factory: Callable[..., ModelServerProcess],
+    endpoint: Callable[..., str],
+) -> None:
+    """Budgets that cannot be overshot: with a ModelEndpoint (and the operator's lease broker), a
+    ResearchJob whose budget cannot pay its first call's worst case (its prompt and maxOutputTokens)
+    fails before any token is spent, saying why; one with room succeeds and shows what it cost, per
+    step, at the endpoint's prices."""
+    api = cluster.api_client()
+    server = modelserver_factory(max_concurrency=64)
+    endpoint(server.base_url, 4, prices={"inputPerMillion": "2.50", "outputPerMillion": "10"})
+    model = {"baseUrl": server.base_url, "maxOutputTokens": 4096}
+    create(
+        api,
+        namespace,
+        researchjob("tight", corpus_configmap, analysts={"count": 2}, model=model, budget={"maxTokens": 3000}),
+    )
+    create(
+        api,
+        namespace,
+        researchjob(
+            "roomy",
+            corpus_configmap,
+            analysts={"count": 2},
+            model=model,
+            budget={"maxTokens": 10_000_000, "maxCost": "100"},
+        ),
+    )
+    tight = wait_phase(api, namespace, "tight", {"Succeeded", "Failed"})["status"]
+    assert tight["phase"] == "Failed", tight
+    assert "cannot pay the next model call" in tight["message"] and "0 of 3000 tokens spent" in tight["message"]
+    assert tight["tokensUsed"] == 0  # refused before it was sent: nothing spent, nothing overshot
+    roomy = wait_phase(api, namespace, "roomy", {"Succeeded", "Failed"}, timeout=400)["status"]
+    assert roomy["phase"] == "Succeeded", roomy
+    assert [(u["step"], u.get("analyst")) for u in roomy["usage"]] == [
+        ("plan", None),
+        ("interview", 0),
+        ("interview", 1),
+        ("write", None),
+    ]
+    assert sum(u["tokens"] for u in roomy["usage"]) == roomy["tokensUsed"] > 0
+    assert float(roomy["cost"]) > 0 and abs(sum(float(u["cost"]) for u in roomy["usage"]) - float(roomy["cost"])) < 1e-5
+
+
+def test_a_call_the_namespace_budget_cannot_pay_waits_and_says_so_until_the_budget_is_raised(
+    cluster: ClusterHandle,
+    operator: OperatorProcess,
+    namespace: str,
+    corpus_configmap: str,
+    modelserver_factory: Callable[..., ModelServerProcess],
+    endpoint: Callable[..., str],
+) -> None:
+    """With the lease broker, a namespace budget is never overshot: the planner's first call, whose
+    worst case the budget cannot pay, waits (nothing is spent) and the ResearchJob says why; raised,
+    the budget pays it and the ResearchJob goes on."""
+    api = cluster.api_client()
+    core = client.CoreV1Api(api)
+    op_ns = operator.env["OPERATOR_NAMESPACE"]
+    settings = f"budget-{uuid.uuid4().hex[:6]}"
+    server = modelserver_factory(max_concurrency=64)
+    endpoint(server.base_url, 4)
+
+    def budget(tokens: int) -> None:
+        body = {
+            "metadata": {"name": settings, "labels": {f"{GROUP}/kind": "operator-settings"}},
+            "data": {"namespaceTokenBudgets": json.dumps({namespace: {"tokens": tokens, "period": "7d"}})},
+        }
+        try:
+            core.replace_namespaced_config_map(settings, op_ns, body)
+        except client.ApiException as e:
+            if e.status != 404:
+                raise
+            core.create_namespaced_config_map(op_ns, body)
+        until("the operator applies the budget", lambda: f"{namespace}:{tokens}/7d" in operator.log(), 30)
+
+    budget(3000)  # less than one call's worst case (its prompt and maxOutputTokens 4096)
+    try:
+        model = {"baseUrl": server.base_url, "maxOutputTokens": 4096}
+        create(api, namespace, researchjob("patient", corpus_configmap, analysts={"count": 2}, model=model))
+        cond = until(
+            "the ResearchJob says its call waits for the namespace's budget",
+            lambda: (
+                (c := conditions(api, namespace, "patient").get("TokenBudgetExhausted")) and c["status"] == "True" and c
+            ),
+        )
+        assert "waits until the period rolls over" in cond["message"], cond
+        obj = client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "patient")
+        assert obj["status"]["tokensUsed"] == 0 and server.stats()["total"] == 0  # nothing sent, nothing spent
+        budget(10_000_000)
+        status = wait_phase(api, namespace, "patient", {"Succeeded", "Failed"}, timeout=400)["status"]
+        assert status["phase"] == "Succeeded", status
+        assert {c["type"]: c["status"] for c in status["conditions"]}["TokenBudgetExhausted"] == "False"
+    finally:
+        core.delete_namespaced_config_map(settings, op_ns)

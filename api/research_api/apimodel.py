@@ -8,6 +8,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
+# An amount of money, as a decimal string (exact: never a float): prices and money budgets.
+MONEY_PATTERN = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"
+
 
 class ApiModel(BaseModel):
     """camelCase on the wire, snake_case in Python; unknown fields are rejected."""

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from research_api.apimodel import MONEY_PATTERN
 from research_api.researchjob import ApiModel, Condition
 
 ENDPOINT_KIND = "ModelEndpoint"
@@ -60,6 +61,18 @@ class NamespaceSelector(ApiModel):
     )
 
 
+class Prices(ApiModel):
+    """What the endpoint charges, per million tokens, in a currency of the admins' choice (the same for
+    every endpoint and every money budget of the cluster)."""
+
+    input_per_million: str = Field(
+        "0", pattern=MONEY_PATTERN, description='Price of a million prompt tokens, a decimal string, e.g. "2.50".'
+    )
+    output_per_million: str = Field(
+        "0", pattern=MONEY_PATTERN, description='Price of a million output tokens, a decimal string, e.g. "10".'
+    )
+
+
 class ModelEndpointSpec(ApiModel):
     """The endpoint and its capacity, shared by every worker pod that calls it."""
 
@@ -97,6 +110,14 @@ class ModelEndpointSpec(ApiModel):
             "The endpoint's API key: a Secret in the operator's namespace, read by the operator only. Worker pods "
             "of a ResearchJob that names this endpoint (spec.model.endpoint) call it through the operator's lease "
             "broker, which adds the key; the key never reaches the tenant's namespace. Needs the lease broker."
+        ),
+    )
+    prices: Prices | None = Field(
+        None,
+        description=(
+            "What a call costs: with prices, every model call of a ResearchJob admitted against this endpoint "
+            "reserves its worst-case cost against money budgets (spec.budget.maxCost, namespace budgets with a "
+            "cost) before it is sent, and status.cost shows what the ResearchJob spent. Absent: calls cost nothing."
         ),
     )
     namespace_selector: NamespaceSelector | None = Field(

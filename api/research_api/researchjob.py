@@ -13,6 +13,7 @@ from typing import Annotated
 
 from pydantic import ConfigDict, Field
 
+from research_api.apimodel import MONEY_PATTERN
 from research_api.apimodel import ApiModel as ApiModel
 from research_api.status import (
     TERMINAL_PHASES as TERMINAL_PHASES,
@@ -37,6 +38,9 @@ from research_api.status import (
 )
 from research_api.status import (
     ResearchJobStatus as ResearchJobStatus,
+)
+from research_api.status import (
+    StepUsage as StepUsage,
 )
 
 GROUP = "researchops.io"
@@ -259,7 +263,21 @@ class BudgetSpec(ApiModel):
     """Limits that end the job as Failed when reached."""
 
     max_tokens: int | None = Field(
-        None, ge=1000, description="Most LLM tokens (prompt + completion) the whole job may use."
+        None,
+        ge=1000,
+        description=(
+            "Most LLM tokens (prompt + completion) the whole job may use. With a ModelEndpoint and the lease "
+            "broker, each call reserves its worst case (its prompt and spec.model.maxOutputTokens) before it is "
+            "sent, so the job never passes it: a call that cannot fit fails the job (BudgetExceeded)."
+        ),
+    )
+    max_cost: str | None = Field(
+        None,
+        pattern=MONEY_PATTERN,
+        description=(
+            'Most the whole job may cost at its ModelEndpoint\'s prices (spec.prices), a decimal string, e.g. "5.00"; '
+            "reserved before each call like maxTokens. Needs a ModelEndpoint with prices and the lease broker."
+        ),
     )
     deadline_seconds: int | None = Field(
         None, ge=60, le=7 * 24 * 3600, description="Seconds from start after which the job fails (60-604800)."

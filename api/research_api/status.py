@@ -69,6 +69,15 @@ class ReportRef(ApiModel):
     title: str | None = Field(None, description="Title of the report.")
 
 
+class StepUsage(ApiModel):
+    """What one step of the current plan used (its stored result's usage)."""
+
+    step: str = Field(description="plan, interview or write.")
+    analyst: int | None = Field(None, description="For an interview: the analyst's index.")
+    tokens: int = Field(0, description="LLM tokens (prompt + completion).")
+    cost: str | None = Field(None, description="Their cost at the ModelEndpoint's prices; absent without prices.")
+
+
 class QualityStatus(ApiModel):
     """How well the report is supported by its sources and how much of them it covers. Every sentence
     a writer gave a citation is checked against the text retrieved from the source it cites; the first
@@ -124,6 +133,13 @@ class ResearchJobStatus(ApiModel):
     batches: BatchCounts = Field(default_factory=BatchCounts, description="Worker batches by state.")
     active_jobs: list[str] | None = Field(None, description="Names of the running worker Jobs.")
     tokens_used: int = Field(0, description="LLM tokens used so far.")
+    cost: str | None = Field(
+        None,
+        description="What tokensUsed cost at the ModelEndpoint's prices (its spec.prices); absent when it has none.",
+    )
+    usage: list[StepUsage] | None = Field(
+        None, description="Tokens and cost of each stored step of the current plan: plan, each interview, write."
+    )
     report: ReportRef | None = Field(None, description="Where the finished report is.")
     quality: QualityStatus | None = Field(None, description="How well the report is supported by its sources.")
     failed_analysts: list[str] | None = Field(None, description="Analysts whose interviews failed.")

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from research_api.apimodel import MONEY_PATTERN
 from research_api.researchjob import GROUP, MAX_ACTIVE_JOBS, MAX_ANALYSTS, MAX_BATCH_SIZE, PLURAL, VERSION
 from research_cli import admin, logs, progress, report, submit
 from research_cli.errors import EXIT_ERROR, EXIT_OK, CliError, UsageError
@@ -53,6 +55,13 @@ def _common(p: argparse.ArgumentParser, top: bool) -> None:
 
 def _name(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", help="the ResearchJob")
+
+
+def _money(text: str) -> str:
+    """An amount of money as the API takes it: a decimal string such as 5.00."""
+    if not re.fullmatch(MONEY_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"not an amount of money: {text!r} (a decimal such as 5.00)")
+    return text
 
 
 def _positive(text: str) -> int:
@@ -115,6 +124,12 @@ def build_parser() -> Parser:
     m.add_argument("--base-url", help="OpenAI-compatible base URL ending in /v1 (default: the operator's)")
     m.add_argument("--api-key-secret", metavar="SECRET[:KEY]", help="Secret key holding the model API key (api-key)")
     m.add_argument("--max-tokens", type=_positive, help="token budget of the whole job (at least 1000)")
+    m.add_argument(
+        "--max-cost",
+        type=_money,
+        metavar="AMOUNT",
+        help="money budget of the whole job at its ModelEndpoint's prices, e.g. 5.00",
+    )
     m.add_argument("--deadline", type=_positive, metavar="SECONDS", help="fail when not finished in time (>= 60)")
     m.add_argument(
         "--min-citation-accuracy",

@@ -73,6 +73,8 @@ class Snapshot:
     elapsed: float  # seconds since start (to completion, once finished)
     message: str
     waiting: str | None
+    cost: str | None = None  # status.cost, at the ModelEndpoint's prices
+    max_cost: str | None = None  # spec.budget.maxCost
     quality: str | None = None  # the report's quality figures, once there is a report
 
     @property
@@ -103,6 +105,8 @@ def snapshot(obj: dict[str, Any], now: dt.datetime) -> Snapshot:
         elapsed=max(0.0, (end - start).total_seconds()),
         message=str(status.get("message") or ""),
         waiting=waiting_for(obj),
+        cost=status.get("cost"),
+        max_cost=(spec.get("budget") or {}).get("maxCost"),
         quality=quality(status.get("quality")),
     )
 
@@ -147,6 +151,13 @@ def tokens(s: Snapshot) -> str:
     return f"{s.tokens} (no budget)"
 
 
+def cost(s: Snapshot) -> str | None:
+    """What it cost (and of which budget), when its endpoint has prices or it has a money budget."""
+    if s.cost is None and s.max_cost is None:
+        return None
+    return f"{s.cost or '0'}/{s.max_cost}" if s.max_cost else f"{s.cost} (no budget)"
+
+
 def line(s: Snapshot) -> str:
     """One line per change (for pipes and logs)."""
     return f"{duration(s.elapsed):>7}  {body(s)}"
@@ -158,6 +169,7 @@ def body(s: Snapshot) -> str:
         f"sections {s.sections_done}/{s.sections_total}",
         f"batches running {s.running} queued {s.queued}",
         f"tokens {tokens(s)}",
+        *([f"cost {c}"] if (c := cost(s)) else []),
     ]
     if s.quality:
         parts.append(f"quality {s.quality}")
@@ -178,6 +190,7 @@ def panel(namespace: str, name: str, s: Snapshot) -> list[str]:
         f"  sections  {bar(s.sections_done, s.sections_total)} {s.sections_done}/{s.sections_total}",
         f"  batches   {s.running} running, {s.queued} queued" + (f" (of {s.batches_total})" if s.batches_total else ""),
         f"  tokens    {tokens(s)}",
+        *([f"  cost      {c}"] if (c := cost(s)) else []),
         f"  elapsed   {duration(s.elapsed)}",
     ]
     if s.quality:

@@ -126,7 +126,15 @@ def researchjob_manifest(name: str, namespace: str, args: Any) -> dict[str, Any]
         model["apiKeySecretRef"] = _secret_ref(args.api_key_secret, "--api-key-secret", "api-key")
     if model:
         spec["model"] = model
-    budget = {k: v for k, v in (("maxTokens", args.max_tokens), ("deadlineSeconds", args.deadline)) if v is not None}
+    budget = {
+        k: v
+        for k, v in (
+            ("maxTokens", args.max_tokens),
+            ("maxCost", getattr(args, "max_cost", None)),
+            ("deadlineSeconds", args.deadline),
+        )
+        if v is not None
+    }
     if budget:
         spec["budget"] = budget
     floor = (("minCitationAccuracy", args.min_citation_accuracy), ("minCoverage", args.min_coverage))

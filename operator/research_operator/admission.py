@@ -19,6 +19,8 @@ from enum import StrEnum
 
 from kubernetes.utils import parse_quantity
 
+from research_operator.ledger import Amount, Limit, money
+
 
 def quantity(value: str) -> Decimal:
     """A Kubernetes quantity ("250m", "1Gi") as a Decimal."""
@@ -344,22 +346,40 @@ class EndpointVerdict:
 
 @dataclass(frozen=True)
 class BudgetVerdict:
-    """The namespace's token budget for the current period and what its ResearchJobs spent in it."""
+    """The namespace's budget for the current period and what its ResearchJobs spent in it (tokens,
+    and cost at the endpoints' prices), and what a model call waiting for it needs."""
 
     namespace: str
-    budget: int
+    budget: int | None  # tokens per period (None: the budget is in money only)
     spent: int
     period: str  # as configured, e.g. "24h"
     resets: str  # RFC 3339 end of the current period
+    cost_budget: Decimal | None = None  # money per period (None: in tokens only)
+    cost_spent: Decimal = Decimal(0)
+    short: Amount | None = None  # a model call of the namespace waits: the budget cannot pay it this period
 
     @property
     def exhausted(self) -> bool:
-        return self.spent >= self.budget
+        return (
+            (self.budget is not None and self.spent >= self.budget)
+            or (self.cost_budget is not None and self.cost_spent >= self.cost_budget)
+            or self.short is not None
+        )
 
     @property
     def message(self) -> str:
+        spent = Limit(self.budget, self.cost_budget).describe(Amount(self.spent, self.cost_spent))
+        if self.budget is not None and self.cost_budget is None:
+            spent = f"{self.spent} of its {self.budget} tokens"
+        waiting = (
+            f" (a model call waits that may use up to {self.short.tokens} tokens"
+            + (f", {money(self.short.cost)} in cost" if self.short.cost else "")
+            + ")"
+            if self.short is not None
+            else ""
+        )
         return (
-            f"namespace {self.namespace} spent {self.spent} of its {self.budget} tokens per {self.period}; "
+            f"namespace {self.namespace} spent {spent} per {self.period}{waiting}; "
             f"no new worker Job starts before the period rolls over at {self.resets}"
         )
 

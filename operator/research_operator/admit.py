@@ -91,9 +91,12 @@ def _budget_verdict(namespace: str, cfg: Settings, when: dt.datetime) -> BudgetV
     if budget is None:
         return None
     start, end = ep.window(when, budget.seconds)
-    used = ep.spent(WORLD.usage_since(namespace), start)
-    metrics.NAMESPACE_TOKENS.labels(namespace).set(used)
-    return BudgetVerdict(namespace, budget.tokens, used, budget.period, rfc3339(end))
+    used, short = broker.namespace_use(namespace, start)
+    metrics.NAMESPACE_TOKENS.labels(namespace).set(used.tokens)
+    metrics.NAMESPACE_COST.labels(namespace).set(float(used.cost))
+    return BudgetVerdict(
+        namespace, budget.tokens, used.tokens, budget.period, rfc3339(end), budget.cost, used.cost, short
+    )
 
 
 def _endpoint_of(model: ModelSpec | None, cfg: Settings) -> ep.Endpoint | None:

@@ -34,6 +34,7 @@ from research_operator import endpoints as ep
 from research_operator import kube, metrics, pki
 from research_operator.builders import Owner, worker_service_account
 from research_operator.leases import Book, LeaseError, Limits, PodRef, Waiter
+from research_operator.ledger import SHORT_SECONDS, Amount, Budgets, Ledger, Limit, Prices, RjKey
 from research_operator.world import WORLD, settings
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,77 @@ def _pods(endpoint: str) -> list[PodRef]:
     pods = WORLD.endpoint_pods(endpoint)
     table = ep.shares(e, [p for _, p in pods]) if e is not None else {}
     return [
-        PodRef(p.namespace, p.research_job, p.job, table[p.job].concurrency if p.job in table else 0) for _, p in pods
+        PodRef(p.namespace, p.research_job, p.job, table[p.job].concurrency if p.job in table else 0, key[1])
+        for key, p in pods
     ]
+
+
+def _prices(endpoint: str) -> Prices:
+    e = WORLD.endpoints.get(endpoint)
+    return e.prices if e is not None and e.prices is not None else Prices()
+
+
+def prices_of(key: RjKey) -> Prices | None:
+    """The prices of the ModelEndpoint a ResearchJob's Jobs were admitted against (None: no endpoint,
+    or one without prices)."""
+    for job in WORLD.jobs_of(key).values():
+        if job.endpoint:
+            e = WORLD.endpoints.get(job.endpoint)
+            return e.prices if e is not None else None
+    return None
+
+
+def _stored(key: RjKey, since: dt.datetime | None = None) -> Amount:
+    """What a ResearchJob's stored results used (since ``since``), at its endpoint's prices."""
+    prices = prices_of(key) or Prices()
+    total = Amount()
+    for obj in (WORLD.stored_index or {}).get(key, []):
+        if since is None or (obj.created is not None and obj.created >= since):
+            total = total + Amount(obj.tokens, prices.amount(obj.input_tokens, obj.output_tokens).cost)
+    return total
+
+
+def _budgets(namespace: str, research_job: str, uid: str, now: float) -> Budgets:
+    """The budgets a call of ResearchJob ``namespace/research_job`` falls under now: its spec.budget and
+    its namespace's budget for the current period (operator settings)."""
+    key = (namespace, uid)
+    body = WORLD.bodies.get(key) or {}
+    spec_budget = (body.get("spec") or {}).get("budget") or {}
+    job = ep.spec_limit(spec_budget)
+    b = settings().token_budgets.get(namespace)
+    if b is None:
+        return Budgets(key, research_job, job)
+    wall = dt.datetime.now(dt.UTC)
+    start, end = ep.window(wall, b.seconds)
+    stored = sum((_stored(k, start) for k in (WORLD.stored_index or {}) if k[0] == namespace), Amount())
+    return Budgets(
+        key,
+        research_job,
+        job,
+        Limit(b.tokens, b.cost),
+        stored,
+        b.period,
+        (end - wall).total_seconds(),
+        end.isoformat().replace("+00:00", "Z"),
+    )
+
+
+def budget_wait(key: RjKey) -> str | None:
+    """Why a model call of a running pod of ResearchJob ``key`` waits for its namespace's budget (None:
+    none does), for its status."""
+    ledger = BROKER.book.ledger if BROKER is not None else None
+    return ledger.waits_for_namespace(key, time.monotonic()) if ledger is not None else None
+
+
+def namespace_use(namespace: str, since: dt.datetime) -> tuple[Amount, Amount | None]:
+    """What ``namespace`` spent since ``since``: what its results stored since then used, plus (with the
+    lease broker) the model calls settled that are not stored yet; and what a model call of the
+    namespace that its budget cannot pay this period needs (None: no call waits so)."""
+    stored = sum((_stored(k, since) for k in (WORLD.stored_index or {}) if k[0] == namespace), Amount())
+    ledger = BROKER.book.ledger if BROKER is not None else None
+    if ledger is None:
+        return stored, None
+    return ledger.namespace_spent(namespace, stored), ledger.namespace_short(namespace, time.monotonic())
 
 
 def _limits(endpoint: str) -> Limits | None:
@@ -142,6 +212,14 @@ async def namespace_labels(namespace: str) -> dict[str, str] | None:
         labels = None
     WORLD.namespace_labels[namespace] = (time.monotonic(), labels)
     return labels
+
+
+def worker_of(ident: Identity, endpoint: str) -> tuple[RjKey, str] | None:
+    """The ResearchJob (its key and name) of a worker pod admitted against ``endpoint``."""
+    for key, p in WORLD.endpoint_pods(endpoint):
+        if p.namespace == ident.namespace and ident.pod.startswith(f"{p.job}-"[:GENERATED_PREFIX_MAX]):
+            return key, p.research_job
+    return None
 
 
 def names_endpoint(ident: Identity, endpoint: str) -> bool:
@@ -238,7 +316,14 @@ class Tls:
 
 class Broker:
     def __init__(self, book: Book | None = None, auth: Authenticator | None = None) -> None:
-        self.book = book or Book(_pods, _limits, started=time.monotonic())
+        self.book = book or Book(
+            _pods,
+            _limits,
+            started=time.monotonic(),
+            ledger=Ledger(_stored),
+            budgets=_budgets,
+            prices=_prices,
+        )
         self.auth = auth or Authenticator()
         self.events: dict[int, asyncio.Event] = {}
         self.ticker: asyncio.Task[None] | None = None
@@ -285,6 +370,8 @@ class Broker:
             if not names_endpoint(ident, name):
                 pod = f"{ident.namespace}/{ident.pod}"
                 raise LeaseError(403, f"pod {pod} is not a worker of a ResearchJob that names ModelEndpoint {name}")
+            body = await request.read()
+            self._covered(ident, name, request.headers.get(wire.LEASE_HEADER), body)
             key = await self.keys.get(endpoint)
             headers = {k: v for k, v in request.headers.items() if k.lower() in GATEWAY_REQUEST_HEADERS}
             if key is not None:
@@ -298,7 +385,7 @@ class Broker:
                 request.method,
                 url,
                 params=request.query,
-                data=await request.read(),
+                data=body,
                 headers=headers,
                 allow_redirects=False,
             ) as upstream:
@@ -337,6 +424,35 @@ class Broker:
             )
         finally:
             metrics.BROKER_REQUESTS.labels(wire.PATH_GATEWAY, str(code)).inc()
+
+    def _covered(self, ident: Identity, endpoint: str, lease: str | None, body: bytes) -> None:
+        """A pod of a ResearchJob under a budget may send through the gateway only what a reservation
+        covers: the request names a lease the pod holds, and its worst case (prompt bound and output
+        bound, ``wire.request_bound``) is within that lease's reservation. Raises LeaseError (403)."""
+        ledger = self.book.ledger
+        found = worker_of(ident, endpoint) if ledger is not None and self.book.budgets is not None else None
+        if ledger is None or self.book.budgets is None or found is None:
+            return
+        (namespace, uid), research_job = found
+        b = self.book.budgets(namespace, research_job, uid, time.monotonic())
+        if b.job is None and b.namespace is None:
+            return
+        session = self.book.sessions.get((ident.namespace, ident.pod))
+        r = ledger.reservations.get(lease or "")
+        if r is None or session is None or lease not in session.leases:
+            raise LeaseError(
+                403,
+                f"ResearchJob {namespace}/{research_job} has a budget: a request through the gateway must name a "
+                f"lease this pod holds ({wire.LEASE_HEADER}), whose reservation covers it",
+            )
+        need = wire.request_bound(body)
+        if need is None or need[1] is None or need[0] > r.input_tokens or need[1] > r.output_tokens:
+            asked = "no output bound" if need is not None and need[1] is None else f"worst case {need}"
+            raise LeaseError(
+                403,
+                f"the request ({asked if need is not None else 'not a chat request'}) is larger than the "
+                f"reservation of its lease (a prompt of {r.input_tokens} tokens, an answer of {r.output_tokens})",
+            )
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"recovering": self.book.recovering(time.monotonic())})
@@ -402,6 +518,8 @@ class Broker:
             held=body.held,
             seen=body.seen,
             tokens=body.tokens,
+            reserved=body.reserved,
+            unstored=body.unstored,
         )
         if lost:
             log.info(f"lease broker: {ident.namespace}/{ident.pod} holds {len(lost)} leases it does not know: lost")
@@ -412,7 +530,7 @@ class Broker:
         body = wire.Acquire.model_validate(await request.json())
         self._check(ident, body.endpoint, body.job)
         start = time.monotonic()
-        w = self.book.enqueue(body.endpoint, ident.namespace, body.job, ident.pod, start)
+        w = self.book.enqueue(body.endpoint, ident.namespace, body.job, ident.pod, start, body.reserve)
         event = self.events.setdefault(w.order, asyncio.Event())
         try:
             self._grant(body.endpoint)
@@ -420,15 +538,32 @@ class Broker:
                 await asyncio.wait_for(event.wait(), body.wait_seconds)
             except TimeoutError:
                 pass
+        except asyncio.CancelledError:
+            # The worker hung up (the server cancels the handler): a lease granted meanwhile is not
+            # received, and its call is not made.
+            if w.granted is not None:
+                self.book.release(ident.namespace, ident.pod, w.granted.id, wire.CallUsage())
+                self.kick(body.endpoint)
+            raise
         finally:
             self.events.pop(w.order, None)
             if w.granted is None:
                 w.gone = True
         lease = w.granted
+        if w.refused is not None and w.refused.budget is not None:
+            log.info(f"lease broker: refused a model call of {ident.namespace}/{ident.pod}: {w.refused.message}")
+            metrics.BUDGET_REFUSED.labels(ident.namespace).inc()
+            return wire.AcquireReply(refused=wire.BudgetNote(budget=w.refused.budget, message=w.refused.message))
         if lease is None:
+            note = w.note
+            if note is not None and note.budget is not None:
+                return wire.AcquireReply(
+                    waiting=wire.BudgetNote(budget=note.budget, message=note.message, until=note.until)
+                )
             return wire.AcquireReply()
         if request.transport is None or request.transport.is_closing():
-            self.book.release(ident.namespace, ident.pod, lease.id)  # the worker is no longer listening
+            # the worker is no longer listening: the call is not made
+            self.book.release(ident.namespace, ident.pod, lease.id, wire.CallUsage())
             self.kick(body.endpoint)
             return wire.AcquireReply()
         metrics.LEASE_WAIT_SECONDS.labels(body.endpoint).observe(time.monotonic() - start)
@@ -437,7 +572,7 @@ class Broker:
     async def release(self, request: web.Request, ident: Identity) -> BaseModel | None:
         body = wire.Release.model_validate(await request.json())
         s = self.book.sessions.get((ident.namespace, ident.pod))
-        if self.book.release(ident.namespace, ident.pod, body.lease) and s is not None:
+        if self.book.release(ident.namespace, ident.pod, body.lease, body.usage) and s is not None:
             self.kick(s.endpoint)
         return None
 
@@ -450,9 +585,17 @@ class Broker:
 
     # -- granting -------------------------------------------------------------------------------
     def _grant(self, endpoint: str) -> None:
-        for w in self.book.grant(endpoint, time.monotonic()):
-            metrics.LEASES_GRANTED.labels(endpoint).inc()
+        ledger = self.book.ledger
+        before = {k: v[0] for k, v in ledger.waiting.items()} if ledger is not None else {}
+        now = time.monotonic()
+        for w in self.book.grant(endpoint, now):
+            if w.granted is not None:
+                metrics.LEASES_GRANTED.labels(endpoint).inc()
             self._wake(w)
+        if ledger is not None:  # a ResearchJob whose call began to wait for its namespace's budget says so
+            for rj, (seen, _) in ledger.waiting.items():
+                if seen == now and (rj not in before or now - before[rj] >= SHORT_SECONDS):
+                    WORLD.wake(rj)
 
     def _wake(self, w: Waiter) -> None:
         event = self.events.get(w.order)
@@ -460,8 +603,8 @@ class Broker:
             event.set()
         else:  # the request is gone: give the lease back
             w.gone = True
-            if w.granted is not None:
-                self.book.release(w.session[0], w.session[1], w.granted.id)
+            if w.granted is not None:  # never sent: nothing was used
+                self.book.release(w.session[0], w.session[1], w.granted.id, wire.CallUsage())
 
     def kick(self, endpoint: str) -> None:
         """Something changed at ``endpoint`` (a lease returned, a session came or went): grant now."""
@@ -485,6 +628,10 @@ class Broker:
                 metrics.LEASES_EXPIRED.labels(endpoint).inc(n)
                 log.info(f"lease broker: {n} leases of ModelEndpoint {endpoint} expired (their pods stopped)")
         self.book.expired.clear()
+        if self.book.ledger is not None:
+            if WORLD.job_index is not None:
+                self.book.ledger.forget(WORLD.bodies)
+            metrics.BUDGET_OVERRUN_TOKENS.set(self.book.ledger.overrun.tokens)
         for endpoint in {w.endpoint for w in self.book.waiters}:
             self._grant(endpoint)
         for endpoint in WORLD.endpoints:
@@ -519,7 +666,8 @@ async def start(host: str, port: int, namespace: str = "", service: str = "", po
         ips = sorted({"127.0.0.1", *([pod_ip] if pod_ip else [])})
         broker.tls = Tls.start(pki.KeyPair(cert, key), names, ips)
         WORLD.broker_ca = cert
-    runner = web.AppRunner(broker.app(), access_log=None)
+    # handler_cancellation: an acquire whose worker hung up (a pod killed mid-wait) stops waiting at once.
+    runner = web.AppRunner(broker.app(), access_log=None, handler_cancellation=True)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, ssl_context=broker.tls.ctx if broker.tls else None).start()

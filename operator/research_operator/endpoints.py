@@ -20,6 +20,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from research_api.environment import TASK_ENV
@@ -27,6 +28,7 @@ from research_api.modelendpoint import NamespaceSelector, normalize_url
 from research_api.researchjob import GROUP
 from research_api.task import SHARES_KEY, EndpointShareRef, EndpointShares, ResearchTask, ShareEntry, Step
 from research_operator.constants import child_name
+from research_operator.ledger import Limit, Prices
 
 ANNOTATION_ENDPOINT = f"{GROUP}/model-endpoint"  # the ModelEndpoint a worker Job is admitted against
 ANNOTATION_CONCURRENCY = f"{GROUP}/endpoint-concurrency"  # requests in flight its pod may need
@@ -49,6 +51,7 @@ class Endpoint:
     generation: int = 0
     key_secret: tuple[str, str] | None = None  # (Secret, key) in the operator's namespace
     namespace_selector: NamespaceSelector | None = None  # who may name it; None: nobody
+    prices: Prices | None = None  # per million tokens (spec.prices); None: calls cost nothing
 
     def serves(self, base_url: str, model: str) -> bool:
         return normalize_url(self.base_url) == normalize_url(base_url) and (not self.models or model in self.models)
@@ -84,6 +87,7 @@ def endpoint_from(body: Mapping[str, Any]) -> Endpoint | None:
     try:
         key = spec.get("apiKeySecretRef")
         selector = spec.get("namespaceSelector")
+        prices = spec.get("prices")
         return Endpoint(
             name=str(meta.get("name")),
             base_url=str(spec["baseUrl"]),
@@ -94,8 +98,13 @@ def endpoint_from(body: Mapping[str, Any]) -> Endpoint | None:
             generation=int(meta.get("generation") or 0),
             key_secret=(str(key["name"]), str(key["key"])) if key else None,
             namespace_selector=NamespaceSelector.model_validate(selector) if selector is not None else None,
+            prices=(
+                Prices(_decimal(prices.get("inputPerMillion", "0")), _decimal(prices.get("outputPerMillion", "0")))
+                if prices
+                else None
+            ),
         )
-    except (KeyError, TypeError, ValueError):  # pydantic's ValidationError is a ValueError
+    except (KeyError, TypeError, ValueError, ArithmeticError):  # pydantic's ValidationError is a ValueError
         return None
 
 
@@ -270,18 +279,45 @@ def parse_period(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2)]
 
 
+def _decimal(value: object) -> Decimal:
+    """A money amount as configured (a string such as "0.15", or a number), exactly; never negative."""
+    out = Decimal(str(value).strip())
+    if not out.is_finite() or out < 0:
+        raise ValueError(f"not an amount of money: {value!r}")
+    return out
+
+
+def spec_limit(budget: Mapping[str, Any]) -> Limit | None:
+    """A ResearchJob's spec.budget (maxTokens, maxCost) as a ledger limit (None: neither is set)."""
+    tokens, cost = budget.get("maxTokens"), budget.get("maxCost")
+    if tokens is None and cost is None:
+        return None
+    return Limit(int(tokens) if tokens is not None else None, _decimal(cost) if cost is not None else None)
+
+
 @dataclass(frozen=True)
 class TokenBudget:
-    tokens: int
+    """A namespace's budget per period: in tokens, in money (at the endpoints' prices), or both."""
+
+    tokens: int | None
     period: str  # as configured, e.g. "24h"
+    cost: Decimal | None = None
 
     @property
     def seconds(self) -> int:
         return parse_period(self.period)
 
 
+def describe_budget(b: TokenBudget) -> str:
+    """A budget as the operator logs it: ``5000/24h``, ``cost 25/24h`` or ``5000,cost 25/24h``."""
+    parts = ([str(b.tokens)] if b.tokens is not None else []) + ([f"cost {b.cost}"] if b.cost is not None else [])
+    return f"{','.join(parts)}/{b.period}"
+
+
 def parse_budgets(raw: str) -> dict[str, TokenBudget]:
-    """``namespaceTokenBudgets``: a JSON (or YAML flow) map of namespace to ``{tokens, period}``."""
+    """``namespaceTokenBudgets``: a JSON (or YAML flow) map of namespace to ``{tokens, cost, period}``
+    (tokens, cost or both; cost a decimal string such as ``"25.00"``, in the unit of the endpoints'
+    prices)."""
     if not raw.strip():
         return {}
     try:
@@ -293,12 +329,19 @@ def parse_budgets(raw: str) -> dict[str, TokenBudget]:
     out: dict[str, TokenBudget] = {}
     for ns, b in data.items():
         tokens = b.get("tokens") if isinstance(b, dict) else None
+        cost_text = b.get("cost") if isinstance(b, dict) else None
         if isinstance(tokens, float) and tokens.is_integer():
             tokens = int(tokens)  # 2e+06 from a templating tool
-        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
-            raise ValueError(f"namespaceTokenBudgets[{ns}] needs tokens: a whole number >= 1")
+        if (tokens is not None or cost_text is None) and (
+            not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1
+        ):
+            raise ValueError(f'namespaceTokenBudgets[{ns}] needs tokens (a whole number >= 1) or cost (e.g. "25.00")')
+        try:
+            cost = _decimal(cost_text) if cost_text is not None else None
+        except (ValueError, ArithmeticError):
+            raise ValueError(f"namespaceTokenBudgets[{ns}].cost is not an amount of money: {cost_text!r}") from None
         assert isinstance(b, dict)
-        budget = TokenBudget(tokens, str(b.get("period", "24h")))
+        budget = TokenBudget(tokens, str(b.get("period", "24h")), cost)
         budget.seconds  # noqa: B018 - validates the period
         out[str(ns)] = budget
     return out

@@ -22,7 +22,7 @@ from research_api.researchjob import GROUP, PLURAL, VERSION
 from research_operator import admit, broker, deletion, kube, kueue, loop, metrics
 from research_operator.admission import QuotaUsage
 from research_operator.constants import LABEL_JOB, LABEL_KIND, SETTINGS_KIND
-from research_operator.endpoints import Endpoint, calls, endpoint_from
+from research_operator.endpoints import Endpoint, calls, describe_budget, endpoint_from
 from research_operator.reconcile import JobView
 from research_operator.views import StoredObject, job_view, owner_uid, stored_object
 from research_operator.world import BASE_SETTINGS, WORLD, Key, settings
@@ -179,7 +179,7 @@ def settings_changed(type: str, body: kopf.Body, namespace: str | None, name: st
         return
     if data != WORLD.settings_data:
         WORLD.settings_data = data
-        budgets = ",".join(f"{ns}:{b.tokens}/{b.period}" for ns, b in sorted(new.token_budgets.items()))
+        budgets = ",".join(f"{ns}:{describe_budget(b)}" for ns, b in sorted(new.token_budgets.items()))
         logger.info(
             f"operator settings: globalMaxActiveJobs={new.global_max_active} "
             f"namespaceMaxActiveJobs={new.namespace_max_active} "

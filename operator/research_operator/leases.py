@@ -17,6 +17,11 @@ grants nothing for ``recovery_seconds`` while live workers re-declare the leases
 Fairness: waiting requests are granted to the namespace, then the ResearchJob, holding the fewest
 leases of the endpoint (max-min fairness), the longest-waiting first among equals; requests and
 tokens per minute are endpoint-wide buckets charged at grant (a request) and at release (its tokens).
+
+Budgets: with a ``ledger`` (``research_operator.ledger``), a request that carries its worst case is
+granted only when that reservation fits every budget it falls under; it is settled when the lease is
+returned (to the usage the worker reports, else at the worst case), and the reservations of a lapsed
+session at their worst case. A request that must wait for a budget does not hold back the others.
 """
 
 from __future__ import annotations
@@ -26,7 +31,15 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from research_api.leases import HEARTBEAT_SECONDS, QUIET_MARGIN_SECONDS, SESSION_TTL_SECONDS, Mode
+from research_api.leases import (
+    HEARTBEAT_SECONDS,
+    QUIET_MARGIN_SECONDS,
+    SESSION_TTL_SECONDS,
+    CallUsage,
+    Mode,
+    Reserve,
+)
+from research_operator.ledger import Budgets, Decision, Ledger, Prices, Reservation, Verdict
 
 REQUEST_BURST_SECONDS = 1.0
 TOKEN_BURST_SECONDS = 10.0
@@ -46,6 +59,7 @@ class PodRef:
     research_job: str
     job: str
     share: int  # its ConfigMap share of concurrency (what it may use without the broker)
+    uid: str = ""  # the ResearchJob's uid (its budgets)
 
 
 SessionKey = tuple[str, str]  # (namespace, pod name): a Job's retried pod has a session of its own
@@ -70,6 +84,7 @@ class Session:
     leases: dict[str, Lease] = field(default_factory=dict)
     seq: int = 0
     closed_at: float | None = None  # the worker said it makes no more calls
+    uid: str = ""  # the ResearchJob's uid
 
     def live(self, now: float, ttl: float) -> bool:
         return self.closed_at is None and now - self.last_seen < ttl
@@ -118,6 +133,9 @@ class Waiter:
     order: int
     granted: Lease | None = None
     gone: bool = False  # the request ended (timed out, disconnected) before a grant
+    reservation: Reservation | None = None  # its worst case, reserved against its budgets at grant
+    refused: Verdict | None = None  # no budget of its can ever pay it: answered at once
+    note: Verdict | None = None  # why it waits for a budget, as of the last grant pass
 
 
 class LeaseError(Exception):
@@ -145,6 +163,12 @@ class Book:
     buckets: dict[str, tuple[_Bucket, _Bucket]] = field(default_factory=dict)
     _order: itertools.count[int] = field(default_factory=itertools.count)
     expired: dict[str, int] = field(default_factory=dict)  # leases dropped with a lapsed session, by endpoint
+    # Budgets (None: none enforced here): the ledger, each ResearchJob's budgets (namespace, name,
+    # uid, now) and each endpoint's prices.
+    ledger: Ledger | None = None
+    declared: set[SessionKey] = field(default_factory=set)  # pods whose unstored usage was taken (recovery)
+    budgets: Callable[[str, str, str, float], Budgets] | None = None
+    prices: Callable[[str], Prices] = field(default=lambda endpoint: Prices())
 
     # -- what is in flight ------------------------------------------------------------------
     def recovering(self, now: float) -> bool:
@@ -208,6 +232,8 @@ class Book:
         held: Iterable[str],
         seen: int,
         tokens: int = 0,
+        reserved: Mapping[str, Reserve] | None = None,
+        unstored: CallUsage | None = None,
     ) -> list[str]:
         """A worker's heartbeat: it is alive, in ``mode``, with ``carried`` calls under its share and
         the leases ``held``; ``seen`` is the last grant number it received. Returns the held leases
@@ -216,26 +242,50 @@ class Book:
         key = (namespace, pod)
         s = self.sessions.get(key)
         if s is None or s.endpoint != endpoint or s.job != job or s.closed_at is not None:
-            s = Session(namespace, ref.research_job, job, pod, endpoint, now)
+            s = Session(namespace, ref.research_job, job, pod, endpoint, now, uid=ref.uid)
             self.sessions[key] = s
         elif not s.live(now, self.ttl):
             self._drop(s)
         s.last_seen, s.mode, s.carried = now, mode, max(0, carried)
         s.seq = max(s.seq, seen)  # a restarted broker numbers its grants after what the worker has seen
         self._buckets(endpoint)[1].take(max(0, tokens), now)  # tokens are charged when calls return
+        if self.ledger is not None and unstored is not None and self.recovering(now) and key not in self.declared:
+            # what the pod's calls used under a predecessor that no stored result holds yet
+            self.declared.add(key)
+            used = self.prices(endpoint).amount(unstored.input_tokens, unstored.output_tokens)
+            self.ledger.redeclare_spent((namespace, ref.uid), used)
         held = set(held)
         lost = []
         for lid in sorted(held - s.leases.keys()):
             if self.recovering(now):
                 s.leases[lid] = Lease(lid, 0)  # re-declared to a broker that just started
+                r = (reserved or {}).get(lid)
+                if r is not None and self.ledger is not None:  # and its reservation, granted before
+                    self.ledger.reserve(self._reservation(s, r, lid))
             else:
                 lost.append(lid)
         for lid, lease in list(s.leases.items()):
             if lid not in held and lease.seq <= seen:
-                del s.leases[lid]  # granted before the worker's last grant and not held: never received
+                # Granted before the worker's last grant and not held: never received, or its release
+                # was lost (the call may have been made: its worst case is settled).
+                del s.leases[lid]
+                self._settle(lid, None)
         return lost
 
-    def enqueue(self, endpoint: str, namespace: str, job: str, pod: str, now: float) -> Waiter:
+    def _reservation(self, s: Session, r: Reserve, lid: str = "") -> Reservation:
+        worst = self.prices(s.endpoint).amount(r.input_tokens, r.output_tokens)
+        return Reservation(lid, (s.namespace, s.uid), worst, self.prices(s.endpoint), r.input_tokens, r.output_tokens)
+
+    def _settle(self, lid: str, usage: CallUsage | None) -> None:
+        if self.ledger is not None:
+            if usage is None:
+                self.ledger.settle(lid, None, None)
+            else:
+                self.ledger.settle(lid, usage.input_tokens, usage.output_tokens)
+
+    def enqueue(
+        self, endpoint: str, namespace: str, job: str, pod: str, now: float, reserve: Reserve | None = None
+    ) -> Waiter:
         self._admitted(endpoint, namespace, job)
         s = self.sessions.get((namespace, pod))
         if s is None or not s.live(now, self.ttl) or s.endpoint != endpoint or s.job != job:
@@ -243,19 +293,25 @@ class Book:
         if s.mode != Mode.LEASE:
             raise LeaseError(409, "the session is in fallback mode: send a heartbeat in lease mode first")
         w = Waiter((namespace, pod), endpoint, now, next(self._order))
+        if reserve is not None and self.ledger is not None:
+            w.reservation = self._reservation(s, reserve)
         self.waiters.append(w)
         return w
 
-    def release(self, namespace: str, pod: str, lease_id: str) -> bool:
-        """A call ended: its lease is free."""
+    def release(self, namespace: str, pod: str, lease_id: str, usage: CallUsage | None = None) -> bool:
+        """A call ended: its lease is free, and its reservation settled to ``usage`` (None: unknown,
+        so at its worst case)."""
         s = self.sessions.get((namespace, pod))
-        return s is not None and s.leases.pop(lease_id, None) is not None
+        if s is None or s.leases.pop(lease_id, None) is None:
+            return False
+        self._settle(lease_id, usage)
+        return True
 
     def close(self, namespace: str, pod: str, now: float) -> None:
         s = self.sessions.get((namespace, pod))
         if s is not None:
             s.closed_at = now
-            s.leases.clear()
+            self._drop(s, count=False)
             s.carried = 0
 
     # -- granting ------------------------------------------------------------------------------
@@ -274,8 +330,12 @@ class Book:
             self.buckets[endpoint] = b
         return b
 
-    def _drop(self, s: Session) -> None:
-        self.expired[s.endpoint] = self.expired.get(s.endpoint, 0) + len(s.leases)
+    def _drop(self, s: Session, count: bool = True) -> None:
+        """The session's leases end with it; their calls may have been made: settled at worst case."""
+        if count:
+            self.expired[s.endpoint] = self.expired.get(s.endpoint, 0) + len(s.leases)
+        if self.ledger is not None:
+            self.ledger.settle_all(s.leases)
         s.leases.clear()
 
     def expire(self, now: float) -> None:
@@ -317,16 +377,41 @@ class Book:
             s = self.sessions[w.session]
             return (held_ns.get(s.namespace, 0), held_rj.get((s.namespace, s.research_job), 0), w.since, w.order)
 
+        budgets: dict[tuple[str, str], Budgets] = {}  # the world's view, looked at once per pass
+
+        def verdict(w: Waiter) -> Verdict | None:
+            """The budgets' verdict on ``w`` now (None: it reserves nothing)."""
+            if w.reservation is None or self.ledger is None or self.budgets is None:
+                return None
+            s = self.sessions[w.session]
+            b = budgets.get((s.namespace, s.uid))
+            if b is None:
+                b = budgets[(s.namespace, s.uid)] = self.budgets(s.namespace, s.research_job, s.uid, now)
+            v = self.ledger.check(b, w.reservation, now)
+            w.note = v if v.decision == Decision.WAIT else None
+            return v
+
+        # A call that no budget can ever pay is answered at once, whatever the endpoint's capacity.
+        for w in self.waiters:
+            if w.endpoint == endpoint and self._can_take(w, now) and (v := verdict(w)) is not None:
+                if v.decision == Decision.REFUSE:
+                    w.refused = v
+                    w.gone = True
+                    out.append(w)
         while used < lim.max_concurrent and req.ready(now) and tok.ready(now):
-            live = [w for w in self.waiters if w.endpoint == endpoint and self._can_take(w, now)]
-            if not live:
+            live = sorted((w for w in self.waiters if w.endpoint == endpoint and self._can_take(w, now)), key=fairness)
+            found = next((w for w in live if (v := verdict(w)) is None or v.decision == Decision.GRANT), None)
+            if found is None:
                 break
-            w = min(live, key=fairness)
+            w = found
             s = self.sessions[w.session]
             s.seq += 1
             lease = Lease(uuid.uuid4().hex, s.seq)
             s.leases[lease.id] = lease
             w.granted = lease
+            if w.reservation is not None and self.ledger is not None:
+                w.reservation.id = lease.id
+                self.ledger.reserve(w.reservation)
             held_ns[s.namespace] = held_ns.get(s.namespace, 0) + 1
             held_rj[(s.namespace, s.research_job)] = held_rj.get((s.namespace, s.research_job), 0) + 1
             req.take(1, now)

@@ -29,12 +29,13 @@ from research_api.researchjob import (
 )
 from research_api.task import Step
 from research_operator import broker, kube, kueue, metrics, tenancy
-from research_operator.admission import PodResources, never_fits
+from research_operator.admission import PodResources, WaitReason, never_fits
 from research_operator.admit import Outcome, Want, admit_and_create, pods_blocked, still_blocked, with_detail
 from research_operator.admit import now as _now
 from research_operator.builders import Owner, worker_job, worker_network_policy, worker_rbac
 from research_operator.deletion import cleanup_state, finalize_once
 from research_operator.finalizer import decide_cleanup
+from research_operator.ledger import SHORT_SECONDS
 from research_operator.reconcile import (
     Observed,
     Waiting,
@@ -267,6 +268,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         previous=prev,
         uid=uid,
         refusal=refused,
+        prices=broker.prices_of(key),
         quality_floor=cfg.quality_floor,
     )
     d = decide(spec, obs)
@@ -330,6 +332,11 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     elif WORLD.waiting.pop(key, None) is not None:
         WORLD.blocked.pop(key, None)
         WORLD.bump()
+    if waiting.reason is None and (why := broker.budget_wait(key)) is not None:
+        # A running pod's model call waits for the namespace's budget (the lease broker's ledger): say
+        # so, and look again when the note would lapse (the broker wakes it when a call begins to wait).
+        until = now + dt.timedelta(seconds=SHORT_SECONDS)
+        waiting = Waiting("a model call of a running worker Job", WaitReason.TOKEN_BUDGET, why, until=until)
     live = [j for j in WORLD.jobs_of(key).values() if j.active]
     waiting = dataclasses.replace(waiting, pods_blocked=pods_blocked(live))
     events = apply_waiting(st, prev, waiting, obs.generation, now)

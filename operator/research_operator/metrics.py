@@ -59,8 +59,26 @@ ENDPOINT_SHARE = Gauge(
 )
 NAMESPACE_TOKENS = Gauge(
     "research_operator_namespace_tokens_spent",
-    "Tokens a namespace with a token budget spent in the current period (from what workers stored).",
+    "Tokens a namespace with a budget spent in the current period (stored results, and calls settled by "
+    "the lease broker not stored yet).",
     ["namespace"],
+    registry=REGISTRY,
+)
+NAMESPACE_COST = Gauge(
+    "research_operator_namespace_cost_spent",
+    "What a namespace with a budget spent in the current period, at the ModelEndpoints' prices.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+BUDGET_REFUSED = Counter(
+    "research_operator_budget_refused_total",
+    "Model calls the lease broker refused because a ResearchJob's budget cannot pay their worst case.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+BUDGET_OVERRUN_TOKENS = Gauge(
+    "research_operator_budget_overrun_tokens",
+    "Tokens calls used beyond their reservation (a prompt bound that was not one); 0 when budgets hold.",
     registry=REGISTRY,
 )
 ENDPOINT_429 = Counter(

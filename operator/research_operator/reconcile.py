@@ -18,10 +18,12 @@ from research_api.researchjob import (
     ReportRef,
     ResearchJobSpec,
     ResearchJobStatus,
+    StepUsage,
 )
 from research_api.task import QualityFloor
 from research_operator.admission import PodResources, WaitReason
 from research_operator.constants import plan_id
+from research_operator.ledger import Prices, money
 from research_operator.tenancy import Refusal
 
 # How soon a ResearchJob refused because the author-checking policy is missing looks again: its
@@ -68,6 +70,20 @@ class StoreView:
     reports: dict[str, ReportRef] = field(default_factory=dict)
     qualities: dict[str, ReportQuality] = field(default_factory=dict)  # the reports' quality figures
     tokens: int = 0
+    input_tokens: int = 0  # of ``tokens``, in prompts (cost follows the endpoint's prices)
+    output_tokens: int = 0
+    steps: dict[str, list[StepTokens]] = field(default_factory=dict)  # by plan id: each stored step's usage
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """What one stored step used: plan (analysts), interview (a section, by analyst) or write (the report)."""
+
+    step: str
+    analyst: int | None
+    input_tokens: int
+    output_tokens: int
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,7 @@ class Observed:
     previous: ResearchJobStatus
     uid: str = ""  # the ResearchJob's uid (part of its plan ids)
     refusal: Refusal | None = None  # why no worker Job may be created for it (tenancy)
+    prices: Prices | None = None  # its ModelEndpoint's prices (None: none declared)
     quality_floor: QualityFloor = QualityFloor()  # the admins' default (settings.quality)
 
 
@@ -124,6 +141,24 @@ def condition(
     return Condition(
         type=ctype, status=s, reason=reason, message=message, last_transition_time=when, observed_generation=generation
     )
+
+
+STEP_ORDER = {"plan": 0, "interview": 1, "write": 2}
+
+
+def step_usage(steps: list[StepTokens], prices: Prices | None) -> list[StepUsage] | None:
+    """Each stored step's tokens and cost (at ``prices``), in the order they run."""
+    if not steps:
+        return None
+    return [
+        StepUsage(
+            step=s.step,
+            analyst=s.analyst,
+            tokens=s.tokens,
+            cost=money(prices.amount(s.input_tokens, s.output_tokens).cost) if prices else None,
+        )
+        for s in sorted(steps, key=lambda s: (STEP_ORDER.get(s.step, 3), s.analyst or 0))
+    ]
 
 
 def quality_status(q: ReportQuality) -> QualityStatus:
@@ -193,6 +228,8 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
         sections_done=len(done),
         progress=f"{len(done)}/{count}",
         tokens_used=obs.store.tokens,
+        cost=money(obs.prices.amount(obs.store.input_tokens, obs.store.output_tokens).cost) if obs.prices else None,
+        usage=step_usage(obs.store.steps.get(pid, []), obs.prices),
         start_time=prev.start_time or rfc3339(obs.created),
     )
     d = Decision(status=st, delete_jobs=list(stale))

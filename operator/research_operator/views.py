@@ -116,6 +116,8 @@ class StoredObject:
     report_key: str | None = None
     postgres_id: str | None = None  # a report marker of the PostgreSQL store
     tokens: int = 0
+    input_tokens: int = 0  # of ``tokens``, in prompts (their cost follows the endpoint's prices)
+    output_tokens: int = 0
     created: dt.datetime | None = None  # when the worker stored it (token budgets count by it)
     rate_limited: int = 0  # 429 answers the worker saw while making it
     quality: ReportQuality | None = None  # a report's (or report marker's) quality figures
@@ -144,6 +146,8 @@ def stored_object(body: Mapping[str, Any]) -> StoredObject | None:
         analyst=int(idx) if idx is not None and str(idx).isdigit() else None,
         name=str(meta.get("name")),
         tokens=record.usage.total_tokens,
+        input_tokens=record.usage.input_tokens,
+        output_tokens=record.usage.output_tokens,
         created=_time(meta.get("creationTimestamp")),
         rate_limited=record.usage.rate_limited,
     )

@@ -23,12 +23,13 @@ from research_operator.endpoints import (
     Endpoint,
     PodUse,
 )
-from research_operator.reconcile import JobView, StoreView
+from research_operator.reconcile import JobView, StepTokens, StoreView
 from research_operator.settings import Settings
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, ResearchJob uid)
+STORED_STEP = {"analysts": "plan", "section": "interview", "report": "write"}  # the step that stores each kind
 WAKE_COALESCE = 0.05  # seconds: wake-ups of waiting ResearchJobs within this are served by one sweep
 TERMINATING_MEMO = 30.0  # seconds a namespace that refused a create as being deleted is not asked again
 
@@ -271,9 +272,23 @@ class World:
         sections: dict[str, set[int]] = defaultdict(set)
         reports: dict[str, ReportRef] = {}
         qualities: dict[str, ReportQuality] = {}
-        tokens = 0
+        tokens = input_tokens = output_tokens = 0
+        steps: dict[str, list[StepTokens]] = defaultdict(list)
         for obj in (self.stored_index or {}).get(key, []):
             tokens += obj.tokens
+            input_tokens += obj.input_tokens
+            output_tokens += obj.output_tokens
+            step = STORED_STEP.get(obj.kind)
+            if step is not None:
+                steps[obj.plan].append(
+                    StepTokens(
+                        step,
+                        obj.analyst if step == "interview" else None,
+                        obj.input_tokens,
+                        obj.output_tokens,
+                        obj.tokens,
+                    )
+                )
             if obj.kind == "analysts" and obj.analysts is not None:
                 analysts[obj.plan] = obj.analysts
             elif obj.kind == "section" and obj.analyst is not None:
@@ -291,6 +306,9 @@ class World:
             reports=reports,
             qualities=qualities,
             tokens=tokens,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            steps=dict(steps),
         )
 
     def demands(self, cached: bool = False) -> list[Demand]:

@@ -237,6 +237,7 @@ async def _main(args: argparse.Namespace) -> int:
                 from research_worker.leases import LeaseClient, broker_token
 
                 rt.llm.leases = LeaseClient(share_ref, rt.llm.share, broker_token, ca=task.model.broker_ca)
+                rt.llm.leases.unstored = rt.llm.unstored
                 await rt.llm.leases.start()
                 stack.push_async_callback(rt.llm.leases.close)
         if step == Step.PLAN:

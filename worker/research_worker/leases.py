@@ -15,6 +15,12 @@ to its ConfigMap share (``research_worker.share``), never to more:
 No wait is unbounded: a call that gets neither a lease nor a share slot within ``MAX_SLOT_WAIT``
 fails with an error that says so.
 
+Budgets: a call's lease request carries its worst case (``wire.Reserve``), which the broker reserves
+against the ResearchJob's and the namespace's budgets before it grants the lease; the release carries
+what the call used (``Ticket.usage``; unknown: settled at the worst case). A call no budget can ever pay
+is refused (``BudgetExceeded``, the budget exit code); one waiting for a namespace's budget waits until
+its period rolls over (the broker says when), saying so in the log.
+
 Each request carries the pod's token for the broker's audience (``broker_token``: the projected
 token file, read at each request since the kubelet rotates it), never the pod's API token. Without
 that file the pod cannot be served by the broker: it says so and calls under its share.
@@ -37,7 +43,7 @@ import httpx
 
 from research_api import leases as wire
 from research_api.task import EndpointShareRef
-from research_worker.errors import ModelEndpointError, WorkerConfigError
+from research_worker.errors import BudgetExceeded, ModelEndpointError, WorkerConfigError
 from research_worker.share import ShareLimiter
 
 log = logging.getLogger(__name__)
@@ -95,6 +101,17 @@ class _Hold:
     task: asyncio.Task[object] | None
     active: bool = True
     lost: bool = False
+    reserve: wire.Reserve | None = None
+
+
+@dataclass
+class Ticket:
+    """One call's place in flight; the caller sets ``usage`` to what the call used, when it is known
+    (an answer's usage, or none at all when the endpoint refused the request), so its reservation is
+    settled to it. Left None, the reservation is settled at its worst case."""
+
+    usage: wire.CallUsage | None = None
+    lease: str | None = None  # the lease it holds (None: under the share, or no broker)
 
 
 class LeaseClient:
@@ -125,6 +142,8 @@ class LeaseClient:
         self.last_maybe = float("-inf")  # when the last heartbeat that may have arrived was sent
         self.last_error = ""
         self.loop_task: asyncio.Task[None] | None = None
+        # What this pod's calls used that no result it stored holds yet (declared in heartbeats).
+        self.unstored: Callable[[], wire.CallUsage] | None = None
 
     # -- the session ------------------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -172,6 +191,8 @@ class LeaseClient:
             held=[lid for lid, h in self.held.items() if not h.lost],
             seen=self.seen,
             tokens=self.tokens,
+            reserved={lid: h.reserve for lid, h in self.held.items() if not h.lost and h.reserve is not None},
+            unstored=self.unstored() if self.unstored is not None else None,
         )
         sent = time.monotonic()
         tokens = self.tokens
@@ -264,9 +285,9 @@ class LeaseClient:
     def spent(self, tokens: int) -> None:
         self.tokens += max(0, tokens)
 
-    async def _acquire(self, deadline: float) -> str | None:
+    async def _acquire(self, deadline: float, reserve: wire.Reserve | None = None) -> wire.AcquireReply | None:
         wait = min(wire.MAX_WAIT_SECONDS, max(0.1, deadline - time.monotonic()))
-        body = wire.Acquire(endpoint=self.endpoint, job=self.job, wait_seconds=wait)
+        body = wire.Acquire(endpoint=self.endpoint, job=self.job, wait_seconds=wait, reserve=reserve)
         try:
             resp = await self.http.post(
                 self.url + wire.PATH_ACQUIRE,
@@ -285,22 +306,26 @@ class LeaseClient:
         reply = wire.AcquireReply.model_validate(resp.json())
         if reply.lease is not None:
             self.seen = max(self.seen, reply.seq)
-        return reply.lease
+        return reply
 
-    async def _release(self, lid: str) -> None:
+    async def _release(self, lid: str, usage: wire.CallUsage | None = None) -> None:
         self.held.pop(lid, None)  # not held: a later heartbeat tells the broker, if this is lost
         with contextlib.suppress(httpx.HTTPError, WorkerConfigError):
             await self.http.post(
                 self.url + wire.PATH_RELEASE,
-                json=wire.Release(lease=lid).model_dump(by_alias=True),
+                json=wire.Release(lease=lid, usage=usage).model_dump(by_alias=True),
                 headers=self._headers(),
             )
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """A place in flight for one call: a lease, or in fallback a slot of the share. Raises
-        ``LeaseLost`` from the call when its lease is lost (the caller makes the call again)."""
+    async def slot(self, reserve: wire.Reserve | None = None) -> AsyncIterator[Ticket]:
+        """A place in flight for one call: a lease (for which the broker reserves ``reserve``, the
+        call's worst case, against its budgets), or in fallback a slot of the share. Raises
+        ``LeaseLost`` from the call when its lease is lost (the caller makes the call again) and
+        ``BudgetExceeded`` when no budget of the call can ever pay it."""
         deadline = time.monotonic() + MAX_SLOT_WAIT
+        said = ""
+        ticket = Ticket()
         while True:
             if time.monotonic() > deadline:
                 raise ModelEndpointError(
@@ -311,21 +336,30 @@ class LeaseClient:
                 async with self.share.slot():
                     self.carried += 1
                     try:
-                        yield
+                        yield ticket
                     finally:
                         self.carried -= 1
                 return
             if self.state == State.LEASE:
-                lid = await self._acquire(deadline)
+                reply = await self._acquire(deadline, reserve)
+                if reply is not None and reply.refused is not None:
+                    raise BudgetExceeded(reply.refused.message)
+                if reply is not None and reply.waiting is not None and reply.waiting.message != said:
+                    said = reply.waiting.message
+                    log.info("a model call waits for a budget: %s", said)
+                    if reply.waiting.until is not None:  # a namespace's period: it ends then
+                        deadline = max(deadline, time.monotonic() + reply.waiting.until + MAX_SLOT_WAIT)
+                lid = reply.lease if reply is not None else None
                 if lid is None:
                     continue
                 if self.state != State.LEASE:  # dropped while the answer was on its way
                     await self._release(lid)
                     continue
-                hold = _Hold(lid, asyncio.current_task())
+                hold = _Hold(lid, asyncio.current_task(), reserve=reserve)
                 self.held[lid] = hold
+                ticket.lease = lid
                 try:
-                    yield
+                    yield ticket
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
                     if hold.lost and task is not None:
@@ -334,7 +368,7 @@ class LeaseClient:
                     raise
                 finally:
                     hold.active = False
-                    await self._release(lid)
+                    await self._release(lid, ticket.usage)
                 return
             changed = self.changed
             with contextlib.suppress(TimeoutError):

@@ -36,6 +36,7 @@ from langchain_core.rate_limiters import InMemoryRateLimiter
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, SecretStr, ValidationError
 
+from research_api import leases as wire
 from research_api.task import ModelSettings
 from research_worker.bounds import bounded, strict_subset_only
 from research_worker.errors import (
@@ -49,7 +50,7 @@ from research_worker.errors import (
     ModelTimeout,
     WorkerConfigError,
 )
-from research_worker.leases import LeaseClient, LeaseLost, broker_ssl, broker_token
+from research_worker.leases import LeaseClient, LeaseLost, Ticket, broker_ssl, broker_token
 from research_worker.share import ShareLimiter
 from research_worker.state import TokenUsage
 from research_worker.stopping import Stop
@@ -61,6 +62,26 @@ T = TypeVar("T", bound=BaseModel)
 PREFLIGHT_TIMEOUT = 5.0
 LEASE_LOST_ATTEMPTS = 5  # a call whose lease is lost (the broker unreachable) is made again
 PREFLIGHT_ATTEMPTS = 4
+# A call without an output bound (max_output_tokens None) reserves what the ResearchJob CRD allows at most.
+UNBOUNDED_OUTPUT_TOKENS = 1_000_000
+
+
+def prompt_bound(messages: Sequence[BaseMessage], schema: str = "") -> int:
+    """An upper bound of a request's prompt tokens, for its budget reservation
+    (``research_api.leases.prompt_bound``: the UTF-8 bytes of every message and of the structured
+    answer's schema, with framing). Generous (about four times the tokens of English prose), so a
+    reservation is settled below it, never above."""
+    return wire.prompt_bound([_text(m.content) for m in messages], schema)
+
+
+# The lease of the call in progress: a request through the operator's gateway names it (wire.LEASE_HEADER).
+_LEASE: ContextVar[str | None] = ContextVar("lease", default=None)
+
+
+async def _name_lease(request: httpx.Request) -> None:
+    lease = _LEASE.get()
+    if lease is not None:
+        request.headers[wire.LEASE_HEADER] = lease
 
 
 def usage_of(message: BaseMessage | None) -> TokenUsage:
@@ -261,6 +282,8 @@ class LLMClient:
         if http_async_client is None:
             http_async_client = httpx.AsyncClient(timeout=settings.timeout_seconds, verify=_verify(settings))
         http_async_client.event_hooks.setdefault("response", []).append(_count_429)  # 429s, counted
+        if settings.gateway:
+            http_async_client.event_hooks.setdefault("request", []).append(_name_lease)
         limiter = (
             InMemoryRateLimiter(
                 requests_per_second=settings.requests_per_second,
@@ -282,7 +305,7 @@ class LLMClient:
             stream_usage=True,
             http_async_client=http_async_client,
         )
-        self._structured: dict[type[BaseModel], Any] = {}
+        self._structured: dict[type[BaseModel], tuple[Any, str]] = {}  # the runnable, its schema's JSON
         self._sem = asyncio.Semaphore(settings.max_concurrency)
         share = settings.share
         self.share: ShareLimiter | None = (
@@ -298,6 +321,19 @@ class LLMClient:
         self.budget = max_tokens_budget
         self.used_before = tokens_used_before
         self.usage = TokenUsage()
+        self.stored_usage = TokenUsage()  # of ``usage``, what results this process stored hold
+
+    def stored(self, usage: TokenUsage) -> None:
+        """A result holding ``usage`` was stored by this process."""
+        self.stored_usage = self.stored_usage + usage
+
+    def unstored(self) -> wire.CallUsage:
+        """What this process's calls used that no result it stored holds yet (the lease broker counts
+        it against the budgets after a restart)."""
+        return wire.CallUsage(
+            input_tokens=max(0, self.usage.input_tokens - self.stored_usage.input_tokens),
+            output_tokens=max(0, self.usage.output_tokens - self.stored_usage.output_tokens),
+        )
 
     def _check_budget(self) -> None:
         used = self.used_before + self.usage.total_tokens
@@ -308,16 +344,16 @@ class LLMClient:
         self.usage = self.usage + usage
 
     @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
+    async def _slot(self, reserve: wire.Reserve) -> AsyncIterator[Ticket]:
         if self.leases is not None:
-            async with self._sem, self.leases.slot():
-                yield
+            async with self._sem, self.leases.slot(reserve) as ticket:
+                yield ticket
         elif self.share is not None:
             async with self.share.slot():
-                yield
+                yield Ticket()
         else:
             async with self._sem:
-                yield
+                yield Ticket()
 
     def _tally(self, usage: TokenUsage, box: list[int]) -> TokenUsage:
         self.rate_limited += box[0]
@@ -327,29 +363,59 @@ class LLMClient:
             self.leases.spent(usage.total_tokens)
         return usage.model_copy(update={"rate_limited": box[0]}) if box[0] else usage
 
-    async def _call(self, runnable: Any, messages: Sequence[BaseMessage], what: str, box: list[int]) -> Any:
+    async def _call(
+        self,
+        runnable: Any,
+        messages: Sequence[BaseMessage],
+        what: str,
+        box: list[int],
+        answer: Callable[[Any], BaseMessage | None] = lambda out: out,
+        schema: str = "",
+    ) -> Any:
+        """One model call: ``answer`` picks the message with the usage out of the result, ``schema`` is
+        the structured answer's JSON schema (part of the prompt's worst case)."""
         for attempt in range(LEASE_LOST_ATTEMPTS):
             try:
                 if self.stop is not None:  # SIGTERM: no new call, the one in flight (or waiting) cancelled
-                    return await self.stop.race(self._call_once(runnable, messages, what, box))
-                return await self._call_once(runnable, messages, what, box)
+                    return await self.stop.race(self._call_once(runnable, messages, what, box, answer, schema))
+                return await self._call_once(runnable, messages, what, box, answer, schema)
             except LeaseLost as exc:
                 log.warning("%s: %s (attempt %d of %d)", what, exc, attempt + 1, LEASE_LOST_ATTEMPTS)
         raise ModelEndpointError(f"{what}: the endpoint lease was lost {LEASE_LOST_ATTEMPTS} times in a row")
 
-    async def _call_once(self, runnable: Any, messages: Sequence[BaseMessage], what: str, box: list[int]) -> Any:
+    async def _call_once(
+        self,
+        runnable: Any,
+        messages: Sequence[BaseMessage],
+        what: str,
+        box: list[int],
+        answer: Callable[[Any], BaseMessage | None],
+        schema: str,
+    ) -> Any:
         self._check_budget()
         base = self.settings.base_url or "https://api.openai.com/v1"
-        async with self._slot():
+        sent = alternate_roles(messages)
+        reserve = wire.Reserve(
+            input_tokens=prompt_bound(sent, schema),
+            output_tokens=self.settings.max_output_tokens or UNBOUNDED_OUTPUT_TOKENS,
+        )
+        async with self._slot(reserve) as ticket:
             _RATE_LIMITED.set(box)
+            _LEASE.set(ticket.lease)
             start = time.monotonic()
             try:
-                return await runnable.ainvoke(alternate_roles(messages))
+                out = await runnable.ainvoke(sent)
+                used = usage_of(answer(out))
+                if used.total_tokens > 0:  # an endpoint that reports no usage: settled at the worst case
+                    ticket.usage = wire.CallUsage(input_tokens=used.input_tokens, output_tokens=used.output_tokens)
+                return out
             except openai.AuthenticationError:
+                ticket.usage = wire.CallUsage()  # refused at once: nothing was generated
                 raise ModelAuthError(
                     f"model endpoint rejected the API key from ${self.settings.api_key_env} (HTTP 401)"
                 ) from None
             except openai.NotFoundError as exc:
+                ticket.usage = wire.CallUsage()
                 raise ModelEndpointError(f"model {self.settings.name!r} not found: {_status_detail(exc)}") from None
             except openai.APITimeoutError:
                 raise ModelTimeout(
@@ -364,6 +430,8 @@ class LLMClient:
                     f"gave up after {self.settings.max_retries} retries"
                 ) from None
             except openai.APIStatusError as exc:
+                if exc.status_code not in _RETRIED_STATUSES and exc.status_code < 500:
+                    ticket.usage = wire.CallUsage()  # answered to the first attempt: nothing was generated
                 detail = _status_detail(exc)
                 if exc.status_code in (400, 413, 422) and _CONTEXT_OVERFLOW.search(f"{detail} {exc.body}"):
                     raise ModelContextExceeded(
@@ -380,6 +448,10 @@ class LLMClient:
                 ) from None
             except openai.LengthFinishReasonError as exc:
                 usage = exc.completion.usage
+                if usage is not None:
+                    ticket.usage = wire.CallUsage(
+                        input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens
+                    )
                 got = f" after {usage.completion_tokens} tokens" if usage else ""
                 raise ModelAnswerError(
                     f"{what}: the answer was cut off{got} at spec.model.maxOutputTokens "
@@ -394,7 +466,7 @@ class LLMClient:
 
     async def chat(self, messages: Sequence[BaseMessage]) -> tuple[AIMessage, TokenUsage]:
         box = [0]
-        msg = await self._call(self.model, messages, "chat call", box)
+        msg = await self._call(self.model, messages, "chat call", box, lambda out: out)
         assert isinstance(msg, AIMessage)
         usage = self._tally(usage_of(msg), box)
         self._account(usage)
@@ -406,8 +478,8 @@ class LLMClient:
         return msg, usage
 
     async def structured(self, schema: type[T], messages: Sequence[BaseMessage]) -> tuple[T, TokenUsage]:
-        runnable = self._structured.get(schema)
-        if runnable is None:
+        cached = self._structured.get(schema)
+        if cached is None:
             # The strings' maxLength lets a grammar-constrained endpoint end the answer within the
             # output bound (research_worker.bounds); OpenAI's strict mode refuses the keyword.
             limit = self.settings.max_output_tokens
@@ -415,10 +487,12 @@ class LLMClient:
             runnable = self.model.with_structured_output(
                 asked, method=self.settings.structured_output.value, include_raw=True
             )
-            self._structured[schema] = runnable
+            # what the request carries, for its prompt bound
+            cached = self._structured[schema] = (runnable, json.dumps(asked.model_json_schema()))
+        runnable, schema_text = cached
         what = f"structured call for {schema.__name__} ({self.settings.structured_output.value})"
         box = [0]
-        out = await self._call(runnable, messages, what, box)
+        out = await self._call(runnable, messages, what, box, lambda out: out.get("raw"), schema_text)
         raw = out.get("raw")
         usage = self._tally(usage_of(raw), box)
         self._account(usage)

@@ -74,6 +74,7 @@ async def plan(rt: Runtime, store: Store) -> AnalystPlan:
         stored = await store.load_analysts()
         assert stored is not None
         return stored
+    rt.llm.stored(result.usage)
     log.info("stored %d analysts (%d tokens)", len(result.analysts), result.usage.total_tokens)
     return result
 
@@ -127,6 +128,7 @@ async def interview(rt: Runtime, store: Store) -> InterviewOutcome:
                 out = await graph.ainvoke(inputs, config, context=rt.config())
             section: Section = out["sections"][0]
             await store.save_section(section)
+            rt.llm.stored(section.usage)
             written.append(i)
             log.info(
                 "analyst %d (%s): section stored, %d sources, %d tokens",
@@ -167,6 +169,7 @@ async def write(rt: Runtime, store: Store) -> Report:
         stored = await store.load_report()
         assert stored is not None
         return stored
+    rt.llm.stored(report.usage)
     return report
 
 
