@@ -8,6 +8,7 @@ operator's phases and messages), never prose.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
@@ -205,8 +206,16 @@ def test_a_researchjob_completes_against_llama_server(
 
     report = report_text(api, namespace, obj)
     assert report.startswith("# ")
-    for heading in ("## Introduction", "## Insights", "## Conclusion", "## Sources"):
+    for heading in ("## Introduction", "## Insights", "## Conclusion"):
         assert heading in report
+    # The Sources list holds exactly what the text cites (issue 25). A small model may cite nothing
+    # (its text may still echo the words "## Sources" of its instructions): then the status says so
+    # rather than claiming a grounded report.
+    if (status.get("quality") or {}).get("sourcesCited"):
+        assert re.search(r"^## Sources\s*$", report, re.MULTILINE), report[-2000:]
+    else:
+        grounded = next(c for c in status["conditions"] if c["type"] == "Grounded")
+        assert grounded["status"] == "False" and grounded["reason"] == "NoCitations", grounded
     events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=gemma").items
     reasons = {e.reason for e in events}
     assert {"Planning", "Interviewing", "Writing", "Succeeded"} <= reasons
