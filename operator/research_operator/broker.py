@@ -463,13 +463,7 @@ class Broker:
         async def serve(request: web.Request) -> web.Response:
             code = 200
             try:
-                scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-                if scheme.lower() != "bearer" or not token:
-                    raise LeaseError(401, "a ServiceAccount token is required (Authorization: Bearer)")
-                ident = await self.auth.identity(token.strip())
-                if isinstance(ident, str):
-                    raise LeaseError(401, ident)
-                reply = await handler(request, ident)
+                reply = await handler(request, await self._identify(request))
                 return web.json_response(reply.model_dump(by_alias=True) if reply is not None else {})
             except LeaseError as e:
                 code = e.status
