@@ -1192,7 +1192,7 @@ async def test_a_reconcile_loop_that_ends_with_an_error_is_started_again(monkeyp
             raise RuntimeError("a bug outside the pass")
         return Settings(namespace="ops", resync_seconds=600)
 
-    def still_blocked(k: Any) -> bool:
+    def still_blocked(k: Any, cfg: Settings) -> bool:
         raise KeyError("a bug in the quick re-check")
 
     monkeypatch.setattr(loop, "reconcile_once", reconcile_once)

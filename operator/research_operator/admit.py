@@ -33,11 +33,10 @@ from research_operator.admission import (
     quota_headroom,
 )
 from research_operator.builders import Owner, add_lease_broker_token
-from research_operator.finalizer import CLEANUP_STEP
 from research_operator.reconcile import JobView, Waiting, rfc3339, step_noun
 from research_operator.settings import Settings
 from research_operator.views import job_view
-from research_operator.world import WORLD, Blocked, Key, settings
+from research_operator.world import WORLD, Blocked, Key
 
 log = logging.getLogger(__name__)
 
@@ -147,19 +146,21 @@ async def admit_and_create(
         if endpoint is not None and model is not None
         else []
     )
-    budget = _budget_verdict(namespace, cfg, now()) if model is not None else None
     if WORLD.namespace_terminating(namespace, time.monotonic()):
         return _all_wait_for_deleted_namespace(key, want)
+    ask = Blocked(
+        len(want.jobs),
+        want.own_limit,
+        pod,
+        priority_class,
+        endpoint.name if endpoint is not None else "",
+        max(needs) if needs else 0,
+        want.step,
+        metered=model is not None,
+    )
     async with WORLD.admission_lock:
         WORLD.waiting[key] = len(want.jobs)
-        me = Demand(namespace, key[1], WORLD.active_of(key), len(want.jobs))
-        # Only the caps look at other ResearchJobs: without them, admission needs none of theirs.
-        demands = WORLD.demands() if cfg.caps.global_max_active or cfg.caps.namespace_max_active else [me]
-        quotas = WORLD.quotas_of(namespace)
-        verdict = quota_headroom(quotas, pod, WORLD.reserved(namespace), priority_class)
-        too_small = never_fits(quotas, pod, priority_class)
-        capacity = _endpoint_verdict(endpoint, max(needs), namespace, cfg) if endpoint is not None else None
-        adm: Admission = decide_admission(me, want.own_limit, demands, cfg.caps, verdict, too_small, capacity, budget)
+        adm, capacity, budget = decide(key, ask, cfg, endpoint)
         admitted = want.jobs[: adm.admitted]
         if endpoint is not None and capacity is not None:
             cm = ep.share_configmap_name(owner.name)
@@ -237,16 +238,8 @@ async def admit_and_create(
     if still and refused is None:
         if endpoint is not None:
             WORLD.bump()  # what waits at an endpoint counts in its namespaces' fair shares
-        WORLD.blocked[key] = Blocked(
-            still,
-            want.own_limit,
-            pod,
-            priority_class,
-            endpoint.name if endpoint is not None else "",
-            max(needs) if needs else 0,
-            want.step,
-            local=adm.reason is not None and (adm.reason.is_quota or adm.reason == WaitReason.TOKEN_BUDGET),
-        )
+        local = adm.reason is not None and (adm.reason.is_quota or adm.reason == WaitReason.TOKEN_BUDGET)
+        WORLD.blocked[key] = dataclasses.replace(ask, count=still, local=local)
     else:
         WORLD.blocked.pop(key, None)
     if refused is not None:
@@ -268,7 +261,7 @@ def pods_blocked(jobs: list[JobView]) -> str | None:
     return None
 
 
-def still_blocked(key: Key) -> bool:
+def still_blocked(key: Key, cfg: Settings) -> bool:
     """Whether a ResearchJob woken only because a slot may have freed up (not by a change of its own)
     would still be admitted nothing: then its pass is skipped, so one finished Job among many waiting
     ResearchJobs costs a quick re-check each, not a full pass each."""
@@ -278,18 +271,34 @@ def still_blocked(key: Key) -> bool:
     b = WORLD.blocked.get(key)
     if b is None or not WORLD.waiting.get(key):
         return False
-    quotas = WORLD.quotas_of(namespace)
-    verdict = quota_headroom(quotas, b.pod, WORLD.reserved(namespace), b.priority_class)
-    too_small = never_fits(quotas, b.pod, b.priority_class)
-    if too_small is not None or verdict.blocked:
-        return True  # its namespace's quota holds it, whatever the caps say: no need to weigh them
-    caps = settings().caps
-    me = Demand(namespace, key[1], WORLD.active_of(key), b.count)
-    demands = WORLD.demands(cached=True) if caps.global_max_active or caps.namespace_max_active else [me]
     endpoint = WORLD.endpoints.get(b.endpoint) if b.endpoint else None
-    capacity = _endpoint_verdict(endpoint, b.demand, namespace, settings()) if endpoint is not None else None
-    budget = _budget_verdict(namespace, settings(), now()) if b.step != CLEANUP_STEP else None
-    return decide_admission(me, b.own_limit, demands, caps, verdict, too_small, capacity, budget).admitted == 0
+    return decide(key, b, cfg, endpoint, cached=True)[0].admitted == 0
+
+
+def decide(
+    key: Key, ask: Blocked, cfg: Settings, endpoint: ep.Endpoint | None, *, cached: bool = False
+) -> tuple[Admission, EndpointVerdict | None, BudgetVerdict | None]:
+    """The one admission decision of a ResearchJob's waiting Jobs (``ask``), from the world and one
+    settings snapshot: what the pure ``admission.decide_admission`` admits, and the endpoint and
+    budget verdicts it weighed. A pass asks it before creating; a ResearchJob woken only because a
+    slot may have freed asks it again with the same ``ask`` (``cached``: the demands as of the last
+    change this process saw, and only whether anything is admitted), so both ask the same question
+    the same way."""
+    namespace = key[0]
+    quotas = WORLD.quotas_of(namespace)
+    verdict = quota_headroom(quotas, ask.pod, WORLD.reserved(namespace), ask.priority_class)
+    too_small = never_fits(quotas, ask.pod, ask.priority_class)
+    me = Demand(namespace, key[1], WORLD.active_of(key), ask.count)
+    if cached and (too_small is not None or verdict.blocked):
+        # The quick re-check: its namespace's quota holds it whatever the caps say, so it need not
+        # weigh them (the pass that creates does, to name the first limit that holds it).
+        return Admission(0), None, None
+    # Only the caps look at other ResearchJobs: without them, admission needs none of theirs.
+    caps = cfg.caps
+    demands = WORLD.demands(cached=cached) if caps.global_max_active or caps.namespace_max_active else [me]
+    capacity = _endpoint_verdict(endpoint, ask.demand, namespace, cfg) if endpoint is not None else None
+    budget = _budget_verdict(namespace, cfg, now()) if ask.metered else None
+    return decide_admission(me, ask.own_limit, demands, caps, verdict, too_small, capacity, budget), capacity, budget
 
 
 # ------------------------------------------------------------------------------------------

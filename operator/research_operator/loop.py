@@ -183,7 +183,7 @@ def _still_blocked(key: Key, logger: kopf.Logger) -> bool:
     """``admit.still_blocked``, where an error means a full pass (which handles its own errors):
     raised here, it would end the loop's task, and no Job event starts a new one."""
     try:
-        return still_blocked(key)
+        return still_blocked(key, settings())
     except Exception:  # noqa: BLE001 - logged with its traceback; the full pass decides instead
         logger.exception("the quick re-check of admission failed; a full pass follows")
         return False

@@ -36,7 +36,8 @@ TERMINATING_MEMO = 30.0  # seconds a namespace that refused a create as being de
 
 @dataclass(frozen=True)
 class Blocked:
-    """What a waiting ResearchJob's last pass asked admission for, to re-ask without a full pass."""
+    """What a pass asks admission for (``admit.decide``); kept while some of it waits, to ask again
+    without a full pass."""
 
     count: int
     own_limit: int
@@ -45,6 +46,7 @@ class Blocked:
     endpoint: str = ""  # the ModelEndpoint its Jobs would be admitted against
     demand: int = 0  # requests in flight one of its pods needs there
     step: str = ""
+    metered: bool = True  # it calls a model, so the namespace's token budget applies (not the cleanup Job)
     # Held by its own namespace (a quota, the token budget): a slot freed elsewhere cannot help it,
     # and it does not contend for the caps' fair share.
     local: bool = False
@@ -404,8 +406,18 @@ WORLD = World()
 BASE_SETTINGS = Settings.from_env()
 
 
+_SNAPSHOT: tuple[Settings, dict[str, str], str, Settings] | None = None
+
+
 def settings() -> Settings:
-    """Static settings from the environment, overridden by the watched settings ConfigMap (and the
-    lease broker's CA, once the leader has it)."""
+    """One typed snapshot of the settings: static settings from the environment, overridden by the
+    watched settings ConfigMap (and the lease broker's CA, once the leader has it). Built once per
+    change of either, not per call: a pass takes one snapshot and hands it down."""
+    global _SNAPSHOT
+    snap = _SNAPSHOT
+    if snap is not None and snap[0] is BASE_SETTINGS and snap[1] == WORLD.settings_data and snap[2] == WORLD.broker_ca:
+        return snap[3]
     s = BASE_SETTINGS.with_configmap(WORLD.settings_data) if WORLD.settings_data else BASE_SETTINGS
-    return replace(s, lease_broker_ca=WORLD.broker_ca) if WORLD.broker_ca else s
+    s = replace(s, lease_broker_ca=WORLD.broker_ca) if WORLD.broker_ca else s
+    _SNAPSHOT = (BASE_SETTINGS, dict(WORLD.settings_data), WORLD.broker_ca, s)
+    return s
