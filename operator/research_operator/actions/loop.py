@@ -28,15 +28,18 @@ from research_api.researchjob import (
     WorkerSpec,
 )
 from research_api.task import Step
-from research_operator import broker, kube, kueue, metrics, tenancy
-from research_operator.admission import PodResources, WaitReason, never_fits
-from research_operator.admit import Outcome, Want, admit_and_create, pods_blocked, still_blocked, with_detail
-from research_operator.admit import now as _now
-from research_operator.builders import Owner, worker_job, worker_network_policy, worker_rbac
-from research_operator.deletion import cleanup_state, finalize_once
-from research_operator.finalizer import decide_cleanup
-from research_operator.ledger import SHORT_SECONDS
-from research_operator.reconcile import (
+from research_operator import metrics
+from research_operator.actions import kube
+from research_operator.actions.admit import Outcome, Want, admit_and_create, pods_blocked, still_blocked, with_detail
+from research_operator.actions.admit import now as _now
+from research_operator.actions.deletion import cleanup_state, finalize_once
+from research_operator.cache.world import WORLD, Key, settings
+from research_operator.decisions import kueue, tenancy
+from research_operator.decisions.admission import PodResources, WaitReason, never_fits
+from research_operator.decisions.finalizer import decide_cleanup
+from research_operator.decisions.ledger import SHORT_SECONDS
+from research_operator.decisions.manifests import Owner, worker_job, worker_network_policy, worker_rbac
+from research_operator.decisions.reconcile import (
     Observed,
     Waiting,
     apply_waiting,
@@ -46,8 +49,8 @@ from research_operator.reconcile import (
     continues_steps,
     decide,
 )
+from research_operator.lease_broker import broker
 from research_operator.settings import Settings
-from research_operator.world import WORLD, Key, settings
 
 log = logging.getLogger(__name__)
 

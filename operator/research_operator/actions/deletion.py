@@ -9,13 +9,13 @@ import kopf
 from pydantic import ValidationError
 
 from research_api.researchjob import ResearchJobStatus, SecretKeyRef, StoreType, WorkerSpec
-from research_operator import kube
-from research_operator.admit import Outcome, Want, admit_and_create, now, with_detail
-from research_operator.builders import Owner, cleanup_job
+from research_operator.actions import kube
+from research_operator.actions.admit import Outcome, Want, admit_and_create, now, with_detail
+from research_operator.cache.world import WORLD, Key, settings
 from research_operator.constants import FINALIZER
-from research_operator.finalizer import CLEANUP_STEP, CleanupState, decide_cleanup
-from research_operator.reconcile import JobView, Waiting, condition, step_noun
-from research_operator.world import WORLD, Key, settings
+from research_operator.decisions.finalizer import CLEANUP_STEP, CleanupState, decide_cleanup
+from research_operator.decisions.manifests import Owner, cleanup_job
+from research_operator.decisions.reconcile import JobView, Waiting, condition, step_noun
 
 
 def dsn_ref(body: kopf.Body) -> SecretKeyRef | None:

@@ -21,10 +21,10 @@ from research_api.researchjob import (
     StepUsage,
 )
 from research_api.task import QualityFloor
-from research_operator.admission import PodResources, WaitReason
 from research_operator.constants import plan_id
-from research_operator.ledger import Prices, money
-from research_operator.tenancy import Refusal
+from research_operator.decisions.admission import PodResources, WaitReason
+from research_operator.decisions.ledger import Prices, money
+from research_operator.decisions.tenancy import Refusal
 
 # How soon a ResearchJob refused because the author-checking policy is missing looks again: its
 # installation sends no watch event the operator receives.
