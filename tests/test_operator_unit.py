@@ -36,11 +36,10 @@ from research_operator.decisions.reconcile import (
     Observed,
     StoreView,
     Waiting,
-    apply_waiting,
-    batches_started,
     continues_steps,
     decide,
 )
+from research_operator.decisions.status import apply_waiting, batches_started
 from research_operator.settings import Settings
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
@@ -1318,3 +1317,35 @@ def test_an_oom_killed_worker_is_named_with_the_limit_to_raise_and_other_failure
         "boom: the store is gone"
     )
     assert termination_detail("Error", None, None) == ""
+
+
+def test_a_failing_cleanup_says_so_in_a_condition_until_it_succeeds() -> None:
+    """While a PostgreSQL-store ResearchJob is deleted: condition CleanupFailed turns True with the
+    cleanup Job's failure, back to False (CleaningUp) when the retried Job runs, and a pass with
+    nothing to say writes nothing."""
+    from research_operator.decisions import status
+
+    quiet = ResearchJobStatus(phase=Phase.Succeeded, message="report written")
+    assert status.cleaning_up(quiet, None, None, 3, T0) is None
+    failed = status.cleaning_up(
+        quiet, "deleting its rows", "cleanup Job rj-cleanup failed: BackoffLimitExceeded", 3, T0
+    )
+    assert failed is not None and failed.message == "deleting its rows"
+    cond = next(c for c in failed.conditions or [] if c.type == "CleanupFailed")
+    assert (cond.status, cond.reason, cond.message) == (
+        "True",
+        "CleanupJobFailed",
+        "cleanup Job rj-cleanup failed: BackoffLimitExceeded",
+    )
+    retried = status.cleaning_up(failed, None, None, 3, T0 + dt.timedelta(seconds=30))
+    assert retried is not None and retried.message == "deleting its rows"
+    cond = next(c for c in retried.conditions or [] if c.type == "CleanupFailed")
+    assert (cond.status, cond.reason) == ("False", "CleaningUp")
+
+
+def test_an_invalid_spec_fails_the_researchjob_naming_the_fields() -> None:
+    from research_operator.decisions import status
+
+    st = status.invalid_spec(ResearchJobStatus(), "analysts.count: must be at least 1", 2, T0)
+    assert st.phase == Phase.Failed and st.message == "invalid spec: analysts.count: must be at least 1"
+    assert [(c.type, c.status, c.reason) for c in st.conditions or []] == [("Failed", "True", "InvalidSpec")]

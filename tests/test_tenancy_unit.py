@@ -10,7 +10,8 @@ import pytest
 
 from research_api.researchjob import AnalystStatus, Phase, ResearchJobSpec, ResearchJobStatus
 from research_operator.constants import plan_id
-from research_operator.decisions.reconcile import JobView, Observed, StoreView, Waiting, apply_waiting, decide
+from research_operator.decisions.reconcile import JobView, Observed, StoreView, Waiting, decide
+from research_operator.decisions.status import apply_waiting
 from research_operator.decisions.tenancy import (
     Allowlists,
     AuthorChecks,
