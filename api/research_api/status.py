@@ -32,7 +32,8 @@ class Condition(ApiModel):
 
     type: str = Field(
         description="Condition type: Planned, AwaitingReview, QuotaExceeded, Throttled, WaitingForEndpoint, "
-        "TokenBudgetExhausted, WorkerPodsBlocked, PolicyViolation, Complete, Grounded, Failed, CleanupFailed."
+        "TokenBudgetExhausted, WorkerPodsBlocked, PolicyViolation, EstimateAboveCeiling, Complete, Grounded, Failed, "
+        "CleanupFailed."
     )
     status: str = Field(description="True, False or Unknown.", pattern=r"^(True|False|Unknown)$")
     reason: str = Field(description="CamelCase reason for the last transition.")
@@ -176,7 +177,8 @@ class ResearchJobStatus(ApiModel):
     waiting_for: str | None = Field(
         None,
         description="Why its next worker Jobs wait (the reason of the condition that holds them: EndpointCapacity, "
-        "TokenBudget, ExceededQuota, GlobalCap, ...; PolicyViolation when admins' policy forbids starting it); "
+        "TokenBudget, ExceededQuota, GlobalCap, ...; PolicyViolation when admins' policy forbids starting it; "
+        "EstimateExceedsCeiling or EstimateUnknown while its estimate ceiling holds it); "
         "empty when nothing waits.",
     )
     start_time: str | None = Field(None, description="When work started (RFC 3339).")

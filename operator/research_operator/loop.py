@@ -34,6 +34,7 @@ from research_operator.admit import Outcome, Want, admit_and_create, pods_blocke
 from research_operator.admit import now as _now
 from research_operator.builders import Owner, worker_job, worker_network_policy, worker_rbac
 from research_operator.deletion import cleanup_state, finalize_once
+from research_operator.estimating import estimate_of
 from research_operator.finalizer import decide_cleanup
 from research_operator.ledger import SHORT_SECONDS
 from research_operator.reconcile import (
@@ -45,6 +46,7 @@ from research_operator.reconcile import (
     condition,
     continues_steps,
     decide,
+    has_started,
 )
 from research_operator.settings import Settings
 from research_operator.world import WORLD, Key, settings
@@ -259,17 +261,22 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     now = _now()
     await drop_jobs_that_never_fit(key, spec.worker, logger)
     jobs = [await with_detail(namespace, j) for j in WORLD.jobs_of(key).values()]
+    store = WORLD.store_view(key)
+    estimated = None
+    if not has_started(prev, len(jobs), len(store.analysts)):
+        estimated = await estimate_of(namespace, spec, kube.configmap_data, WORLD.endpoints, cfg.default_model_base_url)
     obs = Observed(
         generation=int(meta.get("generation") or 0),
         created=created,
         now=now,
         jobs=jobs,
-        store=WORLD.store_view(key),
+        store=store,
         previous=prev,
         uid=uid,
         refusal=refused,
         prices=broker.prices_of(key),
         quality_floor=cfg.quality_floor,
+        estimate=estimated,
     )
     d = decide(spec, obs)
     st = d.status
