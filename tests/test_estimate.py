@@ -22,6 +22,7 @@ from research_api.estimate import ANSWERS, Corpus, count_tokens, estimate
 from research_api.modelendpoint import Prices
 from research_api.researchjob import EstimateStatus, Phase, ResearchJobSpec, ResearchJobStatus
 from research_api.task import ResearchTask
+from research_cli import progress
 from research_operator import endpoints as ep
 from research_operator.estimating import estimate_of
 from research_operator.ledger import Prices as LedgerPrices
@@ -169,6 +170,10 @@ def test_a_job_over_its_token_ceiling_waits_in_pending_with_the_figures() -> Non
     # apply_waiting (admission found nothing to wait for) keeps what decide() said
     apply_waiting(d.status, ResearchJobStatus(), Waiting(), 1, T0)
     assert d.status.waiting_for == "EstimateExceedsCeiling"
+
+    # kubectl research watch and top say why it waits, in the operator's words
+    obj = {"metadata": {"name": "miso"}, "spec": {}, "status": d.status.wire()}
+    assert progress.waiting_for(obj) == f"EstimateAboveCeiling: {message}"
 
     # the next pass: the same message posts no second Event
     again = decide(spec(budget={"maxEstimatedTokens": 20000}), observe(Estimated(figures(25845)), prev=d.status))
