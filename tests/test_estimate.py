@@ -125,6 +125,8 @@ def test_what_cannot_be_counted_is_said() -> None:
     assert web.calls == 1 + 3 * 7 + 3 and "500 tokens (wikipedia)" in web.basis
     floor = estimate(spec(quality={"minCitationAccuracy": 90}), corpus("miso"))
     assert "rewrites below the quality floor not counted" in floor.basis
+    review = estimate(spec(analysts={"count": 3, "review": True}), corpus("miso"))
+    assert review.basis == "7 documents, 7 passages; plans again after review feedback not counted"
 
 
 def test_the_persona_assumed_is_what_the_plan_writes_for_it() -> None:

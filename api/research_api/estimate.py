@@ -23,7 +23,8 @@ corpus, so several searches of one interview find some passages again (fewer new
 the corpus), plus, at the first search, a passage of each document the plan assigns to the analyst
 that the draw missed. Web sources (``tavily``, ``wikipedia``) are unknown before they are searched:
 each result is counted at ``WEB_RESULT_TOKENS``. A quality floor may make writers write once more
-(``spec.quality``): those calls are not in the estimate, which the ``basis`` says.
+(``spec.quality``), and review feedback plans again: those calls are not in the estimate, which the
+``basis`` says.
 """
 
 from __future__ import annotations
@@ -249,6 +250,8 @@ def estimate(
         notes.append("web results counted at " + ", ".join(f"{WEB_RESULT_TOKENS[t]} tokens ({t})" for t in _web(spec)))
     if spec.quality.min_citation_accuracy is not None or spec.quality.min_coverage is not None:
         notes.append("rewrites below the quality floor not counted")
+    if spec.analysts.review:
+        notes.append("plans again after review feedback not counted")
 
     steps = [
         StepEstimate(step="plan", calls=1, input_tokens=round(plan_in), output_tokens=plan_out),

@@ -263,7 +263,8 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     jobs = [await with_detail(namespace, j) for j in WORLD.jobs_of(key).values()]
     store = WORLD.store_view(key)
     estimated = None
-    if not has_started(prev, len(jobs), len(store.analysts)):
+    # Not for a job the admins' policy refuses: its documents are read only once it may use them.
+    if refused is None and not has_started(prev, len(jobs), len(store.analysts)):
         estimated = await estimate_of(namespace, spec, kube.configmap_data, WORLD.endpoints, cfg.default_model_base_url)
     obs = Observed(
         generation=int(meta.get("generation") or 0),
