@@ -11,7 +11,7 @@ reserve-then-settle under concurrency.
 2. *Overshoot.* The recorded calls, drawn at random, are made ``--concurrency`` at a time against a
    budget of ``--budget-calls`` times the mean real call, over ``--seeds`` seeds: once counted after
    each call returns (a call starts while what was spent is below the budget: the rule before issue
-   24), once with ``research_operator.ledger`` (a call starts only if its worst case fits what is
+   24), once with ``research_operator.decisions.ledger`` (a call starts only if its worst case fits what is
    neither spent nor reserved). It reports the overshoot of the first and, for the second, how much
    of the budget was spent when no further call could start (what never overshooting costs).
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from offline_model.launcher import ModelServerProcess
 from research_api import leases as wire
 from research_api.task import ResearchTask
-from research_operator.ledger import Amount, Budgets, Decision, Ledger, Limit, Prices, Reservation
+from research_operator.decisions.ledger import Amount, Budgets, Decision, Ledger, Limit, Prices, Reservation
 from research_worker import steps
 from research_worker.leases import Ticket
 from research_worker.llm import LLMClient

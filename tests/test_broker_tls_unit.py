@@ -1,4 +1,4 @@
-"""The lease broker's TLS: its CA and serving certificates (research_operator.pki), and a worker's
+"""The lease broker's TLS: its CA and serving certificates (research_operator.lease_broker.pki), and a worker's
 lease client that trusts only that CA, against the real broker served over TLS on loopback."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from cryptography import x509
 
 from research_api import leases as wire
 from research_api.task import EndpointShareRef
-from research_operator import pki
-from research_operator.broker import Authenticator, Broker, Tls
-from research_operator.leases import PodRef
+from research_operator.decisions.lease_book import PodRef
+from research_operator.lease_broker import pki
+from research_operator.lease_broker.broker import Authenticator, Broker, Tls
 from research_worker.leases import LeaseClient, State, broker_ssl
 from research_worker.share import ShareLimiter
 from tests.test_leases_unit import api_server, book, token

@@ -25,7 +25,7 @@ from localkube.controlplane import kube_tools_dir
 from offline_model.config import settings_from
 from research_api.researchjob import ResearchJobSpec
 from research_api.task import Step
-from research_operator.builders import Owner, worker_job, worker_network_policy, worker_rbac
+from research_operator.decisions.manifests import Owner, worker_job, worker_network_policy, worker_rbac
 from research_operator.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]

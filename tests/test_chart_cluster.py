@@ -22,7 +22,7 @@ import yaml
 
 from research_api.researchjob import ResearchJobSpec
 from research_api.task import Step
-from research_operator.builders import Owner, worker_job, worker_network_policy, worker_rbac
+from research_operator.decisions.manifests import Owner, worker_job, worker_network_policy, worker_rbac
 from research_operator.settings import Settings
 from tests.fixtures.cluster import ClusterHandle
 

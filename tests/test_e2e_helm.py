@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from localkube import demo
 from localkube.demo import CHART, LEASE, RELEASE, RELEASE_NAMESPACE, Kube
 from research_api.researchjob import GROUP, PLURAL, VERSION
-from research_operator import kube as operator_kube
+from research_operator.actions import kube as operator_kube
 from tests.fixtures.cluster import ClusterHandle
 from tests.test_operator_cluster import JobWatch
 

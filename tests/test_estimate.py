@@ -23,10 +23,10 @@ from research_api.modelendpoint import Prices
 from research_api.researchjob import EstimateStatus, Phase, ResearchJobSpec, ResearchJobStatus
 from research_api.task import ResearchTask
 from research_cli import progress
-from research_operator import endpoints as ep
-from research_operator.estimating import estimate_of
-from research_operator.ledger import Prices as LedgerPrices
-from research_operator.reconcile import (
+from research_operator.actions.estimating import estimate_of
+from research_operator.decisions import endpoints as ep
+from research_operator.decisions.ledger import Prices as LedgerPrices
+from research_operator.decisions.reconcile import (
     ESTIMATE_RECHECK,
     CeilingReason,
     Estimated,
@@ -34,10 +34,10 @@ from research_operator.reconcile import (
     Observed,
     StoreView,
     Waiting,
-    apply_waiting,
     decide,
     has_started,
 )
+from research_operator.decisions.status import apply_waiting
 from research_worker import steps
 from research_worker.search import DocumentsBackend, read_folder
 

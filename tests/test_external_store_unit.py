@@ -16,13 +16,13 @@ from kubernetes.client.exceptions import ApiException
 from research_api.names import ANNOTATION_POSTGRES_REPORT, parse_postgres_report_id, postgres_report_id
 from research_api.researchjob import Phase, ResearchJobSpec, SecretKeyRef
 from research_api.task import PostgresStoreSettings, ResearchTask, Step
-from research_operator.builders import Owner, cleanup_job, worker_job
+from research_operator.cache.views import job_view, owner_name, stored_object
+from research_operator.cache.world import World
 from research_operator.constants import ANNOTATION_CLEANUP_OF, plan_id
-from research_operator.finalizer import CLEANUP_RETRY_AFTER, CleanupState, decide_cleanup
-from research_operator.reconcile import JobView, Observed, decide
+from research_operator.decisions.finalizer import CLEANUP_RETRY_AFTER, CleanupState, decide_cleanup
+from research_operator.decisions.manifests import Owner, cleanup_job, worker_job
+from research_operator.decisions.reconcile import JobView, Observed, decide
 from research_operator.settings import Settings
-from research_operator.views import job_view, owner_name, stored_object
-from research_operator.world import World
 from research_worker.state import Analyst, Report, Section, TokenUsage
 from research_worker.store import AnalystPlan, IndexedStore, MarkerWriter
 

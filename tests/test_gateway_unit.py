@@ -16,14 +16,14 @@ from research_api import leases as wire
 from research_api.modelendpoint import NamespaceSelector, SelectorRequirement
 from research_api.researchjob import ResearchJobSpec
 from research_api.task import Step
-from research_operator import broker as broker_module
-from research_operator import kube
-from research_operator.broker import Authenticator, Broker, Identity, names_endpoint
-from research_operator.builders import Owner, worker_job
-from research_operator.endpoints import Endpoint, PodUse, selector_matches
+from research_operator.actions import kube
+from research_operator.cache.world import WORLD
+from research_operator.decisions.endpoints import Endpoint, PodUse, selector_matches
+from research_operator.decisions.manifests import Owner, worker_job
+from research_operator.decisions.tenancy import RefusalReason, endpoint_refusal
+from research_operator.lease_broker import broker as broker_module
+from research_operator.lease_broker.broker import Authenticator, Broker, Identity, names_endpoint
 from research_operator.settings import Settings
-from research_operator.tenancy import RefusalReason, endpoint_refusal
-from research_operator.world import WORLD
 from tests.test_leases_unit import api_server, book, token
 
 KEY = "sk-admin-secret"

@@ -13,10 +13,10 @@ import pytest
 from localkube import kueue as localkueue
 from research_api.researchjob import Phase, ResearchJobSpec, ResearchJobStatus
 from research_api.task import Step
-from research_operator import kueue
-from research_operator.builders import Owner, worker_job
 from research_operator.constants import plan_id
-from research_operator.reconcile import JobView, Observed, StoreView, decide
+from research_operator.decisions import kueue
+from research_operator.decisions.manifests import Owner, worker_job
+from research_operator.decisions.reconcile import JobView, Observed, StoreView, decide
 from research_operator.settings import Settings
 from tests.test_operator_unit import analysts, observe, spec
 

@@ -18,10 +18,10 @@ from kubernetes.client.exceptions import ApiException
 from localkube.controlplane import free_port
 from research_api import leases as wire
 from research_api.task import EndpointShareRef
-from research_operator import broker as broker_module
-from research_operator.broker import Authenticator, Broker
-from research_operator.builders import broker_endpoint_slice
-from research_operator.leases import Book, LeaseError, Limits, PodRef
+from research_operator.decisions.lease_book import Book, LeaseError, Limits, PodRef
+from research_operator.decisions.manifests import broker_endpoint_slice
+from research_operator.lease_broker import broker as broker_module
+from research_operator.lease_broker.broker import Authenticator, Broker
 from research_worker.errors import WorkerConfigError
 from research_worker.leases import DEV_VOLUME_ROOT_ENV, LeaseClient, LeaseLost, State, broker_token
 from research_worker.share import ShareLimiter
@@ -294,7 +294,7 @@ async def test_the_pods_api_token_is_refused(ignores_audiences: bool, caplog: py
     api_token = token(audience=API_AUDIENCE)
     try:
         async with httpx.AsyncClient() as http:
-            with caplog.at_level(logging.WARNING, logger="research_operator.broker"):
+            with caplog.at_level(logging.WARNING, logger="research_operator.lease_broker.broker"):
                 refused = await http.post(
                     s.url + wire.PATH_HEARTBEAT, json=body, headers={"Authorization": f"Bearer {api_token}"}
                 )
@@ -395,7 +395,7 @@ async def test_the_leader_points_the_brokers_service_at_itself(
 
     monkeypatch.setattr(broker_module.kube, "point_service_at", point)
     port = free_port()
-    with caplog.at_level(logging.INFO, logger="research_operator.broker"):
+    with caplog.at_level(logging.INFO, logger="research_operator.lease_broker.broker"):
         await broker_module.start("127.0.0.1", port, "ops", "ro-leases", pod_ip)
     try:
         assert calls == ([("ops", "ro-leases", pod_ip, port)] if pointed else [])

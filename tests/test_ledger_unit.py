@@ -27,13 +27,12 @@ from research_api.exitcodes import EXIT_BUDGET
 from research_api.modelendpoint import NamespaceSelector
 from research_api.researchjob import ResearchJobSpec, ResearchJobStatus
 from research_api.task import EndpointShareRef, ModelSettings, StructuredOutput
-from research_operator import broker as broker_module
-from research_operator import endpoints as ep
-from research_operator.admission import BudgetVerdict
-from research_operator.broker import Authenticator, Broker
+from research_operator.cache.world import WORLD
 from research_operator.constants import plan_id
-from research_operator.leases import Book, Limits, PodRef, Waiter
-from research_operator.ledger import (
+from research_operator.decisions import endpoints as ep
+from research_operator.decisions.admission import BudgetVerdict
+from research_operator.decisions.lease_book import Book, Limits, PodRef, Waiter
+from research_operator.decisions.ledger import (
     Amount,
     Budgets,
     Decision,
@@ -43,8 +42,9 @@ from research_operator.ledger import (
     Reservation,
     RjKey,
 )
-from research_operator.reconcile import Observed, StepTokens, StoreView, decide
-from research_operator.world import WORLD
+from research_operator.decisions.reconcile import Observed, StepTokens, StoreView, decide
+from research_operator.lease_broker import broker as broker_module
+from research_operator.lease_broker.broker import Authenticator, Broker
 from research_worker.errors import BudgetExceeded
 from research_worker.leases import LeaseClient
 from research_worker.llm import LLMClient, prompt_bound

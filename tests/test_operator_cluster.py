@@ -617,7 +617,7 @@ def test_a_workers_token_reads_only_its_own_researchjobs_configmaps(
 ) -> None:
     """Two ResearchJobs in one namespace: each one's workers (which store and read by name only)
     finish, and neither's ServiceAccount may read the other's stored ConfigMaps or list any."""
-    from research_operator.builders import Owner, worker_rbac_name
+    from research_operator.decisions.manifests import Owner, worker_rbac_name
 
     api = cluster.api_client()
     for name in ("alpha", "beta"):

@@ -12,8 +12,11 @@ from research_api import leases as wire
 from research_api.records import CitationCheck, ReportQuality
 from research_api.researchjob import AnalystStatus, Phase, ReportRef, ResearchJobSpec, ResearchJobStatus, SecretKeyRef
 from research_api.task import QualityFloor, ResearchTask, Step
-from research_operator import endpoints as ep
-from research_operator.admission import (
+from research_operator.actions.kube import termination_detail
+from research_operator.cache.views import job_view
+from research_operator.constants import plan_id
+from research_operator.decisions import endpoints as ep
+from research_operator.decisions.admission import (
     BudgetVerdict,
     Caps,
     Demand,
@@ -27,21 +30,17 @@ from research_operator.admission import (
     never_fits,
     quota_headroom,
 )
-from research_operator.builders import Owner, add_lease_broker_token, cleanup_job, worker_job, worker_rbac
-from research_operator.constants import plan_id
-from research_operator.kube import termination_detail
-from research_operator.reconcile import (
+from research_operator.decisions.manifests import Owner, add_lease_broker_token, cleanup_job, worker_job, worker_rbac
+from research_operator.decisions.reconcile import (
     JobView,
     Observed,
     StoreView,
     Waiting,
-    apply_waiting,
-    batches_started,
     continues_steps,
     decide,
 )
+from research_operator.decisions.status import apply_waiting, batches_started
 from research_operator.settings import Settings
-from research_operator.views import job_view
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 POD = PodResources.from_spec({"cpu": "100m", "memory": "256Mi"}, {"cpu": "1", "memory": "1Gi"})
@@ -481,8 +480,8 @@ class _RecordingCore:
 
 
 async def test_operator_reads_what_the_worker_configmap_store_writes() -> None:
-    from research_operator.views import stored_object
-    from research_operator.world import World
+    from research_operator.cache.views import stored_object
+    from research_operator.cache.world import World
     from research_worker.state import Analyst, Report, Section, TokenUsage
     from research_worker.store import AnalystPlan, ConfigMapStore
 
@@ -683,7 +682,7 @@ def test_plan_ids_and_child_names_belong_to_one_researchjob_uid() -> None:
 
 
 def test_world_keys_jobs_by_researchjob_uid_and_deletes_by_job_uid() -> None:
-    from research_operator.world import World
+    from research_operator.cache.world import World
 
     w = World()
     old = JobView(name="rj-p-b0", step="interview", plan="p", batch=0, uid="job-old")
@@ -723,7 +722,7 @@ def test_only_our_jobs_configmaps_and_failedcreate_events_are_watched() -> None:
     import kopf
     from kopf._cogs.structs.references import Resource
 
-    from research_operator import handlers
+    from research_operator.registration import handlers
 
     settings = kopf.OperatorSettings()
     handlers.configure_watching(settings)
@@ -926,7 +925,7 @@ def test_waiting_for_the_endpoint_or_the_budget_has_its_own_condition_and_column
 
 
 def test_the_world_counts_running_jobs_per_endpoint_and_follows_changes() -> None:
-    from research_operator.world import World
+    from research_operator.cache.world import World
 
     def job(name: str, endpoint: str, need: int, done: bool = False) -> JobView:
         return JobView(name, "interview", "p", uid=name, endpoint=endpoint, concurrency=need, succeeded=done)
@@ -946,7 +945,7 @@ def test_the_world_counts_running_jobs_per_endpoint_and_follows_changes() -> Non
 
 
 def test_researchjobs_held_by_their_own_quota_neither_contend_for_caps_nor_wake_for_other_namespaces() -> None:
-    from research_operator.world import Blocked, World
+    from research_operator.cache.world import Blocked, World
 
     w = World()
     quota_held, cap_held = ("a", "uid-q"), ("b", "uid-c")
@@ -965,11 +964,11 @@ def test_researchjobs_held_by_their_own_quota_neither_contend_for_caps_nor_wake_
 async def test_a_namespace_being_deleted_is_asked_once_not_once_per_waiting_researchjob(monkeypatch: Any) -> None:
     """Deleting a namespace takes its quota too: every ResearchJob that waited there is woken and
     admitted. The first create that meets the deletion is the last request made there for a while."""
-    from research_operator import admit as admit_mod
-    from research_operator import kube
-    from research_operator import world as world_mod
-    from research_operator.admit import Want, admit_and_create
-    from research_operator.world import World
+    from research_operator.actions import admit as admit_mod
+    from research_operator.actions import kube
+    from research_operator.actions.admit import Want, admit_and_create
+    from research_operator.cache import world as world_mod
+    from research_operator.cache.world import World
 
     w = World()
     monkeypatch.setattr(world_mod, "WORLD", w)
@@ -1013,9 +1012,9 @@ async def test_a_pass_that_finds_its_researchjob_gone_ends_its_loop(monkeypatch:
     then finds its ResearchJob gone ends the loop and forgets it, instead of retrying forever."""
     import logging
 
-    from research_operator import admit as admit_mod
-    from research_operator import kube, loop
-    from research_operator.world import World
+    from research_operator.actions import admit as admit_mod
+    from research_operator.actions import kube, loop
+    from research_operator.cache.world import World
 
     w = World()
     monkeypatch.setattr(loop, "WORLD", w)
@@ -1049,7 +1048,7 @@ async def test_requests_queued_behind_the_api_threads_ask_skip_if_just_before_th
     import threading
     import time
 
-    from research_operator import kube
+    from research_operator.actions import kube
 
     refused = threading.Event()
     sent: list[int] = []
@@ -1082,9 +1081,9 @@ async def test_a_researchjob_skipped_for_a_namespace_being_deleted_sleeps_only_u
     refuses every create, so it is a namespace of that name created again."""
     import logging
 
-    from research_operator import loop
-    from research_operator import world as world_mod
-    from research_operator.world import World
+    from research_operator.actions import loop
+    from research_operator.cache import world as world_mod
+    from research_operator.cache.world import World
 
     w = World()
     monkeypatch.setattr(loop, "WORLD", w)
@@ -1108,8 +1107,9 @@ async def test_a_researchjob_skipped_for_a_namespace_being_deleted_sleeps_only_u
 def test_every_wait_names_the_events_that_end_it_and_each_is_delivered_by_a_handler() -> None:
     import re
 
-    from research_operator import handlers, loop
-    from research_operator.admission import ENDED_BY, WaitReason, Wake
+    from research_operator.actions import loop
+    from research_operator.decisions.admission import ENDED_BY, WaitReason, Wake
+    from research_operator.registration import handlers
 
     assert set(ENDED_BY) == set(WaitReason), "a wait reason without the events that end it"
     assert all(ENDED_BY.values()), "a wait that only the resync ends"
@@ -1133,9 +1133,9 @@ async def test_a_status_write_refused_as_invalid_does_not_end_the_loop_of_a_rese
     import asyncio
     import logging
 
-    from research_operator import admit as admit_mod
-    from research_operator import kube, loop
-    from research_operator.world import World
+    from research_operator.actions import admit as admit_mod
+    from research_operator.actions import kube, loop
+    from research_operator.cache.world import World
 
     w = World()
     monkeypatch.setattr(loop, "WORLD", w)
@@ -1170,9 +1170,9 @@ async def test_a_reconcile_loop_that_ends_with_an_error_is_started_again(monkeyp
     import asyncio
     import logging
 
-    from research_operator import admit as admit_mod
-    from research_operator import loop
-    from research_operator.world import World
+    from research_operator.actions import admit as admit_mod
+    from research_operator.actions import loop
+    from research_operator.cache.world import World
 
     w = World()
     monkeypatch.setattr(loop, "WORLD", w)
@@ -1239,7 +1239,7 @@ def test_a_late_small_tenant_is_admitted_at_an_endpoint_ahead_of_a_big_ones_back
 
 
 def test_the_world_sums_each_namespaces_admitted_and_waiting_demand_at_an_endpoint() -> None:
-    from research_operator.world import Blocked, World
+    from research_operator.cache.world import Blocked, World
 
     def job(name: str, need: int) -> JobView:
         return JobView(name, "interview", "p", uid=name, endpoint="shared", concurrency=need)
@@ -1272,11 +1272,11 @@ async def test_a_job_whose_pod_a_quota_seen_late_can_never_fit_is_deleted_to_wai
     planner Job was made: the Job controller keeps failing to create the pod. Once the quota is
     seen, that Job (no pod ever, its FailedCreate seen) is deleted; the step then waits, saying
     QuotaTooSmall, like any other. Jobs that have pods, or fit, are left alone."""
-    from research_operator import kube
-    from research_operator import loop as loop_mod
-    from research_operator import world as world_mod
-    from research_operator.admission import QuotaUsage
-    from research_operator.world import World
+    from research_operator.actions import kube
+    from research_operator.actions import loop as loop_mod
+    from research_operator.cache import world as world_mod
+    from research_operator.cache.world import World
+    from research_operator.decisions.admission import QuotaUsage
 
     w = World()
     monkeypatch.setattr(world_mod, "WORLD", w)
@@ -1317,3 +1317,35 @@ def test_an_oom_killed_worker_is_named_with_the_limit_to_raise_and_other_failure
         "boom: the store is gone"
     )
     assert termination_detail("Error", None, None) == ""
+
+
+def test_a_failing_cleanup_says_so_in_a_condition_until_it_succeeds() -> None:
+    """While a PostgreSQL-store ResearchJob is deleted: condition CleanupFailed turns True with the
+    cleanup Job's failure, back to False (CleaningUp) when the retried Job runs, and a pass with
+    nothing to say writes nothing."""
+    from research_operator.decisions import status
+
+    quiet = ResearchJobStatus(phase=Phase.Succeeded, message="report written")
+    assert status.cleaning_up(quiet, None, None, 3, T0) is None
+    failed = status.cleaning_up(
+        quiet, "deleting its rows", "cleanup Job rj-cleanup failed: BackoffLimitExceeded", 3, T0
+    )
+    assert failed is not None and failed.message == "deleting its rows"
+    cond = next(c for c in failed.conditions or [] if c.type == "CleanupFailed")
+    assert (cond.status, cond.reason, cond.message) == (
+        "True",
+        "CleanupJobFailed",
+        "cleanup Job rj-cleanup failed: BackoffLimitExceeded",
+    )
+    retried = status.cleaning_up(failed, None, None, 3, T0 + dt.timedelta(seconds=30))
+    assert retried is not None and retried.message == "deleting its rows"
+    cond = next(c for c in retried.conditions or [] if c.type == "CleanupFailed")
+    assert (cond.status, cond.reason) == ("False", "CleaningUp")
+
+
+def test_an_invalid_spec_fails_the_researchjob_naming_the_fields() -> None:
+    from research_operator.decisions import status
+
+    st = status.invalid_spec(ResearchJobStatus(), "analysts.count: must be at least 1", 2, T0)
+    assert st.phase == Phase.Failed and st.message == "invalid spec: analysts.count: must be at least 1"
+    assert [(c.type, c.status, c.reason) for c in st.conditions or []] == [("Failed", "True", "InvalidSpec")]

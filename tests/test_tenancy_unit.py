@@ -10,9 +10,9 @@ import pytest
 
 from research_api.researchjob import AnalystStatus, Phase, ResearchJobSpec, ResearchJobStatus
 from research_operator.constants import plan_id
-from research_operator.reconcile import JobView, Observed, StoreView, Waiting, apply_waiting, decide
-from research_operator.settings import Settings
-from research_operator.tenancy import (
+from research_operator.decisions.reconcile import JobView, Observed, StoreView, Waiting, decide
+from research_operator.decisions.status import apply_waiting
+from research_operator.decisions.tenancy import (
     Allowlists,
     AuthorChecks,
     Reference,
@@ -23,6 +23,7 @@ from research_operator.tenancy import (
     refusal,
     scheduling_violations,
 )
+from research_operator.settings import Settings
 
 T0 = dt.datetime(2026, 12, 6, 12, 0, tzinfo=dt.UTC)
 PID = plan_id(None)
@@ -220,7 +221,7 @@ def test_a_researchjob_created_before_the_policy_is_held_unless_it_already_start
     cluster's work); one that has not started waits to be created again."""
     import datetime as dt
 
-    from research_operator.tenancy import predates_policy
+    from research_operator.decisions.tenancy import predates_policy
 
     since = dt.datetime(2026, 12, 6, 12, 0, tzinfo=dt.UTC)
     before, after = since - dt.timedelta(minutes=5), since + dt.timedelta(seconds=6)

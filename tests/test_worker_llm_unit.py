@@ -19,7 +19,7 @@ from pydantic import SecretStr
 
 from research_api.researchjob import ResearchJobSpec
 from research_api.task import ModelSettings, ResearchTask, Step, StructuredOutput
-from research_operator.builders import Owner, build_task, worker_job
+from research_operator.decisions.manifests import Owner, build_task, worker_job
 from research_operator.settings import Settings
 from research_worker.bounds import MIN_STRING_CHARS, TEXT_CHARS_PER_TOKEN, skeleton, string_limit
 from research_worker.configuration import Configuration

@@ -1,6 +1,6 @@
 """The lease broker's wire contract: per-request leases of a shared model endpoint.
 
-The operator serves it (``research_operator.broker``), the worker calls it
+The operator serves it (``research_operator.lease_broker.broker``), the worker calls it
 (``research_worker.leases``); neither defines these paths, bodies or timings itself. Every request
 carries a ServiceAccount token of the worker pod bound to the broker's own audience
 (``TOKEN_AUDIENCE``: a projected token the kubelet writes at ``TOKEN_PATH``, never the pod's API
@@ -116,7 +116,7 @@ class _Wire(BaseModel):
 
 
 class BudgetKind(StrEnum):
-    """The budgets a model call is reserved against (research_operator.ledger)."""
+    """The budgets a model call is reserved against (research_operator.decisions.ledger)."""
 
     RESEARCH_JOB = "researchJob"  # the ResearchJob's spec.budget.maxTokens / maxCost
     NAMESPACE = "namespace"  # the namespace's budget for the current period (operator settings)

@@ -3,7 +3,7 @@
 ``top`` gathers ResearchJobs, their worker Jobs, ResourceQuotas and the operator's settings
 ConfigMap, and :func:`build_top` (pure) turns them into the view: per namespace and cluster-wide,
 worker Jobs running and queued, the caps in force, each quota's headroom counted in worker pods
-(with the operator's own quota arithmetic, ``research_operator.admission``), and why each waiting
+(with the operator's own quota arithmetic, ``research_operator.decisions.admission``), and why each waiting
 ResearchJob waits.
 
 ``caps`` shows and sets ``globalMaxActiveJobs`` and ``namespaceMaxActiveJobs`` in the settings
@@ -23,8 +23,8 @@ from research_api.researchjob import TERMINAL_PHASES, ResourcesSpec
 from research_cli.errors import CliError, UsageError
 from research_cli.kube import Kube
 from research_cli.progress import waiting_for
-from research_operator.admission import PodResources, QuotaUsage, quota_headroom
-from research_operator.views import job_view
+from research_operator.cache.views import job_view
+from research_operator.decisions.admission import PodResources, QuotaUsage, quota_headroom
 
 DEFAULT_OPERATOR_NAMESPACE = "research-operator-system"
 DEFAULT_SETTINGS_CONFIGMAP = "research-operator-settings"

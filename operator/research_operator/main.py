@@ -14,9 +14,9 @@ import kopf
 from kubernetes import client, config
 from prometheus_client import start_http_server
 
-from research_operator import handlers  # noqa: F401 - registers the kopf handlers
-from research_operator.leader import LeaderElector
+from research_operator.lease_broker.leader import LeaderElector
 from research_operator.metrics import REGISTRY
+from research_operator.registration import handlers  # noqa: F401 - registers the kopf handlers
 from research_operator.settings import Settings
 
 

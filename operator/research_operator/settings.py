@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from research_api.task import QualityFloor
-from research_operator.admission import Caps
-from research_operator.endpoints import TokenBudget, parse_budgets
-from research_operator.tenancy import Allowlists, parse_allowlist
+from research_operator.decisions.admission import Caps
+from research_operator.decisions.endpoints import TokenBudget, parse_budgets
+from research_operator.decisions.tenancy import Allowlists, parse_allowlist
 
 
 def _int(env: Mapping[str, str], key: str, default: int) -> int:
@@ -155,7 +155,7 @@ class Settings:
     lease_broker_ca_secret: str = "research-operator-broker-ca"
     lease_broker_ca: str = ""
     pod_ip: str = ""
-    # Tenancy (research_operator.tenancy, docs/security.md). The ValidatingAdmissionPolicyBinding
+    # Tenancy (research_operator.decisions.tenancy, docs/security.md). The ValidatingAdmissionPolicyBinding
     # that checks authors at admission ("": none, tenancy.admissionPolicy.enabled=false); while it
     # is not in force, a ResearchJob naming a Secret or ConfigMap is not run unless trust_authors.
     admission_policy_binding: str = ""

@@ -23,7 +23,6 @@ from research_api.records import (
     stored_record,
 )
 from research_api.researchjob import AnalystStatus
-from research_operator.admission import PodResources
 from research_operator.constants import (
     ANNOTATION_CLEANUP_OF,
     ANNOTATION_CLEANUP_OF_UID,
@@ -33,12 +32,13 @@ from research_operator.constants import (
     LABEL_PLAN,
     LABEL_STEP,
 )
-from research_operator.endpoints import (
+from research_operator.decisions.admission import PodResources
+from research_operator.decisions.endpoints import (
     ANNOTATION_ADMITTED,
     ANNOTATION_CONCURRENCY,
     ANNOTATION_ENDPOINT,
 )
-from research_operator.reconcile import JobView
+from research_operator.decisions.reconcile import JobView
 
 log = logging.getLogger(__name__)
 

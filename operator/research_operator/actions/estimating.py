@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from research_api.estimate import estimate
 from research_api.modelendpoint import Prices
 from research_api.researchjob import ResearchJobSpec, SourceType
-from research_operator import endpoints
-from research_operator.reconcile import Estimated
+from research_operator.decisions import endpoints
+from research_operator.decisions.reconcile import Estimated
 
 ReadConfigMap = Callable[[str, str], Awaitable[dict[str, str] | None]]
 

@@ -28,7 +28,7 @@ from research_api.modelendpoint import NamespaceSelector, normalize_url
 from research_api.researchjob import GROUP
 from research_api.task import SHARES_KEY, EndpointShareRef, EndpointShares, ResearchTask, ShareEntry, Step
 from research_operator.constants import child_name
-from research_operator.ledger import Limit, Prices
+from research_operator.decisions.ledger import Limit, Prices
 
 ANNOTATION_ENDPOINT = f"{GROUP}/model-endpoint"  # the ModelEndpoint a worker Job is admitted against
 ANNOTATION_CONCURRENCY = f"{GROUP}/endpoint-concurrency"  # requests in flight its pod may need

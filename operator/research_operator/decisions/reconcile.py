@@ -25,10 +25,10 @@ from research_api.researchjob import (
     StepUsage,
 )
 from research_api.task import QualityFloor
-from research_operator.admission import PodResources, WaitReason
 from research_operator.constants import plan_id
-from research_operator.ledger import Prices, money
-from research_operator.tenancy import Refusal
+from research_operator.decisions.admission import PodResources, WaitReason
+from research_operator.decisions.ledger import Prices, money
+from research_operator.decisions.tenancy import Refusal
 
 # How soon a ResearchJob refused because the author-checking policy is missing looks again: its
 # installation sends no watch event the operator receives.
@@ -535,76 +535,7 @@ def interviewing_message(done: int, count: int, active: int, queued: int) -> str
     return f"{done}/{count} sections; {active} batch Jobs running, {queued} waiting"
 
 
-def batches_started(st: ResearchJobStatus, count: int, started: int) -> None:
-    """``started`` interview batch Jobs were created in this pass: the status counts them as running."""
-    st.batches.active += started
-    st.batches.queued -= started
-    if started:
-        st.message = interviewing_message(st.sections_done, count, st.batches.active, st.batches.queued)
-
-
 def step_noun(step: str, count: int) -> str:
     if step == "interview":
         return f"{count} interview batch{'es' if count != 1 else ''}"
     return {"plan": "the planner Job", "write": "the writer Job", "cleanup": "the cleanup Job"}.get(step, step)
-
-
-def apply_waiting(
-    st: ResearchJobStatus, prev: ResearchJobStatus, w: Waiting, generation: int, now: dt.datetime
-) -> list[tuple[str, str, str]]:
-    """Set the message, ``waitingFor`` and the QuotaExceeded, Throttled, WaitingForEndpoint,
-    TokenBudgetExhausted and WorkerPodsBlocked conditions of ``st`` from ``w``; return the Events to
-    post (one per condition that turns True or changes reason)."""
-    quota = w.reason is not None and w.reason.is_quota
-    throttled = w.reason is not None and w.reason.is_throttle
-    endpoint = w.reason == WaitReason.ENDPOINT_CAPACITY
-    budget = w.reason == WaitReason.TOKEN_BUDGET
-    if w.reason == WaitReason.QUOTA_TOO_SMALL:
-        st.message = f"cannot start {w.what}: {w.message}"
-    elif quota:
-        st.message = f"waiting for quota: {w.what}: {w.message}"
-    elif budget:
-        st.message = f"token budget spent: {w.what} waiting: {w.message}"
-    elif endpoint:
-        st.message = f"{st.message}; " if st.message and st.phase == Phase.Interviewing else ""
-        st.message += f"{w.what} waiting for model endpoint capacity: {w.message}"
-    elif throttled and w.reason != WaitReason.MAX_ACTIVE_JOBS:
-        st.message = f"{st.message}; " if st.message and st.phase == Phase.Interviewing else ""
-        st.message += f"{w.what} waiting for a slot: {w.message}"
-    if w.pods_blocked:
-        st.message = w.pods_blocked
-    if w.reason is not None or st.waiting_for not in DECIDED_WAITS:  # decide() says why nothing starts
-        st.waiting_for = w.reason.value if w.reason is not None and w.reason != WaitReason.MAX_ACTIVE_JOBS else None
-    if w.pods_blocked and st.waiting_for is None:
-        st.waiting_for = "FailedCreate"
-    reason = w.reason.value if w.reason else ""
-    conds = [
-        condition(prev, ctype, on, on_reason if on else off_reason, message if on else "", generation, now)
-        for ctype, on, on_reason, off_reason, message in (
-            ("QuotaExceeded", quota, reason, "WithinQuota", w.message),
-            ("Throttled", throttled, reason, "NotThrottled", w.message),
-            ("WaitingForEndpoint", endpoint, reason, "EndpointCapacityAvailable", w.message),
-            ("TokenBudgetExhausted", budget, reason, "WithinTokenBudget", w.message),
-            ("WorkerPodsBlocked", w.pods_blocked is not None, "FailedCreate", "PodsCreated", w.pods_blocked or ""),
-        )
-    ]
-    events: list[tuple[str, str, str]] = []
-    before = {c.type: c for c in prev.conditions or []}
-    for c in conds:
-        old = before.get(c.type)
-        if c.status != "True" or (old is not None and old.status == "True" and old.reason == c.reason):
-            continue
-        if c.type == "QuotaExceeded":
-            reason = "QuotaTooSmall" if w.reason == WaitReason.QUOTA_TOO_SMALL else "QuotaExceeded"
-            events.append(("Warning", reason, st.message or c.message))
-        elif c.type == "WorkerPodsBlocked":
-            events.append(("Warning", "FailedCreate", c.message))
-        elif c.type == "TokenBudgetExhausted":
-            events.append(("Warning", "TokenBudgetExhausted", c.message))
-        elif c.type == "WaitingForEndpoint":
-            what = f"{w.what} waiting for model endpoint capacity"
-            events.append(("Normal", "WaitingForEndpoint", f"{what}: {c.message}"))
-        elif c.reason != WaitReason.MAX_ACTIVE_JOBS:
-            events.append(("Normal", "Throttled", f"{w.what} waiting for a slot: {c.message}"))
-    st.conditions = [*(x for x in st.conditions or [] if x.type not in {c.type for c in conds}), *conds]
-    return events

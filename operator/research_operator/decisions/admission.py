@@ -19,7 +19,7 @@ from enum import StrEnum
 
 from kubernetes.utils import parse_quantity
 
-from research_operator.ledger import Amount, Limit, money
+from research_operator.decisions.ledger import Amount, Limit, money
 
 
 def quantity(value: str) -> Decimal:

@@ -18,7 +18,7 @@ from typing import Any
 
 from research_api.researchjob import Phase, ResearchJobStatus
 from research_operator.constants import KUEUE_PRIORITY_LABEL, KUEUE_QUEUE_LABEL
-from research_operator.reconcile import JobView, condition
+from research_operator.decisions.reconcile import JobView, condition
 from research_operator.settings import Settings
 
 GROUP = "kueue.x-k8s.io"

@@ -18,12 +18,12 @@ from typing import Any
 
 from research_api.records import ReportQuality
 from research_api.researchjob import AnalystStatus, ReportRef
-from research_operator.admission import POD_RESOURCES, Demand, PodResources, QuotaUsage
-from research_operator.endpoints import (
+from research_operator.decisions.admission import POD_RESOURCES, Demand, PodResources, QuotaUsage
+from research_operator.decisions.endpoints import (
     Endpoint,
     PodUse,
 )
-from research_operator.reconcile import JobView, StepTokens, StoreView
+from research_operator.decisions.reconcile import JobView, StepTokens, StoreView
 from research_operator.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -342,7 +342,7 @@ async def token_review(token: str, audiences: list[str] | None = None) -> dict[s
 async def point_service_at(namespace: str, service: str, ip: str, port: int) -> None:
     """Make ``ip:port`` the one endpoint of the selector-less Service ``service``: its EndpointSlice
     of the same name (``builders.broker_endpoint_slice``), owned by the Service, so it goes with it."""
-    from research_operator.builders import broker_endpoint_slice
+    from research_operator.decisions.manifests import broker_endpoint_slice
 
     svc = await call("get", "service", client.CoreV1Api(api()).read_namespaced_service, service, namespace)
     body = broker_endpoint_slice(namespace, service, str(svc.metadata.uid), ip, port)

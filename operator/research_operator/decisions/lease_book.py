@@ -18,7 +18,7 @@ Fairness: waiting requests are granted to the namespace, then the ResearchJob, h
 leases of the endpoint (max-min fairness), the longest-waiting first among equals; requests and
 tokens per minute are endpoint-wide buckets charged at grant (a request) and at release (its tokens).
 
-Budgets: with a ``ledger`` (``research_operator.ledger``), a request that carries its worst case is
+Budgets: with a ``ledger`` (``research_operator.decisions.ledger``), a request that carries its worst case is
 granted only when that reservation fits every budget it falls under; it is settled when the lease is
 returned (to the usage the worker reports, else at the worst case), and the reservations of a lapsed
 session at their worst case. A request that must wait for a budget does not hold back the others.
@@ -39,7 +39,7 @@ from research_api.leases import (
     Mode,
     Reserve,
 )
-from research_operator.ledger import Budgets, Decision, Ledger, Prices, Reservation, Verdict
+from research_operator.decisions.ledger import Budgets, Decision, Ledger, Prices, Reservation, Verdict
 
 REQUEST_BURST_SECONDS = 1.0
 TOKEN_BURST_SECONDS = 10.0

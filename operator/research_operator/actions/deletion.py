@@ -9,13 +9,14 @@ import kopf
 from pydantic import ValidationError
 
 from research_api.researchjob import ResearchJobStatus, SecretKeyRef, StoreType, WorkerSpec
-from research_operator import kube
-from research_operator.admit import Outcome, Want, admit_and_create, now, with_detail
-from research_operator.builders import Owner, cleanup_job
+from research_operator.actions import kube
+from research_operator.actions.admit import Outcome, Want, admit_and_create, now, with_detail
+from research_operator.cache.world import WORLD, Key, settings
 from research_operator.constants import FINALIZER
-from research_operator.finalizer import CLEANUP_STEP, CleanupState, decide_cleanup
-from research_operator.reconcile import JobView, Waiting, condition, step_noun
-from research_operator.world import WORLD, Key, settings
+from research_operator.decisions import status
+from research_operator.decisions.finalizer import CLEANUP_STEP, CleanupState, decide_cleanup
+from research_operator.decisions.manifests import Owner, cleanup_job
+from research_operator.decisions.reconcile import JobView, Waiting, step_noun
 
 
 def dsn_ref(body: kopf.Body) -> SecretKeyRef | None:
@@ -114,20 +115,8 @@ async def finalize_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outco
             message=f"{d.failure}; it is retried. To let the ResearchJob go without deleting its rows, remove "
             f"the finalizer {FINALIZER}",
         )
-    if d.message or d.failure or failed_before:
-        st = prev.model_copy()
-        st.message = d.message or st.message
-        gen = int(meta.get("generation") or 0)
-        cond = condition(
-            prev,
-            "CleanupFailed",
-            d.failure is not None,
-            "CleanupJobFailed" if d.failure else "CleaningUp",
-            d.failure or "",
-            gen,
-            now(),
-        )
-        st.conditions = [*(c for c in prev.conditions or [] if c.type != "CleanupFailed"), cond]
+    st = status.cleaning_up(prev, d.message, d.failure, int(meta.get("generation") or 0), now())
+    if st is not None:
         if st.message != prev.message:
             logger.info(f"decision: deleting: {st.message}")
         await kube.patch_status(namespace, name, uid, st, prev)

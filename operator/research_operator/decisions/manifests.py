@@ -45,7 +45,6 @@ from research_api.task import (
     TavilySource,
     WikipediaSource,
 )
-from research_operator import kueue
 from research_operator.constants import (
     ANNOTATION_CLEANUP_OF,
     ANNOTATION_CLEANUP_OF_UID,
@@ -58,7 +57,8 @@ from research_operator.constants import (
     WORKER_UID,
     child_name,
 )
-from research_operator.endpoints import share_configmap_name
+from research_operator.decisions import kueue
+from research_operator.decisions.endpoints import share_configmap_name
 from research_operator.settings import Settings
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from research_api.researchjob import ResearchJobSpec, WorkerSpec
-from research_operator.endpoints import Endpoint
+from research_operator.decisions.endpoints import Endpoint
 
 ANY = "*"  # in an allowlist: every value
 

@@ -19,13 +19,16 @@ import kopf
 
 from research_api.modelendpoint import ENDPOINT_PLURAL
 from research_api.researchjob import GROUP, PLURAL, VERSION
-from research_operator import admit, broker, deletion, kube, kueue, loop, metrics
-from research_operator.admission import QuotaUsage
+from research_operator import metrics
+from research_operator.actions import deletion, kube, loop, shares
+from research_operator.cache.views import StoredObject, job_view, owner_uid, stored_object
+from research_operator.cache.world import BASE_SETTINGS, WORLD, Key, settings
 from research_operator.constants import LABEL_JOB, LABEL_KIND, SETTINGS_KIND
-from research_operator.endpoints import Endpoint, calls, describe_budget, endpoint_from
-from research_operator.reconcile import JobView
-from research_operator.views import StoredObject, job_view, owner_uid, stored_object
-from research_operator.world import BASE_SETTINGS, WORLD, Key, settings
+from research_operator.decisions import kueue
+from research_operator.decisions.admission import QuotaUsage
+from research_operator.decisions.endpoints import Endpoint, calls, describe_budget, endpoint_from
+from research_operator.decisions.reconcile import JobView
+from research_operator.lease_broker import broker
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +131,7 @@ async def job_event(type: str, body: kopf.Body, namespace: str | None, **_: Any)
             # Its share of the endpoint is free: the waiting ResearchJobs anywhere may take it, and the
             # running pods get their new shares.
             WORLD.wake_endpoint_waiters(view.endpoint)
-            admit.request_share_sync(view.endpoint)
+            shares.request_share_sync(view.endpoint)
 
 
 @kopf.index(*CONFIGMAPS, labels={LABEL_KIND: SETTINGS_KIND})
@@ -220,7 +223,7 @@ async def endpoint_event(type: str, body: kopf.Body, name: str, logger: kopf.Log
     WORLD.endpoint_status.pop(name, None)
     WORLD.wake_waiting()  # ResearchJobs may now match another endpoint, or none
     WORLD.wake_refused()  # one that names it may now find it, or be selected by it
-    admit.request_share_sync(name)
+    shares.request_share_sync(name)
 
 
 @kopf.on.event("", "v1", "resourcequotas")

@@ -28,28 +28,28 @@ from research_api.researchjob import (
     WorkerSpec,
 )
 from research_api.task import Step
-from research_operator import broker, kube, kueue, metrics, tenancy
-from research_operator.admission import PodResources, WaitReason, never_fits
-from research_operator.admit import Outcome, Want, admit_and_create, pods_blocked, still_blocked, with_detail
-from research_operator.admit import now as _now
-from research_operator.builders import Owner, worker_job, worker_network_policy, worker_rbac
-from research_operator.deletion import cleanup_state, finalize_once
-from research_operator.estimating import estimate_of
-from research_operator.finalizer import decide_cleanup
-from research_operator.ledger import SHORT_SECONDS
-from research_operator.reconcile import (
+from research_operator import metrics
+from research_operator.actions import kube
+from research_operator.actions.admit import Outcome, Want, admit_and_create, pods_blocked, still_blocked, with_detail
+from research_operator.actions.admit import now as _now
+from research_operator.actions.deletion import cleanup_state, finalize_once
+from research_operator.actions.estimating import estimate_of
+from research_operator.cache.world import WORLD, Key, settings
+from research_operator.decisions import kueue, status, tenancy
+from research_operator.decisions.admission import PodResources, WaitReason, never_fits
+from research_operator.decisions.finalizer import decide_cleanup
+from research_operator.decisions.ledger import SHORT_SECONDS
+from research_operator.decisions.manifests import Owner, worker_job, worker_network_policy, worker_rbac
+from research_operator.decisions.reconcile import (
     Observed,
     Waiting,
-    apply_waiting,
     batches,
-    batches_started,
-    condition,
     continues_steps,
     decide,
     has_started,
 )
+from research_operator.lease_broker import broker
 from research_operator.settings import Settings
-from research_operator.world import WORLD, Key, settings
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,8 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         spec = ResearchJobSpec.model_validate(dict(body.get("spec") or {}))
     except ValidationError as e:
         msg = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        await kube.patch_status(namespace, name, uid, _invalid_status(prev, msg, meta), prev)
+        invalid = status.invalid_spec(prev, msg, int(meta.get("generation") or 0), _now())
+        await kube.patch_status(namespace, name, uid, invalid, prev)
         kopf.warn(body, reason="InvalidSpec", message=msg)
         return Outcome()
     owner = Owner(namespace, name, uid)
@@ -327,6 +328,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
             analysts=[len(plan[b]) for b in d.waiting_batches],
         )
     waiting = Waiting()
+    started: int | None = None
     if want is not None:
         made = worker_rbac(owner, spec, plan_id)
         if cfg.worker_egress is not None:
@@ -336,7 +338,6 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         if want.step == Step.INTERVIEW.value:
             # In Kueue mode a new Job waits, suspended, until Kueue admits it.
             started = 0 if cfg.kueue_queue else len(want.jobs) - WORLD.waiting.get(key, 0)
-            batches_started(st, spec.analysts.count, started)
     elif WORLD.waiting.pop(key, None) is not None:
         WORLD.blocked.pop(key, None)
         WORLD.bump()
@@ -347,7 +348,6 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         waiting = Waiting("a model call of a running worker Job", WaitReason.TOKEN_BUDGET, why, until=until)
     live = [j for j in WORLD.jobs_of(key).values() if j.active]
     waiting = dataclasses.replace(waiting, pods_blocked=pods_blocked(live))
-    events = apply_waiting(st, prev, waiting, obs.generation, now)
     mine = list(WORLD.jobs_of(key).values())
     workloads, queues = kueue.gather(
         namespace,
@@ -359,7 +359,17 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     wait = kueue.wait_status(
         mine, workloads, queues, cfg.kueue_queue, cfg.kueue_watch, kueue.priority_class(spec.priority, cfg)
     )
-    kueue.annotate(st, wait, prev, obs.generation, now, kueue_mode=bool(cfg.kueue_queue))
+    events = status.after_pass(
+        st,
+        prev,
+        waiting,
+        started=started,
+        analysts=spec.analysts.count,
+        kueue_wait=wait,
+        kueue_mode=bool(cfg.kueue_queue),
+        generation=obs.generation,
+        now=now,
+    )
 
     if WORLD.phases.get(key) != st.phase:  # a pass may run before our last status write is seen
         for etype, reason, message in d.events:
@@ -434,15 +444,6 @@ async def author_checks(cfg: Settings, logger: kopf.Logger) -> tuple[tenancy.Aut
         WORLD.policy_probe = seen = (time.monotonic(), binding, found)
     found = seen[2] if binding and seen is not None else None
     return tenancy.author_checks(binding, cfg.trust_authors, found), found[2] if found is not None else None
-
-
-def _invalid_status(prev: ResearchJobStatus, msg: str, meta: kopf.Meta | dict[str, object]) -> ResearchJobStatus:
-    gen = int(str(meta.get("generation") or 0))
-    st = prev.model_copy()
-    st.phase = Phase.Failed
-    st.message = f"invalid spec: {msg}"
-    st.conditions = [condition(prev, "Failed", True, "InvalidSpec", msg, gen, _now())]
-    return st
 
 
 def _set_phase(key: Key, phase: str | None) -> None:

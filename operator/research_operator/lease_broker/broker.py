@@ -30,12 +30,14 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, ValidationError
 
 from research_api import leases as wire
-from research_operator import endpoints as ep
-from research_operator import kube, metrics, pki
-from research_operator.builders import Owner, worker_service_account
-from research_operator.leases import Book, LeaseError, Limits, PodRef, Waiter
-from research_operator.ledger import SHORT_SECONDS, Amount, Budgets, Ledger, Limit, Prices, RjKey
-from research_operator.world import WORLD, settings
+from research_operator import metrics
+from research_operator.actions import kube
+from research_operator.cache.world import WORLD, settings
+from research_operator.decisions import endpoints as ep
+from research_operator.decisions.lease_book import Book, LeaseError, Limits, PodRef, Waiter
+from research_operator.decisions.ledger import SHORT_SECONDS, Amount, Budgets, Ledger, Limit, Prices, RjKey
+from research_operator.decisions.manifests import Owner, worker_service_account
+from research_operator.lease_broker import pki
 
 log = logging.getLogger(__name__)
 

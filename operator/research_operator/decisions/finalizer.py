@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from research_operator.reconcile import JobView
+from research_operator.decisions.reconcile import JobView
 
 CLEANUP_STEP = "cleanup"
 CLEANUP_RETRY_AFTER = dt.timedelta(seconds=120)  # a failed cleanup Job is replaced this long after it failed
