@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from research_api.researchjob import GROUP, PLURAL, VERSION
+from research_api.estimate import estimate
+from research_api.modelendpoint import ENDPOINT_PLURAL, Prices
+from research_api.researchjob import GROUP, PLURAL, VERSION, ResearchJobSpec
 from tests.fixtures.cluster import ClusterHandle
 from tests.fixtures.operator import CORPUS, OperatorProcess
 
@@ -341,3 +343,50 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(
         capture_output=True, text=True, timeout=60, env=plugin_env(cluster),
     )  # fmt: skip
     assert out.returncode == 0 and "usage: kubectl research caps" in out.stdout, out.stderr
+
+
+def test_submit_estimate_prices_at_the_named_endpoint_reads_a_documents_configmap_and_creates_nothing(
+    cluster: ClusterHandle, researchjob_crd: Path, namespace: str, corpus_configmap: str
+) -> None:
+    custom = client.CustomObjectsApi(cluster.api_client())
+    endpoint = f"priced-{uuid.uuid4().hex[:8]}"
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelEndpoint",
+        "metadata": {"name": endpoint},
+        "spec": {
+            "baseUrl": "https://llm.example/v1",
+            "maxConcurrentRequests": 4,
+            "prices": {"inputPerMillion": "2.50", "outputPerMillion": "10"},
+        },
+    }
+    custom.create_cluster_custom_object(GROUP, VERSION, ENDPOINT_PLURAL, body)
+    try:
+        topic = "How Kubernetes runs and limits batch workloads"
+        args = ["submit", "est", "-n", namespace, "--topic", topic, "--documents-configmap", corpus_configmap]
+        out = research(cluster, *args, "--endpoint", endpoint, "--estimate", "-o", "json")
+        assert out.returncode == 0, out.stderr
+        got = json.loads(out.stdout)
+        spec = {
+            "topic": topic,
+            "analysts": {"count": 3},
+            "sources": [{"type": "documents", "configMap": corpus_configmap}],
+            "model": {"endpoint": endpoint},
+        }
+        documents = {p.name: p.read_text() for p in sorted(CORPUS.glob("*.md"))}
+        expected = estimate(
+            ResearchJobSpec.model_validate(spec), documents, Prices(input_per_million="2.50", output_per_million="10")
+        )
+        assert (got["tokens"], got["cost"]) == (expected.tokens, expected.cost)
+        assert got["costBasis"] == f"ModelEndpoint {endpoint}: 2.50 in, 10 out per million tokens"
+        assert got["basis"].startswith(f"{len(documents)} documents")
+
+        missing = research(cluster, *args, "--endpoint", "no-such-endpoint", "--estimate")
+        assert missing.returncode == 0, missing.stderr
+        assert 'cost unknown: ModelEndpoint "no-such-endpoint" does not exist' in missing.stdout
+        err = one_line_error(research(cluster, "submit", "est", "-n", namespace, "--topic", topic,
+                                      "--documents-configmap", "nope", "--estimate"))  # fmt: skip
+        assert f"cannot get configmap {namespace}/nope" in err
+    finally:
+        custom.delete_cluster_custom_object(GROUP, VERSION, ENDPOINT_PLURAL, endpoint)
+    assert custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"] == []

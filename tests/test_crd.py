@@ -162,6 +162,7 @@ def test_names_scope_subresources_and_columns() -> None:
         "Active": (".status.batches.active", 0),
         "Waiting": (".status.waitingFor", 0),
         "Tokens": (".status.tokensUsed", 1),
+        "Estimate": (".status.estimate.tokens", 1),
         "Cited": (".status.quality.citationAccuracy", 1),
         "Coverage": (".status.quality.coverage", 1),
         "Sources": (".status.quality.sourcesCited", 1),

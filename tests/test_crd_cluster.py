@@ -293,6 +293,7 @@ def test_kubectl_get_shows_the_printer_columns(crd: ClusterHandle, namespace: st
         "progress": "1/3",
         "batches": {"total": 2, "active": 1},
         "tokensUsed": 12345,
+        "estimate": {"calls": 25, "inputTokens": 20000, "outputTokens": 3000, "tokens": 23000},
         "message": "interviewing 2 analysts",
         "waitingFor": "EndpointCapacity",
         "quality": {"citationAccuracy": 95, "coverage": 80, "sourcesCited": 6},
@@ -310,10 +311,12 @@ def test_kubectl_get_shows_the_printer_columns(crd: ClusterHandle, namespace: st
 
     header, row = table("rj", "-o", "wide")
     assert header == [
-        "NAME", "PHASE", "PROGRESS", "ACTIVE", "WAITING", "TOKENS", "CITED", "COVERAGE", "SOURCES", "MESSAGE", "AGE",
+        "NAME", "PHASE", "PROGRESS", "ACTIVE", "WAITING", "TOKENS", "ESTIMATE", "CITED", "COVERAGE", "SOURCES",
+        "MESSAGE", "AGE",
     ]  # fmt: skip
-    assert row[:10] == [
-        "demo", "Interviewing", "1/3", "1", "EndpointCapacity", "12345", "95", "80", "6", "interviewing 2 analysts",
+    assert row[:11] == [
+        "demo", "Interviewing", "1/3", "1", "EndpointCapacity", "12345", "23000", "95", "80", "6",
+        "interviewing 2 analysts",
     ]  # fmt: skip
 
     # The category: `kubectl get research` lists ResearchJobs too.

@@ -13,7 +13,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
 from offline_model.launcher import ModelServerProcess
-from research_worker import prompts as worker_prompts
+from research_api import prompts as worker_prompts
 from research_worker.state import Perspectives  # the schemas the real worker asks for
 
 CONTEXT = """<Document source="docs/checkpointing.md" page=""/>

@@ -19,7 +19,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
 from offline_model.launcher import ModelServerProcess
-from research_worker import prompts
+from research_api import prompts
 from research_worker.state import Analyst, Perspectives  # the schemas the real worker asks for
 
 CORPUS = Path(__file__).parent / "corpus"

@@ -1,7 +1,7 @@
 """The research assistant's roles (analyst, expert, writers) recognised by prompt wording, end to end.
 
 The prompts below are the LangChain Academy research assistant's own (module 4), as a user who brings the
-standard prompts sends them; they are deliberately not the worker's (research_worker.prompts, which adds rules
+standard prompts sends them; they are deliberately not the worker's (research_api.prompts, which adds rules
 for untrusted data), and the Academy section further down imports the worker's where the text is the same.
 The model server must play every role from the context in the messages, keep citations, and end interviews on
 its own.
@@ -18,7 +18,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
 from offline_model.launcher import ModelServerProcess
-from research_worker import prompts as worker_prompts
+from research_api import prompts as worker_prompts
 from research_worker.search import DocumentsBackend
 from research_worker.state import Analyst, Perspectives  # the schemas the real worker asks for
 

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from kubernetes import client, watch
 
+from research_api.estimate import estimate
 from research_api.names import REPORT_CLAIM, configmap_name
-from research_api.researchjob import GROUP, PLURAL, VERSION
+from research_api.researchjob import GROUP, PLURAL, VERSION, ResearchJobSpec
 from tests.fixtures.cluster import ClusterHandle
 from tests.fixtures.operator import OperatorProcess
 
@@ -301,6 +302,45 @@ def test_budget_exhausted_ends_failed_with_the_reason(
     assert status["tokensUsed"] > 0
     events = client.CoreV1Api(api).list_namespaced_event(namespace, field_selector="involvedObject.name=thrifty").items
     assert any(e.type == "Warning" for e in events)
+
+
+def test_a_researchjob_above_its_estimate_ceiling_waits_with_the_figures_until_the_ceiling_is_raised(
+    cluster: ClusterHandle, operator: OperatorProcess, namespace: str, corpus_configmap: str
+) -> None:
+    api = cluster.api_client()
+    custom = client.CustomObjectsApi(api)
+    body = researchjob("capped", corpus_configmap, analysts={"count": 2}, budget={"maxEstimatedTokens": 1000})
+    create(api, namespace, body)
+    documents = client.CoreV1Api(api).read_namespaced_config_map(corpus_configmap, namespace).data
+    expected = estimate(ResearchJobSpec.model_validate(body["spec"]), documents)
+    deadline = time.monotonic() + 60
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline and status.get("waitingFor") != "EstimateExceedsCeiling":
+        time.sleep(0.5)
+        status = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "capped").get("status") or {}
+    assert status.get("waitingFor") == "EstimateExceedsCeiling", status
+    assert status["phase"] == "Pending"
+    assert status["estimate"]["tokens"] == expected.tokens and status["estimate"]["calls"] == expected.calls
+    held = {c["type"]: c for c in status["conditions"]}["EstimateAboveCeiling"]
+    assert (held["status"], held["reason"]) == ("True", "EstimateExceedsCeiling")
+    assert f"estimated {expected.tokens} tokens" in held["message"] and "maxEstimatedTokens 1000" in held["message"]
+    time.sleep(2)  # a few passes more: still nothing started
+    assert client.BatchV1Api(api).list_namespaced_job(namespace).items == []
+    events = client.CoreV1Api(api).list_namespaced_event(namespace, field_selector="involvedObject.name=capped").items
+    assert [(e.type, e.reason) for e in events if e.reason == "EstimateExceedsCeiling"] == [
+        ("Warning", "EstimateExceedsCeiling")
+    ]
+    wide = cluster.kubectl("get", "rj", "capped", "-n", namespace, "-o", "wide").stdout
+    assert "EstimateExceedsCeiling" in wide and str(expected.tokens) in wide
+
+    raised = {"spec": {"budget": {"maxEstimatedTokens": expected.tokens}}}
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "capped", raised)
+    obj = wait_phase(api, namespace, "capped", {"Succeeded", "Failed"})
+    status = obj["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["estimate"]["tokens"] == expected.tokens, "the estimate made before it started stays"
+    assert {c["type"]: c["status"] for c in status["conditions"]}["EstimateAboveCeiling"] == "False"
+    assert abs(status["tokensUsed"] - expected.tokens) <= 0.25 * status["tokensUsed"], status["tokensUsed"]
 
 
 def test_an_endpoint_that_rejects_the_key_fails_fast_with_the_workers_message(

@@ -14,15 +14,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from research_api.documents import OVERVIEW_CHARS, OVERVIEW_MIN_CHARS, OVERVIEW_TOTAL_CHARS
 from research_api.names import child_name, configmap_name, label_value
 from research_api.task import ResearchTask
 from research_worker.citations import cite, dedupe, memos, parse_section, report_sources
 from research_worker.errors import ObjectTooLarge, SearchError
 from research_worker.graph import theme_of
 from research_worker.search import (
-    OVERVIEW_CHARS,
-    OVERVIEW_MIN_CHARS,
-    OVERVIEW_TOTAL_CHARS,
     DocumentsBackend,
     TavilyBackend,
     WikipediaBackend,

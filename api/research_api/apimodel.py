@@ -3,6 +3,7 @@ rejected."""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -10,6 +11,12 @@ from pydantic.alias_generators import to_camel
 
 # An amount of money, as a decimal string (exact: never a float): prices and money budgets.
 MONEY_PATTERN = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"
+
+
+def money(value: Decimal) -> str:
+    """A cost as shown in messages and status: at most 6 decimals, no trailing zeros."""
+    text = f"{value.quantize(Decimal('0.000001')):f}".rstrip("0").rstrip(".")
+    return text or "0"
 
 
 class ApiModel(BaseModel):

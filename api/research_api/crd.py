@@ -97,6 +97,13 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "description": "LLM tokens used so far.",
     },
     {
+        "name": "Estimate",
+        "type": "integer",
+        "jsonPath": ".status.estimate.tokens",
+        "priority": 1,
+        "description": "LLM tokens estimated before it started.",
+    },
+    {
         "name": "Cited",
         "type": "integer",
         "jsonPath": ".status.quality.citationAccuracy",

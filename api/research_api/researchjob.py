@@ -28,6 +28,9 @@ from research_api.status import (
     Condition as Condition,
 )
 from research_api.status import (
+    EstimateStatus as EstimateStatus,
+)
+from research_api.status import (
     Phase as Phase,
 )
 from research_api.status import (
@@ -260,7 +263,7 @@ class WorkerSpec(ApiModel):
 
 
 class BudgetSpec(ApiModel):
-    """Limits that end the job as Failed when reached."""
+    """Limits that end the job as Failed when reached, and ceilings on its estimate that hold it before it starts."""
 
     max_tokens: int | None = Field(
         None,
@@ -281,6 +284,24 @@ class BudgetSpec(ApiModel):
     )
     deadline_seconds: int | None = Field(
         None, ge=60, le=7 * 24 * 3600, description="Seconds from start after which the job fails (60-604800)."
+    )
+    max_estimated_tokens: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "A ceiling on the estimate: before it starts, the operator estimates the job's tokens from its spec "
+            "and documents (status.estimate, as kubectl research submit --estimate prints) and does not start it "
+            "while the estimate is above this (condition EstimateExceedsCeiling, phase Pending). Raise it, or "
+            "lower the job's size, and it starts. No effect once it has started."
+        ),
+    )
+    max_estimated_cost: str | None = Field(
+        None,
+        pattern=MONEY_PATTERN,
+        description=(
+            'The same ceiling in money at the ModelEndpoint\'s prices (spec.prices), a decimal string, e.g. "2.00"; '
+            "without prices the cost is unknown and the job does not start (EstimateUnknown)."
+        ),
     )
 
 

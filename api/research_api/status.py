@@ -32,7 +32,8 @@ class Condition(ApiModel):
 
     type: str = Field(
         description="Condition type: Planned, AwaitingReview, QuotaExceeded, Throttled, WaitingForEndpoint, "
-        "TokenBudgetExhausted, WorkerPodsBlocked, PolicyViolation, Complete, Grounded, Failed, CleanupFailed."
+        "TokenBudgetExhausted, WorkerPodsBlocked, PolicyViolation, EstimateAboveCeiling, Complete, Grounded, Failed, "
+        "CleanupFailed."
     )
     status: str = Field(description="True, False or Unknown.", pattern=r"^(True|False|Unknown)$")
     reason: str = Field(description="CamelCase reason for the last transition.")
@@ -119,6 +120,29 @@ class QualityStatus(ApiModel):
     failures: list[str] | None = Field(None, description="The first unsupported sentences and what was done with them.")
 
 
+class StepEstimate(ApiModel):
+    """The estimate of one step: plan, every interview together, or write."""
+
+    step: str = Field(description="plan, interview (every analyst's together) or write.")
+    calls: int = Field(0, description="Model calls.")
+    input_tokens: int = Field(0, description="Prompt tokens.")
+    output_tokens: int = Field(0, description="Completion tokens.")
+
+
+class EstimateStatus(ApiModel):
+    """What the job is estimated to spend, before it starts (research_api.estimate)."""
+
+    calls: int = Field(0, description="Model calls.")
+    input_tokens: int = Field(0, description="Prompt tokens.")
+    output_tokens: int = Field(0, description="Completion tokens.")
+    tokens: int = Field(0, description="Prompt and completion tokens.")
+    cost: str | None = Field(
+        None, description="Their cost at the ModelEndpoint's prices (its spec.prices); absent when unknown."
+    )
+    basis: str = Field("", description="What it was computed from, and what it leaves out.")
+    steps: list[StepEstimate] | None = Field(None, description="The figures per step.")
+
+
 class ResearchJobStatus(ApiModel):
     """Observed state, rebuilt from the child Jobs and the store on every pass."""
 
@@ -140,6 +164,12 @@ class ResearchJobStatus(ApiModel):
     usage: list[StepUsage] | None = Field(
         None, description="Tokens and cost of each stored step of the current plan: plan, each interview, write."
     )
+    estimate: EstimateStatus | None = Field(
+        None,
+        description="What the job was estimated to spend before it started, from its spec and documents "
+        "(the figures kubectl research submit --estimate prints); compared with spec.budget.maxEstimatedTokens "
+        "and maxEstimatedCost.",
+    )
     report: ReportRef | None = Field(None, description="Where the finished report is.")
     quality: QualityStatus | None = Field(None, description="How well the report is supported by its sources.")
     failed_analysts: list[str] | None = Field(None, description="Analysts whose interviews failed.")
@@ -147,7 +177,8 @@ class ResearchJobStatus(ApiModel):
     waiting_for: str | None = Field(
         None,
         description="Why its next worker Jobs wait (the reason of the condition that holds them: EndpointCapacity, "
-        "TokenBudget, ExceededQuota, GlobalCap, ...; PolicyViolation when admins' policy forbids starting it); "
+        "TokenBudget, ExceededQuota, GlobalCap, ...; PolicyViolation when admins' policy forbids starting it; "
+        "EstimateExceedsCeiling or EstimateUnknown while its estimate ceiling holds it); "
         "empty when nothing waits.",
     )
     start_time: str | None = Field(None, description="When work started (RFC 3339).")

@@ -131,6 +131,19 @@ def build_parser() -> Parser:
         help="money budget of the whole job at its ModelEndpoint's prices, e.g. 5.00",
     )
     m.add_argument("--deadline", type=_positive, metavar="SECONDS", help="fail when not finished in time (>= 60)")
+    m.add_argument("--endpoint", metavar="NAME", help="a ModelEndpoint the admins declared (its URL, key and prices)")
+    m.add_argument(
+        "--max-estimated-tokens",
+        type=_positive,
+        metavar="N",
+        help="do not start while the estimate is above N tokens (the operator holds it in Pending)",
+    )
+    m.add_argument(
+        "--max-estimated-cost",
+        type=_money,
+        metavar="AMOUNT",
+        help="do not start while the estimated cost at the ModelEndpoint's prices is above AMOUNT",
+    )
     m.add_argument(
         "--min-citation-accuracy",
         type=int,
@@ -156,6 +169,11 @@ def build_parser() -> Parser:
     )
     s.add_argument("-o", "--output", choices=["yaml", "json", "name"], help="print the objects")
     s.add_argument("--wait", action="store_true", help="then follow it like `watch` until it ends")
+    s.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the model calls, tokens and cost the job is estimated to spend; create nothing (-o json|yaml)",
+    )
 
     w = command(
         "watch",
@@ -268,6 +286,24 @@ def cmd_submit(kube: Kube, args: argparse.Namespace) -> int:
             )
     if args.wait and args.dry_run == "none":
         return follow(kube, ns, args.name, interval=1.0, timeout=0)
+    return EXIT_OK
+
+
+def cmd_estimate(kube: Kube | None, args: argparse.Namespace, offline: str = "") -> int:
+    """``submit --estimate``: the figures, nothing created. Without a cluster (``kube`` None, ``offline``
+    says why) only the local --documents are read and the cost is unknown."""
+    if args.wait or args.dry_run != "none" or args.output == "name":
+        raise UsageError("--estimate creates nothing: it takes no --wait, --dry-run or -o name")
+    ns = kube.namespace if kube is not None else args.namespace or "default"
+    rj = submit.researchjob_manifest(args.name, ns, args)
+    corpus = submit.read_corpus(args.documents) if args.documents else None
+    est = submit.estimate_of(kube, rj, corpus, offline)
+    if args.output in ("yaml", "json"):
+        _write(
+            dump({"researchJob": f"{ns}/{args.name}", **est.figures.wire(), "costBasis": est.cost_basis}, args.output)
+        )
+    else:
+        _write(submit.estimate_table(args.name, est))
     return EXIT_OK
 
 
@@ -530,6 +566,12 @@ def main(argv: list[str] | None = None) -> int:
     kube: Kube | None = None
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "submit" and args.estimate:
+            try:
+                kube = connect(args.kubeconfig, args.context, args.namespace)
+            except CliError as exc:  # an estimate of local documents needs no cluster
+                return cmd_estimate(None, args, offline=str(exc))
+            return cmd_estimate(kube, args)
         kube = connect(args.kubeconfig, args.context, args.namespace)
         return COMMANDS[args.command](kube, args)
     except CliError as exc:

@@ -15,7 +15,15 @@ from research_api.researchjob import TERMINAL_PHASES, Phase
 
 # Conditions that, while True, say why the job waits: the operator's own words for it.
 WAIT_CONDITIONS = frozenset(
-    {"QuotaExceeded", "Throttled", "WorkerPodsBlocked", "AwaitingReview", "WaitingForEndpoint", "TokenBudgetExhausted"}
+    {
+        "QuotaExceeded",
+        "Throttled",
+        "WorkerPodsBlocked",
+        "AwaitingReview",
+        "WaitingForEndpoint",
+        "TokenBudgetExhausted",
+        "EstimateAboveCeiling",
+    }
 )
 WAIT_PREFIXES = ("Waiting",)
 WAIT_SUFFIXES = ("Exceeded", "Blocked", "Queued", "Pending")

@@ -16,10 +16,13 @@ from typing import Any, cast
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from research_api.estimate import estimate
+from research_api.modelendpoint import ENDPOINT_PLURAL, ModelEndpointSpec, Prices
 from research_api.names import CONFIGMAP_DATA_LIMIT, LABEL_JOB, label_value
-from research_api.researchjob import GROUP, KIND, PLURAL, VERSION, ResearchJobSpec
+from research_api.researchjob import GROUP, KIND, PLURAL, VERSION, EstimateStatus, ResearchJobSpec, SourceType
 from research_cli.errors import CliError, UsageError
 from research_cli.kube import CRD, Kube, is_missing_api, server_message
+from research_cli.output import table
 
 KEY_RE = re.compile(r"^[-._a-zA-Z0-9]+$")  # a valid ConfigMap data key
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubectl-research"}
@@ -124,6 +127,8 @@ def researchjob_manifest(name: str, namespace: str, args: Any) -> dict[str, Any]
         model["baseUrl"] = args.base_url
     if args.api_key_secret:
         model["apiKeySecretRef"] = _secret_ref(args.api_key_secret, "--api-key-secret", "api-key")
+    if getattr(args, "endpoint", None):
+        model["endpoint"] = args.endpoint
     if model:
         spec["model"] = model
     budget = {
@@ -132,6 +137,8 @@ def researchjob_manifest(name: str, namespace: str, args: Any) -> dict[str, Any]
             ("maxTokens", args.max_tokens),
             ("maxCost", getattr(args, "max_cost", None)),
             ("deadlineSeconds", args.deadline),
+            ("maxEstimatedTokens", getattr(args, "max_estimated_tokens", None)),
+            ("maxEstimatedCost", getattr(args, "max_estimated_cost", None)),
         )
         if v is not None
     }
@@ -231,3 +238,76 @@ def _delete_quietly(kube: Kube, namespace: str, name: str) -> None:
         kube.core.delete_namespaced_config_map(name, namespace, _request_timeout=(5, 30))
     except Exception:  # noqa: BLE001 - best effort; the create error is what the user needs to see
         pass
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """``submit --estimate``: the figures, and where the prices come from or why the cost is unknown."""
+
+    figures: EstimateStatus
+    cost_basis: str  # "ModelEndpoint NAME: 2.50 in, 10 out per million tokens", or why the cost is unknown
+
+
+def endpoint_prices(kube: Kube | None, name: str | None, offline: str = "") -> tuple[Prices | None, str]:
+    """The prices of ModelEndpoint ``name`` if the caller may read it: (prices, where they come from),
+    or (None, why the cost is unknown). ``kube`` None: no cluster (``offline`` says why)."""
+    if not name:
+        return None, "cost unknown: the job names no ModelEndpoint (--endpoint NAME), whose spec.prices it needs"
+    if kube is None:
+        return None, f'cost unknown: ModelEndpoint "{name}" cannot be read without a cluster ({offline})'
+    try:
+        obj = kube.custom.get_cluster_custom_object(GROUP, VERSION, ENDPOINT_PLURAL, name, _request_timeout=(5, 30))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None, f'cost unknown: ModelEndpoint "{name}" does not exist'
+        if exc.status == 403:
+            return None, f'cost unknown: you may not get ModelEndpoint "{name}" ({server_message(exc)})'
+        return None, f'cost unknown: cannot get ModelEndpoint "{name}": {server_message(exc)}'
+    except Exception as exc:  # noqa: BLE001 - connection problems: the tokens are still worth printing
+        return None, f'cost unknown: cannot get ModelEndpoint "{name}": {type(exc).__name__}'
+    try:
+        spec = ModelEndpointSpec.model_validate(cast(dict[str, Any], obj or {}).get("spec") or {})
+    except ValidationError:
+        return None, f'cost unknown: ModelEndpoint "{name}" has an invalid spec'
+    if spec.prices is None:
+        return None, f'cost unknown: ModelEndpoint "{name}" has no prices (spec.prices)'
+    p = spec.prices
+    return p, f"ModelEndpoint {name}: {p.input_per_million} in, {p.output_per_million} out per million tokens"
+
+
+def estimate_of(kube: Kube | None, rj: dict[str, Any], corpus: Corpus | None, offline: str = "") -> Estimate:
+    """The estimate of the ResearchJob ``rj`` (research_api.estimate, as the operator computes it): over
+    the local ``corpus`` (``--documents``) and every ``--documents-configmap`` (read through the API),
+    at its ModelEndpoint's prices. Creates nothing. ``kube`` None: no cluster (``offline`` says why)."""
+    spec = ResearchJobSpec.model_validate(rj["spec"])
+    ns = rj["metadata"]["namespace"]
+    local = documents_configmap_name(rj["metadata"]["name"])
+    documents: dict[str, str] | None = None
+    for s in spec.sources:
+        if s.type != SourceType.documents or s.config_map is None:
+            continue
+        if s.config_map == local and corpus is not None:
+            data = corpus.data
+        elif kube is None:
+            raise CliError(f"--documents-configmap {s.config_map}: the estimate needs to read it: {offline}")
+        else:
+            cm = kube.call(f"get configmap {ns}/{s.config_map}", kube.core.read_namespaced_config_map, s.config_map, ns)
+            data = dict(cm.data or {})
+        documents = {**(documents or {}), **data}
+    prices, where = endpoint_prices(kube, spec.model.endpoint, offline)
+    return Estimate(estimate(spec, documents, prices), where)
+
+
+def estimate_table(name: str, e: Estimate) -> str:
+    """The estimate as a table per step, with where the cost comes from and what it was computed from."""
+    f = e.figures
+    rows: list[list[Any]] = [
+        [s.step, s.calls, s.input_tokens, s.output_tokens, s.input_tokens + s.output_tokens] for s in f.steps or []
+    ]
+    rows.append(["total", f.calls, f.input_tokens, f.output_tokens, f.tokens])
+    cost = f"cost: {f.cost} ({e.cost_basis})" if f.cost is not None else e.cost_basis
+    return (
+        f"estimate of {KIND.lower()}/{name} (nothing was created)\n"
+        + table(["STEP", "CALLS", "PROMPT", "COMPLETION", "TOKENS"], rows)
+        + f"{cost}\nbasis: {f.basis}\n"
+    )

@@ -21,7 +21,8 @@ from langgraph.runtime import Runtime
 from langgraph.types import Send, interrupt
 from typing_extensions import TypedDict
 
-from research_worker import prompts
+from research_api import prompts
+from research_api.documents import overview_limit
 from research_worker.citations import (
     check_section,
     cite,
@@ -97,7 +98,7 @@ def _documents_overview(config: Configuration, topic: str, max_analysts: int) ->
         if overview is not None:
             # every document when they fit (the planner should see what the sources hold), else the
             # most relevant ones
-            shown = overview(topic, max(2 * max_analysts, 6, len(getattr(b, "documents", ()))))
+            shown = overview(topic, overview_limit(max_analysts, len(getattr(b, "documents", ()))))
             # the documents relevant to the topic: a stray file does not get an analyst of its own
             docs += [d for d in shown if d.source in relevant] or shown
     return docs

@@ -8,26 +8,26 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from rank_bm25 import BM25Okapi
 
+from research_api.documents import (
+    DOC_SUFFIXES,
+    MAX_PASSAGE_CHARS,
+    OVERVIEW_TOTAL_CHARS,
+    Passage,
+    overview_chars,
+    overview_shown,
+    overview_text,
+    split_markdown,
+)
 from research_api.task import DocumentsSource, TavilySource, WikipediaSource
 from research_worker.errors import SearchError, WorkerConfigError
 from research_worker.state import SearchDoc
 
 log = logging.getLogger(__name__)
-
-DOC_SUFFIXES = (".md", ".markdown", ".txt")
-MAX_PASSAGE_CHARS = 4000
-# The planner's look at the documents: the start of each, together at most OVERVIEW_TOTAL_CHARS
-# (about 2,300 tokens, so the plan's prompt fits a 4k-token context with room for its answer,
-# however many analysts are planned), each at most OVERVIEW_CHARS and at least OVERVIEW_MIN_CHARS.
-OVERVIEW_CHARS = 1500
-OVERVIEW_MIN_CHARS = 300
-OVERVIEW_TOTAL_CHARS = 9000
 
 _STOPWORDS = frozenset(
     "a an and are as at be by can do does for from how i in is it its of on or that the their this to "
@@ -45,44 +45,6 @@ def tokenize(text: str) -> list[str]:
             w = w[:-1]
         out.append(w)
     return out
-
-
-@dataclass(frozen=True)
-class Passage:
-    source: str
-    title: str
-    content: str
-
-
-def split_markdown(source: str, text: str) -> list[Passage]:
-    """One passage per ``#``/``##`` heading block (the document's title heads the first)."""
-    passages: list[Passage] = []
-    title = ""
-    lines: list[str] = []
-
-    def flush() -> None:
-        body = "\n".join(lines).strip()
-        if body:
-            passages.append(Passage(source, title, body[:MAX_PASSAGE_CHARS]))
-
-    for line in text.splitlines():
-        m = re.match(r"^(#{1,2})\s+(.*)$", line)
-        if m:
-            flush()
-            title, lines = m.group(2).strip(), []
-        else:
-            lines.append(line)
-    flush()
-    return passages
-
-
-def document_title(text: str) -> str:
-    """The document's own title: its first line when that is a ``#`` heading or underlined (``===``)."""
-    lines = text.lstrip().split("\n", 2)
-    first = lines[0].strip()
-    if re.match(r"^#\s", first):
-        return first.lstrip("#").strip()
-    return first if len(lines) > 1 and re.fullmatch(r"=+", lines[1].strip()) else ""
 
 
 def read_folder(path: str | Path) -> dict[str, str]:
@@ -170,18 +132,17 @@ class DocumentsBackend:
         for score, p in zip(scores, self.passages, strict=True):
             best[p.source] = max(best.get(p.source, 0.0), float(score))
         order = sorted(best, key=lambda src: -best[src])  # stable: ties keep the documents' order
-        shown = order[: min(limit, max(1, total_chars // OVERVIEW_MIN_CHARS))]
-        chars = min(OVERVIEW_CHARS, total_chars // max(1, len(shown)))
-        out = []
-        for src in shown:
-            text = "\n\n".join(
-                f"{p.title}\n{p.content}" if p.title else p.content for p in self.passages if p.source == src
+        shown = order[: overview_shown(limit, total_chars)]
+        chars = overview_chars(len(shown), total_chars)
+        return [
+            SearchDoc(
+                source=src,
+                title="",
+                content=overview_text(src, self.passages, self.documents.get(src, ""))[:chars],
+                backend=self.name,
             )
-            title = document_title(self.documents.get(src, ""))
-            if title and not text.startswith(title):  # a title over no text of its own heads no passage
-                text = f"{title}\n\n{text}"
-            out.append(SearchDoc(source=src, title="", content=text[:chars], backend=self.name))
-        return out
+            for src in shown
+        ]
 
 
 class TavilyBackend:

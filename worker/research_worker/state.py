@@ -1,56 +1,31 @@
-"""Graph state and the structured-output models of the research assistant."""
+"""Graph state of the research assistant (its structured-output models are in research_api.answers)."""
 
 from __future__ import annotations
 
-import functools
 import operator
-from typing import Annotated, Any, ClassVar, TypedDict
+from typing import Annotated, Any, TypedDict
 
 from langchain_core.messages import AnyMessage
 from langgraph.graph import MessagesState
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel
 
+from research_api.answers import Perspectives, SearchQuery, perspectives_of
 from research_api.records import Analyst, CitationCheck, Evidence, Report, ReportQuality, Section, TokenUsage
 
-# The stored records are part of the graph state; importers of this module find them here too.
-__all__ = ["Analyst", "CitationCheck", "Evidence", "Report", "ReportQuality", "Section", "TokenUsage"]
-
-# ---------------------------------------------------------------- structured outputs
-
-
-class Perspectives(BaseModel):
-    analysts: list[Analyst] = Field(
-        description="Comprehensive list of analysts with their roles and affiliations.",
-    )
-
-
-@functools.cache
-def perspectives_of(count: int) -> type[Perspectives]:
-    """Perspectives whose schema asks for exactly ``count`` analysts (minItems = maxItems), so an
-    endpoint that constrains decoding to the schema (llama.cpp's grammar, OpenAI's strict mode)
-    returns the panel size the ResearchJob asked for instead of whatever length the model picks."""
-    model = create_model(
-        "Perspectives",
-        __base__=Perspectives,
-        analysts=(
-            list[Analyst],
-            Field(
-                min_length=count,
-                max_length=count,
-                description=f"Exactly {count} analysts, with their roles and affiliations.",
-            ),
-        ),
-    )
-    return model
-
-
-class SearchQuery(BaseModel):
-    # The longest query an endpoint with a grammar may write (research_worker.bounds): a search
-    # query is a line, and web search APIs take a few hundred characters.
-    max_string_chars: ClassVar[int] = 300
-
-    search_query: str = Field(description="Search query for retrieval.")
-
+# The stored records are part of the graph state, and the structured answers (research_api.answers)
+# its nodes ask for; importers of this module find them here too.
+__all__ = [
+    "Analyst",
+    "CitationCheck",
+    "Evidence",
+    "Perspectives",
+    "Report",
+    "ReportQuality",
+    "SearchQuery",
+    "Section",
+    "TokenUsage",
+    "perspectives_of",
+]
 
 # ---------------------------------------------------------------- usage and documents
 

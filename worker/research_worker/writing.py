@@ -16,8 +16,8 @@ from langchain_core.messages import HumanMessage, SystemMessage
 from langgraph.graph import END, StateGraph
 from langgraph.runtime import Runtime
 
+from research_api import prompts
 from research_api.records import CitationCheck, ReportQuality
-from research_worker import prompts
 from research_worker.citations import dedupe, memos, number_marks, report_sources, split_listing, to_marks
 from research_worker.configuration import Configuration
 from research_worker.coverage import relevant_documents

@@ -362,6 +362,17 @@ async def namespace_labels(name: str) -> dict[str, str] | None:
     return dict(ns.metadata.labels or {})
 
 
+async def configmap_data(namespace: str, name: str) -> dict[str, str] | None:
+    """The data of ConfigMap ``namespace/name`` (a documents source's); None when it does not exist."""
+    try:
+        cm = await call("get", "configmap", client.CoreV1Api(api()).read_namespaced_config_map, name, namespace)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    return dict(cm.data or {})
+
+
 async def endpoint_key(namespace: str, name: str, key: str) -> str | None:
     """The value of key ``key`` of Secret ``namespace/name`` (a ModelEndpoint's API key); None when
     the Secret or the key does not exist. Never logged."""

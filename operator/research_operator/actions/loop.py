@@ -33,6 +33,7 @@ from research_operator.actions import kube
 from research_operator.actions.admit import Outcome, Want, admit_and_create, pods_blocked, still_blocked, with_detail
 from research_operator.actions.admit import now as _now
 from research_operator.actions.deletion import cleanup_state, finalize_once
+from research_operator.actions.estimating import estimate_of
 from research_operator.cache.world import WORLD, Key, settings
 from research_operator.decisions import kueue, status, tenancy
 from research_operator.decisions.admission import PodResources, WaitReason, never_fits
@@ -45,6 +46,7 @@ from research_operator.decisions.reconcile import (
     batches,
     continues_steps,
     decide,
+    has_started,
 )
 from research_operator.lease_broker import broker
 from research_operator.settings import Settings
@@ -260,17 +262,23 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     now = _now()
     await drop_jobs_that_never_fit(key, spec.worker, logger)
     jobs = [await with_detail(namespace, j) for j in WORLD.jobs_of(key).values()]
+    store = WORLD.store_view(key)
+    estimated = None
+    # Not for a job the admins' policy refuses: its documents are read only once it may use them.
+    if refused is None and not has_started(prev, len(jobs), len(store.analysts)):
+        estimated = await estimate_of(namespace, spec, kube.configmap_data, WORLD.endpoints, cfg.default_model_base_url)
     obs = Observed(
         generation=int(meta.get("generation") or 0),
         created=created,
         now=now,
         jobs=jobs,
-        store=WORLD.store_view(key),
+        store=store,
         previous=prev,
         uid=uid,
         refusal=refused,
         prices=broker.prices_of(key),
         quality_floor=cfg.quality_floor,
+        estimate=estimated,
     )
     d = decide(spec, obs)
     st = d.status

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
 
+from research_api.apimodel import money as money  # how a cost is shown (status, messages)
 from research_api.leases import BudgetKind
 
 ZERO = Decimal(0)
@@ -44,12 +45,6 @@ MILLION = Decimal(1_000_000)
 SHORT_SECONDS = 60.0  # how long a namespace counts as short after a call last could not fit its budget
 
 RjKey = tuple[str, str]  # (namespace, uid) of a ResearchJob
-
-
-def money(value: Decimal) -> str:
-    """A cost as shown in messages and status: at most 6 decimals, no trailing zeros."""
-    text = f"{value.quantize(Decimal('0.000001')):f}".rstrip("0").rstrip(".")
-    return text or "0"
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
 
 from research_api.records import ReportQuality
 from research_api.researchjob import (
     AnalystStatus,
     BatchCounts,
+    BudgetSpec,
     Condition,
+    EstimateStatus,
     Phase,
     QualityStatus,
     ReportRef,
@@ -29,6 +33,71 @@ from research_operator.decisions.tenancy import Refusal
 # How soon a ResearchJob refused because the author-checking policy is missing looks again: its
 # installation sends no watch event the operator receives.
 POLICY_RECHECK = dt.timedelta(seconds=30)
+# How soon a ResearchJob whose estimate could not be computed (its documents ConfigMap not there yet)
+# looks again: the operator does not watch the users' ConfigMaps.
+ESTIMATE_RECHECK = dt.timedelta(seconds=30)
+
+
+class CeilingReason(StrEnum):
+    """Why a ResearchJob is held before it starts (condition EstimateAboveCeiling, status.waitingFor)."""
+
+    EXCEEDS = "EstimateExceedsCeiling"  # its estimate is above spec.budget.maxEstimatedTokens or maxEstimatedCost
+    UNKNOWN = "EstimateUnknown"  # a ceiling is set and the estimate (or its cost) cannot be computed
+
+
+@dataclass(frozen=True)
+class Estimated:
+    """The estimate of a ResearchJob that has not started (research_api.estimate), or why there is none."""
+
+    figures: EstimateStatus | None
+    problem: str = ""  # why there are no figures, e.g. its documents ConfigMap does not exist
+    endpoint: str = ""  # the ModelEndpoint whose prices the cost is at ("": none)
+
+
+@dataclass(frozen=True)
+class Held:
+    reason: CeilingReason
+    message: str
+
+
+def over_ceiling(budget: BudgetSpec, est: Estimated) -> Held | None:
+    """Whether a ResearchJob with ``budget`` may not start, given its estimate: above a ceiling, or a
+    ceiling it cannot be compared with."""
+    tokens, cost = budget.max_estimated_tokens, budget.max_estimated_cost
+    if tokens is None and cost is None:
+        return None
+    fig = est.figures
+    if fig is None:
+        return Held(
+            CeilingReason.UNKNOWN, f"cannot estimate the job, so it does not start under its ceiling: {est.problem}"
+        )
+    what = f"{fig.tokens} tokens in {fig.calls} model calls"
+    advice = "raise the ceiling or make the job smaller (analysts.count, interview.maxTurns, sources' maxResults)"
+    if tokens is not None and fig.tokens > tokens:
+        return Held(
+            CeilingReason.EXCEEDS,
+            f"estimated {what}, above spec.budget.maxEstimatedTokens {tokens}; not started: {advice}",
+        )
+    if cost is not None:
+        if fig.cost is None:
+            where = f"ModelEndpoint {est.endpoint} has no prices" if est.endpoint else "job calls no ModelEndpoint"
+            return Held(
+                CeilingReason.UNKNOWN,
+                f"the cost cannot be estimated: the {where} (spec.prices), which spec.budget.maxEstimatedCost needs; "
+                "not started",
+            )
+        if Decimal(fig.cost) > Decimal(cost):
+            return Held(
+                CeilingReason.EXCEEDS,
+                f"estimated cost {fig.cost} ({what}), above spec.budget.maxEstimatedCost {cost}; not started: {advice}",
+            )
+    return None
+
+
+def has_started(prev: ResearchJobStatus, jobs: int, stored_plans: int) -> bool:
+    """Whether a ResearchJob has begun (it left Pending, has Jobs or stored analysts): from then on its
+    estimate is the one made before it started, and its ceilings no longer apply."""
+    return prev.phase != Phase.Pending or jobs > 0 or stored_plans > 0
 
 
 @dataclass(frozen=True)
@@ -98,6 +167,8 @@ class Observed:
     refusal: Refusal | None = None  # why no worker Job may be created for it (tenancy)
     prices: Prices | None = None  # its ModelEndpoint's prices (None: none declared)
     quality_floor: QualityFloor = QualityFloor()  # the admins' default (settings.quality)
+    # its estimate while it has not started; None once it has (the status keeps the one made before)
+    estimate: Estimated | None = None
 
 
 @dataclass
@@ -347,6 +418,18 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
         counts.queued = 0
     st.batches = counts
 
+    # The estimate ceiling: a job that has not started waits in Pending while its estimate is above it.
+    st.estimate = obs.estimate.figures if obs.estimate is not None else prev.estimate
+    held = over_ceiling(spec.budget, obs.estimate) if obs.estimate is not None and failure is None else None
+    if held is not None:
+        d.create_plan = d.create_writer = False
+        d.waiting_batches.clear()
+        st.phase = Phase.Pending
+        st.message = held.message
+        st.waiting_for = held.reason.value
+        if held.reason == CeilingReason.UNKNOWN:
+            d.wake_at = now + ESTIMATE_RECHECK if d.wake_at is None else min(d.wake_at, now + ESTIMATE_RECHECK)
+
     terminal = st.phase in (Phase.Succeeded, Phase.Failed)
     refused = obs.refusal if not terminal else None
     if refused is not None:
@@ -395,6 +478,15 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
         ),
         condition(
             prev,
+            "EstimateAboveCeiling",
+            held is not None,
+            held.reason.value if held else "WithinCeiling",
+            held.message if held else "",
+            gen,
+            now,
+        ),
+        condition(
+            prev,
             "Failed",
             failure is not None,
             failure[0] if failure else "NoFailure",
@@ -406,6 +498,9 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
     if prev.phase != st.phase:
         kind = "Warning" if st.phase == Phase.Failed else "Normal"
         d.events.append((kind, st.phase.value if failure is None else failure[0], st.message or st.phase.value))
+    was = next((c for c in prev.conditions or [] if c.type == "EstimateAboveCeiling"), None)
+    if held is not None and (was is None or was.status != "True" or was.message != held.message):
+        d.notices.append(("Warning", held.reason.value, held.message))
     before = next((c for c in prev.conditions or [] if c.type == "PolicyViolation"), None)
     if refused is not None and (before is None or before.status != "True" or before.message != refused.message):
         d.notices.append(("Warning", "PolicyViolation", refused.message))
@@ -430,6 +525,10 @@ class Waiting:
     refused: bool = False  # a 403 from the API server that the computed headroom did not foresee
     until: dt.datetime | None = None  # when the wait ends by itself (a token budget's period rolls over)
     namespace_terminating: bool = False  # a create was refused: the namespace is being deleted
+
+
+# What decide() holds a ResearchJob for, which admission's waiting does not overwrite.
+DECIDED_WAITS = frozenset({"PolicyViolation", *(r.value for r in CeilingReason)})
 
 
 def interviewing_message(done: int, count: int, active: int, queued: int) -> str:

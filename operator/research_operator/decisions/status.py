@@ -11,7 +11,7 @@ import datetime as dt
 from research_api.researchjob import Phase, ResearchJobStatus
 from research_operator.decisions import kueue
 from research_operator.decisions.admission import WaitReason
-from research_operator.decisions.reconcile import Waiting, condition, interviewing_message
+from research_operator.decisions.reconcile import DECIDED_WAITS, Waiting, condition, interviewing_message
 
 Event = tuple[str, str, str]  # type (Normal, Warning), reason, message
 
@@ -95,7 +95,7 @@ def apply_waiting(
         st.message += f"{w.what} waiting for a slot: {w.message}"
     if w.pods_blocked:
         st.message = w.pods_blocked
-    if w.reason is not None or st.waiting_for != "PolicyViolation":  # decide() says why nothing starts
+    if w.reason is not None or st.waiting_for not in DECIDED_WAITS:  # decide() says why nothing starts
         st.waiting_for = w.reason.value if w.reason is not None and w.reason != WaitReason.MAX_ACTIVE_JOBS else None
     if w.pods_blocked and st.waiting_for is None:
         st.waiting_for = "FailedCreate"

@@ -1,4 +1,9 @@
-"""Prompt strings of the research assistant (after LangGraph's research-assistant example)."""
+"""Prompt strings of the research assistant (after LangGraph's research-assistant example).
+
+The worker sends them (research_worker.graph, research_worker.writing) and the estimate counts them
+(research_api.estimate, for ``kubectl research submit --estimate`` and the operator's estimate
+ceiling), so they live in the API package that both import: one text, never a copy of it.
+"""
 
 analyst_instructions = """You are tasked with creating a set of AI analyst personas.
 Follow these instructions carefully:
