@@ -85,3 +85,39 @@ def test_sigterm_to_a_pid_one_worker_keeps_what_is_stored_and_the_retry_redoes_n
     assert "resuming the interview" in r.stderr
     assert server.stats()["by_kind"]["section"] == 2, "the section stored before SIGTERM was not computed again"
     assert _stored_sections(postgres_dsn, uid) == {0, 1, 2}
+
+
+def test_sigterm_mid_call_with_the_postgres_store_lets_the_call_finish_and_the_retry_pays_for_no_call_twice(
+    modelserver_factory: Any, postgres_dsn: str, tmp_path: Path
+) -> None:
+    """A preemption or eviction (SIGTERM) while a call is in flight: with the PostgreSQL store the call
+    finishes within the drain, its node is checkpointed, and the retried pod resumes after it. Every
+    call of the interviews is served exactly once over the two pods: nothing is paid for twice."""
+    server = modelserver_factory(ttft_ms=400)
+    task = make_task(tmp_path, server.base_url, store={"type": "postgres"}, interviewConcurrency=1)
+    assert worker("plan", task, dsn=postgres_dsn).returncode == 0
+    server.reset()
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "RESEARCH_PG_DSN": postgres_dsn}
+    cmd = [sys.executable, "-m", "research_worker.cli", "interview", "--task", str(task)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        # Mid-interview, a call on its way: the second call of the first analyst is in flight.
+        while not (server.stats()["total"] >= 1 and server.stats()["running"] >= 1):
+            assert proc.poll() is None and time.monotonic() < deadline, "the interview did not start"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == EXIT_STOPPED, err
+    assert "the calls in flight may finish within" in err
+    stopped = server.stats()
+    assert stopped["by_status"].get("499", 0) == 0 and stopped["running"] == 0, "no call was cut off"
+    r = worker("interview", task, dsn=postgres_dsn)
+    assert r.returncode == 0, r.stderr
+    assert "resuming the interview" in r.stderr
+    full_interview = 7  # (question, query, answer) x 2 turns + section
+    assert server.stats()["total"] == 3 * full_interview, "a call was paid for twice"

@@ -1,5 +1,6 @@
 """SIGTERM stops the worker's model calls at once (research_worker.stopping): the call in flight is
-cancelled, no new call reaches the endpoint, and the step ends with exit code 143 (retried)."""
+cancelled (or, with a checkpointer, may finish within the drain), no new call reaches the endpoint,
+and the step ends with exit code 143 (retried)."""
 
 from __future__ import annotations
 
@@ -82,6 +83,37 @@ async def test_without_a_stop_calls_are_answered_and_a_late_stop_leaves_a_finish
     assert msg.content == "ok" and usage.total_tokens == 4
     stop.set("SIGTERM")
     assert endpoint.abandoned == 0
+
+
+async def test_with_a_drain_the_call_in_flight_finishes_and_no_further_call_is_made() -> None:
+    """With a checkpointer (the PostgreSQL store) the call in flight is worth finishing: its node is
+    checkpointed and the retried pod does not pay for it again. No new call starts."""
+    stop = Stop(drain_seconds=5.0)
+    endpoint = SlowEndpoint()
+    llm = endpoint.client(stop)
+    call = asyncio.create_task(llm.chat([HumanMessage(content="q")]))
+    await asyncio.wait_for(endpoint.arrived.wait(), 10)
+    stop.set("SIGTERM")
+    await asyncio.sleep(0.1)
+    assert not call.done(), "the call in flight is not cancelled while the drain lasts"
+    endpoint.release.set()
+    msg, usage = await asyncio.wait_for(call, 10)
+    assert msg.content == "ok" and usage.total_tokens == 4 and endpoint.abandoned == 0
+    with pytest.raises(WorkerStopped, match="SIGTERM: stopped before the next model call"):
+        await llm.chat([HumanMessage(content="q")])
+    assert endpoint.requests == 1, "no call reaches the endpoint after SIGTERM"
+
+
+async def test_a_call_that_outlasts_the_drain_is_cancelled() -> None:
+    stop = Stop(drain_seconds=0.2)
+    endpoint = SlowEndpoint()
+    llm = endpoint.client(stop)
+    call = asyncio.create_task(llm.chat([HumanMessage(content="q")]))
+    await asyncio.wait_for(endpoint.arrived.wait(), 10)
+    stop.set("SIGTERM")
+    with pytest.raises(WorkerStopped, match="SIGTERM: a model call in flight was cancelled"):
+        await asyncio.wait_for(call, 10)
+    assert endpoint.abandoned == 1
 
 
 def test_a_stopped_step_is_retried_with_the_conventional_sigterm_exit_code() -> None:

@@ -36,7 +36,7 @@ from research_api.task import (
     Step,
 )
 from research_worker.errors import WorkerConfigError, WorkerError
-from research_worker.stopping import Stop
+from research_worker.stopping import DRAIN_SECONDS, Stop
 
 SHOW_REPORT = "show-report"
 log = logging.getLogger("research_worker")
@@ -223,6 +223,8 @@ async def _main(args: argparse.Namespace) -> int:
         return 0
 
     async with opened(task, api_client) as store, contextlib.AsyncExitStack() as stack:
+        if store.checkpointer() is not None:
+            stop.drain_seconds = DRAIN_SECONDS  # a finished call's node is checkpointed: worth finishing
         used = sum(u.total_tokens for u in (await store.usage()).values())
         rt = await steps.prepare(task, tokens_used_before=used, load_configmap=loader)
         rt.llm.stop = stop

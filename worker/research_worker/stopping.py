@@ -5,10 +5,14 @@ Python program that is a container's pid 1 ignores SIGTERM unless it handles it 
 delivers only handled signals to a pid namespace's init), so without a handler every stop costs
 the whole grace period and ends in SIGKILL, which may cut a store write in half.
 
-With the handler the worker stops calling the model: no new call starts, and the calls in flight
-are cancelled (their answers would only lead to further calls). What is computed and being stored
-is stored: a store write is never cancelled. The step then ends with ``WorkerStopped`` (exit code
-143, retried by the Job) and the retried pod skips whatever is stored.
+With the handler the worker stops calling the model: no new call starts. The calls in flight are
+cancelled when nothing would keep their answers (the ConfigMap store keeps only whole sections, so an
+answer mid-interview would only lead to further calls); with a checkpointer (the PostgreSQL store,
+which records every finished node of an interview) they are *drained*: each may finish within
+``drain_seconds`` of the SIGTERM, its node completes and is checkpointed, and the retried pod resumes
+after it instead of paying for the call again (a preemption or eviction then re-spends nothing). What
+is computed and being stored is stored: a store write is never cancelled. The step then ends with
+``WorkerStopped`` (exit code 143, retried by the Job) and the retried pod skips whatever is stored.
 """
 
 from __future__ import annotations
@@ -26,18 +30,27 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# How long the calls in flight may go on after SIGTERM when a checkpointer keeps their nodes. The
+# operator leaves worker pods Kubernetes' default grace period of 30 s: 20 s to finish the calls,
+# the rest to checkpoint, store and exit before the SIGKILL.
+DRAIN_SECONDS = 20.0
+
 
 class Stop:
     """Set once, by SIGTERM (``install``) or by hand; model calls check it (``LLMClient.stop``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, drain_seconds: float = 0.0) -> None:
         self._event = asyncio.Event()
         self.reason = ""
+        self.drain_seconds = drain_seconds  # how long a call in flight may go on after the stop (0: cancelled)
+        self._deadline = 0.0  # the loop's time when the calls in flight are cancelled
 
     def set(self, reason: str) -> None:
         if not self._event.is_set():
             self.reason = reason
-            log.warning("%s: stopping; no further model calls, what is stored stays stored", reason)
+            self._deadline = asyncio.get_running_loop().time() + self.drain_seconds
+            drain = f"; the calls in flight may finish within {self.drain_seconds:g} s" if self.drain_seconds else ""
+            log.warning("%s: stopping; no further model calls, what is stored stays stored%s", reason, drain)
             self._event.set()
 
     def is_set(self) -> bool:
@@ -49,7 +62,8 @@ class Stop:
             raise WorkerStopped(f"{self.reason}: stopped before the next model call")
 
     async def race(self, work: Coroutine[Any, Any, T]) -> T:
-        """Await ``work`` unless the stop comes first; then cancel it and raise ``WorkerStopped``."""
+        """Await ``work`` (a call that starts now) unless the stop comes first; then let it finish
+        within the drain, else cancel it and raise ``WorkerStopped``."""
         if self._event.is_set():
             work.close()
             self.check()
@@ -57,6 +71,9 @@ class Stop:
         stopped = asyncio.ensure_future(self._event.wait())
         try:
             await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and self.drain_seconds > 0:
+                left = self._deadline - asyncio.get_running_loop().time()
+                await asyncio.wait({task}, timeout=max(0.0, left))
         finally:
             stopped.cancel()
             if not task.done():
