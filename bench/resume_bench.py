@@ -2,7 +2,7 @@
 model calls it had not stored.
 
     .venv/bin/python bench/resume_bench.py [--corpus tests/corpora/miso] [--topic TEXT] [--analysts 5]
-        [--turns 3] [--kills 3] [--seeds 5] [--ttft-ms 80]
+        [--turns 3] [--kills 3] [--seeds 5] [--ttft-ms 80] [--signal KILL|TERM]
 
 For each seed, against a throwaway PostgreSQL (the external store: its LangGraph checkpointer records
 every finished node of every interview, and each finished section is a row) and the offline model
@@ -12,9 +12,10 @@ server (over HTTP, as always):
    write run once with no kill. The offline model is deterministic, so what the model server served
    is what the job needs: calls and tokens.
 2. *Chaos.* The job's rows and checkpoints are deleted and it runs again under the same uid; the
-   interview process is SIGKILLed (a pod lost with its node, an eviction with no grace period) at a
-   random moment (below), ``--kills`` times, each retry a new process (as the Job controller starts a
-   new pod), until one finishes; then the writer.
+   interview process is SIGKILLed (a pod lost with its node; ``--signal TERM``: SIGTERMed as on a
+   preemption, eviction or pod delete, SIGKILLed if still running 30 s later) at a random moment
+   (below), ``--kills`` times, each retry a new process (as the Job controller starts a new pod),
+   until one finishes; then the writer.
 
 Each kill falls while the step works: after 1 to (interview calls / (kills + 1)) more calls were served
 since its process started, and up to 0.4 s into the calls then in flight. Re-spent tokens = tokens
@@ -106,7 +107,13 @@ def baseline(server: ModelServerProcess, task: Path, dsn: str) -> dict[str, Any]
 
 
 def chaos(
-    server: ModelServerProcess, task: Path, dsn: str, base: dict[str, Any], kills: int, rng: random.Random
+    server: ModelServerProcess,
+    task: Path,
+    dsn: str,
+    base: dict[str, Any],
+    kills: int,
+    rng: random.Random,
+    how: signal.Signals,
 ) -> dict[str, Any]:
     server.reset()
     run_step("plan", task, dsn)
@@ -124,8 +131,12 @@ def chaos(
             time.sleep(rng.uniform(0, 0.4))
             if proc.poll() is None:
                 cut += server.stats()["running"]
-                proc.send_signal(signal.SIGKILL)
-                proc.communicate()
+                proc.send_signal(how)
+                try:  # the kubelet's way: SIGTERM, the grace period (30 s), then SIGKILL
+                    proc.communicate(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.communicate()
                 done_kills += 1
                 continue
         out, err = proc.communicate(timeout=600)
@@ -147,6 +158,12 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--ttft-ms", type=int, default=80, help="the offline model's time to first token")
+    parser.add_argument(
+        "--signal",
+        choices=["KILL", "TERM"],
+        default="KILL",
+        help="KILL: a node lost, no grace; TERM: preemption, eviction, a pod delete (then SIGKILL after 30 s)",
+    )
     args = parser.parse_args()
     corpus = args.corpus / "docs" if (args.corpus / "docs").is_dir() else args.corpus
     rows = []
@@ -158,7 +175,8 @@ def main() -> None:
                 task = make_task(Path(tmp), server.base_url, corpus, args.topic, args.analysts, args.turns, uid)
                 base = baseline(server, task, dsn)
                 asyncio.run(delete_job_rows(dsn, uid))
-                got = chaos(server, task, dsn, base, args.kills, random.Random(seed))
+                how = signal.Signals[f"SIG{args.signal}"]
+                got = chaos(server, task, dsn, base, args.kills, random.Random(seed), how)
                 asyncio.run(delete_job_rows(dsn, uid))
                 share = 100 * got["respent"] / base["tokens"]
                 rows.append((seed, base, got, share))
@@ -172,7 +190,9 @@ def main() -> None:
             server.stop()
     shares = [r[3] for r in rows]
     print()
-    print(f"corpus {args.corpus.name}, {args.analysts} analysts, {args.turns} turns, {args.kills} kills a run")
+    print(
+        f"corpus {args.corpus.name}, {args.analysts} analysts, {args.turns} turns, {args.kills} SIG{args.signal} a run"
+    )
     print("| seed | baseline tokens | calls | kills | calls cut in flight | re-spent tokens | re-spent % |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for seed, base, got, share in rows:
