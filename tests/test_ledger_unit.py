@@ -46,7 +46,7 @@ from research_operator.decisions.reconcile import Observed, StepTokens, StoreVie
 from research_operator.lease_broker import broker as broker_module
 from research_operator.lease_broker.broker import Authenticator, Broker
 from research_worker.errors import BudgetExceeded
-from research_worker.leases import LeaseClient
+from research_worker.leases import LeaseClient, LeaseLost
 from research_worker.llm import LLMClient, prompt_bound
 from research_worker.share import ShareLimiter
 from research_worker.state import SearchQuery
@@ -402,7 +402,7 @@ async def test_fifty_calls_of_many_pods_through_the_broker_never_overshoot(
         await c.start()
         clients.append(c)
     truth = Amount()  # what the endpoint was asked to do, counted when a call is sent
-    outcome = {"settled": 0, "refused": 0, "killed": 0}
+    outcome = {"settled": 0, "refused": 0, "killed": 0, "lost": 0}
     sending: dict[int, list[asyncio.Task[None]]] = {i: [] for i in range(len(pods))}
 
     victims: set[int] = set()
@@ -423,6 +423,10 @@ async def test_fifty_calls_of_many_pods_through_the_broker_never_overshoot(
             outcome["refused"] += 1
         except asyncio.CancelledError:
             outcome["killed"] += 1
+        except LeaseLost:
+            # A live pod whose heartbeats came late (a loaded machine) lost its session: its call is
+            # cut off as a killed pod's is (the model client retries it), and the budget holds the same.
+            outcome["lost"] += 1
 
     def kill(pod: int) -> None:
         """Its heartbeats and releases stop arriving, and its calls stop."""
@@ -450,7 +454,7 @@ async def test_fifty_calls_of_many_pods_through_the_broker_never_overshoot(
             await c.close()
     await runner.cleanup()
 
-    assert outcome["settled"] + outcome["refused"] + outcome["killed"] == 50
+    assert outcome["settled"] + outcome["refused"] + outcome["killed"] + outcome["lost"] == 50
     assert outcome["killed"] > 0 and outcome["settled"] > 0 and len(victims) < len(dead)  # pods died holding some
     assert limit.admits(truth), (truth, limit)  # overshoot 0
     assert ledger.reservations == {}
