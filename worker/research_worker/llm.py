@@ -54,6 +54,7 @@ from research_worker.leases import LeaseClient, LeaseLost, Ticket, broker_ssl, b
 from research_worker.share import ShareLimiter
 from research_worker.state import TokenUsage
 from research_worker.stopping import Stop
+from research_worker.tracing import chat as chat_span
 
 log = logging.getLogger(__name__)
 
@@ -399,12 +400,13 @@ class LLMClient:
             input_tokens=prompt_bound(sent, schema),
             output_tokens=self.settings.max_output_tokens or UNBOUNDED_OUTPUT_TOKENS,
         )
-        async with self._slot(reserve) as ticket:
+        async with self._slot(reserve) as ticket, chat_span(self.settings, structured=bool(schema)) as span:
             _RATE_LIMITED.set(box)
             _LEASE.set(ticket.lease)
             start = time.monotonic()
             try:
                 out = await runnable.ainvoke(sent)
+                span.answered(answer(out))
                 used = usage_of(answer(out))
                 if used.total_tokens > 0:  # an endpoint that reports no usage: settled at the worst case
                     ticket.usage = wire.CallUsage(input_tokens=used.input_tokens, output_tokens=used.output_tokens)
@@ -452,6 +454,7 @@ class LLMClient:
                     ticket.usage = wire.CallUsage(
                         input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens
                     )
+                    span.usage(usage.prompt_tokens, usage.completion_tokens)
                 got = f" after {usage.completion_tokens} tokens" if usage else ""
                 raise ModelAnswerError(
                     f"{what}: the answer was cut off{got} at spec.model.maxOutputTokens "
