@@ -162,15 +162,14 @@ def tracer(scope: str) -> Any:
     return _PROVIDER.get_tracer(scope)
 
 
-def shutdown(timeout_seconds: float = 5.0) -> None:
-    """Export what is buffered (at most ``timeout_seconds``) and stop the exporter. Call before the
-    process exits, or the last spans are lost."""
+def shutdown() -> None:
+    """Export what is buffered and stop the exporter: call it before the process exits, or the last
+    spans are lost. An unreachable collector holds it up for the exporter's timeout
+    (``OTEL_EXPORTER_OTLP_TIMEOUT``, 10 s), then the spans are dropped."""
     global _PROVIDER
     provider, _PROVIDER = _PROVIDER, None
-    if provider is None:
-        return
-    provider.force_flush(timeout_millis=int(timeout_seconds * 1000))
-    provider.shutdown()
+    if provider is not None:
+        provider.shutdown()
 
 
 def context_of(traceparent: str | None) -> Any:
