@@ -265,7 +265,13 @@ async def test_each_model_call_is_a_chat_span_with_the_gen_ai_attributes_under_t
     )
     structured = json.dumps({"search_query": "kueue admission"})
     answers = iter([completion("an answer", completion_tokens=7), completion(structured, completion_tokens=5)])
-    llm = Endpoint(lambda _: httpx.Response(200, json=next(answers))).client(max_output_tokens=256)
+    llm_requests: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        llm_requests.append(request)
+        return httpx.Response(200, json=next(answers))
+
+    llm = Endpoint(answer).client(max_output_tokens=256)
     with worker_tracing.pod(task, "plan"), worker_tracing.span("plan"):
         _, used = await llm.chat([HumanMessage(content="the secret prompt")])
         _, used2 = await llm.structured(SearchQuery, [HumanMessage(content="the secret prompt")])
@@ -298,6 +304,9 @@ async def test_each_model_call_is_a_chat_span_with_the_gen_ai_attributes_under_t
             "gen_ai.usage.output_tokens": usage.output_tokens,
         }
     assert [c.attributes["gen_ai.usage.output_tokens"] for c in chats if c.attributes] == [7, 5]
+    # each request names its chat span as the parent, for an endpoint that traces
+    sent = [r.headers.get("traceparent", "").split("-")[1:3] for r in llm_requests]
+    assert sent == [[f"{c.context.trace_id:032x}", f"{c.context.span_id:016x}"] for c in chats]
     assert "secret" not in json.dumps([dict(s.attributes or {}) for s in spans.get_finished_spans()])
 
 

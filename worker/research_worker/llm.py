@@ -38,6 +38,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from research_api import leases as wire
 from research_api.task import ModelSettings
+from research_api.tracing import enabled as tracing_on
 from research_worker.bounds import bounded, strict_subset_only
 from research_worker.errors import (
     BudgetExceeded,
@@ -55,6 +56,7 @@ from research_worker.share import ShareLimiter
 from research_worker.state import TokenUsage
 from research_worker.stopping import Stop
 from research_worker.tracing import chat as chat_span
+from research_worker.tracing import propagate
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +287,8 @@ class LLMClient:
         http_async_client.event_hooks.setdefault("response", []).append(_count_429)  # 429s, counted
         if settings.gateway:
             http_async_client.event_hooks.setdefault("request", []).append(_name_lease)
+        if tracing_on():
+            http_async_client.event_hooks.setdefault("request", []).append(propagate)  # traceparent header
         limiter = (
             InMemoryRateLimiter(
                 requests_per_second=settings.requests_per_second,

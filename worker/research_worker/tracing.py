@@ -140,6 +140,17 @@ async def chat(settings: ModelSettings, *, structured: bool) -> AsyncIterator[Ca
             raise
 
 
+async def propagate(request: Any) -> None:
+    """An httpx request hook: the request carries the W3C ``traceparent`` of the current span (the
+    model call's), so an endpoint that traces (vLLM's ``--otlp-traces-endpoint``, a gateway) puts its
+    own spans under the call. Installed only while tracing is on."""
+    if not tracing.enabled():
+        return
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    TraceContextTextMapPropagator().inject(request.headers)
+
+
 def _failed(current: Any, exc: BaseException) -> None:
     """Mark a span failed by ``exc``: its class as ``error.type``, not its text (an error may quote
     the model's answer)."""
