@@ -6,6 +6,7 @@ OTLP/HTTP collector."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -287,7 +288,9 @@ async def test_each_model_call_is_a_chat_span_with_the_gen_ai_attributes_under_t
     for chat, usage, kind in zip(chats, (used, used2), ("text", "json"), strict=True):
         assert chat.kind == SpanKind.CLIENT
         assert chat.parent is not None and chat.parent.span_id == step.context.span_id
-        assert dict(chat.attributes or {}) == {
+        attributes = dict(chat.attributes or {})
+        assert isinstance(attributes.pop("researchops.slot.wait_seconds"), float)
+        assert attributes == {
             "gen_ai.operation.name": "chat",
             "gen_ai.provider.name": "openai",
             "gen_ai.system": "openai",
@@ -320,3 +323,31 @@ async def test_a_failed_model_call_is_an_error_span_with_its_class_not_its_text(
     assert chat.attributes is not None and chat.attributes["error.type"] == "ModelRequestRejected"
     assert "gen_ai.usage.input_tokens" not in chat.attributes
     assert not chat.events and not chat.status.description
+
+
+async def test_a_call_that_waited_for_a_slot_says_how_long_and_its_span_begins_when_it_is_sent(
+    spans: InMemorySpanExporter,
+) -> None:
+    gate = asyncio.Event()
+    arrived: list[int] = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        arrived.append(1)
+        if len(arrived) == 1:
+            await gate.wait()  # the first call holds the one slot until the test lets it go
+        return httpx.Response(200, json=completion("an answer"))
+
+    llm = Endpoint(answer).client(max_concurrency=1)  # an async handler: httpx.MockTransport awaits it
+    first = asyncio.create_task(llm.chat([HumanMessage(content="first")]))
+    while not arrived:
+        await asyncio.sleep(0)
+    second = asyncio.create_task(llm.chat([HumanMessage(content="second")]))
+    for _ in range(20):
+        await asyncio.sleep(0)  # the second call is waiting for the slot now
+    assert len(arrived) == 1
+    gate.set()
+    await asyncio.gather(first, second)
+    a, b = sorted(by_name(spans)["chat m"], key=lambda s: s.start_time or 0)
+    assert a.attributes is not None and b.attributes is not None
+    assert b.attributes["researchops.slot.wait_seconds"] > a.attributes["researchops.slot.wait_seconds"]
+    assert b.start_time is not None and a.end_time is not None and b.start_time >= a.end_time

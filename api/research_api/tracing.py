@@ -76,6 +76,7 @@ RJ_PLAN = "researchops.plan"
 RJ_STEP = "researchops.step"
 RJ_ANALYST = "researchops.analyst"
 RJ_BATCH = "researchops.batch"
+SLOT_WAIT = "researchops.slot.wait_seconds"  # how long a model call waited for a lease or a slot before it was sent
 
 CHAT = "chat"  # gen_ai.operation.name of a chat completion
 PROVIDER = "openai"  # every call speaks the OpenAI wire format through the openai client

@@ -404,7 +404,12 @@ class LLMClient:
             input_tokens=prompt_bound(sent, schema),
             output_tokens=self.settings.max_output_tokens or UNBOUNDED_OUTPUT_TOKENS,
         )
-        async with self._slot(reserve) as ticket, chat_span(self.settings, structured=bool(schema)) as span:
+        asked = time.monotonic()
+        # (the span begins once the slot is had: its duration is the call's; the wait is an attribute)
+        async with (
+            self._slot(reserve) as ticket,
+            chat_span(self.settings, structured=bool(schema), waited=time.monotonic() - asked) as span,
+        ):
             _RATE_LIMITED.set(box)
             _LEASE.set(ticket.lease)
             start = time.monotonic()

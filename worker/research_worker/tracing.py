@@ -103,8 +103,9 @@ class Call:
 
 
 @contextlib.asynccontextmanager
-async def chat(settings: ModelSettings, *, structured: bool) -> AsyncIterator[Call]:
-    """The span ``chat <model>`` of one model call (a CLIENT span, GenAI semantic conventions). An
+async def chat(settings: ModelSettings, *, structured: bool, waited: float = 0.0) -> AsyncIterator[Call]:
+    """The span ``chat <model>`` of one model call (a CLIENT span, GenAI semantic conventions), begun
+    when the call is sent; ``waited``: the seconds it waited for a lease or a slot before. An
     exception that ends the call sets ``error.type`` to its class and the span's status to error
     (never its message)."""
     if not tracing.enabled():
@@ -120,6 +121,7 @@ async def chat(settings: ModelSettings, *, structured: bool) -> AsyncIterator[Ca
         tracing.GEN_AI_REQUEST_MODEL: settings.name,
         tracing.GEN_AI_REQUEST_TEMPERATURE: settings.temperature,
         tracing.GEN_AI_OUTPUT_TYPE: "json" if structured else "text",
+        tracing.SLOT_WAIT: round(waited, 6),
     }
     if settings.max_output_tokens is not None:
         attributes[tracing.GEN_AI_REQUEST_MAX_TOKENS] = settings.max_output_tokens
