@@ -117,8 +117,10 @@ _PROVIDER: Any = None  # the SDK TracerProvider this process installed, if any
 def start(service_name: str, env: Mapping[str, str] | None = None, exporter: Any = None) -> bool:
     """Make this process's tracer provider, with a batch processor and the exporter the environment
     asks for (see the module doc); returns whether tracing is on. Only then is the SDK imported.
-    ``exporter``: a SpanExporter to use instead, whatever the environment says (tests), with a
-    processor that exports each span as it ends. Idempotent.
+    ``env`` decides whether (default: the process's environment, which the OTLP exporter and the
+    resource read their own variables from in any case). ``exporter``: a SpanExporter to use
+    instead, whatever the environment says (tests), with a processor that exports each span as it
+    ends. Idempotent.
 
     The provider is this module's own, not OpenTelemetry's global one: the operator's and the
     worker's spans are made only through ``tracer``."""
@@ -141,6 +143,9 @@ def start(service_name: str, env: Mapping[str, str] | None = None, exporter: Any
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
+        protocol = e.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or e.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
+        if protocol and protocol != "http/protobuf":
+            log.warning("OTLP protocol %s is not installed: spans go by http/protobuf (port 4318)", protocol)
         # endpoint, timeout, compression and headers from the OTEL_EXPORTER_OTLP_* variables
         processor = BatchSpanProcessor(OTLPSpanExporter())
     # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES still win: Resource.create merges them over these.
