@@ -249,6 +249,33 @@ def test_a_quality_floor_in_the_values_reaches_the_operators_settings(helm: Path
     assert (floor.min_citation_accuracy, floor.min_coverage) == (95, 0)
 
 
+def test_a_tracing_endpoint_reaches_the_operator_and_through_it_every_worker_pod(helm: Path) -> None:
+    from research_api.researchjob import ResearchJobSpec
+    from research_api.task import Step
+    from research_operator.decisions.manifests import Owner, worker_job
+    from research_operator.settings import Settings
+
+    def container_env(*args: str) -> tuple[dict[str, str], dict[str, str]]:
+        docs = render(helm, *args)
+        container = find(docs, "Deployment", "research-operator")["spec"]["template"]["spec"]["containers"][0]
+        operator = env_of(container, find(docs, "ConfigMap"), "pod", "research-system")
+        spec = ResearchJobSpec.model_validate({"topic": "t" * 5, "sources": [{"type": "wikipedia"}]})
+        job = worker_job(Owner("ns", "rj", "uid"), spec, Settings.from_env(operator), "abc123", Step.PLAN)
+        worker = {e["name"]: e.get("value", "") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        return operator, worker
+
+    url = "http://otel-collector.observability.svc:4318"
+    operator, worker = container_env(
+        "--set", f"tracing.otlpEndpoint={url}", "--set", "tracing.sampler=parentbased_traceidratio",
+        "--set", "tracing.samplerArg=0.25",
+    )  # fmt: skip
+    for env in (operator, worker):
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == url
+        assert (env["OTEL_TRACES_SAMPLER"], env["OTEL_TRACES_SAMPLER_ARG"]) == ("parentbased_traceidratio", "0.25")
+    operator, worker = container_env()  # the default: off
+    assert not [k for k in (*operator, *worker) if k.startswith("OTEL_")]
+
+
 def test_services_select_only_their_own_pods(helm: Path) -> None:
     docs = render(helm)
     metrics = find(docs, "Service", "research-operator-metrics")
@@ -339,6 +366,8 @@ def test_template_guards_explain_themselves(helm: Path) -> None:
         ("postgres.dsnKey=a/b", "at '/postgres/dsnKey'"),
         ("settings.quality.minCitationAccuracy=101", "at '/settings/quality/minCitationAccuracy': maximum"),
         ("settings.quality.minCoverage=-1", "at '/settings/quality/minCoverage': minimum"),
+        ("tracing.otlpEndpoint=otel-collector:4318", "at '/tracing/otlpEndpoint'"),
+        ("tracing.sampler=sometimes", "at '/tracing/sampler': value must be one of"),
     ],
 )
 def test_schema_rejects_bad_values(helm: Path, value: str, message: str) -> None:

@@ -184,3 +184,8 @@ class ResearchJobStatus(ApiModel):
     start_time: str | None = Field(None, description="When work started (RFC 3339).")
     completion_time: str | None = Field(None, description="When the job finished (RFC 3339).")
     conditions: list[Condition] | None = Field(None, description="Conditions per the API conventions.")
+    traceparent: str | None = Field(
+        None,
+        description="W3C traceparent of the ResearchJob's trace when the operator exports traces: its trace id "
+        "(the second field) finds the spans of the operator, its worker pods and their model calls.",
+    )

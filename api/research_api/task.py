@@ -21,6 +21,7 @@ from pydantic.alias_generators import to_camel
 
 from research_api.environment import API_KEY_ENV, DSN_ENV, TAVILY_KEY_ENV
 from research_api.researchjob import GROUP, KIND, VERSION
+from research_api.tracing import TRACEPARENT_PATTERN
 
 # Defaults, in one place (the worker's configuration reads them from here).
 DEFAULT_MODEL = "gpt-4o-mini"
@@ -230,6 +231,9 @@ class ResearchTask(_Model):
     store: StoreSettings = Field(default_factory=ConfigMapStoreSettings)
     budget: Budget = Field(default_factory=Budget)
     quality: QualityFloor = Field(default_factory=QualityFloor)
+    # W3C traceparent of the span that admitted this worker Job (research_api.tracing): the worker's
+    # spans are its children, in the ResearchJob's one trace. None: tracing is off.
+    traceparent: str | None = Field(default=None, pattern=TRACEPARENT_PATTERN)
 
     @model_validator(mode="after")
     def _check(self) -> ResearchTask:

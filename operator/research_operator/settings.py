@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from research_api.task import QualityFloor
+from research_api.tracing import worker_env
 from research_operator.decisions.admission import Caps
 from research_operator.decisions.endpoints import TokenBudget, parse_budgets
 from research_operator.decisions.tenancy import Allowlists, parse_allowlist
@@ -175,6 +176,9 @@ class Settings:
     # egress only by these rules (NetworkPolicyEgressRule objects, as the chart renders them: DNS,
     # the lease broker, the model server, and what admins add); None: no policy.
     worker_egress: tuple[dict[str, Any], ...] | None = None
+    # The OpenTelemetry variables worker containers get (research_api.tracing.WORKER_ENV, from the
+    # operator's own environment: the chart's tracing values), so they export where the operator does.
+    worker_tracing_env: tuple[tuple[str, str], ...] = ()
 
     @property
     def allowlists(self) -> Allowlists:
@@ -234,6 +238,7 @@ class Settings:
             ),
             quality_floor=_floor(e, "QUALITY", d.quality_floor),
             worker_egress=_egress(e.get("WORKER_NETWORK_POLICY_EGRESS")),
+            worker_tracing_env=worker_env(e),
         )
 
     def with_configmap(self, data: Mapping[str, str]) -> Settings:

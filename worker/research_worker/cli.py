@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from research_api import tracing as otel
 from research_api.environment import TASK_ENV
 from research_api.names import parse_postgres_report_id
 from research_api.task import (
@@ -35,6 +36,7 @@ from research_api.task import (
     ResearchTask,
     Step,
 )
+from research_worker import tracing
 from research_worker.errors import WorkerConfigError, WorkerError
 from research_worker.stopping import DRAIN_SECONDS, Stop
 
@@ -186,9 +188,6 @@ def _configmap_report(api_client: Any, namespace: str, name: str, ref: dict[str,
 
 
 async def _main(args: argparse.Namespace) -> int:
-    from research_worker import steps
-    from research_worker.store import kube_api_client, load_configmap_data, opened, usage_of_results
-
     if args.step == SHOW_REPORT:
         return await _show_report(args)
     if args.step == Step.CLEANUP.value:
@@ -197,6 +196,14 @@ async def _main(args: argparse.Namespace) -> int:
     step = Step(args.step)
     if task.step is not None and task.step != step:
         raise WorkerConfigError(f"the task is for step {task.step.value}, not {step.value}")
+    with tracing.pod(task, step.value):
+        return await _step(args, task, step)
+
+
+async def _step(args: argparse.Namespace, task: ResearchTask, step: Step) -> int:
+    from research_worker import steps
+    from research_worker.store import kube_api_client, load_configmap_data, opened, usage_of_results
+
     if args.analysts is not None:
         task = task.model_copy(update={"analysts": [int(x) for x in args.analysts.split(",") if x.strip()]})
         task = ResearchTask.model_validate(task.model_dump())
@@ -348,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "httpx2", "openai", "httpcore", "urllib3", "kubernetes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.step in (Step.PLAN.value, Step.INTERVIEW.value, Step.WRITE.value, Step.RUN.value):
+        otel.start("research-worker")  # only when OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_TRACES_EXPORTER say so
     try:
         return asyncio.run(_main(args))
     except WorkerError as exc:
@@ -356,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"research-worker {args.step}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        otel.shutdown()  # the spans still buffered go out before the pod ends
 
 
 if __name__ == "__main__":

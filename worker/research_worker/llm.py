@@ -38,6 +38,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from research_api import leases as wire
 from research_api.task import ModelSettings
+from research_api.tracing import enabled as tracing_on
 from research_worker.bounds import bounded, strict_subset_only
 from research_worker.errors import (
     BudgetExceeded,
@@ -54,6 +55,8 @@ from research_worker.leases import LeaseClient, LeaseLost, Ticket, broker_ssl, b
 from research_worker.share import ShareLimiter
 from research_worker.state import TokenUsage
 from research_worker.stopping import Stop
+from research_worker.tracing import chat as chat_span
+from research_worker.tracing import propagate
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +287,8 @@ class LLMClient:
         http_async_client.event_hooks.setdefault("response", []).append(_count_429)  # 429s, counted
         if settings.gateway:
             http_async_client.event_hooks.setdefault("request", []).append(_name_lease)
+        if tracing_on():
+            http_async_client.event_hooks.setdefault("request", []).append(propagate)  # traceparent header
         limiter = (
             InMemoryRateLimiter(
                 requests_per_second=settings.requests_per_second,
@@ -399,12 +404,18 @@ class LLMClient:
             input_tokens=prompt_bound(sent, schema),
             output_tokens=self.settings.max_output_tokens or UNBOUNDED_OUTPUT_TOKENS,
         )
-        async with self._slot(reserve) as ticket:
+        asked = time.monotonic()
+        # (the span begins once the slot is had: its duration is the call's; the wait is an attribute)
+        async with (
+            self._slot(reserve) as ticket,
+            chat_span(self.settings, structured=bool(schema), waited=time.monotonic() - asked) as span,
+        ):
             _RATE_LIMITED.set(box)
             _LEASE.set(ticket.lease)
             start = time.monotonic()
             try:
                 out = await runnable.ainvoke(sent)
+                span.answered(answer(out))
                 used = usage_of(answer(out))
                 if used.total_tokens > 0:  # an endpoint that reports no usage: settled at the worst case
                     ticket.usage = wire.CallUsage(input_tokens=used.input_tokens, output_tokens=used.output_tokens)
@@ -452,6 +463,7 @@ class LLMClient:
                     ticket.usage = wire.CallUsage(
                         input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens
                     )
+                    span.usage(usage.prompt_tokens, usage.completion_tokens)
                 got = f" after {usage.completion_tokens} tokens" if usage else ""
                 raise ModelAnswerError(
                     f"{what}: the answer was cut off{got} at spec.model.maxOutputTokens "

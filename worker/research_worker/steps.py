@@ -25,6 +25,7 @@ from research_worker.llm import LLMClient, api_key_for, preflight
 from research_worker.search import SearchBackend, build_backends
 from research_worker.state import Report, Section, TokenUsage
 from research_worker.store import AnalystPlan, Store
+from research_worker.tracing import analyst_span, span
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,11 @@ async def plan(rt: Runtime, store: Store) -> AnalystPlan:
         log.info("plan %s already stored (%d analysts); nothing to do", rt.task.plan_id, len(existing.analysts))
         return existing
     graph = build_planner_graph()
-    state = await graph.ainvoke(
-        {"topic": rt.task.topic, "max_analysts": rt.task.max_analysts, "human_analyst_feedback": rt.task.feedback},
-        context=rt.config(),
-    )
+    with span("plan"):
+        state = await graph.ainvoke(
+            {"topic": rt.task.topic, "max_analysts": rt.task.max_analysts, "human_analyst_feedback": rt.task.feedback},
+            context=rt.config(),
+        )
     result = AnalystPlan(
         topic=rt.task.topic,
         feedback=rt.task.feedback,
@@ -110,7 +112,7 @@ async def interview(rt: Runtime, store: Store) -> InterviewOutcome:
     failed: dict[int, str] = {}
 
     async def one(i: int) -> None:
-        async with limit:
+        async with limit, analyst_span(i):
             analyst = analysts[i]
             assigned = stored_plan.documents[i] if i < len(stored_plan.documents) else []
             inputs: Any = interview_input(analyst, i, rt.task.topic, rt.task.max_turns, assigned)
@@ -138,7 +140,8 @@ async def interview(rt: Runtime, store: Store) -> InterviewOutcome:
                 section.usage.total_tokens,
             )
 
-    results = await asyncio.gather(*(one(i) for i in todo), return_exceptions=True)
+    with span("interview"):
+        results = await asyncio.gather(*(one(i) for i in todo), return_exceptions=True)
     first: BaseException | None = None
     for i, r in zip(todo, results, strict=True):
         if isinstance(r, BaseException):
@@ -163,7 +166,8 @@ async def write(rt: Runtime, store: Store) -> Report:
     missing = [i for i in range(len(stored_plan.analysts)) if i not in have]
     if missing:
         raise WorkerConfigError(f"sections of analysts {missing} are not stored yet: run their interviews first")
-    state = await build_report_graph().ainvoke({"topic": rt.task.topic, "sections": sections}, context=rt.config())
+    with span("write"):
+        state = await build_report_graph().ainvoke({"topic": rt.task.topic, "sections": sections}, context=rt.config())
     report: Report = state["report"]
     if not await store.save_report(report):
         stored = await store.load_report()

@@ -16,7 +16,7 @@ from typing import Any
 
 from research_api.researchjob import ModelSpec, WorkerSpec
 from research_operator import metrics
-from research_operator.actions import kube
+from research_operator.actions import kube, tracing
 from research_operator.actions.shares import request_share_sync, sync_endpoint
 from research_operator.cache.views import job_view
 from research_operator.cache.world import WORLD, Blocked, Key
@@ -127,12 +127,14 @@ async def admit_and_create(
     cfg: Settings,
     model: ModelSpec | None = None,
     rbac: tuple[str, list[dict[str, Any]]] | None = None,
+    traceparent: str | None = None,
 ) -> tuple[Waiting, int]:
     """Admit what fits (caps, fair share, ResourceQuota headroom, the model endpoint's capacity, the
     namespace's token budget), record the admitted Jobs as ours before creating them, create them;
     the number created, and what still waits and why. ``model``: the ResearchJob's model (None for
     the cleanup Job, which calls no model); ``rbac``: the plan id and the worker RBAC its pods need
-    (``builders.worker_rbac``), made before the first Job of each plan."""
+    (``builders.worker_rbac``), made before the first Job of each plan; ``traceparent``: the
+    ResearchJob's trace, which each Job's admission span joins (``tracing.admission``)."""
     namespace = key[0]
     pod = PodResources.from_spec(worker.resources.requests.wire(), worker.resources.limits.wire())
     priority_class = worker.priority_class_name or ""
@@ -215,11 +217,14 @@ async def admit_and_create(
     terminating_ns = False
     created = 0
     for i, job in enumerate(admitted):
-        try:
-            outcome, message = await kube.create(job, terminating)
-        except BaseException:
-            WORLD.drop_intents(key, [rest["metadata"]["name"] for rest in admitted[i:]])
-            raise
+        with tracing.admission(traceparent, job, want.step) as span:
+            try:
+                outcome, message = await kube.create(job, terminating)
+            except BaseException:
+                WORLD.drop_intents(key, [rest["metadata"]["name"] for rest in admitted[i:]])
+                raise
+            if outcome in (kube.Created.QUOTA, kube.Created.TERMINATING):
+                tracing.refused(span, message or outcome.value)
         if outcome in (kube.Created.QUOTA, kube.Created.TERMINATING):
             WORLD.drop_intents(key, [rest["metadata"]["name"] for rest in admitted[i:]])
             WORLD.waiting[key] = WORLD.waiting.get(key, 0) + len(admitted) - i

@@ -29,7 +29,7 @@ from research_api.researchjob import (
 )
 from research_api.task import Step
 from research_operator import metrics
-from research_operator.actions import kube
+from research_operator.actions import kube, tracing
 from research_operator.actions.admit import Outcome, Want, admit_and_create, pods_blocked, still_blocked, with_detail
 from research_operator.actions.admit import now as _now
 from research_operator.actions.deletion import cleanup_state, finalize_once
@@ -279,6 +279,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         prices=broker.prices_of(key),
         quality_floor=cfg.quality_floor,
         estimate=estimated,
+        traceparent=tracing.research_job_trace(key, owner, prev),
     )
     d = decide(spec, obs)
     st = d.status
@@ -334,7 +335,7 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         if cfg.worker_egress is not None:
             made.append(worker_network_policy(owner, cfg.worker_egress))
         rbac = (plan_id, made)
-        waiting, _ = await admit_and_create(key, owner, want, spec.worker, cfg, spec.model, rbac)
+        waiting, _ = await admit_and_create(key, owner, want, spec.worker, cfg, spec.model, rbac, obs.traceparent)
         if want.step == Step.INTERVIEW.value:
             # In Kueue mode a new Job waits, suspended, until Kueue admits it.
             started = 0 if cfg.kueue_queue else len(want.jobs) - WORLD.waiting.get(key, 0)

@@ -68,6 +68,9 @@ class World:
     endpoint_index: Mapping[str, Any] | None = None  # ModelEndpoint name -> collection of Endpoint
     endpoints_seen: dict[str, Endpoint] = field(default_factory=dict)  # as the last watch event showed them
     shares_written: dict[Key, str] = field(default_factory=dict)  # the shares ConfigMap data last written
+    # Each ResearchJob's trace (its W3C traceparent) once this process began or saw it, for the passes
+    # that run before the status write naming it is seen (actions/tracing).
+    traces: dict[Key, str] = field(default_factory=dict)
     endpoint_status: dict[str, dict[str, Any]] = field(default_factory=dict)  # status last written, by endpoint
     created: dict[Key, dict[str, JobView]] = field(default_factory=lambda: defaultdict(dict))
     deleted: dict[Key, set[str]] = field(default_factory=lambda: defaultdict(set))  # Job uids being deleted
@@ -255,6 +258,7 @@ class World:
             self.bodies,
             self.blocked,
             self.shares_written,
+            self.traces,
         ):
             d.pop(key, None)
         self.rbac_ready.pop(key, None)

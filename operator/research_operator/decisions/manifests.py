@@ -279,6 +279,7 @@ def worker_job(
     for source in spec.sources:
         if source.api_key_secret_ref is not None and source.type.value == "tavily":
             env.append(_secret_env(TAVILY_KEY_ENV, source.api_key_secret_ref))
+    env.extend({"name": k, "value": v} for k, v in settings.worker_tracing_env)
     job_labels = labels(owner, step.value, plan)
     if batch_index is not None:  # a planner's: the batch it interviews after planning
         job_labels[LABEL_BATCH] = str(batch_index)
@@ -351,6 +352,16 @@ def worker_job(
     }
     # The gateway knows the pod by the same token as the leases.
     return add_lease_broker_token(job) if task.model.gateway else job
+
+
+def with_traceparent(job: dict[str, Any], traceparent: str) -> dict[str, Any]:
+    """The worker Job with its task's ``traceparent`` set: the span that admitted it, which the
+    worker's spans continue (research_api.tracing)."""
+    for env in job["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if env["name"] == TASK_ENV:
+            task = ResearchTask.model_validate_json(env["value"])
+            env["value"] = task.model_copy(update={"traceparent": traceparent}).to_json()
+    return job
 
 
 def add_lease_broker_token(job: dict[str, Any]) -> dict[str, Any]:

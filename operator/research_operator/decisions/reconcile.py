@@ -169,6 +169,7 @@ class Observed:
     quality_floor: QualityFloor = QualityFloor()  # the admins' default (settings.quality)
     # its estimate while it has not started; None once it has (the status keeps the one made before)
     estimate: Estimated | None = None
+    traceparent: str | None = None  # its trace (actions/tracing); None: tracing is off
 
 
 @dataclass
@@ -302,6 +303,7 @@ def decide(spec: ResearchJobSpec, obs: Observed) -> Decision:
         cost=money(obs.prices.amount(obs.store.input_tokens, obs.store.output_tokens).cost) if obs.prices else None,
         usage=step_usage(obs.store.steps.get(pid, []), obs.prices),
         start_time=prev.start_time or rfc3339(obs.created),
+        traceparent=obs.traceparent,
     )
     d = Decision(status=st, delete_jobs=list(stale))
     plan = batches(count, spec.parallelism.batch_size)

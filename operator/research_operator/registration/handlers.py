@@ -17,6 +17,7 @@ from typing import Any
 
 import kopf
 
+from research_api import tracing
 from research_api.modelendpoint import ENDPOINT_PLURAL
 from research_api.researchjob import GROUP, PLURAL, VERSION
 from research_operator import metrics
@@ -41,6 +42,7 @@ FAILED_CREATE = "involvedObject.kind=Job,reason=FailedCreate"
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure_watching(settings)
+    tracing.start("research-operator")  # only when OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_TRACES_EXPORTER say so
     kube.api()
     if BASE_SETTINGS.lease_broker_port:
         cfg = BASE_SETTINGS
@@ -52,6 +54,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.cleanup()
 async def shutdown(**_: Any) -> None:
     await broker.stop()
+    tracing.shutdown()  # the last spans out before the process ends
 
 
 def configure_watching(settings: kopf.OperatorSettings) -> None:
