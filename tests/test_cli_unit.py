@@ -310,3 +310,21 @@ def test_finished_worker_pods_are_found_in_the_local_clusters_log_files_of_this_
     ]
     assert [p.name for p in logs.select(pods, 3, None)] == ["gpu-e3b0c4-b1-fghij"]
     assert [p.name for p in logs.select(pods, 0, None)] == ["gpu-e3b0c4-plan-abcde"]
+
+
+def test_top_and_caps_read_the_caps_as_the_operator_does() -> None:
+    """`kubectl research top` and `caps` take the caps through the operator's own parsing of its
+    settings ConfigMap: what it refuses whole (a value that does not parse, even of another key) is
+    shown as unknown, not as the cap the operator does not apply."""
+    from research_operator.settings import Settings
+
+    good = {"globalMaxActiveJobs": "6", "namespaceMaxActiveJobs": "2"}
+    caps = admin.caps_in_force(good)
+    assert caps == Settings().with_configmap(good).caps
+    assert (admin.cap_value(caps, "globalMaxActiveJobs"), admin.cap_value(caps, "namespaceMaxActiveJobs")) == (6, 2)
+    assert admin.cap_value(admin.caps_in_force({}), "globalMaxActiveJobs") == 0  # unset: unlimited
+    refused = {"globalMaxActiveJobs": "6", "namespaceTokenBudgets": "{not json"}
+    with pytest.raises(ValueError):
+        Settings().with_configmap(refused)
+    assert admin.caps_in_force(refused) is None
+    assert admin.cap_text(admin.cap_value(admin.caps_in_force(refused), "globalMaxActiveJobs")) == "unknown"

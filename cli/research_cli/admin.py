@@ -15,6 +15,7 @@ one changes nothing.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,7 +25,8 @@ from research_cli.errors import CliError, UsageError
 from research_cli.kube import Kube
 from research_cli.progress import waiting_for
 from research_operator.cache.views import job_view
-from research_operator.decisions.admission import PodResources, QuotaUsage, quota_headroom
+from research_operator.decisions.admission import Caps, PodResources, QuotaUsage, quota_headroom
+from research_operator.settings import Settings
 
 DEFAULT_OPERATOR_NAMESPACE = "research-operator-system"
 DEFAULT_SETTINGS_CONFIGMAP = "research-operator-settings"
@@ -100,16 +102,21 @@ def _ref(cm: dict[str, Any]) -> SettingsRef:
     )
 
 
-def cap_value(data: dict[str, str], key: str) -> int | None:
-    """A cap as the operator reads it; None when the stored value is not a number (it then keeps
-    its previous settings)."""
-    raw = data.get(key, "").strip()
-    if not raw:
-        return 0
+def caps_in_force(data: Mapping[str, str]) -> Caps | None:
+    """The caps the operator takes from its settings ConfigMap's data, by the operator's own parsing
+    (``research_operator.settings.Settings.with_configmap``); None when the operator refuses the
+    ConfigMap (a value that does not parse: it then keeps its previous settings)."""
     try:
-        return int(raw)
+        return Settings().with_configmap(data).caps
     except ValueError:
         return None
+
+
+def cap_value(caps: Caps | None, key: str) -> int | None:
+    """One cap (``CAPS`` key) of ``caps_in_force``; None when unknown."""
+    if caps is None:
+        return None
+    return caps.global_max_active if key == "globalMaxActiveJobs" else caps.namespace_max_active
 
 
 def parse_assignments(pairs: list[str]) -> dict[str, int]:
@@ -233,8 +240,9 @@ def build_top(
     are those of the whole cluster when the caller may list them (the global cap counts them all),
     else of ``scope``; the namespace, quota and waiting rows are those of ``scope`` (None: all)."""
     data = settings.data if settings else {}
-    gcap = cap_value(data, "globalMaxActiveJobs") if settings else None
-    ncap = cap_value(data, "namespaceMaxActiveJobs") if settings else None
+    caps = caps_in_force(data) if settings else None
+    gcap = cap_value(caps, "globalMaxActiveJobs")
+    ncap = cap_value(caps, "namespaceMaxActiveJobs")
     running_by_ns: dict[str, int] = defaultdict(int)
     for job in jobs:
         if job_running(job):

@@ -536,13 +536,14 @@ def cmd_caps(kube: Kube, args: argparse.Namespace) -> int:
             )
         return EXIT_OK
     caps = {k: ref.data.get(k, "0") for k in admin.CAPS}
+    in_force = admin.caps_in_force(ref.data)
     if args.output in ("yaml", "json"):
         _write(dump({"configMap": f"{ref.namespace}/{ref.name}", **caps}, args.output))
         return EXIT_OK
     _write(
         table(
             ["CAP", "VALUE", "LIMITS"],
-            [[k, admin.cap_text(admin.cap_value(ref.data, k)), admin.CAPS[k]] for k in caps],
+            [[k, admin.cap_text(admin.cap_value(in_force, k)), admin.CAPS[k]] for k in caps],
         )
     )
     _write(f"(configmap {ref.namespace}/{ref.name})\n")
