@@ -6,9 +6,10 @@ delivers only handled signals to a pid namespace's init), so without a handler e
 the whole grace period and ends in SIGKILL, which may cut a store write in half.
 
 With the handler the worker stops calling the model: no new call starts. The calls in flight are
-cancelled when nothing would keep their answers (the ConfigMap store keeps only whole sections, so an
-answer mid-interview would only lead to further calls); with a checkpointer (the PostgreSQL store,
-which records every finished node of an interview) they are *drained*: each may finish within
+cancelled when nothing would keep their answers (a step without a checkpointer: an answer would only
+lead to further calls); with a checkpointer (both stores record every finished node of an interview:
+LangGraph's Postgres saver, ``research_worker.store.checkpoints`` for ConfigMaps) they are
+*drained*: each may finish within
 ``drain_seconds`` of the SIGTERM, its node completes and is checkpointed, and the retried pod resumes
 after it instead of paying for the call again (a preemption or eviction then re-spends nothing). What
 is computed and being stored is stored: a store write is never cancelled. The step then ends with
