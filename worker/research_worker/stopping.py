@@ -62,9 +62,10 @@ class Stop:
         if self._event.is_set():
             raise WorkerStopped(f"{self.reason}: stopped before the next model call")
 
-    async def race(self, work: Coroutine[Any, Any, T]) -> T:
+    async def race(self, work: Coroutine[Any, Any, T], sent: asyncio.Event | None = None) -> T:
         """Await ``work`` (a call that starts now) unless the stop comes first; then let it finish
-        within the drain, else cancel it and raise ``WorkerStopped``."""
+        within the drain if its request was already ``sent`` (a call still waiting for a slot or a
+        lease would be a new call), else cancel it and raise ``WorkerStopped``."""
         if self._event.is_set():
             work.close()
             self.check()
@@ -72,7 +73,7 @@ class Stop:
         stopped = asyncio.ensure_future(self._event.wait())
         try:
             await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done() and self.drain_seconds > 0:
+            if not task.done() and self.drain_seconds > 0 and (sent is None or sent.is_set()):
                 left = self._deadline - asyncio.get_running_loop().time()
                 await asyncio.wait({task}, timeout=max(0.0, left))
         finally:
