@@ -164,19 +164,6 @@ def policy(cluster: ClusterHandle, tenant_ns: str, tenant: client.ApiClient) -> 
     try:
         yield ns
     finally:
-        # The binding and the policy go first, and the params only once the API server no longer
-        # applies them: a binding it still holds whose params are gone denies every ResearchJob of
-        # the cluster ("no params found for policy binding with `Deny` parameterNotFoundAction"),
-        # which failed the next module's creates when this one ran before it.
-        rules = yaml.safe_dump_all([d for d in docs if d["kind"] != "ConfigMap"])
-        cluster.kubectl("delete", "--ignore-not-found", "-f", "-", input=rules)
-        eventually(
-            lambda: (
-                "ValidatingAdmissionPolicy"
-                not in refusal_or_empty(lambda: create(tenant, tenant_ns, rj("probe", **STEAL), True))
-            ),
-            "the admission policy out of force",
-        )
         cluster.kubectl("delete", "--ignore-not-found", "-f", "-", input=out.stdout)
         client.CoreV1Api(cluster.api_client()).delete_namespace(ns, propagation_policy="Background")
 
