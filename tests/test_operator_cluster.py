@@ -15,7 +15,7 @@ import pytest
 from kubernetes import client, watch
 
 from research_api.estimate import estimate
-from research_api.names import REPORT_CLAIM, configmap_name
+from research_api.names import ANNOTATION_JOB_UID, CHECKPOINT, LABEL_KIND, REPORT_CLAIM, configmap_name
 from research_api.researchjob import GROUP, PLURAL, VERSION, ResearchJobSpec
 from tests.fixtures.cluster import ClusterHandle
 from tests.fixtures.operator import OperatorProcess
@@ -585,6 +585,18 @@ def test_a_worker_pod_deleted_mid_interview_stops_on_sigterm_and_its_retry_redoe
     first = sorted(i for pod, i in stored_by if pod == victim)
     skipped = f"analysts {first} already have sections; skipping them"  # by the retried pod
     assert any(skipped in text for pod, text in logs.items() if pod != victim), {p: t[-2000:] for p, t in logs.items()}
+    # The interviews the deleted pod had under way go on from their checkpoints (ConfigMaps the
+    # worker wrote through its Role, which the operator's watch does not see), not from the start.
+    resumed = {
+        int(m) for pod, text in logs.items() if pod != victim for m in re.findall(r"analyst (\d+): resuming", text)
+    }
+    assert resumed and not resumed & set(first), {p: t[-2000:] for p, t in logs.items()}
+    for i in range(4):
+        ckpt = core.read_namespaced_config_map(
+            configmap_name("sigterm", obj["status"]["planId"], CHECKPOINT, i), namespace
+        )
+        assert ckpt.metadata.annotations[ANNOTATION_JOB_UID] == obj["metadata"]["uid"]
+        assert LABEL_KIND not in (ckpt.metadata.labels or {})
     assert len(sections(api, namespace)) == 4
     assert "Introduction" in report_text(api, namespace, obj)
 

@@ -448,12 +448,15 @@ def test_worker_rbac_grants_only_configmaps_in_the_namespace() -> None:
     resources = {r for rule in role["rules"] for r in rule["resources"]}
     assert resources == {"configmaps", "researchjobs"}
     assert all("delete" not in rule["verbs"] and "*" not in rule["verbs"] for rule in role["rules"])
-    # Reads only by name: what this plan stores, its endpoint shares and its documents; no list.
+    # Reads only by name: what this plan stores, its interviews' checkpoints, its endpoint shares and
+    # its documents; no list. Updates only its interviews' checkpoints.
     reads = {n for rule in role["rules"] if "get" in rule["verbs"] for n in rule["resourceNames"]}
     assert reads == {
         "rj-p1-analysts", "rj-p1-section-000", "rj-p1-section-001", "rj-p1-report", "rj-p1-report-claim",
-        "rj-endpoint-share", "corpus", "rj",
+        "rj-p1-checkpoint-000", "rj-p1-checkpoint-001", "rj-endpoint-share", "corpus", "rj",
     }  # fmt: skip
+    updates = {n for rule in role["rules"] if {"update", "patch"} & set(rule["verbs"]) for n in rule["resourceNames"]}
+    assert updates == {"rj-p1-checkpoint-000", "rj-p1-checkpoint-001"}
     assert not [rule for rule in role["rules"] if {"list", "watch"} & set(rule["verbs"])]
 
 

@@ -66,7 +66,8 @@ def test_steps_through_configmaps_owned_by_the_job(
 
     pid = plan_id("focus on quotas", owner.metadata.uid)  # the task's plan id: its feedback and job uid
     cms = core.list_namespaced_config_map(namespace, label_selector=f"{LABEL_JOB}=rj").items
-    by_name = {cm.metadata.name: cm for cm in cms}
+    stored = [cm for cm in cms if LABEL_KIND in (cm.metadata.labels or {})]  # what the operator watches
+    by_name = {cm.metadata.name: cm for cm in stored}
     assert set(by_name) == {
         f"rj-{pid}-analysts",
         f"rj-{pid}-section-000",
@@ -74,6 +75,9 @@ def test_steps_through_configmaps_owned_by_the_job(
         f"rj-{pid}-section-002",
         f"rj-{pid}-report",
     }
+    # The rest are the interviews' checkpoints (no kind label: the operator's watch never sees them).
+    checkpoints = {cm.metadata.name for cm in cms} - set(by_name)
+    assert checkpoints and checkpoints <= {f"rj-{pid}-checkpoint-{i:03d}" for i in range(3)}, checkpoints
     for cm in cms:
         refs = cm.metadata.owner_references
         assert [(r.kind, r.name, r.uid) for r in refs] == [("ConfigMap", "rj", owner.metadata.uid)]

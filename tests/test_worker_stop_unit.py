@@ -104,6 +104,27 @@ async def test_with_a_drain_the_call_in_flight_finishes_and_no_further_call_is_m
     assert endpoint.requests == 1, "no call reaches the endpoint after SIGTERM"
 
 
+async def test_with_a_drain_a_call_still_waiting_for_its_slot_is_cancelled_not_sent() -> None:
+    """The drain is for requests already sent: a call that waits for a slot (here the endpoint share
+    of one request in flight, held by the first call) would be a new call after the SIGTERM."""
+    from research_worker.share import ShareLimiter
+
+    stop = Stop(drain_seconds=5.0)
+    endpoint = SlowEndpoint()
+    llm = endpoint.client(stop)
+    llm.share = ShareLimiter(1, None, None)
+    first = asyncio.create_task(llm.chat([HumanMessage(content="q1")]))
+    await asyncio.wait_for(endpoint.arrived.wait(), 10)
+    second = asyncio.create_task(llm.chat([HumanMessage(content="q2")]))  # waits for the one slot
+    await asyncio.sleep(0.1)
+    stop.set("SIGTERM")
+    with pytest.raises(WorkerStopped, match="a model call in flight was cancelled"):
+        await asyncio.wait_for(second, 10)
+    endpoint.release.set()
+    msg, _ = await asyncio.wait_for(first, 10)  # the one sent is drained
+    assert msg.content == "ok" and endpoint.requests == 1
+
+
 async def test_a_call_that_outlasts_the_drain_is_cancelled() -> None:
     stop = Stop(drain_seconds=0.2)
     endpoint = SlowEndpoint()

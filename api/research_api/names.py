@@ -50,6 +50,9 @@ def label_value(value: str) -> str:
 
 REPORT_CLAIM = "report-claim"  # the ConfigMap whose creator writes the report (the worker's ``claim_report``)
 STORED_KINDS = ("analysts", "section", "report")  # research_api.records.StoredKind, in plan order
+# An interview's latest LangGraph checkpoint (the ConfigMap store's checkpointer). Not a stored kind:
+# its ConfigMaps carry no kind label, so the operator's ConfigMap watch never sees them.
+CHECKPOINT = "checkpoint"
 
 
 def plan_configmap_names(job: str, plan: str, max_analysts: int, kind: str | None = None) -> list[str]:
@@ -62,6 +65,12 @@ def plan_configmap_names(job: str, plan: str, max_analysts: int, kind: str | Non
         else:
             names.append(configmap_name(job, plan, k))
     return names
+
+
+def checkpoint_configmap_names(job: str, plan: str, max_analysts: int) -> list[str]:
+    """The ConfigMaps of a plan's interview checkpoints, one per analyst: the worker's Role allows
+    ``get`` and ``update`` on these names alone."""
+    return [configmap_name(job, plan, CHECKPOINT, i) for i in range(max_analysts)]
 
 
 def configmap_name(job: str, plan: str, kind: str, index: int | None = None) -> str:

@@ -381,8 +381,10 @@ class LLMClient:
         the structured answer's JSON schema (part of the prompt's worst case)."""
         for attempt in range(LEASE_LOST_ATTEMPTS):
             try:
-                if self.stop is not None:  # SIGTERM: no new call, the one in flight (or waiting) cancelled
-                    return await self.stop.race(self._call_once(runnable, messages, what, box, answer, schema))
+                if self.stop is not None:  # SIGTERM: no new call; the one in flight drained or cancelled
+                    sent = asyncio.Event()  # set when the request goes out (after its slot and lease)
+                    work = self._call_once(runnable, messages, what, box, answer, schema, sent)
+                    return await self.stop.race(work, sent)
                 return await self._call_once(runnable, messages, what, box, answer, schema)
             except LeaseLost as exc:
                 log.warning("%s: %s (attempt %d of %d)", what, exc, attempt + 1, LEASE_LOST_ATTEMPTS)
@@ -396,6 +398,7 @@ class LLMClient:
         box: list[int],
         answer: Callable[[Any], BaseMessage | None],
         schema: str,
+        sent_event: asyncio.Event | None = None,
     ) -> Any:
         self._check_budget()
         base = self.settings.base_url or "https://api.openai.com/v1"
@@ -413,6 +416,8 @@ class LLMClient:
             _RATE_LIMITED.set(box)
             _LEASE.set(ticket.lease)
             start = time.monotonic()
+            if sent_event is not None:
+                sent_event.set()
             try:
                 out = await runnable.ainvoke(sent)
                 span.answered(answer(out))

@@ -6,9 +6,10 @@ delivers only handled signals to a pid namespace's init), so without a handler e
 the whole grace period and ends in SIGKILL, which may cut a store write in half.
 
 With the handler the worker stops calling the model: no new call starts. The calls in flight are
-cancelled when nothing would keep their answers (the ConfigMap store keeps only whole sections, so an
-answer mid-interview would only lead to further calls); with a checkpointer (the PostgreSQL store,
-which records every finished node of an interview) they are *drained*: each may finish within
+cancelled when nothing would keep their answers (a step without a checkpointer: an answer would only
+lead to further calls); with a checkpointer (both stores record every finished node of an interview:
+LangGraph's Postgres saver, ``research_worker.store.checkpoints`` for ConfigMaps) they are
+*drained*: each may finish within
 ``drain_seconds`` of the SIGTERM, its node completes and is checkpointed, and the retried pod resumes
 after it instead of paying for the call again (a preemption or eviction then re-spends nothing). What
 is computed and being stored is stored: a store write is never cancelled. The step then ends with
@@ -61,9 +62,10 @@ class Stop:
         if self._event.is_set():
             raise WorkerStopped(f"{self.reason}: stopped before the next model call")
 
-    async def race(self, work: Coroutine[Any, Any, T]) -> T:
+    async def race(self, work: Coroutine[Any, Any, T], sent: asyncio.Event | None = None) -> T:
         """Await ``work`` (a call that starts now) unless the stop comes first; then let it finish
-        within the drain, else cancel it and raise ``WorkerStopped``."""
+        within the drain if its request was already ``sent`` (a call still waiting for a slot or a
+        lease would be a new call), else cancel it and raise ``WorkerStopped``."""
         if self._event.is_set():
             work.close()
             self.check()
@@ -71,7 +73,7 @@ class Stop:
         stopped = asyncio.ensure_future(self._event.wait())
         try:
             await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done() and self.drain_seconds > 0:
+            if not task.done() and self.drain_seconds > 0 and (sent is None or sent.is_set()):
                 left = self._deadline - asyncio.get_running_loop().time()
                 await asyncio.wait({task}, timeout=max(0.0, left))
         finally:

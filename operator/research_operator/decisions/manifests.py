@@ -20,7 +20,7 @@ from research_api.leases import (
     TOKEN_VOLUME,
     gateway_url,
 )
-from research_api.names import REPORT_CLAIM, configmap_name, plan_configmap_names
+from research_api.names import REPORT_CLAIM, checkpoint_configmap_names, configmap_name, plan_configmap_names
 from research_api.researchjob import (
     GROUP,
     KIND,
@@ -181,8 +181,9 @@ def worker_rbac(owner: Owner, spec: ResearchJobSpec, plan: str) -> list[dict[str
     """ServiceAccount, Role and RoleBinding for one ResearchJob's worker pods (least privilege): in
     the job's namespace, ``get`` on exactly the ConfigMaps of this plan (``worker_configmaps``; no
     ``list``, so a worker never sees another ResearchJob's), ``create`` of ConfigMaps (a create
-    reads nothing; each name is deterministic, so a repeat is a 409) and ``get`` of its own
-    ResearchJob. A new plan (feedback) gets the Role replaced with that plan's names."""
+    reads nothing; each name is deterministic, so a repeat is a 409), ``get`` and ``update`` of its
+    interviews' checkpoints (one ConfigMap per analyst, ``checkpoint_configmap_names``) and ``get``
+    of its own ResearchJob. A new plan (feedback) gets the Role replaced with that plan's names."""
     name = worker_rbac_name(owner)
     meta = {"name": name, "namespace": owner.namespace, "labels": labels(owner), "ownerReferences": [owner.reference()]}
     return [
@@ -198,6 +199,12 @@ def worker_rbac(owner: Owner, spec: ResearchJobSpec, plan: str) -> list[dict[str
                     "resources": ["configmaps"],
                     "resourceNames": worker_configmaps(owner, spec, plan),
                     "verbs": ["get"],
+                },
+                {
+                    "apiGroups": [""],
+                    "resources": ["configmaps"],
+                    "resourceNames": checkpoint_configmap_names(owner.name, plan, spec.analysts.count),
+                    "verbs": ["get", "update"],
                 },
                 {"apiGroups": [GROUP], "resources": ["researchjobs"], "resourceNames": [owner.name], "verbs": ["get"]},
             ],

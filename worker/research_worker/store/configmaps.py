@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from research_api.names import (
     ANNOTATION_JOB_UID,
+    CHECKPOINT,
     CONFIGMAP_DATA_KEY,
     CONFIGMAP_DATA_LIMIT,
     CONFIGMAP_REPORT_KEY,
@@ -28,6 +29,7 @@ from research_api.records import AnalystPlan, Report, Section, StoredKind, Token
 from research_api.task import ResearchTask
 from research_worker.errors import ObjectTooLarge, StoreError
 from research_worker.store.base import usage_of_results
+from research_worker.store.checkpoints import ConfigMapCheckpointer
 from research_worker.store.kube import ConfigMaps
 
 log = logging.getLogger(__name__)
@@ -193,7 +195,19 @@ class ConfigMapStore(PlanConfigMaps):
         return await self._create_once(REPORT_CLAIM, name, {"holder": holder}, labels)
 
     def checkpointer(self) -> Any:
-        return None
+        """The interviews' checkpoints, in ConfigMaps (``research_worker.store.checkpoints``)."""
+        saver: ConfigMapCheckpointer | None = getattr(self, "_checkpointer", None)
+        if saver is None:
+            saver = ConfigMapCheckpointer(self.core, self.ns, self.uid, self._checkpoint_name, self._checkpoint_body)
+            self._checkpointer = saver
+        return saver
+
+    def _checkpoint_name(self, thread_id: str) -> str:
+        # Thread ids are ``<job uid>:<plan>:<analyst>`` (research_worker.steps.interview).
+        return configmap_name(self.job, self.plan, CHECKPOINT, int(thread_id.rsplit(":", 1)[1]))
+
+    def _checkpoint_body(self, name: str, data: dict[str, str]) -> dict[str, Any]:
+        return configmap_body(name, self.ns, data, dict(self.base_labels), self.owner, self.uid)
 
     async def close(self) -> None:
         return None

@@ -25,10 +25,11 @@ def kube_api_client() -> Any:
 
 
 class ConfigMaps:
-    """The ConfigMap calls a worker makes (create, read by name: its Role allows no list), through the kubernetes
-    client's generic ``ApiClient.call_api``, with the objects as plain dicts. ``CoreV1Api`` would do
-    the same, but importing its module alone costs about 0.6 CPU-seconds, a quarter of a worker
-    pod's start-up, paid by every pod of every ResearchJob. Errors are the client's ``ApiException``."""
+    """The ConfigMap calls a worker makes (create; read and replace by name: its Role allows no list),
+    through the kubernetes client's generic ``ApiClient.call_api``, with the objects as plain dicts.
+    ``CoreV1Api`` would do the same, but importing its module alone costs about 0.6 CPU-seconds, a
+    quarter of a worker pod's start-up, paid by every pod of every ResearchJob. Errors are the
+    client's ``ApiException``."""
 
     def __init__(self, api_client: Any) -> None:
         self.api_client = api_client
@@ -52,6 +53,10 @@ class ConfigMaps:
     def read_namespaced_config_map(self, name: str, namespace: str) -> dict[str, Any]:
         path = "/api/v1/namespaces/{namespace}/configmaps/{name}"
         return self._call("GET", path, {"namespace": namespace, "name": name})
+
+    def replace_namespaced_config_map(self, name: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        path = "/api/v1/namespaces/{namespace}/configmaps/{name}"
+        return self._call("PUT", path, {"namespace": namespace, "name": name}, body=body)
 
 
 def load_configmap_data(api_client: Any, namespace: str) -> Callable[[str], dict[str, str]]:
