@@ -1,17 +1,21 @@
-"""The one admission path of every worker Job (planner, interview batches, writer, cleanup): admit
-what fits the caps, fair share and ResourceQuota headroom (the pure ``admission.decide_admission``),
-record the admitted Jobs as ours before creating them, create them, and say what still waits.
-``still_blocked`` re-asks admission cheaply for a ResearchJob woken only because a slot may have
-freed up.
+"""The one admission scheduler of every worker Job (planner, interview batches, writer, cleanup):
+a single task (``Scheduler``) decides, in fair order, what fits the caps, fair share, ResourceQuota
+headroom, the model endpoint's capacity and the token budget (``decide``, around the pure
+``admission.decide_admission``), records the admitted Jobs as ours, creates them, and keeps what
+waits until a freed slot lets it in; a pass posts what it wants (``admit_and_create``) and gets
+back what was created and what still waits and why.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import logging
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from research_api.researchjob import ModelSpec, WorkerSpec
@@ -19,7 +23,7 @@ from research_operator import metrics
 from research_operator.actions import kube, tracing
 from research_operator.actions.shares import request_share_sync, sync_endpoint
 from research_operator.cache.views import job_view
-from research_operator.cache.world import WORLD, Blocked, Key
+from research_operator.cache.world import WORLD, Blocked, Key, settings
 from research_operator.decisions import endpoints as ep
 from research_operator.decisions.admission import (
     Admission,
@@ -32,6 +36,7 @@ from research_operator.decisions.admission import (
     never_fits,
     quota_headroom,
 )
+from research_operator.decisions.finalizer import CLEANUP_STEP
 from research_operator.decisions.manifests import Owner, add_lease_broker_token
 from research_operator.decisions.reconcile import JobView, Waiting, rfc3339, step_noun
 from research_operator.lease_broker import broker
@@ -119,54 +124,169 @@ def _all_wait_for_deleted_namespace(key: Key, want: Want) -> tuple[Waiting, int]
     return Waiting(what, WaitReason.EXCEEDED_QUOTA, why, refused=True, namespace_terminating=True), 0
 
 
-async def admit_and_create(
-    key: Key,
-    owner: Owner,
-    want: Want,
-    worker: WorkerSpec,
-    cfg: Settings,
-    model: ModelSpec | None = None,
-    rbac: tuple[str, list[dict[str, Any]]] | None = None,
-    traceparent: str | None = None,
-) -> tuple[Waiting, int]:
-    """Admit what fits (caps, fair share, ResourceQuota headroom, the model endpoint's capacity, the
-    namespace's token budget), record the admitted Jobs as ours before creating them, create them;
-    the number created, and what still waits and why. ``model``: the ResearchJob's model (None for
-    the cleanup Job, which calls no model); ``rbac``: the plan id and the worker RBAC its pods need
-    (``builders.worker_rbac``), made before the first Job of each plan; ``traceparent``: the
-    ResearchJob's trace, which each Job's admission span joins (``tracing.admission``)."""
-    namespace = key[0]
-    pod = PodResources.from_spec(worker.resources.requests.wire(), worker.resources.limits.wire())
-    priority_class = worker.priority_class_name or ""
-    endpoint = _endpoint_of(model, cfg)
-    needs = (
-        [
-            ep.demand(want.step, (want.analysts or [1] * len(want.jobs))[i], model.max_concurrency, endpoint)
-            for i in range(len(want.jobs))
+@dataclass(eq=False)
+class Request:
+    """What a pass wants started (``want``: the built manifests of one step) with what admitting it
+    needs; kept by the scheduler while some of it waits, so a freed slot admits it without a pass."""
+
+    key: Key
+    owner: Owner
+    want: Want
+    ask: Blocked
+    cfg: Settings  # the snapshot the manifests were built with
+    endpoint: ep.Endpoint | None
+    needs: list[int]  # requests in flight each Job's pod needs at the endpoint
+    rbac: tuple[str, list[dict[str, Any]]] | None
+    traceparent: str | None
+    on_started: Callable[[int], None] | None  # told how many Jobs were created, when any were
+    seq: int
+    built: float = field(default_factory=time.monotonic)
+    answer: asyncio.Future[tuple[Waiting, int]] | None = None  # the posting pass awaits it
+
+
+@dataclass
+class _Admitted:
+    """One decision of the scheduler: the request, the Jobs it admitted (recorded as ours) and what
+    admission weighed."""
+
+    req: Request
+    adm: Admission
+    budget: BudgetVerdict | None
+    admitted: list[dict[str, Any]]
+
+
+BATCH_YIELDS = 3  # turns of the event loop a cycle waits for more posts, decided with it in fair order
+
+
+class Scheduler:
+    """The one admission scheduler: a single task decides every admission. Passes post what they
+    want (``admit_and_create``) and await the answer; the requests of one cycle are registered as
+    waiting first (so each decision sees every peer that waits) and decided in fair order (the
+    namespace and ResearchJob below their share of the endpoint and the caps first, then arrival).
+    What is admitted is recorded as ours at once and created by a task of its own; what waits stays
+    queued with its manifests. A freed slot (``World.wake_waiting``) asks the scheduler to look at
+    the waiters in its scope, again in fair order: it admits and creates what now fits and wakes only
+    those owners (their pass writes the status); the others sleep on. Decisions never await, so
+    nothing else changes the world between one and the next: no lock."""
+
+    def __init__(self) -> None:
+        self.posted: dict[Key, Request] = {}
+        self.queued: dict[Key, Request] = {}
+        self.freed: set[Key] = set()
+        self._seq = 0
+        self._kick: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _ensure(self) -> asyncio.Event:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a new event loop (a test): start afresh
+            self.posted.clear()
+            self.queued.clear()
+            self.freed.clear()
+            self._kick, self._task, self._loop = asyncio.Event(), None, loop
+        assert self._kick is not None
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._run(self._kick), name="admission scheduler")
+        WORLD.on_freed = self.recheck
+        return self._kick
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    async def submit(self, req: Request) -> tuple[Waiting, int]:
+        """Post what a pass wants; the answer: what still waits and why, and how many were created."""
+        kick = self._ensure()
+        req.answer = asyncio.get_running_loop().create_future()
+        old = self.posted.pop(req.key, None)
+        if old is not None and old.answer is not None and not old.answer.done():
+            old.answer.cancel()  # a newer pass of the same ResearchJob asks instead
+        self.queued.pop(req.key, None)
+        self.posted[req.key] = req
+        kick.set()
+        return await req.answer
+
+    def recheck(self, keys: list[Key]) -> None:
+        """A slot may have freed up for these waiting ResearchJobs: look at them in the next cycle."""
+        self.freed.update(keys)
+        try:
+            self._ensure().set()
+        except RuntimeError:  # no event loop (a unit test of the world): wake them as before
+            for key in keys:
+                if (event := WORLD.wakeups.get(key)) is not None:
+                    event.set()
+
+    async def _run(self, kick: asyncio.Event) -> None:
+        while True:
+            await kick.wait()
+            for _ in range(BATCH_YIELDS):  # the passes woken with the first post post too
+                await asyncio.sleep(0)
+            kick.clear()
+            try:
+                self.cycle()
+            except Exception:  # noqa: BLE001 - a bug: keep scheduling; what was posted gets the error
+                log.exception("an admission cycle failed")
+                for req in self.posted.values():
+                    if req.answer is not None and not req.answer.done():
+                        req.answer.set_exception(RuntimeError("the admission cycle failed"))
+                self.posted.clear()
+
+    def cycle(self) -> None:
+        """Decide every posted request, then every freed waiter, in fair order."""
+        posted, self.posted = self.posted, {}
+        for req in posted.values():  # every one of them waits, for the others' decisions
+            WORLD.waiting[req.key] = req.ask.count
+            if req.endpoint is not None:
+                prev = WORLD.blocked.get(req.key)
+                WORLD.blocked[req.key] = dataclasses.replace(req.ask, local=prev.local if prev else False)
+        WORLD.bump()
+        for req in fair_order(list(posted.values())):
+            if req.answer is not None and req.answer.done():
+                continue  # its pass was cancelled
+            try:
+                self._start(self._admit(req, req.cfg))
+            except Exception as e:  # noqa: BLE001 - the pass that posted it handles it
+                if req.answer is not None and not req.answer.done():
+                    req.answer.set_exception(e)
+        freed, self.freed = self.freed, set()
+        if not freed:
+            return
+        cfg = settings()
+        now_ = time.monotonic()
+        for key in [k for k in self.queued if k not in WORLD.blocked or not WORLD.waiting.get(k)]:
+            del self.queued[key]  # its pass wants nothing now, or it is gone
+        ready = [
+            q
+            for key in freed
+            if (q := self.queued.get(key)) is not None
+            and key not in WORLD.dirty  # a change of its own: its pass comes and posts anew
+            and key not in WORLD.passing
+            and not WORLD.namespace_terminating(key[0], now_)
         ]
-        if endpoint is not None and model is not None
-        else []
-    )
-    if WORLD.namespace_terminating(namespace, time.monotonic()):
-        return _all_wait_for_deleted_namespace(key, want)
-    ask = Blocked(
-        len(want.jobs),
-        want.own_limit,
-        pod,
-        priority_class,
-        endpoint.name if endpoint is not None else "",
-        max(needs) if needs else 0,
-        want.step,
-        metered=model is not None,
-    )
-    async with WORLD.admission_lock:
+        for req in fair_order(ready):
+            b = WORLD.blocked.get(req.key)
+            if b is None or decide(req.key, b, cfg, req.endpoint, cached=True)[0].admitted == 0:
+                continue
+            if req.cfg is not cfg:  # built with other settings: its pass builds them anew
+                del self.queued[req.key]
+                WORLD.wake(req.key)
+                continue
+            del self.queued[req.key]
+            self._start(self._admit(dataclasses.replace(req, want=_aged(req.want, req.built)), cfg))
+
+    def _admit(self, req: Request, cfg: Settings) -> _Admitted | tuple[Request, tuple[Waiting, int]]:
+        """The decision for one request (never awaits): the Jobs admitted are recorded as ours."""
+        key, want, endpoint = req.key, req.want, req.endpoint
+        if WORLD.namespace_terminating(key[0], time.monotonic()):
+            return req, _all_wait_for_deleted_namespace(key, want)
         WORLD.waiting[key] = len(want.jobs)
-        adm, capacity, budget = decide(key, ask, cfg, endpoint)
+        adm, capacity, budget = decide(key, req.ask, cfg, endpoint)
         admitted = want.jobs[: adm.admitted]
         if endpoint is not None and capacity is not None:
-            cm = ep.share_configmap_name(owner.name)
+            cm = ep.share_configmap_name(req.owner.name)
             left = endpoint.max_concurrent - capacity.in_use  # pods admitted before come first
-            for job, need in zip(admitted, needs, strict=False):
+            for job, need in zip(admitted, req.needs, strict=False):
                 first = max(0, min(need, left))  # 0: it starts paused and waits for its share
                 left -= need
                 ep.stamp(job, endpoint, need, ep.Share(first), cm, f"{time.time():.6f}", cfg.lease_broker_url)
@@ -176,6 +296,135 @@ async def admit_and_create(
             WORLD.created[key].update({job["metadata"]["name"]: job_view(job) for job in admitted})
         WORLD.waiting[key] = len(want.jobs) - len(admitted)
         WORLD.bump()
+        return _Admitted(req, adm, budget, admitted)
+
+    def _start(self, decided: _Admitted | tuple[Request, tuple[Waiting, int]]) -> None:
+        if isinstance(decided, tuple):
+            req, answer = decided
+            if req.answer is not None and not req.answer.done():
+                req.answer.set_result(answer)
+            return
+        asyncio.get_running_loop().create_task(self._create(decided), name=f"admit {decided.req.key[0]}")
+
+    async def _create(self, d: _Admitted) -> None:
+        """Create what was admitted; answer the pass that posted it, or (admitted from the queue)
+        wake its owner, whose pass writes the status."""
+        req = d.req
+        try:
+            answer = await _create_admitted(d)
+        except BaseException as e:
+            if req.answer is not None and not req.answer.done():
+                req.answer.set_exception(e)
+            else:
+                log.exception(f"creating the Jobs admitted for {req.key[0]}/{req.owner.name} failed")
+                WORLD.wake(req.key)  # its pass tries again
+            if not isinstance(e, Exception):
+                raise
+            return
+        waiting, created = answer
+        rest = req.want.jobs[len(d.admitted) :]
+        cur = self.queued.get(req.key)
+        if (
+            rest
+            and not waiting.refused  # refused by the API server: its pass backs off and asks again
+            and WORLD.blocked.get(req.key) is not None
+            and req.key not in self.posted  # a newer pass asks already
+            and (cur is None or cur.seq <= req.seq)
+        ):
+            self.queued[req.key] = dataclasses.replace(req, want=dataclasses.replace(req.want, jobs=rest), answer=None)
+        if created and req.on_started is not None:
+            req.on_started(created)
+        if req.answer is not None:
+            if not req.answer.done():
+                req.answer.set_result(answer)
+        else:
+            WORLD.wake(req.key)
+
+
+SCHEDULER = Scheduler()
+
+
+def fair_order(reqs: list[Request]) -> list[Request]:
+    """Requests in the order they are decided: the namespace holding least of the endpoint each asks
+    for, then least of the caps' slots, then the ResearchJob holding least, then arrival. So work
+    that arrives later from a namespace below its share goes ahead of a backlog above its share."""
+    if len(reqs) < 2:
+        return reqs
+    by_ns: dict[str, int] = defaultdict(int)
+    for d in WORLD.demands(cached=True):
+        by_ns[d.namespace] += d.active
+
+    def rank(req: Request) -> tuple[int, int, int, int]:
+        ns = req.key[0]
+        at_endpoint = WORLD.endpoint_namespaces(req.endpoint.name).get(ns, (0, 0, 0))[0] if req.endpoint else 0
+        return (at_endpoint, by_ns[ns], WORLD.active_of(req.key), req.seq)
+
+    return sorted(reqs, key=rank)
+
+
+def _aged(want: Want, built: float) -> Want:
+    """``want`` created later than it was built: each Job's deadline is shortened by the wait."""
+    waited = int(time.monotonic() - built)
+    if waited <= 0:
+        return want
+    jobs = []
+    for job in want.jobs:
+        deadline = job["spec"].get("activeDeadlineSeconds")
+        if deadline is not None and want.step != CLEANUP_STEP:  # the cleanup Job's own bound stays
+            job = {**job, "spec": {**job["spec"], "activeDeadlineSeconds": max(1, deadline - waited)}}
+        jobs.append(job)
+    return dataclasses.replace(want, jobs=jobs)
+
+
+async def admit_and_create(
+    key: Key,
+    owner: Owner,
+    want: Want,
+    worker: WorkerSpec,
+    cfg: Settings,
+    model: ModelSpec | None = None,
+    rbac: tuple[str, list[dict[str, Any]]] | None = None,
+    traceparent: str | None = None,
+    on_started: Callable[[int], None] | None = None,
+) -> tuple[Waiting, int]:
+    """Post to the scheduler what a pass wants started and await its answer: admitted what fits
+    (caps, fair share, ResourceQuota headroom, the model endpoint's capacity, the namespace's token
+    budget), recorded as ours and created; the number created, and what still waits and why (the
+    scheduler keeps it, and creates it when a slot frees up). ``model``: the ResearchJob's model
+    (None for the cleanup Job, which calls no model); ``rbac``: the plan id and the worker RBAC its
+    pods need (``builders.worker_rbac``), made before the first Job of each plan; ``traceparent``:
+    the ResearchJob's trace, which each Job's admission span joins (``tracing.admission``);
+    ``on_started``: told how many Jobs were created, whoever created them."""
+    pod = PodResources.from_spec(worker.resources.requests.wire(), worker.resources.limits.wire())
+    endpoint = _endpoint_of(model, cfg)
+    needs = (
+        [
+            ep.demand(want.step, (want.analysts or [1] * len(want.jobs))[i], model.max_concurrency, endpoint)
+            for i in range(len(want.jobs))
+        ]
+        if endpoint is not None and model is not None
+        else []
+    )
+    ask = Blocked(
+        len(want.jobs),
+        want.own_limit,
+        pod,
+        worker.priority_class_name or "",
+        endpoint.name if endpoint is not None else "",
+        max(needs) if needs else 0,
+        want.step,
+        metered=model is not None,
+    )
+    req = Request(key, owner, want, ask, cfg, endpoint, needs, rbac, traceparent, on_started, SCHEDULER.next_seq())
+    return await SCHEDULER.submit(req)
+
+
+async def _create_admitted(d: _Admitted) -> tuple[Waiting, int]:
+    """Create the Jobs the scheduler admitted (and the worker RBAC before a plan's first Job); the
+    number created, and what still waits and why."""
+    req, adm, budget, admitted = d.req, d.adm, d.budget, d.admitted
+    key, want, endpoint, rbac, cfg = req.key, req.want, req.endpoint, req.rbac, req.cfg
+    namespace = key[0]
     names = [job["metadata"]["name"] for job in admitted]
 
     def terminating() -> bool:
@@ -217,7 +466,7 @@ async def admit_and_create(
     terminating_ns = False
     created = 0
     for i, job in enumerate(admitted):
-        with tracing.admission(traceparent, job, want.step) as span:
+        with tracing.admission(req.traceparent, job, want.step) as span:
             try:
                 outcome, message = await kube.create(job, terminating)
             except BaseException:
@@ -243,7 +492,7 @@ async def admit_and_create(
         if endpoint is not None:
             WORLD.bump()  # what waits at an endpoint counts in its namespaces' fair shares
         local = adm.reason is not None and (adm.reason.is_quota or adm.reason == WaitReason.TOKEN_BUDGET)
-        WORLD.blocked[key] = dataclasses.replace(ask, count=still, local=local)
+        WORLD.blocked[key] = dataclasses.replace(req.ask, count=still, local=local)
     else:
         WORLD.blocked.pop(key, None)
     if refused is not None:
@@ -263,20 +512,6 @@ def pods_blocked(jobs: list[JobView]) -> str | None:
         if failure and job.active and job.pods == 0:
             return f"{step_noun(job.step, 1).removeprefix('the ')} {job.name} cannot create its pod: {failure}"
     return None
-
-
-def still_blocked(key: Key, cfg: Settings) -> bool:
-    """Whether a ResearchJob woken only because a slot may have freed up (not by a change of its own)
-    would still be admitted nothing: then its pass is skipped, so one finished Job among many waiting
-    ResearchJobs costs a quick re-check each, not a full pass each."""
-    namespace = key[0]
-    if WORLD.waiting.get(key) and WORLD.namespace_terminating(namespace, time.monotonic()):
-        return True
-    b = WORLD.blocked.get(key)
-    if b is None or not WORLD.waiting.get(key):
-        return False
-    endpoint = WORLD.endpoints.get(b.endpoint) if b.endpoint else None
-    return decide(key, b, cfg, endpoint, cached=True)[0].admitted == 0
 
 
 def decide(

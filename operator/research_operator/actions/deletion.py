@@ -74,8 +74,13 @@ async def finalize_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outco
             worker = None
         foreground = "foregroundDeletion" in (meta.get("finalizers") or [])
         cleaner = cleanup_job(owner, ref, settings(), worker, owned=not foreground)
-        waiting, started = await admit_and_create(
-            key, owner, Want(CLEANUP_STEP, [cleaner], 1), worker or WorkerSpec(), settings()
+
+        def started(n: int) -> None:  # by this pass, or later by the scheduler
+            kopf.event(body, type="Normal", reason="CleanupStarted", message=f"cleanup Job {job_name} started")
+
+        job_name = cleaner["metadata"]["name"]
+        waiting, _ = await admit_and_create(
+            key, owner, Want(CLEANUP_STEP, [cleaner], 1), worker or WorkerSpec(), settings(), on_started=started
         )
         if waiting.namespace_terminating:
             d.skipped = (
@@ -86,13 +91,6 @@ async def finalize_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outco
             waiting = Waiting()
         elif waiting.reason is not None:
             d.message = f"deleting: {step_noun(CLEANUP_STEP, 1)} waits: {waiting.message}"
-        elif started:
-            kopf.event(
-                body,
-                type="Normal",
-                reason="CleanupStarted",
-                message=f"cleanup Job {cleaner['metadata']['name']} started",
-            )
     elif WORLD.waiting.pop(key, None) is not None:
         WORLD.blocked.pop(key, None)
         WORLD.bump()

@@ -30,7 +30,7 @@ from research_api.researchjob import (
 from research_api.task import Step
 from research_operator import metrics
 from research_operator.actions import kube, tracing
-from research_operator.actions.admit import Outcome, Want, admit_and_create, pods_blocked, still_blocked, with_detail
+from research_operator.actions.admit import Outcome, Want, admit_and_create, pods_blocked, with_detail
 from research_operator.actions.admit import now as _now
 from research_operator.actions.deletion import cleanup_state, finalize_once
 from research_operator.actions.estimating import estimate_of
@@ -137,18 +137,13 @@ async def reconcile_loop(key: Key, logger: kopf.Logger) -> None:
     """Reconcile one ResearchJob until it is deleted: a pass, then sleep until woken."""
     wake = WORLD.event(key)
     backoff = 0.0
-    woken = True
-    until = 0.0  # when the pass after the last one falls due with no wake-up (resync, back-off, deadline)
     while key in WORLD.bodies:
         wake.clear()
-        if woken and key not in WORLD.dirty and _still_blocked(key, logger):
-            # A freed slot that is not ours to take: sleep on, to the same time as before.
-            woken = await _sleep(wake, max(0.05, until - time.monotonic()))
-            continue
         WORLD.dirty.discard(key)
         body = WORLD.bodies[key]
         ref = f"{key[0]}/{body.get('metadata', {}).get('name')}"
         start = time.monotonic()
+        WORLD.passing.add(key)
         try:
             out = await reconcile_once(key, body, logger)
         except kube.Gone as e:
@@ -171,24 +166,14 @@ async def reconcile_loop(key: Key, logger: kopf.Logger) -> None:
             logger.exception(f"reconcile of {ref} failed")
             out = Outcome(retry=True)
         finally:
+            WORLD.passing.discard(key)
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - start)
         cfg = settings()
         backoff = min(MAX_BACKOFF, max(cfg.quota_backoff_seconds, backoff * 2)) if out.retry else 0.0
         timeout = backoff or cfg.resync_seconds
         if out.wake_at is not None:
             timeout = min(timeout, max(0.05, (out.wake_at - _now()).total_seconds()))
-        until = time.monotonic() + timeout
-        woken = await _sleep(wake, timeout)
-
-
-def _still_blocked(key: Key, logger: kopf.Logger) -> bool:
-    """``admit.still_blocked``, where an error means a full pass (which handles its own errors):
-    raised here, it would end the loop's task, and no Job event starts a new one."""
-    try:
-        return still_blocked(key, settings())
-    except Exception:  # noqa: BLE001 - logged with its traceback; the full pass decides instead
-        logger.exception("the quick re-check of admission failed; a full pass follows")
-        return False
+        await _sleep(wake, timeout)
 
 
 async def _still_there(key: Key, body: kopf.Body) -> bool:

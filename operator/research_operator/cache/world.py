@@ -11,7 +11,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
@@ -83,7 +83,6 @@ class World:
     rbac_ready: dict[Key, str] = field(default_factory=dict)  # the plan whose worker RBAC is in place
     failure_details: dict[tuple[str, str], str] = field(default_factory=dict)  # (ns, Job uid) -> pod's last words
     create_failures: dict[str, str] = field(default_factory=dict)  # Job uid -> the Job controller's FailedCreate
-    admission_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     terminating: dict[str, float] = field(default_factory=dict)  # namespace -> when a create met its deletion
     # The last look at the admission policy binding: (when, its name, its policy and actions or None)
     policy_probe: tuple[float, str, tuple[str, list[str], dt.datetime | None] | None] | None = None
@@ -94,6 +93,9 @@ class World:
     kueue_indexes: dict[str, Any] = field(default_factory=dict)  # Kueue mode: Workloads, LocalQueues (kopf indices)
     dirty: set[Key] = field(default_factory=set)  # woken by a change of their own (not only a freed slot)
     blocked: dict[Key, Blocked] = field(default_factory=dict)  # what each waiting ResearchJob last waited for
+    passing: set[Key] = field(default_factory=set)  # ResearchJobs whose pass runs now (it will post anew)
+    # Who looks at the waiters a freed slot may let in (the admission scheduler); None: wake them all.
+    on_freed: Callable[[list[Key]], None] | None = None
     version: int = 0  # bumped whenever running or waiting counts may have changed
     _demands: tuple[int, list[Demand]] = (-1, [])
     _wake_scopes: set[str | None] = field(default_factory=set)  # namespaces (None: all) to sweep soon
@@ -212,10 +214,10 @@ class World:
         self.version += 1
 
     def wake_waiting(self, namespace: str | None = None) -> None:
-        """Wake every ResearchJob with worker Jobs waiting for admission (optionally in one namespace)
-        to re-check admission (cheaply: they are not marked dirty). Calls within ``WAKE_COALESCE``
-        seconds are served by one sweep, so a burst of events (a namespace of Jobs deleted at once)
-        costs one sweep, not one per event."""
+        """A slot may have freed up: hand every ResearchJob with worker Jobs waiting for admission
+        (optionally in one namespace) to ``on_freed`` (the admission scheduler, which admits what now
+        fits and wakes only those). Calls within ``WAKE_COALESCE`` seconds are served by one sweep,
+        so a burst of events (a namespace of Jobs deleted at once) costs one sweep, not one per event."""
         if not self._wake_scopes:
             try:
                 asyncio.get_running_loop().call_later(WAKE_COALESCE, self._sweep)
@@ -227,15 +229,28 @@ class World:
 
     def _sweep(self) -> None:
         scopes, self._wake_scopes = self._wake_scopes, set()
+        keys = self.waiters_in(scopes)
+        if self.on_freed is not None:
+            self.on_freed(keys)
+            return
+        for key in keys:
+            event = self.wakeups.get(key)
+            if event is not None:
+                event.set()
+
+    def waiters_in(self, scopes: set[str | None]) -> list[Key]:
+        """The ResearchJobs waiting for admission that a slot freed in ``scopes`` (namespaces; None:
+        anywhere) may let in: those of its namespace, and anywhere those not held by their own
+        namespace's quota or budget."""
         everyone = None in scopes
+        out = []
         for key, n in self.waiting.items():
             if n <= 0:
                 continue
             b = self.blocked.get(key)
             if key[0] in scopes or (everyone and not (b is not None and b.local)):
-                event = self.wakeups.get(key)
-                if event is not None:
-                    event.set()
+                out.append(key)
+        return out
 
     def wake_namespace(self, namespace: str) -> None:
         """Wake every ResearchJob of ``namespace`` for a full pass (rare: a namespace created anew)."""
@@ -264,6 +279,7 @@ class World:
         self.rbac_ready.pop(key, None)
         self.refused.discard(key)
         self.dirty.discard(key)
+        self.passing.discard(key)
         self.bump()
 
     def wake_refused(self) -> None:
