@@ -235,6 +235,7 @@ class Scheduler:
     def cycle(self) -> None:
         """Decide every posted request, then every freed waiter, in fair order."""
         posted, self.posted = self.posted, {}
+        cfg = settings()  # one snapshot for every decision of the cycle
         for req in posted.values():  # every one of them waits, for the others' decisions
             WORLD.waiting[req.key] = req.ask.count
             if req.endpoint is not None:
@@ -245,14 +246,13 @@ class Scheduler:
             if req.answer is not None and req.answer.done():
                 continue  # its pass was cancelled
             try:
-                self._start(self._admit(req, req.cfg))
+                self._start(self._admit(req, cfg))
             except Exception as e:  # noqa: BLE001 - the pass that posted it handles it
                 if req.answer is not None and not req.answer.done():
                     req.answer.set_exception(e)
         freed, self.freed = self.freed, set()
         if not freed:
             return
-        cfg = settings()
         now_ = time.monotonic()
         for key in [k for k in self.queued if k not in WORLD.blocked or not WORLD.waiting.get(k)]:
             del self.queued[key]  # its pass wants nothing now, or it is gone
@@ -337,8 +337,10 @@ class Scheduler:
         if req.answer is not None:
             if not req.answer.done():
                 req.answer.set_result(answer)
-        else:
-            WORLD.wake(req.key)
+            return
+        if waiting.refused:
+            WORLD.create_refused.add(req.key)  # its pass asks again, even in a namespace being deleted
+        WORLD.wake(req.key)
 
 
 SCHEDULER = Scheduler()

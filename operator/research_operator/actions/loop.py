@@ -206,7 +206,9 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     if meta.get("deletionTimestamp"):
         return await finalize_once(key, body, logger)
     left = WORLD.terminating_for(namespace, time.monotonic())
-    if left is not None:
+    refused_create = key in WORLD.create_refused  # the scheduler's create met the deletion: say so once
+    WORLD.create_refused.discard(key)
+    if left is not None and not refused_create:
         # Its namespace refused a create as being deleted moments ago: this ResearchJob is about to
         # go with it, and every request for it would only fail. Its wait ends with its DELETED
         # event, a ResearchJob created in a namespace of that name created again (which forgets

@@ -93,6 +93,7 @@ class World:
     kueue_indexes: dict[str, Any] = field(default_factory=dict)  # Kueue mode: Workloads, LocalQueues (kopf indices)
     dirty: set[Key] = field(default_factory=set)  # woken by a change of their own (not only a freed slot)
     blocked: dict[Key, Blocked] = field(default_factory=dict)  # what each waiting ResearchJob last waited for
+    create_refused: set[Key] = field(default_factory=set)  # the scheduler's create for them was refused
     passing: set[Key] = field(default_factory=set)  # ResearchJobs whose pass runs now (it will post anew)
     # Who looks at the waiters a freed slot may let in (the admission scheduler); None: wake them all.
     on_freed: Callable[[list[Key]], None] | None = None
@@ -280,6 +281,7 @@ class World:
         self.refused.discard(key)
         self.dirty.discard(key)
         self.passing.discard(key)
+        self.create_refused.discard(key)
         self.bump()
 
     def wake_refused(self) -> None:
