@@ -95,6 +95,8 @@ def run_mode(
             else {}
         ),
         "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        # Another operator's code, measured in the same run (a worktree of an older commit).
+        **({"PYTHONPATH": os.environ["OPERATOR_PYTHONPATH"]} if os.environ.get("OPERATOR_PYTHONPATH") else {}),
     }
     log = open(tmp / f"operator-{declared}.log", "wb")  # noqa: SIM115
     op = subprocess.Popen([sys.executable, "-m", "research_operator"], env=env, stdout=log, stderr=subprocess.STDOUT)

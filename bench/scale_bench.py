@@ -64,6 +64,8 @@ class Operator:
             "POD_NAME": "scale-bench",
             "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
             **{k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},  # to compare allocator settings
+            # Another operator's code, measured in the same run (a worktree of an older commit).
+            **({"PYTHONPATH": os.environ["OPERATOR_PYTHONPATH"]} if os.environ.get("OPERATOR_PYTHONPATH") else {}),
         }
         self.log = log or tmp / "operator.log"
         self.proc = subprocess.Popen(

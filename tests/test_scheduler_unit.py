@@ -24,11 +24,11 @@ from research_operator.settings import Settings
 PID = plan_id(None)
 
 
-def spec() -> ResearchJobSpec:
+def spec(analysts: int = 2) -> ResearchJobSpec:
     return ResearchJobSpec.model_validate(
         {
             "topic": "How glaciers move",
-            "analysts": {"count": 2},
+            "analysts": {"count": analysts},
             "parallelism": {"batchSize": 2, "maxActiveJobs": 1},
             "sources": [{"type": "documents", "configMap": "corpus"}],
         }
@@ -141,3 +141,40 @@ async def test_a_waiter_queued_with_other_settings_is_woken_to_build_its_jobs_an
     await settle()
     assert len(created) == 2, "nothing is created from manifests built with the old settings"
     assert w.wakeups[("a", "uid-three")].is_set() and ("a", "uid-three") in w.dirty
+
+
+async def test_a_slot_freed_while_the_admitted_jobs_are_still_being_created_is_not_missed(
+    world: tuple[World, list[str], Settings], monkeypatch: Any
+) -> None:
+    """A ResearchJob admitted one Job of three (cap 2, one slot held elsewhere), whose create is slow;
+    the other Job ends meanwhile. The freed slot goes to the waiting rest at once, not at the resync."""
+    w, created, cfg = world
+    await post(w, cfg, "other", "x")
+    gate = asyncio.Event()
+    fast = kube.create
+
+    async def slow_first(obj: dict[str, Any], terminating: Any = None) -> tuple[kube.Created, str]:
+        if obj["metadata"]["name"].endswith("-b0"):
+            await gate.wait()
+        return await fast(obj, terminating)
+
+    monkeypatch.setattr(kube, "create", slow_first)
+    key, owner = ("a", "uid-a"), Owner("a", "a", "uid-a")
+    w.bodies[key] = {"metadata": {"name": "a", "namespace": "a", "uid": "uid-a"}}
+    w.event(key)
+    s = spec(3)
+    jobs = [worker_job(owner, s, cfg, PID, Step.INTERVIEW, [i], i) for i in range(3)]
+    answer = asyncio.ensure_future(
+        admit_mod.admit_and_create(key, owner, admit_mod.Want("interview", jobs, 3, [1, 1, 1]), s.worker, cfg)
+    )
+    await settle()
+    assert not answer.done() and w.waiting[key] == 2
+    finish(w, ("other", "uid-x"))
+    w.wake_waiting(None)
+    await settle()
+    assert w.waiting[key] == 1, "the freed slot went to the waiting Jobs while the first was being created"
+    gate.set()
+    waiting, n = await answer
+    assert n == 1 and waiting.reason == WaitReason.GLOBAL_CAP
+    names = [j["metadata"]["name"] for j in jobs]
+    assert names[0] in created and names[1] in created and names[2] not in created

@@ -294,7 +294,16 @@ class Scheduler:
                     add_lease_broker_token(job)  # the broker accepts only a token bound to its audience
         if admitted:  # no entry for one that only waits: the passes that walk ``created`` stay small
             WORLD.created[key].update({job["metadata"]["name"]: job_view(job) for job in admitted})
-        WORLD.waiting[key] = len(want.jobs) - len(admitted)
+        still = len(want.jobs) - len(admitted)
+        WORLD.waiting[key] = still
+        if still:  # it waits from now on: a slot freed while its admitted Jobs are created is seen
+            local = adm.reason is not None and (adm.reason.is_quota or adm.reason == WaitReason.TOKEN_BUDGET)
+            WORLD.blocked[key] = dataclasses.replace(req.ask, count=still, local=local)
+            rest = dataclasses.replace(want, jobs=want.jobs[len(admitted) :])
+            self.queued[key] = dataclasses.replace(req, want=rest, answer=None)
+        else:
+            WORLD.blocked.pop(key, None)
+            self.queued.pop(key, None)
         WORLD.bump()
         return _Admitted(req, adm, budget, admitted)
 
@@ -322,16 +331,8 @@ class Scheduler:
                 raise
             return
         waiting, created = answer
-        rest = req.want.jobs[len(d.admitted) :]
-        cur = self.queued.get(req.key)
-        if (
-            rest
-            and not waiting.refused  # refused by the API server: its pass backs off and asks again
-            and WORLD.blocked.get(req.key) is not None
-            and req.key not in self.posted  # a newer pass asks already
-            and (cur is None or cur.seq <= req.seq)
-        ):
-            self.queued[req.key] = dataclasses.replace(req, want=dataclasses.replace(req.want, jobs=rest), answer=None)
+        if waiting.refused and (q := self.queued.get(req.key)) is not None and q.seq == req.seq:
+            del self.queued[req.key]  # refused by the API server: its pass backs off and asks again
         if created and req.on_started is not None:
             req.on_started(created)
         if req.answer is not None:
