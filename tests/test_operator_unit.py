@@ -1237,6 +1237,25 @@ def test_a_late_small_tenant_is_admitted_at_an_endpoint_ahead_of_a_big_ones_back
     assert v.jobs == 5  # all that is free: the other's pod of 2 does not fit its share of 4
 
 
+def test_with_leases_a_late_tenant_below_its_share_is_admitted_although_a_big_one_holds_it_all() -> None:
+    """One endpoint of 4 (and 16 standing by, with the lease broker), all 20 held by a big tenant's
+    long-lived pods admitted while it was alone. A small tenant arriving later is admitted up to its
+    share (10) at once, not after the first big pod ends; the broker's leases keep the calls within
+    4. The big tenant's next pod still waits, and without the broker nobody is admitted beyond."""
+    small = Demand("small", "rj-1", 0, 2)
+    leased = EndpointVerdict("shared", 4, 20, 2, standby=16, mine=0, peers=((20, 4, 2),), leased=True)
+    adm = decide_admission(small, 50, [small], Caps(), QuotaVerdict(None), endpoint=leased)
+    assert adm.admitted == 2, adm.message
+    at_share = EndpointVerdict("shared", 4, 30, 2, standby=16, mine=10, peers=((20, 4, 2),), leased=True)
+    assert decide_admission(small, 50, [small], Caps(), QuotaVerdict(None), endpoint=at_share).admitted == 0
+    big = Demand("big", "rj-7", 0, 1)
+    v_big = EndpointVerdict("shared", 4, 24, 2, standby=16, mine=20, peers=((4, 2, 2),), leased=True)
+    adm = decide_admission(big, 50, [big], Caps(), QuotaVerdict(None), endpoint=v_big)
+    assert (adm.admitted, adm.reason) == (0, WaitReason.ENDPOINT_CAPACITY)
+    unleased = EndpointVerdict("shared", 4, 8, 2, standby=4, mine=0, peers=((8, 4, 2),))
+    assert decide_admission(small, 50, [small], Caps(), QuotaVerdict(None), endpoint=unleased).admitted == 0
+
+
 def test_the_world_sums_each_namespaces_admitted_and_waiting_demand_at_an_endpoint() -> None:
     from research_operator.cache.world import Blocked, World
 

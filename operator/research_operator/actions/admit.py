@@ -85,8 +85,9 @@ def _endpoint_verdict(endpoint: ep.Endpoint, demand: int, namespace: str, cfg: S
     in_use = sum(admitted for admitted, _, _ in by_ns.values())
     mine = by_ns.get(namespace, (0, 0, 0))[0]
     peers = tuple(v for ns, v in sorted(by_ns.items()) if ns != namespace)
-    standby = ep.standby(endpoint, bool(cfg.lease_broker_url))
-    return EndpointVerdict(endpoint.name, endpoint.max_concurrent, in_use, demand, standby, mine, peers)
+    standby = ep.standby(endpoint, leased=bool(cfg.lease_broker_url))
+    leased = bool(cfg.lease_broker_url)
+    return EndpointVerdict(endpoint.name, endpoint.max_concurrent, in_use, demand, standby, mine, peers, leased)
 
 
 def _budget_verdict(namespace: str, cfg: Settings, when: dt.datetime) -> BudgetVerdict | None:

@@ -303,24 +303,33 @@ class EndpointVerdict:
     # for every other namespace there (admitted, demand of its pods waiting to be admitted).
     mine: int = 0
     peers: tuple[tuple[int, int, int], ...] = ()  # (admitted, waiting, the demand of one of its pods)
+    # The lease broker hands out each call's slot, fairest namespace first: an admitted pod holds no
+    # slot while it does not call, so a namespace below its share is admitted even when all is taken.
+    leased: bool = False
 
     @property
     def _fair(self) -> tuple[int, int, int]:
         """(demand this namespace may still be admitted, the fair share, namespaces it is owed to).
         Each namespace running or waiting at the endpoint is guaranteed ``total / namespaces`` (at
         least one pod); one at or above its share takes only what no waiting namespace below its
-        share is owed, so a tenant that comes later is admitted ahead of a big one's backlog."""
+        share is owed, so a tenant that comes later is admitted ahead of a big one's backlog. With
+        the lease broker (``leased``) a namespace below its share is admitted up to it even when a
+        big one's pods, admitted while it was alone, hold everything: it need not wait for one of
+        them to end (they are long-lived), as the broker's leases, fairest namespace first, keep the
+        calls within the capacity. So its fairness holds in time, not only at the next freed slot."""
         total = self.max_concurrent + self.standby
         free = total - self.in_use
         contenders = 1 + sum(1 for used, wanted, _ in self.peers if used > 0 or wanted > 0)
         share = max(self.demand, total // contenders)
         # Below its share: one more of its pods still fits in it (else nothing is held for it).
         below = [(used, wanted) for used, wanted, pod in self.peers if wanted > 0 and used + max(1, pod) <= share]
-        if free <= 0:
-            return 0, share, len(below)
         beyond_owed = max(0, free - sum(min(share - used, wanted) for used, wanted in below))
         if self.mine + self.demand <= share:
-            return min(free, max(share - self.mine, beyond_owed)), share, len(below)
+            if self.leased:
+                return max(share - self.mine, beyond_owed), share, len(below)
+            return max(0, min(free, max(share - self.mine, beyond_owed))), share, len(below)
+        if free <= 0:
+            return 0, share, len(below)
         return beyond_owed, share, len(below)
 
     @property
