@@ -30,7 +30,14 @@ from research_operator.decisions.admission import (
     never_fits,
     quota_headroom,
 )
-from research_operator.decisions.manifests import Owner, add_lease_broker_token, cleanup_job, worker_job, worker_rbac
+from research_operator.decisions.manifests import (
+    Owner,
+    add_lease_broker_token,
+    cleanup_job,
+    worker_job,
+    worker_job_and_task,
+    worker_rbac,
+)
 from research_operator.decisions.reconcile import (
     JobView,
     Observed,
@@ -835,8 +842,8 @@ def test_shares_split_the_minute_limits_and_shrink_to_a_lowered_capacity() -> No
 
 def test_stamped_jobs_carry_the_endpoint_and_tell_the_worker_its_share() -> None:
     owner = Owner("team-a", "demo", "uid-1")
-    job = worker_job(owner, spec(), Settings(), "abc123", Step.INTERVIEW, [0, 1], 0)
-    ep.stamp(job, EP, 2, ep.Share(2, 300, 30000), "demo-endpoint-share")
+    job, task = worker_job_and_task(owner, spec(), Settings(), "abc123", Step.INTERVIEW, [0, 1], 0)
+    ep.stamp(job, task, EP, 2, ep.Share(2, 300, 30000), "demo-endpoint-share")
     assert job["metadata"]["annotations"][ep.ANNOTATION_ENDPOINT] == "shared"
     env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     task = ResearchTask.model_validate(json.loads(env["RESEARCH_TASK"]))
@@ -862,11 +869,11 @@ RESTRICTED_VOLUMES = {
 
 def test_only_a_pod_told_of_a_lease_broker_gets_a_token_for_it_and_never_its_api_token() -> None:
     owner = Owner("team-a", "demo", "uid-1")
-    plain = worker_job(owner, spec(), Settings(), "abc123", Step.INTERVIEW, [0, 1], 0)
-    ep.stamp(plain, EP, 2, ep.Share(2), "demo-endpoint-share")  # no broker: the share alone
+    plain, task = worker_job_and_task(owner, spec(), Settings(), "abc123", Step.INTERVIEW, [0, 1], 0)
+    ep.stamp(plain, task, EP, 2, ep.Share(2), "demo-endpoint-share")  # no broker: the share alone
     assert not [v for v in plain["spec"]["template"]["spec"]["volumes"] if "projected" in v]
-    job = worker_job(owner, spec(), Settings(), "abc123", Step.INTERVIEW, [0, 1], 0)
-    ep.stamp(job, EP, 2, ep.Share(2), "demo-endpoint-share", broker_url="http://leases.ops.svc:8090")
+    job, task = worker_job_and_task(owner, spec(), Settings(), "abc123", Step.INTERVIEW, [0, 1], 0)
+    ep.stamp(job, task, EP, 2, ep.Share(2), "demo-endpoint-share", broker_url="http://leases.ops.svc:8090")
     add_lease_broker_token(add_lease_broker_token(job))  # as admission does; twice changes nothing
     pod = job["spec"]["template"]["spec"]
     projected = [v for v in pod["volumes"] if "projected" in v]

@@ -27,7 +27,7 @@ from research_api.status import Phase, ResearchJobStatus
 from research_api.task import ResearchTask, Step
 from research_operator.actions import tracing as operator_tracing
 from research_operator.cache.world import WORLD
-from research_operator.decisions.manifests import Owner, worker_job
+from research_operator.decisions.manifests import Owner, worker_job, worker_job_and_task
 from research_operator.settings import Settings
 from research_worker import tracing as worker_tracing
 from research_worker.errors import ModelRequestRejected
@@ -219,8 +219,8 @@ def test_a_researchjob_gets_one_trace_kept_in_its_status_and_continued_after_a_r
     WORLD.traces.clear()  # a restarted operator: only the status remembers
     status = ResearchJobStatus(phase=Phase.Interviewing, traceparent=first)
     assert operator_tracing.research_job_trace(KEY, OWNER, status) == first
-    job = worker_job(OWNER, SPEC, Settings(), "abc123", Step.INTERVIEW, [1, 2], 1)
-    with operator_tracing.admission(first, job, "interview"):
+    job, task = worker_job_and_task(OWNER, SPEC, Settings(), "abc123", Step.INTERVIEW, [1, 2], 1)
+    with operator_tracing.admission(first, job, "interview", task):
         pass
     (admit,) = by_name(spans)["admit interview"]
     assert admit.parent is not None and admit.parent.span_id == roots[0].context.span_id

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from research_api.researchjob import ModelSpec, WorkerSpec
+from research_api.task import ResearchTask
 from research_operator import metrics
 from research_operator.actions import kube, tracing
 from research_operator.actions.shares import request_share_sync, sync_endpoint
@@ -78,6 +79,21 @@ class Want:
     jobs: list[dict[str, Any]]
     own_limit: int  # the ResearchJob's own bound on its running Jobs
     analysts: list[int] | None = None  # analysts of each Job (interview batches)
+    # Each Job's task as built (``manifests.worker_job_and_task``): admission changes it (the share,
+    # the trace) and writes it into the Job, never reading back the JSON it was just given.
+    tasks: list[ResearchTask] | None = None
+
+    def after(self, n: int) -> Want:
+        """What is left of it once its first ``n`` Jobs are admitted."""
+        return dataclasses.replace(
+            self,
+            jobs=self.jobs[n:],
+            analysts=self.analysts[n:] if self.analysts is not None else None,
+            tasks=self.tasks[n:] if self.tasks is not None else None,
+        )
+
+    def task(self, i: int) -> ResearchTask | None:
+        return self.tasks[i] if self.tasks is not None else None
 
 
 def _endpoint_verdict(endpoint: ep.Endpoint, demand: int, namespace: str, cfg: Settings) -> EndpointVerdict:
@@ -154,6 +170,7 @@ class _Admitted:
     adm: Admission
     budget: BudgetVerdict | None
     admitted: list[dict[str, Any]]
+    tasks: list[ResearchTask | None]  # each admitted Job's task, as admission changed it
 
 
 BATCH_YIELDS = 3  # turns of the event loop a cycle waits for more posts, decided with it in fair order
@@ -284,13 +301,15 @@ class Scheduler:
         WORLD.waiting[key] = len(want.jobs)
         adm, capacity, budget = decide(key, req.ask, cfg, endpoint)
         admitted = want.jobs[: adm.admitted]
+        tasks = [want.task(i) for i in range(len(admitted))]
         if endpoint is not None and capacity is not None:
             cm = ep.share_configmap_name(req.owner.name)
             left = endpoint.max_concurrent - capacity.in_use  # pods admitted before come first
-            for job, need in zip(admitted, req.needs, strict=False):
+            for i, (job, need) in enumerate(zip(admitted, req.needs, strict=False)):
                 first = max(0, min(need, left))  # 0: it starts paused and waits for its share
                 left -= need
-                ep.stamp(job, endpoint, need, ep.Share(first), cm, f"{time.time():.6f}", cfg.lease_broker_url)
+                when = f"{time.time():.6f}"
+                tasks[i] = ep.stamp(job, tasks[i], endpoint, need, ep.Share(first), cm, when, cfg.lease_broker_url)
                 if cfg.lease_broker_url:
                     add_lease_broker_token(job)  # the broker accepts only a token bound to its audience
         if admitted:  # no entry for one that only waits: the passes that walk ``created`` stay small
@@ -300,13 +319,13 @@ class Scheduler:
         if still:  # it waits from now on: a slot freed while its admitted Jobs are created is seen
             local = adm.reason is not None and (adm.reason.is_quota or adm.reason == WaitReason.TOKEN_BUDGET)
             WORLD.blocked[key] = dataclasses.replace(req.ask, count=still, local=local)
-            rest = dataclasses.replace(want, jobs=want.jobs[len(admitted) :])
-            self.queued[key] = dataclasses.replace(req, want=rest, answer=None)
+            rest, needs = want.after(len(admitted)), req.needs[len(admitted) :]
+            self.queued[key] = dataclasses.replace(req, want=rest, needs=needs, answer=None)
         else:
             WORLD.blocked.pop(key, None)
             self.queued.pop(key, None)
         WORLD.bump()
-        return _Admitted(req, adm, budget, admitted)
+        return _Admitted(req, adm, budget, admitted, tasks)
 
     def _start(self, decided: _Admitted | tuple[Request, tuple[Waiting, int]]) -> None:
         if isinstance(decided, tuple):
@@ -399,6 +418,8 @@ async def admit_and_create(
     pods need (``builders.worker_rbac``), made before the first Job of each plan; ``traceparent``:
     the ResearchJob's trace, which each Job's admission span joins (``tracing.admission``);
     ``on_started``: told how many Jobs were created, whoever created them."""
+    if model is not None and (want.tasks is None or len(want.tasks) != len(want.jobs)):
+        raise ValueError("the worker Jobs of a step that calls a model are admitted with their tasks")
     pod = PodResources.from_spec(worker.resources.requests.wire(), worker.resources.limits.wire())
     endpoint = _endpoint_of(model, cfg)
     needs = (
@@ -470,7 +491,7 @@ async def _create_admitted(d: _Admitted) -> tuple[Waiting, int]:
     terminating_ns = False
     created = 0
     for i, job in enumerate(admitted):
-        with tracing.admission(req.traceparent, job, want.step) as span:
+        with tracing.admission(req.traceparent, job, want.step, d.tasks[i]) as span:
             try:
                 outcome, message = await kube.create(job, terminating)
             except BaseException:

@@ -39,7 +39,7 @@ from research_operator.decisions import kueue, status, tenancy
 from research_operator.decisions.admission import PodResources, WaitReason, never_fits
 from research_operator.decisions.finalizer import decide_cleanup
 from research_operator.decisions.ledger import SHORT_SECONDS
-from research_operator.decisions.manifests import Owner, worker_job, worker_network_policy, worker_rbac
+from research_operator.decisions.manifests import Owner, worker_job_and_task, worker_network_policy, worker_rbac
 from research_operator.decisions.reconcile import (
     Observed,
     Waiting,
@@ -286,17 +286,17 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
     # that stores the last section writes the report.
     chain = continues_steps(spec, budgeted=namespace in cfg.token_budgets)
     if d.create_plan and chain:
-        single = worker_job(
+        single, task = worker_job_and_task(
             owner, spec, cfg, plan_id, Step.PLAN, plan[0], 0, active_deadline_seconds=remaining, continue_steps=True
         )
-        want = Want(Step.PLAN.value, [single], own_limit=1, analysts=[len(plan[0])])
+        want = Want(Step.PLAN.value, [single], own_limit=1, analysts=[len(plan[0])], tasks=[task])
     elif d.create_plan or d.create_writer:
         step = Step.PLAN if d.create_plan else Step.WRITE
-        single = worker_job(owner, spec, cfg, plan_id, step, active_deadline_seconds=remaining)
-        want = Want(step.value, [single], own_limit=1)
+        single, task = worker_job_and_task(owner, spec, cfg, plan_id, step, active_deadline_seconds=remaining)
+        want = Want(step.value, [single], own_limit=1, tasks=[task])
     elif d.waiting_batches:
         built = [
-            worker_job(
+            worker_job_and_task(
                 owner,
                 spec,
                 cfg,
@@ -311,9 +311,10 @@ async def reconcile_once(key: Key, body: kopf.Body, logger: kopf.Logger) -> Outc
         ]
         want = Want(
             Step.INTERVIEW.value,
-            built,
+            [job for job, _ in built],
             own_limit=spec.parallelism.max_active_jobs,
             analysts=[len(plan[b]) for b in d.waiting_batches],
+            tasks=[task for _, task in built],
         )
     waiting = Waiting()
     started: int | None = None

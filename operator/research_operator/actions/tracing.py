@@ -19,6 +19,7 @@ from typing import Any
 
 from research_api import tracing
 from research_api.status import TERMINAL_PHASES, ResearchJobStatus
+from research_api.task import ResearchTask
 from research_operator.cache.world import WORLD, Key
 from research_operator.constants import LABEL_BATCH
 from research_operator.decisions.manifests import Owner, with_traceparent
@@ -64,10 +65,12 @@ def research_job_trace(key: Key, owner: Owner, prev: ResearchJobStatus) -> str |
 
 
 @contextlib.contextmanager
-def admission(traceparent: str | None, job: dict[str, Any], step: str) -> Iterator[Any]:
+def admission(
+    traceparent: str | None, job: dict[str, Any], step: str, task: ResearchTask | None = None
+) -> Iterator[Any]:
     """The span ``admit <step>`` of one worker Job (its create request), a child of the ResearchJob's
-    trace; the Job's task is given its traceparent. Yields None, and changes nothing, when tracing
-    is off or the ResearchJob has no trace."""
+    trace; the Job's task (``task``, as admission left it; None: a Job without one) is given its
+    traceparent. Yields None, and changes nothing, when tracing is off or the ResearchJob has no trace."""
     if traceparent is None or not tracing.enabled():
         yield None
         return
@@ -84,8 +87,8 @@ def admission(traceparent: str | None, job: dict[str, Any], step: str) -> Iterat
         f"admit {step}", context=tracing.context_of(traceparent), attributes=attributes
     ) as span:
         mine = tracing.traceparent_of(span)
-        if mine is not None:
-            with_traceparent(job, mine)
+        if mine is not None and task is not None:
+            with_traceparent(job, task, mine)
         yield span
 
 

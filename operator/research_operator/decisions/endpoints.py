@@ -228,17 +228,19 @@ def shares_configmap(
 
 def stamp(
     job: dict[str, Any],
+    task: ResearchTask | None,
     endpoint: Endpoint,
     need: int,
     share: Share,
     configmap: str,
     admitted: str = "",
     broker_url: str = "",
-) -> dict[str, Any]:
+) -> ResearchTask | None:
     """The worker Job admitted against ``endpoint``: annotated with the endpoint, its pod's demand
-    and when it was admitted, and its task told its first share, where to poll for the next ones and,
-    with a lease broker, where to take a lease for each call (``builders.add_lease_broker_token``
-    then gives its pod the token the broker accepts)."""
+    and when it was admitted, and its task (``task``, as built; the one returned is written into the
+    Job) told its first share, where to poll for the next ones and, with a lease broker, where to
+    take a lease for each call (``manifests.add_lease_broker_token`` then gives its pod the token
+    the broker accepts)."""
     meta = job["metadata"]
     meta["annotations"] = {
         **(meta.get("annotations") or {}),
@@ -256,12 +258,18 @@ def stamp(
         broker_url=broker_url or None,
         endpoint=endpoint.name if broker_url else None,
     )
-    container = job["spec"]["template"]["spec"]["containers"][0]
-    for env in container["env"]:
+    if task is None:
+        return None
+    task = task.model_copy(update={"model": task.model.model_copy(update={"share": ref})})
+    set_task(job, task)
+    return task
+
+
+def set_task(job: dict[str, Any], task: ResearchTask) -> None:
+    """Write ``task`` into the worker Job (the environment its worker reads it from)."""
+    for env in job["spec"]["template"]["spec"]["containers"][0]["env"]:
         if env["name"] == TASK_ENV:
-            task = ResearchTask.model_validate_json(env["value"])
-            env["value"] = task.model_copy(update={"model": task.model.model_copy(update={"share": ref})}).to_json()
-    return job
+            env["value"] = task.to_json()
 
 
 # ------------------------------------------------------------------------------------------

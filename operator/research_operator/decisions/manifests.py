@@ -58,7 +58,7 @@ from research_operator.constants import (
     child_name,
 )
 from research_operator.decisions import kueue
-from research_operator.decisions.endpoints import share_configmap_name
+from research_operator.decisions.endpoints import set_task, share_configmap_name
 from research_operator.settings import Settings
 
 
@@ -277,6 +277,24 @@ def worker_job(
     """The batch/v1 Job that runs one worker step (plan, one interview batch, or write).
     ``continue_steps``: its pod goes on with the next steps when it can (``ResearchTask``); a
     planner then interviews ``batch``, which its ``batch`` label names."""
+    return worker_job_and_task(
+        owner, spec, settings, plan, step, batch, batch_index, active_deadline_seconds, continue_steps
+    )[0]
+
+
+def worker_job_and_task(
+    owner: Owner,
+    spec: ResearchJobSpec,
+    settings: Settings,
+    plan: str,
+    step: Step,
+    batch: list[int] | None = None,
+    batch_index: int | None = None,
+    active_deadline_seconds: int | None = None,
+    continue_steps: bool = False,
+) -> tuple[dict[str, Any], ResearchTask]:
+    """``worker_job`` and the task written into it, which admission changes (``endpoints.stamp``,
+    ``with_traceparent``) without reading the Job's JSON back."""
     task = build_task(owner, spec, settings, step, plan, batch, continue_steps)
     env: list[dict[str, Any]] = [{"name": TASK_ENV, "value": task.to_json()}]
     if spec.model.api_key_secret_ref is not None:
@@ -358,17 +376,15 @@ def worker_job(
         "spec": job_spec,
     }
     # The gateway knows the pod by the same token as the leases.
-    return add_lease_broker_token(job) if task.model.gateway else job
+    return (add_lease_broker_token(job) if task.model.gateway else job), task
 
 
-def with_traceparent(job: dict[str, Any], traceparent: str) -> dict[str, Any]:
-    """The worker Job with its task's ``traceparent`` set: the span that admitted it, which the
-    worker's spans continue (research_api.tracing)."""
-    for env in job["spec"]["template"]["spec"]["containers"][0]["env"]:
-        if env["name"] == TASK_ENV:
-            task = ResearchTask.model_validate_json(env["value"])
-            env["value"] = task.model_copy(update={"traceparent": traceparent}).to_json()
-    return job
+def with_traceparent(job: dict[str, Any], task: ResearchTask, traceparent: str) -> ResearchTask:
+    """The worker Job's task (as admission left it) with its ``traceparent`` set, written into the
+    Job: the span that admitted it, which the worker's spans continue (research_api.tracing)."""
+    task = task.model_copy(update={"traceparent": traceparent})
+    set_task(job, task)
+    return task
 
 
 def add_lease_broker_token(job: dict[str, Any]) -> dict[str, Any]:
