@@ -19,7 +19,7 @@ help: ## List every target with a one-line description.
 
 ##@ Main commands
 .PHONY: demo
-demo: venv cluster-build tools ## The main job: the chart on the local cluster, a ResearchJob from examples/, its report.
+demo: venv cluster-build image-build tools ## The main job: the chart from the image built here on the local cluster's container node, a ResearchJob from examples/, its report.
 	$(PY) -m localkube.demo up
 
 .PHONY: demo-down
