@@ -413,8 +413,10 @@ class NodeNetwork:
         self._rules = rules
         return True
 
-    def add_pod(self, uid: str) -> tuple[Path, str]:
-        """A namespace for the pod, its veth on the bridge and an address: (netns path, pod IP)."""
+    def add_pod(self, uid: str, prefer: str | None = None) -> tuple[Path, str]:
+        """A namespace for the pod, its veth on the bridge and an address: (netns path, pod IP).
+        ``prefer``: the address the pod had (its ``status.podIP``), kept when it is this node's and
+        free, as when an agent restarted takes over the pods bound to its node."""
         with self._lock:
             if uid in self._used:
                 octet = self._used[uid]
@@ -422,9 +424,14 @@ class NodeNetwork:
                 free = sorted(set(range(2, 255)) - set(self._used.values()))
                 if not free:
                     raise NetworkError(f"no address left in {self.addr.pod_cidr}")
-                # Round robin, as the CNI host-local IPAM: an address just freed is given again last.
-                octet = self._used[uid] = next((o for o in free if o > self._last), free[0])
-                self._last = octet
+                base = f"10.244.{self.addr.index}."
+                kept = prefer[len(base) :] if prefer and prefer.startswith(base) else ""
+                if kept.isdigit() and int(kept) in free:
+                    octet = self._used[uid] = int(kept)
+                    self._last = max(self._last, octet)
+                else:
+                    # Round robin, as the CNI host-local IPAM: an address just freed is given again last.
+                    octet = self._used[uid] = self._last = next((o for o in free if o > self._last), free[0])
         ip = f"10.244.{self.addr.index}.{octet}"
         netns, node_if = self.addr.pod_netns(uid), f"v{uid.replace('-', '')[:10]}"
         if Path("/run/netns", netns).exists():
