@@ -4,8 +4,9 @@ container node ``localctr-1`` with pod IPs, the example ResearchJob Succeeded, t
 worker pods' logs (read by ``kubectl research logs`` from the node's log files, since there is no
 kubelet API) saying that the lease broker answered at its Service. A pod watch records every worker
 pod the operator created: each ran there as a runc container with its own IP. A second ``up`` on
-the running cluster reuses the node and the release. The module ends with ``demo down`` without
-stopping the cluster (the session's)."""
+the running cluster reuses the node and the release; a third, after the node's agent stopped (as
+when a rebuilt image restarts it), starts the node again, whose pods come back in place. The module
+ends with ``demo down`` without stopping the cluster (the session's)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 from kubernetes import client, watch
 
 from localkube import demo
-from localkube.controlplane import Cluster
+from localkube.controlplane import CONTAINER_NODE_PROCESS, Cluster
 from localkube.demo import CONTAINER_NODE, DEMO_NAMESPACE, RELEASE, RELEASE_NAMESPACE, Kube
 from tests.fixtures.cluster import ClusterHandle
 
@@ -70,6 +71,11 @@ class DemoRun:
         return "\n".join(self.lines)
 
 
+def listed_pods(run: DemoRun) -> list[list[str]]:
+    """The release's pods as the demo lists them: NAME, STATUS, IP, NODE."""
+    return [line.split() for line in run.lines if line.endswith(f" {CONTAINER_NODE}") and "Running" in line]
+
+
 def run_demo(cluster: ClusterHandle) -> DemoRun:
     kube = Kube(cluster.kubeconfig, cluster.tools, cluster.state_dir)
     pods = PodWatch(cluster.api_client(), DEMO_NAMESPACE)
@@ -91,6 +97,10 @@ def demo_runs(cluster: ClusterHandle, no_test_operator: None) -> Iterator[list[D
     try:
         runs.append(run_demo(cluster))
         runs.append(run_demo(cluster))  # `make demo` again on the running cluster
+        # The node's agent stops (a rebuilt image restarts it, and a reboot stops it): its containers
+        # go, the release's pods stay in the API, bound to the node.
+        assert cluster.cluster.stop_process(CONTAINER_NODE_PROCESS)
+        runs.append(run_demo(cluster))
         yield runs
     finally:
         demo.down(emit=lambda _: None, stop_cluster=False)
@@ -103,7 +113,7 @@ def test_make_demo_runs_the_chart_and_the_researchjob_as_containers_and_prints_t
     assert run.code == 0, run.text
     out = run.text
     # The release's pods, as the demo lists them (kubectl get pods -o wide): on the node, with pod IPs.
-    listed = [line.split() for line in run.lines if f" {CONTAINER_NODE}" in line and "Running" in line]
+    listed = listed_pods(run)
     assert {row[0].rsplit("-", 2)[0] for row in listed} == {RELEASE, f"{RELEASE}-modelserver"}, out
     assert all(row[2].startswith("10.244.") for row in listed), listed
 
@@ -132,13 +142,25 @@ def test_make_demo_runs_the_chart_and_the_researchjob_as_containers_and_prints_t
 
 
 def test_make_demo_again_reuses_the_node_and_the_release_and_succeeds_anew(demo_runs: list[DemoRun]) -> None:
-    first, again = demo_runs
+    first, again, _ = demo_runs
     assert again.code == 0, again.text
     assert "reused the running cluster" in again.text
     assert "reused its node agent (container mode)" in again.text
     assert "deleting the previous run's researchjob/fair-sharing" in again.text
     assert re.search(r"Succeeded: 4/4 sections", again.text), again.text[-3000:]
     # The release's pods were not replaced by the rerun's helm upgrade.
-    pods = [line.split()[0] for line in first.lines if f" {CONTAINER_NODE}" in line and "Running" in line]
-    assert pods == [line.split()[0] for line in again.lines if f" {CONTAINER_NODE}" in line and "Running" in line]
+    assert [row[0] for row in listed_pods(first)] == [row[0] for row in listed_pods(again)], again.text
     assert again.workers and all(p["node"] == CONTAINER_NODE for p in again.workers.values())
+
+
+def test_make_demo_after_the_node_stopped_starts_it_and_the_releases_pods_come_back(demo_runs: list[DemoRun]) -> None:
+    first, _, restarted = demo_runs
+    assert restarted.code == 0, restarted.text
+    assert "started its node agent (container mode)" in restarted.text
+    assert re.search(r"Succeeded: 4/4 sections", restarted.text), restarted.text[-3000:]
+    # The same pods, their containers started again in place (kubectl would show RESTARTS 1),
+    # listed with their pod IPs.
+    rows = listed_pods(restarted)
+    assert [row[0] for row in rows] == [row[0] for row in listed_pods(first)], restarted.text
+    assert all(len(row) == 4 and row[2].startswith("10.244.") for row in rows), rows
+    assert restarted.workers and all(p["node"] == CONTAINER_NODE for p in restarted.workers.values())

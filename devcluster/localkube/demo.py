@@ -558,8 +558,37 @@ def start_container_node(cluster: Cluster) -> tuple[Path, bool]:
 
     image = build_image()
     taint = f"{DEMO_TAINT['key']}={DEMO_TAINT['value']}:{DEMO_TAINT['effect']}"
+    since = time.time()
     started = cluster.container_node_up(CONTAINER_NODE, image.directory, taints=(taint,))
+    if started:
+        wait_restarted(Kube.of(cluster), since)
     return image.directory, started
+
+
+def wait_restarted(kube: Kube, since: float, timeout: float = 90) -> None:
+    """A node agent started anew found the release's pods bound to the node with their containers
+    gone (they went with the agent that ran them) and starts them again in place; until it has
+    reported that, their status still says Ready, and a rollout would look done. Wait until every
+    pod of the release on the node reports containers started since ``since``."""
+    floor = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(since)))
+    deadline = time.monotonic() + timeout
+    while True:
+        pods = (kube.get("pods", "-n", RELEASE_NAMESPACE) or {}).get("items", [])
+        stale = [
+            p["metadata"]["name"]
+            for p in pods
+            if (p.get("spec") or {}).get("nodeName") == CONTAINER_NODE
+            and not p["metadata"].get("deletionTimestamp")
+            and any(
+                "" < str(((c.get("state") or {}).get("running") or {}).get("startedAt") or "") < floor
+                for c in (p.get("status") or {}).get("containerStatuses") or []
+            )
+        ]
+        if not stale:
+            return
+        if time.monotonic() > deadline:
+            raise DemoError(f"the container node {CONTAINER_NODE} did not start these pods again: {', '.join(stale)}")
+        time.sleep(0.5)
 
 
 def stop_container_node(cluster: Cluster) -> bool:
@@ -567,13 +596,15 @@ def stop_container_node(cluster: Cluster) -> bool:
 
 
 def pods_wide(kube: Kube, namespace: str) -> list[str]:
-    """``kubectl get pods -o wide``: NAME, STATUS, IP and NODE of each pod."""
-    out = kube.kubectl("get", "pods", "-n", namespace, "-o", "wide").stdout.splitlines()
-    if not out:
-        return []
-    header = out[0].split()
-    cols = [header.index(c) for c in ("NAME", "STATUS", "IP", "NODE")]
-    return ["{:<52} {:<10} {:<15} {}".format(*(line.split()[i] for i in cols)) for line in out]
+    """What ``kubectl get pods -o wide`` shows of each pod: NAME, STATUS (the phase), IP and NODE."""
+    row = "{:<52} {:<10} {:<15} {}"
+    pods = (kube.get("pods", "-n", namespace) or {}).get("items", [])
+    lines = [row.format("NAME", "STATUS", "IP", "NODE")]
+    for p in sorted(pods, key=lambda p: str(p["metadata"]["name"])):
+        status = p.get("status") or {}
+        fields = (status.get("phase"), status.get("podIP"), (p.get("spec") or {}).get("nodeName"))
+        lines.append(row.format(p["metadata"]["name"], *(f or "<none>" for f in fields)))
+    return lines
 
 
 def broker_lines(logs: str) -> list[tuple[str, str, str]]:
