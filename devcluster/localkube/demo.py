@@ -356,7 +356,7 @@ def check_placement(kube: Kube, namespace: str, placement: dict[str, Any]) -> No
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": "placement-check"},
+        "metadata": {"generateName": "placement-check-"},
         "spec": {
             "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [{
