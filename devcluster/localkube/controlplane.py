@@ -401,6 +401,19 @@ class Cluster:
             (self.pids_dir / f"{name}.pid").unlink(missing_ok=True)
         return stopped
 
+    def admission_plugins(self) -> set[str] | None:
+        """The admission plugins the running API server was started with (its command line), or
+        None when it is not one this cluster recorded."""
+        pid = self.recorded_pids().get("kube-apiserver")
+        if pid is None:
+            return None
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            return None
+        flag = "--enable-admission-plugins="
+        return {p for a in argv if a.startswith(flag) for p in a[len(flag) :].split(",") if p}
+
     # -- a container node ------------------------------------------------------------------------
     @property
     def container_node_file(self) -> Path:

@@ -36,7 +36,14 @@ from typing import Any, cast
 
 import yaml
 
-from localkube.controlplane import REPO_ROOT, Cluster, cache_dir, free_port, kube_tools_dir
+from localkube.controlplane import (
+    NAMESPACE_PLACEMENT_PLUGINS,
+    REPO_ROOT,
+    Cluster,
+    cache_dir,
+    free_port,
+    kube_tools_dir,
+)
 
 RELEASE = "research-operator"
 RELEASE_NAMESPACE = "research-operator-system"
@@ -635,6 +642,13 @@ def up(timeout: float = DEFAULT_TIMEOUT, emit: Emit = _say, containers: bool = T
 
     placement: dict[str, Any] | None = None
     if containers:
+        missing = set(NAMESPACE_PLACEMENT_PLUGINS) - (cluster.admission_plugins() or set(NAMESPACE_PLACEMENT_PLUGINS))
+        if missing:
+            raise DemoError(
+                f"the running API server was started without the {' and '.join(sorted(missing))} admission "
+                "plugins (by an older localkube), which place the demo namespace's pods on the container node. "
+                "Restart the cluster: make demo-down && make demo"
+            )
         step(f"Container node {CONTAINER_NODE}: pods run with runc from the image research-operator:0.1.0")
         image_dir, node_started = start_container_node(cluster)
         emit(f"    {'started' if node_started else 'reused'} its node agent (container mode); image export {image_dir}")
