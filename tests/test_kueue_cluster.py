@@ -23,10 +23,13 @@ import pytest
 from kubernetes import client, watch
 
 from localkube import kueue as localkueue
+from research_api.names import LABEL_ANALYST
 from research_api.researchjob import GROUP, PLURAL, VERSION
 from tests.fixtures.cluster import ClusterHandle
+from tests.fixtures.containernode import ContainerNodeHandle
 from tests.fixtures.operator import OperatorProcess
-from tests.test_operator_cluster import create, researchjob, sections, wait_phase
+from tests.test_container_node import model_server, placement_allowed, worker_placement
+from tests.test_operator_cluster import PodEnds, create, researchjob, sections, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.kueue]
 
@@ -458,3 +461,100 @@ def test_a_missing_workload_priority_class_is_named_in_the_status_and_nothing_is
         assert obj["status"]["phase"] == "Succeeded", obj["status"]
     finally:
         custom.delete_cluster_custom_object(*KUEUE, "workloadpriorityclasses", wpc)
+
+
+@pytest.mark.image
+def test_on_the_container_node_a_preempted_worker_stops_on_sigterm_and_its_readmitted_pod_resumes(
+    cluster: ClusterHandle,
+    kueue_operator: OperatorProcess,
+    container_node: ContainerNodeHandle,
+    namespace: str,
+    corpus_configmap: str,
+    one_pod_queue: Queue,
+) -> None:
+    """Kueue preempts a running low-priority batch whose worker is a container on the container node
+    (its pid 1): Kueue suspends the Job, the Job controller deletes the pod, the node sends SIGTERM
+    through runc. The worker stops by itself (exit 143, not the SIGKILL at the end of the grace
+    period), keeps what it stored; the Job readmitted later runs a new pod that resumes the
+    interrupted interview from its checkpoint, and every analyst's section is stored exactly once."""
+    api = cluster.api_client()
+    core = client.CoreV1Api(api)
+    # One request at a time, 0.7 s each: an interview of three turns is under way for seconds.
+    model_server(core, namespace, container_node, "--ttft-ms", "700")
+    model = {"baseUrl": f"http://model.{namespace}.svc/v1", "maxConcurrency": 1}
+    rec = Recorder(api, namespace)
+    rec.start()
+    ends = PodEnds(api, namespace)
+    ends.start()
+    placement = worker_placement(container_node)
+    low = researchjob(
+        "low",
+        corpus_configmap,
+        analysts={"count": 2},
+        interview={"maxTurns": 3},
+        parallelism={"batchSize": 1, "maxActiveJobs": 2},
+        model=model,
+        priority="low",
+        worker=placement,
+    )
+    with placement_allowed(kueue_operator):
+        create(api, namespace, low)
+        # Wait until an interview is under way: a checkpoint of an analyst whose section is not
+        # stored yet, while a low worker pod runs.
+        deadline = time.monotonic() + 300
+        while True:
+            assert time.monotonic() < deadline, "no interview was ever under way"
+            cms = core.list_namespaced_config_map(namespace).items
+            stored = {
+                (c.metadata.labels or {}).get(LABEL_ANALYST)
+                for c in cms
+                if (c.metadata.labels or {}).get(f"{GROUP}/kind") == "section"
+            }
+            under_way = {
+                str(int(m.group(1)))
+                for c in cms
+                if (m := re.match(r"low-[0-9a-f]+-checkpoint-(\d+)$", c.metadata.name))
+            } - stored
+            running = [
+                p
+                for p in core.list_namespaced_pod(namespace, label_selector=f"{GROUP}/job=low").items
+                if p.status.phase == "Running"
+            ]
+            if under_way and running:
+                break
+            time.sleep(0.2)
+        victim = running[0].metadata.name
+        high = researchjob("high", corpus_configmap, analysts={"count": 1}, model=model, priority="high")
+        high["spec"]["worker"] = placement
+        create(api, namespace, high)
+        objs = {n: wait_phase(api, namespace, n, {"Succeeded", "Failed"}, timeout=400) for n in ("high", "low")}
+    rec.stop()
+    ends.stop()
+    for n, o in objs.items():
+        assert o["status"]["phase"] == "Succeeded", (n, o["status"])
+
+    # Kueue preempted the running low Job: suspended again, not replaced by a second Job.
+    low_jobs = sorted(j for j in rec.created if j.startswith("low-"))
+    preempted = [j for j in low_jobs if rec.preemptions[j]]
+    assert preempted, (rec.preemptions, low_jobs)
+    assert victim in {p for j in preempted for p in rec.pods_of_job[j]}, (victim, dict(rec.pods_of_job))
+    # Its worker, the container's pid 1, stopped on SIGTERM by itself.
+    assert ends.terminated[victim].exit_code == 143, ends.terminated[victim]
+    pods_low = {p for j in low_jobs for p in rec.pods_of_job[j]}
+    logs = {p: container_node.pod_log(namespace, p) for p in sorted(pods_low)}
+    assert "SIGTERM: stopping; no further model calls, what is stored stays stored" in logs[victim]
+    # Every pod of both ResearchJobs was a container there, with its own IP.
+    for p in core.list_namespaced_pod(namespace).items:
+        assert p.spec.node_name == container_node.name, p.metadata.name
+        assert p.status.pod_ip and p.status.pod_ip.startswith("10.244."), (p.metadata.name, p.status.pod_ip)
+
+    # Nothing lost, nothing done twice: the plan stored once, each analyst's section stored by
+    # exactly one pod, and the readmitted pod resumed the interrupted interview mid-way.
+    text = "".join(logs.values())
+    assert text.count("stored 2 analysts") == 1, text[-3000:]
+    stored_by = Counter(int(m) for m in re.findall(r"analyst (\d+) \(.*?\): section stored", text))
+    assert stored_by == Counter({0: 1, 1: 1}), stored_by
+    later = [t for p, t in logs.items() if p != victim and p in {q for j in preempted for q in rec.pods_of_job[j]}]
+    assert any(re.search(r"analyst \d+: resuming the interview at \S+", t) for t in later), later
+    assert len(sections(api, namespace)) == 2 + 1
+    assert objs["low"]["status"]["progress"] == "2/2" and objs["high"]["status"]["progress"] == "1/1"

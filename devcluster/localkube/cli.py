@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running: {cluster.server}  KUBECONFIG={cluster.kubeconfig}")
             if kueue.running(cluster):
                 print(f"Kueue {kueue.KUEUE_VERSION} running (log {cluster.logs_dir / 'kueue.log'})")
+            node = cluster.container_node()
+            if node is not None:
+                print(
+                    f"container node {node['name']} running (image {node['image']},"
+                    f" log {cluster.logs_dir / 'container-node.log'})"
+                )
             return 0
         print("not running")
         return 1

@@ -36,6 +36,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSION = os.environ.get("K8S_VERSION", "v1.37.2")
 SERVICE_CIDR = "10.0.0.0/24"
 DEFAULT_NODES = ("localnode-1",)
+NAMESPACE_PLACEMENT_PLUGINS = ("PodNodeSelector", "PodTolerationRestriction")
+CONTAINER_NODE_PROCESS = "container-node"  # the recorded name of a container node's agent
 
 
 def cache_dir() -> Path:
@@ -295,8 +297,11 @@ class Cluster:
                 "--authorization-mode=Node,RBAC",
                 # The defaults include ResourceQuota, PodSecurity, ServiceAccount, LimitRanger,
                 # NamespaceLifecycle and the admission webhooks; name the ones we rely on.
+                # PodNodeSelector and PodTolerationRestriction act only on namespaces annotated
+                # scheduler.alpha.kubernetes.io/node-selector|defaultTolerations: the demo sends
+                # its namespace's pods to the container node with them.
                 "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,ResourceQuota,"
-                "LimitRanger,PodSecurity,Priority,DefaultTolerationSeconds",
+                "LimitRanger,PodSecurity,Priority,DefaultTolerationSeconds," + ",".join(NAMESPACE_PLACEMENT_PLUGINS),
                 "--allow-privileged=false",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
@@ -376,21 +381,97 @@ class Cluster:
         pid = self.recorded_pids().get(name)
         alive = pid is not None and _alive(pid)
         if pid is not None and alive:
-            _terminate(pid)
+            _terminate(pid, grace=_grace(name))
         (self.pids_dir / f"{name}.pid").unlink(missing_ok=True)
         return alive
 
     def down(self) -> list[str]:
         """Stop every process this cluster recorded (add-ons and node agent first). Returns their names."""
         stopped: list[str] = []
-        order = ["kueue", "node-agent", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]
+        order = [
+            "kueue", CONTAINER_NODE_PROCESS, "node-agent",
+            "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd",
+        ]  # fmt: skip
         pids = self.recorded_pids()
         for name in sorted(pids, key=lambda n: order.index(n) if n in order else -1):
             pid = pids[name]
             if _alive(pid):
-                _terminate(pid)
+                _terminate(pid, grace=_grace(name))
                 stopped.append(name)
             (self.pids_dir / f"{name}.pid").unlink(missing_ok=True)
+        return stopped
+
+    def admission_plugins(self) -> set[str] | None:
+        """The admission plugins the running API server was started with (its command line), or
+        None when it is not one this cluster recorded."""
+        pid = self.recorded_pids().get("kube-apiserver")
+        if pid is None:
+            return None
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            return None
+        flag = "--enable-admission-plugins="
+        return {p for a in argv if a.startswith(flag) for p in a[len(flag) :].split(",") if p}
+
+    # -- a container node ------------------------------------------------------------------------
+    @property
+    def container_node_file(self) -> Path:
+        return self.state_dir / "container-node.json"
+
+    def container_node(self) -> dict[str, str] | None:
+        """The container node this cluster runs (``name``, ``image``: the export it runs), if its
+        agent is alive."""
+        pid = self.recorded_pids().get(CONTAINER_NODE_PROCESS)
+        if pid is None or not _alive(pid) or not self.container_node_file.exists():
+            return None
+        return dict(json.loads(self.container_node_file.read_text()))
+
+    def node_ready(self, name: str) -> bool:
+        try:
+            status, body = self._get(f"{self.server}/api/v1/nodes/{name}")
+        except (OSError, ssl.SSLError):
+            return False
+        if status != 200:
+            return False
+        conds = {c["type"]: c["status"] for c in json.loads(body).get("status", {}).get("conditions", [])}
+        return conds.get("Ready") == "True"
+
+    def container_node_up(self, name: str, image_dir: Path, taints: tuple[str, ...] = ()) -> bool:
+        """A node agent in container mode (``localkube.nodeagent --containers``, root only) for the
+        Node ``name``: its pods run with runc from the image export ``image_dir``, each with its own
+        network namespace and IP, and Services route (docs/node-agent.md). Its pod logs go where the
+        process node's go (``<state>/nodes/pods``), so ``localkube logs`` and ``kubectl research
+        logs`` read both. ``taints`` (``KEY=VALUE:EFFECT``) are added to the runtime's taint.
+
+        Reused when it runs for the same Node, image and taints; otherwise (stopped, or another
+        image since a rebuild) started anew. Returns True when it was started."""
+        wanted = {"name": name, "image": str(image_dir), "taints": ",".join(taints)}
+        if self.container_node() == wanted and self.node_ready(name):
+            return False
+        self.stop_process(CONTAINER_NODE_PROCESS)
+        argv = [
+            sys.executable, "-m", "localkube.nodeagent", f"--kubeconfig={self.kubeconfig}", f"--nodes={name}",
+            f"--state-dir={self.state_dir / 'nodes'}", f"--containers={image_dir}",
+            *(f"--taint={t}" for t in taints),
+        ]  # fmt: skip
+        self.spawn(CONTAINER_NODE_PROCESS, argv)
+        self.container_node_file.write_text(json.dumps(wanted))
+        try:
+            self.wait_for(f"container node {name} Ready", lambda: self.node_ready(name), 90, CONTAINER_NODE_PROCESS)
+        except BaseException:
+            self.stop_process(CONTAINER_NODE_PROCESS)
+            raise
+        return True
+
+    def container_node_down(self) -> bool:
+        """Stop the container node's agent (its containers and network go with it) and delete its
+        Node. True when it was running."""
+        node = self.container_node()
+        stopped = self.stop_process(CONTAINER_NODE_PROCESS)
+        if node is not None:
+            self.request("DELETE", f"/api/v1/nodes/{node['name']}", timeout=10)
+        self.container_node_file.unlink(missing_ok=True)
         return stopped
 
     def write_kubeconfig(self, path: Path, server: str, stem: str) -> None:
@@ -456,6 +537,13 @@ def _terminate(pid: int, grace: float = 15.0) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _grace(name: str) -> float:
+    """How long a recorded process may take to stop after SIGTERM: a container node's agent first
+    stops its containers (each within its pod's grace period, capped at 30 s) and then removes its
+    network namespaces."""
+    return 75.0 if name == CONTAINER_NODE_PROCESS else 15.0
 
 
 def _start_time(pid: int) -> str | None:

@@ -1,12 +1,18 @@
 """``python -m localkube.demo [up|down]``: the one-command demo (``make demo``, ``make demo-down``).
 
-``up`` (the default) starts or reuses the local control plane, installs the Helm chart with
-``helm upgrade --install`` (ports for the shared host network are picked once and kept in the
-cluster's state dir, so a rerun is an idempotent upgrade), creates the namespace ``research-demo``,
-submits the ResearchJob of ``examples/researchjob.yaml`` with the documents of ``examples/corpus/``
-through the ``kubectl research`` plugin, follows it with ``kubectl research watch`` until it ends
-and prints its report with ``kubectl research report``. ``down`` uninstalls the release, deletes
-the demo namespace and stops the cluster.
+``up`` (the default) starts or reuses the local control plane and its container node (``localctr-1``:
+pods run with runc from the product image ``make image-build`` built, each with its own network
+namespace and pod IP; Services resolve and route), installs the Helm chart from that image onto
+that node with ``helm upgrade --install`` (a rerun is an idempotent upgrade), creates the namespace
+``research-demo`` whose pods go to that node too, submits the ResearchJob of
+``examples/researchjob.yaml`` with the documents of ``examples/corpus/`` through the ``kubectl
+research`` plugin, follows it with ``kubectl research watch`` until it ends and prints its report
+with ``kubectl research report``. The workers reach the model server and the lease broker through
+their Services. ``down`` uninstalls the release, deletes the demo namespace and stops the cluster.
+
+``up --process-node`` runs the chart on the process node instead (pods as host processes sharing
+the host network, with free host ports picked once and kept in the state dir): no root needed, and
+what ``tests/test_e2e_helm.py`` installs.
 
 Everything a user would type goes through the kubectl and helm binaries (and kubectl's plugin
 lookup); the raw kubectl equivalents are printed alongside. The functions here are also what
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -29,7 +36,14 @@ from typing import Any, cast
 
 import yaml
 
-from localkube.controlplane import REPO_ROOT, Cluster, cache_dir, free_port, kube_tools_dir
+from localkube.controlplane import (
+    NAMESPACE_PLACEMENT_PLUGINS,
+    REPO_ROOT,
+    Cluster,
+    cache_dir,
+    free_port,
+    kube_tools_dir,
+)
 
 RELEASE = "research-operator"
 RELEASE_NAMESPACE = "research-operator-system"
@@ -43,12 +57,33 @@ CORPUS_DIR = EXAMPLES / "corpus"
 CORPUS_CONFIGMAP = "demo-corpus"  # the name examples/researchjob.yaml refers to
 RESEARCHJOB_FILE = EXAMPLES / "researchjob.yaml"
 VALUES_FILE = "demo-values.yaml"  # in the cluster's state dir
+CONTAINER_VALUES_FILE = "demo-container-values.yaml"  # the same, for the container node
+CONTAINER_NODE = "localctr-1"
+RUNTIME_LABEL = "localkube.dev/runtime"  # localkube.nodeagent.CONTAINER_RUNTIME_LABEL
+# The demo's container node carries this taint beside the runtime's, so that pods placed on "any
+# container node" (the tests' own container nodes select localkube.dev/runtime=runc) never land on it.
+DEMO_TAINT = {"key": "localkube.dev/dedicated", "value": "demo", "effect": "NoSchedule"}
+PLACEMENT: dict[str, Any] = {
+    "nodeSelector": {"kubernetes.io/hostname": CONTAINER_NODE},
+    "tolerations": [
+        {"key": RUNTIME_LABEL, "operator": "Equal", "value": "runc", "effect": "NoSchedule"},
+        {**{k: DEMO_TAINT[k] for k in ("key", "value", "effect")}, "operator": "Equal"},
+    ],
+}
+# Admission plugins (enabled by localkube.controlplane) that place a namespace's pods.
+NODE_SELECTOR_ANNOTATION = "scheduler.alpha.kubernetes.io/node-selector"
+TOLERATIONS_ANNOTATION = "scheduler.alpha.kubernetes.io/defaultTolerations"
 JOB_LABEL = "researchops.io/job"
 RESTRICTED_LABELS = {
     "pod-security.kubernetes.io/enforce": "restricted",
     "pod-security.kubernetes.io/enforce-version": "latest",
 }
 DEFAULT_TIMEOUT = 900.0
+# The ModelEndpoint the demo declares for the chart's model server: each model call of the workers
+# then takes a lease from the operator's broker. 4 = batchSize 2 x maxActiveJobs 2 of the example.
+ENDPOINT = "offline"
+ENDPOINT_CAPACITY = 4
+BROKER_ANSWERS = re.compile(r"lease broker (\S+) answers: each model call takes a lease of ModelEndpoint (\S+)")
 
 Emit = Callable[[str], None]
 
@@ -203,6 +238,43 @@ def local_values(kube: Kube) -> Path:
     return path
 
 
+def container_values(kube: Kube) -> Path:
+    """The values for the chart on the demo's container node, kept in the state dir: the image as
+    built here (never pulled: there is no registry), and the operator and model server placed on
+    the node. Every other value is the chart's default: the workers reach the model server and the
+    lease broker at their Services' DNS names, and each pod listens on its own IP."""
+    path = kube.state_dir / CONTAINER_VALUES_FILE
+    values = {
+        "image": {"repository": "research-operator", "tag": "0.1.0", "pullPolicy": "Never"},
+        "operator": PLACEMENT,
+        "modelServer": PLACEMENT,
+    }
+    header = (
+        f"# Written by `python -m localkube.demo`: the chart on the container node {CONTAINER_NODE},\n"
+        "# from the image `make image-build` built. Rewritten by reruns; deleted by `demo down`.\n"
+    )
+    path.write_text(header + yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def model_url(kube: Kube) -> str:
+    """The operator's default model URL (the chart's model server), from its settings ConfigMap."""
+    settings = kube.get("configmap", f"{RELEASE}-settings", "-n", RELEASE_NAMESPACE) or {}
+    url = (settings.get("data") or {}).get("defaultModelBaseUrl")
+    if not url:
+        raise DemoError(f"configmap/{RELEASE}-settings in {RELEASE_NAMESPACE} names no defaultModelBaseUrl")
+    return str(url)
+
+
+def endpoint_manifest(base_url: str, capacity: int = ENDPOINT_CAPACITY) -> dict[str, Any]:
+    return {
+        "apiVersion": "researchops.io/v1alpha1",
+        "kind": "ModelEndpoint",
+        "metadata": {"name": ENDPOINT},
+        "spec": {"baseUrl": base_url, "maxConcurrentRequests": capacity},
+    }
+
+
 def install(kube: Kube, values_file: Path, *extra: str) -> str:
     """``helm upgrade --install`` the chart into research-operator-system; returns helm's output."""
     out = kube.helm(
@@ -269,10 +341,49 @@ def uninstall(kube: Kube) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
-def create_namespace(kube: Kube, namespace: str) -> None:
-    """The namespace, enforcing the restricted Pod Security level (worker pods meet it)."""
-    manifest = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": RESTRICTED_LABELS}}
-    kube.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+def create_namespace(kube: Kube, namespace: str, placement: dict[str, Any] | None = None) -> None:
+    """The namespace, enforcing the restricted Pod Security level (worker pods meet it). With
+    ``placement`` (a nodeSelector and tolerations) every pod created in it gets them, through the
+    PodNodeSelector and PodTolerationRestriction admission plugins and the namespace's annotations:
+    the worker pods the operator creates there go to that node without anything in the ResearchJob."""
+    meta: dict[str, Any] = {"name": namespace, "labels": RESTRICTED_LABELS}
+    if placement is not None:
+        meta["annotations"] = {
+            NODE_SELECTOR_ANNOTATION: ",".join(f"{k}={v}" for k, v in placement["nodeSelector"].items()),
+            TOLERATIONS_ANNOTATION: json.dumps(placement["tolerations"]),
+        }
+    kube.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": meta}))
+    if placement is not None:
+        check_placement(kube, namespace, placement)
+
+
+def check_placement(kube: Kube, namespace: str, placement: dict[str, Any]) -> None:
+    """A pod created in the namespace (a server-side dry run) gets the namespace's placement, or the
+    API server lacks the admission plugins (a cluster started by an older localkube)."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"generateName": "placement-check-"},
+        "spec": {
+            "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "c", "image": "research-operator:0.1.0",
+                "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+            }],
+        },
+    }  # fmt: skip
+    out = kube.kubectl("create", "-n", namespace, "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(pod))
+    spec = json.loads(out.stdout)["spec"]
+    selector = spec.get("nodeSelector") or {}
+    keys = {t.get("key") for t in spec.get("tolerations") or []}
+    if any(selector.get(k) != v for k, v in placement["nodeSelector"].items()) or not all(
+        t["key"] in keys for t in placement["tolerations"]
+    ):
+        raise DemoError(
+            f"a pod created in namespace {namespace} does not get the namespace's nodeSelector and tolerations: "
+            "the running API server was started without the PodNodeSelector and PodTolerationRestriction "
+            "admission plugins (by an older localkube). Restart the cluster: make demo-down && make demo"
+        )
 
 
 def apply_corpus(kube: Kube, namespace: str, name: str = CORPUS_CONFIGMAP, folder: Path = CORPUS_DIR) -> int:
@@ -441,7 +552,82 @@ def read_report(kube: Kube, namespace: str, obj: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def up(timeout: float = DEFAULT_TIMEOUT, emit: Emit = _say) -> int:
+def start_container_node(cluster: Cluster) -> tuple[Path, bool]:
+    """The demo's container node on ``cluster`` (started, or reused when it runs the current image):
+    the image export ``make image-build`` made (built now if missing; cached, 0.1 s) and whether the
+    node was started. Root only (runc, network namespaces)."""
+    if os.geteuid() != 0:
+        raise DemoError(
+            "the container node runs pods with runc in network namespaces of their own, which needs root;"
+            " without root: python -m localkube.demo up --process-node"
+        )
+    from localkube.containers import build_image
+
+    image = build_image()
+    taint = f"{DEMO_TAINT['key']}={DEMO_TAINT['value']}:{DEMO_TAINT['effect']}"
+    since = time.time()
+    started = cluster.container_node_up(CONTAINER_NODE, image.directory, taints=(taint,))
+    if started:
+        wait_restarted(Kube.of(cluster), since)
+    return image.directory, started
+
+
+def wait_restarted(kube: Kube, since: float, timeout: float = 90) -> None:
+    """A node agent started anew found the release's pods bound to the node with their containers
+    gone (they went with the agent that ran them) and starts them again in place; until it has
+    reported that, their status still says Ready, and a rollout would look done. Wait until every
+    pod of the release on the node reports containers started since ``since``."""
+    floor = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(since)))
+    deadline = time.monotonic() + timeout
+    while True:
+        pods = (kube.get("pods", "-n", RELEASE_NAMESPACE) or {}).get("items", [])
+        stale = [
+            p["metadata"]["name"]
+            for p in pods
+            if (p.get("spec") or {}).get("nodeName") == CONTAINER_NODE
+            and not p["metadata"].get("deletionTimestamp")
+            and any(
+                "" < str(((c.get("state") or {}).get("running") or {}).get("startedAt") or "") < floor
+                for c in (p.get("status") or {}).get("containerStatuses") or []
+            )
+        ]
+        if not stale:
+            return
+        if time.monotonic() > deadline:
+            raise DemoError(f"the container node {CONTAINER_NODE} did not start these pods again: {', '.join(stale)}")
+        time.sleep(0.5)
+
+
+def stop_container_node(cluster: Cluster) -> bool:
+    return cluster.container_node_down()
+
+
+def pods_wide(kube: Kube, namespace: str) -> list[str]:
+    """What ``kubectl get pods -o wide`` shows of each pod: NAME, STATUS (the phase), IP and NODE."""
+    row = "{:<52} {:<10} {:<15} {}"
+    pods = (kube.get("pods", "-n", namespace) or {}).get("items", [])
+    lines = [row.format("NAME", "STATUS", "IP", "NODE")]
+    for p in sorted(pods, key=lambda p: str(p["metadata"]["name"])):
+        status = p.get("status") or {}
+        fields = (status.get("phase"), status.get("podIP"), (p.get("spec") or {}).get("nodeName"))
+        lines.append(row.format(p["metadata"]["name"], *(f or "<none>" for f in fields)))
+    return lines
+
+
+def broker_lines(logs: str) -> list[tuple[str, str, str]]:
+    """(pod, broker URL, ModelEndpoint) of each worker pod whose log (``kubectl research logs``) says
+    the lease broker answered."""
+    out, pod = [], ""
+    for line in logs.splitlines():
+        if line.startswith("==> pod "):
+            pod = line.split()[2]
+        elif m := BROKER_ANSWERS.search(line):
+            out.append((pod, m.group(1), m.group(2)))
+    return out
+
+
+def up(timeout: float = DEFAULT_TIMEOUT, emit: Emit = _say, containers: bool = True) -> int:
+    """The demo; ``containers=False`` runs it on the process node (``--process-node``)."""
     started = time.monotonic()
 
     def step(text: str) -> None:
@@ -454,15 +640,50 @@ def up(timeout: float = DEFAULT_TIMEOUT, emit: Emit = _say) -> int:
     emit("    reused the running cluster" if was_running else "    started etcd, the control plane and the node agent")
     kube = Kube.of(cluster)
 
-    values = local_values(kube)
+    placement: dict[str, Any] | None = None
+    if containers:
+        missing = set(NAMESPACE_PLACEMENT_PLUGINS) - (cluster.admission_plugins() or set(NAMESPACE_PLACEMENT_PLUGINS))
+        if missing:
+            raise DemoError(
+                f"the running API server was started without the {' and '.join(sorted(missing))} admission "
+                "plugins (by an older localkube), which place the demo namespace's pods on the container node. "
+                "Restart the cluster: make demo-down && make demo"
+            )
+        step(f"Container node {CONTAINER_NODE}: pods run with runc from the image research-operator:0.1.0")
+        image_dir, node_started = start_container_node(cluster)
+        emit(f"    {'started' if node_started else 'reused'} its node agent (container mode); image export {image_dir}")
+        emit("    each pod gets its own network namespace and an IP of 10.244.0.0/16; Services resolve and route")
+        emit(f"    (kubectl get node {CONTAINER_NODE} -o wide; pod logs: kubectl research logs, or {sys.executable} "
+             "-m localkube.cli logs NS/POD, since there is no kubelet API for kubectl logs)")  # fmt: skip
+        values = container_values(kube)
+        placement = PLACEMENT
+    else:
+        values = local_values(kube)
     step(f"helm upgrade --install {RELEASE} charts/research-operator -n {RELEASE_NAMESPACE} -f {values}")
     emit("    " + values.read_text().split("\n", 2)[2].strip().replace("\n", "\n    "))
+    if containers:
+        create_namespace(kube, RELEASE_NAMESPACE)  # restricted Pod Security for the release's pods too
     install(kube, values)
     wait_available(kube)
     emit(f"    deployment/{OPERATOR_DEPLOYMENT} and deployment/{MODELSERVER_DEPLOYMENT} are Available")
+    if containers:
+        emit(f"    kubectl get pods -n {RELEASE_NAMESPACE} -o wide")
+        for line in pods_wide(kube, RELEASE_NAMESPACE):
+            emit(f"      {line}")
 
-    step(f"Namespace {DEMO_NAMESPACE} (restricted Pod Security)")
-    create_namespace(kube, DEMO_NAMESPACE)
+    what = " (restricted Pod Security)"
+    if placement is not None:
+        what = f" (restricted Pod Security; its pods go to {CONTAINER_NODE}, annotation {NODE_SELECTOR_ANNOTATION})"
+    step(f"Namespace {DEMO_NAMESPACE}{what}")
+    create_namespace(kube, DEMO_NAMESPACE, placement)
+
+    endpoint = endpoint_manifest(model_url(kube))
+    step(
+        f"kubectl apply -f -   (ModelEndpoint {ENDPOINT}: the chart's model server, at most {ENDPOINT_CAPACITY} calls"
+        " at once, each leased from the operator's broker)"
+    )
+    emit(f"    spec: {json.dumps(endpoint['spec'])}")
+    kube.kubectl("apply", "-f", "-", input=json.dumps(endpoint))
 
     body = load_researchjob()
     name = str(body["metadata"]["name"])
@@ -499,7 +720,26 @@ def up(timeout: float = DEFAULT_TIMEOUT, emit: Emit = _say) -> int:
     report = kube.research("report", name, "-n", DEMO_NAMESPACE).stdout
     emit("\n" + "-" * 100 + "\n" + report.rstrip() + "\n" + "-" * 100)
 
+    step(f"kubectl research logs {name} -n {DEMO_NAMESPACE} | grep 'lease broker'   (the worker pods' logs)")
+    answered = broker_lines(kube.research("logs", name, "-n", DEMO_NAMESPACE).stdout)
+    for pod, url, endpoint_name in answered:
+        emit(f"    {pod}: lease broker {url} answers: each model call takes a lease of ModelEndpoint {endpoint_name}")
+    if not answered:
+        emit("    no worker's log says the lease broker answered: no call was leased (see kubectl research logs)")
+
     step("What this was")
+    if containers:
+        emit(
+            f"    Every pod (operator, model server, workers) ran on {CONTAINER_NODE} as a runc container of the\n"
+            "    image built here, on a read-only root, with its own pod IP; the workers called the model at\n"
+            f"    {endpoint['spec']['baseUrl']}"
+            + (
+                f",\n    leased from the broker at {answered[0][1]} (the Service\n"
+                "    whose EndpointSlice the operator's leader writes with its own pod IP)."
+                if answered
+                else "."
+            )
+        )
     emit(
         "    A real Kubernetes control plane ran the operator from the Helm chart; it planned the analysts,\n"
         "    interviewed them in batch worker Jobs under their parallelism limits, and wrote the report.\n"
@@ -513,7 +753,9 @@ def up(timeout: float = DEFAULT_TIMEOUT, emit: Emit = _say) -> int:
     return 0
 
 
-def down(emit: Emit = _say) -> int:
+def down(emit: Emit = _say, stop_cluster: bool = True) -> int:
+    """Uninstall the release, delete the demo namespace, stop the container node and (unless
+    ``stop_cluster`` is False) the cluster."""
     cluster = Cluster()
     if not cluster.healthy():
         emit("the local cluster is not running")
@@ -523,10 +765,16 @@ def down(emit: Emit = _say) -> int:
         return 0
     kube = Kube.of(cluster)
     emit(f"helm uninstall {RELEASE} -n {RELEASE_NAMESPACE}: " + ("done" if uninstall(kube) else "was not installed"))
+    out = kube.kubectl("delete", "modelendpoint", ENDPOINT, "--ignore-not-found", check=False)
+    emit(f"modelendpoint {ENDPOINT}: " + ("deleted" if out.returncode == 0 else out.stderr.strip()))
     out = kube.kubectl("delete", "namespace", DEMO_NAMESPACE, "--ignore-not-found", "--timeout=90s", check=False)
     emit(f"namespace {DEMO_NAMESPACE}: " + ("deleted" if out.returncode == 0 else out.stderr.strip()))
     (kube.state_dir / VALUES_FILE).unlink(missing_ok=True)
-    emit("stopped: " + ", ".join(cluster.down()))
+    (kube.state_dir / CONTAINER_VALUES_FILE).unlink(missing_ok=True)
+    if stop_container_node(cluster):
+        emit(f"container node {CONTAINER_NODE}: stopped, Node deleted")
+    if stop_cluster:
+        emit("stopped: " + ", ".join(cluster.down()))
     return 0
 
 
@@ -535,11 +783,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("command", nargs="?", choices=["up", "down"], default="up")
     parser.add_argument(
+        "--process-node",
+        action="store_true",
+        help="up: run the chart on the process node (pods as host processes on the host network; no root needed)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds the ResearchJob may take (default 900)"
     )
     args = parser.parse_args(argv)
     try:
-        return up(timeout=args.timeout) if args.command == "up" else down()
+        return up(timeout=args.timeout, containers=not args.process_node) if args.command == "up" else down()
     except DemoError as e:
         sys.stdout.flush()
         sys.stderr.write(f"\ndemo failed: {e}\n")

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -111,12 +111,23 @@ CONTAINER_RUNTIME_LABEL = "localkube.dev/runtime"
 CONTAINER_TAINT = {"key": CONTAINER_RUNTIME_LABEL, "value": "runc", "effect": "NoSchedule"}
 
 
-def container_node_manifest(name: str, pod_cidr: str) -> dict[str, Any]:
-    """A container node: labelled and tainted ``localkube.dev/runtime=runc``, with its pods' CIDR."""
+def container_node_manifest(name: str, pod_cidr: str, extra_taints: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+    """A container node: labelled and tainted ``localkube.dev/runtime=runc``, with its pods' CIDR
+    (and ``extra_taints``, which keep pods that only tolerate the runtime's taint away)."""
     node = node_manifest(name)
     node["metadata"]["labels"][CONTAINER_RUNTIME_LABEL] = "runc"
-    node["spec"] = {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr], "taints": [dict(CONTAINER_TAINT)]}
+    taints = [dict(CONTAINER_TAINT), *(dict(t) for t in extra_taints)]
+    node["spec"] = {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr], "taints": taints}
     return node
+
+
+def parse_taint(text: str) -> dict[str, str]:
+    """``KEY=VALUE:EFFECT`` (or ``KEY:EFFECT``), as ``kubectl taint`` writes a taint."""
+    spec, sep, effect = text.rpartition(":")
+    if not sep or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute") or not spec:
+        raise ValueError(f"a taint is KEY=VALUE:EFFECT with EFFECT NoSchedule, PreferNoSchedule or NoExecute: {text!r}")
+    key, _, value = spec.partition("=")
+    return {"key": key, "value": value, "effect": effect} if value else {"key": key, "effect": effect}
 
 
 def node_manifest(name: str) -> dict[str, Any]:
@@ -292,9 +303,11 @@ class NodeAgent:
         backoff_base: float = 10.0,
         run_root: Path | None = None,
         containers: Path | None = None,
+        taints: Sequence[Mapping[str, str]] = (),
     ) -> None:
         """``containers``: an image export (``hack/build-image.sh``); the node then runs its pods as
-        containers of that image with runc, on a network of its own (one node only)."""
+        containers of that image with runc, on a network of its own (one node only). ``taints``: more
+        taints for a container node, beside the runtime's."""
         if not node_names:
             raise ValueError("at least one node name is needed")
         if containers is not None and len(node_names) != 1:
@@ -327,6 +340,9 @@ class NodeAgent:
             run_root=run_root or pod_run_root(self.state_dir),
         )
         self.container_node: ContainerNode | None = None
+        self.extra_taints = [dict(t) for t in taints]
+        if self.extra_taints and containers is None:
+            raise ValueError("extra taints are for a container node")
         self._node_services: list[Any] = []  # relay, DNS, Service sync of a container node
         if containers is not None:
             image = load_image(containers)
@@ -437,7 +453,7 @@ class NodeAgent:
     # -- nodes ----------------------------------------------------------------------------------
     def _manifest(self, name: str) -> dict[str, Any]:
         if self.container_node is not None:
-            return container_node_manifest(name, self.container_node.network.addr.pod_cidr)
+            return container_node_manifest(name, self.container_node.network.addr.pod_cidr, self.extra_taints)
         return node_manifest(name)
 
     def _register(self, name: str) -> None:
@@ -692,8 +708,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="IMAGE_EXPORT",
         help="run pods as runc containers of this image export (hack/build-image.sh); one node, root only",
     )
+    parser.add_argument(
+        "--taint",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE:EFFECT",
+        help="another taint of the container node, beside localkube.dev/runtime=runc:NoSchedule (repeatable)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("LOCALKUBE_AGENT_LOG", "INFO"))
     args = parser.parse_args(argv)
+    try:
+        taints = [parse_taint(t) for t in args.taint]
+    except ValueError as e:
+        parser.error(str(e))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
     logging.getLogger().setLevel(args.log_level)
@@ -707,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         max_grace=args.max_grace,
         backoff_base=args.backoff,
         containers=args.containers,
+        taints=taints,
     )
     agent.run()
     return 0

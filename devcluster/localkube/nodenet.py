@@ -365,6 +365,7 @@ class NodeNetwork:
         self.addr = addresses
         self._lock = threading.Lock()
         self._used: dict[str, int] = {}  # pod uid -> last octet
+        self._last = 1  # the octet given last: the next pod gets the next free one (host-local IPAM's order)
         self._rules = ""
 
     def up(self) -> None:
@@ -412,8 +413,10 @@ class NodeNetwork:
         self._rules = rules
         return True
 
-    def add_pod(self, uid: str) -> tuple[Path, str]:
-        """A namespace for the pod, its veth on the bridge and an address: (netns path, pod IP)."""
+    def add_pod(self, uid: str, prefer: str | None = None) -> tuple[Path, str]:
+        """A namespace for the pod, its veth on the bridge and an address: (netns path, pod IP).
+        ``prefer``: the address the pod had (its ``status.podIP``), kept when it is this node's and
+        free, as when an agent restarted takes over the pods bound to its node."""
         with self._lock:
             if uid in self._used:
                 octet = self._used[uid]
@@ -421,7 +424,14 @@ class NodeNetwork:
                 free = sorted(set(range(2, 255)) - set(self._used.values()))
                 if not free:
                     raise NetworkError(f"no address left in {self.addr.pod_cidr}")
-                octet = self._used[uid] = free[0]
+                base = f"10.244.{self.addr.index}."
+                kept = prefer[len(base) :] if prefer and prefer.startswith(base) else ""
+                if kept.isdigit() and int(kept) in free:
+                    octet = self._used[uid] = int(kept)
+                    self._last = max(self._last, octet)
+                else:
+                    # Round robin, as the CNI host-local IPAM: an address just freed is given again last.
+                    octet = self._used[uid] = self._last = next((o for o in free if o > self._last), free[0])
         ip = f"10.244.{self.addr.index}.{octet}"
         netns, node_if = self.addr.pod_netns(uid), f"v{uid.replace('-', '')[:10]}"
         if Path("/run/netns", netns).exists():
@@ -447,6 +457,11 @@ class NodeNetwork:
             run_ip("addr", "add", f"{ip}/24", "dev", "eth0", netns=netns)
             run_ip("link", "set", "eth0", "up", netns=netns)
             run_ip("route", "add", "default", "via", self.addr.gateway, netns=netns)
+            # The node may still hold the MAC address of the pod this address belonged to before and
+            # send the new pod's replies there until the entry is probed again (about 5 s, a client's
+            # connect timeout). Suspected, not proven, when a worker whose address a deleted pod had
+            # held timed out on its first connection to a Service in the demo.
+            run_ip("neigh", "flush", "to", ip, "dev", "cbr0", netns=self.addr.node_netns)
         except NetworkError:
             self.remove_pod(uid)
             raise

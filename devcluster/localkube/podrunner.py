@@ -552,7 +552,8 @@ class PodWorker(threading.Thread):
         assert self.rt.containers is not None
         while not (self._gone or self._shutdown or self.pod["metadata"].get("deletionTimestamp")):
             try:
-                self.netns, self.pod_ip = self.rt.containers.network.add_pod(self.uid)
+                had = (self.pod.get("status") or {}).get("podIP")
+                self.netns, self.pod_ip = self.rt.containers.network.add_pod(self.uid, prefer=had)
                 return
             except NetworkError as e:
                 log.warning("%s/%s: pod network: %s", self.namespace, self.pod_name, e)
@@ -1239,7 +1240,10 @@ class PodWorker(threading.Thread):
         )
         if status == self._last_status:
             return True
-        body = {"metadata": {"uid": self.uid}, "status": status}
+        # podIPs and hostIPs merge by ip in a strategic-merge patch: replace them, or a pod whose
+        # address changed (its node's agent restarted) would get two, which the API server refuses.
+        lists = {k: [{"$patch": "replace"}, *status[k]] for k in ("podIPs", "hostIPs")}
+        body = {"metadata": {"uid": self.uid}, "status": {**status, **lists}}
         try:
             self.rt.core.patch_namespaced_pod_status(
                 self.pod_name,
