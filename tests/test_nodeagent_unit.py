@@ -784,6 +784,36 @@ def test_agent_never_reruns_finished_pods_and_deletes_them_once(agent: Any) -> N
     assert pod["metadata"]["uid"] not in a._finished
 
 
+def test_a_pod_deleted_just_as_it_finishes_by_itself_gets_its_final_delete(agent: Any) -> None:
+    """The deletion arrives while the pod's last container has exited and its worker is finishing
+    (a Job deleted in the foreground right as its pod completes): the event reaches the worker, which
+    has already decided to finish and never stops for the deletion, so when it is done the agent must
+    make the final delete, or the pod and a Job deleted in the foreground with it stay forever."""
+    a, fake = agent
+    deleting = worker_pod(["true"])
+    uid = deleting["metadata"]["uid"]
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+
+    class Finishing:  # a worker past its last look at the pod, as the deletion event reaches it
+        node = "node-a"
+        pod = worker_pod(["true"])
+
+        def update(self, pod: dict[str, Any]) -> None:
+            self.pod = pod
+
+        def shutdown(self) -> None:
+            pass
+
+    with a._lock:
+        a._workers[uid] = Finishing()
+    a._on_pod("MODIFIED", deleting)  # handed to the worker, which no longer looks
+    assert fake.deleted == []
+    a._worker_done(uid, "Succeeded")
+    assert fake.deleted == [("ns", "p1", 0)]
+    a._on_pod("MODIFIED", deleting)  # a later event asks nothing more
+    assert fake.deleted == [("ns", "p1", 0)]
+
+
 def test_agent_shutdown_kills_every_process(agent: Any) -> None:
     a, fake = agent
     for i in range(3):

@@ -232,8 +232,12 @@ def test_without_the_policy_the_operator_creates_no_job_and_says_why(
             GROUP, VERSION, tenant_ns, PLURAL, "unchecked"
         )
         assert obj["status"]["phase"] == "Pending" and obj["status"]["waitingFor"] == "PolicyViolation"
-        events = client.CoreV1Api(admin).list_namespaced_event(tenant_ns, field_selector="reason=PolicyViolation")
-        assert {e.involved_object.name for e in events.items} == {"unchecked", "critical"}
+
+        def warned() -> set[str]:  # Events are posted after the status write, in the background
+            events = client.CoreV1Api(admin).list_namespaced_event(tenant_ns, field_selector="reason=PolicyViolation")
+            return {e.involved_object.name for e in events.items}
+
+        eventually(lambda: warned() == {"unchecked", "critical"}, "a PolicyViolation Event for each")
         time.sleep(1)  # a pass that would create a Job has run (the conditions came from one)
         assert worker_jobs(admin, tenant_ns) == []
     finally:

@@ -663,24 +663,38 @@ class NodeAgent:
                 worker.start()
         if delete_now:
             # A finished pod being deleted: nothing runs, so the kubelet's final delete is due now.
-            try:
-                self.core.delete_namespaced_pod(
-                    meta["name"],
-                    meta["namespace"],
-                    grace_period_seconds=0,
-                    body=client.V1DeleteOptions(grace_period_seconds=0, preconditions=client.V1Preconditions(uid=uid)),
-                )
-            except ApiException as e:
-                if e.status not in (404, 409):
-                    log.warning("deleting %s/%s failed: %s %s", meta["namespace"], meta["name"], e.status, e.reason)
+            self._final_delete(meta)
+
+    def _final_delete(self, meta: dict[str, Any]) -> None:
+        """The kubelet's final delete of a pod that runs nothing (grace 0, only this incarnation)."""
+        uid = str(meta["uid"])
+        try:
+            self.core.delete_namespaced_pod(
+                meta["name"],
+                meta["namespace"],
+                grace_period_seconds=0,
+                body=client.V1DeleteOptions(grace_period_seconds=0, preconditions=client.V1Preconditions(uid=uid)),
+            )
+        except ApiException as e:
+            if e.status not in (404, 409):
+                log.warning("deleting %s/%s failed: %s %s", meta["namespace"], meta["name"], e.status, e.reason)
 
     def _worker_done(self, uid: str, phase: str | None) -> None:
+        delete_now = None
         with self._lock:
             worker = self._workers.pop(uid, None)
             if phase is not None and worker is not None:
                 self._finished[uid] = (worker.node, phase)
-                if worker.pod["metadata"].get("deletionTimestamp"):
+                meta = worker.pod["metadata"]
+                if meta.get("deletionTimestamp"):
                     self._deleting.add(uid)
+                    # Its deletion may have come while it was finishing by itself (its last container
+                    # exited, so it never stopped for the deletion): no later event asks again, and
+                    # without this final delete the pod, and a Job deleted in the foreground with it,
+                    # would stay forever. A second one after the worker's own is answered 404.
+                    delete_now = meta
+        if delete_now is not None:
+            self._final_delete(delete_now)
 
     # -- introspection (tests, CLI) ---------------------------------------------------------------
     def running_pods(self) -> list[str]:
