@@ -178,3 +178,22 @@ async def test_a_slot_freed_while_the_admitted_jobs_are_still_being_created_is_n
     assert n == 1 and waiting.reason == WaitReason.GLOBAL_CAP
     names = [j["metadata"]["name"] for j in jobs]
     assert names[0] in created and names[1] in created and names[2] not in created
+
+
+async def test_a_cycle_that_fails_answers_the_passes_it_was_deciding_with_the_error(
+    world: tuple[World, list[str], Settings], monkeypatch: Any
+) -> None:
+    """A bug in a cycle must not leave a pass waiting forever for its answer (its loop would never
+    run again): the pass gets the error and retries; the next cycle works."""
+    w, created, cfg = world
+
+    def broken(reqs: list[Any]) -> list[Any]:
+        raise KeyError("a bug in the ordering")
+
+    works = admit_mod.fair_order
+    monkeypatch.setattr(admit_mod, "fair_order", broken)
+    with pytest.raises(RuntimeError, match="the admission cycle failed"):
+        await asyncio.wait_for(post(w, cfg, "a", "one"), 5)
+    monkeypatch.setattr(admit_mod, "fair_order", works)
+    waiting, n = await asyncio.wait_for(post(w, cfg, "a", "one"), 5)
+    assert n == 1 and waiting.reason is None

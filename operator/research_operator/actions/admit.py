@@ -101,8 +101,8 @@ def _endpoint_verdict(endpoint: ep.Endpoint, demand: int, namespace: str, cfg: S
     in_use = sum(admitted for admitted, _, _ in by_ns.values())
     mine = by_ns.get(namespace, (0, 0, 0))[0]
     peers = tuple(v for ns, v in sorted(by_ns.items()) if ns != namespace)
-    standby = ep.standby(endpoint, leased=bool(cfg.lease_broker_url))
     leased = bool(cfg.lease_broker_url)
+    standby = ep.standby(endpoint, leased=leased)
     return EndpointVerdict(endpoint.name, endpoint.max_concurrent, in_use, demand, standby, mine, peers, leased)
 
 
@@ -191,6 +191,7 @@ class Scheduler:
         self.posted: dict[Key, Request] = {}
         self.queued: dict[Key, Request] = {}
         self.freed: set[Key] = set()
+        self._deciding: dict[Key, Request] = {}  # the posts of the cycle under way
         self._seq = 0
         self._kick: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -245,14 +246,16 @@ class Scheduler:
                 self.cycle()
             except Exception:  # noqa: BLE001 - a bug: keep scheduling; what was posted gets the error
                 log.exception("an admission cycle failed")
-                for req in self.posted.values():
+                for req in (*self._deciding.values(), *self.posted.values()):
                     if req.answer is not None and not req.answer.done():
                         req.answer.set_exception(RuntimeError("the admission cycle failed"))
                 self.posted.clear()
+            self._deciding = {}
 
     def cycle(self) -> None:
         """Decide every posted request, then every freed waiter, in fair order."""
         posted, self.posted = self.posted, {}
+        self._deciding = posted  # answered with the error if the cycle fails
         cfg = settings()  # one snapshot for every decision of the cycle
         for req in posted.values():  # every one of them waits, for the others' decisions
             WORLD.waiting[req.key] = req.ask.count
@@ -317,8 +320,7 @@ class Scheduler:
         still = len(want.jobs) - len(admitted)
         WORLD.waiting[key] = still
         if still:  # it waits from now on: a slot freed while its admitted Jobs are created is seen
-            local = adm.reason is not None and (adm.reason.is_quota or adm.reason == WaitReason.TOKEN_BUDGET)
-            WORLD.blocked[key] = dataclasses.replace(req.ask, count=still, local=local)
+            WORLD.blocked[key] = _still_waiting(req.ask, adm, still)
             rest, needs = want.after(len(admitted)), req.needs[len(admitted) :]
             self.queued[key] = dataclasses.replace(req, want=rest, needs=needs, answer=None)
         else:
@@ -365,6 +367,13 @@ class Scheduler:
 
 
 SCHEDULER = Scheduler()
+
+
+def _still_waiting(ask: Blocked, adm: Admission, count: int) -> Blocked:
+    """What ``count`` Jobs of ``ask`` that still wait are kept as: held by their own namespace (a
+    quota, the token budget) or contending for the caps."""
+    local = adm.reason is not None and (adm.reason.is_quota or adm.reason == WaitReason.TOKEN_BUDGET)
+    return dataclasses.replace(ask, count=count, local=local)
 
 
 def fair_order(reqs: list[Request]) -> list[Request]:
@@ -516,8 +525,7 @@ async def _create_admitted(d: _Admitted) -> tuple[Waiting, int]:
     if still and refused is None:
         if endpoint is not None:
             WORLD.bump()  # what waits at an endpoint counts in its namespaces' fair shares
-        local = adm.reason is not None and (adm.reason.is_quota or adm.reason == WaitReason.TOKEN_BUDGET)
-        WORLD.blocked[key] = dataclasses.replace(req.ask, count=still, local=local)
+        WORLD.blocked[key] = _still_waiting(req.ask, adm, still)
     else:
         WORLD.blocked.pop(key, None)
     if refused is not None:
