@@ -5,6 +5,7 @@ which ones are woken, what was created, and what each waiting one is told."""
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -18,7 +19,7 @@ from research_operator.cache import world as world_mod
 from research_operator.cache.world import World
 from research_operator.constants import plan_id
 from research_operator.decisions.admission import WaitReason
-from research_operator.decisions.manifests import Owner, worker_job
+from research_operator.decisions.manifests import Owner, worker_job, worker_job_and_task
 from research_operator.settings import Settings
 
 PID = plan_id(None)
@@ -197,3 +198,18 @@ async def test_a_cycle_that_fails_answers_the_passes_it_was_deciding_with_the_er
     monkeypatch.setattr(admit_mod, "fair_order", works)
     waiting, n = await asyncio.wait_for(post(w, cfg, "a", "one"), 5)
     assert n == 1 and waiting.reason is None
+
+
+def test_what_waits_is_queued_compactly_and_created_as_it_was_built() -> None:
+    """A waiting step's Jobs are kept serialized in the queue (thousands of waiting ResearchJobs hold
+    them) and come back exactly as built, tasks included."""
+    cfg = Settings(namespace="ops")
+    owner = Owner("a", "a", "uid-a")
+    built = [worker_job_and_task(owner, spec(3), cfg, PID, Step.INTERVIEW, [i], i) for i in range(3)]
+    want = admit_mod.Want("interview", [j for j, _ in built], 3, [1, 1, 1], [t for _, t in built])
+    queued = want.packed_for_queue()
+    assert queued.jobs == [] and queued.tasks is None
+    assert len(queued.packed) * 4 < len(json.dumps(want.jobs))
+    back = queued.unpacked()
+    assert back.jobs == want.jobs and back.tasks == want.tasks and back.analysts == [1, 1, 1]
+    assert back.after(1).jobs == want.jobs[1:] and back.after(1).tasks == want.tasks[1:]  # type: ignore[index]

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import json
 import logging
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,6 +84,22 @@ class Want:
     # Each Job's task as built (``manifests.worker_job_and_task``): admission changes it (the share,
     # the trace) and writes it into the Job, never reading back the JSON it was just given.
     tasks: list[ResearchTask] | None = None
+    # While it waits in the scheduler's queue: its Jobs and tasks serialized and compressed (about a
+    # tenth of them as Python objects, which thousands of waiting ResearchJobs would hold), and
+    # ``jobs`` and ``tasks`` empty; ``unpacked`` rebuilds them when it is admitted.
+    packed: bytes = b""
+
+    def packed_for_queue(self) -> Want:
+        tasks = [t.to_json() for t in self.tasks] if self.tasks is not None else None
+        data = json.dumps({"jobs": self.jobs, "tasks": tasks}, separators=(",", ":")).encode()
+        return dataclasses.replace(self, jobs=[], tasks=None, packed=zlib.compress(data))
+
+    def unpacked(self) -> Want:
+        if not self.packed:
+            return self
+        data = json.loads(zlib.decompress(self.packed))
+        tasks = [ResearchTask.model_validate_json(t) for t in data["tasks"]] if data["tasks"] is not None else None
+        return dataclasses.replace(self, jobs=data["jobs"], tasks=tasks, packed=b"")
 
     def after(self, n: int) -> Want:
         """What is left of it once its first ``n`` Jobs are admitted."""
@@ -294,7 +312,7 @@ class Scheduler:
                 WORLD.wake(req.key)
                 continue
             del self.queued[req.key]
-            self._start(self._admit(dataclasses.replace(req, want=_aged(req.want, req.built)), cfg))
+            self._start(self._admit(dataclasses.replace(req, want=_aged(req.want.unpacked(), req.built)), cfg))
 
     def _admit(self, req: Request, cfg: Settings) -> _Admitted | tuple[Request, tuple[Waiting, int]]:
         """The decision for one request (never awaits): the Jobs admitted are recorded as ours."""
@@ -322,7 +340,7 @@ class Scheduler:
         if still:  # it waits from now on: a slot freed while its admitted Jobs are created is seen
             WORLD.blocked[key] = _still_waiting(req.ask, adm, still)
             rest, needs = want.after(len(admitted)), req.needs[len(admitted) :]
-            self.queued[key] = dataclasses.replace(req, want=rest, needs=needs, answer=None)
+            self.queued[key] = dataclasses.replace(req, want=rest.packed_for_queue(), needs=needs, answer=None)
         else:
             WORLD.blocked.pop(key, None)
             self.queued.pop(key, None)
