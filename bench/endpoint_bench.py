@@ -36,7 +36,7 @@ from typing import Any
 
 from kubernetes import client, config
 
-from localkube.controlplane import Cluster, free_port, kube_tools_dir
+from localkube.controlplane import Cluster, apply_crds, free_port
 from offline_model.launcher import ModelServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,20 +260,7 @@ def main() -> None:
     cluster = Cluster()
     cluster.up()
     api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
-    kubectl = str(kube_tools_dir() / "kubectl")
-    for crd in ("researchjobs.researchops.io.yaml", "modelendpoints.researchops.io.yaml"):
-        subprocess.run(
-            [
-                kubectl,
-                f"--kubeconfig={cluster.kubeconfig}",
-                "apply",
-                "--server-side",
-                "--force-conflicts",
-                "-f",
-                str(REPO / "crds" / crd),
-            ],
-            check=True,
-        )
+    apply_crds(cluster.kubeconfig)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [
             run_mode(api, cluster.kubeconfig, args, declared, Path(tmp))

@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 from kubernetes import client, config
 
-from localkube.controlplane import Cluster, free_port, kube_tools_dir
+from localkube.controlplane import Cluster, apply_crds, free_port
 from tests.fixtures.llamaserver import LlamaServer, build_llama_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,13 +91,7 @@ def researchjob_wall(server: LlamaServer, analysts: int, turns: int, tmp: Path) 
     cluster = Cluster()
     cluster.up()
     api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
-    kubectl = str(kube_tools_dir() / "kubectl")
-    crd = REPO / "crds" / "researchjobs.researchops.io.yaml"
-    subprocess.run(
-        [kubectl, f"--kubeconfig={cluster.kubeconfig}", "apply", "--server-side", "--force-conflicts", "-f", str(crd)],
-        check=True,
-        capture_output=True,
-    )
+    apply_crds(cluster.kubeconfig)
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
     ns = f"bench-{uuid.uuid4().hex[:6]}"
     core.create_namespace({"metadata": {"name": ns}})

@@ -33,7 +33,7 @@ from typing import Any
 
 from kubernetes import client, config, watch
 
-from localkube.controlplane import Cluster, free_port, kube_tools_dir
+from localkube.controlplane import Cluster, apply_crds, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "researchops.io", "v1alpha1", "researchjobs"
@@ -171,11 +171,7 @@ def main() -> None:
     cluster = Cluster()
     cluster.up()
     api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
-    crd = REPO / "crds" / "researchjobs.researchops.io.yaml"
-    kubectl = str(kube_tools_dir() / "kubectl")
-    subprocess.run(
-        [kubectl, f"--kubeconfig={cluster.kubeconfig}", "apply", "--server-side", "-f", str(crd)], check=True
-    )
+    apply_crds(cluster.kubeconfig)
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         ms = subprocess.Popen(

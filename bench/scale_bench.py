@@ -38,7 +38,7 @@ from typing import Any
 
 from kubernetes import client, config, watch
 
-from localkube.controlplane import Cluster, free_port
+from localkube.controlplane import Cluster, apply_crds, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "researchops.io", "v1alpha1", "researchjobs"
@@ -361,13 +361,7 @@ def main() -> int:
     api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
     core = client.CoreV1Api(api)
     subprocess.run([str(REPO / ".venv/bin/python"), "-m", "localkube.cli", "env"], check=False, capture_output=True)
-    from kubernetes import utils
-
-    crd = REPO / "crds" / "researchjobs.researchops.io.yaml"
-    try:
-        utils.create_from_yaml(api, str(crd))
-    except utils.FailToCreateError:
-        pass
+    apply_crds(cluster.kubeconfig)
     try:
         core.create_namespace({"metadata": {"name": "research-operator-scale"}})
     except client.ApiException:

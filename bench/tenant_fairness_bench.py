@@ -28,7 +28,7 @@ from typing import Any
 
 from kubernetes import client, config
 
-from localkube.controlplane import Cluster, free_port, kube_tools_dir
+from localkube.controlplane import Cluster, apply_crds, free_port
 from offline_model.launcher import ModelServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,20 +167,7 @@ def main() -> None:
     cluster = Cluster()
     cluster.up()
     api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
-    kubectl = str(kube_tools_dir() / "kubectl")
-    for crd in ("researchjobs.researchops.io.yaml", "modelendpoints.researchops.io.yaml"):  # a new cluster has none
-        subprocess.run(
-            [
-                kubectl,
-                f"--kubeconfig={cluster.kubeconfig}",
-                "apply",
-                "--server-side",
-                "--force-conflicts",
-                "-f",
-                str(REPO / "crds" / crd),
-            ],
-            check=True,
-        )
+    apply_crds(cluster.kubeconfig)  # a new cluster has none
     with tempfile.TemporaryDirectory() as tmp:
         for pythonpath in args.operator_pythonpath:
             r = run(api, cluster.kubeconfig, args, pythonpath, Path(tmp))

@@ -78,6 +78,20 @@ def kube_tools_dir() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+def apply_crds(kubeconfig: Path, crd_dir: Path = REPO_ROOT / "crds") -> None:
+    """Every CustomResourceDefinition in ``crd_dir`` (the project's by default) applied server-side,
+    taking over fields another manager set, and waited for until the API serves it (Established)."""
+    files = sorted(crd_dir.glob("*.yaml"))
+    names = [yaml.safe_load(f.read_text())["metadata"]["name"] for f in files]
+    base = [str(kube_tools_dir() / "kubectl"), f"--kubeconfig={kubeconfig}"]
+
+    def kubectl(*args: str) -> None:
+        subprocess.run([*base, *args], check=True, capture_output=True, text=True, timeout=120)
+
+    kubectl("apply", "--server-side", "--force-conflicts", *(arg for f in files for arg in ("-f", str(f))))
+    kubectl("wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{n}" for n in names))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
