@@ -166,6 +166,13 @@ def policy(cluster: ClusterHandle, tenant_ns: str, tenant: client.ApiClient) -> 
     finally:
         cluster.kubectl("delete", "--ignore-not-found", "-f", "-", input=out.stdout)
         client.CoreV1Api(cluster.api_client()).delete_namespace(ns, propagation_policy="Background")
+        # The API server drops a deleted binding a while after its params are gone, refusing every
+        # create meanwhile ("no params found for policy binding"): the next module must not see it.
+        eventually(
+            lambda: accepted(lambda: create(cluster.api_client(), "default", rj("after-the-policy"), True)),
+            "the admission policy out of force",
+            timeout=180,
+        )
 
 
 def accepted(fn: Callable[[], Any]) -> bool:
