@@ -42,6 +42,8 @@ CLIENTS = (
     ClientIdentity("admin", "kubernetes-admin", ("system:masters",)),
     ClientIdentity("controller-manager", "system:kube-controller-manager"),
     ClientIdentity("scheduler", "system:kube-scheduler"),
+    # The API server's identity towards kubelets (a real node binds it to system:kubelet-api-admin).
+    ClientIdentity("apiserver-kubelet-client", "kube-apiserver-kubelet-client"),
 )
 
 
