@@ -57,8 +57,12 @@ test-llamacpp: venv cluster-build tools llama-build ## Only the llama.cpp tier: 
 	$(PY) -m pytest -m llamacpp $(PYTEST_ARGS)
 
 .PHONY: test-image
-test-image: venv cluster-build image-build tools ## Only the image tier: the image built with buildah, run by runc, and the container node on the local cluster (root); not its Kueue test.
-	$(PY) -m pytest -m "image and not kueue" $(PYTEST_ARGS)
+test-image: venv cluster-build image-build tools ## Only the image tier: the image built with buildah, run by runc, and the container node on the local cluster (root); not its Kueue test, not the real node.
+	$(PY) -m pytest -m "image and not kueue and not realnode" $(PYTEST_ARGS)
+
+.PHONY: test-real-node
+test-real-node: venv cluster-build node-build image-build tools ## Only the real-node tier: the image's pods on the real kubelet, containerd, kube-proxy and CoreDNS (root; not in `make test`).
+	$(PY) -m pytest -m realnode $(PYTEST_ARGS)
 
 .PHONY: test-repeat
 test-repeat: venv cluster-build kueue-build tools ## Run the cluster tiers N times (N=5; FRESH=1: `make test` in a fresh clone each time).

@@ -1,0 +1,130 @@
+"""Pods of the product image on the real node (``localkube real-node``: the kubelet, containerd, the
+CNI bridge plugin, kube-proxy and CoreDNS): restricted Pod Security enforced by the runtime, the
+API server through the ``kubernetes`` Service, ``kubectl logs`` through the kubelet, a Service's
+ClusterIP and DNS names routed by kube-proxy and answered by CoreDNS, a memory limit that kills, and
+SIGTERM on delete."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from tests.fixtures.cluster import ClusterHandle
+from tests.fixtures.realnode import CONTAINER_ID_PREFIX, RealNodeHandle
+from tests.test_container_node import CHECK, CLIENT, RESTRICTED_SC, model_server, pod, wait_pod
+
+pytestmark = [pytest.mark.cluster, pytest.mark.image, pytest.mark.realnode]
+
+SECCOMP = """
+import re
+print("seccomp", re.search(r"Seccomp:\\t(\\d)", open("/proc/self/status").read()).group(1))
+"""
+
+
+def test_a_pod_of_the_image_runs_as_65532_read_only_under_restricted_pod_security_with_its_volumes_and_token(
+    cluster: ClusterHandle, real_node: RealNodeHandle, namespace: str
+) -> None:
+    api = cluster.api_client()
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "app"}, "data": {"greeting": "hello"}})
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "app"}, "stringData": {"password": "s3cret"}})
+    rbac.create_namespaced_role(
+        namespace,
+        {"metadata": {"name": "read-pods"}, "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]},
+    )
+    rbac.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "read-pods"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "read-pods"},
+            "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": namespace}],
+        },
+    )
+    env = [
+        {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "app", "key": "password"}}},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+    ]
+    container = {
+        "command": ["python", "-c", SECCOMP + CHECK],
+        "env": env,
+        "securityContext": RESTRICTED_SC,
+        "resources": {"limits": {"memory": "256Mi", "cpu": "1"}},
+        "volumeMounts": [{"name": "app", "mountPath": "/etc/app", "readOnly": True}],
+    }
+    body = pod(
+        "check", real_node, container, restartPolicy="Never", volumes=[{"name": "app", "configMap": {"name": "app"}}]
+    )
+    core.create_namespaced_pod(namespace, body)  # admitted under enforce=restricted (the namespace's label)
+    p = wait_pod(core, namespace, "check", {"Succeeded", "Failed"})
+    log = real_node.pod_log(namespace, "check")
+    assert p.status.phase == "Succeeded", log
+    seen = json.loads(log.strip().splitlines()[-1])
+    assert seen["uid"] == 65532, seen  # the image's user
+    assert seen["capeff"] == "0000000000000000" and seen["nnp"] == "1", seen  # no capabilities, no escalation
+    assert seen["rootfs"] == "Read-only file system", seen
+    assert "seccomp 2" in log  # RuntimeDefault: a filter, applied by containerd and runc
+    assert seen["config"] == "hello" and seen["secret"] == "s3cret", seen
+    # Its own address, the same in its namespace, its env and its status (read with its own token
+    # through the kubernetes Service, which kube-proxy routes to the API server).
+    assert seen["ip"] == seen["env_ip"] == seen["api_pod_ip"] == p.status.pod_ip, seen
+    assert p.status.pod_ip.startswith("10.244.") and seen["api_node"] == real_node.name
+    assert p.status.container_statuses[0].container_id.startswith(CONTAINER_ID_PREFIX)
+    # `kubectl logs` works: the API server asks the kubelet.
+    assert cluster.kubectl("logs", "-n", namespace, "check").stdout == log
+
+
+def test_a_service_resolves_and_routes_from_another_pod_and_a_deleted_pod_gets_sigterm(
+    cluster: ClusterHandle, real_node: RealNodeHandle, namespace: str
+) -> None:
+    core = client.CoreV1Api(cluster.api_client())
+    model_server(core, namespace, real_node)
+    server_ip = core.read_namespaced_pod("model", namespace).status.pod_ip
+    cluster_ip = core.read_namespaced_service("model", namespace).spec.cluster_ip
+    container = {"command": ["python", "-c", CLIENT, namespace], "securityContext": RESTRICTED_SC}
+    core.create_namespaced_pod(namespace, pod("client", real_node, container, restartPolicy="Never"))
+    p = wait_pod(core, namespace, "client", {"Succeeded", "Failed"}, timeout=60)
+    log = real_node.pod_log(namespace, "client")
+    assert p.status.phase == "Succeeded", log
+    assert p.status.pod_ip != server_ip
+    assert f"{cluster_ip} {cluster_ip}" in log  # <svc>.<ns>.svc and the short name (search domains)
+    assert '"id":"offline-research-1"' in log  # through the ClusterIP to the model server's pod
+    assert "nothing: no such name" in log
+    # A delete: SIGTERM from the kubelet through containerd, and the server's own shutdown (exit 0).
+    ended: dict[str, Any] = {}
+    core.delete_namespaced_pod("model", namespace)
+    deadline = time.monotonic() + 60
+    while not ended:
+        assert time.monotonic() < deadline, "the model server's pod did not end"
+        try:
+            cs = core.read_namespaced_pod("model", namespace).status.container_statuses or []
+        except client.ApiException as e:
+            assert e.status == 404
+            break
+        if cs and cs[0].state.terminated is not None:
+            ended["exit"] = cs[0].state.terminated.exit_code
+        time.sleep(0.05)
+    assert ended.get("exit", 0) == 0, ended
+    assert "shutdown" in real_node.pod_log(namespace, "model").lower()
+
+
+def test_a_container_over_its_memory_limit_is_oomkilled_in_the_pod_status(
+    cluster: ClusterHandle, real_node: RealNodeHandle, namespace: str
+) -> None:
+    core = client.CoreV1Api(cluster.api_client())
+    container = {
+        "command": ["python", "-c", "x = bytearray(300 << 20); print('survived')"],
+        "securityContext": RESTRICTED_SC,
+        "resources": {"limits": {"memory": "64Mi"}},
+    }
+    core.create_namespaced_pod(namespace, pod("hungry", real_node, container, restartPolicy="Never"))
+    p = wait_pod(core, namespace, "hungry", {"Succeeded", "Failed"})
+    term = p.status.container_statuses[0].state.terminated
+    assert p.status.phase == "Failed"
+    assert (term.reason, term.exit_code) == ("OOMKilled", 137)
+    assert "survived" not in real_node.pod_log(namespace, "hungry")
