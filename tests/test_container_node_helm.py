@@ -30,21 +30,14 @@ LEASES_SERVICE = f"{RELEASE}-leases"
 Node = ContainerNodeHandle | RealNodeHandle
 
 
-@pytest.fixture(scope="module", params=["container_node", pytest.param("real_node", marks=pytest.mark.realnode)])
-def chart_node(request: pytest.FixtureRequest) -> Node:
-    """The node the chart runs on: the container node (our agent driving runc) or the real node."""
-    node: Node = request.getfixturevalue(request.param)
-    return node
-
-
 @pytest.fixture(scope="module")
 def boxed_release(
-    cluster: ClusterHandle, chart_node: Node, no_test_operator: None, tmp_path_factory: Any
+    cluster: ClusterHandle, container_or_real_node: Node, no_test_operator: None, tmp_path_factory: Any
 ) -> Iterator[Kube]:
     """The chart with every pod of the release on the node (its Services, no host ports)."""
     kube = Kube(cluster.kubeconfig, cluster.tools, cluster.state_dir)
     demo.create_namespace(kube, RELEASE_NAMESPACE)  # restricted Pod Security for the release's pods too
-    placement = chart_node.place({})
+    placement = container_or_real_node.place({})
     values = {
         "image": {"repository": "research-operator", "tag": "0.1.0", "pullPolicy": "Never"},
         "operator": placement,
@@ -65,9 +58,9 @@ def boxed_release(
 
 
 def test_the_chart_runs_on_the_node_and_a_researchjob_succeeds_through_its_services(
-    boxed_release: Kube, chart_node: Node
+    boxed_release: Kube, container_or_real_node: Node
 ) -> None:
-    kube, node = boxed_release, chart_node
+    kube, node = boxed_release, container_or_real_node
     pods = kube.get("pods", "-n", RELEASE_NAMESPACE, "-l", f"app.kubernetes.io/instance={RELEASE}")
     assert pods is not None and pods["items"]
     for p in pods["items"]:

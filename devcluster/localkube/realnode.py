@@ -122,6 +122,11 @@ class NodeLayout:
         return self.root / "pod-logs"
 
     @property
+    def kept_logs(self) -> Path:
+        """Hard links to every file of ``pod_logs`` (LogKeeper): the logs of deleted pods too."""
+        return self.root / "pod-logs-kept"
+
+    @property
     def cni_conf(self) -> Path:
         return self.root / "cni" / "net.d"
 
@@ -493,6 +498,37 @@ def write_archive(stream: io.RawIOBase | Any, export: Path, tag: str) -> None:
             tar.add(blob, arcname=f"blobs/sha256/{blob.name}", recursive=False)
 
 
+class LogKeeper(threading.Thread):
+    """Keeps every pod log file the kubelet writes, for post-mortems and tests, as a cluster's log
+    collector would: the kubelet deletes a pod's logs with the pod. Each new file of ``source`` gets a
+    hard link in ``target`` (same relative path), which sees everything written to it later and
+    stays when the kubelet removes the original."""
+
+    def __init__(self, source: Path, target: Path, period: float = 0.5) -> None:
+        super().__init__(name="pod-log-keeper", daemon=True)
+        self.source, self.target, self.period = source, target, period
+        self.stopping = threading.Event()
+
+    def sweep(self) -> None:
+        for path in self.source.glob("*/*/*.log"):
+            kept = self.target / path.relative_to(self.source)
+            if kept.exists():
+                continue
+            try:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                os.link(path, kept)
+            except FileNotFoundError:
+                continue  # removed between the listing and the link
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.period):
+            self.sweep()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.sweep()
+
+
 # -- the node ---------------------------------------------------------------------------------------
 
 
@@ -509,6 +545,7 @@ class RealNode:
         self.addr = NodeAddresses.for_key(node_key(cluster.state_dir, name))
         self.network = NodeNetwork(self.addr)
         self.relay: TcpRelay | None = None
+        self.log_keeper: LogKeeper | None = None
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.holder: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
@@ -591,7 +628,7 @@ class RealNode:
         self.teardown()  # whatever a killed node of this name left
         lay, a = self.layout, self.addr
         for d in (lay.config, lay.logs, lay.containerd_root, lay.containerd_state, lay.shim_state, lay.var_log,
-                  lay.kubelet_root, lay.pod_logs, lay.cni_conf, lay.ipam, lay.pki):  # fmt: skip
+                  lay.kubelet_root, lay.pod_logs, lay.kept_logs, lay.cni_conf, lay.ipam, lay.pki):  # fmt: skip
             d.mkdir(parents=True, exist_ok=True)
         self._certificates()
         self.network.up()
@@ -628,6 +665,8 @@ class RealNode:
         ]:
             self._ensure(path, obj)
         (lay.config / "kubelet.yaml").write_text(yaml.safe_dump(kubelet_config(lay, a, self.name)))
+        self.log_keeper = LogKeeper(lay.pod_logs, lay.kept_logs)
+        self.log_keeper.start()
         self._start(
             "kubelet",
             [
@@ -779,6 +818,9 @@ class RealNode:
         if self.relay is not None:
             self.relay.stop()
             self.relay = None
+        if self.log_keeper is not None:
+            self.log_keeper.stop()
+            self.log_keeper = None
         self.network.down()
 
     def _remove_containers(self) -> None:
@@ -919,6 +961,11 @@ def stop(cluster: Cluster) -> bool:
     stopped = cluster.stop_process(REAL_NODE_PROCESS)
     if node is not None:
         cluster.request("DELETE", f"/api/v1/nodes/{node['name']}", timeout=10)
+        # Its endpoints of kube-dns and kubernetes name addresses that are gone with it.
+        addresses = NodeAddresses.for_key(node_key(cluster.state_dir, node["name"]))
+        for path, obj in dns_objects(addresses):
+            if obj["kind"] == "EndpointSlice":
+                cluster.request("DELETE", f"{path}/{obj['metadata']['name']}", timeout=10)
     node_file(cluster).unlink(missing_ok=True)
     return stopped
 
