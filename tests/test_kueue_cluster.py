@@ -465,7 +465,7 @@ def test_a_missing_workload_priority_class_is_named_in_the_status_and_nothing_is
 
 
 @pytest.mark.image
-def test_on_the_node_a_preempted_worker_stops_on_sigterm_and_its_readmitted_pod_resumes(
+def test_on_a_container_or_real_node_a_preempted_worker_stops_on_sigterm_and_its_readmitted_pod_resumes(
     cluster: ClusterHandle,
     kueue_operator: OperatorProcess,
     container_or_real_node: ContainerNodeHandle | RealNodeHandle,

@@ -145,3 +145,18 @@ def test_pod_logs_read_as_kubectl_logs_prints_them() -> None:
         "2026-12-06T17:01:23.8Z stdout F \n"
     )
     assert realnode.cri_log_lines(text) == ["hello\n", "a long line\n", "\n"]
+
+
+def test_the_node_keeps_a_pods_whole_log_after_the_kubelet_deleted_it(tmp_path: Path) -> None:
+    source, kept = tmp_path / "pod-logs", tmp_path / "kept"
+    log = source / "ns_pod_uid" / "main" / "0.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("2026-12-06T17:01:23.5Z stdout F first\n")
+    keeper = realnode.LogKeeper(source, kept)
+    keeper.sweep()
+    with log.open("a") as f:  # written after the link: the same file
+        f.write("2026-12-06T17:01:24.5Z stdout F last\n")
+    log.unlink()  # the kubelet removes a deleted pod's logs
+    keeper.sweep()
+    text = (kept / "ns_pod_uid" / "main" / "0.log").read_text()
+    assert realnode.cri_log_lines(text) == ["first\n", "last\n"]

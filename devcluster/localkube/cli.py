@@ -78,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running: {cluster.server}  KUBECONFIG={cluster.kubeconfig}")
             if kueue.running(cluster):
                 print(f"Kueue {kueue.KUEUE_VERSION} running (log {cluster.logs_dir / 'kueue.log'})")
+            from localkube import realnode
+
+            real_node = realnode.running(cluster)
+            if real_node is not None:
+                log_dir = cluster.state_dir / "real-nodes" / real_node["name"] / "logs"
+                print(f"real node {real_node['name']} running (logs {log_dir})")
             node = cluster.container_node()
             if node is not None:
                 print(
