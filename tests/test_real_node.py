@@ -2,17 +2,20 @@
 CNI bridge plugin, kube-proxy and CoreDNS): restricted Pod Security enforced by the runtime, the
 API server through the ``kubernetes`` Service, ``kubectl logs`` through the kubelet, a Service's
 ClusterIP and DNS names routed by kube-proxy and answered by CoreDNS, a memory limit that kills, and
-SIGTERM on delete."""
+SIGTERM on delete; and `down` leaves nothing behind."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
 
+from localkube import realnode
 from tests.fixtures.cluster import ClusterHandle
 from tests.fixtures.realnode import CONTAINER_ID_PREFIX, RealNodeHandle
 from tests.test_container_node import CHECK, CLIENT, RESTRICTED_SC, model_server, pod, wait_pod
@@ -128,3 +131,40 @@ def test_a_container_over_its_memory_limit_is_oomkilled_in_the_pod_status(
     assert p.status.phase == "Failed"
     assert (term.reason, term.exit_code) == ("OOMKilled", 137)
     assert "survived" not in real_node.pod_log(namespace, "hungry")
+
+
+def test_down_stops_the_pods_and_leaves_no_process_namespace_cgroup_or_node(
+    cluster: ClusterHandle, real_node: RealNodeHandle, namespace: str
+) -> None:
+    """Last in the module: it stops the node (the fixture's own stop then finds nothing to do)."""
+    core = client.CoreV1Api(cluster.api_client())
+    container = {"command": ["sleep", "3600"], "securityContext": RESTRICTED_SC}
+    core.create_namespaced_pod(namespace, pod("sleeper", real_node, container))
+    wait_pod(core, namespace, "sleeper", {"Running"}, timeout=60)
+    addresses = realnode.NodeAddresses.for_key(realnode.node_key(cluster.state_dir, real_node.name))
+    cgroups = [Path("/sys/fs/cgroup", h, realnode.cgroup_root(addresses).lstrip("/")) for h in ("memory", "pids")]
+    assert all(any(c.rglob("cgroup.procs")) for c in cgroups)  # the pod's container is in the node's cgroups
+
+    assert realnode.stop(cluster.cluster)
+
+    socket = str(real_node.layout.containerd_socket)
+    left = [
+        p.name
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and (socket in _cmdline(p) or str(real_node.layout.root) in _cmdline(p))
+    ]
+    assert not left, left  # no kubelet, containerd, shim, kube-proxy or CoreDNS of the node
+    assert not any(c.exists() for c in cgroups)  # no container: its cgroups are gone
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert addresses.node_netns not in netns
+    assert str(real_node.layout.root) not in Path("/proc/self/mountinfo").read_text()
+    with pytest.raises(client.ApiException) as e:
+        core.read_node(real_node.name)
+    assert e.value.status == 404
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
