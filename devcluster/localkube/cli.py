@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -135,6 +136,9 @@ def _real_node(cluster: Cluster, action: str, name: str) -> int:
         logs = cluster.state_dir / "real-nodes" / node["name"] / "logs"
         print(f"real node {node['name']} running (image {node['image']}, logs {logs})")
         return 0
+    if os.geteuid() != 0:
+        print("a real node needs root (containerd, runc, network and mount namespaces)", file=sys.stderr)
+        return 1
     if not cluster.healthy():
         print("the cluster is not running: localkube up first", file=sys.stderr)
         return 1

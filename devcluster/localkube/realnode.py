@@ -59,6 +59,7 @@ DNS_SERVICE_IP = "10.0.0.10"  # kube-system/kube-dns, as kubeadm numbers it (the
 CLUSTER_DOMAIN = "cluster.local"
 IMAGE_BASE_NAME = "docker.io/library/research-operator"  # what `research-operator:TAG` normalises to
 SANDBOX_SUFFIX = "-sandbox"
+PINNED_LABEL = "io.cri-containerd.pinned=pinned"  # containerd's CRI reports such an image as pinned
 CRI_NAMESPACE = "k8s.io"
 CNI_BIN_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
 RUNC = Path("/usr/sbin/runc")  # Debian's runc
@@ -766,7 +767,8 @@ class RealNode:
             return
         start = time.monotonic()
         cmd = [str(self.bin / "ctr"), "--address", str(self.layout.containerd_socket), "-n", CRI_NAMESPACE]
-        cmd += ["images", "import", "--local", "--base-name", IMAGE_BASE_NAME, "-"]
+        # Pinned: the kubelet's image garbage collection leaves them (no registry could give them back).
+        cmd += ["images", "import", "--local", "--base-name", IMAGE_BASE_NAME, "--label", PINNED_LABEL, "-"]
         with open(self.layout.logs / "image-import.log", "ab") as logf:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT)
             assert proc.stdin is not None
