@@ -46,7 +46,7 @@ def test_containerd_keeps_its_root_state_socket_and_network_config_under_the_nod
 
 def test_the_kubelet_and_kube_proxy_write_nothing_outside_the_node_state_dir(tmp_path: Path) -> None:
     lay = layout(tmp_path)
-    kubelet = realnode.kubelet_config(lay, ADDR, "n1")
+    kubelet = realnode.kubelet_config(lay, ADDR)
     proxy = realnode.kube_proxy_config(lay, "n1")
     # A cgroup of the node's own (in the cgroup hierarchies), not a file.
     assert kubelet.pop("cgroupRoot") == "/localkube-lk1234"

@@ -145,8 +145,9 @@ def _load_ca(pki_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKe
     return cert, key
 
 
-def issue_client(pki_dir: Path, client: ClientIdentity) -> None:
-    """Write <stem>.{crt,key}: a client certificate of the cluster CA for one more identity."""
+def issue_client(pki_dir: Path, client: ClientIdentity, out_dir: Path | None = None) -> None:
+    """Write <stem>.{crt,key} (into ``out_dir``, default ``pki_dir``): a client certificate of the
+    cluster CA for one more identity."""
     ca_cert, ca_key = _load_ca(pki_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in client.groups]
@@ -156,8 +157,9 @@ def issue_client(pki_dir: Path, client: ClientIdentity) -> None:
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    _write_key(pki_dir / f"{client.file_stem}.key", key)
-    _write_cert(pki_dir / f"{client.file_stem}.crt", cert)
+    out_dir = out_dir or pki_dir
+    _write_key(out_dir / f"{client.file_stem}.key", key)
+    _write_cert(out_dir / f"{client.file_stem}.crt", cert)
 
 
 def issue_serving(out_dir: Path, pki_dir: Path, common_name: str, ips: tuple[str, ...] = ("127.0.0.1",)) -> None:

@@ -231,7 +231,7 @@ def cni_conflist(addresses: NodeAddresses, ipam_dir: Path) -> dict[str, Any]:
     }
 
 
-def kubelet_config(layout: NodeLayout, addresses: NodeAddresses, name: str) -> dict[str, Any]:
+def kubelet_config(layout: NodeLayout, addresses: NodeAddresses) -> dict[str, Any]:
     """The KubeletConfiguration: containerd's socket, cgroupfs on this hybrid cgroup layout, TLS with
     a certificate of the cluster CA, the cluster's CA for clients (the API server) and webhook
     authorization, every directory below the node's state dir."""
@@ -568,7 +568,7 @@ class RealNode:
             f"--net=/run/netns/{self.addr.node_netns}", "--", *argv,
         ]  # fmt: skip
 
-    def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def _start(self, name: str, argv: list[str]) -> None:
         self.layout.logs.mkdir(parents=True, exist_ok=True)
         with open(self.layout.logs / f"{name}.log", "ab") as logf:
             self.procs[name] = subprocess.Popen(
@@ -577,7 +577,7 @@ class RealNode:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # stopped one by one, in order, not by the group's SIGTERM
-                env={**os.environ, "PATH": f"{self.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}", **(env or {})},
+                env={**os.environ, "PATH": f"{self.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}"},
             )
         log.info("started %s (pid %d)", name, self.procs[name].pid)
 
@@ -665,7 +665,7 @@ class RealNode:
             *dns_objects(a),
         ]:
             self._ensure(path, obj)
-        (lay.config / "kubelet.yaml").write_text(yaml.safe_dump(kubelet_config(lay, a, self.name)))
+        (lay.config / "kubelet.yaml").write_text(yaml.safe_dump(kubelet_config(lay, a)))
         self.log_keeper = LogKeeper(lay.pod_logs, lay.kept_logs)
         self.log_keeper.start()
         self._start(
@@ -708,9 +708,7 @@ class RealNode:
             ("kube-proxy", "system:kube-proxy", ()),
             ("coredns", COREDNS_USER, ()),
         ):
-            pki.issue_client(self.cluster.pki_dir, pki.ClientIdentity(stem, user, groups))
-            for ext in ("crt", "key"):
-                shutil.move(self.cluster.pki_dir / f"{stem}.{ext}", p / f"{stem}.{ext}")
+            pki.issue_client(self.cluster.pki_dir, pki.ClientIdentity(stem, user, groups), out_dir=p)
         pki.issue_serving(p, self.cluster.pki_dir, self.name, ips=(self.addr.uplink_ip,))
 
     def _cgroups(self, create: bool) -> list[Path]:
