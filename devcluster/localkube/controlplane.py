@@ -306,8 +306,11 @@ class Cluster:
                 # PodNodeSelector and PodTolerationRestriction act only on namespaces annotated
                 # scheduler.alpha.kubernetes.io/node-selector|defaultTolerations: the demo sends
                 # its namespace's pods to the container node with them.
+                # NodeRestriction: a real node's kubelet (system:node:<name>) may change only its own
+                # Node and the pods bound to it (the agents use the admin identity).
                 "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,ResourceQuota,"
-                "LimitRanger,PodSecurity,Priority,DefaultTolerationSeconds," + ",".join(NAMESPACE_PLACEMENT_PLUGINS),
+                "LimitRanger,PodSecurity,Priority,DefaultTolerationSeconds,NodeRestriction,"
+                + ",".join(NAMESPACE_PLACEMENT_PLUGINS),
                 "--allow-privileged=false",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
