@@ -133,6 +133,33 @@ def test_a_container_over_its_memory_limit_is_oomkilled_in_the_pod_status(
     assert "survived" not in real_node.pod_log(namespace, "hungry")
 
 
+def test_the_node_writes_nothing_into_the_hosts_var_lib_or_var_log(
+    cluster: ClusterHandle, real_node: RealNodeHandle, namespace: str
+) -> None:
+    """The kubelet's device plugin socket and /var/log/containers links, libcni's result cache and
+    the pod logs are where the node's mount namespace puts them: its state dir, not the host's."""
+    core = client.CoreV1Api(cluster.api_client())
+    program = "import time; print('hello', flush=True); time.sleep(600)"
+    container = {"command": ["python", "-c", program], "securityContext": RESTRICTED_SC}
+    core.create_namespaced_pod(namespace, pod("hello", real_node, container, restartPolicy="Never"))
+    uid = wait_pod(core, namespace, "hello", {"Running"}).metadata.uid
+    deadline = time.monotonic() + 30
+    while real_node.pod_log(namespace, "hello") != "hello\n":
+        assert time.monotonic() < deadline, real_node.pod_log(namespace, "hello")
+        time.sleep(0.2)
+    root = real_node.layout.root
+    # In the node's state dir ...
+    assert (root / "var-lib" / "kubelet" / "device-plugins" / "kubelet.sock").exists()
+    assert any((root / "var-lib" / "cni" / "results").glob("localkube-*-eth0"))  # the running pod's
+    assert any((root / "var-log" / "containers").glob(f"hello_{namespace}_main-*.log"))
+    assert (real_node.layout.pod_logs / f"{namespace}_hello_{uid}" / "main" / "0.log").exists()
+    # ... and nothing of it in the host's.
+    assert not Path("/var/lib/kubelet/device-plugins/kubelet.sock").exists()
+    assert not any(Path("/var/lib/cni/results").glob("localkube-*"))
+    assert not any(Path("/var/log/containers").glob(f"*_{namespace}_*"))
+    assert not any(Path("/var/log/pods").glob(f"{namespace}_*"))
+
+
 def test_down_stops_the_pods_and_leaves_no_process_namespace_cgroup_or_node(
     cluster: ClusterHandle, real_node: RealNodeHandle, namespace: str
 ) -> None:

@@ -11,10 +11,11 @@ Programs are built from the Go module proxy (``hack/build-node.sh``); runc and t
 Debian's. Every file of the node lives under ``<cluster state>/real-nodes/<name>/``: the programs'
 configs, containerd's root and state (images, snapshots, the pods' network namespaces), the
 kubelet's root, the pod logs (``podLogsDir``), the IPAM state. The node's processes share one mount
-namespace of their own (``unshare --mount --propagation slave``) in which ``/var/log`` and
-``/run/containerd`` are bind mounts of directories of that state dir, so the kubelet's
-``/var/log/containers`` links and the runc shims' sockets stay there too, and every mount the node
-makes (container root file systems, volumes, network namespace pins) goes with that namespace.
+namespace of their own (``unshare --mount --propagation slave``) in which ``/var/lib``, ``/var/log``
+and ``/run/containerd`` are bind mounts of directories of that state dir, so what the programs write
+there whatever their configuration (the kubelet's device plugin socket and ``/var/log/containers``
+links, the CNI library's result cache, the runc shims' sockets) stays there too, and every mount the
+node makes (container root file systems, volumes, network namespace pins) goes with that namespace.
 
 ``RealNode.run`` (``python -m localkube.realnode run``, recorded by ``localkube real-node up`` as the
 process ``real-node``) starts it all and, on SIGTERM, stops it in order: the kubelet, the pods'
@@ -108,6 +109,13 @@ class NodeLayout:
     def shim_state(self) -> Path:
         """Bind-mounted over /run/containerd in the node's mount namespace: the shims' sockets."""
         return self.root / "containerd" / "run"
+
+    @property
+    def var_lib(self) -> Path:
+        """Bind-mounted over /var/lib in the node's mount namespace: what the kubelet (its device
+        plugin socket) and the CNI library (its result cache) write there regardless of their
+        configured directories."""
+        return self.root / "var-lib"
 
     @property
     def var_log(self) -> Path:
@@ -628,8 +636,9 @@ class RealNode:
     def up(self) -> None:
         self.teardown()  # whatever a killed node of this name left
         lay, a = self.layout, self.addr
-        for d in (lay.config, lay.logs, lay.containerd_root, lay.containerd_state, lay.shim_state, lay.var_log,
-                  lay.kubelet_root, lay.pod_logs, lay.kept_logs, lay.cni_conf, lay.ipam, lay.pki):  # fmt: skip
+        dirs = [lay.config, lay.logs, lay.containerd_root, lay.containerd_state, lay.kubelet_root, lay.pod_logs]
+        dirs += [lay.kept_logs, lay.cni_conf, lay.ipam, lay.pki, *(source for source, _ in self.bind_mounts())]
+        for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
         self._certificates()
         self.network.up()
@@ -728,8 +737,17 @@ class RealNode:
             dirs.append(d)
         return dirs
 
-    def _mount_namespace(self) -> None:
+    def bind_mounts(self) -> list[tuple[Path, str]]:
+        """What the node's mount namespace sees in place of the host's: the paths its programs write
+        to whatever their configuration says (the kubelet's /var/lib/kubelet/device-plugins and
+        /var/log/containers, libcni's /var/lib/cni, the shims' /run/containerd/s)."""
         lay = self.layout
+        return [(lay.var_lib, "/var/lib"), (lay.var_log, "/var/log"), (lay.shim_state, "/run/containerd")]
+
+    def _mount_namespace(self) -> None:
+        for _, target in self.bind_mounts():
+            if self.layout.root.resolve().is_relative_to(target):
+                raise RuntimeError(f"the cluster's state dir must not be below {target} (the node mounts over it)")
         self.holder = subprocess.Popen(
             ["setpriv", "--pdeathsig", "KILL", "unshare", "--mount", "--propagation", "slave", "sleep", "infinity"],
             start_new_session=True,
@@ -740,7 +758,7 @@ class RealNode:
             if time.monotonic() > deadline:
                 raise RuntimeError("the node's mount namespace was not created")
             time.sleep(0.05)
-        for source, target in ((lay.var_log, "/var/log"), (lay.shim_state, "/run/containerd")):
+        for source, target in self.bind_mounts():
             subprocess.run(["nsenter", mnt, "--", "mkdir", "-p", target], check=True, capture_output=True)
             subprocess.run(
                 ["nsenter", mnt, "--", "mount", "--bind", str(source), target], check=True, capture_output=True
