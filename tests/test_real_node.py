@@ -7,6 +7,8 @@ SIGTERM on delete; and `down` leaves nothing behind."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 from kubernetes import client
 
 from localkube import realnode
+from localkube.controlplane import REAL_NODE_PROCESS
 from tests.fixtures.cluster import ClusterHandle
 from tests.fixtures.realnode import CONTAINER_ID_PREFIX, RealNodeHandle
 from tests.test_container_node import CHECK, CLIENT, RESTRICTED_SC, model_server, pod, wait_pod
@@ -160,6 +163,40 @@ def test_the_node_writes_nothing_into_the_hosts_var_lib_or_var_log(
     assert not any(Path("/var/log/pods").glob(f"{namespace}_*"))
 
 
+def test_a_node_killed_outright_is_cleaned_up_by_the_next_up_and_its_pod_runs_again(
+    cluster: ClusterHandle, real_node: RealNodeHandle, namespace: str
+) -> None:
+    """SIGKILL to the node's supervisor takes its programs with it (their parent-death signal), not
+    the containers and their shims; the next start removes those and the new kubelet runs the pod
+    again."""
+    core = client.CoreV1Api(cluster.api_client())
+    container = {"command": ["sleep", "3600"], "securityContext": RESTRICTED_SC}
+    core.create_namespaced_pod(namespace, pod("survivor", real_node, container))
+    wait_pod(core, namespace, "survivor", {"Running"}, timeout=60)
+    socket = str(real_node.layout.containerd_socket)
+    shims = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and socket in _cmdline(p)]
+    assert shims  # the pod's shims (sandbox and container)
+    os.kill(cluster.cluster.recorded_pids()[REAL_NODE_PROCESS], signal.SIGKILL)
+    time.sleep(1)
+    assert all(_running(pid) for pid in shims)  # left behind, with their containers
+
+    image, bin_dir = (
+        Path(json.loads(realnode.node_file(cluster.cluster).read_text())["image"]),
+        realnode.build_binaries(),
+    )
+    realnode.stop(cluster.cluster)  # forgets the dead supervisor (its Node stays, with the pod bound to it)
+    assert realnode.start(cluster.cluster, real_node.name, image, bin_dir)
+    assert not any(_running(pid) for pid in shims), [(pid, _cmdline(Path(f"/proc/{pid}"))) for pid in shims]
+    deadline = time.monotonic() + 60
+    while True:
+        p = core.read_namespaced_pod("survivor", namespace)
+        statuses = p.status.container_statuses or []
+        if p.status.phase == "Running" and statuses and statuses[0].ready and statuses[0].restart_count >= 1:
+            break
+        assert time.monotonic() < deadline, p.status
+        time.sleep(0.5)
+
+
 def test_down_stops_the_pods_and_leaves_no_process_namespace_cgroup_or_node(
     cluster: ClusterHandle, real_node: RealNodeHandle, namespace: str
 ) -> None:
@@ -195,3 +232,11 @@ def _cmdline(proc: Path) -> str:
         return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting for its new parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

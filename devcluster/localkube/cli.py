@@ -139,6 +139,10 @@ def _real_node(cluster: Cluster, action: str, name: str) -> int:
     if os.geteuid() != 0:
         print("a real node needs root (containerd, runc, network and mount namespaces)", file=sys.stderr)
         return 1
+    if realnode.running(cluster) is None:
+        # A node whose supervisor was killed: forget it (the cluster counts its recorded processes);
+        # its leftovers (containers, shims, namespaces) go when it starts again.
+        realnode.stop(cluster)
     if not cluster.healthy():
         print("the cluster is not running: localkube up first", file=sys.stderr)
         return 1

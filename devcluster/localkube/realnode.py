@@ -960,11 +960,12 @@ def start(cluster: Cluster, name: str, image: Path, bin_dir: Path, timeout: floa
     if running(cluster) == wanted and cluster.node_ready(name):
         return False
     stop(cluster)
+    ready = NodeLayout(cluster.state_dir / "real-nodes" / name).root / "ready"
+    ready.unlink(missing_ok=True)  # a supervisor killed outright leaves it
     argv = [sys.executable, "-m", "localkube.realnode", "--state-dir", str(cluster.state_dir), "run",
             "--name", name, "--image", str(image), "--bin-dir", str(bin_dir)]  # fmt: skip
     cluster.spawn(REAL_NODE_PROCESS, argv)
     node_file(cluster).write_text(json.dumps(wanted))
-    ready = NodeLayout(cluster.state_dir / "real-nodes" / name).root / "ready"
     try:
         cluster.wait_for(f"real node {name} up", ready.exists, timeout, REAL_NODE_PROCESS)
     except BaseException:
