@@ -12,6 +12,7 @@ pytest_plugins: list[str] = [
     "tests.fixtures.postgres",
     "tests.fixtures.llamaserver",
     "tests.fixtures.containernode",
+    "tests.fixtures.realnode",
 ]
 
 

@@ -1,7 +1,9 @@
 """Pods as containers of the product image on the container node (``localkube.nodeagent
 --containers``): restricted security enforced by the runtime, volumes, the API server through the
 ``kubernetes`` Service with the pod's projected token, Services that resolve and route, memory
-limits that kill, SIGTERM on delete, and a ResearchJob whose workers all run there."""
+limits that kill, SIGTERM on delete, and a ResearchJob whose workers all run there. The ResearchJob
+tests run on the real node too (``container_or_real_node``; its own pod-level tests are in
+tests/test_real_node.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from localkube.nodeagent import CONTAINER_RUNTIME_LABEL
 from tests.fixtures.cluster import ClusterHandle
 from tests.fixtures.containernode import ContainerNodeHandle
 from tests.fixtures.operator import OperatorProcess
+from tests.fixtures.realnode import RealNodeHandle
 from tests.test_operator_cluster import PodEnds, create, report_text, researchjob, sections, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.image]
@@ -32,7 +35,9 @@ RESTRICTED_SC = {
 POD_SC = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def pod(name: str, node: ContainerNodeHandle, container: dict[str, Any], **spec: Any) -> dict[str, Any]:
+def pod(
+    name: str, node: ContainerNodeHandle | RealNodeHandle, container: dict[str, Any], **spec: Any
+) -> dict[str, Any]:
     body = {"securityContext": POD_SC, "containers": [{"name": "main", "image": IMAGE, **container}], **spec}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": node.place(body)}
 
@@ -156,7 +161,9 @@ except OSError:
 """
 
 
-def model_server(core: client.CoreV1Api, namespace: str, node: ContainerNodeHandle, *flags: str) -> None:
+def model_server(
+    core: client.CoreV1Api, namespace: str, node: ContainerNodeHandle | RealNodeHandle, *flags: str
+) -> None:
     """The offline model server from the image as a pod behind the Service ``model`` (port 80)."""
     container = {
         "command": ["research-modelserver", "--host", "0.0.0.0", "--port", "8000", *flags],
@@ -235,28 +242,28 @@ def placement_allowed(operator: OperatorProcess) -> Iterator[None]:
         operator.restart()
 
 
-def worker_placement(node: ContainerNodeHandle) -> dict[str, Any]:
+def worker_placement(node: ContainerNodeHandle | RealNodeHandle) -> dict[str, Any]:
     placement = node.place({})
     return {"nodeSelector": placement["nodeSelector"], "tolerations": placement["tolerations"]}
 
 
 def test_a_researchjob_succeeds_with_every_worker_a_container_reaching_the_model_through_its_service(
     cluster: ClusterHandle,
-    container_node: ContainerNodeHandle,
+    container_or_real_node: ContainerNodeHandle | RealNodeHandle,
     operator: OperatorProcess,
     namespace: str,
     corpus_configmap: str,
 ) -> None:
-    api = cluster.api_client()
+    api, node = cluster.api_client(), container_or_real_node
     core = client.CoreV1Api(api)
-    model_server(core, namespace, container_node)
+    model_server(core, namespace, node)
     body = researchjob(
         "boxed",
         corpus_configmap,
         analysts={"count": 2},
         parallelism={"batchSize": 2, "maxActiveJobs": 1},
         model={"baseUrl": f"http://model.{namespace}.svc/v1"},
-        worker=worker_placement(container_node),
+        worker=worker_placement(node),
     )
     with placement_allowed(operator):
         create(api, namespace, body)
@@ -265,15 +272,15 @@ def test_a_researchjob_succeeds_with_every_worker_a_container_reaching_the_model
     assert len(sections(api, namespace)) == 2
     assert "Introduction" in report_text(api, namespace, obj)
     workers = core.list_namespaced_pod(namespace, label_selector="researchops.io/step").items
-    assert workers and {p.spec.node_name for p in workers} == {container_node.name}
+    assert workers and {p.spec.node_name for p in workers} == {node.name}
     for p in workers:
-        assert p.status.container_statuses[0].container_id.startswith("runc://")
+        assert p.status.container_statuses[0].container_id.startswith(node.container_id_prefix)
         assert p.status.pod_ip.startswith("10.244.")
 
 
 def test_a_worker_container_deleted_mid_interview_stops_on_sigterm_as_pid_one_and_nothing_is_done_twice(
     cluster: ClusterHandle,
-    container_node: ContainerNodeHandle,
+    container_or_real_node: ContainerNodeHandle | RealNodeHandle,
     operator: OperatorProcess,
     namespace: str,
     corpus_configmap: str,
@@ -281,11 +288,11 @@ def test_a_worker_container_deleted_mid_interview_stops_on_sigterm_as_pid_one_an
     """The worker is its container's pid 1 here, where an unhandled SIGTERM is ignored until the
     SIGKILL at the end of the grace period (30 s): it must stop by itself, keep what it stored,
     and its retried pod must redo none of it."""
-    api = cluster.api_client()
+    api, node = cluster.api_client(), container_or_real_node
     core = client.CoreV1Api(api)
     # One request at a time, 0.7 s each: the four interviews take turns and store their sections
     # one by one at the end, so the pod can be deleted between the first and the last.
-    model_server(core, namespace, container_node, "--ttft-ms", "700")
+    model_server(core, namespace, node, "--ttft-ms", "700")
     ends = PodEnds(api, namespace)
     ends.start()
     body = researchjob(
@@ -295,7 +302,7 @@ def test_a_worker_container_deleted_mid_interview_stops_on_sigterm_as_pid_one_an
         interview={"maxTurns": 2},
         parallelism={"batchSize": 4, "maxActiveJobs": 1},
         model={"baseUrl": f"http://model.{namespace}.svc/v1", "maxConcurrency": 1},
-        worker=worker_placement(container_node),
+        worker=worker_placement(node),
     )
     with placement_allowed(operator):
         create(api, namespace, body)
@@ -319,7 +326,7 @@ def test_a_worker_container_deleted_mid_interview_stops_on_sigterm_as_pid_one_an
     assert term.exit_code == 143, term  # its own exit on SIGTERM; ignored, it would be SIGKILLed (137)
     # The deleted pod is gone from the API; the others may still be ending when the report is stored.
     workers = {p.metadata.name for p in core.list_namespaced_pod(namespace, label_selector="researchops.io/step").items}
-    logs = {pod: container_node.pod_log(namespace, pod) for pod in (set(ends.terminated) | workers) - {"model"}}
+    logs = {pod: node.pod_log(namespace, pod) for pod in (set(ends.terminated) | workers) - {"model"}}
     assert "SIGTERM: stopping; no further model calls, what is stored stays stored" in logs[victim]
     stored_by = [
         (pod, int(m)) for pod, text in logs.items() for m in re.findall(r"analyst (\d+) \(.*?\): section stored", text)
@@ -333,14 +340,14 @@ def test_a_worker_container_deleted_mid_interview_stops_on_sigterm_as_pid_one_an
 
 def test_a_worker_over_its_memory_limit_is_oomkilled_retried_and_the_researchjob_says_so(
     cluster: ClusterHandle,
-    container_node: ContainerNodeHandle,
+    container_or_real_node: ContainerNodeHandle | RealNodeHandle,
     operator: OperatorProcess,
     namespace: str,
     corpus_configmap: str,
 ) -> None:
-    api = cluster.api_client()
+    api, node = cluster.api_client(), container_or_real_node
     core = client.CoreV1Api(api)
-    model_server(core, namespace, container_node)
+    model_server(core, namespace, node)
     resources = {"requests": {"cpu": "100m", "memory": "32Mi"}, "limits": {"cpu": "1", "memory": "48Mi"}}
     body = researchjob(
         "tight",
@@ -348,7 +355,7 @@ def test_a_worker_over_its_memory_limit_is_oomkilled_retried_and_the_researchjob
         analysts={"count": 1},
         retries={"backoffLimit": 1},
         model={"baseUrl": f"http://model.{namespace}.svc/v1"},
-        worker={**worker_placement(container_node), "resources": resources},
+        worker={**worker_placement(node), "resources": resources},
     )
     with placement_allowed(operator):
         create(api, namespace, body)

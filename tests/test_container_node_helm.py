@@ -1,8 +1,9 @@
-"""The chart on the container node (issue 23): installed from the locally built image into a
-namespace that enforces restricted Pod Security, the operator and the model server run as
-containers with their own IPs, the leader writes the lease broker's EndpointSlice with its pod IP,
-and a ResearchJob whose workers are containers there Succeeds, every model call through the model
-server's Service under a lease granted through the broker's Service."""
+"""The chart on the container node (issue 23), and on the real node (the kubelet, containerd,
+kube-proxy, CoreDNS; marker realnode): installed from the locally built image into a namespace that
+enforces restricted Pod Security, the operator and the model server run as containers with their
+own IPs, the leader writes the lease broker's EndpointSlice with its pod IP, and a ResearchJob whose
+workers are containers there Succeeds, every model call through the model server's Service under a
+lease granted through the broker's Service."""
 
 from __future__ import annotations
 
@@ -20,21 +21,23 @@ from localkube import demo
 from localkube.demo import RELEASE, RELEASE_NAMESPACE, Kube
 from localkube.nodeagent import CONTAINER_RUNTIME_LABEL
 from tests.fixtures.cluster import ClusterHandle
-from tests.fixtures.containernode import PLACEMENT, ContainerNodeHandle
+from tests.fixtures.containernode import ContainerNodeHandle
+from tests.fixtures.realnode import RealNodeHandle
 
 pytestmark = [pytest.mark.cluster, pytest.mark.image]
 
 LEASES_SERVICE = f"{RELEASE}-leases"
+Node = ContainerNodeHandle | RealNodeHandle
 
 
 @pytest.fixture(scope="module")
 def boxed_release(
-    cluster: ClusterHandle, container_node: ContainerNodeHandle, no_test_operator: None, tmp_path_factory: Any
+    cluster: ClusterHandle, container_or_real_node: Node, no_test_operator: None, tmp_path_factory: Any
 ) -> Iterator[Kube]:
-    """The chart with every pod of the release on the container node (its Services, no host ports)."""
+    """The chart with every pod of the release on the node (its Services, no host ports)."""
     kube = Kube(cluster.kubeconfig, cluster.tools, cluster.state_dir)
     demo.create_namespace(kube, RELEASE_NAMESPACE)  # restricted Pod Security for the release's pods too
-    placement = {"nodeSelector": PLACEMENT["nodeSelector"], "tolerations": PLACEMENT["tolerations"]}
+    placement = container_or_real_node.place({})
     values = {
         "image": {"repository": "research-operator", "tag": "0.1.0", "pullPolicy": "Never"},
         "operator": placement,
@@ -54,16 +57,16 @@ def boxed_release(
         demo.uninstall(kube)
 
 
-def test_the_chart_runs_on_the_container_node_and_a_researchjob_succeeds_through_its_services(
-    boxed_release: Kube, container_node: ContainerNodeHandle
+def test_the_chart_runs_on_the_node_and_a_researchjob_succeeds_through_its_services(
+    boxed_release: Kube, container_or_real_node: Node
 ) -> None:
-    kube = boxed_release
+    kube, node = boxed_release, container_or_real_node
     pods = kube.get("pods", "-n", RELEASE_NAMESPACE, "-l", f"app.kubernetes.io/instance={RELEASE}")
     assert pods is not None and pods["items"]
     for p in pods["items"]:
-        assert p["spec"]["nodeName"] == container_node.name, p["metadata"]["name"]
+        assert p["spec"]["nodeName"] == node.name, p["metadata"]["name"]
         assert p["status"]["podIP"].startswith("10.244."), p["status"]
-        assert all(c["containerID"].startswith("runc://") for c in p["status"]["containerStatuses"])
+        assert all(c["containerID"].startswith(node.container_id_prefix) for c in p["status"]["containerStatuses"])
     operator = demo.operator_pod(kube)
     # The leader points the broker's Service at its own pod IP (on a process node it cannot: 127.0.0.1).
     deployment = kube.get("deployment", RELEASE, "-n", RELEASE_NAMESPACE)
@@ -76,7 +79,7 @@ def test_the_chart_runs_on_the_container_node_and_a_researchjob_succeeds_through
         if written is not None:
             break
         time.sleep(1)
-    assert written is not None, container_node.pod_log(RELEASE_NAMESPACE, operator["metadata"]["name"])[-3000:]
+    assert written is not None, node.pod_log(RELEASE_NAMESPACE, operator["metadata"]["name"])[-3000:]
     assert [e["addresses"] for e in written["endpoints"]] == [[operator["status"]["podIP"]]]
     assert [p["port"] for p in written["ports"]] == [broker_port]
 
@@ -101,7 +104,7 @@ def test_the_chart_runs_on_the_container_node_and_a_researchjob_succeeds_through
         body["spec"].update(
             analysts={"count": 2},
             parallelism={"batchSize": 1, "maxActiveJobs": 2},
-            worker={"nodeSelector": PLACEMENT["nodeSelector"], "tolerations": PLACEMENT["tolerations"]},
+            worker=node.place({}),
         )
         name = demo.apply_researchjob(kube, namespace, body)
         obj = demo.follow(kube, namespace, name, timeout=300, emit=lambda _: None)
@@ -112,8 +115,8 @@ def test_the_chart_runs_on_the_container_node_and_a_researchjob_succeeds_through
     assert workers is not None and workers["items"]
     logs = ""
     for p in workers["items"]:
-        assert p["spec"]["nodeName"] == container_node.name
-        logs += container_node.pod_log(namespace, p["metadata"]["name"])
+        assert p["spec"]["nodeName"] == node.name
+        logs += node.pod_log(namespace, p["metadata"]["name"])
     # Every worker reached the broker through its Service name (DNS, then the leader's EndpointSlice).
     assert f"lease broker https://{LEASES_SERVICE}.{RELEASE_NAMESPACE}.svc:{broker_port} answers" in logs, logs[-3000:]
     assert "falling back to this pod's share" not in logs

@@ -28,6 +28,7 @@ from research_api.researchjob import GROUP, PLURAL, VERSION
 from tests.fixtures.cluster import ClusterHandle
 from tests.fixtures.containernode import ContainerNodeHandle
 from tests.fixtures.operator import OperatorProcess
+from tests.fixtures.realnode import RealNodeHandle
 from tests.test_container_node import model_server, placement_allowed, worker_placement
 from tests.test_operator_cluster import PodEnds, create, researchjob, sections, wait_phase
 
@@ -464,29 +465,30 @@ def test_a_missing_workload_priority_class_is_named_in_the_status_and_nothing_is
 
 
 @pytest.mark.image
-def test_on_the_container_node_a_preempted_worker_stops_on_sigterm_and_its_readmitted_pod_resumes(
+def test_on_a_container_or_real_node_a_preempted_worker_stops_on_sigterm_and_its_readmitted_pod_resumes(
     cluster: ClusterHandle,
     kueue_operator: OperatorProcess,
-    container_node: ContainerNodeHandle,
+    container_or_real_node: ContainerNodeHandle | RealNodeHandle,
     namespace: str,
     corpus_configmap: str,
     one_pod_queue: Queue,
 ) -> None:
     """Kueue preempts a running low-priority batch whose worker is a container on the container node
-    (its pid 1): Kueue suspends the Job, the Job controller deletes the pod, the node sends SIGTERM
-    through runc. The worker stops by itself (exit 143, not the SIGKILL at the end of the grace
-    period), keeps what it stored; the Job readmitted later runs a new pod that resumes the
-    interrupted interview from its checkpoint, and every analyst's section is stored exactly once."""
-    api = cluster.api_client()
+    or the real node (its pid 1): Kueue suspends the Job, the Job controller deletes the pod, the
+    node sends SIGTERM (through runc, or the kubelet through containerd). The worker stops by itself
+    (exit 143, not the SIGKILL at the end of the grace period), keeps what it stored; the Job
+    readmitted later runs a new pod that resumes the interrupted interview from its checkpoint, and
+    every analyst's section is stored exactly once."""
+    api, node = cluster.api_client(), container_or_real_node
     core = client.CoreV1Api(api)
     # One request at a time, 0.7 s each: an interview of three turns is under way for seconds.
-    model_server(core, namespace, container_node, "--ttft-ms", "700")
+    model_server(core, namespace, node, "--ttft-ms", "700")
     model = {"baseUrl": f"http://model.{namespace}.svc/v1", "maxConcurrency": 1}
     rec = Recorder(api, namespace)
     rec.start()
     ends = PodEnds(api, namespace)
     ends.start()
-    placement = worker_placement(container_node)
+    placement = worker_placement(node)
     low = researchjob(
         "low",
         corpus_configmap,
@@ -541,11 +543,11 @@ def test_on_the_container_node_a_preempted_worker_stops_on_sigterm_and_its_readm
     # Its worker, the container's pid 1, stopped on SIGTERM by itself.
     assert ends.terminated[victim].exit_code == 143, ends.terminated[victim]
     pods_low = {p for j in low_jobs for p in rec.pods_of_job[j]}
-    logs = {p: container_node.pod_log(namespace, p) for p in sorted(pods_low)}
+    logs = {p: node.pod_log(namespace, p) for p in sorted(pods_low)}
     assert "SIGTERM: stopping; no further model calls, what is stored stays stored" in logs[victim]
     # Every pod of both ResearchJobs was a container there, with its own IP.
     for p in core.list_namespaced_pod(namespace).items:
-        assert p.spec.node_name == container_node.name, p.metadata.name
+        assert p.spec.node_name == node.name, p.metadata.name
         assert p.status.pod_ip and p.status.pod_ip.startswith("10.244."), (p.metadata.name, p.status.pod_ip)
 
     # Nothing lost, nothing done twice: the plan stored once, each analyst's section stored by

@@ -8,12 +8,15 @@ localkube env              print `export KUBECONFIG=...` and PATH for kubectl/he
 localkube down             stop exactly the processes `up` started (Kueue too)
 localkube logs NS/POD      print a pod's log (pods run as local processes, see docs/node-agent.md)
 localkube agent ...        run the node agent in the foreground (used by `up`)
+localkube real-node up|down|status   a real node on the running cluster: the kubelet, containerd, the
+                           CNI bridge, kube-proxy and CoreDNS (root; docs/node-agent.md)
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.add_argument("pod", help="NAMESPACE/POD")
     logs.add_argument("-c", "--container", default=None)
     sub.add_parser("agent", help="run the node agent in the foreground", add_help=False)
+    real = sub.add_parser("real-node", help="a real node (kubelet, containerd, kube-proxy, CoreDNS)")
+    real.add_argument("action", choices=("up", "down", "status"))
+    real.add_argument("--name", default="localreal-1", help="the Node's name (up)")
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cluster = Cluster(args.state_dir)
@@ -73,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running: {cluster.server}  KUBECONFIG={cluster.kubeconfig}")
             if kueue.running(cluster):
                 print(f"Kueue {kueue.KUEUE_VERSION} running (log {cluster.logs_dir / 'kueue.log'})")
+            from localkube import realnode
+
+            real_node = realnode.running(cluster)
+            if real_node is not None:
+                log_dir = cluster.state_dir / "real-nodes" / real_node["name"] / "logs"
+                print(f"real node {real_node['name']} running (logs {log_dir})")
             node = cluster.container_node()
             if node is not None:
                 print(
@@ -100,11 +112,51 @@ def main(argv: list[str] | None = None) -> int:
         for p in paths:
             sys.stdout.write(p.read_text(errors="replace"))
         return 0
+    if args.cmd == "real-node":
+        return _real_node(cluster, args.action, args.name)
     if args.cmd == "agent":
         from localkube import nodeagent
 
         return int(nodeagent.main(rest))
     return 2
+
+
+def _real_node(cluster: Cluster, action: str, name: str) -> int:
+    from localkube import realnode
+    from localkube.containers import build_image
+
+    if action == "down":
+        print("stopped the real node" if realnode.stop(cluster) else "no real node was running")
+        return 0
+    if action == "status":
+        node = realnode.running(cluster)
+        if node is None:
+            print("no real node running")
+            return 1
+        logs = cluster.state_dir / "real-nodes" / node["name"] / "logs"
+        print(f"real node {node['name']} running (image {node['image']}, logs {logs})")
+        return 0
+    if os.geteuid() != 0:
+        print("a real node needs root (containerd, runc, network and mount namespaces)", file=sys.stderr)
+        return 1
+    if realnode.running(cluster) is None:
+        # A node whose supervisor was killed: forget it (the cluster counts its recorded processes);
+        # its leftovers (containers, shims, namespaces) go when it starts again.
+        realnode.stop(cluster)
+    if not cluster.healthy():
+        print("the cluster is not running: localkube up first", file=sys.stderr)
+        return 1
+    start = time.monotonic()
+    bin_dir = realnode.build_binaries()
+    image = build_image()
+    started = realnode.start(cluster, name, image.directory, bin_dir)
+    took = time.monotonic() - start
+    print(f"real node {name} {'started' if started else 'already running'} in {took:.1f}s", file=sys.stderr)
+    print(
+        f"pods land there with nodeSelector {realnode.RUNTIME_LABEL}={realnode.RUNTIME} and a toleration of"
+        f" the taint {realnode.RUNTIME_LABEL}={realnode.RUNTIME}:NoSchedule"
+    )
+    return 0
 
 
 def _print_env(cluster: Cluster) -> None:

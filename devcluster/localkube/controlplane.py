@@ -38,6 +38,7 @@ SERVICE_CIDR = "10.0.0.0/24"
 DEFAULT_NODES = ("localnode-1",)
 NAMESPACE_PLACEMENT_PLUGINS = ("PodNodeSelector", "PodTolerationRestriction")
 CONTAINER_NODE_PROCESS = "container-node"  # the recorded name of a container node's agent
+REAL_NODE_PROCESS = "real-node"  # the recorded name of a real node's supervisor (localkube.realnode)
 
 
 def cache_dir() -> Path:
@@ -308,14 +309,22 @@ class Cluster:
                 f"--tls-cert-file={p / 'apiserver.crt'}",
                 f"--tls-private-key-file={p / 'apiserver.key'}",
                 f"--client-ca-file={p / 'ca.crt'}",
+                # What the API server shows a kubelet (logs, exec): bound to system:kubelet-api-admin
+                # by a real node (localkube.realnode), whose kubelet authorizes by webhook.
+                f"--kubelet-client-certificate={p / 'apiserver-kubelet-client.crt'}",
+                f"--kubelet-client-key={p / 'apiserver-kubelet-client.key'}",
+                "--kubelet-preferred-address-types=InternalIP,Hostname",  # no DNS for Node names here
                 "--authorization-mode=Node,RBAC",
                 # The defaults include ResourceQuota, PodSecurity, ServiceAccount, LimitRanger,
                 # NamespaceLifecycle and the admission webhooks; name the ones we rely on.
                 # PodNodeSelector and PodTolerationRestriction act only on namespaces annotated
                 # scheduler.alpha.kubernetes.io/node-selector|defaultTolerations: the demo sends
                 # its namespace's pods to the container node with them.
+                # NodeRestriction: a real node's kubelet (system:node:<name>) may change only its own
+                # Node and the pods bound to it (the agents use the admin identity).
                 "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,ResourceQuota,"
-                "LimitRanger,PodSecurity,Priority,DefaultTolerationSeconds," + ",".join(NAMESPACE_PLACEMENT_PLUGINS),
+                "LimitRanger,PodSecurity,Priority,DefaultTolerationSeconds,NodeRestriction,"
+                + ",".join(NAMESPACE_PLACEMENT_PLUGINS),
                 "--allow-privileged=false",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
@@ -403,7 +412,7 @@ class Cluster:
         """Stop every process this cluster recorded (add-ons and node agent first). Returns their names."""
         stopped: list[str] = []
         order = [
-            "kueue", CONTAINER_NODE_PROCESS, "node-agent",
+            "kueue", REAL_NODE_PROCESS, CONTAINER_NODE_PROCESS, "node-agent",
             "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd",
         ]  # fmt: skip
         pids = self.recorded_pids()
@@ -556,8 +565,9 @@ def _terminate(pid: int, grace: float = 15.0) -> None:
 def _grace(name: str) -> float:
     """How long a recorded process may take to stop after SIGTERM: a container node's agent first
     stops its containers (each within its pod's grace period, capped at 30 s) and then removes its
-    network namespaces."""
-    return 75.0 if name == CONTAINER_NODE_PROCESS else 15.0
+    network namespaces; a real node's supervisor stops its kubelet, its pods' containers, its programs
+    and its namespaces."""
+    return 75.0 if name in (CONTAINER_NODE_PROCESS, REAL_NODE_PROCESS) else 15.0
 
 
 def _start_time(pid: int) -> str | None:

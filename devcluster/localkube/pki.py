@@ -42,6 +42,8 @@ CLIENTS = (
     ClientIdentity("admin", "kubernetes-admin", ("system:masters",)),
     ClientIdentity("controller-manager", "system:kube-controller-manager"),
     ClientIdentity("scheduler", "system:kube-scheduler"),
+    # The API server's identity towards kubelets (a real node binds it to system:kubelet-api-admin).
+    ClientIdentity("apiserver-kubelet-client", "kube-apiserver-kubelet-client"),
 )
 
 
@@ -60,9 +62,7 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _builder(
-    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey
-) -> x509.CertificateBuilder:
+def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
     now = dt.datetime.now(dt.UTC)
     return (
         x509.CertificateBuilder()
@@ -133,9 +133,7 @@ def generate(pki_dir: Path) -> None:
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     _write_key(pki_dir / "sa.key", sa_key)
     (pki_dir / "sa.pub").write_bytes(
-        sa_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
 
 
@@ -147,8 +145,9 @@ def _load_ca(pki_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKe
     return cert, key
 
 
-def issue_client(pki_dir: Path, client: ClientIdentity) -> None:
-    """Write <stem>.{crt,key}: a client certificate of the cluster CA for one more identity."""
+def issue_client(pki_dir: Path, client: ClientIdentity, out_dir: Path | None = None) -> None:
+    """Write <stem>.{crt,key} (into ``out_dir``, default ``pki_dir``): a client certificate of the
+    cluster CA for one more identity."""
     ca_cert, ca_key = _load_ca(pki_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in client.groups]
@@ -158,8 +157,9 @@ def issue_client(pki_dir: Path, client: ClientIdentity) -> None:
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    _write_key(pki_dir / f"{client.file_stem}.key", key)
-    _write_cert(pki_dir / f"{client.file_stem}.crt", cert)
+    out_dir = out_dir or pki_dir
+    _write_key(out_dir / f"{client.file_stem}.key", key)
+    _write_cert(out_dir / f"{client.file_stem}.crt", cert)
 
 
 def issue_serving(out_dir: Path, pki_dir: Path, common_name: str, ips: tuple[str, ...] = ("127.0.0.1",)) -> None:
