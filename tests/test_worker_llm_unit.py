@@ -8,7 +8,10 @@ real third-party server is tests/test_llamacpp.py.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -17,6 +20,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langgraph.runtime import Runtime
 from pydantic import SecretStr
 
+from localkube.controlplane import free_port
 from research_api.researchjob import ResearchJobSpec
 from research_api.task import ModelSettings, ResearchTask, Step, StructuredOutput
 from research_operator.decisions.manifests import Owner, build_task, worker_job
@@ -32,7 +36,7 @@ from research_worker.errors import (
     ModelTimeout,
 )
 from research_worker.graph import search_query
-from research_worker.llm import LLMClient, alternate_roles
+from research_worker.llm import LLMClient, alternate_roles, preflight
 from research_worker.state import Perspectives, SearchQuery, perspectives_of
 
 Handler = Callable[[httpx.Request], httpx.Response]
@@ -353,3 +357,38 @@ async def test_an_interview_whose_query_is_cut_off_searches_for_the_analysts_que
     out = await search_query(state, runtime)
     assert out["search_queries"] == ["Hi, I am Ada. How does Kueue admit a Job?"]
     assert len(ep.bodies) == 1
+
+
+async def test_the_preflight_waits_for_an_endpoint_that_starts_listening_a_moment_later() -> None:
+    """A new pod's network, or a Service whose endpoint just became ready, may refuse the first
+    connections: the worker's preflight tries again instead of failing its ResearchJob."""
+
+    class Models(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            body = json.dumps({"data": [{"id": "m"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    port = free_port()
+    servers: list[ThreadingHTTPServer] = []
+
+    def listen_later() -> None:
+        servers.append(ThreadingHTTPServer(("127.0.0.1", port), Models))
+        servers[0].serve_forever()
+
+    timer = threading.Timer(1.5, listen_later)
+    timer.start()
+    try:
+        ids = await preflight(ModelSettings(name="m", base_url=f"http://127.0.0.1:{port}/v1"), SecretStr("k"))
+    finally:
+        while not servers:  # the preflight gave up before it listened: let it listen, then stop it
+            time.sleep(0.1)
+        servers[0].shutdown()
+        timer.join()
+    assert ids == ["m"]

@@ -65,6 +65,9 @@ T = TypeVar("T", bound=BaseModel)
 PREFLIGHT_TIMEOUT = 5.0
 LEASE_LOST_ATTEMPTS = 5  # a call whose lease is lost (the broker unreachable) is made again
 PREFLIGHT_ATTEMPTS = 4
+# How long the preflight keeps trying to connect: a new pod's network, or a Service whose endpoint
+# just became ready, may refuse or drop the first connections for a moment.
+PREFLIGHT_CONNECT_WINDOW = 12.0
 # A call without an output bound (max_output_tokens None) reserves what the ResearchJob CRD allows at most.
 UNBOUNDED_OUTPUT_TOKENS = 1_000_000
 
@@ -160,14 +163,31 @@ def _retry_after(resp: httpx.Response, attempt: int) -> float:
 
 async def preflight(settings: ModelSettings, api_key: ApiKey) -> list[str]:
     """``GET {base_url}/models`` with a short timeout: a wrong key or an unreachable endpoint fails
-    here in seconds, with a clear message, instead of in a long retry loop. Returns the model ids."""
+    here in seconds, with a clear message, instead of in a long retry loop. A connection that cannot
+    be made is tried again for ``PREFLIGHT_CONNECT_WINDOW`` (a new pod's network or a Service's new
+    endpoint may drop the first ones). Returns the model ids."""
     base = (settings.base_url or "https://api.openai.com/v1").rstrip("/")
     url = f"{base}/models"
     headers = {"Authorization": f"Bearer {_bearer(api_key)}"}
+    give_up = time.monotonic() + PREFLIGHT_CONNECT_WINDOW
     async with httpx.AsyncClient(timeout=PREFLIGHT_TIMEOUT, verify=_verify(settings)) as client:
-        for attempt in range(PREFLIGHT_ATTEMPTS):
+        attempt = connects = 0
+        while attempt < PREFLIGHT_ATTEMPTS:
             try:
                 resp = await client.get(url, headers=headers)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # no request reached it: try again
+                pause = min(0.5 * 2**connects, 4.0)
+                connects += 1
+                if time.monotonic() + pause >= give_up:
+                    tried = f"{connects} tries within {PREFLIGHT_CONNECT_WINDOW:.0f}s"
+                    if isinstance(exc, httpx.ConnectTimeout):
+                        msg = f"did not answer within {PREFLIGHT_TIMEOUT:.0f}s (ConnectTimeout; {tried})"
+                    else:
+                        msg = f"is unreachable: {exc} ({tried})"
+                    raise ModelEndpointUnreachable(f"model endpoint {base} {msg}") from None
+                log.warning("model endpoint %s: %s; trying again in %.1fs", base, type(exc).__name__, pause)
+                await asyncio.sleep(pause)
+                continue
             except httpx.TimeoutException as exc:
                 raise ModelEndpointUnreachable(
                     f"model endpoint {base} did not answer within {PREFLIGHT_TIMEOUT:.0f}s ({type(exc).__name__})"
@@ -189,6 +209,7 @@ async def preflight(settings: ModelSettings, api_key: ApiKey) -> list[str]:
                 )
             if resp.status_code == 429 or resp.status_code >= 500:
                 await asyncio.sleep(_retry_after(resp, attempt))
+                attempt += 1
                 continue
             if resp.status_code == 404:
                 log.warning("model endpoint %s has no /models; skipping the model check", base)
