@@ -72,10 +72,9 @@ print(json.dumps({
 """
 
 
-def test_a_pod_runs_from_the_image_under_restricted_pod_security_with_its_volumes_and_token(
-    cluster: ClusterHandle, container_node: ContainerNodeHandle, namespace: str
-) -> None:
-    api = cluster.api_client()
+def check_pod(api: client.ApiClient, namespace: str, node: Any, script: str) -> dict[str, Any]:
+    """A pod that runs ``script`` (CHECK's report) on ``node`` under the restricted profile, with a
+    ConfigMap volume, a Secret variable and its own token allowed to read Pods (all three created here)."""
     core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "app"}, "data": {"greeting": "hello"}})
     core.create_namespaced_secret(namespace, {"metadata": {"name": "app"}, "stringData": {"password": "s3cret"}})
@@ -98,20 +97,21 @@ def test_a_pod_runs_from_the_image_under_restricted_pod_security_with_its_volume
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
     container = {
-        "command": ["python", "-c", CHECK],
+        "command": ["python", "-c", script],
         "env": env,
         "securityContext": RESTRICTED_SC,
         "resources": {"limits": {"memory": "256Mi", "cpu": "1"}},
         "volumeMounts": [{"name": "app", "mountPath": "/etc/app", "readOnly": True}],
     }
-    body = pod(
-        "check",
-        container_node,
-        container,
-        restartPolicy="Never",
-        volumes=[{"name": "app", "configMap": {"name": "app"}}],
-    )
-    core.create_namespaced_pod(namespace, body)  # admitted under enforce=restricted (the namespace's label)
+    return pod("check", node, container, restartPolicy="Never", volumes=[{"name": "app", "configMap": {"name": "app"}}])
+
+
+def test_a_pod_runs_from_the_image_under_restricted_pod_security_with_its_volumes_and_token(
+    cluster: ClusterHandle, container_node: ContainerNodeHandle, namespace: str
+) -> None:
+    api = cluster.api_client()
+    core = client.CoreV1Api(api)
+    core.create_namespaced_pod(namespace, check_pod(api, namespace, container_node, CHECK))  # enforce=restricted
     p = wait_pod(core, namespace, "check", {"Succeeded", "Failed"})
     log = container_node.pod_log(namespace, "check")
     assert p.status.phase == "Succeeded", log

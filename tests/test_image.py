@@ -228,6 +228,16 @@ def _wait_for_log(container: Container, text: str, stream: int = 1, timeout: flo
         time.sleep(0.1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _own_container_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """This run's containers kept apart from any other run's on the machine (a second checkout's
+    tests would otherwise count as this one's leftovers)."""
+    root = tmp_path_factory.mktemp("containers-of-this-run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(containers, "cache_dir", lambda: root)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_containers() -> Iterator[None]:
     yield

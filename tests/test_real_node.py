@@ -21,7 +21,7 @@ from localkube import realnode
 from localkube.controlplane import REAL_NODE_PROCESS
 from tests.fixtures.cluster import ClusterHandle
 from tests.fixtures.realnode import CONTAINER_ID_PREFIX, RealNodeHandle
-from tests.test_container_node import CHECK, CLIENT, RESTRICTED_SC, model_server, pod, wait_pod
+from tests.test_container_node import CHECK, CLIENT, RESTRICTED_SC, check_pod, model_server, pod, wait_pod
 
 pytestmark = [pytest.mark.cluster, pytest.mark.image, pytest.mark.realnode]
 
@@ -35,38 +35,8 @@ def test_a_pod_of_the_image_runs_as_65532_read_only_under_restricted_pod_securit
     cluster: ClusterHandle, real_node: RealNodeHandle, namespace: str
 ) -> None:
     api = cluster.api_client()
-    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
-    core.create_namespaced_config_map(namespace, {"metadata": {"name": "app"}, "data": {"greeting": "hello"}})
-    core.create_namespaced_secret(namespace, {"metadata": {"name": "app"}, "stringData": {"password": "s3cret"}})
-    rbac.create_namespaced_role(
-        namespace,
-        {"metadata": {"name": "read-pods"}, "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]},
-    )
-    rbac.create_namespaced_role_binding(
-        namespace,
-        {
-            "metadata": {"name": "read-pods"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "read-pods"},
-            "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": namespace}],
-        },
-    )
-    env = [
-        {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "app", "key": "password"}}},
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-    ]
-    container = {
-        "command": ["python", "-c", SECCOMP + CHECK],
-        "env": env,
-        "securityContext": RESTRICTED_SC,
-        "resources": {"limits": {"memory": "256Mi", "cpu": "1"}},
-        "volumeMounts": [{"name": "app", "mountPath": "/etc/app", "readOnly": True}],
-    }
-    body = pod(
-        "check", real_node, container, restartPolicy="Never", volumes=[{"name": "app", "configMap": {"name": "app"}}]
-    )
-    core.create_namespaced_pod(namespace, body)  # admitted under enforce=restricted (the namespace's label)
+    core = client.CoreV1Api(api)
+    core.create_namespaced_pod(namespace, check_pod(api, namespace, real_node, SECCOMP + CHECK))  # enforce=restricted
     p = wait_pod(core, namespace, "check", {"Succeeded", "Failed"})
     log = real_node.pod_log(namespace, "check")
     assert p.status.phase == "Succeeded", log
