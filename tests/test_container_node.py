@@ -72,6 +72,25 @@ print(json.dumps({
 """
 
 
+def delete_and_wait_until_it_ends(core: client.CoreV1Api, namespace: str, name: str) -> dict[str, Any]:
+    """Delete the pod and watch it end: ``{"exit": code}`` of its first container as last seen
+    terminated, or ``{}`` if the pod went before a terminated state was seen."""
+    ended: dict[str, Any] = {}
+    core.delete_namespaced_pod(name, namespace)
+    deadline = time.monotonic() + 60
+    while not ended:
+        assert time.monotonic() < deadline, f"the pod {name} did not end"
+        try:
+            cs = core.read_namespaced_pod(name, namespace).status.container_statuses or []
+        except client.ApiException as e:
+            assert e.status == 404
+            break
+        if cs and cs[0].state.terminated is not None:
+            ended["exit"] = cs[0].state.terminated.exit_code
+        time.sleep(0.05)
+    return ended
+
+
 def check_pod(api: client.ApiClient, namespace: str, node: Any, script: str) -> dict[str, Any]:
     """A pod that runs ``script`` (CHECK's report) on ``node`` under the restricted profile, with a
     ConfigMap volume, a Secret variable and its own token allowed to read Pods (all three created here)."""
@@ -206,19 +225,7 @@ def test_a_service_resolves_and_routes_and_a_deleted_pod_gets_sigterm(
     assert '"id":"offline-research-1"' in log  # through the ClusterIP to the model server's pod
     assert "nothing: no such name" in log
     # A delete: SIGTERM through runc, and the server's own shutdown (exit 0), not the SIGKILL after 30 s.
-    ended: dict[str, Any] = {}
-    core.delete_namespaced_pod("model", namespace)
-    deadline = time.monotonic() + 60
-    while not ended:
-        assert time.monotonic() < deadline, "the model server's pod did not end"
-        try:
-            cs = core.read_namespaced_pod("model", namespace).status.container_statuses or []
-        except client.ApiException as e:
-            assert e.status == 404
-            break
-        if cs and cs[0].state.terminated is not None:
-            ended["exit"] = cs[0].state.terminated.exit_code
-        time.sleep(0.05)
+    ended = delete_and_wait_until_it_ends(core, namespace, "model")
     assert ended.get("exit", 0) == 0, ended
     assert (
         "Shutting down" in container_node.pod_log(namespace, "model")

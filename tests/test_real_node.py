@@ -12,7 +12,6 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kubernetes import client
@@ -21,7 +20,16 @@ from localkube import realnode
 from localkube.controlplane import REAL_NODE_PROCESS
 from tests.fixtures.cluster import ClusterHandle
 from tests.fixtures.realnode import CONTAINER_ID_PREFIX, RealNodeHandle
-from tests.test_container_node import CHECK, CLIENT, RESTRICTED_SC, check_pod, model_server, pod, wait_pod
+from tests.test_container_node import (
+    CHECK,
+    CLIENT,
+    RESTRICTED_SC,
+    check_pod,
+    delete_and_wait_until_it_ends,
+    model_server,
+    pod,
+    wait_pod,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.image, pytest.mark.realnode]
 
@@ -72,19 +80,7 @@ def test_a_service_resolves_and_routes_from_another_pod_and_a_deleted_pod_gets_s
     assert '"id":"offline-research-1"' in log  # through the ClusterIP to the model server's pod
     assert "nothing: no such name" in log
     # A delete: SIGTERM from the kubelet through containerd, and the server's own shutdown (exit 0).
-    ended: dict[str, Any] = {}
-    core.delete_namespaced_pod("model", namespace)
-    deadline = time.monotonic() + 60
-    while not ended:
-        assert time.monotonic() < deadline, "the model server's pod did not end"
-        try:
-            cs = core.read_namespaced_pod("model", namespace).status.container_statuses or []
-        except client.ApiException as e:
-            assert e.status == 404
-            break
-        if cs and cs[0].state.terminated is not None:
-            ended["exit"] = cs[0].state.terminated.exit_code
-        time.sleep(0.05)
+    ended = delete_and_wait_until_it_ends(core, namespace, "model")
     assert ended.get("exit", 0) == 0, ended
     assert "shutdown" in real_node.pod_log(namespace, "model").lower()
 
