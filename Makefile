@@ -19,7 +19,7 @@ help: ## List every target with a one-line description.
 
 ##@ Main commands
 .PHONY: demo
-demo: venv cluster-build image-build tools ## The main job: the chart from the image built here on the local cluster's container node, a ResearchJob from examples/, its report.
+demo: venv cluster-build node-build image-build tools ## The main job: the chart from the image built here on the local cluster's real node, a ResearchJob from examples/, its report.
 	$(PY) -m localkube.demo up
 
 .PHONY: demo-down
@@ -27,8 +27,8 @@ demo-down: venv tools ## Undo the demo: helm uninstall, delete namespace researc
 	$(PY) -m localkube.demo down
 
 .PHONY: test
-test: venv cluster-build kueue-build llama-build image-build tools lint typecheck ## Run every check and test (the CI command); the real-node tier is `make test-real-node`.
-	$(PY) -m pytest -m "not realnode" $(PYTEST_ARGS)  # its cold build does not fit CI's 90 min (docs/development.md)
+test: venv cluster-build kueue-build node-build llama-build image-build tools lint typecheck ## Run every check and test (the CI command).
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 ##@ Development
 .PHONY: venv
@@ -61,11 +61,11 @@ test-image: venv cluster-build image-build tools ## Only the image tier: the ima
 	$(PY) -m pytest -m "image and not kueue and not realnode" $(PYTEST_ARGS)
 
 .PHONY: test-real-node
-test-real-node: venv cluster-build kueue-build node-build image-build tools ## Only the real-node tier: the image's pods on the real kubelet, containerd, kube-proxy and CoreDNS (root; not in `make test`).
+test-real-node: venv cluster-build kueue-build node-build image-build tools ## Only the real-node tier: the image's pods on the real kubelet, containerd, kube-proxy and CoreDNS (root).
 	$(PY) -m pytest -m realnode $(PYTEST_ARGS)
 
 .PHONY: test-repeat
-test-repeat: venv cluster-build kueue-build tools ## Run the cluster tiers N times (N=5; FRESH=1: `make test` in a fresh clone each time).
+test-repeat: venv cluster-build kueue-build node-build image-build tools ## Run the cluster tiers N times (N=5; FRESH=1: `make test` in a fresh clone each time).
 	N=$(or $(N),5) PY=$(abspath $(PY)) hack/test-repeat.sh
 
 .PHONY: llama-build

@@ -14,13 +14,9 @@ BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler)
 
 log() { echo "[build-control-plane] $*" >&2; }
 
-complete=1
-for b in "${BINARIES[@]}"; do [[ -x "$OUT/bin/$b" ]] || complete=0; done
-if [[ $complete == 1 ]]; then
-  log "cached: $OUT/bin"
-  echo "$OUT/bin"
-  exit 0
-fi
+# shellcheck source=hack/lib/k8s-module.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/k8s-module.sh"
+exit_if_cached build-control-plane "$OUT/bin" "${BINARIES[@]}"
 
 command -v go >/dev/null || { log "go is required (Go >= 1.26)"; exit 1; }
 mkdir -p "$OUT/bin" "$OUT/src/k8s" "$OUT/src/etcd"
@@ -47,8 +43,6 @@ if [[ ! -x "$OUT/bin/etcd" ]]; then
 fi
 
 # --- kubernetes ------------------------------------------------------------------------------
-# shellcheck source=hack/lib/k8s-module.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib/k8s-module.sh"
 k8s_wrapper_module "$OUT/src/k8s" "$K8S_VERSION" kube-apiserver kube-controller-manager kube-scheduler
 ld="$(k8s_ldflags "$K8S_VERSION")"
 for b in kube-apiserver kube-controller-manager kube-scheduler; do

@@ -8,14 +8,14 @@
 # `containernetworking-plugins`, installed with apt-get when missing.
 #
 # Binaries are cached by version under $CACHE_DIR/node/ and rebuilt only when a pin changes. The
-# builds run with `nice -n 19` and `go build -p 1` (a shared 2-core machine); NODE_BUILD_JOBS
-# changes -p.
+# builds run with `nice -n 19` and `go build -p <CPUs>` (NODE_BUILD_JOBS changes -p; 1 keeps a
+# shared machine's second core free, at about twice the wall time).
 set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-v1.37.2}"
 CONTAINERD_VERSION="${CONTAINERD_VERSION:-v2.1.4}"
 COREDNS_VERSION="${COREDNS_VERSION:-v1.14.7}"
-JOBS="${NODE_BUILD_JOBS:-1}"
+JOBS="${NODE_BUILD_JOBS:-$(nproc)}"
 CACHE_DIR="${RO_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/research-operator}"
 OUT="$CACHE_DIR/node/k8s-$K8S_VERSION-containerd-$CONTAINERD_VERSION-coredns-$COREDNS_VERSION"
 BINARIES=(kubelet kube-proxy containerd containerd-shim-runc-v2 ctr coredns)
@@ -33,13 +33,9 @@ if (( ${#missing[@]} )); then
     || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2; }
 fi
 
-complete=1
-for b in "${BINARIES[@]}"; do [[ -x "$OUT/bin/$b" ]] || complete=0; done
-if [[ $complete == 1 ]]; then
-  log "cached: $OUT/bin"
-  echo "$OUT/bin"
-  exit 0
-fi
+# shellcheck source=hack/lib/k8s-module.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/k8s-module.sh"
+exit_if_cached build-node "$OUT/bin" "${BINARIES[@]}"
 
 command -v go >/dev/null || { log "go is required (Go >= 1.26)"; exit 1; }
 mkdir -p "$OUT/bin" "$OUT/src/k8s" "$OUT/src/containerd" "$OUT/src/coredns"
@@ -63,8 +59,6 @@ build() {  # build DIR OUTNAME PACKAGE [go build flags...]
 
 # --- kubelet, kube-proxy -------------------------------------------------------------------------
 if [[ ! -x "$OUT/bin/kubelet" || ! -x "$OUT/bin/kube-proxy" ]]; then
-  # shellcheck source=hack/lib/k8s-module.sh
-  source "$(dirname "${BASH_SOURCE[0]}")/lib/k8s-module.sh"
   GOFLAGS="${GOFLAGS:-} -p=$JOBS" k8s_wrapper_module "$OUT/src/k8s" "$K8S_VERSION" kubelet kube-proxy
   ld="$(k8s_ldflags "$K8S_VERSION")"
   build "$OUT/src/k8s" kubelet k8s.io/kubernetes/cmd/kubelet -ldflags "$ld"

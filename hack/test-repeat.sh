@@ -5,10 +5,16 @@
 #   N=5 hack/test-repeat.sh                 # the cluster tiers (marker cluster) in this checkout
 #   N=5 FRESH=1 hack/test-repeat.sh         # `make test` (the CI command) in a fresh clone each time
 #                                           # of one commit: COMMIT (default: HEAD when it starts)
+#   N=1 FRESH=1 COLD=1 hack/test-repeat.sh  # the same on empty caches, as on a fresh machine: every
+#                                           # build, Go module and pip download anew (XDG_CACHE_HOME,
+#                                           # GOPATH and PIP_CACHE_DIR on empty dirs under $OUT)
 #   N=3 PYTEST_ARGS="tests/test_wakeups_cluster.py" hack/test-repeat.sh
 #
 # Each run's output goes to $OUT/run-<i>.log (default: a new dir under /tmp); a summary line per
 # run to $OUT/summary.tsv: run, exit code, seconds, pytest's last line. Exits non-zero if any run failed.
+# A fresh clone's cluster has a state dir of its own ($OUT/state-<i>), so that nothing else on the
+# machine (another checkout's cluster, a stray earlier run) shares it. Stop a run by its process
+# group: kill -- -<pid of this script>.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 N="${N:-5}"
@@ -24,12 +30,21 @@ for i in $(seq 1 "$N"); do
   if [ -n "${FRESH:-}" ]; then
     dir="$OUT/clone-$i"
     git clone -q . "$dir" && git -C "$dir" checkout -q --detach "$COMMIT" && ln -sfn "$(cd .. && pwd)/shared" "$OUT/shared" 2>/dev/null
-    (cd "$dir" && CI=true make test </dev/null) >"$OUT/run-$i.log" 2>&1
+    cold=()
+    if [ -n "${COLD:-}" ]; then
+      c="$OUT/cold-$i"
+      mkdir -p "$c/cache" "$c/gopath"
+      cold=(XDG_CACHE_HOME="$c/cache" GOPATH="$c/gopath" PIP_CACHE_DIR="$c/cache/pip")
+    fi
+    (cd "$dir" && env "${cold[@]}" CI=true LOCALKUBE_STATE_DIR="$OUT/state-$i" \
+      make test PYTEST_ARGS="${PYTEST_ARGS:-}" </dev/null) >"$OUT/run-$i.log" 2>&1
     code=$?
     rm -rf "$dir"
+    # The Go module cache is read-only by design.
+    [ -z "${COLD:-}" ] || { chmod -R u+w "$OUT/cold-$i" && rm -rf "$OUT/cold-$i"; }
   else
     # shellcheck disable=SC2086 # PYTEST_ARGS is a list of words
-    "$PY" -m pytest -m "${MARKERS:-cluster and not realnode}" -p no:cacheprovider ${PYTEST_ARGS:-} </dev/null >"$OUT/run-$i.log" 2>&1
+    "$PY" -m pytest -m "${MARKERS:-cluster}" -p no:cacheprovider ${PYTEST_ARGS:-} </dev/null >"$OUT/run-$i.log" 2>&1
     code=$?
   fi
   secs=$(($(date +%s) - start))

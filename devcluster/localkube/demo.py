@@ -1,9 +1,10 @@
 """``python -m localkube.demo [up|down]``: the one-command demo (``make demo``, ``make demo-down``).
 
-``up`` (the default) starts or reuses the local control plane and its container node (``localctr-1``:
-pods run with runc from the product image ``make image-build`` built, each with its own network
-namespace and pod IP; Services resolve and route), installs the Helm chart from that image onto
-that node with ``helm upgrade --install`` (a rerun is an idempotent upgrade), creates the namespace
+``up`` (the default) starts or reuses the local control plane and its real node (``localreal-1``:
+the kubelet and containerd run pods from the product image ``make image-build`` built, each with its
+own network namespace and pod IP from the CNI bridge plugin; kube-proxy routes Services and CoreDNS
+answers their names; ``localkube.realnode``), installs the Helm chart from that image onto that node
+with ``helm upgrade --install`` (a rerun is an idempotent upgrade), creates the namespace
 ``research-demo`` whose pods go to that node too, submits the ResearchJob of
 ``examples/researchjob.yaml`` with the documents of ``examples/corpus/`` through the ``kubectl
 research`` plugin, follows it with ``kubectl research watch`` until it ends and prints its report
@@ -36,6 +37,7 @@ from typing import Any, cast
 
 import yaml
 
+from localkube import realnode
 from localkube.controlplane import (
     NAMESPACE_PLACEMENT_PLUGINS,
     REPO_ROOT,
@@ -57,17 +59,13 @@ CORPUS_DIR = EXAMPLES / "corpus"
 CORPUS_CONFIGMAP = "demo-corpus"  # the name examples/researchjob.yaml refers to
 RESEARCHJOB_FILE = EXAMPLES / "researchjob.yaml"
 VALUES_FILE = "demo-values.yaml"  # in the cluster's state dir
-CONTAINER_VALUES_FILE = "demo-container-values.yaml"  # the same, for the container node
-CONTAINER_NODE = "localctr-1"
-RUNTIME_LABEL = "localkube.dev/runtime"  # localkube.nodeagent.CONTAINER_RUNTIME_LABEL
-# The demo's container node carries this taint beside the runtime's, so that pods placed on "any
-# container node" (the tests' own container nodes select localkube.dev/runtime=runc) never land on it.
-DEMO_TAINT = {"key": "localkube.dev/dedicated", "value": "demo", "effect": "NoSchedule"}
+CONTAINER_VALUES_FILE = "demo-container-values.yaml"  # the same, for the real node
+NODE = "localreal-1"  # the name `localkube real-node up` gives it too: one real node per cluster
+# The real node registers with the label and the taint localkube.dev/runtime=containerd (NoSchedule).
 PLACEMENT: dict[str, Any] = {
-    "nodeSelector": {"kubernetes.io/hostname": CONTAINER_NODE},
+    "nodeSelector": {realnode.RUNTIME_LABEL: realnode.RUNTIME},
     "tolerations": [
-        {"key": RUNTIME_LABEL, "operator": "Equal", "value": "runc", "effect": "NoSchedule"},
-        {**{k: DEMO_TAINT[k] for k in ("key", "value", "effect")}, "operator": "Equal"},
+        {"key": realnode.RUNTIME_LABEL, "operator": "Equal", "value": realnode.RUNTIME, "effect": "NoSchedule"}
     ],
 }
 # Admission plugins (enabled by localkube.controlplane) that place a namespace's pods.
@@ -239,7 +237,7 @@ def local_values(kube: Kube) -> Path:
 
 
 def container_values(kube: Kube) -> Path:
-    """The values for the chart on the demo's container node, kept in the state dir: the image as
+    """The values for the chart on the demo's real node, kept in the state dir: the image as
     built here (never pulled: there is no registry), and the operator and model server placed on
     the node. Every other value is the chart's default: the workers reach the model server and the
     lease broker at their Services' DNS names, and each pod listens on its own IP."""
@@ -250,7 +248,7 @@ def container_values(kube: Kube) -> Path:
         "modelServer": PLACEMENT,
     }
     header = (
-        f"# Written by `python -m localkube.demo`: the chart on the container node {CONTAINER_NODE},\n"
+        f"# Written by `python -m localkube.demo`: the chart on the real node {NODE},\n"
         "# from the image `make image-build` built. Rewritten by reruns; deleted by `demo down`.\n"
     )
     path.write_text(header + yaml.safe_dump(values, sort_keys=False))
@@ -552,31 +550,32 @@ def read_report(kube: Kube, namespace: str, obj: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def start_container_node(cluster: Cluster) -> tuple[Path, bool]:
-    """The demo's container node on ``cluster`` (started, or reused when it runs the current image):
-    the image export ``make image-build`` made (built now if missing; cached, 0.1 s) and whether the
-    node was started. Root only (runc, network namespaces)."""
+def start_node(cluster: Cluster) -> tuple[Path, bool]:
+    """The demo's real node on ``cluster`` (started, or reused when it runs the current image): the
+    image export ``make image-build`` made and whether the node was started. Its programs and the
+    image are built now if missing (cached: milliseconds). Root only (containerd, runc, network and
+    mount namespaces)."""
     if os.geteuid() != 0:
         raise DemoError(
-            "the container node runs pods with runc in network namespaces of their own, which needs root;"
-            " without root: python -m localkube.demo up --process-node"
+            "the real node runs the kubelet, containerd and runc in network and mount namespaces of their own,"
+            " which needs root; without root: python -m localkube.demo up --process-node"
         )
     from localkube.containers import build_image
 
+    bin_dir = realnode.build_binaries()
     image = build_image()
-    taint = f"{DEMO_TAINT['key']}={DEMO_TAINT['value']}:{DEMO_TAINT['effect']}"
     since = time.time()
-    started = cluster.container_node_up(CONTAINER_NODE, image.directory, taints=(taint,))
+    started = realnode.start(cluster, NODE, image.directory, bin_dir)
     if started:
         wait_restarted(Kube.of(cluster), since)
     return image.directory, started
 
 
 def wait_restarted(kube: Kube, since: float, timeout: float = 90) -> None:
-    """A node agent started anew found the release's pods bound to the node with their containers
-    gone (they went with the agent that ran them) and starts them again in place; until it has
-    reported that, their status still says Ready, and a rollout would look done. Wait until every
-    pod of the release on the node reports containers started since ``since``."""
+    """A kubelet started anew finds the release's pods bound to the node with their containers gone
+    (they went with the node that ran them) and starts them again in place; until it has reported
+    that, their status still says Ready, and a rollout would look done. Wait until every pod of the
+    release on the node reports containers started since ``since``."""
     floor = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(since)))
     deadline = time.monotonic() + timeout
     while True:
@@ -584,7 +583,7 @@ def wait_restarted(kube: Kube, since: float, timeout: float = 90) -> None:
         stale = [
             p["metadata"]["name"]
             for p in pods
-            if (p.get("spec") or {}).get("nodeName") == CONTAINER_NODE
+            if (p.get("spec") or {}).get("nodeName") == NODE
             and not p["metadata"].get("deletionTimestamp")
             and any(
                 "" < str(((c.get("state") or {}).get("running") or {}).get("startedAt") or "") < floor
@@ -594,12 +593,8 @@ def wait_restarted(kube: Kube, since: float, timeout: float = 90) -> None:
         if not stale:
             return
         if time.monotonic() > deadline:
-            raise DemoError(f"the container node {CONTAINER_NODE} did not start these pods again: {', '.join(stale)}")
+            raise DemoError(f"the real node {NODE} did not start these pods again: {', '.join(stale)}")
         time.sleep(0.5)
-
-
-def stop_container_node(cluster: Cluster) -> bool:
-    return cluster.container_node_down()
 
 
 def pods_wide(kube: Kube, namespace: str) -> list[str]:
@@ -646,15 +641,16 @@ def up(timeout: float = DEFAULT_TIMEOUT, emit: Emit = _say, containers: bool = T
         if missing:
             raise DemoError(
                 f"the running API server was started without the {' and '.join(sorted(missing))} admission "
-                "plugins (by an older localkube), which place the demo namespace's pods on the container node. "
+                "plugins (by an older localkube), which place the demo namespace's pods on the real node. "
                 "Restart the cluster: make demo-down && make demo"
             )
-        step(f"Container node {CONTAINER_NODE}: pods run with runc from the image research-operator:0.1.0")
-        image_dir, node_started = start_container_node(cluster)
-        emit(f"    {'started' if node_started else 'reused'} its node agent (container mode); image export {image_dir}")
-        emit("    each pod gets its own network namespace and an IP of 10.244.0.0/16; Services resolve and route")
-        emit(f"    (kubectl get node {CONTAINER_NODE} -o wide; pod logs: kubectl research logs, or {sys.executable} "
-             "-m localkube.cli logs NS/POD, since there is no kubelet API for kubectl logs)")  # fmt: skip
+        step(f"Real node {NODE}: the kubelet and containerd run pods from the image research-operator:0.1.0")
+        image_dir, node_started = start_node(cluster)
+        emit(f"    {'started' if node_started else 'reused'} the node (kubelet, containerd, kube-proxy, CoreDNS);"
+             f" image export {image_dir}")  # fmt: skip
+        emit("    each pod gets its own network namespace and an IP of 10.244.0.0/16 (CNI bridge); kube-proxy")
+        emit("    routes Services and CoreDNS answers their names")
+        emit(f"    (kubectl get node {NODE} -o wide; kubectl logs reads a pod's log through the kubelet)")
         values = container_values(kube)
         placement = PLACEMENT
     else:
@@ -673,7 +669,7 @@ def up(timeout: float = DEFAULT_TIMEOUT, emit: Emit = _say, containers: bool = T
 
     what = " (restricted Pod Security)"
     if placement is not None:
-        what = f" (restricted Pod Security; its pods go to {CONTAINER_NODE}, annotation {NODE_SELECTOR_ANNOTATION})"
+        what = f" (restricted Pod Security; its pods go to {NODE}, annotation {NODE_SELECTOR_ANNOTATION})"
     step(f"Namespace {DEMO_NAMESPACE}{what}")
     create_namespace(kube, DEMO_NAMESPACE, placement)
 
@@ -730,7 +726,7 @@ def up(timeout: float = DEFAULT_TIMEOUT, emit: Emit = _say, containers: bool = T
     step("What this was")
     if containers:
         emit(
-            f"    Every pod (operator, model server, workers) ran on {CONTAINER_NODE} as a runc container of the\n"
+            f"    Every pod (operator, model server, workers) ran on {NODE} as a containerd container of the\n"
             "    image built here, on a read-only root, with its own pod IP; the workers called the model at\n"
             f"    {endpoint['spec']['baseUrl']}"
             + (
@@ -754,7 +750,7 @@ def up(timeout: float = DEFAULT_TIMEOUT, emit: Emit = _say, containers: bool = T
 
 
 def down(emit: Emit = _say, stop_cluster: bool = True) -> int:
-    """Uninstall the release, delete the demo namespace, stop the container node and (unless
+    """Uninstall the release, delete the demo namespace, stop the real node and (unless
     ``stop_cluster`` is False) the cluster."""
     cluster = Cluster()
     if not cluster.healthy():
@@ -771,8 +767,8 @@ def down(emit: Emit = _say, stop_cluster: bool = True) -> int:
     emit(f"namespace {DEMO_NAMESPACE}: " + ("deleted" if out.returncode == 0 else out.stderr.strip()))
     (kube.state_dir / VALUES_FILE).unlink(missing_ok=True)
     (kube.state_dir / CONTAINER_VALUES_FILE).unlink(missing_ok=True)
-    if stop_container_node(cluster):
-        emit(f"container node {CONTAINER_NODE}: stopped, Node deleted")
+    if realnode.stop(cluster):
+        emit(f"real node {NODE}: stopped, Node deleted")
     if stop_cluster:
         emit("stopped: " + ", ".join(cluster.down()))
     return 0

@@ -1,5 +1,5 @@
 # Sourced by hack/build-control-plane.sh and hack/build-node.sh: the wrapper module through which
-# commands of k8s.io/kubernetes are built from the Go module proxy.
+# commands of k8s.io/kubernetes are built from the Go module proxy, and the check both make first.
 #
 # k8s.io/kubernetes requires its staging modules (k8s.io/api, k8s.io/client-go, ...) at v0.0.0 and
 # replaces them with ./staging/src/... paths that do not exist outside its own repository. The
@@ -44,4 +44,14 @@ k8s_ldflags() {
     ld+=" -X $p.gitTreeState=clean -X $p.buildDate=$now -X $p.gitCommit=module-proxy-$version"
   done
   echo "$ld"
+}
+
+# exit_if_cached TAG DIR BINARY...: when every BINARY is an executable in DIR, say so and print DIR
+# on stdout (what the build scripts print), then exit the calling script.
+exit_if_cached() {
+  local tag="$1" dir="$2" b; shift 2
+  for b in "$@"; do [[ -x "$dir/$b" ]] || return 0; done
+  echo "[$tag] cached: $dir" >&2
+  echo "$dir"
+  exit 0
 }

@@ -1,12 +1,12 @@
-"""``make demo`` on the container node (issue 23): ``python -m localkube.demo up`` as a user runs it,
-on the session's cluster, with what it prints checked as a user reads it: the chart's pods on the
-container node ``localctr-1`` with pod IPs, the example ResearchJob Succeeded, the report, and the
-worker pods' logs (read by ``kubectl research logs`` from the node's log files, since there is no
-kubelet API) saying that the lease broker answered at its Service. A pod watch records every worker
-pod the operator created: each ran there as a runc container with its own IP. A second ``up`` on
-the running cluster reuses the node and the release; a third, after the node's agent stopped (as
-when a rebuilt image restarts it), starts the node again, whose pods come back in place. The module
-ends with ``demo down`` without stopping the cluster (the session's)."""
+"""``make demo`` on the real node (issue 23): ``python -m localkube.demo up`` as a user runs it, on
+the session's cluster, with what it prints checked as a user reads it: the chart's pods on the real
+node ``localreal-1`` (the kubelet, containerd, kube-proxy, CoreDNS) with pod IPs, the example
+ResearchJob Succeeded, the report, and the worker pods' logs (``kubectl research logs``, which reads
+them through the kubelet) saying that the lease broker answered at its Service. A pod watch records
+every worker pod the operator created: each ran there as a containerd container with its own IP. A
+second ``up`` on the running cluster reuses the node and the release; a third, after the node
+stopped (as a reboot stops it), starts the node again, whose kubelet starts the pods again in
+place. The module ends with ``demo down`` without stopping the cluster (the session's)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ import pytest
 from kubernetes import client, watch
 
 from localkube import demo
-from localkube.controlplane import CONTAINER_NODE_PROCESS, Cluster
-from localkube.demo import CONTAINER_NODE, DEMO_NAMESPACE, RELEASE, RELEASE_NAMESPACE, Kube
+from localkube.controlplane import REAL_NODE_PROCESS, Cluster
+from localkube.demo import DEMO_NAMESPACE, NODE, RELEASE, RELEASE_NAMESPACE, Kube
 from tests.fixtures.cluster import ClusterHandle
 
-pytestmark = [pytest.mark.cluster, pytest.mark.image]
+pytestmark = [pytest.mark.cluster, pytest.mark.image, pytest.mark.realnode]
 
 BROKER_SERVICE_URL = re.compile(rf"lease broker https://{RELEASE}-leases\.{RELEASE_NAMESPACE}\.svc:\d+ answers")
 
@@ -73,7 +73,7 @@ class DemoRun:
 
 def listed_pods(run: DemoRun) -> list[list[str]]:
     """The release's pods as the demo lists them: NAME, STATUS, IP, NODE."""
-    return [line.split() for line in run.lines if line.endswith(f" {CONTAINER_NODE}") and "Running" in line]
+    return [line.split() for line in run.lines if line.endswith(f" {NODE}") and "Running" in line]
 
 
 def run_demo(cluster: ClusterHandle) -> DemoRun:
@@ -91,15 +91,15 @@ def run_demo(cluster: ClusterHandle) -> DemoRun:
 @pytest.fixture(scope="module")
 def demo_runs(cluster: ClusterHandle, no_test_operator: None) -> Iterator[list[DemoRun]]:
     if os.geteuid() != 0:
-        pytest.fail("the container node needs root (runc, network namespaces)")
+        pytest.fail("the real node needs root (containerd, runc, network and mount namespaces)")
     assert Cluster().state_dir == cluster.state_dir  # the demo runs on the session's cluster
     runs: list[DemoRun] = []
     try:
         runs.append(run_demo(cluster))
         runs.append(run_demo(cluster))  # `make demo` again on the running cluster
-        # The node's agent stops (a rebuilt image restarts it, and a reboot stops it): its containers
-        # go, the release's pods stay in the API, bound to the node.
-        assert cluster.cluster.stop_process(CONTAINER_NODE_PROCESS)
+        # The node stops (as a reboot stops it): its containers go, the release's pods stay in the
+        # API, bound to the Node.
+        assert cluster.cluster.stop_process(REAL_NODE_PROCESS)
         runs.append(run_demo(cluster))
         yield runs
     finally:
@@ -128,11 +128,11 @@ def test_make_demo_runs_the_chart_and_the_researchjob_as_containers_and_prints_t
     # Every worker pod (planner, interview batches, writer) ran on the node as a container with its own IP.
     assert run.workers, "no worker pod was seen"
     for pod in run.workers.values():
-        assert pod["node"] == CONTAINER_NODE, pod
+        assert pod["node"] == NODE, pod
         assert pod.get("ip", "").startswith("10.244."), pod  # not 127.0.0.1: a network namespace of its own
-        assert pod["containers"] and all(c.startswith("runc://") for c in pod["containers"]), pod
+        assert pod["containers"] and all(c.startswith("containerd://") for c in pod["containers"]), pod
 
-    # The workers' logs, read by `kubectl research logs` from the node's files: each pod took its
+    # The workers' logs, read by `kubectl research logs` through the kubelet: each pod took its
     # leases from the broker at its Service's DNS name (the leader's EndpointSlice), none fell back.
     answered = [line for line in run.lines if BROKER_SERVICE_URL.search(line)]
     assert answered, out[-3000:]
@@ -145,22 +145,22 @@ def test_make_demo_again_reuses_the_node_and_the_release_and_succeeds_anew(demo_
     first, again, _ = demo_runs
     assert again.code == 0, again.text
     assert "reused the running cluster" in again.text
-    assert "reused its node agent (container mode)" in again.text
+    assert "reused the node (kubelet, containerd" in again.text
     assert "deleting the previous run's researchjob/fair-sharing" in again.text
     assert re.search(r"Succeeded: 4/4 sections", again.text), again.text[-3000:]
     # The release's pods were not replaced by the rerun's helm upgrade.
     assert [row[0] for row in listed_pods(first)] == [row[0] for row in listed_pods(again)], again.text
-    assert again.workers and all(p["node"] == CONTAINER_NODE for p in again.workers.values())
+    assert again.workers and all(p["node"] == NODE for p in again.workers.values())
 
 
 def test_make_demo_after_the_node_stopped_starts_it_and_the_releases_pods_come_back(demo_runs: list[DemoRun]) -> None:
     first, _, restarted = demo_runs
     assert restarted.code == 0, restarted.text
-    assert "started its node agent (container mode)" in restarted.text
+    assert "started the node (kubelet, containerd" in restarted.text
     assert re.search(r"Succeeded: 4/4 sections", restarted.text), restarted.text[-3000:]
     # The same pods, their containers started again in place (kubectl would show RESTARTS 1),
     # listed with their pod IPs.
     rows = listed_pods(restarted)
     assert [row[0] for row in rows] == [row[0] for row in listed_pods(first)], restarted.text
     assert all(len(row) == 4 and row[2].startswith("10.244.") for row in rows), rows
-    assert restarted.workers and all(p["node"] == CONTAINER_NODE for p in restarted.workers.values())
+    assert restarted.workers and all(p["node"] == NODE for p in restarted.workers.values())
