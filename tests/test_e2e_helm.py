@@ -1,15 +1,24 @@
-"""End to end as a user does it, through the helm and kubectl binaries (issue 6).
+"""End to end as a user does it, through the helm and kubectl binaries (issues 6 and 23).
 
 One Helm release (the module's fixture, installed the way ``make demo`` installs it) serves every
 test here, in order: the sample ResearchJob of ``examples/`` ends with a cited report; ``helm
 upgrade --reuse-values --set settings.globalMaxActiveJobs=1`` reaches the running operator without
-a restart; ``helm uninstall`` removes the release and leaves the CRD and the users' ResearchJobs,
-which can still be deleted afterwards with everything they own.
+a restart; the worker pods hold leases of the chart's broker; an upgrade that replaces the operator
+keeps a running ResearchJob going; ``helm uninstall`` removes the release and leaves the CRD and the
+users' ResearchJobs, which can still be deleted afterwards with everything they own.
+
+All of it twice (``node``): on the process node (pods as host processes on host ports, the chart's
+values as ``make demo --process-node`` writes them, no root) and on the real node (the image built
+here run by the kubelet and containerd, pods on their own IPs, workers reaching the model server and
+the broker through their Services; marker ``realnode``). On the real node the test reads the
+operator's ``/metrics`` and the model server's counters as a user would, through ``kubectl
+port-forward``, and the logs through ``kubectl logs``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import threading
@@ -21,7 +30,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from kubernetes import config as kubeconfig
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,6 +39,7 @@ from localkube.demo import CHART, LEASE, RELEASE, RELEASE_NAMESPACE, Kube
 from research_api.researchjob import GROUP, PLURAL, VERSION
 from research_operator.actions import kube as operator_kube
 from tests.fixtures.cluster import ClusterHandle
+from tests.fixtures.realnode import RealNodeHandle
 from tests.test_operator_cluster import JobWatch
 
 pytestmark = pytest.mark.cluster
@@ -41,21 +50,37 @@ RELEASE_SELECTOR = f"app.kubernetes.io/instance={RELEASE}"
 NAMESPACE_DEFAULTS = {"configmap/kube-root-ca.crt", "serviceaccount/default"}
 
 
+@pytest.fixture(scope="module", params=["process_node", pytest.param("real_node", marks=pytest.mark.realnode)])
+def node(request: pytest.FixtureRequest) -> RealNodeHandle | None:
+    """Where the release and the workers run: None for the process node, else the real node."""
+    if request.param == "process_node":
+        return None
+    real: RealNodeHandle = request.getfixturevalue("real_node")
+    assert real.name == demo.NODE  # the node the demo's values place the release on
+    return real
+
+
 @pytest.fixture(scope="module")
-def release(cluster: ClusterHandle, no_test_operator: None) -> Iterator[Kube]:
-    """The chart installed into research-operator-system as `make demo` installs it."""
+def release(cluster: ClusterHandle, no_test_operator: None, node: RealNodeHandle | None) -> Iterator[Kube]:
+    """The chart installed into research-operator-system as `make demo` installs it (with
+    ``--process-node`` on the process node)."""
     kube = Kube(cluster.kubeconfig, cluster.tools, cluster.state_dir)
-    demo.install(kube, demo.local_values(kube))
+    if node is None:
+        demo.install(kube, demo.local_values(kube))
+    else:
+        demo.create_namespace(kube, RELEASE_NAMESPACE)  # restricted Pod Security for the release's pods too
+        demo.install(kube, demo.container_values(kube))
     demo.wait_available(kube)
     yield kube
     demo.uninstall(kube)
 
 
 @pytest.fixture(scope="module")
-def user_namespace(release: Kube) -> Iterator[str]:
-    """A namespace like research-demo: restricted Pod Security, the example documents."""
+def user_namespace(release: Kube, node: RealNodeHandle | None) -> Iterator[str]:
+    """A namespace like research-demo: restricted Pod Security, the example documents; on the real
+    node, its pods go there (the namespace's node selector and tolerations)."""
     name = f"e2e-{uuid.uuid4().hex[:6]}"
-    demo.create_namespace(release, name)
+    demo.create_namespace(release, name, None if node is None else demo.PLACEMENT)
     demo.apply_corpus(release, name)
     yield name
     release.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
@@ -198,7 +223,7 @@ class MetricsWatch(threading.Thread):
 
 
 def test_worker_pods_hold_leases_from_the_charts_broker(
-    release: Kube, user_namespace: str, monkeypatch: pytest.MonkeyPatch
+    release: Kube, user_namespace: str, node: RealNodeHandle | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The lease broker as the chart runs it: in the operator pod, as the chart's ServiceAccount and
     under the chart's RBAC only. A ModelEndpoint of capacity 1 is declared for the release's offline
@@ -209,18 +234,18 @@ def test_worker_pods_hold_leases_from_the_charts_broker(
     workers fall back to their ConfigMap shares (then no lease is granted: checked by running this
     with `tokenreviews` taken out of the ClusterRole, which fails with 0 leases for 12 calls).
 
-    The broker's Service: the local cluster has no kube-proxy, so workers reach the broker at the
-    loopback URL of the chart's local values, not through the Service; and its pods' IP is 127.0.0.1,
-    which the API server refuses in an EndpointSlice, so the leader writes none and says why. What
-    the leader does on a real cluster (``point_service_at`` with a non-loopback address) is done here
-    with the operator's own code as the chart's ServiceAccount: the chart's Role allows exactly that,
-    the API server accepts the slice, and the slice is owned by the Service (``helm uninstall``
-    removes it, checked below).
+    The broker's Service: on the real node the leader writes its EndpointSlice with its own pod IP,
+    and the workers reach the broker and the model server at their Services' DNS names. On the
+    process node the pods' IP is 127.0.0.1, which the API server refuses in an EndpointSlice, so the
+    leader writes none and says why, and workers use the loopback URLs of the chart's local values;
+    what the leader does on a real cluster (``point_service_at``) is then done with the operator's
+    own code as the chart's ServiceAccount: the chart's Role allows exactly that, the API server
+    accepts the slice, and the slice is owned by the Service (``helm uninstall`` removes it, checked
+    below). On both, the Role allows no other Service.
     """
-    values = yaml.safe_load((release.state_dir / demo.VALUES_FILE).read_text())
-    model_url = values["modelServer"]["baseUrl"]
+    values = json.loads(release.helm("get", "values", RELEASE, "-n", RELEASE_NAMESPACE, "--all", "-o", "json").stdout)
     broker_port = int(values["operator"]["leaseBroker"]["port"])
-    metrics_url = f"http://127.0.0.1:{values['operator']['metricsPort']}/metrics"
+    model_url = demo.model_url(release)  # what the workers call
     pod = demo.operator_pod(release)
     assert pod["spec"]["serviceAccountName"] == RELEASE
 
@@ -233,25 +258,40 @@ def test_worker_pods_hold_leases_from_the_charts_broker(
         "spec": {"baseUrl": model_url, "maxConcurrentRequests": capacity},
     }
     release.kubectl("apply", "-f", "-", input=json.dumps(manifest))
-    httpx.post(f"{model_url}/offline/stats/reset", timeout=10).raise_for_status()
-    families = ("research_operator_endpoint_pods_in_touch", "research_operator_endpoint_leases_in_flight")
-    watch = MetricsWatch(metrics_url, endpoint, families)
-    watch.start()
-    started = time.monotonic()
-    try:
-        body = sample_researchjob(analysts={"count": 2}, parallelism={"batchSize": 1, "maxActiveJobs": 2})
-        body["metadata"]["name"] = "leased"
-        demo.apply_researchjob(release, user_namespace, body)
-        obj = demo.follow(release, user_namespace, "leased", timeout=300, emit=lambda _: None)
-    finally:
-        watch.done.set()
-        watch.join()
-        release.kubectl("delete", "modelendpoint", endpoint, "--ignore-not-found", check=False)
-    took = time.monotonic() - started
-    assert obj["status"]["progress"] == "2/2", obj["status"]
+    with contextlib.ExitStack() as forwards:
+        # How the host reaches the model server's counters and the operator's /metrics.
+        if node is None:
+            host_model_url, metrics_url = model_url, f"http://127.0.0.1:{values['operator']['metricsPort']}/metrics"
+        else:
+            url = httpx.URL(model_url)
+            assert url.host == f"{demo.MODELSERVER_DEPLOYMENT}.{RELEASE_NAMESPACE}.svc", model_url
+            service = f"service/{demo.MODELSERVER_DEPLOYMENT}"
+            local = forwards.enter_context(release.port_forward(RELEASE_NAMESPACE, service, int(url.port or 80)))
+            host_model_url = f"http://127.0.0.1:{local}{url.path.rstrip('/')}"
+            operator = f"pod/{pod['metadata']['name']}"
+            local = forwards.enter_context(
+                release.port_forward(RELEASE_NAMESPACE, operator, values["operator"]["metricsPort"])
+            )
+            metrics_url = f"http://127.0.0.1:{local}/metrics"
+        httpx.post(f"{host_model_url}/offline/stats/reset", timeout=10).raise_for_status()
+        families = ("research_operator_endpoint_pods_in_touch", "research_operator_endpoint_leases_in_flight")
+        watch = MetricsWatch(metrics_url, endpoint, families)
+        watch.start()
+        started = time.monotonic()
+        try:
+            body = sample_researchjob(analysts={"count": 2}, parallelism={"batchSize": 1, "maxActiveJobs": 2})
+            body["metadata"]["name"] = "leased"
+            demo.apply_researchjob(release, user_namespace, body)
+            obj = demo.follow(release, user_namespace, "leased", timeout=300, emit=lambda _: None)
+        finally:
+            watch.done.set()
+            watch.join()
+            release.kubectl("delete", "modelendpoint", endpoint, "--ignore-not-found", check=False)
+        took = time.monotonic() - started
+        assert obj["status"]["progress"] == "2/2", obj["status"]
+        stats = httpx.get(f"{host_model_url}/offline/stats", timeout=10).json()
+        text = httpx.get(metrics_url, timeout=10).text
 
-    stats = httpx.get(f"{model_url}/offline/stats", timeout=10).json()
-    text = httpx.get(metrics_url, timeout=10).text
     granted = metric(text, "research_operator_endpoint_leases_granted_total", endpoint=endpoint)
     # Every model call the server answered was made under a lease, never more than the capacity at once.
     assert stats["total"] > 0 and granted >= stats["total"], (granted, stats, f"{took:.0f}s")
@@ -264,34 +304,45 @@ def test_worker_pods_hold_leases_from_the_charts_broker(
     assert not [c for c in codes if c[1] in ("401", "403", "503")], codes
     log = release.pod_log(RELEASE_NAMESPACE, pod["metadata"]["name"])
     assert "TokenReview failed" not in log and "refused a request" not in log
-    workers = "".join(
-        p.read_text(errors="replace")
-        for p in (release.state_dir / "nodes" / "pods").glob(f"{user_namespace}_leased-*/*.log")
-    )
-    assert f"lease broker https://127.0.0.1:{broker_port} answers" in workers
+    # The workers' logs say where the broker answered.
+    if node is None:  # the process node's agent keeps each container's output in a file
+        logs = (release.state_dir / "nodes" / "pods").glob(f"{user_namespace}_leased-*/*.log")
+        workers = "".join(p.read_text(errors="replace") for p in logs)
+    else:
+        workers = release.research("logs", "leased", "-n", user_namespace).stdout
+    broker_host = "127.0.0.1" if node is None else f"{LEASES_SERVICE}.{RELEASE_NAMESPACE}.svc"
+    assert f"lease broker https://{broker_host}:{broker_port} answers" in workers, workers[-3000:]
     assert "falling back to this pod's share" not in workers
 
     # The broker's Service, and the EndpointSlice the leader writes for it.
     service = release.get("service", LEASES_SERVICE, "-n", RELEASE_NAMESPACE)
     assert service is not None and not service["spec"].get("selector"), service
     assert [p["port"] for p in service["spec"]["ports"]] == [broker_port]
-    assert pod["status"]["podIP"] == "127.0.0.1"
-    assert "this pod's IP 127.0.0.1 is a loopback address, which an EndpointSlice cannot hold" in log
-    assert release.get("endpointslice", LEASES_SERVICE, "-n", RELEASE_NAMESPACE) is None
-    # What the leader does on a real cluster, with the operator's own code, as the chart's ServiceAccount:
-    # create, then update as a new leader does (a 409, then a PUT without resourceVersion).
+    if node is not None:
+        ip = pod["status"]["podIP"]
+        assert ip.startswith("10.244."), ip
+        written = release.get("endpointslice", LEASES_SERVICE, "-n", RELEASE_NAMESPACE)
+        assert written is not None, log[-3000:]
+        assert [e["addresses"] for e in written["endpoints"]] == [[ip]]
+    else:
+        assert pod["status"]["podIP"] == "127.0.0.1"
+        assert "this pod's IP 127.0.0.1 is a loopback address, which an EndpointSlice cannot hold" in log
+        assert release.get("endpointslice", LEASES_SERVICE, "-n", RELEASE_NAMESPACE) is None
+    # As the chart's ServiceAccount, with the operator's own code: on the process node, what the
+    # leader does on a real cluster (create, then update as a new leader does: a 409, then a PUT
+    # without resourceVersion); on both, no other Service: the Role names the one.
     api = kubeconfig.new_client_from_config(config_file=str(release.kubeconfig))
     api.set_default_header("Impersonate-User", OPERATOR_SA)
     monkeypatch.setattr(operator_kube, "_api", api)
-    for ip in ("192.0.2.10", "192.0.2.11"):  # documentation addresses: nothing serves them, nothing calls them
-        asyncio.run(operator_kube.point_service_at(RELEASE_NAMESPACE, LEASES_SERVICE, ip, broker_port))
-    written = release.get("endpointslice", LEASES_SERVICE, "-n", RELEASE_NAMESPACE)
-    assert written is not None
-    assert [e["addresses"] for e in written["endpoints"]] == [["192.0.2.11"]]
+    if node is None:
+        for ip in ("192.0.2.10", "192.0.2.11"):  # documentation addresses: nothing serves them, nothing calls them
+            asyncio.run(operator_kube.point_service_at(RELEASE_NAMESPACE, LEASES_SERVICE, ip, broker_port))
+        written = release.get("endpointslice", LEASES_SERVICE, "-n", RELEASE_NAMESPACE)
+        assert written is not None
+        assert [e["addresses"] for e in written["endpoints"]] == [["192.0.2.11"]]
     assert [p["port"] for p in written["ports"]] == [broker_port]
     assert written["metadata"]["labels"]["kubernetes.io/service-name"] == LEASES_SERVICE
     assert [o["uid"] for o in written["metadata"]["ownerReferences"]] == [service["metadata"]["uid"]]
-    # ...and no other Service: the Role names the one.
     with pytest.raises(ApiException) as refused:
         asyncio.run(operator_kube.point_service_at(RELEASE_NAMESPACE, "someone-else", "192.0.2.10", broker_port))
     assert refused.value.status == 403, refused.value

@@ -23,14 +23,16 @@ lookup); the raw kubectl equivalents are printed alongside. The functions here a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -81,6 +83,7 @@ DEFAULT_TIMEOUT = 900.0
 # then takes a lease from the operator's broker. 4 = batchSize 2 x maxActiveJobs 2 of the example.
 ENDPOINT = "offline"
 ENDPOINT_CAPACITY = 4
+FORWARDING = re.compile(r"Forwarding from 127\.0\.0\.1:(\d+) ->")  # kubectl port-forward's first line
 BROKER_ANSWERS = re.compile(r"lease broker (\S+) answers: each model call takes a lease of ModelEndpoint (\S+)")
 
 Emit = Callable[[str], None]
@@ -172,11 +175,46 @@ class Kube:
         return subprocess.CompletedProcess(argv, proc.returncode, "".join(lines), err)
 
     def pod_log_paths(self, namespace: str, pod: str) -> list[Path]:
-        """The node agent writes each container's output to a file (docs/node-agent.md)."""
+        """The process node's agent writes each container's output to a file (docs/node-agent.md)."""
         return sorted((self.state_dir / "nodes" / "pods").glob(f"{namespace}_{pod}_*/*.log"))
 
     def pod_log(self, namespace: str, pod: str) -> str:
-        return "".join(p.read_text(errors="replace") for p in self.pod_log_paths(namespace, pod))
+        """A pod's log: the process node's files, else ``kubectl logs`` (through the kubelet of a real
+        node); empty when neither has it."""
+        paths = self.pod_log_paths(namespace, pod)
+        if paths:
+            return "".join(p.read_text(errors="replace") for p in paths)
+        return self.kubectl("logs", pod, "-n", namespace, "--all-containers", check=False).stdout
+
+    @contextlib.contextmanager
+    def port_forward(self, namespace: str, target: str, port: int, timeout: float = 30) -> Iterator[int]:
+        """``kubectl port-forward TARGET :PORT`` (through the kubelet of the pod's node) while the
+        block runs; yields the local port on 127.0.0.1."""
+        argv = [str(self.tools / "kubectl"), f"--kubeconfig={self.kubeconfig}", "port-forward", "-n", namespace,
+                "--address", "127.0.0.1", target, f":{port}"]  # fmt: skip
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        local: list[int] = []
+        said: list[str] = []
+        forwarding = threading.Event()
+
+        def read() -> None:  # to the end: kubectl says a line for every connection
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                said.append(line)
+                if not local and (m := FORWARDING.match(line)):
+                    local.append(int(m.group(1)))
+                    forwarding.set()
+            forwarding.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        try:
+            if not forwarding.wait(timeout) or not local:
+                what = f"`kubectl port-forward -n {namespace} {target} :{port}`"
+                raise DemoError(f"{what} did not forward in {timeout:.0f}s: {''.join(said).strip()}")
+            yield local[0]
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
 # ------------------------------------------------------------------------------------------------
