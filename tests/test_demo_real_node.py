@@ -132,11 +132,12 @@ def test_make_demo_runs_the_chart_and_the_researchjob_as_containers_and_prints_t
         assert pod.get("ip", "").startswith("10.244."), pod  # not 127.0.0.1: a network namespace of its own
         assert pod["containers"] and all(c.startswith("containerd://") for c in pod["containers"]), pod
 
-    # The workers' logs, read by `kubectl research logs` through the kubelet: each pod took its
+    # The workers' logs (`kubectl research logs` through the kubelet, and the node's copies of the
+    # deleted pods' logs): each pod took its
     # leases from the broker at its Service's DNS name (the leader's EndpointSlice), none fell back.
     answered = [line for line in run.lines if BROKER_SERVICE_URL.search(line)]
     assert answered, out[-3000:]
-    logs = run.kube.research("logs", "fair-sharing", "-n", DEMO_NAMESPACE).stdout
+    logs = demo.worker_logs(run.kube, DEMO_NAMESPACE, "fair-sharing")
     assert "falling back to this pod's share" not in logs
     assert f"{RELEASE}-modelserver.{RELEASE_NAMESPACE}.svc:8000/v1" in logs
 

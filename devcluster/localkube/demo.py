@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import json
 import os
 import re
@@ -647,6 +648,32 @@ def pods_wide(kube: Kube, namespace: str) -> list[str]:
     return lines
 
 
+def worker_logs(kube: Kube, namespace: str, name: str) -> str:
+    """The worker pods' logs of the ResearchJob ``namespace/name``, as ``kubectl research logs``
+    prints them: of the pods that still exist, and of those whose Jobs the operator deleted once
+    their results were stored (as it does on any cluster, freeing their quota), the copies the real
+    node keeps of their log files (a log collector's part; the process node keeps its files, which
+    the plugin reads itself)."""
+    try:
+        shown = kube.research("logs", name, "-n", namespace).stdout
+    except DemoError:  # no worker pod left
+        shown = ""
+    rj = kube.get("researchjob", name, "-n", namespace)
+    kept = realnode.NodeLayout(kube.state_dir / "real-nodes" / NODE).kept_logs
+    if rj is None or not kept.is_dir():
+        return shown
+    created = dt.datetime.fromisoformat(rj["metadata"]["creationTimestamp"]).timestamp()
+    listed = {line.split()[2] for line in shown.splitlines() if line.startswith("==> pod ")}
+    out = [shown]
+    for pod_dir in sorted(kept.glob(f"{namespace}_{name}-*_*"), key=lambda d: d.stat().st_mtime):
+        pod = pod_dir.name.split("_")[1]
+        if pod in listed or pod_dir.stat().st_mtime < created - 1:  # shown above, or of an earlier namesake
+            continue
+        out.append(f"==> pod {pod} (deleted; its log as the node kept it) <==\n")
+        out += [line for f in sorted(pod_dir.glob("*/*.log")) for line in realnode.cri_log_lines(f.read_text())]
+    return "".join(out)
+
+
 def broker_lines(logs: str) -> list[tuple[str, str, str]]:
     """(pod, broker URL, ModelEndpoint) of each worker pod whose log (``kubectl research logs``) says
     the lease broker answered."""
@@ -755,7 +782,9 @@ def up(timeout: float = DEFAULT_TIMEOUT, emit: Emit = _say, containers: bool = T
     emit("\n" + "-" * 100 + "\n" + report.rstrip() + "\n" + "-" * 100)
 
     step(f"kubectl research logs {name} -n {DEMO_NAMESPACE} | grep 'lease broker'   (the worker pods' logs)")
-    answered = broker_lines(kube.research("logs", name, "-n", DEMO_NAMESPACE).stdout)
+    emit("    (the operator deletes each worker Job once its results are stored; the logs of deleted pods are")
+    emit("    the copies the local node keeps, as a cluster's log collector would)")
+    answered = broker_lines(worker_logs(kube, DEMO_NAMESPACE, name))
     for pod, url, endpoint_name in answered:
         emit(f"    {pod}: lease broker {url} answers: each model call takes a lease of ModelEndpoint {endpoint_name}")
     if not answered:
