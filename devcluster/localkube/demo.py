@@ -664,11 +664,14 @@ def worker_logs(kube: Kube, namespace: str, name: str) -> str:
         return shown
     created = dt.datetime.fromisoformat(rj["metadata"]["creationTimestamp"]).timestamp()
     listed = {line.split()[2] for line in shown.splitlines() if line.startswith("==> pod ")}
+    # A worker pod is <name>-<plan id>-<plan|write|b<batch>>-<5 chars>, its folder <ns>_<pod>_<uid>.
+    worker = re.compile(rf"{re.escape(namespace)}_({re.escape(name)}-[0-9a-f]{{6}}-(?:plan|write|b\d+)-[a-z0-9]{{5}})_")
     out = [shown]
-    for pod_dir in sorted(kept.glob(f"{namespace}_{name}-*_*"), key=lambda d: d.stat().st_mtime):
-        pod = pod_dir.name.split("_")[1]
-        if pod in listed or pod_dir.stat().st_mtime < created - 1:  # shown above, or of an earlier namesake
-            continue
+    for pod_dir in sorted(kept.iterdir(), key=lambda d: d.stat().st_mtime):
+        m = worker.match(pod_dir.name)
+        if m is None or m.group(1) in listed or pod_dir.stat().st_mtime < created - 1:
+            continue  # another pod, one shown above, or one of an earlier ResearchJob of that name
+        pod = m.group(1)
         out.append(f"==> pod {pod} (deleted; its log as the node kept it) <==\n")
         out += [line for f in sorted(pod_dir.glob("*/*.log")) for line in realnode.cri_log_lines(f.read_text())]
     return "".join(out)
