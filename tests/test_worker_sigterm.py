@@ -77,13 +77,16 @@ def test_sigterm_to_a_pid_one_worker_keeps_what_is_stored_and_the_retry_redoes_n
     assert "research-worker interview: error: SIGTERM" in err
     # At most the one request already on its way when the signal came; none started after it.
     assert server.stats()["total"] <= calls_at_sigterm + 1, "the worker went on calling the model"
-    assert _stored_sections(postgres_dsn, uid) == {0}
+    # The first analyst's section, and the second's when it ended in the moment before the signal.
+    stored = _stored_sections(postgres_dsn, uid)
+    assert stored in ({0}, {0, 1}), stored
     server.reset()
     r = worker("interview", task, dsn=postgres_dsn)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == {"written": [1, 2], "skipped": [0]}
-    assert "resuming the interview" in r.stderr
-    assert server.stats()["by_kind"]["section"] == 2, "the section stored before SIGTERM was not computed again"
+    assert json.loads(r.stdout) == {"written": sorted({0, 1, 2} - stored), "skipped": sorted(stored)}
+    if stored == {0}:  # stopped mid-interview of the second analyst: its checkpoint is resumed
+        assert "resuming the interview" in r.stderr
+    assert server.stats()["by_kind"]["section"] == 3 - len(stored), "a section stored before SIGTERM was made again"
     assert _stored_sections(postgres_dsn, uid) == {0, 1, 2}
 
 
