@@ -305,11 +305,8 @@ def test_worker_pods_hold_leases_from_the_charts_broker(
     log = release.pod_log(RELEASE_NAMESPACE, pod["metadata"]["name"])
     assert "TokenReview failed" not in log and "refused a request" not in log
     # The workers' logs say where the broker answered.
-    if node is None:  # the process node's agent keeps each container's output in a file
-        logs = (release.state_dir / "nodes" / "pods").glob(f"{user_namespace}_leased-*/*.log")
-        workers = "".join(p.read_text(errors="replace") for p in logs)
-    else:
-        workers = release.research("logs", "leased", "-n", user_namespace).stdout
+    # Also of the pods deleted with their Jobs once their results were stored (the nodes' kept logs).
+    workers = demo.worker_logs(release, user_namespace, "leased")
     broker_host = "127.0.0.1" if node is None else f"{LEASES_SERVICE}.{RELEASE_NAMESPACE}.svc"
     assert f"lease broker https://{broker_host}:{broker_port} answers" in workers, workers[-3000:]
     assert "falling back to this pod's share" not in workers
